@@ -1,0 +1,261 @@
+"""The common method interface (AST, TAS, SP and the baselines all implement it).
+
+A method is constructed from a :class:`RunContext` (full spec, data, budget, KD weight and
+teacher, device, seed, workdir, fine-tune recipe) and validated :class:`MethodHparams`. An
+orchestrator then calls :meth:`Method.step` until ``done``; each step returns metrics and the
+:class:`SubnetRecord` s it evaluated. ``state_dict``/``load_state_dict`` resume exactly between
+steps. :meth:`Method.finalize` fine-tunes the chosen subnet with the shared engine and returns
+it as spec + state_dict with test/robust accuracy and latency.
+
+The method never sees Ray, Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from .. import models
+from ..models.base import Spec, SpecError, spec_hash
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters and budget
+# --------------------------------------------------------------------------------------------
+
+
+class MethodHparams(BaseModel):
+    """Base of every method's hyperparameters. Fields are exactly the keys a search space may
+    set; unknown keys and invalid values are rejected (pydantic names the field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(BaseModel):
+    """What a method must respect.
+
+    * ``flops_target``: the subnet's MACs as a fraction of the unpruned MACs (0 < f <= 1).
+    * ``max_stage_prune``: optional per-stage maximum pruning rate, the fraction of a stage's
+      channels (per channel group) that may be removed, in [0, 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flops_target: float = Field(gt=0.0, le=1.0)
+    max_stage_prune: list[float] | None = None
+
+    @field_validator("max_stage_prune")
+    @classmethod
+    def _rates_in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            for i, r in enumerate(v):
+                if not (0.0 <= r < 1.0):
+                    raise ValueError(f"max_stage_prune[{i}] must be in [0, 1), got {r}")
+        return v
+
+    def stage_rate(self, stage: int) -> float:
+        if self.max_stage_prune is None:
+            return 1.0 - 1e-9  # effectively unconstrained (a group keeps >= 1 channel)
+        if stage >= len(self.max_stage_prune):
+            raise SpecError(f"budget max_stage_prune has {len(self.max_stage_prune)} entries but the model has a stage {stage}")
+        return self.max_stage_prune[stage]
+
+    def min_widths(self, full_spec: Spec) -> dict[str, int]:
+        """Smallest width each channel group of the *full* spec may be pruned to."""
+        out = {}
+        for g in models.channel_groups(full_spec):
+            keep = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
+            out[g.name] = max(g.min_width, keep, 1)
+        return out
+
+    def target_macs(self, full_spec: Spec, input_size: int | None = None) -> int:
+        return int(self.flops_target * models.macs(full_spec, input_size))
+
+    def check_reachable(self, full_spec: Spec, input_size: int | None = None) -> None:
+        """Raise a clear error when no subnet can meet the target under the stage limits."""
+        floor = models.with_widths(full_spec, self.min_widths(full_spec))
+        smallest = models.macs(floor, input_size)
+        if smallest > self.target_macs(full_spec, input_size):
+            full = models.macs(full_spec, input_size)
+            raise SpecError(
+                f"FLOPs target {self.flops_target:.3f} is impossible: with max_stage_prune="
+                f"{self.max_stage_prune} the smallest width-pruned subnet still has {smallest / full:.3f} "
+                f"of the unpruned MACs; raise flops_target or the per-stage pruning rates")
+
+
+def within_budget(spec: Spec, full_spec: Spec, budget: Budget, input_size: int | None = None,
+                  widths: dict[str, int] | None = None) -> bool:
+    """True when ``spec`` meets the FLOPs target. ``widths`` (group -> width in the *full*
+    spec's group naming) additionally checks the per-stage limits for width-only subnets."""
+    if models.macs(spec, input_size) > budget.target_macs(full_spec, input_size):
+        return False
+    if widths is not None:
+        mins = budget.min_widths(full_spec)
+        return all(widths[g] >= mins[g] for g in widths)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubnetRecord:
+    """One evaluated subnet: plain data, JSON-serialisable.
+
+    ``metrics`` holds at least ``val_top1`` (search-val accuracy, a fraction in [0, 1]) for
+    search-time records; final records add ``test_top1``, ``test_top5``, ``robust_top1`` and
+    latency entries. ``source`` says where it came from (e.g. ``{"iteration": 3}``).
+    """
+
+    spec: Spec
+    macs: int
+    params: int
+    metrics: dict[str, float]
+    method: str
+    step: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: Spec, metrics: dict[str, float], method: str, step: int,
+           input_size: int | None = None, **source: Any) -> "SubnetRecord":
+        return cls(spec=spec, macs=models.macs(spec, input_size), params=models.params(spec),
+                   metrics={k: float(v) for k, v in metrics.items()}, method=method, step=step, source=source)
+
+    @property
+    def key(self) -> str:
+        return spec_hash(self.spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SubnetRecord":
+        return cls(**d)
+
+
+@dataclass
+class StepResult:
+    step: int  # 0-based index of the step just completed
+    metrics: dict[str, float]
+    subnets: list[SubnetRecord]
+    done: bool
+
+
+@dataclass
+class FinalResult:
+    record: SubnetRecord
+    state_dict: dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs besides its hyperparameters.
+
+    ``train``/``test`` are engine datasets (:mod:`rayprune.engine.data`); methods split
+    ``train`` into search-train/search-val themselves (the fractions differ per method), and the
+    test set is never used for selection. ``finetune`` is the engine ``TrainConfig`` of the final
+    phase; its KD weight is ``kd_weight``.
+    """
+
+    spec: Spec
+    train: Any
+    test: Any
+    budget: Budget
+    kd_weight: float = 0.0
+    teacher: nn.Module | None = None
+    device: str = "cpu"
+    seed: int = 0
+    workdir: Path | None = None
+    finetune: Any = None  # engine.train.TrainConfig; None -> engine defaults
+    kd_temperature: float = 4.0
+    input_size: int | None = None
+    progress: bool | None = None  # None: only when attached to a terminal
+    measure_latency: bool = True
+    robust: bool = True
+
+    def __post_init__(self) -> None:
+        models.validate(self.spec)
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.kd_weight > 0 and self.teacher is None:
+            raise ValueError("kd_weight > 0 (robust mode) needs a teacher")
+        self.budget.check_reachable(self.spec, self.input_size)
+        if self.workdir is not None:
+            self.workdir = Path(self.workdir)
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+class Method(abc.ABC):
+    """Base class of every pruning method. Subclasses live one per file in this package."""
+
+    name: ClassVar[str]
+    Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+
+    def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        if hparams is None:
+            hparams = self.Hparams()
+        elif isinstance(hparams, dict):
+            hparams = self.Hparams(**hparams)
+        elif not isinstance(hparams, self.Hparams):
+            raise TypeError(f"{self.name}: expected {self.Hparams.__name__}, got {type(hparams).__name__}")
+        self.hp = hparams
+        self.steps_done = 0
+
+    # -- required ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def step(self) -> StepResult:
+        """Do one unit of work (an iteration or an epoch); return metrics and evaluated subnets."""
+
+    @abc.abstractmethod
+    def best(self) -> SubnetRecord:
+        """The subnet chosen so far (by search-val accuracy, never test); within the budget."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (weights, optimizers, RNG, counters)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    @property
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """True once the search is finished (converged or out of steps)."""
+
+    # -- optional ------------------------------------------------------------------------------
+    def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:
+        """Weights the final fine-tune starts from (None: train from scratch)."""
+        return None
+
+    def finalize(self, progress: bool | None = None) -> FinalResult:
+        """Fine-tune the chosen subnet with the shared engine (KD with ``ctx.kd_weight``)."""
+        from .finetune import finetune_subnet  # local: keeps base import-light
+
+        record = self.best()
+        return finetune_subnet(record, self.ctx, self.initial_weights(record), progress=progress)
+
+    def run(self, max_steps: int | None = None) -> list[StepResult]:
+        """Convenience: step until done (or ``max_steps``). Orchestrators call step() themselves."""
+        results = []
+        while not self.done and (max_steps is None or len(results) < max_steps):
+            results.append(self.step())
+        return results

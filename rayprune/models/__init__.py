@@ -1,0 +1,144 @@
+"""Model families as JSON specs: build, analytic MACs/params, channel groups, weight transfer.
+
+Typical use::
+
+    from rayprune import models
+    spec = models.full_spec("cifar_resnet:56")          # the unpruned net, as data
+    net = models.build(spec)                             # an ordinary nn.Module
+    models.macs(spec), models.params(spec)               # analytic, no forward pass
+    pruned = models.with_widths(spec, {"s0.b0.mid": 8})  # a subnet is a spec too
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..registry import Registry, UnknownNameError
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, canonical_json, round_to,
+                   spec_hash)
+from .cifar_resnet import CifarResNetFamily
+
+FAMILIES: Registry[Family] = Registry("model family")
+FAMILIES.add("cifar_resnet", CifarResNetFamily())
+
+
+def _register_optional_families() -> None:
+    # Each family lives in its own module; import lazily-tolerant so one family's absence
+    # (during development) never breaks the others.
+    import importlib
+
+    for mod, cls in (("vgg", "VGGFamily"), ("mobilenet_v2", "MobileNetV2Family"), ("resnet", "ResNetFamily")):
+        try:
+            module = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+            continue
+        family = getattr(module, cls)()
+        FAMILIES.add(family.name, family)
+
+
+_register_optional_families()
+
+__all__ = [
+    "Axes", "ChannelGroup", "Family", "Layer", "Spec", "SpecError", "FAMILIES", "build", "canonical_json",
+    "channel_groups", "family_of", "full_spec", "input_size_of", "layers", "load_spec", "macs", "params",
+    "parse_model", "round_to", "save_spec", "spec_hash", "stage_of_groups", "tensor_axes", "validate",
+    "with_widths",
+]
+
+
+def family_of(spec: Spec) -> Family:
+    """The family object for a spec (by its ``family`` field)."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"a spec must be a JSON object, got {type(spec).__name__}")
+    if "family" not in spec:
+        raise SpecError(f"spec field 'family' is required; known families: {', '.join(FAMILIES.names())}")
+    try:
+        return FAMILIES.get(spec["family"])
+    except UnknownNameError as e:
+        raise SpecError(f"spec field 'family': {e}") from None
+
+
+def parse_model(model: str) -> tuple[Family, str]:
+    """Split "family:variant" (e.g. "cifar_resnet:56") into the family and variant."""
+    fam, _, variant = model.partition(":")
+    try:
+        family = FAMILIES.get(fam)
+    except UnknownNameError as e:
+        raise SpecError(str(e)) from None
+    if not variant:
+        raise SpecError(f"model {model!r}: expected FAMILY:VARIANT, variants of {fam}: {', '.join(family.variants())}")
+    return family, variant
+
+
+def full_spec(model: str, num_classes: int = 10, **options: Any) -> Spec:
+    """The unpruned spec for "family:variant"."""
+    family, variant = parse_model(model)
+    return family.full_spec(variant, num_classes=num_classes, **options)
+
+
+def validate(spec: Spec) -> Spec:
+    family_of(spec).validate(spec)
+    return spec
+
+
+def build(spec: Spec) -> nn.Module:
+    """Build an ordinary (randomly initialised) nn.Module from a spec."""
+    return family_of(spec).build(spec)
+
+
+def input_size_of(spec: Spec, input_size: int | None = None) -> int:
+    return input_size or family_of(spec).default_input_size
+
+
+def layers(spec: Spec, input_size: int | None = None) -> list[Layer]:
+    """The analytic per-layer walk (conv, linear, bn) at ``input_size`` (family default if None)."""
+    return family_of(spec).layers(spec, input_size_of(spec, input_size))
+
+
+def macs(spec: Spec, input_size: int | None = None) -> int:
+    """Multiply-accumulates of convs and linears (what pruning papers call FLOPs)."""
+    return sum(layer.macs for layer in layers(spec, input_size))
+
+
+def params(spec: Spec) -> int:
+    """Learnable parameters (conv/linear weights and biases, BN affine), as sum(p.numel())."""
+    return sum(layer.params for layer in layers(spec))
+
+
+def channel_groups(spec: Spec) -> list[ChannelGroup]:
+    return family_of(spec).channel_groups(spec)
+
+
+def tensor_axes(spec: Spec) -> dict[str, Axes]:
+    return family_of(spec).tensor_axes(spec)
+
+
+def with_widths(spec: Spec, widths: dict[str, int]) -> Spec:
+    """A copy of ``spec`` with channel groups resized (see :func:`channel_groups` for names)."""
+    return family_of(spec).with_widths(spec, widths)
+
+
+def stage_of_groups(spec: Spec) -> dict[str, int]:
+    return {g.name: g.stage for g in channel_groups(spec)}
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec JSON file; errors name the file and the problem."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    return validate(spec)
+
+
+def save_spec(spec: Spec, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(spec, indent=1) + "\n")

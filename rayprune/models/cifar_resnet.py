@@ -1,0 +1,360 @@
+"""CIFAR ResNets (He et al. 2016): basic-block ResNet-20/32/44/56/110 and bottleneck ResNet-164.
+
+Spec (fixed; other tools read it)::
+
+    {"family": "cifar_resnet", "block": "basic", "num_classes": 10, "shortcut": "option_a",
+     "stem": 16, "stages": [[[mid, out], ...], [...], [...]]}
+
+* a basic block is ``[mid, out]``; a bottleneck block is ``[mid1, mid2, out]``;
+* a block's input width is the previous block's output (the stem's for the very first block);
+* the first block of stages 2 and 3 has stride 2; a stage may have any number of blocks (>= 1);
+* shortcut: a stride-2 block uses the spec's ``shortcut`` kind (``option_a``: parameter-free
+  subsample + zero-pad; ``avgpool_conv``: AvgPool2d(2) then a 1x1 conv without BN, as in TAS;
+  ``conv_bn``: 1x1 stride-2 conv + BN). A stride-1 block whose input and output widths differ
+  uses a 1x1 conv + BN. Otherwise the identity.
+
+Post-activation blocks: relu(bn(conv)) ... bn(conv_last), add the shortcut, then relu.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
+                   linear_layer, require, require_int)
+
+SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
+BLOCKS = {"basic": 2, "bottleneck": 3}
+DEPTHS = {"20": 3, "32": 5, "44": 7, "56": 9, "110": 18}  # basic blocks per stage
+BOTTLENECK_DEPTHS = {"164": 18}
+# The tiny preset used by tests everywhere: 2 basic blocks per stage, widths 8/16/32.
+TINY = {"blocks": 2, "widths": (8, 16, 32)}
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    stage: int
+    index: int
+    stride: int
+    cin: int
+    widths: tuple[int, ...]  # [mid, out] or [mid1, mid2, out]
+    shortcut: str  # "identity" | "option_a" | "avgpool_conv" | "conv_bn" | "conv_bn_s1"
+
+    @property
+    def cout(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def prefix(self) -> str:
+        return f"stages.{self.stage}.{self.index}"
+
+
+def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
+    """Walk the blocks with their derived input width, stride and shortcut kind."""
+    cin = spec["stem"]
+    for s, stage in enumerate(spec["stages"]):
+        for b, widths in enumerate(stage):
+            stride = 2 if (s > 0 and b == 0) else 1
+            cout = widths[-1]
+            if stride == 2:
+                kind = spec["shortcut"]
+            elif cin != cout:
+                kind = "conv_bn_s1"
+            else:
+                kind = "identity"
+            yield BlockInfo(s, b, stride, cin, tuple(widths), kind)
+            cin = cout
+
+
+class OptionA(nn.Module):
+    """He et al.'s parameter-free shortcut: subsample by 2, zero-pad channels (half each side)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.front = (cout - cin) // 2
+        self.back = cout - cin - self.front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.front, self.back))
+
+
+class AvgPoolConv(nn.Module):
+    """TAS's stride-2 shortcut: AvgPool2d(2) then a 1x1 conv without BN."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(2)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def make_shortcut(kind: str, cin: int, cout: int, stride: int) -> nn.Module | None:
+    if kind == "identity":
+        return None
+    if kind == "option_a":
+        return OptionA(cin, cout)
+    if kind == "avgpool_conv":
+        return AvgPoolConv(cin, cout)
+    return ConvBN(cin, cout, 1, stride)  # conv_bn (stride 2) and conv_bn_s1
+
+
+class Block(nn.Module):
+    """Basic (2 convs) or bottleneck (1x1, 3x3, 1x1) post-activation residual block."""
+
+    def __init__(self, info: BlockInfo) -> None:
+        super().__init__()
+        if len(info.widths) == 2:
+            mid, out = info.widths
+            self.conv1 = nn.Conv2d(info.cin, mid, 3, info.stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid)
+            self.conv2 = nn.Conv2d(mid, out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out)
+            self.convs = 2
+        else:
+            m1, m2, out = info.widths
+            self.conv1 = nn.Conv2d(info.cin, m1, 1, 1, 0, bias=False)
+            self.bn1 = nn.BatchNorm2d(m1)
+            self.conv2 = nn.Conv2d(m1, m2, 3, info.stride, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(m2)
+            self.conv3 = nn.Conv2d(m2, out, 1, 1, 0, bias=False)
+            self.bn3 = nn.BatchNorm2d(out)
+            self.convs = 3
+        self.shortcut = make_shortcut(info.shortcut, info.cin, info.cout, info.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        if self.convs == 2:
+            y = self.bn2(self.conv2(y))
+        else:
+            y = F.relu(self.bn2(self.conv2(y)))
+            y = self.bn3(self.conv3(y))
+        s = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(y + s)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, spec["stem"], 3)
+        stages: list[list[Block]] = [[] for _ in spec["stages"]]
+        for info in iter_blocks(spec):
+            stages[info.stage].append(Block(info))
+        self.stages = nn.ModuleList(nn.Sequential(*blocks) for blocks in stages)
+        last = spec["stages"][-1][-1][-1]
+        self.fc = nn.Linear(last, spec["num_classes"])
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN gamma=1 beta=0, small normal linear (as in TAS)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def add(self, x: str) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: str) -> str:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # keep the earlier tensor as the root so groups are named by their first tensor
+            self.parent[rb] = ra
+
+
+class CifarResNetFamily(Family):
+    name = "cifar_resnet"
+    default_input_size = 32
+
+    def variants(self) -> list[str]:
+        return [*DEPTHS, *BOTTLENECK_DEPTHS, "tiny"]
+
+    def full_spec(self, variant: str, num_classes: int = 10, shortcut: str = "option_a", **options: Any) -> Spec:
+        if options:
+            raise SpecError(f"cifar_resnet: unknown options {sorted(options)}; known: shortcut")
+        if variant in DEPTHS or variant == "tiny":
+            n, widths = (DEPTHS[variant], (16, 32, 64)) if variant != "tiny" else (TINY["blocks"], TINY["widths"])
+            stages = [[[w, w] for _ in range(n)] for w in widths]
+            block = "basic"
+        elif variant in BOTTLENECK_DEPTHS:
+            n = BOTTLENECK_DEPTHS[variant]
+            stages = [[[w, w, 4 * w] for _ in range(n)] for w in (16, 32, 64)]
+            block = "bottleneck"
+        else:
+            raise SpecError(f"cifar_resnet: unknown variant {variant!r}; known: {', '.join(self.variants())}")
+        spec = {"family": "cifar_resnet", "block": block, "num_classes": num_classes, "shortcut": shortcut,
+                "stem": 16 if variant != "tiny" else TINY["widths"][0], "stages": stages}
+        self.validate(spec)
+        return spec
+
+    def validate(self, spec: Spec) -> None:
+        known = {"family", "block", "num_classes", "shortcut", "stem", "stages"}
+        extra = sorted(set(spec) - known)
+        require(not extra, extra[0] if extra else "", f"unknown field; known: {', '.join(sorted(known))}")
+        for key in ("block", "num_classes", "shortcut", "stem", "stages"):
+            require(key in spec, key, "is required")
+        require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
+        require(spec["shortcut"] in SHORTCUTS, "shortcut", f"must be one of {list(SHORTCUTS)}, got {spec['shortcut']!r}")
+        require_int(spec["num_classes"], "num_classes")
+        require_int(spec["stem"], "stem")
+        stages = spec["stages"]
+        require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
+        per_block = BLOCKS[spec["block"]]
+        for s, stage in enumerate(stages):
+            require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
+                    "must be a non-empty list of blocks (a stage keeps at least one block)")
+            for b, widths in enumerate(stage):
+                where = f"stages[{s}][{b}]"
+                require(isinstance(widths, list) and len(widths) == per_block, where,
+                        f"a {spec['block']} block is a list of {per_block} widths "
+                        f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
+                for j, w in enumerate(widths):
+                    require_int(w, f"{where}[{j}]")
+
+    def build(self, spec: Spec) -> nn.Module:
+        self.validate(spec)
+        return CifarResNet(spec)
+
+    def layers(self, spec: Spec, input_size: int) -> list[Layer]:
+        self.validate(spec)
+        hw = (input_size, input_size)
+        out = [conv_layer("stem.conv", 3, spec["stem"], 3, 1, hw), bn_layer("stem.bn", spec["stem"], hw)]
+        for info in iter_blocks(spec):
+            p = info.prefix
+            if len(info.widths) == 2:
+                mid, cout = info.widths
+                c1 = conv_layer(f"{p}.conv1", info.cin, mid, 3, info.stride, hw)
+                c2 = conv_layer(f"{p}.conv2", mid, cout, 3, 1, c1.out_hw)
+                out += [c1, bn_layer(f"{p}.bn1", mid, c1.out_hw), c2, bn_layer(f"{p}.bn2", cout, c2.out_hw)]
+                new_hw = c2.out_hw
+            else:
+                m1, m2, cout = info.widths
+                c1 = conv_layer(f"{p}.conv1", info.cin, m1, 1, 1, hw)
+                c2 = conv_layer(f"{p}.conv2", m1, m2, 3, info.stride, hw)
+                c3 = conv_layer(f"{p}.conv3", m2, cout, 1, 1, c2.out_hw)
+                out += [c1, bn_layer(f"{p}.bn1", m1, hw), c2, bn_layer(f"{p}.bn2", m2, c2.out_hw),
+                        c3, bn_layer(f"{p}.bn3", cout, c3.out_hw)]
+                new_hw = c3.out_hw
+            if info.shortcut == "avgpool_conv":
+                if hw[0] % 2 or hw[1] % 2:
+                    raise SpecError(f"input_size {input_size}: avgpool_conv shortcuts need even feature maps")
+                out.append(conv_layer(f"{p}.shortcut.conv", info.cin, cout, 1, 1, (hw[0] // 2, hw[1] // 2)))
+            elif info.shortcut in ("conv_bn", "conv_bn_s1"):
+                sc = conv_layer(f"{p}.shortcut.conv", info.cin, cout, 1, info.stride, hw, padding=0)
+                out += [sc, bn_layer(f"{p}.shortcut.bn", cout, sc.out_hw)]
+            hw = new_hw
+        out.append(linear_layer("fc", spec["stages"][-1][-1][-1], spec["num_classes"]))
+        return out
+
+    # -- channel groups -------------------------------------------------------------------------
+    def _tensor_names(self, spec: Spec) -> tuple[_UnionFind, dict[str, str], list[tuple[str, int, str, int]]]:
+        """Union-find over activation tensors; identity shortcuts tie a block's input and output.
+
+        Returns (uf, field path of each tensor, [(tensor, stage, kind, width)] in forward order).
+        """
+        uf = _UnionFind()
+        paths: dict[str, str] = {"stem": "stem"}
+        order: list[tuple[str, int, str, int]] = [("stem", 0, "residual", spec["stem"])]
+        uf.add("stem")
+        prev = "stem"
+        for info in iter_blocks(spec):
+            n = len(info.widths)
+            for j in range(n - 1):
+                t = f"s{info.stage}.b{info.index}.mid" + (str(j + 1) if n == 3 else "")
+                uf.add(t)
+                paths[t] = f"stages.{info.stage}.{info.index}.{j}"
+                order.append((t, info.stage, "inner", info.widths[j]))
+            t = f"s{info.stage}.b{info.index}.out"
+            uf.add(t)
+            paths[t] = f"stages.{info.stage}.{info.index}.{n - 1}"
+            order.append((t, info.stage, "residual", info.cout))
+            if info.shortcut == "identity":
+                uf.union(prev, t)
+            prev = t
+        return uf, paths, order
+
+    def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
+        self.validate(spec)
+        uf, paths, order = self._tensor_names(spec)
+        members: dict[str, list[str]] = {}
+        first: dict[str, tuple[str, int, str, int]] = {}
+        for t, stage, kind, width in order:
+            root = uf.find(t)
+            members.setdefault(root, []).append(paths[t])
+            first.setdefault(root, (t, stage, kind, width))
+        return [ChannelGroup(name=t, width=w, stage=st, kind=k, members=tuple(members[t]))
+                for t, st, k, w in (first[r] for r in members)]
+
+    def group_of(self, spec: Spec) -> dict[str, str]:
+        """Tensor name (e.g. "s0.b1.out", "s2.b0.mid") -> the name of its channel group."""
+        uf, _, order = self._tensor_names(spec)
+        return {t: uf.find(t) for t, *_ in order}
+
+    def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
+        g = self.group_of(spec)
+        axes: dict[str, Axes] = {}
+
+        def conv_bn(conv: str, bn: str | None, out_g: str | None, in_g: str | None) -> None:
+            axes[f"{conv}.weight"] = (out_g, in_g, None, None)
+            if bn:
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    axes[f"{bn}.{k}"] = (out_g,)
+                axes[f"{bn}.num_batches_tracked"] = ()
+
+        conv_bn("stem.conv", "stem.bn", g["stem"], None)
+        prev = g["stem"]
+        for info in iter_blocks(spec):
+            p, n = info.prefix, len(info.widths)
+            mids = [g[f"s{info.stage}.b{info.index}.mid" + (str(j + 1) if n == 3 else "")] for j in range(n - 1)]
+            out_g = g[f"s{info.stage}.b{info.index}.out"]
+            chain = [prev, *mids, out_g]
+            for j in range(n):
+                conv_bn(f"{p}.conv{j + 1}", f"{p}.bn{j + 1}", chain[j + 1], chain[j])
+            if info.shortcut == "avgpool_conv":
+                conv_bn(f"{p}.shortcut.conv", None, out_g, prev)
+            elif info.shortcut in ("conv_bn", "conv_bn_s1"):
+                conv_bn(f"{p}.shortcut.conv", f"{p}.shortcut.bn", out_g, prev)
+            prev = out_g
+        axes["fc.weight"] = (None, prev)
+        axes["fc.bias"] = (None,)
+        return axes

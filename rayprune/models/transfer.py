@@ -1,0 +1,94 @@
+"""Weight transfer between a network and its subnets, generic over families.
+
+A subnet of ``spec`` is described by the kept channel indices of each channel group
+(``keep: {group_name: LongTensor}``; a missing group keeps everything). Because every family
+declares which group indexes each dimension of each state-dict tensor
+(:meth:`Family.tensor_axes`), extracting a subnet is ``index_select`` along those dimensions and
+writing it back is ``index_copy``. Residual-coupled tensors share one group, so residual adds
+stay aligned.
+
+Caveat: the parameter-free ``option_a`` shortcut aligns channels by position, not by index, so
+for it a transfer is exact everywhere except through the stride-2 shortcuts.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import Spec, SpecError
+from . import channel_groups, tensor_axes, with_widths
+
+Keep = Mapping[str, torch.Tensor]
+
+
+def full_keep(spec: Spec) -> dict[str, torch.Tensor]:
+    """Every channel of every group (the identity subnet)."""
+    return {g.name: torch.arange(g.width) for g in channel_groups(spec)}
+
+
+def _checked_keep(spec: Spec, keep: Keep) -> dict[str, torch.Tensor]:
+    widths = {g.name: g.width for g in channel_groups(spec)}
+    out = full_keep(spec)
+    for name, idx in keep.items():
+        if name not in widths:
+            raise SpecError(f"unknown channel group {name!r}; known: {', '.join(widths)}")
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        if idx.numel() == 0:
+            raise SpecError(f"channel group {name!r}: must keep at least one channel")
+        if idx.min() < 0 or idx.max() >= widths[name] or idx.unique().numel() != idx.numel():
+            raise SpecError(f"channel group {name!r}: kept indices must be distinct and in [0, {widths[name]})")
+        out[name] = idx.sort().values
+    return out
+
+
+def subnet_spec(spec: Spec, keep: Keep) -> Spec:
+    """The spec of the subnet that keeps ``keep`` channels."""
+    keep = _checked_keep(spec, keep)
+    return with_widths(spec, {name: int(idx.numel()) for name, idx in keep.items()})
+
+
+def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) -> tuple[Spec, dict[str, torch.Tensor]]:
+    """Slice a full network's state_dict down to a subnet's. Returns (subnet spec, subnet state)."""
+    keep = _checked_keep(spec, keep)
+    sub = with_widths(spec, {name: int(idx.numel()) for name, idx in keep.items()})
+    out: dict[str, torch.Tensor] = {}
+    for key, axes in tensor_axes(spec).items():
+        t = state[key]
+        for dim, group in enumerate(axes):
+            if group is not None:
+                t = t.index_select(dim, keep[group].to(t.device))
+        out[key] = t.clone()
+    return sub, out
+
+
+@torch.no_grad()
+def write_back(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep,
+               sub_state: Mapping[str, torch.Tensor]) -> None:
+    """Write a subnet's tensors into the full network's state (in place) at the kept indices."""
+    keep = _checked_keep(spec, keep)
+    for key, axes in tensor_axes(spec).items():
+        dst, src = state[key], sub_state[key]
+        if not axes:  # scalars such as num_batches_tracked
+            dst.copy_(src)
+            continue
+        index = [keep[g].to(dst.device) if g is not None else None for g in axes]
+        # Build the full index grid only over the pruned dimensions.
+        grids = [i if i is not None else torch.arange(dst.shape[d], device=dst.device) for d, i in enumerate(index)]
+        dst[torch.meshgrid(*grids, indexing="ij")] = src.to(dst.dtype)
+
+
+@torch.no_grad()
+def zero_dropped(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) -> None:
+    """Zero the *outputs* of dropped channels in place: every tensor whose first dimension
+    belongs to a group gets its dropped rows zeroed (conv filters, BN affine). In eval mode the
+    network then computes exactly what the physically pruned subnet computes."""
+    keep = _checked_keep(spec, keep)
+    for key, axes in tensor_axes(spec).items():
+        if not axes or axes[0] is None or key.endswith(("running_mean", "running_var")):
+            continue
+        t = state[key]
+        mask = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+        mask[keep[axes[0]].to(t.device)] = False
+        t[mask] = 0

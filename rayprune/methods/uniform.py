@@ -1,0 +1,52 @@
+"""Uniform width scaling: the simplest baseline.
+
+Every channel group gets the same width multiplier ``t`` (rounded to the group's divisor,
+clamped to the budget's per-stage minimum widths); ``t`` is the largest value whose subnet meets
+the FLOPs target, found by bisection. Nothing is learned about *which* channels matter, so the
+subnet is trained from scratch (``initial_weights`` is None) by the shared fine-tune.
+
+One step: fit the multiplier, train the subnet ``eval_epochs`` from a seeded init on
+search-train and report its search-val top-1 (a cheap proxy; the comparable number is the final
+test accuracy after ``finalize``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from .. import models
+from . import register
+from ._baseline import RecordsMixin, derive_seed, fit_multiplier, search_split, train_and_score
+from .base import MethodHparams, StepResult, SubnetRecord
+
+
+class UniformHparams(MethodHparams):
+    eval_epochs: int = Field(1, ge=1, description="search-train epochs before the search-val score")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="per-class search-val share of the training set")
+
+
+@register("uniform")
+class Uniform(RecordsMixin):
+    """One multiplier for all channel groups, bisected to the FLOPs target."""
+
+    Hparams: ClassVar[type[MethodHparams]] = UniformHparams
+    smoke: ClassVar[dict] = {"eval_epochs": 1}
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= 1
+
+    def step(self) -> StepResult:
+        ctx = self.ctx
+        full = {g.name: g.width for g in models.channel_groups(ctx.spec)}
+        t, _, widths = fit_multiplier(ctx.spec, full, ctx.budget.min_widths(ctx.spec),
+                                      ctx.budget.target_macs(ctx.spec, ctx.input_size), ctx.input_size)
+        spec = models.with_widths(ctx.spec, widths)
+        split = search_split(ctx, self.hp.val_fraction)
+        score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "uniform"))
+        record = SubnetRecord.of(spec, {"val_top1": score}, self.name, 0, ctx.input_size, multiplier=t)
+        self.records.append(record)
+        self.steps_done += 1
+        return StepResult(step=0, metrics={"val_top1": score, "multiplier": t}, subnets=[record], done=True)

@@ -1,0 +1,506 @@
+"""Datasets, seeded per-class splits and the device-resident loader.
+
+A :class:`Dataset` keeps its images as a uint8 ``[N, C, H, W]`` CPU tensor. :func:`make_loader`
+copies them to the training device once (cached per dataset and device, so every training in
+the process shares the copy) and does random crop, flip and normalisation batched on that
+device, in ``channels_last``. There are no worker processes, and the same code runs on CPU and
+CUDA. Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch
+is reproducible from those two numbers alone; that is what makes resumed training exact.
+
+Datasets (:func:`load_dataset`):
+
+* ``cifar10`` / ``cifar100``: the python-pickle releases (``cifar-10-batches-py``,
+  ``cifar-100-python``), normalised with TAS's mean/std.
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, offline), grey values 0..16
+  scaled to 0..255 and repeated to 3 channels so every family's RGB stem works; a fixed
+  stratified 80/20 train/test split (seed 0).
+* ``imagenet``: ImageFolder trees ``imagenet/train`` and ``imagenet/val`` (see
+  :class:`FolderDataset`); decoded by DataLoader workers, normalised on the device.
+* ``synthetic``: :func:`synthetic_dataset`, learnable class templates plus noise, for tests.
+
+Data directory: the ``data_dir`` argument, else ``$RAYPRUNE_DATA_DIR``, else
+``~/.cache/rayprune/data``. CIFAR is downloaded (torchvision) only when it is missing and the
+download succeeds; otherwise :class:`DataError` says where it looked and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .utils import derive_seed, resolve_device
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DataError", "Dataset",
+    "FolderDataset", "Loader", "default_data_dirs", "digits_dataset", "holdout_per_class", "load_cifar",
+    "load_dataset", "make_loader", "split_per_class", "synthetic_dataset",
+]
+
+# TAS (methods.md 2.8): pixel statistics on the 0..255 scale, divided by 255.
+CIFAR10_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+CIFAR10_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+CIFAR100_MEAN = tuple(v / 255 for v in (129.3, 124.1, 112.4))
+CIFAR100_STD = tuple(v / 255 for v in (68.2, 65.4, 70.4))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DATASETS = ("cifar10", "cifar100", "digits", "imagenet", "synthetic")
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+class DataError(RuntimeError):
+    """Data is missing or malformed. The message says where we looked and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory dataset
+# --------------------------------------------------------------------------------------------
+
+
+class Dataset:
+    """Images as a uint8 ``[N, C, H, W]`` CPU tensor plus int64 labels.
+
+    Args:
+        x: uint8 images ``[N, C, H, W]``.
+        y: int64 labels ``[N]`` in ``[0, num_classes)``.
+        num_classes: number of classes (may exceed the labels present in a subset).
+        mean, std: per-channel normalisation in [0, 1] units.
+        name: for messages and logs.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], name: str = "dataset") -> None:
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise DataError(f"{name}: images must be a uint8 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise DataError(f"{name}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
+        if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+            raise DataError(f"{name}: mean/std need {x.shape[1]} values (one per channel)")
+        self.x = x.cpu()
+        self.y = y.to(torch.int64).cpu()
+        self.num_classes = int(num_classes)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.name = name
+        self._device_copies: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r}, n={len(self)}, shape={tuple(self.x.shape[1:])}, classes={self.num_classes})"
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    @property
+    def input_size(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def crop_padding(self) -> int:
+        """Random-crop padding: 4 px at 32 px (the CIFAR recipe), scaled with the image size."""
+        return max(1, self.input_size // 8)
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> "Dataset":
+        """A new dataset with the samples at ``indices`` (in that order)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return Dataset(self.x[idx], self.y[idx], self.num_classes, self.mean, self.std, self.name)
+
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """The images as uint8 ``[N, H, W, C]`` on ``device``, copied once and cached."""
+        key = str(device)
+        if key not in self._device_copies:
+            # NHWC so that a batch gather lands directly in channels_last order.
+            self._device_copies[key] = self.x.permute(0, 2, 3, 1).contiguous().to(device)
+        return self._device_copies[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Device copies are a cache: never pickle them (Ray ships datasets to workers).
+        return {**self.__dict__, "_device_copies": {}}
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+
+def _class_indices(labels: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
+    """For each class present, its sample indices in a seeded random order."""
+    labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+    gen = torch.Generator().manual_seed(seed)
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        yield idx[torch.randperm(len(idx), generator=gen)]
+
+
+def split_per_class(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split sample indices per class: ``round(fraction * n_c)`` of class ``c`` go to the first part.
+
+    Used for TAS's 50/50 and AST's 80/20 search splits. Both parts are sorted index tensors.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    a, b = [], []
+    for idx in _class_indices(labels, seed):
+        k = int(round(fraction * len(idx)))
+        a.append(idx[:k])
+        b.append(idx[k:])
+    return torch.sort(torch.cat(a)).values, torch.sort(torch.cat(b)).values
+
+
+def holdout_per_class(labels: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out ``per_class`` samples of every class (SP's proxy set): ``(idx_rest, idx_holdout)``."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rest, held = [], []
+    for idx in _class_indices(labels, seed):
+        if len(idx) <= per_class:
+            raise ValueError(f"cannot hold out {per_class} samples from a class with only {len(idx)}")
+        held.append(idx[:per_class])
+        rest.append(idx[per_class:])
+    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def default_data_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where data is looked for, in order: ``data_dir``, else ``$RAYPRUNE_DATA_DIR``, else the cache."""
+    if data_dir is not None:
+        return [Path(data_dir).expanduser()]
+    dirs = []
+    if os.environ.get("RAYPRUNE_DATA_DIR"):
+        dirs.append(Path(os.environ["RAYPRUNE_DATA_DIR"]).expanduser())
+    dirs.append(Path.home() / ".cache" / "rayprune" / "data")
+    return dirs
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")  # the official CIFAR release format
+
+
+def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
+        batch = _unpickle(path)
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar(folder: str | Path, name: str = "cifar10") -> tuple[Dataset, Dataset]:
+    """Read an extracted CIFAR-10/100 python-pickle folder into ``(train, test)``."""
+    folder = Path(folder)
+    if name == "cifar10":
+        train_files, test_files, key, classes = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif name == "cifar100":
+        train_files, test_files, key, classes = ["train"], ["test"], b"fine_labels", 100
+        mean, std = CIFAR100_MEAN, CIFAR100_STD
+    else:
+        raise ValueError(f"not a CIFAR dataset: {name!r}")
+    train = Dataset(*_read_cifar_batches(folder, train_files, key), classes, mean, std, name)
+    test = Dataset(*_read_cifar_batches(folder, test_files, key), classes, mean, std, name)
+    return train, test
+
+
+def _download_cifar(name: str, root: Path) -> None:
+    """Download and extract with torchvision (raises on any network failure)."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        cls(str(root), train=train, download=True)
+
+
+def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -> Path:
+    folder = _CIFAR_FOLDERS[name]
+    candidates = default_data_dirs(data_dir)
+    for root in candidates:
+        if (root / folder).is_dir():
+            return root / folder
+    failure = "download=False"
+    if download is not False:
+        try:
+            _download_cifar(name, candidates[0])
+            return candidates[0] / folder
+        except Exception as e:  # offline, proxy, disk: all mean "not available"; say why below
+            failure = f"download failed: {type(e).__name__}: {e}"
+    looked = ", ".join(str(root / folder) for root in candidates)
+    raise DataError(
+        f"{name} not found (looked in {looked}; {failure}). Put the extracted '{folder}' folder in a "
+        f"directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR, or run once with network access "
+        f"to download it into {candidates[0]}")
+
+
+def digits_dataset(seed: int = 0) -> tuple[Dataset, Dataset]:
+    """scikit-learn's 8x8 digits, 3 channels, fixed stratified 80/20 split (offline)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    grey = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    x = torch.from_numpy(grey)[:, None].repeat(1, 3, 1, 1)  # RGB stems everywhere: repeat the channel
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = split_per_class(y, 0.8, seed)
+    mean = (x[train_idx].float().mean() / 255).item()
+    std = (x[train_idx].float().std() / 255).item()
+    full = Dataset(x, y, 10, (mean,) * 3, (std,) * 3, "digits")
+    return full.subset(train_idx), full.subset(test_idx)
+
+
+def synthetic_dataset(n_train: int = 256, n_test: int = 128, num_classes: int = 10, size: int = 32,
+                      channels: int = 3, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A learnable toy dataset: per-class smooth templates plus pixel noise.
+
+    Templates are flip-symmetric and low-frequency, so the crop/flip augmentation keeps the
+    class evident and a tiny network learns it in a few epochs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=gen)
+    coarse = (coarse + coarse.flip(-1)) / 2
+    templates = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=gen)]
+        noise = 0.12 * torch.randn(n, channels, size, size, generator=gen)
+        x = ((templates[y] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+        return x, y
+
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    train = Dataset(*sample(n_train), num_classes, mean, std, "synthetic")
+    test = Dataset(*sample(n_test), num_classes, mean, std, "synthetic")
+    return train, test
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, *,
+                 download: bool | None = None) -> tuple[Any, Any]:
+    """``(train, test)`` for one of :data:`DATASETS`.
+
+    Args:
+        name: ``cifar10``, ``cifar100``, ``digits``, ``imagenet`` or ``synthetic``.
+        data_dir: where the data lives (default ``$RAYPRUNE_DATA_DIR``, then ``~/.cache/rayprune/data``).
+        download: CIFAR only. ``None`` tries to download when missing, ``False`` never does.
+
+    Raises:
+        DataError: the data is missing and cannot be downloaded (the message says how to fix it).
+        ValueError: unknown dataset name.
+    """
+    if name in _CIFAR_FOLDERS:
+        return load_cifar(_find_cifar(name, data_dir, download), name)
+    if name == "digits":
+        return digits_dataset()
+    if name == "synthetic":
+        return synthetic_dataset()
+    if name == "imagenet":
+        return _load_imagenet(data_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Device-resident loader
+# --------------------------------------------------------------------------------------------
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding, like torchvision's ``RandomCrop(padding=p)``) and horizontal flip.
+
+    Args:
+        images: a batch ``[B, H, W, C]`` (any dtype) on any device.
+        padding: pixels of zero padding on each side before cropping back to ``H x W``.
+        gen: CPU generator for the shifts and flips (device-independent randomness).
+
+    Returns:
+        ``[B, H, W, C]``, each image shifted by up to ``padding`` px and flipped with probability 1/2.
+    """
+    b, h, w, _ = images.shape
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen)
+    flip = torch.rand(b, 1, generator=gen) < 0.5
+    cols = torch.arange(w)
+    cols = dx + torch.where(flip, w - 1 - cols, cols)  # a flip reverses the crop window's columns
+    rows = (dy + torch.arange(h)).to(images.device)
+    cols = cols.to(images.device)
+    padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # pads W then H of [B, H, W, C]
+    batch = torch.arange(b, device=images.device)
+    return padded[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class Loader:
+    """Iterates ``(x, y)`` batches on the device: x float32 normalised ``[B, C, H, W]`` in
+    ``channels_last``, y int64. Built by :func:`make_loader`.
+
+    ``train=True`` shuffles and augments with randomness seeded by ``(seed, epoch)``; call
+    :meth:`set_epoch` before each epoch. ``normalize=False`` yields images in [0, 1] instead
+    (for corruptions); :meth:`normalize` applies the dataset's normalisation afterwards.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, train: bool, device: torch.device,
+                 seed: int, drop_last: bool, normalize: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.device, self.seed, self.drop_last, self.normalized = device, seed, drop_last, normalize
+        self.epoch = 0
+        shape = (1, dataset.channels, 1, 1)
+        self._mean = torch.tensor(dataset.mean, device=device).view(shape)
+        self._std = torch.tensor(dataset.std, device=device).view(shape)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> normalised network inputs (keeps the memory format)."""
+        return (x01 - self._mean) / self._std
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images = self.dataset.on_device(self.device)
+        labels = self.dataset.y.to(self.device)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        for i in range(len(self)):
+            lo, hi = i * self.batch_size, min(n, (i + 1) * self.batch_size)
+            if order is None:
+                batch, y = images[lo:hi], labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                batch = random_crop_flip(images[idx], self.dataset.crop_padding, gen)
+                y = labels[idx]
+            yield self._to_input(batch), y
+
+    def _to_input(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
+        # permute of an NHWC-contiguous tensor *is* an NCHW tensor in channels_last layout.
+        x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+        return self.normalize(x) if self.normalized else x
+
+
+def make_loader(ds: Any, batch_size: int, *, train: bool, device: str | torch.device = "cpu", seed: int = 0,
+                drop_last: bool | None = None, normalize: bool = True) -> Any:
+    """A loader over ``ds`` that yields normalised ``channels_last`` batches on ``device``.
+
+    Args:
+        ds: a :class:`Dataset` (device-resident loader) or :class:`FolderDataset` (worker loader).
+        batch_size: samples per batch.
+        train: shuffle and augment (random crop + flip) when True; fixed order otherwise.
+        device: where the batches live.
+        seed: shuffling/augmentation seed; combined with the epoch set by ``set_epoch``.
+        drop_last: drop the last partial batch. Default: when training and at least one full batch
+            exists (a trailing batch of one sample would break BatchNorm).
+        normalize: False yields [0, 1] images (apply ``loader.normalize`` later).
+    """
+    device = resolve_device(device)
+    if drop_last is None:
+        drop_last = train and len(ds) >= batch_size
+    if isinstance(ds, FolderDataset):
+        return FolderLoader(ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last,
+                            normalize=normalize)
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"make_loader needs an engine Dataset or FolderDataset, got {type(ds).__name__}")
+    return Loader(ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last, normalize=normalize)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders (ImageNet)
+# --------------------------------------------------------------------------------------------
+
+
+class FolderDataset:
+    """An ImageFolder tree (``root/<class>/<image>``) with the :class:`Dataset` attributes.
+
+    Images are decoded lazily by DataLoader workers: train uses RandomResizedCrop + flip, eval
+    resizes to ``input_size * 8/7`` (256 for 224) and centre-crops. ``x`` is not available.
+    """
+
+    def __init__(self, root: str | Path, *, train: bool, input_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 name: str = "imagenet", indices: torch.Tensor | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.root, self.train, self.input_size, self.name = Path(root), train, input_size, name
+        self.mean, self.std, self.channels = tuple(mean), tuple(std), 3
+        self.folder = ImageFolder(str(self.root), transform=self._transform())
+        self.num_classes = len(self.folder.classes)
+        all_labels = torch.as_tensor(self.folder.targets, dtype=torch.int64)
+        self.indices = torch.arange(len(all_labels)) if indices is None else torch.as_tensor(indices)
+        self.y = all_labels[self.indices]
+
+    def _transform(self) -> Any:
+        from torchvision import transforms as T
+
+        if self.train:
+            return T.Compose([T.RandomResizedCrop(self.input_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+        resize = int(round(self.input_size * 256 / 224))
+        return T.Compose([T.Resize(resize), T.CenterCrop(self.input_size), T.PILToTensor()])
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> "FolderDataset":
+        idx = self.indices[torch.as_tensor(indices, dtype=torch.int64)]
+        return FolderDataset(self.root, train=self.train, input_size=self.input_size, mean=self.mean,
+                             std=self.std, name=self.name, indices=idx)
+
+    def torch_dataset(self) -> torch.utils.data.Dataset:
+        return torch.utils.data.Subset(self.folder, self.indices.tolist())
+
+
+class FolderLoader(Loader):
+    """Worker-based loader for :class:`FolderDataset` with the :class:`Loader` interface."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        workers = min(8, os.cpu_count() or 1)
+        loader = torch.utils.data.DataLoader(
+            self.dataset.torch_dataset(), batch_size=self.batch_size, shuffle=self.train, drop_last=self.drop_last,
+            generator=gen, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, worker_init_fn=None)
+        for images, y in loader:  # uint8 [B, C, H, W]
+            x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x.float().div_(255.0)
+            yield (self.normalize(x) if self.normalized else x), y.to(self.device, non_blocking=True)
+
+
+def _load_imagenet(data_dir: str | Path | None) -> tuple[FolderDataset, FolderDataset]:
+    candidates = default_data_dirs(data_dir)
+    for root in candidates:
+        if (root / "imagenet" / "train").is_dir() and (root / "imagenet" / "val").is_dir():
+            return (FolderDataset(root / "imagenet" / "train", train=True),
+                    FolderDataset(root / "imagenet" / "val", train=False))
+    looked = ", ".join(str(r / "imagenet") for r in candidates)
+    raise DataError(f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
+                    f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR")

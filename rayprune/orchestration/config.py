@@ -1,0 +1,421 @@
+"""The sweep file schema (``search_spaces/*.yaml``), validated before Ray starts.
+
+A sweep file says *what* to search (dataset, model, methods and their hyperparameters), the grid
+every sweep must cover (FLOPs targets x KD weights), how Optuna picks the per-stage pruning-rate
+budgets inside each grid cell, the teacher, the training recipes, the resources per trial and
+where results go. :func:`load_sweep` parses and validates it; every problem becomes one
+:class:`SweepConfigError` naming the file, the field and the allowed values, e.g.::
+
+    search_spaces/x.yaml: methods[0].name: unknown method 'foo'; known: ast, tas, sp, ...
+
+Relative paths (data dir, spec file, teacher checkpoint, storage path, a ``sqlite:///`` tracking
+store) are resolved against the current working directory, once, in the driver: Ray trials run
+elsewhere and must only ever see absolute paths.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .. import models
+from ..methods import MODULES, Budget, get_method
+from ..models.base import Spec, SpecError
+from ..registry import UnknownNameError
+
+DATASETS = ("cifar10", "cifar100", "digits", "imagenet", "synthetic")
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+
+
+class SweepConfigError(ValueError):
+    """A sweep file is invalid; the message names the file, the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """Which data the trials use (``data_dir``: where it lives; None: the engine's default)."""
+
+    name: Literal["cifar10", "cifar100", "digits", "imagenet", "synthetic"]
+    data_dir: str | None = None
+
+
+class MethodEntry(_Strict):
+    """One pruning method and its hyperparameters (checked against the method's ``Hparams``)."""
+
+    name: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODULES:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(MODULES)}")
+        return name
+
+
+class GridConfig(_Strict):
+    """The cells every sweep covers: each FLOPs target (fraction of the unpruned MACs) x each KD weight."""
+
+    flops_targets: list[float] = Field(min_length=1)
+    kd_weights: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+
+    @field_validator("flops_targets")
+    @classmethod
+    def _targets(cls, v: list[float]) -> list[float]:
+        return _unique_in_range(v, 0.0, 1.0, "a FLOPs target must be in (0, 1]", low_open=True)
+
+    @field_validator("kd_weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        return _unique_in_range(v, 0.0, 1.0, "a KD weight must be in [0, 1]")
+
+
+def _unique_in_range(values: list[float], low: float, high: float, what: str, low_open: bool = False) -> list[float]:
+    for x in values:
+        if x > high or x < low or (low_open and x == low):
+            raise ValueError(f"{what}, got {x}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"values must be unique, got {values}")
+    return values
+
+
+class OptunaConfig(_Strict):
+    """How Optuna chooses the per-stage pruning-rate budgets inside each grid cell.
+
+    ``stage_prune`` holds one ``[low, high]`` range per stage of the model: the maximum fraction
+    of a stage's channels a trial may remove is sampled from it. ``samples_per_cell`` trials run
+    per (method, FLOPs target, KD weight) cell; ``seed`` makes the sampling reproducible.
+    """
+
+    sampler: Literal["tpe", "random", "gp", "nsga2"] = "tpe"
+    seed: int = 0
+    samples_per_cell: int = Field(default=1, ge=1)
+    stage_prune: list[tuple[float, float]]
+
+    @field_validator("stage_prune")
+    @classmethod
+    def _ranges(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        for i, (low, high) in enumerate(v):
+            if not 0.0 <= low <= high < 1.0:
+                raise ValueError(f"range {i} must satisfy 0 <= low <= high < 1, got [{low}, {high}]")
+        return v
+
+
+class TeacherConfig(_Strict):
+    """The KD teacher: a saved subnet dir (``checkpoint``), or trained once per sweep with ``recipe``."""
+
+    checkpoint: str | None = None
+    recipe: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if (self.checkpoint is None) == (self.recipe is None):
+            raise ValueError("set exactly one of teacher.checkpoint (a saved subnet dir: spec.json + "
+                             "weights.pt) and teacher.recipe (train the unpruned net once per sweep)")
+        return self
+
+
+class RecipesConfig(_Strict):
+    """Engine ``TrainConfig`` fields: ``search`` fine-tunes every trial's chosen subnet (short, it
+    ranks trials); ``finetune`` trains the Pareto-front members at the end of the sweep."""
+
+    search: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResourcesConfig(_Strict):
+    """What one trial's Ray actor reserves (fractional GPUs share a device)."""
+
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+
+class SchedulerConfig(_Strict):
+    """Optional ASHA early stopping on ``val_top1`` (in method steps), separately within each cell."""
+
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=4.0, gt=1)
+    max_t: int = Field(default=10_000, ge=1)
+
+
+class TrackingConfig(_Strict):
+    """Where MLflow runs go (``uri``: ``sqlite:///mlflow.db`` offline, ``http://head:5000`` on a cluster)."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str
+
+
+class SweepConfig(_Strict):
+    """A validated sweep file. Build it with :func:`load_sweep`, which also resolves paths."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: DatasetConfig
+    model: str | None = None
+    spec: str | dict[str, Any] | None = None
+    shortcut: str | None = None
+    input_size: int | None = Field(default=None, ge=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    grid: GridConfig
+    optuna: OptunaConfig
+    teacher: TeacherConfig | None = None
+    recipes: RecipesConfig = Field(default_factory=RecipesConfig)
+    kd_temperature: float = Field(default=4.0, gt=0)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    scheduler: SchedulerConfig | None = None
+    tracking: TrackingConfig
+    storage_path: str = "ray_results"
+    max_failures: int = Field(default=2, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    device: str | None = None
+    finetune_front: bool = True
+
+    @model_validator(mode="after")
+    def _model_or_spec(self) -> "SweepConfig":
+        if (self.model is None) == (self.spec is None):
+            raise ValueError("set exactly one of model (FAMILY:VARIANT, e.g. cifar_resnet:56) and spec "
+                             "(a spec JSON file or an inline spec)")
+        return self
+
+    # -- derived -------------------------------------------------------------------------------
+    def full_spec(self) -> Spec:
+        """The unpruned spec (num_classes as given or 10: only the layout matters here)."""
+        if isinstance(self.spec, dict):
+            return self.spec
+        if self.spec is not None:
+            return models.load_spec(self.spec)
+        options = {"shortcut": self.shortcut} if self.shortcut else {}
+        return models.full_spec(self.model, **options)
+
+    def cells(self) -> list["Cell"]:
+        """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
+        return [Cell(m.name, f, w) for m in self.methods for f in self.grid.flops_targets for w in self.grid.kd_weights]
+
+    def num_trials(self) -> int:
+        return len(self.cells()) * self.optuna.samples_per_cell
+
+
+class Cell(typing.NamedTuple):
+    """One grid cell; Optuna keeps one study per cell."""
+
+    method: str
+    flops_target: float
+    kd_weight: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}|f={self.flops_target:g}|kd={self.kd_weight:g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read, validate and resolve a sweep file. Raises :class:`SweepConfigError` (one line)."""
+    raw = _read_yaml(Path(path))
+    raw.setdefault("name", Path(path).stem)
+    return parse_sweep(raw, str(path))
+
+
+def parse_sweep(raw: dict[str, Any], source: str = "<sweep>") -> SweepConfig:
+    """Validate an already-parsed sweep mapping (tests, programmatic use); paths are resolved too."""
+    try:
+        cfg = SweepConfig.model_validate(raw)
+        _check_semantics(cfg)
+    except ValidationError as e:
+        field, message = _describe(e, SweepConfig)
+        raise SweepConfigError(f"{source}: {field}: {message}" if field else f"{source}: {message}") from None
+    except _FieldError as e:
+        raise SweepConfigError(f"{source}: {e.field}: {e.message}") from None
+    return resolve_paths(cfg)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SweepConfigError(f"{path}: no such sweep file (see search_spaces/ for examples)") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise SweepConfigError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise SweepConfigError(f"{path}: a sweep file must be a YAML mapping (key: value), got {type(raw).__name__}")
+    return raw
+
+
+def resolve_paths(cfg: SweepConfig) -> SweepConfig:
+    """Make every local path absolute (against the current directory) and inline a spec file."""
+    update: dict[str, Any] = {"storage_path": _abs_storage(cfg.storage_path),
+                              "tracking": cfg.tracking.model_copy(update={"uri": _abs_tracking_uri(cfg.tracking.uri)})}
+    if cfg.dataset.data_dir is not None:
+        update["dataset"] = cfg.dataset.model_copy(update={"data_dir": _abs(cfg.dataset.data_dir)})
+    if isinstance(cfg.spec, str):
+        update["spec"] = models.load_spec(_abs(cfg.spec))
+    if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
+        update["teacher"] = cfg.teacher.model_copy(update={"checkpoint": _abs(cfg.teacher.checkpoint)})
+    return cfg.model_copy(update=update)
+
+
+def _abs(path: str) -> str:
+    return str(Path(os.path.expanduser(path)).resolve())
+
+
+def _abs_storage(path: str) -> str:
+    return path if "://" in path else _abs(path)
+
+
+def _abs_tracking_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``; other URIs (http, postgresql) unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + _abs(uri[len(prefix):])
+    return uri
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field checks (pydantic checks each field; these need several, or other modules)
+# --------------------------------------------------------------------------------------------
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _check_semantics(cfg: SweepConfig) -> None:
+    _check_methods(cfg)
+    _check_recipes(cfg)
+    full = _check_model(cfg)
+    _check_budgets(cfg, full)
+    if any(w > 0 for w in cfg.grid.kd_weights) and cfg.teacher is None:
+        raise _FieldError("teacher", "grid.kd_weights has a weight > 0, which needs a teacher: set "
+                                     "teacher.checkpoint (a saved subnet dir) or teacher.recipe (train once per sweep)")
+    if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
+        ckpt = Path(_abs(cfg.teacher.checkpoint))
+        if not (ckpt / "spec.json").is_file():
+            raise _FieldError("teacher.checkpoint", f"{ckpt} is not a saved subnet dir (no spec.json there); "
+                                                    "point it at a dir written by `rayprune run` (final/) or use teacher.recipe")
+    names = [m.name for m in cfg.methods]
+    if len(set(names)) != len(names):
+        raise _FieldError("methods", f"each method may appear once, got {names}")
+
+
+def _check_methods(cfg: SweepConfig) -> None:
+    """Each method's module exists and its hyperparameters validate against its ``Hparams``."""
+    for i, entry in enumerate(cfg.methods):
+        try:
+            cls = get_method(entry.name)
+        except UnknownNameError as e:
+            raise _FieldError(f"methods[{i}].name", f"{e} (its module is not installed)") from None
+        try:
+            cls.Hparams.model_validate(entry.hparams)
+        except ValidationError as e:
+            raise _FieldError(*_describe(e, cls.Hparams, f"methods[{i}].hparams")) from None
+
+
+def _check_recipes(cfg: SweepConfig) -> None:
+    from ..engine.train import TrainConfig
+
+    recipes = {"recipes.search": cfg.recipes.search, "recipes.finetune": cfg.recipes.finetune}
+    if cfg.teacher is not None and cfg.teacher.recipe is not None:
+        recipes["teacher.recipe"] = cfg.teacher.recipe
+    for where, recipe in recipes.items():
+        try:
+            TrainConfig.model_validate(recipe)
+        except ValidationError as e:
+            raise _FieldError(*_describe(e, TrainConfig, where)) from None
+
+
+def _check_model(cfg: SweepConfig) -> Spec:
+    field = "model" if cfg.model is not None else "spec"
+    try:
+        spec = cfg.full_spec() if not isinstance(cfg.spec, str) else models.load_spec(_abs(cfg.spec))
+        return models.validate(spec)
+    except SpecError as e:
+        raise _FieldError(field, str(e)) from None
+
+
+def _check_budgets(cfg: SweepConfig, full: Spec) -> None:
+    """The stage ranges match the model, and the loosest budget can reach every FLOPs target."""
+    stages = 1 + max(g.stage for g in models.channel_groups(full))
+    ranges = cfg.optuna.stage_prune
+    if len(ranges) != stages:
+        raise _FieldError("optuna.stage_prune", f"the model has {stages} stages, so give {stages} [low, high] "
+                                                f"ranges (one per stage), got {len(ranges)}")
+    loosest = [high for _, high in ranges]
+    for target in cfg.grid.flops_targets:
+        try:
+            Budget(flops_target=target, max_stage_prune=loosest).check_reachable(full, cfg.input_size)
+        except SpecError as e:
+            raise _FieldError("optuna.stage_prune", f"{e} (grid.flops_targets has {target})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(error: ValidationError, root: type[BaseModel], prefix: str = "") -> tuple[str, str]:
+    """The first pydantic error as (``prefix.field.path``, message naming the allowed names or values)."""
+    err = error.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(root, loc[:-1])
+        message = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    return _loc_str(loc, prefix), message
+
+
+def _loc_str(loc: tuple, prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model found by walking ``loc`` from ``root`` (for 'allowed:' lists)."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside ``X``, ``X | None`` or ``list[X]``."""
+    if _is_model(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,97 @@
+"""The Ray Tune function trainable: one trial = one method run (one cell, one budget).
+
+A trial builds its method with :func:`rayprune.runner.build_method`, calls ``step()`` until the
+method is done, and after every step ``tune.report``\\ s the step's metrics and subnet records
+together with a checkpoint (the method's ``state_dict`` saved with ``torch.save``). A retried or
+resumed trial continues from ``tune.get_checkpoint()``. At the end it fine-tunes the chosen
+subnet (``finalize``, with the sweep's *search* recipe) and reports the final record with
+``final=True``, plus a checkpoint holding ``final/`` (spec.json, weights.pt, metrics.json).
+
+Subnet records travel as JSON strings (``subnets``, ``best``, ``final_record``) so that Ray's
+result loggers keep them as one value. The trainable never touches MLflow: the driver's
+callback is the only writer to the tracking store.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from .. import models
+from ..methods import Method, StepResult, SubnetRecord
+from ..runner import TrialConfig, build_method, save_subnet
+from .search import FINAL_KEY, METRIC
+
+STATE_FILE = "state.pt"
+FINAL_DIR = "final"
+# Keys the searcher adds to a trial's config; the rest comes from the sweep's param_space.
+SUGGESTED_KEYS = ("cell", "method", "flops_target", "kd_weight", "max_stage_prune", "optuna_number")
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """The :class:`TrialConfig` of a Tune trial config: ``base`` (shared by all trials), the
+    method's ``hparams`` and the searcher's cell and budget. The seed differs per Optuna trial."""
+    base = dict(config["base"])
+    seed = int(base.pop("seed", 0)) + int(config["optuna_number"])
+    method = config["method"]
+    return TrialConfig(**base, method=method, hparams=dict(config["hparams"].get(method, {})),
+                       flops_target=config["flops_target"], kd_weight=config["kd_weight"],
+                       max_stage_prune=list(config["max_stage_prune"]), seed=seed)
+
+
+def run_tune_trial(config: dict[str, Any]) -> None:
+    """The function Tune runs for each trial (see the module docstring)."""
+    torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
+    cfg = trial_config(config)
+    method = build_method(cfg, Path(tune.get_context().get_trial_dir()) / "work")
+    unpruned = models.macs(method.ctx.spec, method.ctx.input_size)
+    steps = _restore(method)
+    while not method.done and (cfg.max_steps is None or steps < cfg.max_steps):
+        result = method.step()
+        steps += 1
+        _report_step(method, result, steps, unpruned, config)
+    final = method.finalize(progress=False)
+    _report_final(method, final.record, final.state_dict, steps, unpruned, config)
+
+
+def _restore(method: Method) -> int:
+    """Load the method state from Tune's checkpoint, if any; returns the steps already done."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    method.load_state_dict(saved["method"])
+    return int(saved["steps"])
+
+
+def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict[str, Any]:
+    return {METRIC: float(record.metrics.get(METRIC, float("nan"))), "macs": record.macs, "params": record.params,
+            "flops_fraction": record.macs / unpruned, "unpruned_macs": unpruned, "cell": config["cell"],
+            "flops_target": config["flops_target"], "kd_weight": config["kd_weight"],
+            "best": json.dumps(record.to_dict())}
+
+
+def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any]) -> None:
+    metrics = {**_common(method.best(), unpruned, config), "step": result.step, "steps_done": steps,
+               FINAL_KEY: False, "method_metrics": {k: float(v) for k, v in result.metrics.items()},
+               "subnets": json.dumps([s.to_dict() for s in result.subnets])}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, torch.Tensor], steps: int,
+                  unpruned: int, config: dict[str, Any]) -> None:
+    scalars = {k: float(v) for k, v in record.metrics.items() if k != METRIC}
+    metrics = {**_common(record, unpruned, config), **scalars, "step": record.step, "steps_done": steps,
+               FINAL_KEY: True, "final_record": json.dumps(record.to_dict()), "subnets": "[]"}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
+        save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict())
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

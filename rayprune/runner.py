@@ -1,0 +1,206 @@
+"""One method run as a plain-torch trial (no Ray): what `rayprune run` does, and what a Ray
+trial wraps. Also the saved-subnet format (spec.json + weights.pt) and teacher training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from . import models
+from .engine.checkpoint import atomic_save, load
+from .engine.data import load_dataset
+from .engine.train import TrainConfig, evaluate, fit
+from .engine.utils import resolve_device
+from .methods import Budget, Method, RunContext, StepResult, get_method
+from .models.base import Spec
+
+
+class TrialConfig(BaseModel):
+    """Everything that defines one method run. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None  # "family:variant", e.g. "cifar_resnet:56"
+    spec: dict[str, Any] | None = None  # or an explicit (possibly pruned) spec
+    shortcut: str | None = None  # cifar_resnet shortcut kind for `model`
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    flops_target: float = Field(gt=0.0, le=1.0)
+    kd_weight: float = Field(default=0.0, ge=0.0, le=1.0)
+    kd_temperature: float = Field(default=4.0, gt=0.0)
+    max_stage_prune: list[float] | None = None
+    seed: int = 0
+    device: str | None = None
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    teacher: str | None = None  # a saved subnet dir (spec.json + weights.pt)
+    input_size: int | None = None
+    max_steps: int | None = Field(default=None, ge=1)
+    robust: bool = True
+    measure_latency: bool = True
+
+    @model_validator(mode="after")
+    def _model_or_spec(self) -> "TrialConfig":
+        if (self.model is None) == (self.spec is None):
+            raise ValueError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved subnets
+# ---------------------------------------------------------------------------------------------
+
+
+def save_subnet(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
+                metrics: dict[str, Any] | None = None) -> Path:
+    """Write spec.json + weights.pt (+ metrics.json) atomically: a half-written dir never appears."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        models.save_spec(spec, tmp / "spec.json")
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp / "weights.pt")
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
+    """Rebuild a saved subnet from its spec and weights (weights_only: nothing is unpickled)."""
+    path = Path(path)
+    if not (path / "spec.json").is_file() or not (path / "weights.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a saved subnet (expected spec.json and weights.pt in it)")
+    spec = models.load_spec(path / "spec.json")
+    net = models.build(spec)
+    net.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    return spec, net
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a method from a TrialConfig
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_spec(cfg: TrialConfig, num_classes: int) -> Spec:
+    if cfg.spec is not None:
+        spec = models.validate(dict(cfg.spec))
+        if spec.get("num_classes") != num_classes:
+            raise models.SpecError(f"spec field 'num_classes' is {spec.get('num_classes')} but dataset "
+                                   f"{cfg.dataset!r} has {num_classes} classes")
+        return spec
+    options = {"shortcut": cfg.shortcut} if cfg.shortcut else {}
+    return models.full_spec(cfg.model, num_classes=num_classes, **options)
+
+
+def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
+    tspec, teacher = load_subnet(path)
+    if tspec.get("num_classes") != spec.get("num_classes"):
+        raise ValueError(f"teacher at {path} predicts {tspec.get('num_classes')} classes, the run needs {spec.get('num_classes')}")
+    return teacher.to(device).eval()
+
+
+def build_method(cfg: TrialConfig, workdir: str | Path) -> Method:
+    """Load data and teacher, build the RunContext and the method (hparams validated)."""
+    cls = get_method(cfg.method)
+    hparams = cls.Hparams(**cfg.hparams)
+    device = resolve_device(cfg.device)
+    train, test = load_dataset(cfg.dataset, cfg.data_dir)
+    spec = resolve_spec(cfg, train.num_classes)
+    teacher = load_teacher(cfg.teacher, spec, device) if cfg.teacher else None
+    ctx = RunContext(
+        spec=spec, train=train, test=test,
+        budget=Budget(flops_target=cfg.flops_target, max_stage_prune=cfg.max_stage_prune),
+        kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, teacher=teacher, device=device,
+        seed=cfg.seed, workdir=Path(workdir), finetune=TrainConfig(**cfg.finetune),
+        input_size=cfg.input_size or train.input_size, robust=cfg.robust, measure_latency=cfg.measure_latency)
+    return cls(ctx, hparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+STATE_FILE = "state.pt"
+
+
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
+              on_step: Callable[[StepResult], None] | None = None) -> dict[str, Any]:
+    """Step a method until done, checkpointing after every step; then fine-tune and save.
+
+    Writes ``out_dir``/config.json, subnets.jsonl (every evaluated subnet), state.pt (resume
+    point), final/ (spec.json, weights.pt, metrics.json) and result.json. Interrupted runs resume
+    from state.pt with nothing lost or duplicated (subnets.jsonl is rewritten from the state).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
+    method = build_method(cfg, out / "work")
+    subnets: list[dict[str, Any]] = []
+    history: list[dict[str, float]] = []
+    if resume and (out / STATE_FILE).exists():
+        saved = load(out / STATE_FILE)
+        method.load_state_dict(saved["method"])
+        subnets, history = saved["subnets"], saved["history"]
+    (out / "subnets.jsonl").write_text("")
+    _append_jsonl(out / "subnets.jsonl", subnets)
+    while not method.done and (cfg.max_steps is None or len(history) < cfg.max_steps):
+        result = method.step()
+        rows = [r.to_dict() for r in result.subnets]
+        subnets += rows
+        history.append({"step": result.step, **result.metrics})
+        atomic_save({"method": method.state_dict(), "subnets": subnets, "history": history}, out / STATE_FILE)
+        _append_jsonl(out / "subnets.jsonl", rows)
+        if on_step is not None:
+            on_step(result)
+    final = method.finalize(progress=progress)
+    save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict())
+    result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": history,
+              "num_subnets": len(subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
+    (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result
+
+
+def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec: Spec | None = None,
+                  shortcut: str | None = None, data_dir: str | None = None, seed: int = 0, device: str | None = None,
+                  recipe: dict[str, Any] | None = None, progress: bool | None = None) -> Path:
+    """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
+
+    An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "weights.pt").is_file():
+        return out_dir
+    device = resolve_device(device)
+    train, test = load_dataset(dataset, data_dir)
+    cfg = TrialConfig(method="uniform", model=model, spec=spec, shortcut=shortcut, dataset=dataset, flops_target=1.0)
+    full = resolve_spec(cfg, train.num_classes)
+    torch.manual_seed(seed)
+    net = models.build(full)
+    fit(net, train, TrainConfig(**(recipe or {})), device=device, seed=seed,
+        checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt", progress=progress)
+    metrics = {f"test_{k}": v for k, v in evaluate(net, test, device=device).items()}
+    metrics["macs"] = models.macs(full, train.input_size)
+    save_subnet(out_dir, full, net.state_dict(), metrics)
+    shutil.rmtree(out_dir.parent / f".{out_dir.name}.ckpt", ignore_errors=True)
+    return out_dir

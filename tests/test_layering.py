@@ -1,0 +1,47 @@
+"""The algorithm core (models, engine, methods, runner) never imports ray, optuna or mlflow."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rayprune"
+CORE = ["models", "engine", "methods"]
+CORE_FILES = ["runner.py", "registry.py", "__init__.py"]
+FORBIDDEN = {"ray", "optuna", "mlflow"}
+
+
+def core_files() -> list[Path]:
+    files = [p for d in CORE for p in (PACKAGE / d).rglob("*.py")]
+    return files + [PACKAGE / f for f in CORE_FILES]
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_core_sources_do_not_import_orchestration_libraries():
+    offenders = {str(p.relative_to(PACKAGE)): sorted(imported_roots(p) & FORBIDDEN) for p in core_files()}
+    assert not {k: v for k, v in offenders.items() if v}
+    assert len(core_files()) > 10  # the scan really covers the core
+
+
+def test_importing_the_core_and_every_method_loads_none_of_them():
+    code = (
+        "import sys, rayprune.models, rayprune.engine.train, rayprune.engine.data, rayprune.runner, rayprune.cli\n"
+        "from rayprune.methods import MODULES, get_method\n"
+        "[get_method(m) for m in MODULES]\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'optuna', 'mlflow'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

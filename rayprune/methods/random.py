@@ -1,0 +1,83 @@
+"""Random search over widths: the "is the search doing anything?" baseline.
+
+Each step draws one width per channel group uniformly between the group's minimum width (from
+the budget's per-stage limits) and its full width, rounded to the group's divisor. Draws over
+the FLOPs target are rejected; after ``max_tries`` rejections the last draw is shrunk by the
+largest common multiplier that fits (:func:`fit_multiplier`). Rejection sampling favours
+subnets well under the target; that bias is part of the baseline, not hidden.
+
+Each sample is trained from a seeded init for ``eval_epochs`` on search-train and scored on
+search-val (architecture-only, like uniform: no inherited weights, so no teacher is needed and
+the score is honest). ``best()`` is the highest search-val top-1; ``finalize`` trains it from
+scratch with the shared fine-tune. All randomness comes from generators seeded by
+(ctx.seed, step), so resuming at any step reproduces the same draws.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from .. import models
+from ..models.base import ChannelGroup, Spec, round_to
+from . import register
+from ._baseline import RecordsMixin, Widths, derive_seed, fit_multiplier, search_split, train_and_score
+from .base import MethodHparams, StepResult, SubnetRecord
+
+
+def draw_widths(groups: list[ChannelGroup], mins: Widths, gen: torch.Generator) -> Widths:
+    """One width per group, uniform in [min, full], rounded to the divisor and clamped."""
+    out = {}
+    for g in groups:
+        w = int(torch.randint(mins[g.name], g.width + 1, (1,), generator=gen))
+        out[g.name] = min(g.width, max(mins[g.name], round_to(w, g.divisor)))
+    return out
+
+
+def sample_feasible(full_spec: Spec, mins: Widths, target_macs: int, gen: torch.Generator, max_tries: int,
+                    input_size: int | None = None) -> tuple[Widths, int, bool]:
+    """A random width assignment within ``target_macs``: ``(widths, tries, shrunk)``."""
+    groups = models.channel_groups(full_spec)
+    for tries in range(1, max_tries + 1):
+        widths = draw_widths(groups, mins, gen)
+        if models.macs(models.with_widths(full_spec, widths), input_size) <= target_macs:
+            return widths, tries, False
+    _, _, widths = fit_multiplier(full_spec, widths, mins, target_macs, input_size)
+    return widths, max_tries, True
+
+
+class RandomHparams(MethodHparams):
+    samples: int = Field(10, ge=1, description="random subnets to draw and score (one per step)")
+    eval_epochs: int = Field(1, ge=1, description="search-train epochs per sample before the search-val score")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="per-class search-val share of the training set")
+    max_tries: int = Field(50, ge=1, description="rejection-sampling draws before shrinking the last one")
+
+
+@register("random")
+class RandomSearch(RecordsMixin):
+    """Seeded random feasible widths; one sample per step; best by search-val top-1."""
+
+    Hparams: ClassVar[type[MethodHparams]] = RandomHparams
+    smoke: ClassVar[dict] = {"samples": 2, "eval_epochs": 1}
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.hp.samples
+
+    def step(self) -> StepResult:
+        ctx, k = self.ctx, self.steps_done
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "random", k))
+        widths, tries, shrunk = sample_feasible(ctx.spec, ctx.budget.min_widths(ctx.spec),
+                                                ctx.budget.target_macs(ctx.spec, ctx.input_size), gen,
+                                                self.hp.max_tries, ctx.input_size)
+        spec = models.with_widths(ctx.spec, widths)
+        split = search_split(ctx, self.hp.val_fraction)
+        score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "random-train", k))
+        record = SubnetRecord.of(spec, {"val_top1": score}, self.name, k, ctx.input_size,
+                                 sample=k, tries=tries, shrunk=shrunk)
+        self.records.append(record)
+        self.steps_done += 1
+        metrics = {"val_top1": score, "best_val_top1": self.best().metrics["val_top1"], "tries": float(tries)}
+        return StepResult(step=k, metrics=metrics, subnets=[record], done=self.done)

@@ -1,0 +1,145 @@
+"""``subnets.parquet``: one row per evaluated subnet of a sweep (pyarrow, no MLflow).
+
+A row is keyed by ``(trial_id, kind, step, spec_hash)``: the contract's (trial, step, spec
+hash) plus the record *kind*, because a trial's final (fine-tuned) record may repeat the spec
+and step of a search record yet carries different metrics. Kinds:
+
+* ``search``    -- evaluated during a trial's search (metrics carry ``val_top1``);
+* ``final``     -- a trial's finalized subnet (``test_top1``, ``robust_top1``, latency);
+* ``finetuned`` -- a front member fine-tuned at the end of the sweep (same metrics as final);
+* ``unpruned``  -- the unpruned reference model (marked on plots, never on a front).
+
+Adding a row whose key is already stored is a no-op, so re-reporting after a resume never
+duplicates a subnet. Every change rewrites the file atomically (temp file + ``os.replace``):
+a crash leaves the previous complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..models import spec_hash
+
+KINDS = ("search", "final", "finetuned", "unpruned")
+KEY_FIELDS = ("trial_id", "kind", "step", "spec_hash")
+# Metrics copied into their own columns so pandas/DuckDB queries need no JSON parsing;
+# the ``metrics`` JSON column stays the complete record.
+PROMOTED_METRICS = ("val_top1", "test_top1", "test_top5", "robust_top1", "latency_ms_b1_p50")
+_JSON_FIELDS = ("spec", "metrics", "source")
+
+SCHEMA = pa.schema(
+    [("sweep_id", pa.string()), ("trial_id", pa.string()), ("kind", pa.string()), ("step", pa.int64()),
+     ("spec_hash", pa.string()), ("method", pa.string()), ("macs", pa.int64()), ("params", pa.int64())]
+    + [(name, pa.float64()) for name in PROMOTED_METRICS]
+    + [("spec", pa.string()), ("metrics", pa.string()), ("source", pa.string()),
+       ("run_id", pa.string()), ("artifact_uri", pa.string())])
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """The row's identity as one string, ``trial_id/kind/step/spec_hash``."""
+    return "/".join(str(row[f]) for f in KEY_FIELDS)
+
+
+def record_row(record: dict[str, Any], *, trial_id: str, kind: str, sweep_id: str = "",
+               run_id: str | None = None, artifact_uri: str | None = None,
+               step: int | None = None) -> dict[str, Any]:
+    """A store row from a ``SubnetRecord.to_dict()`` (spec, macs, params, metrics, method,
+    step, source). ``step`` overrides the record's own step (fine-tunes keep the member's)."""
+    if kind not in KINDS:
+        raise ValueError(f"subnet row kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    missing = [f for f in ("spec", "macs", "params", "metrics") if f not in record]
+    if missing:
+        raise ValueError(f"subnet record lacks {', '.join(missing)}; pass SubnetRecord.to_dict()")
+    return {
+        "sweep_id": sweep_id, "trial_id": str(trial_id), "kind": kind,
+        "step": int(record.get("step", 0) if step is None else step), "spec_hash": spec_hash(record["spec"]),
+        "method": str(record.get("method", "")), "macs": int(record["macs"]), "params": int(record["params"]),
+        "spec": record["spec"], "metrics": {k: float(v) for k, v in record["metrics"].items()},
+        "source": dict(record.get("source") or {}), "run_id": run_id, "artifact_uri": artifact_uri,
+    }
+
+
+class SubnetStore:
+    """The Parquet subnet registry of one sweep. Not thread-safe: only the sweep driver writes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._rows: list[dict[str, Any]] = []
+        self._index: dict[str, int] = {}
+        if self.path.exists():
+            self._append(_decode(r) for r in pq.read_table(self.path).to_pylist())
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Append the rows whose key is new (also de-duplicating within ``rows``); returns how
+        many were added. Rows look like :func:`record_row`'s output."""
+        added = self._append(rows)
+        if added:
+            self._write()
+        return added
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The row with :func:`row_key` ``key``, or None."""
+        i = self._index.get(key)
+        return None if i is None else self._rows[i]
+
+    def rows(self, kinds: Iterable[str] | None = None, trial_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows in insertion order (``spec``/``metrics``/``source`` as dicts), optionally only
+        some kinds and/or one trial."""
+        wanted = None if kinds is None else set(kinds)
+        return [r for r in self._rows
+                if (wanted is None or r["kind"] in wanted) and (trial_id is None or r["trial_id"] == trial_id)]
+
+    def to_table(self) -> pa.Table:
+        """All rows as an Arrow table with :data:`SCHEMA` (JSON columns as strings)."""
+        return pa.Table.from_pylist([_encode(r) for r in self._rows], schema=SCHEMA)
+
+    def _append(self, rows: Iterable[dict[str, Any]]) -> int:
+        added = 0
+        for row in rows:
+            key = row_key(row)
+            if key in self._index:
+                continue
+            self._index[key] = len(self._rows)
+            self._rows.append(row)
+            added += 1
+        return added
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(self.to_table(), tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _encode(row: dict[str, Any]) -> dict[str, Any]:
+    out = {name: row.get(name) for name in SCHEMA.names}
+    for name in PROMOTED_METRICS:
+        out[name] = row["metrics"].get(name)
+    for name in _JSON_FIELDS:
+        out[name] = json.dumps(row[name], sort_keys=True)
+    return out
+
+
+def _decode(stored: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in stored.items() if k not in PROMOTED_METRICS}
+    for name in _JSON_FIELDS:
+        row[name] = json.loads(row[name])
+    return row

@@ -1,0 +1,144 @@
+"""Pareto fronts, ranks, hypervolume and operating-point choice against hand-made points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rayprune.tracking import TrackingError
+from rayprune.tracking.pareto import (choose_operating_point, compute_fronts, format_table, hypervolume_2d,
+                                      pareto_front, pareto_ranks)
+
+# (acc, macs); the comment says why each point is or is not on the front.
+POINTS = [
+    (0.90, 100),  # 0 front
+    (0.85, 50),   # 1 front
+    (0.80, 60),   # 2 dominated by 1
+    (0.90, 100),  # 3 duplicate of 0: off the front (lowest index kept), same rank
+    (0.90, 120),  # 4 same acc as 0, more MACs: dominated
+    (0.85, 50),   # 5 duplicate of 1
+    (0.70, 50),   # 6 same MACs as 1, less acc: dominated
+    (0.95, 200),  # 7 front
+    (None, 10),   # 8 missing accuracy: incomparable
+    (math.nan, 10),  # 9 NaN: incomparable
+    (0.75, 70),   # 10 dominated by 2 (and 1): second layer below
+]
+
+
+def as_dicts(points):
+    return [{"acc": a, "macs": m} for a, m in points]
+
+
+def test_front_keeps_one_index_per_trade_off_and_skips_missing_values():
+    assert pareto_front(as_dicts(POINTS)) == [0, 1, 7]
+
+
+def test_ranks_peel_layers_and_share_ranks_between_duplicates():
+    assert pareto_ranks(as_dicts(POINTS)) == [0, 0, 1, 0, 1, 0, 1, 0, -1, -1, 2]
+
+
+def test_front_is_deterministic_under_reordering():
+    shuffled = POINTS[::-1]
+    front = [shuffled[i] for i in pareto_front(as_dicts(shuffled))]
+    assert sorted(front, key=lambda p: p[1]) == [(0.85, 50), (0.90, 100), (0.95, 200)]
+    # the kept duplicate is the one with the lowest index in the reversed list
+    assert pareto_front(as_dicts(shuffled))[0] == len(POINTS) - 1 - 7
+
+
+def test_three_objectives_and_empty_input():
+    pts = [{"acc": 0.9, "macs": 10, "lat": 5.0}, {"acc": 0.9, "macs": 10, "lat": 4.0},
+           {"acc": 0.8, "macs": 5, "lat": 9.0}]
+    assert pareto_front(pts, maximize=("acc",), minimize=("macs", "lat")) == [1, 2]
+    assert pareto_front([]) == []
+    with pytest.raises(ValueError, match="at least one objective"):
+        pareto_front(pts, maximize=(), minimize=())
+
+
+def test_front_of_many_points_matches_a_simple_scan():
+    # more points than one comparison chunk: (i*7919 mod 1009) scatters accuracies
+    pts = [{"acc": (i * 7919 % 1009) / 1009, "macs": (i * 104729 % 2003)} for i in range(1300)]
+    expected = [i for i, p in enumerate(pts)
+                if not any(q["acc"] >= p["acc"] and q["macs"] <= p["macs"] and q != p for q in pts)]
+    expected = [i for i in expected if all(pts[j] != pts[i] for j in range(i))]
+    assert pareto_front(pts) == expected
+
+
+def test_hypervolume_by_hand():
+    pts = [{"acc": 0.5, "macs": 10}, {"acc": 0.8, "macs": 20}, {"acc": 0.4, "macs": 25}, {"acc": 0.9, "macs": 30}]
+    # staircase: (30-10)*0.5 + (30-20)*(0.8-0.5) = 13; the point at ref cost adds nothing
+    assert hypervolume_2d(pts, ref_cost=30) == pytest.approx(13.0)
+    assert hypervolume_2d(pts) == pytest.approx(13.0)  # default ref = largest cost
+    assert hypervolume_2d(pts, ref_cost=40, ref_acc=0.1) == pytest.approx(30 * 0.4 + 20 * 0.3 + 10 * 0.1)
+    assert hypervolume_2d([]) == 0.0
+
+
+def row(trial, kind, macs, step=0, uri="runs:/r/subnet", **metrics):
+    return {"trial_id": trial, "kind": kind, "step": step, "spec_hash": f"h{trial}{macs}", "method": "uniform",
+            "macs": macs, "params": macs // 100, "metrics": metrics, "artifact_uri": uri, "run_id": f"run-{trial}"}
+
+
+ROWS = [
+    row("t1", "search", 10_000_000, val_top1=0.50),
+    row("t1", "search", 20_000_000, val_top1=0.70),
+    row("t2", "search", 20_000_000, val_top1=0.72),
+    row("t2", "search", 40_000_000, val_top1=0.80),
+    row("t1", "final", 30_000_000, test_top1=0.915, robust_top1=0.50),
+    row("t2", "final", 50_000_000, test_top1=0.92, robust_top1=0.62),
+    row("t3", "finetuned", 10_000_000, test_top1=0.905, robust_top1=0.58),
+    row("t4", "final", 5_000_000, uri=None, test_top1=0.99, robust_top1=0.99),  # no weights: never picked
+    row("ref", "unpruned", 100_000_000, test_top1=0.93),
+]
+
+
+def test_fronts_use_val_top1_for_search_and_test_robust_for_final_records():
+    fronts = compute_fronts(ROWS)
+    assert [(r["trial_id"], r["macs"]) for r in fronts["search"]] == [
+        ("t1", 10_000_000), ("t2", 20_000_000), ("t2", 40_000_000)]
+    assert [r["trial_id"] for r in fronts["final"]] == ["t4"]  # t4 dominates everything on test_top1
+    assert [r["trial_id"] for r in fronts["robust"]] == ["t4"]
+    without_t4 = compute_fronts([r for r in ROWS if r["trial_id"] != "t4"])
+    assert [r["trial_id"] for r in without_t4["final"]] == ["t3", "t1", "t2"]
+    assert [r["trial_id"] for r in without_t4["robust"]] == ["t3", "t2"]  # t1 (0.50) is beaten by t3 (0.58)
+
+
+@pytest.mark.parametrize("kwargs, trial", [
+    (dict(mode="efficient"), "t1"),  # best 0.92 (t4 has no weights); 0.915 is within 0.01 and cheaper
+    (dict(mode="efficient", max_drop=0.02), "t3"),  # 0.905 >= 0.90: the cheapest
+    (dict(mode="efficient", max_drop=0.0), "t2"),
+    (dict(mode="robust"), "t2"),
+    (dict(mode="robust", max_macs=40e6), "t3"),
+    (dict(mode="efficient", min_acc=0.91, max_drop=0.05), "t1"),
+])
+def test_choose_operating_point(kwargs, trial):
+    chosen, why = choose_operating_point(ROWS, **kwargs)
+    assert chosen["trial_id"] == trial
+    assert "candidates" in why
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="efficient", max_macs=1e6), "--max-macs 1,000,000 is impossible: the cheapest fine-tuned subnet "
+                                           "has 10,000,000 MACs"),
+    (dict(mode="robust", min_acc=0.95), "--min-acc 0.95 is impossible: the best test_top1 among the candidates "
+                                        "is 0.9200"),
+    (dict(mode="fastest"), "unknown mode 'fastest'"),
+])
+def test_choose_operating_point_errors_name_the_problem(kwargs, message):
+    with pytest.raises(TrackingError) as e:
+        choose_operating_point(ROWS, **kwargs)
+    assert str(e.value).startswith(message)
+
+
+def test_choose_without_finetuned_records_says_no_front_yet():
+    with pytest.raises(TrackingError, match="no fine-tuned subnet with saved weights"):
+        choose_operating_point([r for r in ROWS if r["kind"] == "search"], "efficient")
+
+
+def test_format_table_aligns_columns_and_shows_macs_percent():
+    text = format_table([ROWS[0], ROWS[4]], reference_macs=100_000_000)
+    lines = text.splitlines()
+    assert lines[0].split() == ["trial", "kind", "step", "method", "MACs(M)", "params(K)", "MACs%", "val_top1",
+                                "test_top1", "robust_top1", "latency_ms_b1_p50"]
+    assert lines[1].split() == ["t1", "search", "0", "uniform", "10.00", "100.0", "10.0", "0.5000", "-", "-", "-"]
+    assert lines[2].split()[6:10] == ["30.0", "-", "0.9150", "0.5000"]
+    assert len({len(line) for line in lines}) == 1  # right-aligned columns

@@ -184,7 +184,10 @@ class RunContext:
     input_size: int | None = None
     progress: bool | None = None  # None: only when attached to a terminal
     measure_latency: bool = True
+    latency_batch_sizes: tuple[int, ...] = (1, 64)
+    latency_repeats: int = 20
     robust: bool = True
+    robust_max_samples: int | None = None  # None: the whole test set
 
     def __post_init__(self) -> None:
         models.validate(self.spec)

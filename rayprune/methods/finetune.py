@@ -39,10 +39,12 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
     if history:
         metrics["finetune_loss"] = float(history[-1]["loss"])
     if ctx.robust:
-        metrics.update(robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed))
+        metrics.update(robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed,
+                                       max_samples=ctx.robust_max_samples))
     if ctx.measure_latency:
         shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
-        metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device))
+        metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes,
+                                                   repeats=ctx.latency_repeats))
     final = replace(record, metrics={k: float(v) for k, v in metrics.items()},
                     source={**record.source, "finetuned": True, "init": "inherited" if init_state else "scratch"})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

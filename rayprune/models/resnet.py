@@ -1,0 +1,263 @@
+"""ImageNet ResNets in torchvision's layout: ResNet-18/34 (basic) and ResNet-50/101/152 (bottleneck).
+
+Spec (the same shape as ``cifar_resnet``, without a shortcut kind)::
+
+    {"family": "resnet", "block": "bottleneck", "num_classes": 1000, "stem": 64,
+     "stages": [[[64, 64, 256], [64, 64, 256], [64, 64, 256]], [[128, 128, 512], ...], ...]}
+
+* a basic block is ``[mid, out]``, a bottleneck block ``[mid1, mid2, out]``; a stage may have any
+  number of blocks (>= 1) and there may be any number of stages (ImageNet nets have 4);
+* stem: 7x7 stride-2 conv + BN + ReLU, then a 3x3 stride-2 max-pool; stage ``s > 0`` halves the
+  resolution in its first block (in the 3x3 conv for bottlenecks: "V1.5");
+* the first block of a stage has a 1x1 conv + BN ``downsample`` shortcut when ``s > 0`` or the
+  block is a bottleneck (exactly torchvision's choice for the standard nets); every other block has
+  an identity shortcut, so its output width must equal its input width;
+* global average pool, then one linear layer; optional ``input_size`` (default 224).
+
+State-dict keys equal torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``,
+``fc``), so torchvision ResNet weights load into an unpruned spec.
+
+Channel groups: ``stem`` (stage 0; for basic blocks it also holds stage 0's block outputs, tied by
+identity shortcuts), ``s{s}.b0.out`` (the output width shared by every block of a stage that starts
+with a downsample; kind "residual"), and each block's inner widths ``s{s}.b{b}.mid`` (basic) or
+``.mid1``/``.mid2`` (bottleneck; kind "inner").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
+                   linear_layer, require, require_int)
+from .cifar_resnet import init_weights
+from .vgg import bn_axes, check_fields, validate_input_size
+
+BLOCKS = {"basic": 2, "bottleneck": 3}
+DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),
+          "101": ("bottleneck", (3, 4, 23, 3)), "152": ("bottleneck", (3, 8, 36, 3))}
+PLANES = (64, 128, 256, 512)
+# Tiny presets for fast tests: one block per stage, natural input 32.
+TINY = {"tiny": ("basic", (8, 16, 16, 32)), "tiny_bottleneck": ("bottleneck", (4, 8, 8, 16))}
+FIELDS = {"family", "block", "num_classes", "stem", "stages", "input_size"}
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    stage: int
+    index: int
+    stride: int
+    cin: int
+    widths: tuple[int, ...]  # [mid, out] or [mid1, mid2, out]
+    downsample: bool
+
+    @property
+    def cout(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def prefix(self) -> str:
+        return f"layer{self.stage + 1}.{self.index}"
+
+    def tensor(self, j: int) -> str:
+        """Name of the activation after conv ``j`` (0-based) of this block."""
+        n = len(self.widths)
+        if j == n - 1:
+            return f"s{self.stage}.b{self.index}.out"
+        return f"s{self.stage}.b{self.index}.mid" + (str(j + 1) if n == 3 else "")
+
+
+def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
+    """Walk the blocks with their input width, stride and whether they have a downsample."""
+    cin = spec["stem"]
+    bottleneck = spec["block"] == "bottleneck"
+    for s, stage in enumerate(spec["stages"]):
+        for b, widths in enumerate(stage):
+            first = b == 0
+            yield BlockInfo(s, b, 2 if (first and s > 0) else 1, cin, tuple(widths),
+                            first and (s > 0 or bottleneck))
+            cin = widths[-1]
+
+
+class Block(nn.Module):
+    """torchvision's BasicBlock / Bottleneck with free inner widths."""
+
+    def __init__(self, info: BlockInfo) -> None:
+        super().__init__()
+        w = info.widths
+        if len(w) == 2:
+            self.conv1 = nn.Conv2d(info.cin, w[0], 3, info.stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(w[0], w[1], 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(info.cin, w[0], 1, bias=False)
+            self.conv2 = nn.Conv2d(w[0], w[1], 3, info.stride, 1, bias=False)
+            self.conv3 = nn.Conv2d(w[1], w[2], 1, bias=False)
+        for j, width in enumerate(w):
+            self.add_module(f"bn{j + 1}", nn.BatchNorm2d(width))
+        self.convs = len(w)
+        self.downsample = None
+        if info.downsample:
+            self.downsample = nn.Sequential(nn.Conv2d(info.cin, info.cout, 1, info.stride, bias=False),
+                                            nn.BatchNorm2d(info.cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for j in range(1, self.convs + 1):
+            y = getattr(self, f"bn{j}")(getattr(self, f"conv{j}")(y))
+            if j < self.convs:
+                y = F.relu(y)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, spec["stem"], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec["stem"])
+        stages: list[list[Block]] = [[] for _ in spec["stages"]]
+        for info in iter_blocks(spec):
+            stages[info.stage].append(Block(info))
+        self.num_stages = len(stages)
+        for s, blocks in enumerate(stages):
+            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(spec["stages"][-1][-1][-1], spec["num_classes"])
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for s in range(self.num_stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResNetFamily(Family):
+    name = "resnet"
+    default_input_size = 224
+
+    def variants(self) -> list[str]:
+        return [*DEPTHS, *TINY]
+
+    def full_spec(self, variant: str, num_classes: int = 1000, **options: Any) -> Spec:
+        if options:
+            raise SpecError(f"resnet: unknown options {sorted(options)}; resnet takes none")
+        if variant in DEPTHS:
+            block, counts = DEPTHS[variant]
+            planes, stem, extra = PLANES, 64, {}
+        elif variant in TINY:
+            block, planes = TINY[variant]
+            counts, stem, extra = (1,) * len(planes), planes[0], {"input_size": 32}
+        else:
+            raise SpecError(f"resnet: unknown variant {variant!r}; known: {', '.join(self.variants())}")
+        stages = [[[p, p, 4 * p] if block == "bottleneck" else [p, p] for _ in range(n)]
+                  for p, n in zip(planes, counts)]
+        spec = {"family": "resnet", "block": block, "num_classes": num_classes, "stem": stem, "stages": stages,
+                **extra}
+        self.validate(spec)
+        return spec
+
+    def validate(self, spec: Spec) -> None:
+        check_fields(spec, FIELDS, ("block", "num_classes", "stem", "stages"))
+        require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
+        require_int(spec["num_classes"], "num_classes")
+        require_int(spec["stem"], "stem")
+        validate_input_size(spec)
+        stages = spec["stages"]
+        require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
+        per_block = BLOCKS[spec["block"]]
+        for s, stage in enumerate(stages):
+            require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
+                    "must be a non-empty list of blocks (a stage keeps at least one block)")
+            for b, widths in enumerate(stage):
+                where = f"stages[{s}][{b}]"
+                require(isinstance(widths, list) and len(widths) == per_block, where,
+                        f"a {spec['block']} block is a list of {per_block} widths "
+                        f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
+                for j, w in enumerate(widths):
+                    require_int(w, f"{where}[{j}]")
+        for info in iter_blocks(spec):
+            require(info.downsample or info.cin == info.cout, f"stages[{info.stage}][{info.index}][-1]",
+                    f"this block has an identity shortcut, so its output width must equal its input width "
+                    f"{info.cin}, got {info.cout}")
+
+    def build(self, spec: Spec) -> nn.Module:
+        self.validate(spec)
+        return ResNet(spec)
+
+    def layers(self, spec: Spec, input_size: int) -> list[Layer]:
+        self.validate(spec)
+        stem = conv_layer("conv1", 3, spec["stem"], 7, 2, (input_size, input_size))
+        out = [stem, bn_layer("bn1", spec["stem"], stem.out_hw)]
+        hw = tuple((x + 2 - 3) // 2 + 1 for x in stem.out_hw)  # 3x3 stride-2 max-pool, padding 1
+        for info in iter_blocks(spec):
+            out += block_layers(info, hw)
+            hw = out[-1].out_hw
+        out.append(linear_layer("fc", spec["stages"][-1][-1][-1], spec["num_classes"]))
+        return out
+
+    # -- channel groups -------------------------------------------------------------------------
+    def _tensor_groups(self, spec: Spec) -> list[tuple[str, str, int, str, int, str]]:
+        """Every activation tensor in forward order as (tensor, group, stage, kind, width, spec path)."""
+        out = [("stem", "stem", 0, "residual", spec["stem"], "stem")]
+        stage_group = "stem"
+        for info in iter_blocks(spec):
+            if info.downsample:
+                stage_group = info.tensor(len(info.widths) - 1)
+            for j, width in enumerate(info.widths):
+                t = info.tensor(j)
+                last = j == len(info.widths) - 1
+                group, kind = (stage_group, "residual") if last else (t, "inner")
+                out.append((t, group, info.stage, kind, width, f"stages.{info.stage}.{info.index}.{j}"))
+        return out
+
+    def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
+        self.validate(spec)
+        members: dict[str, list[str]] = {}
+        first: dict[str, tuple[int, str, int]] = {}
+        for _, group, stage, kind, width, path in self._tensor_groups(spec):
+            members.setdefault(group, []).append(path)
+            first.setdefault(group, (stage, kind, width))
+        return [ChannelGroup(name=g, width=first[g][2], stage=first[g][0], kind=first[g][1],
+                             members=tuple(paths)) for g, paths in members.items()]
+
+    def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
+        self.validate(spec)
+        group = {t: g for t, g, *_ in self._tensor_groups(spec)}
+        axes: dict[str, Axes] = {"conv1.weight": ("stem", None, None, None), **bn_axes("bn1", "stem")}
+        prev = "stem"
+        for info in iter_blocks(spec):
+            chain = [prev] + [group[info.tensor(j)] for j in range(len(info.widths))]
+            for j in range(len(info.widths)):
+                axes[f"{info.prefix}.conv{j + 1}.weight"] = (chain[j + 1], chain[j], None, None)
+                axes.update(bn_axes(f"{info.prefix}.bn{j + 1}", chain[j + 1]))
+            if info.downsample:
+                axes[f"{info.prefix}.downsample.0.weight"] = (chain[-1], prev, None, None)
+                axes.update(bn_axes(f"{info.prefix}.downsample.1", chain[-1]))
+            prev = chain[-1]
+        axes["fc.weight"] = (None, prev)
+        axes["fc.bias"] = (None,)
+        return axes
+
+
+def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:
+    """Analytic entries of one block (convs, BNs, then the downsample); the last entry's
+    ``out_hw`` is the block's output resolution."""
+    p, w = info.prefix, info.widths
+    if len(w) == 2:
+        kernels, strides = (3, 3), (info.stride, 1)
+    else:
+        kernels, strides = (1, 3, 1), (1, info.stride, 1)
+    out: list[Layer] = []
+    cin, in_hw = info.cin, hw
+    for j, (k, stride, width) in enumerate(zip(kernels, strides, w)):
+        conv = conv_layer(f"{p}.conv{j + 1}", cin, width, k, stride, hw)
+        out += [conv, bn_layer(f"{p}.bn{j + 1}", width, conv.out_hw)]
+        hw, cin = conv.out_hw, width
+    if info.downsample:
+        ds = conv_layer(f"{p}.downsample.0", info.cin, info.cout, 1, info.stride, in_hw, padding=0)
+        out += [ds, bn_layer(f"{p}.downsample.1", info.cout, ds.out_hw)]
+    return out

@@ -172,6 +172,7 @@ BAD_SPECS = [
     ("mobilenet_v2:tiny", lambda s: s["stages"].__setitem__(1, [16, 2]), "'stages[1]'"),
     ("mobilenet_v2:tiny", lambda s: s["stages"][1].pop("out"), "'stages[1].out'"),
     ("mobilenet_v2:tiny", lambda s: s["stages"][1].update(stride=4), "'stages[1].stride'"),
+    ("mobilenet_v2:tiny", lambda s: s["stages"][1].update(stride=True), "'stages[1].stride'"),
     ("mobilenet_v2:tiny", lambda s: s["stages"][1].update(hidden=[]), "'stages[1].hidden'"),
     ("mobilenet_v2:tiny", lambda s: s["stages"][2]["hidden"].__setitem__(1, -8), "'stages[2].hidden[1]'"),
     ("mobilenet_v2:tiny", lambda s: s["stages"][0].update(expand=6), "'stages[0].expand'"),

@@ -56,7 +56,7 @@ TINY_SETTINGS = ((1, 8, 1, 1), (3, 16, 2, 2), (3, 24, 2, 2))
 MULTIPLIERS = ("1.4", "1.0", "0.75", "0.5", "0.35")
 CIFAR_VARIANTS = {"cifar": 1.0, "cifar_0.75": 0.75, "cifar_0.5": 0.5}
 FIELDS = {"family", "num_classes", "input_size", "stem", "stem_stride", "stages", "last", "dropout"}
-STAGE_FIELDS = {"out", "stride", "hidden"}
+STAGE_FIELDS = ("out", "stride", "hidden")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ class MobileNetV2(nn.Module):
         features += [InvertedResidual(info) for info in iter_blocks(spec)]
         features.append(conv_bn_act(spec["stages"][-1]["out"], spec["last"], 1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(spec.get("dropout", 0.2)), nn.Linear(spec["last"], spec["num_classes"]))
+        self.classifier = nn.Sequential(nn.Dropout(spec.get("dropout", 0.2)),
+                                        nn.Linear(spec["last"], spec["num_classes"]))
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,7 @@ class MobileNetV2Family(Family):
         check_fields(spec, FIELDS, ("num_classes", "stem", "stem_stride", "stages", "last"))
         for key in ("num_classes", "stem", "last"):
             require_int(spec[key], key)
-        require(spec["stem_stride"] in (1, 2), "stem_stride", f"must be 1 or 2, got {spec['stem_stride']!r}")
+        require_stride(spec["stem_stride"], "stem_stride")
         validate_input_size(spec)
         if "dropout" in spec:
             p = spec["dropout"]
@@ -185,12 +186,9 @@ class MobileNetV2Family(Family):
     @staticmethod
     def _validate_stage(stage: Any, where: str) -> None:
         require(isinstance(stage, dict), where, f"must be an object {{'out', 'stride', 'hidden'}}, got {stage!r}")
-        extra = sorted(set(stage) - STAGE_FIELDS)
-        require(not extra, f"{where}.{extra[0] if extra else ''}", f"unknown field; known: {', '.join(sorted(STAGE_FIELDS))}")
-        for key in sorted(STAGE_FIELDS):
-            require(key in stage, f"{where}.{key}", "is required")
+        check_fields(stage, set(STAGE_FIELDS), STAGE_FIELDS, where=f"{where}.")
         require_int(stage["out"], f"{where}.out")
-        require(stage["stride"] in (1, 2), f"{where}.stride", f"must be 1 or 2, got {stage['stride']!r}")
+        require_stride(stage["stride"], f"{where}.stride")
         hidden = stage["hidden"]
         require(isinstance(hidden, list) and len(hidden) >= 1, f"{where}.hidden",
                 "must be a non-empty list of hidden widths (null = no expansion conv); a stage keeps >= 1 block")
@@ -234,7 +232,8 @@ class MobileNetV2Family(Family):
 
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         self.validate(spec)
-        axes: dict[str, Axes] = {"features.0.0.weight": ("stem", None, None, None), **bn_axes("features.0.1", "stem")}
+        axes: dict[str, Axes] = {"features.0.0.weight": ("stem", None, None, None),
+                                 **bn_axes("features.0.1", "stem")}
         prev, n = "stem", 0
         for info in iter_blocks(spec):
             out_g = f"s{info.stage}.out"
@@ -254,6 +253,10 @@ class MobileNetV2Family(Family):
         axes["classifier.1.weight"] = (None, "last")
         axes["classifier.1.bias"] = (None,)
         return axes
+
+
+def require_stride(value: Any, field_name: str) -> None:
+    require(type(value) is int and value in (1, 2), field_name, f"must be 1 or 2, got {value!r}")
 
 
 def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:

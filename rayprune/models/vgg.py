@@ -80,12 +80,13 @@ def validate_input_size(spec: Spec) -> None:
         require_int(spec["input_size"], "input_size")
 
 
-def check_fields(spec: Spec, known: set[str], required: tuple[str, ...]) -> None:
-    """Reject unknown fields and require the mandatory ones, naming the field."""
-    extra = sorted(set(spec) - known)
-    require(not extra, extra[0] if extra else "", f"unknown field; known: {', '.join(sorted(known))}")
+def check_fields(obj: dict[str, Any], known: set[str], required: tuple[str, ...], where: str = "") -> None:
+    """Reject unknown fields and require the mandatory ones, naming the field (``where`` prefixes
+    the names of a nested object's fields, e.g. "stages[1].")."""
+    extra = sorted(set(obj) - known)
+    require(not extra, where + (extra[0] if extra else ""), f"unknown field; known: {', '.join(sorted(known))}")
     for key in required:
-        require(key in spec, key, "is required")
+        require(key in obj, where + key, "is required")
 
 
 class VGGFamily(Family):

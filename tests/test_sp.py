@@ -34,9 +34,10 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
             m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
 
 
-@pytest.mark.parametrize("shortcut", ["option_a", "avgpool_conv", "conv_bn"])
-def test_masked_supernet_equals_extracted_subnet(shortcut):
-    spec = tiny_spec(shortcut)
+@pytest.mark.parametrize("spec", [tiny_spec("option_a"), tiny_spec("avgpool_conv"), tiny_spec("conv_bn"),
+                                  models.full_spec("mobilenet_v2:tiny", num_classes=4)],
+                         ids=["resnet_option_a", "resnet_avgpool_conv", "resnet_conv_bn", "mobilenet_v2"])
+def test_masked_supernet_equals_extracted_subnet(spec):
     model = build_seeded(spec, 0)
     randomize_bn(model, 1)
     model.eval()
@@ -93,8 +94,8 @@ def test_unreachable_window_fails_clearly():
         space.sample(torch.Generator().manual_seed(0), retries=3)
 
 
-def make_ctx(tmp_path, teacher=True, budget=0.5, **kw):
-    spec = tiny_spec()
+def make_ctx(tmp_path, teacher=True, budget=0.5, spec=None, **kw):
+    spec = spec or tiny_spec()
     train, test = synthetic_dataset(n_train=160, n_test=64, num_classes=4, size=16, seed=0)
     return RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=budget, max_stage_prune=[0.7] * 3),
                       teacher=build_seeded(spec, 5) if teacher else None, device="cpu", seed=0, workdir=tmp_path,
@@ -184,3 +185,12 @@ def test_external_teacher_mode_resumes_mid_stage(tmp_path):
     assert a.step().metrics == b.step().metrics
     with pytest.raises(ValueError, match="different hyperparameters"):
         SP(make_ctx(tmp_path / "c"), SP.smoke).load_state_dict(state)
+
+
+def test_mobilenet_v2_runs_through_all_phases(tmp_path):
+    ctx = make_ctx(tmp_path, spec=models.full_spec("mobilenet_v2:tiny", num_classes=4), budget=0.6)
+    method = SP(ctx, {**SP.smoke, "generations": 1})
+    results = method.run()
+    assert [r.metrics.get("stage") for r in results[:4]] == [0, 1, 2, 3]  # 3 resolutions + the head stage
+    hi = ctx.budget.target_macs(ctx.spec, ctx.input_size)
+    assert results[-1].subnets and all(0.97 * hi <= r.macs <= hi for r in results[-1].subnets)

@@ -180,7 +180,29 @@ def _cifar_resnet_layout(spec: Spec, model: nn.Module) -> StageLayout:
         fixups=fixups)
 
 
-LAYOUTS: dict[str, Callable[[Spec, nn.Module], StageLayout]] = {"cifar_resnet": _cifar_resnet_layout}
+def _mobilenet_v2_layout(spec: Spec, model: nn.Module) -> StageLayout:
+    """Stages start at the stride-2 inverted-residual stages (the first one is skipped when the
+    stem already downsamples, so stride 2 and 4 share a stage: methods.md §4.2 item 2); the last
+    1x1 conv is a stage of its own (the head group); pooling and the classifier go with it."""
+    from ..models.mobilenet_v2 import iter_blocks
+
+    blocks = list(iter_blocks(spec))
+    strided = [s for s, stage in enumerate(spec["stages"]) if stage["stride"] == 2]
+    strided = strided[1:] if spec["stem_stride"] == 2 else strided
+    head_at = len(model.features) - 1
+    starts = [0, *[b.feature for b in blocks if b.index == 0 and b.stage in strided], head_at]
+    out_group = {0: "stem", **{b.feature: f"s{b.stage}.out" for b in blocks}}
+    modules = [[model.features[a:b]] for a, b in zip(starts, starts[1:])] + [[model.features[head_at:], model.classifier]]
+    return StageLayout(
+        stages=[m[0] for m in modules],
+        head=lambda x: model.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
+        modules=modules,
+        boundary=[out_group[b - 1] for b in starts[1:]] + ["last"],
+        fixups={})
+
+
+LAYOUTS: dict[str, Callable[[Spec, nn.Module], StageLayout]] = {"cifar_resnet": _cifar_resnet_layout,
+                                                               "mobilenet_v2": _mobilenet_v2_layout}
 
 
 def stage_layout(spec: Spec, model: nn.Module) -> StageLayout:
@@ -487,15 +509,18 @@ class SP(Method):
         self.net.model.train()
         totals: dict[str, float] = {}
         n = 0
-        for i, (x_in, target, y) in enumerate(self._stage_batches(s, epoch)):
-            lr = cfg.lr * lr_factor(epoch * spe + i, cfg, spe)
-            for group in self._optimizer.param_groups:
-                group["lr"] = lr
-            self._optimizer.zero_grad(set_to_none=True)
-            for kind, value in self._batch_losses(s, x_in, target, y).items():
-                totals[kind] = totals.get(kind, 0.0) + value
-            self._optimizer.step()
-            n += 1
+        # Dropout (MobileNet heads) draws from the global RNG: fork it, seeded by (seed, stage, epoch).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(self.ctx.seed, "dropout", s, epoch))
+            for i, (x_in, target, y) in enumerate(self._stage_batches(s, epoch)):
+                lr = cfg.lr * lr_factor(epoch * spe + i, cfg, spe)
+                for group in self._optimizer.param_groups:
+                    group["lr"] = lr
+                self._optimizer.zero_grad(set_to_none=True)
+                for kind, value in self._batch_losses(s, x_in, target, y).items():
+                    totals[kind] = totals.get(kind, 0.0) + value
+                self._optimizer.step()
+                n += 1
         if epoch == self.hp.stage_epochs - 1:
             self._optimizer = None  # the next stage gets a fresh optimizer
         out = {"stage": s, "epoch": epoch, "lr": lr, "loss": sum(totals.values()) / n}

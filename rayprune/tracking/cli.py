@@ -1,0 +1,173 @@
+"""``rayprune front`` and ``rayprune pick``: read a sweep's fronts back from MLflow.
+
+``rayprune front --experiment NAME`` prints the search, final and robust fronts as tables.
+``rayprune pick --experiment NAME --mode efficient|robust --out DIR`` chooses one fine-tuned
+subnet (see :func:`~rayprune.tracking.pareto.choose_operating_point`), exports it (spec.json,
+weights.pt, model.onnx, model_card.md) and registers it as ``<model-name>@<mode>`` in the
+MLflow Model Registry. Both read ``subnets.parquet`` from the sweep's parent run, so they work
+from any machine that reaches the tracking server.
+
+Bad input (unknown experiment, no front yet, unreachable server, impossible limits) prints one
+``rayprune: error: ...`` line and returns 2. mlflow is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..models import SpecError
+from . import TrackingError
+from .pareto import FRONT_TITLES, FRONTS, MODES, choose_operating_point, compute_fronts, format_table
+
+EXIT_BAD_INPUT = 2
+_SUFFIXES = {"K": 1e3, "M": 1e6, "G": 1e9}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become one ``rayprune: error:`` line (like every other error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TrackingError(f"{message} (see {self.prog} --help)")
+
+
+def format_fronts(rows: Sequence[dict[str, Any]]) -> str:
+    """All fronts of a sweep's rows as titled text tables (MACs% relative to the unpruned
+    model when it was recorded)."""
+    unpruned = [r for r in rows if r["kind"] == "unpruned"]
+    reference = unpruned[0]["macs"] if unpruned else None
+    blocks = []
+    for name, members in compute_fronts(rows).items():
+        pool = sum(1 for r in rows if r["kind"] in FRONTS[name][0])
+        table = format_table(members, reference) if members else "  (empty)"
+        blocks.append(f"{FRONT_TITLES[name]} -- {len(members)} of {pool}\n{table}")
+    return "\n\n".join(blocks)
+
+
+def front_main(argv: Sequence[str] | None = None) -> int:
+    """``rayprune front``: print a sweep's Pareto fronts. Returns the exit code."""
+    parser = _Parser(prog="rayprune front", description="Print the Pareto fronts of a sweep tracked in MLflow.")
+    _add_sweep_args(parser)
+    return _guarded(lambda: _front(parser.parse_args(argv)))
+
+
+def pick_main(argv: Sequence[str] | None = None) -> int:
+    """``rayprune pick``: export and register an operating point. Returns the exit code."""
+    parser = _Parser(prog="rayprune pick", description="Export the efficient or robust operating point of a sweep "
+                     "and register it in the MLflow Model Registry under that alias.")
+    _add_sweep_args(parser)
+    parser.add_argument("--mode", required=True, choices=MODES,
+                        help="efficient: fewest MACs within --max-drop of the best test_top1; "
+                             "robust: highest robust_top1 (within --max-macs)")
+    parser.add_argument("--max-macs", type=_count, default=None, help="only subnets with at most this many MACs "
+                        "(e.g. 4e7 or 40M)")
+    parser.add_argument("--min-acc", type=_fraction, default=None, help="only subnets with test_top1 >= this "
+                        "(a fraction, e.g. 0.9)")
+    parser.add_argument("--max-drop", type=_fraction, default=0.01, help="efficient mode: allowed test_top1 drop "
+                        "below the best candidate, as a fraction (default 0.01 = 1 point)")
+    parser.add_argument("--out", required=True, type=Path, help="new (or empty) directory to export into")
+    parser.add_argument("--model-name", default=None, help="registered model name (default rayprune-EXPERIMENT)")
+    parser.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                        help="auto: torch's dynamo exporter, falling back to the legacy TorchScript one")
+    return _guarded(lambda: _pick(parser.parse_args(argv)))
+
+
+def _add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    parser.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--sweep-id", default=None, help="which sweep of the experiment (default: the newest)")
+
+
+def _guarded(command: Callable[[], None]) -> int:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        command()
+    except (TrackingError, SpecError, ValueError, MlflowException) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"rayprune: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _open_sweep(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]]]:
+    from .mlflow_tracker import connect, find_experiment, find_sweep_run, sweep_rows
+
+    client = connect(args.mlflow_uri, must_exist=True)
+    run = find_sweep_run(client, find_experiment(client, args.experiment), args.sweep_id)
+    return client, run, sweep_rows(client, run)
+
+
+def _front(args: argparse.Namespace) -> None:
+    _, run, rows = _open_sweep(args)
+    sweep = run.data.tags.get("rayprune.sweep_id", "?")
+    print(f"experiment {args.experiment}, sweep {sweep} (parent run {run.info.run_id}): {len(rows)} subnet records\n")
+    print(format_fronts(rows))
+
+
+def _pick(args: argparse.Namespace) -> None:
+    from .export import export_subnet, infer_input_size, load_subnet_dir
+    from .mlflow_tracker import download_subnet, register_choice
+
+    out: Path = args.out.resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TrackingError(f"output directory {str(out)!r} already exists and is not empty; pass a new --out "
+                            "or remove it")
+    client, parent, rows = _open_sweep(args)
+    row, why = choose_operating_point(rows, args.mode, max_macs=args.max_macs, min_acc=args.min_acc,
+                                      max_drop=args.max_drop)
+    model_name = args.model_name or f"rayprune-{args.experiment}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Stage beside --out so the final rename is atomic: --out appears complete or not at all.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        spec, state, saved = load_subnet_dir(download_subnet(client, row["artifact_uri"], Path(tmp) / "download"))
+        info = {"mode": args.mode, "selection": why, "experiment": args.experiment,
+                "sweep_id": parent.data.tags.get("rayprune.sweep_id"), "parent_run_id": parent.info.run_id,
+                "source_run_id": row.get("run_id"), "trial_id": row["trial_id"],
+                "record": f"{row['kind']} step {row['step']}",
+                "weights": row["artifact_uri"], "registered_model": f"{model_name}@{args.mode}"}
+        staged = export_subnet(spec, state, {**saved, **row["metrics"]}, Path(tmp) / "export",
+                               input_size=infer_input_size(spec, row["macs"]), info=info, exporter=args.onnx_exporter)
+        version = register_choice(client, parent, model_name, args.mode, staged, row, why)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staged, out)
+    _print_choice(args.mode, row, why, out, model_name, version.version)
+
+
+def _print_choice(mode: str, row: dict[str, Any], why: str, out: Path, model_name: str, version: str) -> None:
+    metrics = ", ".join(f"{k} {row['metrics'][k]:.4f}" for k in ("test_top1", "robust_top1") if k in row["metrics"])
+    print(f"picked {mode}: trial {row['trial_id']} ({row['kind']}, step {row['step']}), {row['macs']:,} MACs, "
+          f"{row['params']:,} params, {metrics}")
+    print(f"  selection: {why}")
+    print(f"exported to {out} (spec.json, weights.pt, model.onnx, model_card.md)")
+    print(f"registered {model_name} version {version} as @{mode}: load models:/{model_name}@{mode}")
+
+
+def _count(text: str) -> float:
+    """A MACs count: a number (4e7) or with a K/M/G suffix (40M)."""
+    scale = _SUFFIXES.get(text[-1:].upper(), 1.0)
+    number = text[:-1] if scale != 1.0 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a MACs count like 4e7 or 40M, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive MACs count, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (accuracies are fractions, e.g. 0.92), "
+                                         f"got {text!r}")
+    return value

@@ -1,0 +1,208 @@
+"""Export one subnet for deployment: spec.json, weights.pt, model.onnx and model_card.md.
+
+Pure torch + onnx/onnxruntime (no MLflow). Nothing is pickled: the weights are a plain
+``state_dict`` (load with ``torch.load(..., weights_only=True)``) and the architecture is the
+spec. The ONNX graph is checked against torch with onnxruntime before the directory appears:
+everything is written to a temporary sibling directory that is renamed into place only when
+complete, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import models
+from ..models import Spec, SpecError
+from . import TrackingError
+
+ONNX_ATOL = 1e-4
+ONNX_RTOL = 1e-3
+_SUBNET_FILES = ("spec.json", "weights.pt")
+
+
+def load_subnet_dir(path: str | Path) -> tuple[Spec, dict[str, torch.Tensor], dict[str, float]]:
+    """Read a saved subnet directory (spec.json + weights.pt [+ metrics.json], the layout of
+    ``runner.save_subnet``) without unpickling any module: ``(spec, state_dict, metrics)``
+    with the numeric metrics only."""
+    path = Path(path)
+    missing = [name for name in _SUBNET_FILES if not (path / name).is_file()]
+    if missing:
+        raise TrackingError(f"subnet directory {str(path)!r} lacks {', '.join(missing)}; "
+                            "it must hold spec.json and weights.pt (see runner.save_subnet)")
+    spec = models.load_spec(path / "spec.json")
+    state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    metrics_file = path / "metrics.json"
+    saved = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    # runner.save_subnet stores a whole SubnetRecord dict for trial results, flat metrics for teachers
+    if isinstance(saved.get("metrics"), dict):
+        saved = saved["metrics"]
+    metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return spec, state, metrics
+
+
+def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """``models.build(spec)`` with ``state_dict`` loaded strictly, in eval mode."""
+    model = models.build(spec)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TrackingError(f"weights do not match the spec ({first}); export the state_dict saved "
+                            "with this spec") from None
+    return model.eval()
+
+
+def infer_input_size(spec: Spec, macs: int | None) -> int:
+    """The input resolution at which ``spec`` has ``macs`` MACs (records store MACs, not the
+    resolution); the family default when ``macs`` is unknown or matches no size up to 1024."""
+    default = models.input_size_of(spec)
+    if macs is None or models.macs(spec, default) == macs:
+        return default
+    for size in range(1, 1025):
+        if models.macs(spec, size) == macs:
+            return size
+    return default
+
+
+def input_channels(spec: Spec) -> int:
+    """Channels of the network's input image (the first layer's input channels)."""
+    return models.layers(spec)[0].in_channels
+
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "auto") -> str:
+    """Write ``model`` to ``path`` as one ONNX file with a dynamic batch axis; returns the
+    exporter used. ``auto`` tries torch's default dynamo exporter and falls back to the legacy
+    TorchScript exporter when dynamo cannot trace the graph."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if exporter in ("auto", "dynamo"):
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
+                              verbose=False)
+            return "dynamo"
+        except Exception:  # noqa: BLE001 - any dynamo failure: fall back (auto) or report (dynamo)
+            path.unlink(missing_ok=True)
+            if exporter == "dynamo":
+                raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter is deprecated and chatty
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return "torchscript"
+
+
+def check_onnx(path: Path, model: nn.Module, example: torch.Tensor, atol: float = ONNX_ATOL) -> float:
+    """Run the ONNX file with onnxruntime on ``example`` and compare with torch; returns the
+    largest absolute difference, raising :class:`TrackingError` beyond tolerance."""
+    import onnxruntime as ort  # heavy; only needed here
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
+    with torch.no_grad():
+        want = model(example).numpy()
+    diff = float(np.abs(got - want).max())
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=ONNX_RTOL):
+        raise TrackingError(f"ONNX output differs from torch (max |diff| {diff:.2e} > {atol:g}); "
+                            "the exported graph is wrong, do not deploy it")
+    return diff
+
+
+def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any],
+                  out_dir: str | Path, *, input_size: int | None = None,
+                  info: dict[str, Any] | None = None, exporter: str = "auto") -> Path:
+    """Write ``out_dir`` with spec.json, weights.pt (state_dict), model.onnx (checked against
+    torch with onnxruntime) and model_card.md (metrics, spec summary, provenance from
+    ``info``: e.g. experiment, sweep_id, source_run_id, trial_id, mode, selection).
+
+    ``exporter`` is passed to :func:`export_onnx`. ``out_dir`` must not exist or be empty.
+    Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TrackingError(f"output directory {str(out_dir)!r} already exists and is not empty; "
+                            "pass a new --out or remove it")
+    try:
+        models.validate(spec)
+    except SpecError as e:
+        raise TrackingError(f"cannot export: invalid spec: {e}") from None
+    model = build_loaded(spec, state_dict)
+    size = input_size or models.input_size_of(spec)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the export is meant to be shared
+        _write_export(tmp, spec, model, metrics, size, info or {}, exporter)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str, Any], size: int,
+                  info: dict[str, Any], exporter: str) -> None:
+    models.save_spec(spec, target / "spec.json")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, target / "weights.pt")
+    generator = torch.Generator().manual_seed(0)
+    channels = input_channels(spec)
+    export_example = torch.randn(2, channels, size, size, generator=generator)
+    exporter = export_onnx(model, export_example, target / "model.onnx", exporter)
+    # A different batch size than the export example proves the batch axis is really dynamic.
+    max_diff = check_onnx(target / "model.onnx", model, torch.randn(3, channels, size, size, generator=generator))
+    card = model_card(spec, metrics, size, info, exporter=exporter, onnx_max_diff=max_diff)
+    (target / "model_card.md").write_text(card)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[str, Any], *,
+               exporter: str, onnx_max_diff: float) -> str:
+    """The markdown model card: metrics, spec summary, provenance and how to load the files."""
+    macs, params = models.macs(spec, input_size), models.params(spec)
+    lines = [f"# rayprune subnet ({info.get('mode', 'exported')})", ""]
+    if info.get("selection"):
+        lines += [f"Selected by: {info['selection']}", ""]
+    lines += ["## Metrics", "", "| metric | value |", "|---|---|", f"| MACs | {macs:,} |", f"| params | {params:,} |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if k not in ("macs", "params")]
+    lines += ["", "Accuracies are fractions in [0, 1]: `test_top1` on the held-out test set, `robust_top1` the mean "
+              "over the corruption suite, `val_top1` the search-time validation accuracy.", ""]
+    shape = f"{input_channels(spec)}x{input_size}x{input_size}"
+    lines += ["## Architecture", "",
+              f"* family: `{spec['family']}`, input {shape}, {spec.get('num_classes', '?')} classes"]
+    lines += [f"* {k}: `{spec[k]}`" for k in ("block", "shortcut") if k in spec]
+    lines += ["", "| channel group | width |", "|---|---|"]
+    lines += [f"| {g.name} | {g.width} |" for g in models.channel_groups(spec)]
+    lines += ["", "## Provenance", ""]
+    lines += [f"* {k}: `{v}`" for k, v in info.items() if k not in ("mode", "selection") and v is not None]
+    lines += [f"* spec hash: `{models.spec_hash(spec)}`",
+              f"* ONNX exporter: {exporter}; max |onnx - torch| = {onnx_max_diff:.1e} (onnxruntime, CPU)", ""]
+    lines += ["## Files", "", "* `spec.json` -- the architecture (rayprune spec)",
+              "* `weights.pt` -- a plain state_dict (no pickled module)",
+              "* `model.onnx` -- input `input` [batch, C, H, W] normalised like training, output `logits`", "",
+              "```python", "import json, torch", "from rayprune import models", "",
+              'spec = json.load(open("spec.json"))', "model = models.build(spec)",
+              'model.load_state_dict(torch.load("weights.pt", weights_only=True))', "model.eval()", "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,615 @@
+"""MLflow tracking of a sweep: one parent run, one child run per trial, every subnet recorded.
+
+Only the sweep *driver* writes (trials never touch MLflow), so the default SQLite store has a
+single writer and never locks. Layout in MLflow:
+
+* **parent run** (tags ``rayprune.role=sweep``, ``rayprune.sweep_id``): the resolved sweep file
+  (``sweep/resolved_sweep.json``), seed and top-level config values as params, git SHA and
+  library versions as tags; after each :meth:`SweepTracker.update_front` the fronts as tables
+  (``pareto/front_{search,final,robust}.json``), the plot ``pareto/pareto.png`` and the whole
+  registry ``subnets.parquet``, plus ``front_size_*`` / ``hypervolume_search`` metrics.
+* **trial runs** (``mlflow.parentRunId`` = parent, ``rayprune.role=trial``): params, per-step
+  metrics, the final metrics, the final subnet's files under ``subnet/`` and the trial's subnet
+  records as one table ``subnets.json``. Subnets are *not* runs: a sweep evaluates thousands
+  and the UI pages runs by about a hundred. Tags ``rayprune.is_pareto[_final|_robust]`` mark
+  trials owning a front member.
+* **fine-tune runs** (``rayprune.role=finetune``): a front member fine-tuned at the end.
+
+Everything is idempotent on resume: the parent is found by its sweep-id tag, trial runs by
+their trial-id tag, records are de-duplicated by the Parquet store key, per-step metrics are
+skipped for steps at or below the run's ``rayprune.last_step`` tag, and artifacts overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+from . import TrackingError
+from .pareto import FRONTS, compute_fronts, hypervolume_2d
+from .store import SubnetStore, record_row, row_key
+
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "rayprune.role"
+SWEEP_TAG = "rayprune.sweep_id"
+TRIAL_TAG = "rayprune.trial_id"
+MEMBER_TAG = "rayprune.member_key"
+LAST_STEP_TAG = "rayprune.last_step"
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: the UI's table viewer
+FRONT_TAGS = {"search": "rayprune.is_pareto", "final": "rayprune.is_pareto_final",
+              "robust": "rayprune.is_pareto_robust"}
+SUBNETS_ARTIFACT = "subnets.parquet"
+SUBNET_DIR = "subnet"  # artifact path of a run's saved subnet (spec.json, weights.pt, metrics.json)
+VERSIONED = ("torch", "ray", "optuna", "mlflow", "rayprune")
+RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "FINISHED",
+                "FAILED": "FAILED", "ERROR": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+_PROBE_TIMEOUT_S = 3.0
+
+# The artifact download progress bar would print for every small file.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+# --------------------------------------------------------------------------------------------
+# Connecting
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
+    directory. SQLite paths are made absolute so the URI means the same file everywhere."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if "://" not in uri and uri.endswith(".db"):
+        uri = f"sqlite:///{uri}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        uri = f"sqlite:///{path if path.is_absolute() else (Path.cwd() / path)}"
+    return uri
+
+
+def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PROBE_TIMEOUT_S) -> None:
+    """Fail fast, with one clear line, when the tracking store cannot be used: an HTTP server
+    that does not accept a connection within ``timeout`` seconds (instead of MLflow's minutes
+    of retries), a SQLite file in a missing directory, or (``must_exist``) no SQLite file."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                                "(mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000) or pass a "
+                                "reachable --mlflow-uri / MLFLOW_TRACKING_URI") from None
+    elif parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        if must_exist and not path.is_file():
+            raise TrackingError(f"no MLflow database at {path}; run a sweep in that directory first or pass "
+                                "--mlflow-uri (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)")
+        if not path.parent.is_dir():
+            raise TrackingError(f"the directory of the MLflow database {path} does not exist; create it or "
+                                "pass another --mlflow-uri")
+
+
+def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient:
+    """A tracking + registry client for ``uri`` (see :func:`resolve_tracking_uri`), after
+    :func:`check_reachable`."""
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri, must_exist=must_exist)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def find_experiment(client: MlflowClient, name: str) -> str:
+    """The id of the active experiment ``name``; :class:`TrackingError` listing the known ones."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        known = sorted(e.name for e in client.search_experiments(max_results=50))
+        state = "is deleted" if experiment is not None else "does not exist"
+        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; known experiments: "
+                            f"{', '.join(known) or '(none)'}; pass --experiment NAME (and --mlflow-uri)")
+    return experiment.experiment_id
+
+
+def find_sweep_run(client: MlflowClient, experiment_id: str, sweep_id: str | None = None) -> Any:
+    """The parent run of sweep ``sweep_id`` in the experiment, or its newest sweep."""
+    query = f"tags.`{ROLE_TAG}` = 'sweep'"
+    if sweep_id is not None:
+        query += f" and tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}'"
+    runs = client.search_runs([experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        which = f"sweep {sweep_id!r}" if sweep_id is not None else "any sweep"
+        raise TrackingError(f"experiment {experiment_id} has no parent run of {which}; run `rayprune sweep` "
+                            "first (or check --experiment / --sweep-id)")
+    return runs[0]
+
+
+def sweep_rows(client: MlflowClient, run: Any) -> list[dict[str, Any]]:
+    """The subnet registry rows logged to a sweep's parent run (``subnets.parquet``)."""
+    names = {f.path for f in client.list_artifacts(run.info.run_id)}
+    sweep = run.data.tags.get(SWEEP_TAG, run.info.run_id)
+    if SUBNETS_ARTIFACT not in names:
+        raise TrackingError(f"sweep {sweep!r} has no Pareto front yet (no trial has finished); wait for a "
+                            "trial to finish or resume the sweep")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run.info.run_id, SUBNETS_ARTIFACT, tmp)
+        return SubnetStore(local).rows()
+
+
+def download_subnet(client: MlflowClient, artifact_uri: str, dst: str | Path) -> Path:
+    """Download a saved subnet directory (``runs:/<run>/subnet``) into ``dst``."""
+    try:
+        return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=client.tracking_uri))
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"cannot download the subnet weights at {artifact_uri}: {str(e).splitlines()[0]}; "
+                            "was the artifact store moved or deleted?") from None
+
+
+def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: str, export_dir: str | Path,
+                    row: dict[str, Any], description: str) -> Any:
+    """Log ``export_dir`` as the artifacts of a ``pick`` child run of the sweep's ``parent``
+    run, create a model version from that artifact URI (no pickled module, no
+    ``log_model``) and point ``model_name@alias`` at it. Returns the ModelVersion."""
+    run = client.create_run(parent.info.experiment_id, run_name=f"pick-{alias}", tags={
+        PARENT_TAG: parent.info.run_id, ROLE_TAG: "pick", SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, ""),
+        "rayprune.mode": alias, "rayprune.source_key": row_key(row)})
+    run_id = run.info.run_id
+    try:
+        client.log_artifacts(run_id, str(export_dir), "model")
+        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in
+                                          {"macs": row["macs"], "params": row["params"], **row["metrics"]}.items()])
+        try:
+            client.create_registered_model(model_name, description="rayprune operating points (pick)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
+                                              description=description,
+                                              tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)})
+        client.set_registered_model_alias(model_name, alias, version.version)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return version
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "`" in value:
+        raise ValueError(f"ids may not contain quotes or backticks: {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a sweep's results depend on (without importing them)."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_sha() -> str | None:
+    """The commit of the rayprune checkout, when it is a git working tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts as dotted MLflow params (``hparams.lr``), values as strings."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text[:_MAX_PARAM_CHARS]
+    return out
+
+
+def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _run_status(status: str) -> str:
+    try:
+        return RUN_STATUSES[status.upper()]
+    except KeyError:
+        raise ValueError(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}") from None
+
+
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A store row flattened for an MLflow table (metrics as columns, spec as JSON text)."""
+    flat = {"key": row_key(row), **{k: row[k] for k in ("trial_id", "kind", "step", "method", "macs", "params")}}
+    flat.update(row["metrics"])
+    flat.update(spec_hash=row["spec_hash"], artifact_uri=row.get("artifact_uri"), spec=json.dumps(row["spec"]))
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# The tracker
+# --------------------------------------------------------------------------------------------
+
+
+class SweepTracker:
+    """The sweep driver's single writer to MLflow and ``subnets.parquet``.
+
+    ``tracking_uri`` None means ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the
+    working directory; ``workdir`` holds ``subnets.parquet``. An unreachable server raises
+    :class:`TrackingError` within seconds.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "rayprune",
+                 workdir: str | Path = ".") -> None:
+        self.client = connect(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
+        self.experiment = experiment
+        self.experiment_id = self._experiment_id(experiment)
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = SubnetStore(self.workdir / SUBNETS_ARTIFACT)
+        self.sweep_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._trial_runs: dict[str, str] = {}
+        self._member_runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}
+        self._tags: dict[str, dict[str, str]] = {}  # run id -> front tags as last set
+        self._reattached: set[str] = set()
+        self._tables: set[tuple[str, str]] = set()  # (run id, artifact file) registered as tables
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return self.client.create_experiment(name, artifact_location=self._artifact_location())
+        if experiment.lifecycle_stage != "active":
+            raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
+                                "pass another --experiment")
+        return experiment.experiment_id
+
+    def _artifact_location(self) -> str | None:
+        # For SQLite, MLflow's default artifact root is ./mlruns of whatever directory the
+        # process runs in; pin it beside the database so every process finds the files.
+        if self.tracking_uri.startswith("sqlite:///"):
+            return str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts")
+        return None  # a server decides (--artifacts-destination)
+
+    # -- sweep ------------------------------------------------------------------------------------
+    def start_sweep(self, sweep_id: str, resolved_config: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """Open (or, on resume, reopen) the parent run of ``sweep_id``; returns its run id."""
+        self.sweep_id = sweep_id
+        parent = self._existing_parent(sweep_id)
+        if parent is None:
+            run = self.client.create_run(self.experiment_id, run_name=sweep_id,
+                                         tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep_id})
+            self.parent_run_id, logged = run.info.run_id, {}
+        else:
+            self.parent_run_id, logged = parent.info.run_id, parent.data.params
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        params = {"sweep_id": sweep_id, **{k: v for k, v in resolved_config.items()
+                                           if isinstance(v, (str, int, float, bool)) or v is None}}
+        self._log_new_params(self.parent_run_id, flatten_params(params), logged)
+        run_tags = {**(tags or {}), **{f"version.{k}": v for k, v in library_versions().items()}}
+        sha = git_sha()
+        if sha:
+            run_tags["git_sha"] = sha
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
+        self.client.log_dict(self.parent_run_id, json.loads(json.dumps(resolved_config, default=str)),
+                             "sweep/resolved_sweep.json")
+        if parent is not None:
+            self._reattach_children()
+            self._restore_store()
+        return self.parent_run_id
+
+    def _existing_parent(self, sweep_id: str) -> Any | None:
+        try:
+            return find_sweep_run(self.client, self.experiment_id, sweep_id)
+        except TrackingError:
+            return None
+
+    def _reattach_children(self) -> None:
+        """Rebuild the trial/fine-tune run maps of a resumed sweep from the runs' tags."""
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            for run in page:
+                tags, run_id = run.data.tags, run.info.run_id
+                if tags.get(ROLE_TAG) == "trial":
+                    self._trial_runs[tags[TRIAL_TAG]] = run_id
+                    self._last_step[tags[TRIAL_TAG]] = int(tags.get(LAST_STEP_TAG, -1))
+                elif tags.get(ROLE_TAG) == "finetune":
+                    self._member_runs[tags[MEMBER_TAG]] = run_id
+                self._tags[run_id] = {t: tags[t] for t in FRONT_TAGS.values() if t in tags}
+            token = page.token
+            if not token:
+                return
+
+    def _restore_store(self) -> None:
+        """A resumed driver on another machine has no local registry: seed it from the copy
+        last logged to the parent run (rows reported since are re-reported by resumed trials)."""
+        if len(self.store) or SUBNETS_ARTIFACT not in {f.path for f in self.client.list_artifacts(self.parent_run_id)}:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.client.download_artifacts(self.parent_run_id, SUBNETS_ARTIFACT, tmp)
+            self.store.add(SubnetStore(local).rows())
+
+    def log_unpruned(self, record: dict[str, Any]) -> None:
+        """Record the unpruned reference model (``SubnetRecord.to_dict()``-like, e.g. the
+        teacher with its test_top1/robust_top1): marked on the plot, shown as MACs% base."""
+        self._require_sweep()
+        row = record_row(record, trial_id="unpruned", kind="unpruned", sweep_id=self.sweep_id, step=0)
+        if self.store.add([row]):
+            metrics = {"unpruned_macs": row["macs"], "unpruned_params": row["params"],
+                       **{f"unpruned_{k}": v for k, v in row["metrics"].items()}}
+            self._log_metrics(self.parent_run_id, metrics)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Update the fronts one last time and close the parent run."""
+        self._require_sweep()
+        self.update_front()
+        self.client.set_terminated(self.parent_run_id, status=_run_status(status))
+
+    def _require_sweep(self) -> None:
+        if self.parent_run_id is None:
+            raise RuntimeError("SweepTracker: call start_sweep(...) first")
+
+    # -- trials -----------------------------------------------------------------------------------
+    def trial_started(self, trial_id: str, params: dict[str, Any] | None = None) -> str:
+        """The child run of ``trial_id`` (created once; reopened on resume); returns its id."""
+        self._require_sweep()
+        trial_id = str(trial_id)
+        flat = flatten_params(params or {})
+        run_id = self._trial_runs.get(trial_id)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+                PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_id})
+            run_id = self._trial_runs[trial_id] = run.info.run_id
+            self._reattached.add(run_id)
+            self._log_new_params(run_id, flat, {})
+        elif run_id not in self._reattached:  # first contact after a resume
+            self._reattached.add(run_id)
+            run = self.client.get_run(run_id)
+            if run.info.status != "FINISHED":  # Tune re-runs unfinished (and, if asked, errored) trials
+                self.client.update_run(run_id, status="RUNNING")
+            self._log_new_params(run_id, flat, run.data.params)
+        return run_id
+
+    def _trial_run(self, trial_id: str) -> str:
+        run_id = self._trial_runs.get(trial_id)
+        return run_id if run_id in self._reattached else self.trial_started(trial_id)
+
+    def log_step(self, trial_id: str, step: int, metrics: dict[str, Any], subnets: Iterable[dict[str, Any]]) -> int:
+        """Record one reported step: its metrics on the trial run (once per step) and its
+        subnet records (``SubnetRecord.to_dict()``) in the registry. Returns how many records
+        were new."""
+        trial_id = str(trial_id)
+        run_id = self._trial_run(trial_id)
+        rows = [record_row(s, trial_id=trial_id, kind="search", sweep_id=self.sweep_id, run_id=run_id, step=step)
+                for s in subnets]
+        added = self.store.add(rows)
+        if step > self._last_step.get(trial_id, -1):
+            values = {**_numeric_metrics(metrics), "subnets_in_step": len(rows)}
+            self._log_metrics(run_id, values, step=step, tags={LAST_STEP_TAG: str(step)})
+            self._last_step[trial_id] = step
+        return added
+
+    def trial_finished(self, trial_id: str, final: dict[str, Any] | None = None,
+                       artifacts_dir: str | Path | None = None, status: str = "FINISHED", *,
+                       refresh_front: bool = True) -> None:
+        """Close a trial: its final record (``SubnetRecord.to_dict()`` with test metrics) and
+        saved subnet directory (spec.json, weights.pt, metrics.json) on the trial run, its
+        subnet table, and the run status (FINISHED / FAILED / KILLED). Then, unless
+        ``refresh_front`` is False, :meth:`update_front`: the front follows finished trials."""
+        trial_id = str(trial_id)
+        run_id = self._trial_run(trial_id)
+        artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
+        if final is not None:
+            row = record_row(final, trial_id=trial_id, kind="final", sweep_id=self.sweep_id, run_id=run_id,
+                             artifact_uri=artifact_uri)
+            if self.store.add([row]):
+                self._log_metrics(run_id, {"macs": row["macs"], "params": row["params"], **row["metrics"]},
+                                  tags={"rayprune.final_spec_hash": row["spec_hash"]})
+        own = self.store.rows(("search", "final"), trial_id)  # fine-tunes have their own runs
+        self._log_table(run_id, [_table_row(r) for r in own], "subnets.json")
+        self.client.set_terminated(run_id, status=_run_status(status))
+        if refresh_front:
+            self.update_front()
+
+    def log_finetuned(self, key: str, record: dict[str, Any], artifacts_dir: str | Path | None = None) -> str:
+        """Record a fine-tuned front member: ``key`` is the ``"key"`` of a dict returned by
+        :meth:`update_front`, ``record`` the fine-tuned ``SubnetRecord.to_dict()`` (test and
+        robust accuracy, latency), ``artifacts_dir`` its saved subnet. Returns the run id."""
+        self._require_sweep()
+        member = self.store.get(key)
+        if member is None:
+            raise ValueError(f"unknown front member {key!r}; pass the 'key' of a dict returned by update_front()")
+        run_id = self._member_runs.get(key)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"finetune-{member['trial_id']}-{member['step']}",
+                tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "finetune", MEMBER_TAG: key,
+                      TRIAL_TAG: member["trial_id"], SWEEP_TAG: self.sweep_id})
+            run_id = self._member_runs[key] = run.info.run_id
+        artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
+        row = record_row(record, trial_id=member["trial_id"], kind="finetuned", sweep_id=self.sweep_id,
+                         run_id=run_id, artifact_uri=artifact_uri, step=member["step"])
+        if self.store.add([row]):
+            self._log_metrics(run_id, {"macs": row["macs"], "params": row["params"], **row["metrics"]})
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    # -- fronts -----------------------------------------------------------------------------------
+    def update_front(self) -> list[dict[str, Any]]:
+        """Recompute the fronts over every record so far; tag the runs owning members; log
+        the front tables, the plot and ``subnets.parquet`` to the parent run. Returns the
+        search front (val_top1 vs MACs), cheapest first, as row dicts with ``key`` (for
+        :meth:`log_finetuned`) and ``finetuned`` (already fine-tuned or a trial's final)."""
+        self._require_sweep()
+        rows = self.store.rows()
+        fronts = compute_fronts(rows)
+        self._tag_front_members(fronts)
+        for name, members in fronts.items():
+            self._log_table(self.parent_run_id, [_table_row(r) for r in members], f"pareto/front_{name}.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = Path(tmp) / "pareto.png"
+            plot_fronts(rows, fronts, plot)
+            self.client.log_artifact(self.parent_run_id, str(plot), "pareto")
+        if self.store.path.exists():
+            self.client.log_artifact(self.parent_run_id, str(self.store.path))
+        self._log_front_metrics(rows, fronts)
+        return [self._member(r, rows) for r in fronts["search"]]
+
+    def _member(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        key = row_key(row)
+        done = f"{row['trial_id']}/finetuned/{row['step']}/{row['spec_hash']}" in self.store or any(
+            r["kind"] == "final" and r["trial_id"] == row["trial_id"] and r["spec_hash"] == row["spec_hash"]
+            for r in rows)
+        return {**row, "key": key, "finetuned": done}
+
+    def _tag_front_members(self, fronts: dict[str, list[dict[str, Any]]]) -> None:
+        owners = {name: {r["run_id"] for r in members} for name, members in fronts.items()}
+        for run_id in {*self._trial_runs.values(), *self._member_runs.values()}:
+            wanted = {tag: str(run_id in owners[name]).lower() for name, tag in FRONT_TAGS.items()}
+            changed = {k: v for k, v in wanted.items() if self._tags.get(run_id, {}).get(k) != v}
+            if changed:  # only changes: re-tagging every run on every update is O(trials^2) calls
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+                self._tags.setdefault(run_id, {}).update(changed)
+
+    def _log_front_metrics(self, rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]]) -> None:
+        unpruned = [r for r in rows if r["kind"] == "unpruned"]
+        search = [{"acc": r["metrics"].get("val_top1"), "macs": r["macs"]} for r in rows if r["kind"] == "search"]
+        reference = unpruned[0]["macs"] if unpruned else None
+        metrics = {f"front_size_{name}": len(members) for name, members in fronts.items()}
+        metrics["hypervolume_search"] = hypervolume_2d(search, ref_cost=reference)
+        # step = records so far: monotone, and the same after a resume (a counter would restart)
+        self._log_metrics(self.parent_run_id, metrics, step=len(self.store))
+
+    def front_table(self) -> str:
+        """The fronts as printable text tables (what ``rayprune front`` shows)."""
+        from .cli import format_fronts
+
+        return format_fronts(self.store.rows())
+
+    # -- MLflow plumbing ---------------------------------------------------------------------------
+    def _log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0,
+                     tags: dict[str, str] | None = None) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+
+    def _log_new_params(self, run_id: str, params: dict[str, str], logged: dict[str, str]) -> None:
+        # MLflow params are write-once: re-logging a changed value raises, so a resume only
+        # adds the keys the run does not have yet.
+        new = [Param(k, v) for k, v in params.items() if k not in logged]
+        for start in range(0, len(new), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(run_id, params=new[start:start + 100])
+
+    def _log_subnet_dir(self, run_id: str, artifacts_dir: str | Path | None) -> str | None:
+        if artifacts_dir is None:
+            return None
+        artifacts_dir = Path(artifacts_dir)
+        if not (artifacts_dir / "spec.json").is_file() or not (artifacts_dir / "weights.pt").is_file():
+            raise ValueError(f"artifacts_dir {str(artifacts_dir)!r} must hold spec.json and weights.pt "
+                             "(runner.save_subnet)")
+        self.client.log_artifacts(run_id, str(artifacts_dir), SUBNET_DIR)
+        return f"runs:/{run_id}/{SUBNET_DIR}"
+
+    def _log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Write ``rows`` as an MLflow table artifact, *replacing* any previous version
+        (``mlflow.log_table`` appends, which would duplicate rows on every update)."""
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(artifact_file).name
+            pd.DataFrame(rows).to_json(local, orient="split", index=False)
+            self.client.log_artifact(run_id, str(local), posixpath.dirname(artifact_file) or None)
+        if (run_id, artifact_file) not in self._tables:
+            entries = json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+            entry = {"path": artifact_file, "type": "table"}
+            if entry not in entries:
+                self.client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, json.dumps(entries + [entry]))
+            self._tables.add((run_id, artifact_file))
+
+
+# --------------------------------------------------------------------------------------------
+# The plot
+# --------------------------------------------------------------------------------------------
+
+
+def plot_fronts(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """Two panels as a PNG: accuracy vs MACs (every search subnet grey, the search front and
+    the final front highlighted) and robust accuracy vs MACs (finalized subnets grey, robust
+    front highlighted); the unpruned model is a red star (or a dashed line without accuracy)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas by default
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    acc_ax, robust_ax = fig.subplots(1, 2)
+    final_kinds = FRONTS["final"][0]
+    _scatter(acc_ax, [r for r in rows if r["kind"] == "search"], "val_top1", "all subnets (val_top1)")
+    _line(acc_ax, fronts["search"], "val_top1", "search front (val_top1)", "tab:blue")
+    _line(acc_ax, fronts["final"], "test_top1", "final front (test_top1)", "tab:orange")
+    _scatter(robust_ax, [r for r in rows if r["kind"] in final_kinds], "robust_top1", "finalized subnets")
+    _line(robust_ax, fronts["robust"], "robust_top1", "robust front", "tab:green")
+    for row in (r for r in rows if r["kind"] == "unpruned"):
+        _mark_unpruned(acc_ax, row, ("test_top1", "val_top1"))
+        _mark_unpruned(robust_ax, row, ("robust_top1",))
+    for ax, title, ylabel in ((acc_ax, "accuracy vs MACs", "top-1 accuracy"),
+                              (robust_ax, "robust accuracy vs MACs", "robust top-1 (corruptions)")):
+        ax.set(title=title, xlabel="MACs (millions)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _xy(rows: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float]]:
+    points = [(r["macs"] / 1e6, r["metrics"][metric]) for r in rows if r["metrics"].get(metric) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _scatter(ax: Any, rows: list[dict[str, Any]], metric: str, label: str) -> None:
+    x, y = _xy(rows, metric)
+    if x:
+        ax.scatter(x, y, s=10, c="0.7", label=label)
+
+
+def _line(ax: Any, rows: list[dict[str, Any]], metric: str, label: str, color: str) -> None:
+    x, y = _xy(rows, metric)
+    if x:
+        ax.plot(x, y, "o-", color=color, markersize=5, drawstyle="steps-post", label=label)
+
+
+def _mark_unpruned(ax: Any, row: dict[str, Any], metrics: tuple[str, ...]) -> None:
+    value = next((row["metrics"][m] for m in metrics if row["metrics"].get(m) is not None), None)
+    if value is None:
+        ax.axvline(row["macs"] / 1e6, color="tab:red", linestyle="--", label="unpruned")
+    else:
+        ax.scatter([row["macs"] / 1e6], [value], marker="*", s=160, c="tab:red", label="unpruned")

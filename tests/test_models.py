@@ -273,7 +273,6 @@ def test_input_size_hint_is_optional():
     assert models.full_spec("mobilenet_v2:0.5")["input_size"] == 224
 
 
-@pytest.mark.xfail(strict=True, reason="models.input_size_of should prefer spec['input_size'] (reported to the lead)")
 def test_default_input_size_comes_from_the_spec_hint():
     spec = models.full_spec("mobilenet_v2:cifar")
     assert models.macs(spec) == models.macs(spec, 32)

@@ -169,8 +169,6 @@ def test_extract_subnet_leaves_the_full_state_untouched():
     assert all(torch.equal(before[k], state[k]) for k in state)
 
 
-@pytest.mark.xfail(strict=True, reason="cifar_resnet derives the stride-1 projection shortcut from the widths: "
-                   "pruning a bottleneck net's stem to its first block's output width removes it (reported)")
 def test_pruning_never_changes_the_cifar_bottleneck_structure():
     spec = small_bottleneck("avgpool_conv")
     keep = {"stem": torch.arange(12), "s0.b0.out": torch.arange(12)}  # equal widths by chance

@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from .. import models
+from ..models.base import spec_hash
 from ..engine import latency as latency_mod
 from ..engine.robust import robust_accuracy
 from ..engine.train import TrainConfig, evaluate, fit
@@ -30,7 +31,8 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
         model.load_state_dict(init_state)
     cfg = finetune_config(ctx)
     teacher = ctx.teacher if ctx.kd_weight > 0 else None
-    ckpt = ctx.workdir / "finetune" if ctx.workdir is not None else None
+    # Keyed by the subnet: a resumed run that chose another subnet must not load this one's state.
+    ckpt = ctx.workdir / "finetune" / spec_hash(record.spec) if ctx.workdir is not None else None
     history = fit(model, ctx.train, cfg, device=ctx.device, teacher=teacher, seed=ctx.seed, checkpoint_dir=ckpt,
                   progress=progress if progress is not None else ctx.progress)
     metrics = dict(record.metrics)

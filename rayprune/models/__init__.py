@@ -93,7 +93,8 @@ def build(spec: Spec) -> nn.Module:
 
 
 def input_size_of(spec: Spec, input_size: int | None = None) -> int:
-    return input_size or family_of(spec).default_input_size
+    """Explicit size, else the spec's own ``input_size`` hint, else the family default."""
+    return input_size or spec.get("input_size") or family_of(spec).default_input_size
 
 
 def layers(spec: Spec, input_size: int | None = None) -> list[Layer]:

@@ -10,7 +10,6 @@ group indexes each dimension of each state-dict entry) all weight transfer is ge
 from __future__ import annotations
 
 import abc
-import copy
 import hashlib
 import json
 import math
@@ -162,7 +161,7 @@ class Family(abc.ABC):
     def with_widths(self, spec: Spec, widths: dict[str, int]) -> Spec:
         """A copy of ``spec`` with the named groups set to new widths (structure unchanged)."""
         groups = {g.name: g for g in self.channel_groups(spec)}
-        out = copy.deepcopy(spec)
+        out = json.loads(json.dumps(spec))  # not deepcopy: it keeps aliased lists aliased
         for name, width in widths.items():
             if name not in groups:
                 raise SpecError(f"unknown channel group {name!r}; known: {', '.join(groups)}")

@@ -11,7 +11,8 @@ Spec (fixed; other tools read it)::
 * shortcut: a stride-2 block uses the spec's ``shortcut`` kind (``option_a``: parameter-free
   subsample + zero-pad; ``avgpool_conv``: AvgPool2d(2) then a 1x1 conv without BN, as in TAS;
   ``conv_bn``: 1x1 stride-2 conv + BN). A stride-1 block whose input and output widths differ
-  uses a 1x1 conv + BN. Otherwise the identity.
+  uses a 1x1 conv + BN (so does the first block of a bottleneck net, always). Otherwise the
+  identity.
 
 Post-activation blocks: relu(bn(conv)) ... bn(conv_last), add the shortcut, then relu.
 """
@@ -63,7 +64,9 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
             cout = widths[-1]
             if stride == 2:
                 kind = spec["shortcut"]
-            elif cin != cout:
+            elif cin != cout or (s == 0 and b == 0 and spec["block"] == "bottleneck"):
+                # The bottleneck net's first block always expands (16 -> 64), so it always has a
+                # projection; keeping it structural means pruning never adds or removes modules.
                 kind = "conv_bn_s1"
             else:
                 kind = "identity"

@@ -1,0 +1,109 @@
+"""`rayprune inspect` / `rayprune run`: outcomes, hand-computed numbers, one-line errors, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayprune import models
+from rayprune.cli import main
+
+# A hand-written pruned ResNet-20-shaped spec: depth-pruned stages and narrowed mids.
+PRUNED = {"family": "cifar_resnet", "block": "basic", "num_classes": 10, "shortcut": "option_a", "stem": 16,
+          "stages": [[[8, 16], [4, 16], [16, 16]], [[20, 32], [9, 32]], [[40, 64]]]}
+
+
+def hand_macs() -> int:
+    """k*k*Cin*Cout*H*W per conv at 32/16/8 resolution, option_a shortcut free, fc 64*10+10."""
+    px0, px1, px2 = 32 * 32, 16 * 16, 8 * 8
+    stem = 9 * 3 * 16 * px0
+    stage0 = 9 * px0 * (16 * 8 + 8 * 16 + 16 * 4 + 4 * 16 + 16 * 16 + 16 * 16)
+    stage1 = 9 * px1 * (16 * 20 + 20 * 32 + 32 * 9 + 9 * 32)
+    stage2 = 9 * px2 * (32 * 40 + 40 * 64)
+    return stem + stage0 + stage1 + stage2 + 64 * 10 + 10
+
+
+def test_inspect_hand_written_pruned_spec(tmp_path, capsys):
+    path = tmp_path / "pruned.json"
+    path.write_text(json.dumps(PRUNED))
+    assert main(["inspect", str(path), "--reference", "cifar_resnet:20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["macs"] == hand_macs() == 14_451_338
+    assert out["params"] == sum(p.numel() for p in models.build(PRUNED).parameters())
+    assert out["reference_macs"] == 40_551_050
+    assert out["macs_ratio"] == pytest.approx(14_451_338 / 40_551_050)
+    assert sum(layer["macs"] for layer in out["layers"]) == out["macs"]
+    assert [g["name"] for g in out["groups"]][:2] == ["stem", "s0.b0.mid"]
+
+
+def test_inspect_input_size_changes_macs(tmp_path, capsys):
+    path = tmp_path / "full.json"
+    models.save_spec(models.full_spec("cifar_resnet:20"), path)
+    assert main(["inspect", str(path), "--input-size", "16", "--compact"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Every conv runs on a quarter of the pixels; only the fc (650) does not scale.
+    assert out["macs"] == (40_551_050 - 650) // 4 + 650
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({**PRUNED, "shortcut": "option_b"}, "'shortcut'"),
+    ({**PRUNED, "stages": [[[8, 16]], []]}, "stages[1]"),
+    ({**PRUNED, "stages": [[[8, 16, 3]]]}, "stages[0][0]"),
+    ({**PRUNED, "stem": 0}, "'stem'"),
+    ({**PRUNED, "family": "nope"}, "known:"),
+    ({**PRUNED, "extra": 1}, "extra"),
+])
+def test_inspect_invalid_spec_one_line_error(tmp_path, capsys, bad, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayprune: error: ") and err.count("\n") == 1 and needle in err
+
+
+def test_inspect_not_json_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    assert main(["inspect", str(path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_bad_inputs_fail_fast_with_one_line(tmp_path, capsys):
+    base = ["run", "--model", "cifar_resnet:tiny", "--dataset", "synthetic", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--method", "nope", "--flops-target", "0.5"], "unknown method 'nope'"),
+        (["--method", "uniform", "--flops-target", "1.5"], "flops_target"),
+        (["--method", "uniform", "--flops-target", "0.5", "--set", "bogus=1"], "bogus"),
+        (["--method", "uniform", "--flops-target", "0.5", "--kd-weight", "0.9"], "needs a teacher"),
+        (["--method", "uniform", "--flops-target", "0.05", "--max-stage-prune", "0.1,0.1,0.1"], "impossible"),
+    ]
+    for extra, needle in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("rayprune: error: ") and needle in err, (extra, err)
+    assert not (tmp_path / "o" / "final").exists()  # nothing half-written
+
+
+def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--method", "random", "--smoke", "--model", "cifar_resnet:tiny", "--dataset", "synthetic",
+            "--flops-target", "0.5", "--finetune", "epochs=1", "--out", str(out)]
+    assert main(args + ["--max-steps", "1"]) == 0
+    first = [json.loads(line) for line in (out / "subnets.jsonl").read_text().splitlines()]
+    assert main(args) == 0  # resumes from state.pt and finishes the search
+    rows = [json.loads(line) for line in (out / "subnets.jsonl").read_text().splitlines()]
+    keys = [(r["step"], models.spec_hash(r["spec"])) for r in rows]
+    assert len(keys) == len(set(keys)) and rows[: len(first)] == first and len(rows) > len(first)
+    result = json.loads((out / "result.json").read_text())
+    assert result["num_subnets"] == len(rows)
+    final = result["final"]
+    assert final["macs"] == models.macs(final["spec"], 32) <= 0.5 * result["unpruned_macs"]
+    from rayprune.runner import load_subnet
+
+    spec, net = load_subnet(out / "final")
+    assert spec == final["spec"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["macs"] == final["macs"] and 0.0 <= summary["test_top1"] <= 1.0

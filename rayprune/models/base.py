@@ -121,6 +121,28 @@ def require_int(value: Any, field_name: str, minimum: int = 1) -> None:
     require(ok, field_name, f"must be an integer >= {minimum}, got {value!r}")
 
 
+def validate_input_size(spec: Spec) -> None:
+    """The optional ``input_size`` hint shared by the ImageNet-style families."""
+    if "input_size" in spec:
+        require_int(spec["input_size"], "input_size")
+
+
+def check_fields(obj: dict[str, Any], known: set[str], required: tuple[str, ...], where: str = "") -> None:
+    """Reject unknown fields and require the mandatory ones, naming the field (``where`` prefixes
+    the names of a nested object's fields, e.g. "stages[1].")."""
+    extra = sorted(set(obj) - known)
+    require(not extra, where + (extra[0] if extra else ""), f"unknown field; known: {', '.join(sorted(known))}")
+    for key in required:
+        require(key in obj, where + key, "is required")
+
+
+def bn_axes(prefix: str, group: str | None) -> dict[str, Axes]:
+    """A BatchNorm's state-dict entries: every per-channel tensor is indexed by ``group``."""
+    axes: dict[str, Axes] = {f"{prefix}.{k}": (group,) for k in ("weight", "bias", "running_mean", "running_var")}
+    axes[f"{prefix}.num_batches_tracked"] = ()
+    return axes
+
+
 class Family(abc.ABC):
     """One model family. Subclasses are registered in :mod:`rayprune.models`."""
 

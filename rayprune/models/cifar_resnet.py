@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
-                   linear_layer, require, require_int)
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields,
+                   conv_layer, linear_layer, require, require_int)
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
 BLOCKS = {"basic": 2, "bottleneck": 3}
@@ -231,11 +231,8 @@ class CifarResNetFamily(Family):
         return spec
 
     def validate(self, spec: Spec) -> None:
-        known = {"family", "block", "num_classes", "shortcut", "stem", "stages"}
-        extra = sorted(set(spec) - known)
-        require(not extra, extra[0] if extra else "", f"unknown field; known: {', '.join(sorted(known))}")
-        for key in ("block", "num_classes", "shortcut", "stem", "stages"):
-            require(key in spec, key, "is required")
+        check_fields(spec, {"family", "block", "num_classes", "shortcut", "stem", "stages"},
+                     ("block", "num_classes", "shortcut", "stem", "stages"))
         require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
         require(spec["shortcut"] in SHORTCUTS, "shortcut", f"must be one of {list(SHORTCUTS)}, got {spec['shortcut']!r}")
         require_int(spec["num_classes"], "num_classes")
@@ -340,9 +337,7 @@ class CifarResNetFamily(Family):
         def conv_bn(conv: str, bn: str | None, out_g: str | None, in_g: str | None) -> None:
             axes[f"{conv}.weight"] = (out_g, in_g, None, None)
             if bn:
-                for k in ("weight", "bias", "running_mean", "running_var"):
-                    axes[f"{bn}.{k}"] = (out_g,)
-                axes[f"{bn}.num_batches_tracked"] = ()
+                axes.update(bn_axes(bn, out_g))
 
         conv_bn("stem.conv", "stem.bn", g["stem"], None)
         prev = g["stem"]

@@ -42,10 +42,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
-                   linear_layer, require, require_int, round_to)
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
+                   linear_layer, require, require_int, validate_input_size, round_to)
 from .cifar_resnet import init_weights
-from .vgg import bn_axes, check_fields, validate_input_size
 
 DIVISOR = 8
 # torchvision's inverted-residual settings: (expansion t, channels c, blocks n, stride s).

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
-                   linear_layer, require, require_int)
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
+                   linear_layer, require, require_int, validate_input_size)
 from .cifar_resnet import init_weights
-from .vgg import bn_axes, check_fields, validate_input_size
 
 BLOCKS = {"basic": 2, "bottleneck": 3}
 DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_layer, conv_layer,
-                   linear_layer, require, require_int)
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
+                   linear_layer, require, require_int, validate_input_size)
 from .cifar_resnet import ConvBN, init_weights
 
 CONFIGS = {
@@ -74,19 +74,8 @@ class VGG(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def validate_input_size(spec: Spec) -> None:
-    """The optional ``input_size`` hint shared by the ImageNet-style families."""
-    if "input_size" in spec:
-        require_int(spec["input_size"], "input_size")
 
 
-def check_fields(obj: dict[str, Any], known: set[str], required: tuple[str, ...], where: str = "") -> None:
-    """Reject unknown fields and require the mandatory ones, naming the field (``where`` prefixes
-    the names of a nested object's fields, e.g. "stages[1].")."""
-    extra = sorted(set(obj) - known)
-    require(not extra, where + (extra[0] if extra else ""), f"unknown field; known: {', '.join(sorted(known))}")
-    for key in required:
-        require(key in obj, where + key, "is required")
 
 
 class VGGFamily(Family):
@@ -157,8 +146,3 @@ class VGGFamily(Family):
         return axes
 
 
-def bn_axes(prefix: str, group: str | None) -> dict[str, Axes]:
-    """A BatchNorm's state-dict entries: every per-channel tensor is indexed by ``group``."""
-    axes: dict[str, Axes] = {f"{prefix}.{k}": (group,) for k in ("weight", "bias", "running_mean", "running_var")}
-    axes[f"{prefix}.num_batches_tracked"] = ()
-    return axes

@@ -255,10 +255,13 @@ class RankedHparams(MethodHparams):
 
 
 class RankedPruning(RecordsMixin):
-    """Two steps. Step 0: the trained full net (ctx.teacher's weights, else ``pretrain_epochs``
-    on search-train). Step 1: score filters, drop the globally least important channels until
-    the FLOPs target is met, slice the weights (:func:`extract_subnet`) and report the subnet's
-    search-val top-1 after BN recalibration. ``finalize`` fine-tunes from the sliced weights."""
+    """One step: take the trained full net (ctx.teacher's weights, else ``pretrain_epochs`` on
+    search-train, checkpointed per epoch under ``workdir/pretrain`` so an interrupted step
+    resumes), score its filters, drop the globally least important channels until the FLOPs
+    target is met, slice the weights (:func:`extract_subnet`) and report the subnet's search-val
+    top-1 after BN recalibration. ``finalize`` fine-tunes from the sliced weights.
+
+    One step rather than two because orchestrators report ``best()`` after every step."""
 
     Hparams: ClassVar[type[MethodHparams]] = RankedHparams
     score: ClassVar[FilterScore]
@@ -271,14 +274,13 @@ class RankedPruning(RecordsMixin):
 
     @property
     def done(self) -> bool:
-        return self.steps_done >= 2
+        return self.steps_done >= 1
 
     def step(self) -> StepResult:
         split = search_split(self.ctx, self.hp.val_fraction)
-        metrics = self._train_full(split) if self.steps_done == 0 else self._prune(split)
+        metrics = {**self._train_full(split), **self._prune(split)}
         self.steps_done += 1
-        subnets = self.records[-1:] if self.steps_done == 2 else []
-        return StepResult(step=self.steps_done - 1, metrics=metrics, subnets=subnets, done=self.done)
+        return StepResult(step=0, metrics=metrics, subnets=self.records[-1:], done=True)
 
     def _train_full(self, split: tuple[Dataset, Dataset]) -> dict[str, float]:
         if self.ctx.teacher is not None:
@@ -290,8 +292,9 @@ class RankedPruning(RecordsMixin):
         else:
             seed = derive_seed(self.ctx.seed, "pretrain")
             model = build_seeded(self.ctx.spec, seed).to(self.ctx.device)
+            workdir = self.ctx.workdir / "pretrain" if self.ctx.workdir is not None else None
             fit(model, split[0], search_config(self.ctx, self.hp.pretrain_epochs), device=self.ctx.device,
-                seed=seed, progress=False)
+                seed=seed, checkpoint_dir=workdir, progress=False)
         self.full_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {"pretrain_val_top1": val_top1(model, split[1], self.ctx)}
 
@@ -308,7 +311,7 @@ class RankedPruning(RecordsMixin):
             fit(model, split[0], search_config(ctx, self.hp.eval_epochs), device=ctx.device,
                 seed=derive_seed(ctx.seed, "eval"), progress=False)
         metrics = {"val_top1": val_top1(model, split[1], ctx)}
-        self.records.append(SubnetRecord.of(spec, metrics, self.name, 1, ctx.input_size, selection="global_rank"))
+        self.records.append(SubnetRecord.of(spec, metrics, self.name, 0, ctx.input_size, selection="global_rank"))
         return {**metrics, "macs_fraction": self.records[-1].macs / models.macs(ctx.spec, ctx.input_size)}
 
     def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:

@@ -440,14 +440,16 @@ class FolderDataset:
 
     Images are decoded lazily by DataLoader workers: train uses RandomResizedCrop + flip, eval
     resizes to ``input_size * 8/7`` (256 for 224) and centre-crops. ``x`` is not available.
+    ``workers``: DataLoader worker processes (default ``min(8, cpus)``; 0 decodes in-process).
     """
 
     def __init__(self, root: str | Path, *, train: bool, input_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 name: str = "imagenet", indices: torch.Tensor | None = None) -> None:
+                 name: str = "imagenet", indices: torch.Tensor | None = None, workers: int | None = None) -> None:
         from torchvision.datasets import ImageFolder
 
         self.root, self.train, self.input_size, self.name = Path(root), train, input_size, name
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
         self.mean, self.std, self.channels = tuple(mean), tuple(std), 3
         self.folder = ImageFolder(str(self.root), transform=self._transform())
         self.num_classes = len(self.folder.classes)
@@ -473,7 +475,7 @@ class FolderDataset:
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "FolderDataset":
         idx = self.indices[torch.as_tensor(indices, dtype=torch.int64)]
         return FolderDataset(self.root, train=self.train, input_size=self.input_size, mean=self.mean,
-                             std=self.std, name=self.name, indices=idx)
+                             std=self.std, name=self.name, indices=idx, workers=self.workers)
 
     def torch_dataset(self) -> torch.utils.data.Dataset:
         return torch.utils.data.Subset(self.folder, self.indices.tolist())
@@ -484,11 +486,11 @@ class FolderLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        workers = min(8, os.cpu_count() or 1)
+        workers = self.dataset.workers
         loader = torch.utils.data.DataLoader(
             self.dataset.torch_dataset(), batch_size=self.batch_size, shuffle=self.train, drop_last=self.drop_last,
             generator=gen, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=None)
+            persistent_workers=False)
         for images, y in loader:  # uint8 [B, C, H, W]
             x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             x = x.float().div_(255.0)

@@ -1,0 +1,225 @@
+"""Engine data: dataset readers, seeded splits, the device-resident loader and its augmentation."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rayprune.engine import data
+from rayprune.engine.data import (DataError, Dataset, holdout_per_class, load_dataset, make_loader,
+                                  random_crop_flip, split_per_class, synthetic_dataset)
+
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_dataset(n=12, size=8, classes=3):
+    x = torch.arange(n * 3 * size * size, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 3, size, size)
+    y = torch.arange(n) % classes
+    return Dataset(x, y, classes, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), "tiny")
+
+
+# -- CIFAR pickle reader ------------------------------------------------------------------------
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 4) -> dict[str, np.ndarray]:
+    """A cifar-10-batches-py folder in the real format (uint8 rows of 3072, b'labels')."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": labels, b"batch_label": name.encode()}, f)
+        written[name] = (rows, labels)
+    return written
+
+
+def test_cifar_pickle_reader_keeps_pixels_layout_and_labels(tmp_path):
+    written = write_fake_cifar10(tmp_path)
+    train, test = load_dataset("cifar10", tmp_path, download=False)
+    assert (len(train), len(test)) == (20, 4)
+    assert train.x.dtype == torch.uint8 and train.x.shape[1:] == (3, 32, 32)
+    rows, labels = written["data_batch_2"]
+    # Sample 1 of batch 2 is sample 5 overall; a CIFAR row is R plane, G plane, B plane, row-major.
+    assert torch.equal(train.x[5, 1, 0, :], torch.from_numpy(rows[1, 1024:1056]))
+    assert train.y[4:8].tolist() == labels
+    assert train.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
+    assert train.num_classes == 10 and train.name == "cifar10"
+
+
+def test_cifar_reader_names_a_missing_batch_file(tmp_path):
+    write_fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3 is missing"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_missing_dataset_offline_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYPRUNE_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def offline(name, root):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "_download_cifar", offline)
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar100")  # download=None: tries, fails, explains
+    msg = str(err.value)
+    assert str(tmp_path / "env" / "cifar-100-python") in msg
+    assert str(tmp_path / "home" / ".cache" / "rayprune" / "data" / "cifar-100-python") in msg
+    assert "name resolution" in msg and "RAYPRUNE_DATA_DIR" in msg and "--data-dir" in msg
+    with pytest.raises(DataError, match="download=False"):
+        load_dataset("cifar10", tmp_path / "nowhere", download=False)
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet, synthetic"):
+        load_dataset("mnist")
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")
+def test_real_cifar10_loads_50000_and_10000():
+    train, test = load_dataset("cifar10", SHARED_CIFAR, download=False)
+    assert (len(train), len(test)) == (50000, 10000)
+    assert torch.bincount(train.y).tolist() == [5000] * 10
+    assert train.x.shape[1:] == (3, 32, 32)
+
+
+# -- digits and synthetic ------------------------------------------------------------------------
+
+
+def test_digits_is_a_fixed_stratified_80_20_split_with_three_equal_channels():
+    train, test = load_dataset("digits")
+    again, _ = load_dataset("digits")
+    assert len(train) + len(test) == 1797 and abs(len(test) / 1797 - 0.2) < 0.01
+    assert torch.equal(train.x, again.x) and torch.equal(train.y, again.y)
+    assert train.x.shape[1:] == (3, 8, 8) and int(train.x.max()) == 255
+    assert torch.equal(train.x[:, 0], train.x[:, 2])
+    assert train.crop_padding == 1
+
+
+def test_synthetic_is_seeded_and_balanced():
+    a, _ = synthetic_dataset(n_train=40, n_test=8, num_classes=4, size=16, seed=3)
+    b, _ = synthetic_dataset(n_train=40, n_test=8, num_classes=4, size=16, seed=3)
+    c, _ = synthetic_dataset(n_train=40, n_test=8, num_classes=4, size=16, seed=4)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert torch.bincount(a.y).tolist() == [10] * 4 and a.input_size == 16 and a.crop_padding == 2
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+def test_split_per_class_takes_the_fraction_of_every_class():
+    labels = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
+    a, b = split_per_class(labels, 0.5, seed=111)
+    assert torch.bincount(labels[a]).tolist() == [5, 3, 2]
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(20))
+    a2, _ = split_per_class(labels, 0.5, seed=111)
+    a3, _ = split_per_class(labels, 0.5, seed=112)
+    assert torch.equal(a, a2) and not torch.equal(a, a3)
+    a8, _ = split_per_class(labels, 0.8, seed=0)
+    assert torch.bincount(labels[a8]).tolist() == [8, 5, 3]  # round(0.8 * 6) = 5, round(3.2) = 3
+
+
+def test_holdout_per_class_and_bad_arguments():
+    labels = torch.tensor([0] * 5 + [1] * 7)
+    rest, held = holdout_per_class(labels, 2, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [2, 2] and len(rest) == 8
+    assert set(rest.tolist()).isdisjoint(held.tolist())
+    with pytest.raises(ValueError, match="only 5"):
+        holdout_per_class(labels, 5, seed=0)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        split_per_class(labels, 1.0, seed=0)
+
+
+def test_subset_keeps_metadata():
+    ds = tiny_dataset()
+    sub = ds.subset([3, 1])
+    assert torch.equal(sub.x, ds.x[[3, 1]]) and sub.labels.tolist() == [0, 1]
+    assert (sub.num_classes, sub.mean, sub.std, sub.name) == (ds.num_classes, ds.mean, ds.std, ds.name)
+
+
+# -- augmentation and loader --------------------------------------------------------------------
+
+
+def candidates(img_hwc: torch.Tensor, p: int) -> list[torch.Tensor]:
+    """Every crop of the zero-padded image, flipped or not (the reference for random_crop_flip)."""
+    h, w, _ = img_hwc.shape
+    padded = F.pad(img_hwc.permute(2, 0, 1), (p, p, p, p)).permute(1, 2, 0)
+    crops = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+    return crops + [c.flip(1) for c in crops]
+
+
+def test_random_crop_flip_outputs_are_padded_crops_or_their_mirror_images():
+    torch.manual_seed(0)
+    images = torch.randint(1, 256, (64, 8, 8, 3), dtype=torch.uint8)  # no zeros: padding is visible
+    out = random_crop_flip(images, 2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    kinds = set()
+    for img, aug in zip(images, out):
+        matches = [i for i, c in enumerate(candidates(img, 2)) if torch.equal(c, aug)]
+        assert matches, "output is not a crop/flip of its input"
+        kinds.add(matches[0])
+    assert len(kinds) > 10  # many distinct shifts and both flips occur
+    assert any(k >= 25 for k in kinds) and any(k < 25 for k in kinds)
+
+
+def test_train_loader_is_normalised_channels_last_shuffled_and_seeded():
+    ds = tiny_dataset(n=12)
+    loader = make_loader(ds, 5, train=True, seed=1)
+    assert len(loader) == 2  # drop_last by default when training: 12 // 5
+    batches = list(loader)
+    x, y = batches[0]
+    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    low = (0 - torch.tensor(ds.mean)) / torch.tensor(ds.std)
+    high = (1 - torch.tensor(ds.mean)) / torch.tensor(ds.std)
+    per_channel = x.permute(1, 0, 2, 3).flatten(1)
+    assert (per_channel.min(1).values >= low - 1e-6).all() and (per_channel.max(1).values <= high + 1e-6).all()
+    again = list(make_loader(ds, 5, train=True, seed=1))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))[0], x)  # a new epoch reshuffles and re-augments
+
+
+def test_eval_loader_keeps_order_and_exact_pixels():
+    ds = tiny_dataset(n=7)
+    loader = make_loader(ds, 3, train=False, normalize=False)
+    xs, ys = zip(*loader)
+    assert [len(y) for y in ys] == [3, 3, 1]
+    assert torch.equal(torch.cat(xs), ds.x.float() / 255) and torch.equal(torch.cat(ys), ds.y)
+    norm = next(iter(make_loader(ds, 3, train=False)))[0]
+    assert torch.allclose(loader.normalize(xs[0]), norm)
+
+
+def test_device_copy_is_made_once_per_device():
+    ds = tiny_dataset()
+    list(make_loader(ds, 4, train=True))
+    first = ds.on_device(torch.device("cpu"))
+    list(make_loader(ds, 4, train=False))
+    assert ds.on_device(torch.device("cpu")) is first
+
+
+def test_folder_dataset_reads_an_image_tree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    train = data.FolderDataset(tmp_path, train=True, input_size=32, workers=0)
+    val = data.FolderDataset(tmp_path, train=False, input_size=32, workers=1)
+    assert (len(train), train.num_classes, train.labels.tolist()) == (6, 2, [0, 0, 0, 1, 1, 1])
+    x, y = next(iter(make_loader(train.subset([0, 3, 4]), 3, train=True)))
+    assert x.shape == (3, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert sorted(y.tolist()) == [0, 1, 1]
+    xs = torch.cat([b[0] for b in make_loader(val, 4, train=False, normalize=False)])
+    assert xs.shape == (6, 3, 32, 32) and 0 <= xs.min() and xs.max() <= 1

@@ -28,8 +28,8 @@ from ..methods import MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError
 
-DATASETS = ("cifar10", "cifar100", "digits", "imagenet", "synthetic")
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000, "synthetic": 10}
 
 
 class SweepConfigError(ValueError):
@@ -98,6 +98,7 @@ class OptunaConfig(_Strict):
     sampler: Literal["tpe", "random", "gp", "nsga2"] = "tpe"
     seed: int = 0
     samples_per_cell: int = Field(default=1, ge=1)
+    n_startup_trials: int = Field(default=4, ge=1)  # per cell, random before TPE/GP model the results
     stage_prune: list[tuple[float, float]]
 
     @field_validator("stage_prune")
@@ -189,13 +190,14 @@ class SweepConfig(_Strict):
 
     # -- derived -------------------------------------------------------------------------------
     def full_spec(self) -> Spec:
-        """The unpruned spec (num_classes as given or 10: only the layout matters here)."""
+        """The unpruned spec, with the dataset's usual number of classes (a folder dataset may
+        differ; trials resolve it from the data)."""
         if isinstance(self.spec, dict):
             return self.spec
         if self.spec is not None:
             return models.load_spec(self.spec)
         options = {"shortcut": self.shortcut} if self.shortcut else {}
-        return models.full_spec(self.model, **options)
+        return models.full_spec(self.model, num_classes=NUM_CLASSES[self.dataset.name], **options)
 
     def cells(self) -> list["Cell"]:
         """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
@@ -222,11 +224,28 @@ class Cell(typing.NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read, validate and resolve a sweep file. Raises :class:`SweepConfigError` (one line)."""
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read, validate and resolve a sweep file. Raises :class:`SweepConfigError` (one line).
+
+    ``overrides`` maps dotted field paths to values (``{"tracking.uri": "http://head:5000"}``);
+    None values are ignored. They are applied before validation, so they are checked too.
+    """
     raw = _read_yaml(Path(path))
     raw.setdefault("name", Path(path).stem)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
     return parse_sweep(raw, str(path))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = raw.get(key)
+        if not isinstance(node, dict):
+            node = raw[key] = {}
+        raw = node
+    raw[leaf] = value
 
 
 def parse_sweep(raw: dict[str, Any], source: str = "<sweep>") -> SweepConfig:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 from ray import tune
 
@@ -48,7 +49,10 @@ def run_tune_trial(config: dict[str, Any]) -> None:
     """The function Tune runs for each trial (see the module docstring)."""
     torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
     cfg = trial_config(config)
-    method = build_method(cfg, Path(tune.get_context().get_trial_dir()) / "work")
+    workdir = Path(tune.get_context().get_trial_dir()) / "work"
+    if cfg.teacher is not None:
+        cfg = cfg.model_copy(update={"teacher": localize(cfg.teacher, workdir / "teacher")})
+    method = build_method(cfg, workdir)
     unpruned = models.macs(method.ctx.spec, method.ctx.input_size)
     steps = _restore(method)
     while not method.done and (cfg.max_steps is None or steps < cfg.max_steps):
@@ -57,6 +61,17 @@ def run_tune_trial(config: dict[str, Any]) -> None:
         _report_step(method, result, steps, unpruned, config)
     final = method.finalize(progress=False)
     _report_final(method, final.record, final.state_dict, steps, unpruned, config)
+
+
+def localize(path_or_uri: str, dest: Path) -> str:
+    """A local path for a saved subnet dir: local/NFS paths as they are, ``s3://...`` (any
+    pyarrow filesystem URI) downloaded to ``dest`` first."""
+    if "://" not in path_or_uri:
+        return path_or_uri
+    fs, path = pyarrow.fs.FileSystem.from_uri(path_or_uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(dest), source_filesystem=fs)
+    return str(dest)
 
 
 def _restore(method: Method) -> int:

@@ -1,0 +1,478 @@
+"""``rayprune sweep`` / ``python launch/sweep.py``: run a sweep file on Ray Tune.
+
+The driver (this module) validates the sweep file before anything starts, resolves paths,
+connects to Ray (a local one, or ``--address auto`` to join a cluster), opens the parent MLflow
+run, prepares the KD teacher once, and runs Tune: one trial per (method, FLOPs target, KD
+weight) cell sample, budgets chosen by the per-cell Optuna searcher. A driver-side Tune callback
+(:class:`TrackingCallback`) is the only writer to the tracking store. When every trial is done,
+the Pareto-front members are fine-tuned (Ray tasks with the trial resources) and measured; the
+front table and the ``mlflow ui`` command are printed.
+
+``--resume`` continues an interrupted sweep (the latest one of this sweep file, or a given id):
+finished trials stay finished, running ones continue from their last checkpoint, and the
+tracking store is keyed so that nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+import pyarrow.fs
+import ray
+import torch
+from ray import tune
+
+from .. import models
+from ..tracking.pareto import compute_fronts
+from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
+from .config import SweepConfig, SweepConfigError, load_sweep
+from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
+from .trainable import FINAL_DIR, STATE_FILE, localize, run_tune_trial, trial_config
+
+LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start or continue (no Ray cluster, nothing to resume, ...)."""
+
+
+@dataclass
+class SweepOutcome:
+    """What :func:`run_sweep` did: ``complete`` is False when the sweep was interrupted;
+    ``fronts`` are the search, final and robust fronts over the subnet store."""
+
+    sweep_id: str
+    experiment_path: str
+    parent_run_id: str
+    complete: bool
+    num_trials: int
+    fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> members (tracking.pareto)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayprune sweep", description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True, metavar="FILE", help="sweep file (search_spaces/*.yaml)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)")
+    p.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="SWEEP_ID",
+                   help="continue an interrupted sweep (default: the latest one of this sweep file)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (overrides tracking.experiment)")
+    p.add_argument("--storage-path", default=None, help="Tune storage path, local/NFS dir or s3://... (shared "
+                                                        "by all nodes on a cluster; overrides storage_path)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rayprune sweep``; returns the exit status (bad input: one line, 2)."""
+    args = build_parser().parse_args(argv)
+    overrides = {"tracking.uri": args.mlflow_uri, "tracking.experiment": args.experiment,
+                 "storage_path": args.storage_path}
+    try:
+        cfg = load_sweep(args.space, overrides)
+        outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+    except (SweepConfigError, SweepError) as e:
+        print(f"rayprune: error: {e}", file=sys.stderr)
+        return 2
+    if not outcome.complete:
+        print(f"The sweep was interrupted; continue it with: rayprune sweep --space {args.space} "
+              f"--resume {outcome.sweep_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | None = None,
+              num_cpus: int | None = None, callbacks: Sequence[tune.Callback] = (),
+              out: TextIO | None = None) -> SweepOutcome:
+    """Run (or resume) a validated sweep; see the module docstring for the steps.
+
+    Args:
+        cfg: from :func:`rayprune.orchestration.config.load_sweep` (paths already absolute).
+        address: Ray address to join (``auto``, ``HOST:PORT``); None starts a local Ray unless
+            one is already initialised in this process.
+        resume: None for a new sweep, ``"latest"`` or a sweep id to continue one.
+        num_cpus: CPUs of a local Ray.
+        callbacks: extra Tune callbacks (must be picklable: they are saved with the experiment).
+        out: where the front table goes (default stdout).
+    """
+    out = out or sys.stdout
+    _quiet_env()
+    sweep_id = _sweep_id(cfg, resume)
+    experiment_path = _join(cfg.storage_path, sweep_id)
+    tracker = _make_tracker(cfg, sweep_id)  # fails fast, before Ray, on an unreachable server
+    started_ray = _init_ray(address, num_cpus)
+    _TRACKERS[sweep_id] = tracker
+    try:
+        parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
+                                                                "rayprune.sweep_file": cfg.name})
+        teacher = _prepare_teacher(cfg, experiment_path)
+        tracker.log_unpruned(_unpruned_record(cfg, teacher))
+        tuner = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume is not None, callbacks)
+        results = tuner.fit()
+        complete = results.num_terminated + results.num_errors == cfg.num_trials()
+        if complete and cfg.finetune_front:
+            _finetune_front(cfg, sweep_id, tracker, results)
+        tracker.finish("FINISHED" if complete else "KILLED")  # also refreshes the fronts
+        print_front(tracker, cfg, out)
+        return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results),
+                            compute_fronts(tracker.store.rows()))
+    finally:
+        _TRACKERS.pop(sweep_id, None)
+        if started_ray:
+            ray.shutdown()
+
+
+def _quiet_env() -> None:
+    """Defaults the user can still override: no usage stats (offline); no CSV/TensorBoard result
+    loggers (MLflow and the Parquet store are the record; JSON results stay)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # The classic reporter: one compact live table with our columns (the new output prints
+    # every trial's full config and result as boxes).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray; True when this call started it (so the driver shuts it down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=address, log_to_driver=True)
+    except ConnectionError as e:
+        raise SweepError(f"cannot join the Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+                         f"or `ray up launch/cluster.yaml`, or drop --address to run on a local Ray") from None
+    return True
+
+
+def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
+    if resume is None:
+        return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidates = _restorable(cfg)
+    if resume == LATEST:
+        if not candidates:
+            raise SweepError(f"no sweep named {cfg.name}-* to resume under {cfg.storage_path}; "
+                             "run without --resume to start one")
+        return candidates[-1]
+    if resume not in candidates:
+        known = ", ".join(candidates) or "none"
+        raise SweepError(f"no resumable sweep {resume!r} under {cfg.storage_path}; resumable: {known}")
+    return resume
+
+
+def _restorable(cfg: SweepConfig) -> list[str]:
+    """Sweep ids of this file under the storage path that Tune can restore, oldest first."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    names = sorted(Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+    return [n for n in names if n.startswith(f"{cfg.name}-") and tune.Tuner.can_restore(_join(cfg.storage_path, n))]
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+
+
+def _resolved(cfg: SweepConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Tracking (the driver-side callback is the only writer)
+# --------------------------------------------------------------------------------------------
+
+# sweep id -> SweepTracker of the running driver. The callback is pickled with the experiment
+# (Tune saves its RunConfig), so it holds only the id and finds the live tracker here.
+_TRACKERS: dict[str, Any] = {}
+
+
+def _make_tracker(cfg: SweepConfig, sweep_id: str):
+    from ..tracking import TrackingError
+    from ..tracking.mlflow_tracker import SweepTracker
+
+    try:
+        return SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, _driver_dir(cfg, sweep_id))
+    except TrackingError as e:
+        raise SweepError(str(e)) from None
+
+
+def _driver_dir(cfg: SweepConfig, sweep_id: str) -> Path:
+    """Local dir of the driver's own files (Parquet store, plots, fine-tuned front members)."""
+    if "://" in cfg.storage_path:
+        root = Path(os.environ.get("RAYPRUNE_SWEEP_DIR", Path.home() / ".cache" / "rayprune" / "sweeps"))
+        return root / sweep_id
+    return Path(cfg.storage_path) / sweep_id / "rayprune"
+
+
+class TrackingCallback(tune.Callback):
+    """Logs every trial's start, step records, final record and status through the sweep's
+    ``SweepTracker`` (MLflow child runs + the Parquet subnet store). Runs in the driver only."""
+
+    def __init__(self, sweep_id: str) -> None:
+        self.sweep_id = sweep_id
+
+    @property
+    def tracker(self):
+        return _TRACKERS[self.sweep_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.tracker.trial_started(trial.trial_id, _trial_params(trial.config))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        if result.get(FINAL_KEY):
+            return  # logged with its artifacts when the trial completes
+        subnets = json.loads(result.get("subnets") or "[]")
+        self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        last = trial.last_result or {}
+        if not last.get(FINAL_KEY):  # stopped early by the scheduler
+            self.tracker.trial_finished(trial.trial_id, None, None, "KILLED")
+            return
+        with _final_dir(trial.checkpoint) as final_dir:
+            self.tracker.trial_finished(trial.trial_id, json.loads(last["final_record"]), final_dir, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.tracker.trial_finished(trial.trial_id, None, None, "FAILED")
+
+
+def _trial_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Flat MLflow params of a trial: the cell, the budget and the method's hyperparameters."""
+    params = {k: config[k] for k in ("method", "flops_target", "kd_weight", "cell", "optuna_number")}
+    params.update({f"max_prune_stage{i}": r for i, r in enumerate(config["max_stage_prune"])})
+    params.update({f"hp.{k}": v for k, v in config["hparams"].get(config["method"], {}).items()})
+    params["seed"] = trial_config(config).seed
+    return params
+
+
+def _scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics of a step report (method metrics included, JSON fields left out)."""
+    keys = (METRIC, "macs", "params", "flops_fraction", "steps_done")
+    metrics = {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))}
+    metrics.update({f"method/{k}": float(v) for k, v in (result.get("method_metrics") or {}).items()})
+    return metrics
+
+
+@contextmanager
+def _final_dir(checkpoint: tune.Checkpoint | None) -> Iterator[Path | None]:
+    """The ``final/`` subnet dir inside a trial's last checkpoint, as a local path."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        final = Path(d) / FINAL_DIR
+        yield final if final.is_dir() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher and Tune set-up
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
+    """The teacher every trial shares: the configured checkpoint, or the unpruned net trained
+    once (as a Ray task with the trial resources) into ``<experiment>/teacher``; a resumed sweep
+    reuses it. On object storage it is uploaded there and each trial downloads it."""
+    if cfg.teacher is None:
+        return None
+    if cfg.teacher.checkpoint is not None:
+        return cfg.teacher.checkpoint
+    target = _join(experiment_path, "teacher")
+    if _exists(_join(target, "weights.pt")):
+        return target
+    print(f"Training the teacher once for the whole sweep ({cfg.model or 'spec'} on {cfg.dataset.name}) ...",
+          flush=True)
+    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_train_teacher_task)
+    spec, state, metrics = ray.get(task.remote(cfg.model_dump(mode="json")))
+    if "://" not in target:
+        save_subnet(target, spec, state, metrics)
+        return target
+    with tempfile.TemporaryDirectory() as d:
+        save_subnet(Path(d) / "teacher", spec, state, metrics)
+        fs, path = pyarrow.fs.FileSystem.from_uri(target)
+        pyarrow.fs.copy_files(str(Path(d) / "teacher"), path, destination_filesystem=fs)
+    return target
+
+
+def _unpruned_record(cfg: SweepConfig, teacher: str | None) -> dict[str, Any]:
+    """The unpruned reference for plots and MACs%: the teacher with its test metrics, if any."""
+    spec, metrics = cfg.full_spec(), {}
+    if teacher is not None:
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(localize(teacher, Path(d)))
+            spec = models.load_spec(local / "spec.json")
+            if (local / "metrics.json").is_file():
+                saved = json.loads((local / "metrics.json").read_text())
+                metrics = {k: v for k, v in saved.items() if k.startswith("test_") and isinstance(v, (int, float))}
+    return {"spec": spec, "macs": models.macs(spec, cfg.input_size), "params": models.params(spec),
+            "metrics": metrics, "method": "unpruned", "step": 0, "source": {"teacher": teacher}}
+
+
+def _exists(path: str) -> bool:
+    fs, p = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+    return fs.get_file_info(p).type == pyarrow.fs.FileType.File
+
+
+def _train_teacher_task(cfg_dump: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Ray task body: train the unpruned net with ``teacher.recipe``; return spec, weights, metrics."""
+    cfg = SweepConfig.model_validate(cfg_dump)
+    with tempfile.TemporaryDirectory() as d:
+        out = train_teacher(cfg.model, cfg.dataset.name, Path(d) / "teacher", spec=_spec_or_none(cfg),
+                            shortcut=cfg.shortcut, data_dir=cfg.dataset.data_dir, seed=cfg.seed, device=cfg.device,
+                            recipe=cfg.teacher.recipe, progress=False)
+        spec, net = load_subnet(out)
+        metrics = json.loads((out / "metrics.json").read_text())
+        return spec, {k: v.detach().cpu() for k, v in net.state_dict().items()}, metrics
+
+
+def _spec_or_none(cfg: SweepConfig) -> dict | None:
+    return cfg.spec if isinstance(cfg.spec, dict) else None
+
+
+def param_space(cfg: SweepConfig, teacher: str | None) -> dict[str, Any]:
+    """The fixed part of every trial's config (the searcher adds the cell and budget)."""
+    base = {"model": cfg.model, "spec": _spec_or_none(cfg), "shortcut": cfg.shortcut, "dataset": cfg.dataset.name,
+            "data_dir": cfg.dataset.data_dir, "kd_temperature": cfg.kd_temperature, "seed": cfg.seed,
+            "device": cfg.device, "finetune": dict(cfg.recipes.search), "teacher": teacher,
+            "input_size": cfg.input_size, "max_steps": cfg.max_steps}
+    return {"base": base, "hparams": {m.name: dict(m.hparams) for m in cfg.methods},
+            "cpus_per_trial": cfg.resources.cpu}
+
+
+def make_searcher(cfg: SweepConfig) -> CellSearcher:
+    return CellSearcher(cfg.cells(), cfg.optuna.samples_per_cell, cfg.optuna.stage_prune,
+                        sampler=cfg.optuna.sampler, seed=cfg.optuna.seed, n_startup_trials=cfg.optuna.n_startup_trials,
+                        feasibility=Reachability(cfg.full_spec(), cfg.input_size))
+
+
+def _trial_name(trial) -> str:
+    c = trial.config
+    return f"{c['method']}_f{c['flops_target']:g}_kd{c['kd_weight']:g}_{trial.trial_id}"
+
+
+def _make_tuner(cfg: SweepConfig, sweep_id: str, experiment_path: str, teacher: str | None, resume: bool,
+                callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+    trainable = tune.with_resources(run_tune_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    if resume:
+        # Finished trials stay finished; unfinished and errored ones continue from their checkpoints.
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if cfg.scheduler is not None:
+        scheduler = PerCellASHA(grace_period=cfg.scheduler.grace_period,
+                                reduction_factor=cfg.scheduler.reduction_factor, max_t=cfg.scheduler.max_t)
+    from ray.tune.logger import JsonLoggerCallback
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg, teacher),
+        # No metric/mode here: a "best trial" across cells of different FLOPs targets means nothing.
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=scheduler,
+                                    num_samples=cfg.num_trials(), max_concurrent_trials=cfg.max_concurrent_trials,
+                                    reuse_actors=True,  # saves each trial the worker's imports and data load
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=sweep_id, storage_path=cfg.storage_path,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[TrackingCallback(sweep_id), JsonLoggerCallback(), *callbacks],
+            progress_reporter=progress_table(), verbose=1),
+    )
+
+
+def progress_table() -> tune.CLIReporter:
+    """The live trial table: cell, budget progress and the key metrics."""
+    return tune.CLIReporter(
+        parameter_columns={"method": "method", "flops_target": "flops", "kd_weight": "kd"},
+        metric_columns={"training_iteration": "iter", METRIC: "val_top1", "flops_fraction": "macs/full",
+                        "test_top1": "test_top1", "robust_top1": "robust_top1"},
+        max_report_frequency=10, sort_by_metric=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The end of a sweep: fine-tune and measure the front members
+# --------------------------------------------------------------------------------------------
+
+
+def _finetune_front(cfg: SweepConfig, sweep_id: str, tracker, results) -> None:
+    """Fine-tune the front members that are not yet (a trial's final subnet already is) with
+    ``recipes.finetune``, as parallel Ray tasks with the trial resources, and log them."""
+    trials = {r.metrics.get("trial_id"): r for r in results if r.metrics}
+    todo = [(m, trials[m["trial_id"]]) for m in tracker.update_front()
+            if not m["finetuned"] and m["trial_id"] in trials]
+    if not todo:
+        return
+    print(f"Fine-tuning {len(todo)} Pareto-front member(s) with recipes.finetune ...", flush=True)
+    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
+    refs = [task.remote(_member_config(cfg, r.config), _record_of(m), r.checkpoint) for m, r in todo]
+    for (member, _), (record, state) in zip(todo, ray.get(refs)):
+        target = _driver_dir(cfg, sweep_id) / "finetuned" / f"{member['trial_id']}-{member['step']}-{member['spec_hash']}"
+        save_subnet(target, record["spec"], state, record)
+        tracker.log_finetuned(member["key"], record, target)
+
+
+def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
+    return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
+
+
+def _record_of(member: dict[str, Any]) -> dict[str, Any]:
+    return {k: member[k] for k in ("spec", "macs", "params", "metrics", "method", "step", "source")}
+
+
+def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
+                          checkpoint: tune.Checkpoint | None) -> tuple[dict, dict]:
+    """Ray task body: rebuild the member's method from its trial's last checkpoint, so the
+    fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
+    fine-tune and measure it (test, robust accuracy, latency)."""
+    from ..methods import SubnetRecord
+    from ..methods.finetune import finetune_subnet
+
+    tc = TrialConfig(**trial_cfg)
+    member = SubnetRecord.from_dict(record)
+    with tempfile.TemporaryDirectory() as work:
+        if tc.teacher is not None:
+            tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})
+        method = build_method(tc, Path(work) / "method")
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                method.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["method"])
+        result = finetune_subnet(member, method.ctx, method.initial_weights(member), progress=False)
+    return result.record.to_dict(), result.state_dict
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
+    """The fronts as tables (what ``rayprune front`` shows), then how to browse the runs."""
+    print("\n" + tracker.front_table(), file=out)
+    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out, flush=True)
+
+
+__all__ = ["SweepError", "SweepOutcome", "TrackingCallback", "build_parser", "main", "make_searcher", "param_space",
+           "print_front", "run_sweep"]

@@ -12,8 +12,10 @@ One SQLite database for the whole module (creating one costs seconds of migratio
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import threading
 from importlib import metadata
 
 import numpy as np
@@ -182,6 +184,7 @@ def test_front_prints_the_tables(sweep, capsys):
     assert "robust front: robust_top1 vs MACs over finalized/fine-tuned subnets -- 2 of 3" in out
     macs_pct = f"{100 * models.macs(spec('A')) / models.macs(TINY):.1f}"
     assert re.search(rf"t1\s+finetuned\s+0\s+uniform\s+\S+\s+\S+\s+{re.escape(macs_pct)}\s+-\s+0.8000\s+0.5800", out)
+    assert sweep["tracker"].front_table() in out  # the driver prints the same tables
 
 
 def load_export(out_dir):
@@ -245,6 +248,32 @@ def test_unreachable_server_fails_fast_with_one_line(capsys):
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in error_line(capsys)
     with pytest.raises(TrackingError, match="cannot reach the MLflow tracking server"):
         SweepTracker("http://127.0.0.1:9", EXPERIMENT)
+
+
+@pytest.fixture
+def not_mlflow_server():
+    """A local HTTP server that answers every request with 503 (a proxy, a wrong port)."""
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server naming
+            self.send_response(503)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_server_that_is_not_mlflow_fails_without_retrying(not_mlflow_server, capsys):
+    # MLflow would retry a 503 with back-off for minutes; the first contact must not
+    assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", not_mlflow_server]) == 2
+    assert f"the tracking server at {not_mlflow_server} did not answer as an MLflow server" in error_line(capsys)
 
 
 def test_sweep_without_finished_trials_has_no_front_yet(sweep, tmp_path, capsys):

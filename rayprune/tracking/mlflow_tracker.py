@@ -22,6 +22,7 @@ skipped for steps at or below the run's ``rayprune.last_step`` tag, and artifact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -31,7 +32,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
@@ -60,8 +61,10 @@ RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _PROBE_TIMEOUT_S = 3.0
 
-# The artifact download progress bar would print for every small file.
+# MLflow would print a progress bar for every small artifact download and, against a server,
+# a "View run ... at ..." line for every run closed: noise in a sweep driver's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,10 +110,39 @@ def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PRO
 
 def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient:
     """A tracking + registry client for ``uri`` (see :func:`resolve_tracking_uri`), after
-    :func:`check_reachable`."""
+    :func:`check_reachable` and, for a server, one API call that must succeed first time."""
     uri = resolve_tracking_uri(uri)
     check_reachable(uri, must_exist=must_exist)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if urlparse(uri).scheme in ("http", "https"):
+        _check_answers(client)
+    return client
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_answers(client: MlflowClient) -> None:
+    # Something listens on the port, but is it MLflow? Ask once without MLflow's retries
+    # (minutes of back-off on 5xx), so a wrong port or proxy fails in seconds.
+    try:
+        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MlflowException, requests errors: same advice
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(f"the tracking server at {client.tracking_uri} did not answer as an MLflow server "
+                            f"({detail}); check --mlflow-uri / MLFLOW_TRACKING_URI and credentials") from None
 
 
 def find_experiment(client: MlflowClient, name: str) -> str:

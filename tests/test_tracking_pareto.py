@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -142,3 +144,10 @@ def test_format_table_aligns_columns_and_shows_macs_percent():
     assert lines[1].split() == ["t1", "search", "0", "uniform", "10.00", "100.0", "10.0", "0.5000", "-", "-", "-"]
     assert lines[2].split()[6:10] == ["30.0", "-", "0.9150", "0.5000"]
     assert len({len(line) for line in lines}) == 1  # right-aligned columns
+
+
+def test_pareto_module_needs_only_numpy():
+    code = ("import sys, rayprune.tracking.pareto\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'torch', 'pyarrow', 'ray', 'optuna'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

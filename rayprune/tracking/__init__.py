@@ -6,8 +6,9 @@
 * :mod:`.export` -- spec.json + weights.pt + ONNX + model card for a chosen subnet.
 * :mod:`.cli` -- ``rayprune front`` / ``rayprune pick``.
 
-This is the only package that imports mlflow, and only in ``mlflow_tracker`` and ``cli``
-(imported lazily here, because importing mlflow takes seconds).
+This is the only package that imports mlflow, and only in ``mlflow_tracker`` and ``cli``.
+Everything but the numpy-only Pareto functions is imported lazily here (mlflow, pyarrow and
+torch take seconds to import).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ class TrackingError(RuntimeError):
 
 
 from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402
-from .store import SubnetStore  # noqa: E402
 
-_LAZY = {"SweepTracker": "mlflow_tracker", "export_subnet": "export", "front_main": "cli", "pick_main": "cli"}
+_LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker", "export_subnet": "export", "front_main": "cli",
+         "pick_main": "cli"}
 
 __all__ = ["TrackingError", "SubnetStore", "SweepTracker", "export_subnet", "front_main", "hypervolume_2d",
            "pareto_front", "pareto_ranks", "pick_main"]

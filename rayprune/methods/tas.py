@@ -18,8 +18,9 @@ Follows ``methods.md`` §2 and the reference code (AutoDL-Projects ``SearchCifar
   number the budget and the reports use, instead of the reference's analytic ``estimated_FLOP``
   (they differ only when depth is pruned, §2.7);
 * a genotype's ``val_top1`` is the accuracy on search-val of the super-net restricted to that
-  genotype (argmax width per conv, argmax depth per stage, eval-mode BN), not the reference's
-  stochastic super-net accuracy (that one is logged as ``search_val_top1``);
+  genotype (argmax width per conv, argmax depth per stage, BN statistics re-estimated on a few
+  search-train batches), not the reference's stochastic super-net accuracy (that one is logged
+  as ``search_val_top1``);
 * per-stage maximum pruning rates remove width candidates below ``ceil(C * (1 - rate))``; depth
   is not limited by them (dropping a block is not "pruning a fraction of its channels").
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Literal, Sequence
@@ -45,9 +47,9 @@ from ..engine.data import Dataset, make_loader, split_per_class
 from ..engine.train import TrainConfig, autocast, evaluate, make_optimizer, make_scheduler
 from ..engine.utils import derive_seed
 from ..models.base import Layer, Spec, SpecError, spec_hash
-from ..models.cifar_resnet import iter_blocks, init_weights
+from ..models.cifar_resnet import BlockInfo, init_weights, iter_blocks
 from . import register
-from .base import Method, MethodHparams, StepResult, SubnetRecord, within_budget
+from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 
 __all__ = ["WIDTH_RATIOS", "SearchResNet", "TAS", "TASHparams", "channel_interp", "cost_loss", "depth_candidates",
            "imagenet_depth_candidates", "tau_at", "width_candidates", "zero_pad_add"]
@@ -278,7 +280,7 @@ class SearchResNet(nn.Module):
         spec: the unpruned ``cifar_resnet`` spec (its widths are the candidates' maxima).
         input_size: image size (family default if None); sets the spatial sizes of expected MACs.
         ratios: width ratios of the candidates.
-        min_width_rates: per stage, the maximum pruning rate; candidates below
+        max_stage_prune: per stage, the maximum pruning rate; width candidates below
             ``ceil(C * (1 - rate))`` are removed. None: unconstrained.
         search_width, search_depth: False fixes widths (TAS (D)) or depths (TAS (W)) to the spec's.
         num_sampled: candidates mixed per conv (TAS's I = 2).
@@ -291,6 +293,9 @@ class SearchResNet(nn.Module):
         if spec.get("family") != "cifar_resnet":
             raise SpecError(f"tas: the search super-net supports 'cifar_resnet' specs, got family "
                             f"{spec.get('family')!r}; use e.g. --model cifar_resnet:56")
+        if max_stage_prune is not None and len(max_stage_prune) < len(spec["stages"]):
+            raise SpecError(f"tas: max_stage_prune has {len(max_stage_prune)} rates but the model has "
+                            f"{len(spec['stages'])} stages; give one rate per stage")
         self.spec = {**spec, "shortcut": "avgpool_conv"}  # TAS's stride-2 shortcut, in search and genotype
         self.input_size = models.input_size_of(self.spec, input_size)
         self.num_sampled = num_sampled
@@ -317,7 +322,7 @@ class SearchResNet(nn.Module):
         self._init_arch(rows, depths)
 
     @staticmethod
-    def _shortcut(info: Any, geometry: dict[str, Layer], last: SearchConv) -> SearchConv | None:
+    def _shortcut(info: BlockInfo, geometry: dict[str, Layer], last: SearchConv) -> SearchConv | None:
         # The shortcut's output width follows the block's last conv (same row, same candidates).
         if info.shortcut == "avgpool_conv":
             return SearchConv(geometry[f"{info.prefix}.shortcut.conv"], last.row, last.candidates, bn=False, pool=True)
@@ -525,6 +530,7 @@ class TASHparams(MethodHparams):
     epochs: int = Field(600, ge=1, description="search epochs (one step() each)")
     batch_size: int = Field(256, ge=2, description="batch of the weight step and of the arch step")
     eval_batch_size: int = Field(512, ge=1)
+    bn_recalibration_batches: int = Field(10, ge=0, description="BN re-estimation before scoring a genotype")
     w_lr: float = Field(0.1, gt=0)
     w_momentum: float = Field(0.9, ge=0, lt=1)
     w_wd: float = Field(5e-4, ge=0)
@@ -571,7 +577,7 @@ class TAS(Method):
     smoke: ClassVar[dict] = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64}
     hp: TASHparams
 
-    def __init__(self, ctx: Any, hparams: Any = None) -> None:
+    def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
         hp, self.device = self.hp, torch.device(ctx.device)
         rates = ctx.budget.max_stage_prune
@@ -632,7 +638,7 @@ class TAS(Method):
 
     def _val_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # The arch half is cycled as often as the weight half needs; each pass reseeded by (epoch, pass).
-        for k in range(1 << 30):
+        for k in itertools.count():
             self.arch_loader.set_epoch(epoch * 1000 + k)
             yield from self.arch_loader
 
@@ -693,12 +699,33 @@ class TAS(Method):
 
     # -- genotypes and selection ---------------------------------------------------------------
     def _val_top1(self, spec: Spec) -> float | None:
+        """Search-val top-1 of the super-net restricted to ``spec`` (None if that is impossible).
+
+        Running BN statistics accumulated under the search mixture do not match a single path,
+        so a copy of the net first re-estimates them on ``bn_recalibration_batches`` search-train
+        batches (as one-shot NAS evaluations do); the search state is left untouched.
+        """
         sample = self.net.fixed_sample(spec)
         if sample is None:
             return None
-        result = evaluate(_FixedPath(self.net, sample), self.search_val, device=self.device,
-                          batch_size=self.hp.eval_batch_size, amp=self.hp.amp)
+        path = _FixedPath(copy.deepcopy(self.net), sample)
+        if self.hp.bn_recalibration_batches:
+            self._recalibrate_bn(path)
+        result = evaluate(path, self.search_val, device=self.device, batch_size=self.hp.eval_batch_size,
+                          amp=self.hp.amp)
         return float(result["top1"])
+
+    @torch.no_grad()
+    def _recalibrate_bn(self, path: nn.Module) -> None:
+        for m in path.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the recalibration batches
+        path.train()
+        loader = make_loader(self.search_train, self.hp.batch_size, train=False, device=self.device)
+        with autocast(self.device, self.hp.amp):
+            for _, (x, _) in zip(range(self.hp.bn_recalibration_batches), loader):
+                path(x)
 
     def _record(self, spec: Spec, val: float, step: int, **source: Any) -> SubnetRecord:
         ctx = self.ctx

@@ -478,12 +478,13 @@ class SP(Method):
         return [("full", self.space.full), ("tiny", self.space.tiny()), *randoms]
 
     def _batch_losses(self, s: int, x_in: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Sandwich forward/backward on one batch (gradients accumulate); the losses by config kind."""
+        """Sandwich forward/backward on one batch (gradients accumulate). Returns the summed
+        objective (``loss``) and the mean loss of each config kind (``loss_full``, ...)."""
         layout, last = self.net.layout, s == len(self.net.layout.stages) - 1
         with torch.no_grad():
             teacher_logits = self.teacher_layout.head(target) if last else None
         ref: tuple[torch.Tensor, torch.Tensor | None] = (target, teacher_logits)
-        losses: dict[str, float] = {}
+        losses: dict[str, float] = {"loss": 0.0}
         for kind, widths in self._sandwich():
             self.net.set_widths(widths)
             mask = self.net.input_mask(s, widths, x_in.device)
@@ -498,7 +499,9 @@ class SP(Method):
             loss.backward()
             if kind == "full":
                 ref = (out.detach(), None if logits is None else logits.detach())
-            losses[kind] = losses.get(kind, 0.0) + loss.item()
+            value = loss.item()
+            losses["loss"] += value
+            losses[f"loss_{kind}"] = losses.get(f"loss_{kind}", 0.0) + value / (self.hp.n_random if kind == "random" else 1)
         self.net.set_widths(None)
         return losses
 
@@ -517,14 +520,13 @@ class SP(Method):
                 for group in self._optimizer.param_groups:
                     group["lr"] = lr
                 self._optimizer.zero_grad(set_to_none=True)
-                for kind, value in self._batch_losses(s, x_in, target, y).items():
-                    totals[kind] = totals.get(kind, 0.0) + value
+                for key, value in self._batch_losses(s, x_in, target, y).items():
+                    totals[key] = totals.get(key, 0.0) + value
                 self._optimizer.step()
                 n += 1
         if epoch == self.hp.stage_epochs - 1:
             self._optimizer = None  # the next stage gets a fresh optimizer
-        out = {"stage": s, "epoch": epoch, "lr": lr, "loss": sum(totals.values()) / n}
-        out.update({f"loss_{kind}": v / n for kind, v in totals.items()})
+        out = {"stage": s, "epoch": epoch, "lr": lr, **{key: v / n for key, v in totals.items()}}
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"sp: stage {s} training diverged in epoch {epoch} ({out}); lower lr")
         return out

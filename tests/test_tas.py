@@ -282,3 +282,7 @@ def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(tmp_path
     best = method.best()
     assert within_budget(best.spec, ctx.spec, ctx.budget, ctx.input_size)
     assert best.source["shrunk_from"] == result.subnets[0].key
+    # Scoring a genotype (BN re-estimation on a copy) leaves the search state untouched.
+    before = {k: v.clone() for k, v in method.net.state_dict().items()}
+    assert method._val_top1(method.net.genotype()) == result.metrics["val_top1"]
+    assert all(torch.equal(before[k], v) for k, v in method.net.state_dict().items())

@@ -121,6 +121,8 @@ class Dataset:
 
     def on_device(self, device: torch.device) -> torch.Tensor:
         """The images as uint8 ``[N, H, W, C]`` on ``device``, copied once and cached."""
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one copy
+            device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         if key not in self._device_copies:
             # NHWC so that a batch gather lands directly in channels_last order.

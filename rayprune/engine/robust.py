@@ -96,12 +96,13 @@ def corrupt(x01: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def _top1_under(model: nn.Module, loader: Loader, name: str, gen: torch.Generator) -> float:
+def _top1_under(model: nn.Module, loader: Loader, name: str, gen: torch.Generator, amp: bool) -> float:
     correct = torch.zeros((), device=loader.device)
     n = 0
     for x01, y in loader:
-        logits = model(loader.normalize(corrupt(x01, name, gen)))
-        correct += (logits.argmax(dim=1) == y).sum()
+        x = loader.normalize(corrupt(x01, name, gen))  # fp32: corruptions stay out of autocast
+        with autocast(loader.device, amp):
+            correct += (model(x).argmax(dim=1) == y).sum()
         n += y.numel()
     return correct.item() / max(1, n)
 
@@ -117,6 +118,7 @@ def robust_accuracy(model: nn.Module, ds: Any, *, device: str | torch.device = "
         seed: seeds the noise corruptions.
         batch_size: evaluation batch size (part of what makes the noise reproducible).
         max_samples: evaluate a seeded random subset of this size (faster sweeps).
+        amp: bf16 autocast for the model on CUDA (the corruptions always run in fp32).
 
     Returns:
         ``{"robust_top1": mean, "robust/<name>": top-1, ...}`` as fractions.
@@ -131,10 +133,10 @@ def robust_accuracy(model: nn.Module, ds: Any, *, device: str | torch.device = "
     model.eval()
     out: dict[str, float] = {}
     try:
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode():
             for i, name in enumerate(CORRUPTIONS):
                 gen = torch.Generator(device=device).manual_seed(derive_seed(seed, i))
-                out[f"robust/{name}"] = _top1_under(model, loader, name, gen)
+                out[f"robust/{name}"] = _top1_under(model, loader, name, gen, amp)
     finally:
         model.train(was_training)
     return {"robust_top1": sum(out.values()) / len(out), **out}

@@ -151,6 +151,9 @@ def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.Abs
 
 def _as_loader(data: Any, batch_size: int, device: torch.device, train: bool, seed: int = 0) -> Loader:
     if isinstance(data, Loader):
+        if data.device.type != device.type:
+            raise ValueError(f"the loader yields batches on {data.device} but the model runs on {device}; "
+                             f"build it with make_loader(..., device={str(device)!r})")
         return data
     return make_loader(data, batch_size, train=train, device=device, seed=seed)
 
@@ -323,7 +326,7 @@ def _epochs(run: _Run, step_model: nn.Module, loss: LossFn, device: torch.device
     cfg = run.cfg
     bar = None
     if _show_progress(progress):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs * len(run.loader), initial=len(run.history) * len(run.loader),
                    desc="fit", unit="step", leave=False)
@@ -341,7 +344,8 @@ def _epochs(run: _Run, step_model: nn.Module, loss: LossFn, device: torch.device
             if path is not None:
                 ckpt.atomic_save(run.state_dict(), path)
             if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{entry['val_top1']:.3f}"} if val is not None else {}))
+                val_text = {"val": f"{entry['val_top1']:.3f}"} if val is not None else {}
+                bar.set_postfix(loss=f"{mean_loss:.3f}", **val_text)
             if on_epoch is not None and on_epoch(dict(entry)):
                 break
     finally:

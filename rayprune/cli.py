@@ -117,12 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                            "(a saved subnet) or --teacher-epochs N to train one first")
         recipe = {**finetune, "epochs": args.teacher_epochs}
         teacher = str(train_teacher(args.model, args.dataset, out / "teacher", shortcut=args.shortcut,
-                                    data_dir=args.data_dir, seed=args.seed, device=args.device, recipe=recipe))
+                                    data_dir=args.data_dir, seed=args.seed, device=args.device, recipe=recipe,
+                                    train_subset=args.train_subset, test_subset=args.test_subset))
     cfg = TrialConfig(method=args.method, hparams=hparams, model=args.model, shortcut=args.shortcut,
                       dataset=args.dataset, data_dir=args.data_dir, flops_target=args.flops_target,
                       kd_weight=args.kd_weight, max_stage_prune=parse_rates(args.max_stage_prune), seed=args.seed,
                       device=args.device, finetune=finetune, teacher=teacher, max_steps=args.max_steps,
-                      input_size=args.input_size)
+                      input_size=args.input_size, train_subset=args.train_subset, test_subset=args.test_subset)
 
     def report(step) -> None:
         best = max((s.metrics.get("val_top1", 0.0) for s in step.subnets), default=float("nan"))
@@ -144,7 +145,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
     recipe = {**parse_assignments(args.finetune, "--finetune"), "epochs": args.epochs}
     out = train_teacher(args.model, args.dataset, args.out, shortcut=args.shortcut, data_dir=args.data_dir,
-                        seed=args.seed, device=args.device, recipe=recipe, progress=args.progress)
+                        seed=args.seed, device=args.device, recipe=recipe, progress=args.progress,
+                        train_subset=args.train_subset, test_subset=args.test_subset)
     print(json.dumps({"out": str(out), **json.loads((out / "metrics.json").read_text())}))
     return 0
 
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
                        help="training recipe override (engine TrainConfig field), repeatable")
         q.add_argument("--progress", action="store_true", default=None, help="force a progress bar")
+        q.add_argument("--train-subset", type=int, default=None, metavar="N",
+                       help="use N class-balanced training images (quick runs)")
+        q.add_argument("--test-subset", type=int, default=None, metavar="N", help="use N class-balanced test images")
 
     r = sub.add_parser("run", help="run one method as a plain-torch trial (no Ray)")
     r.add_argument("--method", required=True, help="ast|tas|sp|uniform|l1|fpgm|random")

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import models
 from .engine.checkpoint import atomic_save, load
-from .engine.data import load_dataset
+from .engine.data import holdout_per_class, load_dataset
 from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
 from .methods import Budget, Method, RunContext, StepResult, get_method
@@ -47,6 +47,8 @@ class TrialConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     robust: bool = True
     measure_latency: bool = True
+    train_subset: int | None = Field(default=None, ge=2)  # class-balanced, seeded subsets for quick runs
+    test_subset: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _model_or_spec(self) -> "TrialConfig":
@@ -114,12 +116,27 @@ def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
     return teacher.to(device).eval()
 
 
+def class_balanced_subset(ds: Any, n: int | None, seed: int) -> Any:
+    """``n`` samples (n // classes per class, seeded) of ``ds``; all of it when ``n`` is None."""
+    if n is None or n >= len(ds):
+        return ds
+    _, picked = holdout_per_class(ds.labels, max(1, n // ds.num_classes), seed)
+    return ds.subset(picked)
+
+
+def load_data(dataset: str, data_dir: str | None, train_subset: int | None = None,
+              test_subset: int | None = None, seed: int = 0) -> tuple[Any, Any]:
+    train, test = load_dataset(dataset, data_dir)
+    return class_balanced_subset(train, train_subset, seed), class_balanced_subset(test, test_subset, seed)
+
+
 def build_method(cfg: TrialConfig, workdir: str | Path) -> Method:
     """Load data and teacher, build the RunContext and the method (hparams validated)."""
     cls = get_method(cfg.method)
     hparams = cls.Hparams(**cfg.hparams)
     device = resolve_device(cfg.device)
-    train, test = load_dataset(cfg.dataset, cfg.data_dir)
+    # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
+    train, test = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
     spec = resolve_spec(cfg, train.num_classes)
     teacher = load_teacher(cfg.teacher, spec, device) if cfg.teacher else None
     ctx = RunContext(
@@ -183,7 +200,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
 
 def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec: Spec | None = None,
                   shortcut: str | None = None, data_dir: str | None = None, seed: int = 0, device: str | None = None,
-                  recipe: dict[str, Any] | None = None, progress: bool | None = None) -> Path:
+                  recipe: dict[str, Any] | None = None, progress: bool | None = None,
+                  train_subset: int | None = None, test_subset: int | None = None) -> Path:
     """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
 
     An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
@@ -192,7 +210,7 @@ def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec:
     if (out_dir / "weights.pt").is_file():
         return out_dir
     device = resolve_device(device)
-    train, test = load_dataset(dataset, data_dir)
+    train, test = load_data(dataset, data_dir, train_subset, test_subset)
     cfg = TrialConfig(method="uniform", model=model, spec=spec, shortcut=shortcut, dataset=dataset, flops_target=1.0)
     full = resolve_spec(cfg, train.num_classes)
     torch.manual_seed(seed)

@@ -25,8 +25,9 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
     """Build ``record.spec`` (from ``init_state`` or from scratch), train it with the shared engine
     (KD from ``ctx.teacher`` when ``ctx.kd_weight > 0``) and report test top-1/top-5, robust
     accuracy, MACs, params and latency."""
-    torch.manual_seed(ctx.seed)  # the fresh-init weights depend on the run's seed only
-    model = models.build(record.spec)
+    with torch.random.fork_rng(devices=[]):  # fresh-init weights depend on the run's seed only
+        torch.manual_seed(ctx.seed)
+        model = models.build(record.spec)
     if init_state is not None:
         model.load_state_dict(init_state)
     cfg = finetune_config(ctx)

@@ -33,6 +33,7 @@ from ray import tune
 
 from .. import models
 from ..tracking.pareto import compute_fronts
+from ..tracking.store import row_key
 from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
 from .config import SweepConfig, SweepConfigError, load_sweep
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
@@ -147,6 +148,9 @@ def _quiet_env() -> None:
     loggers (MLflow and the Parquet store are the record; JSON results stay)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # CheckpointConfig(num_to_keep) forces an experiment snapshot per trial checkpoint, which
+    # Tune then warns about on every short step; it is what keeps the resume state consistent.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The classic reporter: one compact live table with our columns (the new output prints
     # every trial's full config and result as boxes).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -418,11 +422,16 @@ def progress_table() -> tune.CLIReporter:
 
 
 def _finetune_front(cfg: SweepConfig, sweep_id: str, tracker, results) -> None:
-    """Fine-tune the front members that are not yet (a trial's final subnet already is) with
-    ``recipes.finetune``, as parallel Ray tasks with the trial resources, and log them."""
+    """Fine-tune every member of the search front (val_top1 vs MACs: chosen without the test
+    set) with ``recipes.finetune``, as parallel Ray tasks with the trial resources, and log them.
+
+    A trial's own final subnet is fine-tuned again too: trials use the short ``recipes.search``,
+    the front gets the full recipe (so the tracker's ``finetuned`` flag, which counts finals as
+    done, is not used). Members fine-tuned before an interruption are skipped on resume.
+    """
     trials = {r.metrics.get("trial_id"): r for r in results if r.metrics}
     todo = [(m, trials[m["trial_id"]]) for m in tracker.update_front()
-            if not m["finetuned"] and m["trial_id"] in trials]
+            if row_key({**m, "kind": "finetuned"}) not in tracker.store and m["trial_id"] in trials]
     if not todo:
         return
     print(f"Fine-tuning {len(todo)} Pareto-front member(s) with recipes.finetune ...", flush=True)

@@ -1,0 +1,169 @@
+"""The per-cell Optuna searcher and the per-cell ASHA scheduler, driven by hand (no Ray cluster)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from rayprune import models
+from rayprune.orchestration.config import Cell
+from rayprune.orchestration.search import FINAL_KEY, CellSearcher, PerCellASHA, Reachability
+
+CELLS = [Cell("uniform", 0.5, 0.0), Cell("uniform", 0.5, 0.9), Cell("l1", 0.7, 0.0)]
+RANGES = [(0.1, 0.8), (0.2, 0.6), (0.0, 0.5)]
+State = optuna.trial.TrialState
+
+
+def final(val_top1: float, flops_fraction: float) -> dict:
+    return {FINAL_KEY: True, "val_top1": val_top1, "flops_fraction": flops_fraction}
+
+
+def run_all(searcher: CellSearcher, score=lambda c: 0.5 + 0.1 * c["max_stage_prune"][0]) -> list[dict]:
+    """Suggest until FINISHED, completing every trial at once; returns the suggestions."""
+    out = []
+    while (config := searcher.suggest(f"t{len(out)}")) != Searcher.FINISHED:
+        out.append(config)
+        searcher.on_trial_complete(f"t{len(out) - 1}", final(score(config), config["flops_target"] * 0.95))
+    return out
+
+
+def test_every_cell_gets_exactly_its_trials_round_robin():
+    searcher = CellSearcher(CELLS, 3, RANGES, seed=0)
+    configs = run_all(searcher)
+    assert [c["cell"] for c in configs] == [0, 1, 2] * 3
+    assert searcher.trials_per_cell() == [3, 3, 3]
+    assert searcher.suggest("extra") == Searcher.FINISHED
+    for c in configs:
+        cell = CELLS[c["cell"]]
+        assert (c["method"], c["flops_target"], c["kd_weight"]) == tuple(cell)
+        assert all(low <= r <= high for r, (low, high) in zip(c["max_stage_prune"], RANGES))
+    assert [len(s.trials) for s in searcher.studies] == [3, 3, 3]  # one study per cell, nothing shared
+
+
+def test_same_seed_same_budgets_other_seed_others():
+    a, b, c = (run_all(CellSearcher(CELLS, 6, RANGES, seed=s, n_startup_trials=2)) for s in (7, 7, 8))
+    assert a == b
+    assert [x["max_stage_prune"] for x in a] != [x["max_stage_prune"] for x in c]
+    # Cells are seeded differently: their first draws differ although every cell starts alike.
+    firsts = [next(x for x in a if x["cell"] == i)["max_stage_prune"] for i in range(3)]
+    assert len({tuple(f) for f in firsts}) == 3
+
+
+def test_accuracy_is_the_value_and_macs_over_target_a_violated_constraint():
+    searcher = CellSearcher(CELLS[:1], 2, RANGES, seed=0)
+    first, second = searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_complete("a", final(0.8, 0.45))  # 0.45 / 0.5 - 1 = -0.1: feasible
+    searcher.on_trial_complete("b", final(0.9, 0.60))  # 0.60 / 0.5 - 1 = +0.2: infeasible
+    trials = searcher.studies[0].trials
+    assert [t.state for t in trials] == [State.COMPLETE, State.COMPLETE]
+    assert [t.value for t in trials] == [0.8, 0.9]
+    assert trials[0].constraints["macs"] == pytest.approx(-0.1)
+    assert trials[1].constraints["macs"] == pytest.approx(0.2)
+    assert [trials[i].params for i in range(2)] == [
+        {f"max_prune_stage{s}": r for s, r in enumerate(c["max_stage_prune"])} for c in (first, second)]
+    assert [t.number for t in searcher.studies[0].best_trials] == [0]  # the more accurate one is infeasible
+
+
+def test_early_stopped_trials_are_pruned_and_crashed_ones_failed():
+    searcher = CellSearcher(CELLS[:1], 4, RANGES, seed=0)
+    for t in "abcd":
+        searcher.suggest(t)
+    searcher.on_trial_complete("a", {FINAL_KEY: False, "val_top1": 0.3, "flops_fraction": 0.4})  # ASHA stopped it
+    searcher.on_trial_complete("b", None)
+    searcher.on_trial_complete("c", None, error=True)
+    searcher.on_trial_complete("d", final(0.7, 0.5))
+    searcher.on_trial_complete("d", final(0.1, 0.5))  # told once only
+    states = [t.state for t in searcher.studies[0].trials]
+    assert states == [State.PRUNED, State.PRUNED, State.FAIL, State.COMPLETE]
+    assert searcher.studies[0].trials[3].value == 0.7
+
+
+def test_unreachable_budgets_are_told_infeasible_and_never_run():
+    spec = models.full_spec("cifar_resnet:tiny", shortcut="avgpool_conv")
+    reach = Reachability(spec, 16)
+    assert reach(0.3, [0.05, 0.05, 0.05]) > 0 and reach(0.3, [0.9, 0.9, 0.9]) <= 0
+    searcher = CellSearcher([Cell("uniform", 0.3, 0.0)], 3, [(0.0, 0.9)] * 3, seed=0, feasibility=reach)
+    configs = run_all(searcher)
+    assert len(configs) == 3
+    assert all(reach(0.3, c["max_stage_prune"]) <= 0 for c in configs)
+    trials = searcher.studies[0].trials
+    told_infeasible = [t for t in trials if t.number not in {c["optuna_number"] for c in configs}]
+    assert told_infeasible and all(t.constraints["macs"] > 0 and t.value == 0.0 for t in told_infeasible)
+
+
+def test_falls_back_to_the_loosest_budget_when_redraws_run_out():
+    always_bad = lambda target, rates: 0.0 if rates == [0.8, 0.6, 0.5] else 1.0  # noqa: E731
+    searcher = CellSearcher(CELLS[:1], 1, RANGES, seed=0, feasibility=always_bad, max_redraws=3)
+    config = searcher.suggest("a")
+    assert config["max_stage_prune"] == [0.8, 0.6, 0.5]
+    assert len(searcher.studies[0].trials) == 4
+
+
+def test_save_and_restore_continue_exactly(tmp_path):
+    def partial(searcher):
+        for i in range(4):
+            c = searcher.suggest(f"t{i}")
+            if i < 3:
+                searcher.on_trial_complete(f"t{i}", final(0.5 + 0.01 * i, c["flops_target"]))
+        return c
+
+    a = CellSearcher(CELLS, 3, RANGES, seed=1, n_startup_trials=1)
+    partial(a)
+    a.save(str(tmp_path / "s.pkl"))
+    b = CellSearcher(CELLS, 3, RANGES, seed=99)  # everything comes from the saved state
+    b.restore(str(tmp_path / "s.pkl"))
+    for s in (a, b):
+        s.on_trial_complete("t3", final(0.6, 0.3))  # the trial pending at save time is still known
+    assert run_all(a) == run_all(b)
+    assert b.trials_per_cell() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "nsga2"])
+def test_every_sampler_runs(sampler):
+    configs = run_all(CellSearcher(CELLS[:1], 3, RANGES, sampler=sampler, seed=0, n_startup_trials=2))
+    assert len(configs) == 3
+
+
+def test_unknown_sampler_is_refused():
+    with pytest.raises(ValueError, match="unknown sampler 'cmaes'; known: tpe, random, gp, nsga2"):
+        CellSearcher(CELLS, 1, RANGES, sampler="cmaes")
+
+
+# --------------------------------------------------------------------------------------------
+# PerCellASHA
+# --------------------------------------------------------------------------------------------
+
+
+def fake_trial(trial_id: str, cell: int):
+    return SimpleNamespace(trial_id=trial_id, config={"cell": cell})
+
+
+def test_asha_compares_trials_only_within_their_cell():
+    """Reduction 2, grace 1: a trial below its cell's first result at rung 1 stops. The
+    low-FLOPs cell's trial is far below the high-FLOPs cell's but only meets its own cell."""
+    asha = PerCellASHA(grace_period=1, reduction_factor=2, max_t=8)
+    high, low, low2 = fake_trial("h", 1), fake_trial("l", 0), fake_trial("l2", 0)
+    for t in (high, low, low2):
+        asha.on_trial_add(None, t)
+    result = lambda acc: {"training_iteration": 1, "val_top1": acc}  # noqa: E731
+    assert asha.on_trial_result(None, high, result(0.9)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, low, result(0.3)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, low2, result(0.1)) == TrialScheduler.STOP
+    # the final report (after finalize) never stops a trial
+    assert asha.on_trial_result(None, low2, {**result(0.0), FINAL_KEY: True}) == TrialScheduler.CONTINUE
+
+
+def test_asha_state_survives_save_and_restore(tmp_path):
+    asha = PerCellASHA(grace_period=1, reduction_factor=2, max_t=8)
+    first, second = fake_trial("a", 0), fake_trial("b", 0)
+    asha.on_trial_add(None, first)
+    asha.on_trial_result(None, first, {"training_iteration": 1, "val_top1": 0.9})
+    asha.save(str(tmp_path / "asha.pkl"))
+    restored = PerCellASHA()
+    restored.restore(str(tmp_path / "asha.pkl"))
+    # a trial restored on resume is registered on first contact
+    assert restored.on_trial_result(None, second, {"training_iteration": 1, "val_top1": 0.1}) == TrialScheduler.STOP

@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m rayprune.quickstart
+	$(VENV)/bin/rayprune sweep --space search_spaces/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -184,5 +184,14 @@ def test_tiny_resnet_learns_digits():
     train, test = load_dataset("digits")
     torch.manual_seed(0)
     net = models.build(models.full_spec("cifar_resnet:tiny", num_classes=10))
-    fit(net, train, TrainConfig(epochs=8, batch_size=64, lr=0.1), progress=False)
+    # 15 short epochs (330 steps, a few seconds); seeds 0-2 reach 0.964-0.975 on the held-out 20%.
+    fit(net, train, TrainConfig(epochs=15, batch_size=64, lr=0.1, warmup_epochs=1), progress=False)
     assert evaluate(net, test)["top1"] >= 0.90
+
+
+def test_derive_seed_mixes_ints_and_names_stably():
+    from rayprune.engine.utils import derive_seed
+
+    assert derive_seed(0, "pretrain") == derive_seed(0, "pretrain") != derive_seed(1, "pretrain")
+    assert len({derive_seed(0, 1), derive_seed(1, 0), derive_seed(0, "1"), derive_seed(1)}) == 4
+    assert 0 <= derive_seed(-5, 2**70) < 2**63

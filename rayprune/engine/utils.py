@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -17,13 +18,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds all CUDA devices
 
 
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (e.g. ``(seed, epoch)``).
+def _seed_word(part: int | str) -> int:
+    if isinstance(part, str):  # a stable hash (unlike hash(), which is salted per process)
+        return int.from_bytes(hashlib.sha256(part.encode()).digest()[:8], "little")
+    return int(part) % 2**64
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A well-mixed 63-bit seed from integers and/or names, e.g. ``(seed, epoch)`` or ``(seed, "pretrain")``.
 
     Mixing with NumPy's SeedSequence keeps nearby inputs (seed 0 epoch 1, seed 1 epoch 0)
-    from giving correlated streams, which ``seed + epoch`` would.
+    from giving correlated streams, which ``seed + epoch`` would. Stable across processes.
     """
-    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+    # SeedSequence wants 32-bit words; the leading count keeps (1, 0) apart from (1,) (trailing zeros).
+    words = [len(parts)] + [w for p in parts for w in divmod(_seed_word(p), 2**32)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:

@@ -195,3 +195,9 @@ def test_derive_seed_mixes_ints_and_names_stably():
     assert derive_seed(0, "pretrain") == derive_seed(0, "pretrain") != derive_seed(1, "pretrain")
     assert len({derive_seed(0, 1), derive_seed(1, 0), derive_seed(0, "1"), derive_seed(1)}) == 4
     assert 0 <= derive_seed(-5, 2**70) < 2**63
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    net, train, _ = tiny_setup()
+    fit(net, train, CFG.model_copy(update={"epochs": 1}), progress=True)
+    assert "fit" in capsys.readouterr().err

@@ -84,6 +84,18 @@ def test_randomly_pruned_specs(name, seed):
     assert_counts_match(pruned, size)
 
 
+def test_resnet_with_stride1_projections():
+    """Independent residual widths (a TAS genotype) give 1x1 conv + BN projections; counted exactly."""
+    for model, size in (("resnet:tiny", 32), ("resnet:tiny_bottleneck", 32), ("resnet:18", 64)):
+        spec = random_widths(models.full_spec(model), seed=5)
+        spec["stem"] += 1  # differs from stage 0's first output (and, for bottlenecks, changes nothing)
+        spec["stages"][1].append([3] * (len(spec["stages"][1][0]) - 1) + [spec["stages"][1][0][-1] + 2])
+        net = models.build(spec)
+        assert net.layer2[-1].downsample is not None
+        assert (net.layer1[0].downsample is not None) and net.layer1[0].downsample[0].stride == (1, 1)
+        assert_counts_match(spec, size)
+
+
 def blocks_per_stage(model, counts, **options):
     """The full spec of ``model`` keeping the first ``counts[s]`` blocks (or convs) of stage s."""
     spec = models.full_spec(model, **options)

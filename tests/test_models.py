@@ -130,6 +130,29 @@ def test_default_variants_and_groups():
     assert all(g.divisor == 8 for g in mb.values())
 
 
+def test_resnet_width_change_gets_a_projection_that_unties_the_groups():
+    spec = models.full_spec("resnet:tiny")  # stem 8, one [w, w] block per stage, widths 8/16/16/32
+    spec["stem"] = 5  # stage 0's first block: 5 -> 8, no structural downsample (basic block)
+    spec["stages"][2].append([16, 12])  # a second stride-1 block: 16 -> 12
+    models.validate(spec)
+    net = models.build(spec)
+    assert net.layer1[0].downsample[0].weight.shape == (8, 5, 1, 1) and net.layer1[0].downsample[0].stride == (1, 1)
+    assert net.layer3[1].downsample[0].weight.shape == (12, 16, 1, 1)
+    assert net.layer3[0].downsample[0].stride == (2, 2)  # the structural one is unchanged
+    groups = {g.name: g for g in models.channel_groups(spec)}
+    assert groups["stem"].members == ("stem",)
+    assert groups["s0.b0.out"].members == ("stages.0.0.1",) and groups["s0.b0.out"].stage == 0
+    assert groups["s2.b1.out"].members == ("stages.2.1.1",) and groups["s2.b1.out"].kind == "residual"
+    axes = models.tensor_axes(spec)
+    assert axes["layer3.1.downsample.0.weight"] == ("s2.b1.out", "s2.b0.out", None, None)
+    assert axes["layer4.0.conv1.weight"] == ("s3.b0.mid", "s2.b1.out", None, None)
+    assert set(axes) == set(net.state_dict())
+    # 1x1 projections at the post-max-pool resolution 8x8 (input 32) and at 2x2 in stage 2.
+    by_name = {layer.name: layer for layer in models.layers(spec, 32)}
+    assert by_name["layer1.0.downsample.0"].macs == 5 * 8 * 8 * 8
+    assert by_name["layer3.1.downsample.0"].macs == 16 * 12 * 2 * 2
+
+
 def test_cifar_mobilenet_removes_the_early_strides():
     spec = models.full_spec("mobilenet_v2:cifar")
     assert spec["stem_stride"] == 1 and spec["input_size"] == 32
@@ -163,8 +186,7 @@ BAD_SPECS = [
     ("resnet:tiny", lambda s: s.update(stem=True), "'stem'"),
     ("resnet:tiny", lambda s: s["stages"][1].__setitem__(0, [8, 8, 8]), "'stages[1][0]'"),
     ("resnet:tiny", lambda s: s["stages"].__setitem__(3, []), "'stages[3]'"),
-    ("resnet:tiny", lambda s: s["stages"][0][0].__setitem__(1, 4), "'stages[0][0][-1]'"),  # identity to stem
-    ("resnet:tiny", lambda s: s["stages"][1].append([16, 8]), "'stages[1][1][-1]'"),
+    ("resnet:tiny", lambda s: s["stages"][1].append([16, 0]), "'stages[1][1][1]'"),
     ("resnet:tiny", lambda s: s.update(shortcut="option_a"), "'shortcut'"),
     ("mobilenet_v2:tiny", lambda s: s.update(stem_stride=3), "'stem_stride'"),
     ("mobilenet_v2:tiny", lambda s: s.update(last=0), "'last'"),

@@ -176,3 +176,19 @@ def test_pruning_never_changes_the_cifar_bottleneck_structure():
     sub_spec, sub_state = extract_subnet(spec, state, keep)
     assert [g.name for g in models.channel_groups(sub_spec)] == [g.name for g in models.channel_groups(spec)]
     outputs(sub_spec, sub_state, 16)  # strict load: the subnet still has its projection shortcut
+
+
+def test_resnet_projection_blocks_transfer_exactly():
+    """A stride-1 projection (unequal residual widths) unties its block's input and output groups."""
+    spec = models.full_spec("resnet:tiny")
+    spec["stem"] = 6  # stage 0's first block becomes a 6 -> 8 projection
+    spec["stages"][2].append([16, 12])  # and a 16 -> 12 one
+    state = random_net(spec, seed=11).state_dict()
+    keep = random_keep(spec, seed=12)
+    keep["stem"], keep["s0.b0.out"] = torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4, 7])  # still unequal
+    keep["s2.b0.out"], keep["s2.b1.out"] = torch.arange(1, 16), torch.tensor([0, 11])
+    sub_spec, sub_state = extract_subnet(spec, state, keep)
+    assert sub_spec["stem"] == 3 and sub_spec["stages"][0][0][1] == 4 and sub_spec["stages"][2][1][1] == 2
+    masked = clone_state(state)
+    zero_dropped(spec, masked, keep)
+    torch.testing.assert_close(outputs(spec, masked, 32), outputs(sub_spec, sub_state, 32), atol=1e-5, rtol=1e-5)

@@ -9,18 +9,24 @@ Spec (the same shape as ``cifar_resnet``, without a shortcut kind)::
   number of blocks (>= 1) and there may be any number of stages (ImageNet nets have 4);
 * stem: 7x7 stride-2 conv + BN + ReLU, then a 3x3 stride-2 max-pool; stage ``s > 0`` halves the
   resolution in its first block (in the 3x3 conv for bottlenecks: "V1.5");
-* the first block of a stage has a 1x1 conv + BN ``downsample`` shortcut when ``s > 0`` or the
-  block is a bottleneck (exactly torchvision's choice for the standard nets); every other block has
-  an identity shortcut, so its output width must equal its input width;
+* shortcuts (the ``cifar_resnet`` rule): the first block of a stage has a 1x1 conv + BN
+  ``downsample`` (with the block's stride) whenever ``s > 0`` or the block is a bottleneck, whatever
+  its widths (torchvision's choice for the standard nets); any other block whose output width
+  differs from its input width has a stride-1 1x1 conv + BN ``downsample`` projection (searched
+  genotypes, e.g. TAS's, have independent residual widths); every other block has an identity;
 * global average pool, then one linear layer; optional ``input_size`` (default 224).
 
 State-dict keys equal torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``,
 ``fc``), so torchvision ResNet weights load into an unpruned spec.
 
-Channel groups: ``stem`` (stage 0; for basic blocks it also holds stage 0's block outputs, tied by
-identity shortcuts), ``s{s}.b0.out`` (the output width shared by every block of a stage that starts
-with a downsample; kind "residual"), and each block's inner widths ``s{s}.b{b}.mid`` (basic) or
-``.mid1``/``.mid2`` (bottleneck; kind "inner").
+Channel groups: an identity shortcut ties a block's output to its input, a ``downsample`` starts a
+new residual group named after its block's output: ``stem`` (stage 0; for basic blocks it also holds
+stage 0's block outputs), ``s{s}.b{b}.out`` (kind "residual"; in a standard net ``s{s}.b0.out``, the
+output width shared by every block of the stage), and each block's inner widths ``s{s}.b{b}.mid``
+(basic) or ``.mid1``/``.mid2`` (bottleneck; kind "inner"). Group-based pruning of a standard net
+therefore never adds or removes a ``downsample`` (tied widths stay equal). Caveat: pruning the two
+groups around a stride-1 projection to equal widths removes it (as in ``cifar_resnet``); such
+projections only occur in searched genotypes, which are trained from scratch.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class BlockInfo:
     stride: int
     cin: int
     widths: tuple[int, ...]  # [mid, out] or [mid1, mid2, out]
-    downsample: bool
+    downsample: bool  # a 1x1 conv + BN shortcut (else the identity)
 
     @property
     def cout(self) -> int:
@@ -76,9 +82,11 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
     bottleneck = spec["block"] == "bottleneck"
     for s, stage in enumerate(spec["stages"]):
         for b, widths in enumerate(stage):
-            first = b == 0
-            yield BlockInfo(s, b, 2 if (first and s > 0) else 1, cin, tuple(widths),
-                            first and (s > 0 or bottleneck))
+            # The structural downsample (torchvision's) exists whatever the widths, so pruning a
+            # standard net never removes it; elsewhere a width change needs a projection.
+            structural = b == 0 and (s > 0 or bottleneck)
+            yield BlockInfo(s, b, 2 if (b == 0 and s > 0) else 1, cin, tuple(widths),
+                            structural or cin != widths[-1])
             cin = widths[-1]
 
 
@@ -178,10 +186,6 @@ class ResNetFamily(Family):
                         f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
                 for j, w in enumerate(widths):
                     require_int(w, f"{where}[{j}]")
-        for info in iter_blocks(spec):
-            require(info.downsample or info.cin == info.cout, f"stages[{info.stage}][{info.index}][-1]",
-                    f"this block has an identity shortcut, so its output width must equal its input width "
-                    f"{info.cin}, got {info.cout}")
 
     def build(self, spec: Spec) -> nn.Module:
         self.validate(spec)
@@ -202,14 +206,14 @@ class ResNetFamily(Family):
     def _tensor_groups(self, spec: Spec) -> list[tuple[str, str, int, str, int, str]]:
         """Every activation tensor in forward order as (tensor, group, stage, kind, width, spec path)."""
         out = [("stem", "stem", 0, "residual", spec["stem"], "stem")]
-        stage_group = "stem"
+        residual = "stem"  # the group of the current block input
         for info in iter_blocks(spec):
-            if info.downsample:
-                stage_group = info.tensor(len(info.widths) - 1)
+            if info.downsample:  # an identity shortcut ties the output to the input; a projection does not
+                residual = info.tensor(len(info.widths) - 1)
             for j, width in enumerate(info.widths):
                 t = info.tensor(j)
                 last = j == len(info.widths) - 1
-                group, kind = (stage_group, "residual") if last else (t, "inner")
+                group, kind = (residual, "residual") if last else (t, "inner")
                 out.append((t, group, info.stage, kind, width, f"stages.{info.stage}.{info.index}.{j}"))
         return out
 

@@ -219,7 +219,7 @@ def fold_alpha(state: Mapping[str, torch.Tensor], sites: Sequence[AlphaSite],
 
 def alpha_variance(alpha: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``mean_l Var(α_l)`` (population variance, so 1-channel groups count as 0), differentiable."""
-    return torch.stack([a.var(unbiased=False) for a in alpha.values()]).mean()
+    return torch.stack([a.var(correction=0) for a in alpha.values()]).mean()
 
 
 # --------------------------------------------------------------------------------------------

@@ -168,6 +168,9 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     except ConnectionError as e:
         raise SweepError(f"cannot join the Ray cluster at {address!r} ({e}); start one with `ray start --head` "
                          f"or `ray up launch/cluster.yaml`, or drop --address to run on a local Ray") from None
+    resources = ray.cluster_resources()
+    print(f"Ray cluster at {ray.get_runtime_context().gcs_address} ({'joined' if address else 'local'}): "
+          f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
     return True
 
 

@@ -16,7 +16,8 @@ from rayprune import models
 from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig
 from rayprune.methods import Budget, RunContext, get_method, within_budget
-from rayprune.methods.tas import (SearchResNet, channel_interp, cost_loss, depth_candidates,
+from rayprune.models import SpecError
+from rayprune.methods.tas import (GEOMETRIES, SearchResNet, channel_interp, cost_loss, depth_candidates,
                                   imagenet_depth_candidates, shrink_to_budget, tau_at, width_candidates,
                                   zero_pad_add)
 
@@ -207,6 +208,11 @@ def test_single_path_of_the_super_net_equals_the_built_genotype():
     # Uniform widths per stage: no stride-1 width-change shortcuts, so the two nets are identical.
     width_idx = [3] + [3] * 6 + [5] * 6 + [2] * 6
     set_argmax(net, width_idx, [1, 0, 2])
+    assert_single_path_equals_built_genotype(net, 32)
+
+
+def assert_single_path_equals_built_genotype(net: SearchResNet, size: int) -> None:
+    """The super-net restricted to its argmax genotype computes the built genotype with sliced weights."""
     spec = net.genotype()
     built = models.build(spec).eval()
     with torch.no_grad():
@@ -214,33 +220,28 @@ def test_single_path_of_the_super_net_equals_the_built_genotype():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        built.load_state_dict(genotype_state(net, spec))
-    x = torch.randn(2, 3, 32, 32)
+        built.load_state_dict(genotype_state(net, spec))  # strict: no shortcut the super-net lacks
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        assert torch.allclose(net(x, net.fixed_sample(spec)), built(x), atol=1e-5)
+        torch.testing.assert_close(net(x, net.fixed_sample(spec)), built(x), atol=1e-5, rtol=0)
 
 
 def genotype_state(net: SearchResNet, spec: dict) -> dict[str, torch.Tensor]:
-    """Slice the super-net's weights into the built genotype's state_dict (prefix slices)."""
+    """Slice the super-net's weights into the built genotype's state_dict (prefix slices; the
+    candidate BN of the kept width). Any family: a conv's BN is the next entry of the walk."""
+    built = models.build(spec).state_dict()
+    walk = models.layers(spec, net.input_size)
+    bn_after = {a.name: b.name for a, b in zip(walk, walk[1:]) if a.kind == "conv" and b.kind == "bn"}
+    kept = [net.stem] + [conv for s, stage in enumerate(spec["stages"]) for b in range(len(stage))
+                         for conv in (*net.stages[s][b].convs, net.stages[s][b].shortcut) if conv is not None]
     state = {}
-
-    def put(prefix: str, conv, cin: int, cout: int, bn_name: str | None) -> None:
-        state[f"{prefix}.weight"] = conv.conv.weight[:cout, :cin]
-        if bn_name is not None:
+    for conv in kept:
+        cout, cin = built[f"{conv.name}.weight"].shape[:2]
+        state[f"{conv.name}.weight"] = conv.conv.weight[:cout, :cin]
+        if conv.name in bn_after:
             bn = conv.bns[conv.candidates.index(cout)]
-            for k, v in bn.state_dict().items():
-                state[f"{bn_name}.{k}"] = v
-
-    put("stem.conv", net.stem, 3, spec["stem"], "stem.bn")
-    cin = spec["stem"]
-    for s, stage in enumerate(spec["stages"]):
-        for b, (mid, out) in enumerate(stage):
-            block, p = net.stages[s][b], f"stages.{s}.{b}"
-            put(f"{p}.conv1", block.convs[0], cin, mid, f"{p}.bn1")
-            put(f"{p}.conv2", block.convs[1], mid, out, f"{p}.bn2")
-            if block.shortcut is not None:
-                put(f"{p}.shortcut.conv", block.shortcut, cin, out, None)
-            cin = out
+            state.update({f"{bn_after[conv.name]}.{k}": v for k, v in bn.state_dict().items()})
+    cin = built["fc.weight"].shape[1]
     state["fc.weight"], state["fc.bias"] = net.fc.weight[:, :cin], net.fc.bias
     return state
 
@@ -286,3 +287,119 @@ def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(tmp_path
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     assert method._val_top1(method.net.genotype()) == result.metrics["val_top1"]
     assert all(torch.equal(before[k], v) for k, v in method.net.state_dict().items())
+
+
+# -- the ImageNet `resnet` family ------------------------------------------------------------
+
+def resnet_search_net(variant: str) -> SearchResNet:
+    """A tiny `resnet` super-net (32x32 input, 10 classes) with two blocks per stage (depth (1, 2))."""
+    spec = models.full_spec(f"resnet:{variant}", num_classes=10)
+    spec["stages"] = [[list(block) for block in stage * 2] for stage in spec["stages"]]
+    torch.manual_seed(0)
+    return SearchResNet(spec)
+
+
+def test_imagenet_depth_rows_of_the_standard_nets():
+    geometry = GEOMETRIES["resnet"]
+    assert geometry.depth_rows([3, 4, 6, 3]) == [(1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3)]  # ResNet-50
+    assert geometry.depth_rows([2, 2, 2, 2]) == [(1, 2)] * 4  # ResNet-18
+    with pytest.raises(SpecError, match="supports 'cifar_resnet' and 'resnet' specs, got family 'vgg'"):
+        SearchResNet(models.full_spec("vgg:tiny"))
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_bottleneck"])
+def test_resnet_super_net_layout_forward_and_backward(variant):
+    net = resnet_search_net(variant)
+    convs = 2 if variant == "tiny" else 3
+    assert len(net.width_rows) == 1 + 4 * 2 * convs and net.depth_rows == [(1, 2)] * 4
+    assert net.stem.name == "conv1" and net.stem.conv.kernel_size == (7, 7) and net.stem_pool
+    # torchvision's downsample: stages 1-3 (stride 2) and, for bottlenecks, stage 0's first block.
+    with_shortcut = [(s, b) for s, stage in enumerate(net.stages) for b, block in enumerate(stage) if block.shortcut]
+    assert with_shortcut == ([(0, 0)] if variant != "tiny" else []) + [(1, 0), (2, 0), (3, 0)]
+    for s, b in with_shortcut:
+        block = net.stages[s][b]
+        assert block.shortcut.row == block.convs[-1].row and block.shortcut.bns is not None
+        assert block.shortcut.conv.stride == ((2, 2) if s else (1, 1)) and block.shortcut.pool is None
+    if variant == "tiny_bottleneck":
+        assert net.stages[1][0].convs[1].conv.stride == (2, 2)  # the 3x3 conv carries the stride
+    sample = net.sample(1.0, torch.Generator().manual_seed(0))
+    logits = net(torch.randn(2, 3, 32, 32), sample)
+    assert logits.shape == (2, 10)
+    logits.logsumexp(dim=1).sum().backward()
+    assert (net.width_logits.grad.abs().sum(dim=1) > 0).all() and (net.depth_logits.grad.abs().sum(dim=1) > 0).all()
+
+
+def favour(net: SearchResNet, widest: bool, strength: float = 50.0) -> None:
+    """Logits that put (almost) all probability on the narrowest (or widest) width of every conv
+    and on the full depth of every stage."""
+    with torch.no_grad():
+        net.width_logits.zero_()
+        net.depth_logits.zero_()
+        for r, row in enumerate(net.width_rows):
+            net.width_logits[r, len(row) - 1 if widest else 0] = strength
+        net.depth_logits[:, -1] = strength  # (every stage of these nets has as many depth candidates)
+
+
+def test_resnet_expected_macs_relaxation():
+    net = resnet_search_net("tiny_bottleneck")
+    with torch.no_grad():
+        net.width_logits.zero_()
+        net.depth_logits.zero_()
+        uniform = float(net.expected_macs())
+    favour(net, widest=False)  # ratio 0.3 everywhere: identity blocks keep equal widths
+    narrow = net.genotype()
+    assert float(net.expected_macs().detach()) == pytest.approx(models.macs(narrow) - 10, rel=1e-9)  # no FC bias
+    favour(net, widest=True)
+    assert float(net.expected_macs().detach()) == pytest.approx(models.macs(net.spec) - 10, rel=1e-9)
+    assert models.macs(narrow) < uniform < models.macs(net.spec)
+    assert math.isfinite(uniform)
+
+
+def test_resnet50_super_net_at_full_width_and_depth_is_the_reference_resnet50():
+    torch.manual_seed(0)
+    spec = models.full_spec("resnet:50", num_classes=1000)
+    net = SearchResNet(spec)
+    assert len(net.width_rows) == 1 + 16 * 3 and net.depth_rows == imagenet_depth_candidates([3, 4, 6, 3])
+    favour(net, widest=True)
+    assert net.genotype() == spec
+    assert float(net.expected_macs().detach()) == 4_089_185_256 - 1000  # methods.md §1.3, without the FC bias
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_bottleneck"])
+def test_resnet_genotype_is_a_valid_spec_whose_macs_match_the_flop_counter(variant):
+    net = resnet_search_net(variant)
+    set_argmax(net, [r % len(row) for r, row in enumerate(net.width_rows)], [0, 1, 1, 0])  # keep 1, 2, 2, 1
+    spec = net.genotype()
+    models.validate(spec)
+    assert spec["family"] == "resnet" and spec["input_size"] == 32 and [len(s) for s in spec["stages"]] == [1, 2, 2, 1]
+    built = models.build(spec).eval()
+    # Independent residual widths: stride-1 blocks whose widths differ get a projection.
+    assert built.layer2[1].downsample is not None and built.layer2[1].downsample[0].stride == (1, 1)
+    assert built.layer2[0].conv1.in_channels == spec["stages"][0][0][-1]  # the last kept block feeds on
+    assert counted_macs(built, 32) == models.macs(spec) - 10
+    assert models.params(spec) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_bottleneck"])
+def test_resnet_single_path_of_the_super_net_equals_the_built_genotype(variant):
+    net = resnet_search_net(variant).eval()
+    # Residual widths follow the full width (identity blocks keep equal widths); inner ones vary.
+    residual = {net.stem.row} | {block.convs[-1].row for stage in net.stages for block in stage}
+    index_of = {4: 2, 8: 2, 16: 5, 32: 6, 64: 3}
+    width_idx = [index_of[row[-1]] if r in residual else r % len(row) for r, row in enumerate(net.width_rows)]
+    set_argmax(net, width_idx, [1, 0, 1, 0])
+    assert_single_path_equals_built_genotype(net, 32)
+
+
+def test_tas_searches_a_resnet_and_shrinks_its_genotype_into_the_budget(tmp_path):
+    spec = resnet_search_net("tiny").spec
+    train, test = synthetic_dataset(n_train=64, n_test=16, num_classes=10, size=32, seed=0)
+    ctx = RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=0.1), seed=0, workdir=tmp_path,
+                     finetune=TrainConfig(epochs=1, batch_size=32), progress=False)
+    cls = get_method("tas")
+    method = cls(ctx, {**cls.smoke, "epochs": 1, "bn_recalibration_batches": 1})
+    result = method.step()
+    assert result.subnets[0].spec["family"] == "resnet" and math.isfinite(result.metrics["expected_macs"])
+    best = method.best()
+    models.validate(best.spec)
+    assert best.macs <= 0.1 * models.macs(spec) and "shrunk_from" in best.source

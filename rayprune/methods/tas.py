@@ -1,13 +1,14 @@
 """TAS: Network Pruning via Transformable Architecture Search (Dong & Yang, NeurIPS 2019).
 
-A search super-net gives every conv of a CIFAR ResNet a categorical distribution over candidate
-widths (``int(C * r)`` for r in 0.3..1.0) and every stage one over candidate depths. Each
-forward samples a Gumbel-softmax, mixes the top-2 sampled widths per conv (prefix slices of one
-shared filter bank, one BN per candidate width, channel-wise interpolation to align them) and
-mixes the candidate stage ends. Weights are trained on one half of the training set, the
-architecture logits on the other with cross-entropy plus a FLOPs cost loss on a differentiable
-expected-MACs relaxation. The argmax of the logits ("genotype") is the pruned network; it is
-trained from scratch with KD from the unpruned teacher (the shared :meth:`Method.finalize`).
+A search super-net gives every conv of a ResNet (``cifar_resnet`` or the ImageNet ``resnet``
+family) a categorical distribution over candidate widths (``int(C * r)`` for r in 0.3..1.0) and
+every stage one over candidate depths. Each forward samples a Gumbel-softmax, mixes the top-2
+sampled widths per conv (prefix slices of one shared filter bank, one BN per candidate width,
+channel-wise interpolation to align them) and mixes the candidate stage ends. Weights are
+trained on one half of the training set, the architecture logits on the other with cross-entropy
+plus a FLOPs cost loss on a differentiable expected-MACs relaxation. The argmax of the logits
+("genotype") is the pruned network; it is trained from scratch with KD from the unpruned teacher
+(the shared :meth:`Method.finalize`).
 
 Follows ``methods.md`` §2 and the reference code (AutoDL-Projects ``SearchCifarResNet``), with:
 
@@ -23,6 +24,15 @@ Follows ``methods.md`` §2 and the reference code (AutoDL-Projects ``SearchCifar
   as ``search_val_top1``);
 * per-stage maximum pruning rates remove width candidates below ``ceil(C * (1 - rate))``; depth
   is not limited by them (dropping a block is not "pruning a fraction of its channels").
+* ImageNet ``resnet`` (the reference ``SearchImagenetResNet`` layout: 7x7 stride-2 stem + max-pool,
+  stride in the 3x3 conv of bottlenecks, depth candidates ``imagenet_depth_candidates``): the
+  super-net's downsample is torchvision's strided 1x1 conv with one BN per candidate width, not the
+  reference's average-pooled one, so that a genotype is an ordinary ``resnet`` spec (and its
+  downsample keeps torchvision's form); its expected-MACs term is the CIFAR stride-2 shortcut's.
+  The ImageNet search schedule (§2.6: 120 epochs, ``w_wd=1e-4``) is not the default: set it.
+* in both families a genotype block whose input and output widths differ gets the family's
+  stride-1 1x1 conv + BN projection; the super-net has an identity (zero-padded add) there, as the
+  reference (§2.4 item 8), and its expected MACs leave that projection out.
 
 Expected result (paper, 600 search + 300 training epochs): ResNet-56 / CIFAR-10 at 47% of the
 MACs reaches 93.69% top-1 (5.95E7 MACs).
@@ -30,6 +40,7 @@ MACs reaches 93.69% top-1 (5.95E7 MACs).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import itertools
@@ -46,13 +57,15 @@ from .. import models
 from ..engine.data import Dataset, make_loader, split_per_class
 from ..engine.train import TrainConfig, autocast, evaluate, make_optimizer, make_scheduler
 from ..engine.utils import derive_seed
+from ..models import cifar_resnet, resnet
 from ..models.base import Layer, Spec, SpecError, spec_hash
-from ..models.cifar_resnet import BlockInfo, init_weights, iter_blocks
+from ..models.cifar_resnet import init_weights
 from . import register
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 
-__all__ = ["WIDTH_RATIOS", "SearchResNet", "TAS", "TASHparams", "channel_interp", "cost_loss", "depth_candidates",
-           "imagenet_depth_candidates", "tau_at", "width_candidates", "zero_pad_add"]
+__all__ = ["GEOMETRIES", "WIDTH_RATIOS", "Geometry", "SearchResNet", "TAS", "TASHparams", "channel_interp",
+           "cost_loss", "depth_candidates", "imagenet_depth_candidates", "tau_at", "width_candidates",
+           "zero_pad_add"]
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -181,6 +194,85 @@ def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------
+# Family geometry: the only family-specific part of the super-net
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One residual block of the super-net, by the layer names of the family's analytic walk."""
+
+    stage: int
+    convs: tuple[str, ...]  # the block's convs in forward order
+    shortcut: str | None = None  # the shortcut conv (None: identity)
+    shortcut_pool: bool = False  # AvgPool2d(2) before the shortcut conv (TAS's CIFAR stride-2 shortcut)
+    shortcut_bn: bool = True  # per-candidate BNs after the shortcut conv
+
+
+class Geometry(abc.ABC):
+    """How the super-net reads one family's spec: stem, block walk, shortcuts, depth candidates.
+
+    Everything else (shapes, MACs) comes from the family's own analytic walk of :meth:`search_spec`,
+    so the super-net and every genotype agree by construction. Genotypes are specs of the same
+    family with the super-net's search spec fields (and new stem/stages).
+    """
+
+    family: ClassVar[str]
+    stem: ClassVar[str]  # the stem conv's layer name
+    stem_pool: ClassVar[bool] = False  # a 3x3 stride-2 max-pool after the stem's ReLU
+
+    def search_spec(self, spec: Spec) -> Spec:
+        """The spec the super-net mirrors (and every genotype inherits the fields of)."""
+        return dict(spec)
+
+    @abc.abstractmethod
+    def blocks(self, spec: Spec) -> Iterator[BlockPlan]:
+        """The residual blocks in forward order."""
+
+    @abc.abstractmethod
+    def depth_rows(self, blocks_per_stage: list[int]) -> list[tuple[int, ...]]:
+        """Per stage, the candidate numbers of kept blocks (a stage keeps its first ``d`` blocks)."""
+
+
+class CifarGeometry(Geometry):
+    """``cifar_resnet``: 3x3 stem; TAS's AvgPool(2) + 1x1 conv (no BN) stride-2 shortcut; CIFAR depths."""
+
+    family, stem = "cifar_resnet", "stem.conv"
+
+    def search_spec(self, spec: Spec) -> Spec:
+        return {**spec, "shortcut": "avgpool_conv"}  # TAS's stride-2 shortcut, in search and genotype
+
+    def blocks(self, spec: Spec) -> Iterator[BlockPlan]:
+        for info in cifar_resnet.iter_blocks(spec):
+            convs = tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths)))
+            if info.shortcut == "identity":
+                yield BlockPlan(info.stage, convs)
+            else:  # avgpool_conv (stride 2) or conv_bn_s1 (only where the unpruned net has one)
+                pooled = info.shortcut == "avgpool_conv"
+                yield BlockPlan(info.stage, convs, f"{info.prefix}.shortcut.conv", pooled, not pooled)
+
+    def depth_rows(self, blocks_per_stage: list[int]) -> list[tuple[int, ...]]:
+        return [depth_candidates(n) for n in blocks_per_stage]
+
+
+class ImagenetGeometry(Geometry):
+    """``resnet``: 7x7 stride-2 stem + max-pool; torchvision's 1x1 conv + BN downsample; ImageNet depths."""
+
+    family, stem, stem_pool = "resnet", "conv1", True
+
+    def blocks(self, spec: Spec) -> Iterator[BlockPlan]:
+        for info in resnet.iter_blocks(spec):
+            convs = tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths)))
+            yield BlockPlan(info.stage, convs, f"{info.prefix}.downsample.0" if info.downsample else None)
+
+    def depth_rows(self, blocks_per_stage: list[int]) -> list[tuple[int, ...]]:
+        return imagenet_depth_candidates(blocks_per_stage)
+
+
+GEOMETRIES: dict[str, Geometry] = {g.family: g for g in (CifarGeometry(), ImagenetGeometry())}
+
+
+# --------------------------------------------------------------------------------------------
 # The search super-net
 # --------------------------------------------------------------------------------------------
 
@@ -221,6 +313,7 @@ class SearchConv(nn.Module):
         self.pool = nn.AvgPool2d(2) if pool else None
         self.row, self.candidates, self.relu = row, candidates, relu
         self.macs_per_channel_pair = layer.kernel**2 * layer.out_hw[0] * layer.out_hw[1]
+        self.name = layer.name  # the layer name in the family's walk (and in every genotype)
 
     def forward(self, x: torch.Tensor, picks: list[int], weights: torch.Tensor | None) -> torch.Tensor:
         if self.pool is not None:
@@ -271,13 +364,15 @@ def _padded_table(rows: list[tuple[int, ...]]) -> torch.Tensor:
 
 
 class SearchResNet(nn.Module):
-    """TAS's width-and-depth search super-net for a ``cifar_resnet`` spec (basic or bottleneck).
+    """TAS's width-and-depth search super-net for a ``cifar_resnet`` or ``resnet`` spec (basic or
+    bottleneck blocks).
 
-    Geometry comes from the family's analytic walk of the spec with ``avgpool_conv`` shortcuts,
+    Geometry comes from the family's analytic walk of the spec (through its :class:`Geometry`:
+    ``cifar_resnet`` with ``avgpool_conv`` shortcuts, ``resnet`` with torchvision's downsample),
     so the super-net and every genotype agree on shapes and MACs by construction.
 
     Args:
-        spec: the unpruned ``cifar_resnet`` spec (its widths are the candidates' maxima).
+        spec: the unpruned spec (its widths are the candidates' maxima).
         input_size: image size (family default if None); sets the spatial sizes of expected MACs.
         ratios: width ratios of the candidates.
         max_stage_prune: per stage, the maximum pruning rate; width candidates below
@@ -290,45 +385,43 @@ class SearchResNet(nn.Module):
                  max_stage_prune: Sequence[float] | None = None, search_width: bool = True,
                  search_depth: bool = True, num_sampled: int = 2) -> None:
         super().__init__()
-        if spec.get("family") != "cifar_resnet":
-            raise SpecError(f"tas: the search super-net supports 'cifar_resnet' specs, got family "
-                            f"{spec.get('family')!r}; use e.g. --model cifar_resnet:56")
+        geometry = GEOMETRIES.get(spec.get("family"))
+        if geometry is None:
+            raise SpecError(f"tas: the search super-net supports {' and '.join(map(repr, GEOMETRIES))} specs, "
+                            f"got family {spec.get('family')!r}; use e.g. --model cifar_resnet:56 or resnet:50")
         if max_stage_prune is not None and len(max_stage_prune) < len(spec["stages"]):
             raise SpecError(f"tas: max_stage_prune has {len(max_stage_prune)} rates but the model has "
                             f"{len(spec['stages'])} stages; give one rate per stage")
-        self.spec = {**spec, "shortcut": "avgpool_conv"}  # TAS's stride-2 shortcut, in search and genotype
+        self.spec = geometry.search_spec(spec)
         self.input_size = models.input_size_of(self.spec, input_size)
         self.num_sampled = num_sampled
-        geometry = {l.name: l for l in models.layers(self.spec, self.input_size) if l.kind == "conv"}
+        convs = {l.name: l for l in models.layers(self.spec, self.input_size) if l.kind == "conv"}
         rows: list[tuple[int, ...]] = []
 
         def new_conv(name: str, stage: int, **kw: Any) -> SearchConv:
-            layer = geometry[name]
+            layer = convs[name]
             rate = 0.0 if max_stage_prune is None else max_stage_prune[stage]
             floor = math.ceil(layer.out_channels * (1.0 - rate) - 1e-9) if max_stage_prune is not None else 1
             rows.append(width_candidates(layer.out_channels, ratios if search_width else (1.0,), floor))
             return SearchConv(layer, len(rows) - 1, rows[-1], **kw)
 
-        self.stem = new_conv("stem.conv", 0, relu=True)
+        self.stem = new_conv(geometry.stem, 0, relu=True)
+        self.stem_pool = geometry.stem_pool
         stages: list[list[SearchBlock]] = [[] for _ in self.spec["stages"]]
-        for info in iter_blocks(self.spec):
-            n = len(info.widths)
-            convs = [new_conv(f"{info.prefix}.conv{j + 1}", info.stage, relu=j < n - 1) for j in range(n)]
-            stages[info.stage].append(SearchBlock(convs, self._shortcut(info, geometry, convs[-1])))
+        for plan in geometry.blocks(self.spec):
+            n = len(plan.convs)
+            block_convs = [new_conv(name, plan.stage, relu=j < n - 1) for j, name in enumerate(plan.convs)]
+            shortcut = None
+            if plan.shortcut is not None:  # its output width follows the block's last conv (same row)
+                last = block_convs[-1]
+                shortcut = SearchConv(convs[plan.shortcut], last.row, last.candidates, bn=plan.shortcut_bn,
+                                      pool=plan.shortcut_pool)
+            stages[plan.stage].append(SearchBlock(block_convs, shortcut))
         self.stages = nn.ModuleList(nn.ModuleList(s) for s in stages)
         self.fc = nn.Linear(self.spec["stages"][-1][-1][-1], self.spec["num_classes"])
         init_weights(self)
-        depths = [depth_candidates(len(s)) if search_depth else (len(s),) for s in stages]
-        self._init_arch(rows, depths)
-
-    @staticmethod
-    def _shortcut(info: BlockInfo, geometry: dict[str, Layer], last: SearchConv) -> SearchConv | None:
-        # The shortcut's output width follows the block's last conv (same row, same candidates).
-        if info.shortcut == "avgpool_conv":
-            return SearchConv(geometry[f"{info.prefix}.shortcut.conv"], last.row, last.candidates, bn=False, pool=True)
-        if info.shortcut == "conv_bn_s1":
-            return SearchConv(geometry[f"{info.prefix}.shortcut.conv"], last.row, last.candidates)
-        return None
+        lengths = [len(s) for s in stages]
+        self._init_arch(rows, geometry.depth_rows(lengths) if search_depth else [(n,) for n in lengths])
 
     def _init_arch(self, rows: list[tuple[int, ...]], depths: list[tuple[int, ...]]) -> None:
         self.width_rows, self.depth_rows = rows, depths
@@ -374,6 +467,8 @@ class SearchResNet(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, sample: Sample) -> torch.Tensor:
         x = self.stem(x, *sample.row(self.stem.row))
+        if self.stem_pool:
+            x = F.max_pool2d(x, 3, 2, 1)
         for s, stage in enumerate(self.stages):
             if sample.depths is not None:
                 for block in stage[: sample.depths[s]]:
@@ -417,7 +512,7 @@ class SearchResNet(nn.Module):
 
     # -- genotypes -----------------------------------------------------------------------------
     def genotype(self, width_idx: Sequence[int] | None = None, depth_idx: Sequence[int] | None = None) -> Spec:
-        """The ``cifar_resnet`` spec of chosen candidates (default: the argmax).
+        """The spec (the super-net's family) of chosen candidates (default: the argmax).
 
         Blocks after a stage's chosen depth are dropped; since a block's input width in the spec
         is the previous block's output, the next stage starts from the last kept block (§2.7).
@@ -427,16 +522,16 @@ class SearchResNet(nn.Module):
         w = [self.width_rows[r][i] for r, i in enumerate(width_idx)]
         stages = [[[w[c.row] for c in block.convs] for block in stage[: self.depth_rows[s][depth_idx[s]]]]
                   for s, stage in enumerate(self.stages)]
-        return {"family": "cifar_resnet", "block": self.spec["block"], "num_classes": self.spec["num_classes"],
-                "shortcut": "avgpool_conv", "stem": w[self.stem.row], "stages": stages}
+        return {**self.spec, "stem": w[self.stem.row], "stages": stages}
 
     def conv_slots(self, spec: Spec) -> list[tuple[Slot, str, int]]:
         """For each conv width of a genotype ``spec``: (slot, layer name, super-net width row)."""
-        slots: list[tuple[Slot, str, int]] = [(None, "stem.conv", self.stem.row)]
+        slots: list[tuple[Slot, str, int]] = [(None, self.stem.name, self.stem.row)]
         for s, stage in enumerate(spec["stages"]):
             for b, widths in enumerate(stage):
                 for j in range(len(widths)):
-                    slots.append(((s, b, j), f"stages.{s}.{b}.conv{j + 1}", self.stages[s][b].convs[j].row))
+                    conv = self.stages[s][b].convs[j]  # block b of a genotype's stage is block b here
+                    slots.append(((s, b, j), conv.name, conv.row))
         return slots
 
     def fixed_sample(self, spec: Spec) -> Sample | None:

@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--data-dir", default=None, help="directory containing cifar-10-batches-py")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
         root = find_cifar10(args.data_dir)

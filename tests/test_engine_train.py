@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,7 +140,11 @@ def test_resume_after_an_interruption_continues_bitwise(tmp_path):
                   on_epoch=lambda entry: entry["epoch"] == 1)  # "killed" after epoch 1
     assert stopped == full[:2]
     fresh, _, _ = tiny_setup(seed=99)  # different init: everything must come from the checkpoint
+    random.random(), np.random.rand(), torch.rand(1)  # the caller's streams move on after the checkpoint
+    caller_rng = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
     resumed = fit(fresh, train, CFG, val=val, progress=False, seed=1, checkpoint_dir=tmp_path)
+    assert random.getstate() == caller_rng[0] and (np.random.get_state()[1] == caller_rng[1]).all()
+    assert torch.equal(torch.get_rng_state(), caller_rng[2])  # resuming leaves the caller's RNGs alone
     assert resumed == full  # includes epoch 2's loss, lr and val_top1, compared exactly
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values()))
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary files left behind

@@ -43,27 +43,30 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
-def capture_rng() -> dict[str, Any]:
-    """The state of every global RNG (Python, NumPy, torch CPU, torch CUDA when initialised)."""
-    version, mt_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(mt_state), gauss],
-        # NumPy's key array is stored as a tensor: weights_only loading refuses raw ndarrays.
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
+def capture_rng(torch_only: bool = False) -> dict[str, Any]:
+    """The state of the global RNGs: torch CPU, torch CUDA (when initialised) and, unless
+    ``torch_only``, Python's ``random`` and NumPy's global generator."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if not torch_only:
+        version, mt_state, gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        state["python"] = [version, list(mt_state), gauss]
+        # NumPy's key array is stored as a tensor: weights_only loading refuses raw ndarrays.
+        state["numpy"] = [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                          float(np_gauss)]
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng` captured."""
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    """Restore what :func:`capture_rng` captured (only the generators it contains)."""
+    if "python" in state:
+        version, mt_state, gauss = state["python"]
+        random.setstate((version, tuple(mt_state), gauss))
+    if "numpy" in state:
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+        np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

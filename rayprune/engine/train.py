@@ -234,7 +234,7 @@ class _Run:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.capture_rng(),
+                "scheduler": self.scheduler.state_dict(), "rng": ckpt.capture_rng(torch_only=True),
                 "loader": self.loader.state_dict(), "epoch": len(self.history), "history": self.history,
                 "config": self.cfg.model_dump(), "seed": self.seed}
 

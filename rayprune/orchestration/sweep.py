@@ -161,8 +161,8 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        if address is None:  # "local": a fresh instance, even if `ray start` ran on this machine before
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:

@@ -36,7 +36,19 @@ METRIC = "val_top1"  # what Optuna maximises and ASHA compares: search-val accur
 Feasibility = Callable[[float, list[float]], float]  # (flops_target, rates) -> violation (<= 0: reachable)
 
 
-class CellSearcher(Searcher):
+class _PickledState:
+    """``save``/``restore`` of the whole object state, as Tune calls them on experiment snapshots."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class CellSearcher(_PickledState, Searcher):
     """One seeded Optuna study per grid cell choosing ``max_stage_prune``.
 
     Args:
@@ -95,14 +107,6 @@ class CellSearcher(Searcher):
         else:
             trial.set_constraint("macs", _violation(result["flops_fraction"], self.cells[index].flops_target))
             study.tell(trial, float(result[self.metric]))
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
 
     # -- internals -------------------------------------------------------------------------------
     def _next_cell(self) -> int | None:
@@ -175,7 +179,7 @@ class Reachability:
         return _violation(smallest, flops_target)
 
 
-class PerCellASHA(FIFOScheduler):
+class PerCellASHA(_PickledState, FIFOScheduler):
     """ASHA early stopping on ``val_top1`` with one bracket per grid cell (``trial.config["cell"]``).
 
     Trials are only ever compared with trials of the same cell. ``stop_last_trials`` is off: a
@@ -220,11 +224,3 @@ class PerCellASHA(FIFOScheduler):
     def debug_string(self) -> str:
         stopped = sum(a._num_stopped for a in self._by_cell.values())
         return f"Using per-cell ASHA ({len(self._by_cell)} cells): num_stopped={stopped}"
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))

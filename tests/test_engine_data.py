@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from rayprune.engine import data
 from rayprune.engine.data import (DataError, Dataset, holdout_per_class, load_dataset, make_loader,
-                                  random_crop_flip, split_per_class, synthetic_dataset)
+                                  random_crop_flip, sample_crop_flip, split_per_class,
+                                  synthetic_dataset)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -160,15 +161,14 @@ def candidates(img_hwc: torch.Tensor, p: int) -> list[torch.Tensor]:
 def test_random_crop_flip_outputs_are_padded_crops_or_their_mirror_images():
     torch.manual_seed(0)
     images = torch.randint(1, 256, (64, 8, 8, 3), dtype=torch.uint8)  # no zeros: padding is visible
-    out = random_crop_flip(images, 2, torch.Generator().manual_seed(0))
+    params = sample_crop_flip(64, 2, torch.Generator().manual_seed(0))
+    out = random_crop_flip(images, params, 2)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    kinds = set()
-    for img, aug in zip(images, out):
-        matches = [i for i, c in enumerate(candidates(img, 2)) if torch.equal(c, aug)]
-        assert matches, "output is not a crop/flip of its input"
-        kinds.add(matches[0])
-    assert len(kinds) > 10  # many distinct shifts and both flips occur
-    assert any(k >= 25 for k in kinds) and any(k < 25 for k in kinds)
+    for img, aug, (dy, dx, flip) in zip(images, out, params.tolist()):
+        # candidates() lists the 25 shifts (row-major), then the same 25 mirrored
+        assert torch.equal(aug, candidates(img, 2)[25 * flip + 5 * dy + dx])
+    assert len({tuple(p) for p in params.tolist()}) > 20  # many distinct shifts, both flips
+    assert set(params[:, 2].tolist()) == {0, 1} and set(params[:, 0].tolist()) == set(range(5))
 
 
 def test_train_loader_is_normalised_channels_last_shuffled_and_seeded():

@@ -40,7 +40,7 @@ from .utils import derive_seed, resolve_device
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DataError", "Dataset",
     "FolderDataset", "Loader", "default_data_dirs", "digits_dataset", "holdout_per_class", "load_cifar",
-    "load_dataset", "make_loader", "split_per_class", "synthetic_dataset",
+    "load_dataset", "make_loader", "random_crop_flip", "sample_crop_flip", "split_per_class", "synthetic_dataset",
 ]
 
 # TAS (methods.md 2.8): pixel statistics on the 0..255 scale, divided by 255.
@@ -324,25 +324,30 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *,
 # --------------------------------------------------------------------------------------------
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+def sample_crop_flip(n: int, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample augmentation parameters ``[n, 3]`` = (row shift, column shift, flip) on the CPU."""
+    shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen)
+    flips = (torch.rand(n, 1, generator=gen) < 0.5).long()
+    return torch.cat([shifts, flips], dim=1)
+
+
+def random_crop_flip(images: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
     """Random crop (zero padding, like torchvision's ``RandomCrop(padding=p)``) and horizontal flip.
 
     Args:
         images: a batch ``[B, H, W, C]`` (any dtype) on any device.
+        params: ``[B, 3]`` from :func:`sample_crop_flip`, on the same device as ``images``.
         padding: pixels of zero padding on each side before cropping back to ``H x W``.
-        gen: CPU generator for the shifts and flips (device-independent randomness).
 
     Returns:
-        ``[B, H, W, C]``, each image shifted by up to ``padding`` px and flipped with probability 1/2.
+        ``[B, H, W, C]``: image ``i`` is the ``H x W`` window at (row, column) shift ``params[i, :2]``
+        of the padded image, mirrored left-right when ``params[i, 2]`` is 1.
     """
     b, h, w, _ = images.shape
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=gen)
-    flip = torch.rand(b, 1, generator=gen) < 0.5
-    cols = torch.arange(w)
+    dy, dx, flip = params[:, 0:1], params[:, 1:2], params[:, 2:3].bool()
+    cols = torch.arange(w, device=images.device)
     cols = dx + torch.where(flip, w - 1 - cols, cols)  # a flip reverses the crop window's columns
-    rows = (dy + torch.arange(h)).to(images.device)
-    cols = cols.to(images.device)
+    rows = dy + torch.arange(h, device=images.device)
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # pads W then H of [B, H, W, C]
     batch = torch.arange(b, device=images.device)
     return padded[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -388,18 +393,22 @@ class Loader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images = self.dataset.on_device(self.device)
         labels = self.dataset.y.to(self.device)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         n = len(self.dataset)
-        order = torch.randperm(n, generator=gen).to(self.device) if self.train else None
+        if self.train:
+            # All of the epoch's randomness in one host->device copy: a copy per batch would
+            # synchronise the host with the GPU every step.
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=gen)
+            params = sample_crop_flip(n, self.dataset.crop_padding, gen)
+            order, params = order.to(self.device), params.to(self.device)
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min(n, (i + 1) * self.batch_size)
-            if order is None:
-                batch, y = images[lo:hi], labels[lo:hi]
-            else:
-                idx = order[lo:hi]
-                batch = random_crop_flip(images[idx], self.dataset.crop_padding, gen)
-                y = labels[idx]
-            yield self._to_input(batch), y
+            if not self.train:
+                yield self._to_input(images[lo:hi]), labels[lo:hi]
+                continue
+            idx = order[lo:hi]
+            batch = random_crop_flip(images[idx], params[lo:hi], self.dataset.crop_padding)
+            yield self._to_input(batch), labels[idx]
 
     def _to_input(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
         # permute of an NHWC-contiguous tensor *is* an NCHW tensor in channels_last layout.

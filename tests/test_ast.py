@@ -9,7 +9,7 @@ import torch
 from rayprune import models
 from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate
-from rayprune.methods import Budget, RunContext, get_method, within_budget
+from rayprune.methods import Budget, RunContext, within_budget
 from rayprune.methods.ast import (AST, ASTHparams, ConvergenceTracker, MovingBaseline, ThreshNet, alpha_sites,
                                   attach_alpha, fold_alpha, map_back, mass_threshold_keep, policy_inputs,
                                   reinforce_step, sample_keep, shrink_to_budget)

@@ -146,3 +146,13 @@ def test_resume_without_a_sweep_to_resume_is_one_clear_error(tmp_path, capsys):
     assert main(["--space", str(tmp_path / "mini.yaml"), "--resume"]) == 2
     assert capsys.readouterr().err == (f"rayprune: error: no sweep named mini-* to resume under "
                                        f"{tmp_path}/results; run without --resume to start one\n")
+
+
+def test_a_local_ray_without_gpus_refuses_gpu_trials(local_ray, tmp_path):
+    from rayprune.orchestration.sweep import SweepError
+
+    cfg = parse_sweep(mini_sweep(tmp_path, resources={"cpu": 1, "gpu": 0.5}))
+    with pytest.raises(SweepError, match=r"^resources.gpu: each trial asks for 0.5 GPUs but this machine's Ray "
+                                         r"has 0; lower resources.gpu or join a cluster with --address auto$"):
+        run_sweep(cfg)
+    assert not (tmp_path / "results").exists()

@@ -12,7 +12,6 @@ from rayprune import models
 from rayprune.engine.data import make_loader, synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate, fit
 from rayprune.methods import Budget, RunContext
-from rayprune.methods._baseline import build_seeded
 from rayprune.methods.sp import (SP, MaskedSupernet, SearchError, WidthSpace, kendall_tau_b,
                                  proxy_rank_correlation, recalibrate_bn, stage_layout)
 from rayprune.models.transfer import extract_subnet
@@ -38,7 +37,7 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
                                   models.full_spec("mobilenet_v2:tiny", num_classes=4)],
                          ids=["resnet_option_a", "resnet_avgpool_conv", "resnet_conv_bn", "mobilenet_v2"])
 def test_masked_supernet_equals_extracted_subnet(spec):
-    model = build_seeded(spec, 0)
+    model = models.build(spec, seed=0)
     randomize_bn(model, 1)
     model.eval()
     net = MaskedSupernet(spec, model, stage_layout(spec, model))
@@ -98,7 +97,7 @@ def make_ctx(tmp_path, teacher=True, budget=0.5, spec=None, **kw):
     spec = spec or tiny_spec()
     train, test = synthetic_dataset(n_train=160, n_test=64, num_classes=4, size=16, seed=0)
     return RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=budget, max_stage_prune=[0.7] * 3),
-                      teacher=build_seeded(spec, 5) if teacher else None, device="cpu", seed=0, workdir=tmp_path,
+                      teacher=models.build(spec, seed=5) if teacher else None, device="cpu", seed=0, workdir=tmp_path,
                       finetune=TrainConfig(epochs=1, batch_size=32, lr=0.05), input_size=16, progress=False, **kw)
 
 
@@ -149,7 +148,7 @@ def test_bn_recalibration_beats_stale_statistics():
     full net; at quarter width, recalibrated statistics must give a better accuracy."""
     train, test = synthetic_dataset(n_train=256, n_test=256, num_classes=4, size=16, seed=0)
     spec = tiny_spec("option_a")
-    model = build_seeded(spec, 0)
+    model = models.build(spec, seed=0)
     net = MaskedSupernet(spec, model, stage_layout(spec, model))
     narrow = {g: max(1, w // 4) for g, w in net.full.items()}
 

@@ -1,7 +1,7 @@
 """Shared pieces of the classic baselines (uniform, l1, fpgm, random).
 
 * Search data: every baseline scores subnets on a per-class search-val split of the training set
-  (:func:`search_split`); the test set is never used for selection.
+  (:meth:`RunContext.search_split`); the test set is never used for selection.
 * Width fitting: :func:`fit_multiplier` bisects a width multiplier so a subnet meets the FLOPs
   target (uniform scaling; random's fallback shrink).
 * Global ranking: :func:`filter_importance` scores every channel of every group from the trained
@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from .. import models
-from ..engine.data import Dataset, make_loader, split_per_class
+from ..engine.data import Dataset, make_loader
 from ..engine.train import TrainConfig, evaluate, fit
 from ..models.base import ChannelGroup, Spec, round_to
 from ..models.transfer import extract_subnet
@@ -39,19 +39,6 @@ def derive_seed(*parts: Any) -> int:
     """A stable 31-bit seed from any parts (e.g. run seed, step); independent of global RNG."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def build_seeded(spec: Spec, seed: int) -> nn.Module:
-    """Build ``spec`` with a weight init that depends only on ``seed`` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return models.build(spec)
-
-
-def search_split(ctx: RunContext, val_fraction: float) -> tuple[Dataset, Dataset]:
-    """(search-train, search-val): per class, ``val_fraction`` of ctx.train goes to search-val."""
-    val_idx, train_idx = split_per_class(ctx.train.labels, val_fraction, ctx.seed)
-    return ctx.train.subset(train_idx), ctx.train.subset(val_idx)
 
 
 def search_config(ctx: RunContext, epochs: int) -> TrainConfig:
@@ -90,7 +77,7 @@ def val_top1(model: nn.Module, data: Dataset, ctx: RunContext) -> float:
 
 def train_and_score(spec: Spec, ctx: RunContext, split: tuple[Dataset, Dataset], epochs: int, seed: int) -> float:
     """Train ``spec`` from a seeded init for ``epochs`` on search-train; search-val top-1."""
-    model = build_seeded(spec, seed).to(ctx.device)
+    model = models.build(spec, seed=seed).to(ctx.device)
     fit(model, split[0], search_config(ctx, epochs), device=ctx.device, seed=seed, progress=False)
     return val_top1(model, split[1], ctx)
 
@@ -277,7 +264,7 @@ class RankedPruning(RecordsMixin):
         return self.steps_done >= 1
 
     def step(self) -> StepResult:
-        split = search_split(self.ctx, self.hp.val_fraction)
+        split = self.ctx.search_split(self.hp.val_fraction)
         metrics = {**self._train_full(split), **self._prune(split)}
         self.steps_done += 1
         return StepResult(step=0, metrics=metrics, subnets=self.records[-1:], done=True)
@@ -291,7 +278,7 @@ class RankedPruning(RecordsMixin):
                                  "pass the unpruned network built from ctx.spec as the teacher")
         else:
             seed = derive_seed(self.ctx.seed, "pretrain")
-            model = build_seeded(self.ctx.spec, seed).to(self.ctx.device)
+            model = models.build(self.ctx.spec, seed=seed).to(self.ctx.device)
             workdir = self.ctx.workdir / "pretrain" if self.ctx.workdir is not None else None
             fit(model, split[0], search_config(self.ctx, self.hp.pretrain_epochs), device=self.ctx.device,
                 seed=seed, checkpoint_dir=workdir, progress=False)

@@ -46,7 +46,7 @@ from ..engine.train import TrainConfig, evaluate, fit
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, subnet_spec, write_back
 from . import register
-from ._baseline import build_seeded, derive_seed, search_split
+from ._baseline import derive_seed
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)
@@ -419,7 +419,7 @@ class AST(Method):
         self.divisors = {g.name: g.divisor for g in self.groups}
         self.full_macs = models.macs(self.spec, self.input_size)
         self.target_macs = ctx.budget.target_macs(self.spec, self.input_size)
-        self.search_train, self.search_val = search_split(ctx, hp.val_fraction)
+        self.search_train, self.search_val = ctx.search_split(hp.val_fraction)
         # Private randomness: α init, Gumbel noise, actions and per-iteration seeds all come from
         # this generator (global RNG is never read), so a resumed run replays exactly.
         self.gen = torch.Generator().manual_seed(derive_seed("ast", ctx.seed))
@@ -438,7 +438,7 @@ class AST(Method):
     # -- setup ---------------------------------------------------------------------------------
     def _initial_target(self) -> dict[str, torch.Tensor]:
         """The target net's state: random (cold start), the teacher's or a checkpoint's weights."""
-        state = build_seeded(self.spec, derive_seed("ast-target", self.ctx.seed)).state_dict()
+        state = models.build(self.spec, seed=derive_seed("ast-target", self.ctx.seed)).state_dict()
         source = self.hp.warm_start
         if source is None:
             return state
@@ -524,7 +524,7 @@ class AST(Method):
         ``sub_alpha`` is updated in place; returns the trained net (α hooks attached) and its
         last training loss."""
         hp, device = self.hp, self.ctx.device
-        net = build_seeded(sub_spec, 0)
+        net = models.build(sub_spec, seed=0)
         net.load_state_dict(sub_state)
         net.to(device)
         for g in sub_alpha:

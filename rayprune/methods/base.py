@@ -199,6 +199,14 @@ class RunContext:
         if self.workdir is not None:
             self.workdir = Path(self.workdir)
 
+    def search_split(self, val_fraction: float) -> tuple[Any, Any]:
+        """(search-train, search-val) of the training set: per class, ``val_fraction`` of the
+        samples go to search-val (seeded by the run's seed). The test set is never involved."""
+        from ..engine.data import split_per_class
+
+        val_idx, train_idx = split_per_class(self.train.labels, val_fraction, self.seed)
+        return self.train.subset(train_idx), self.train.subset(val_idx)
+
 
 # --------------------------------------------------------------------------------------------
 # The interface

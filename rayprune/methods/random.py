@@ -23,7 +23,7 @@ from pydantic import Field
 from .. import models
 from ..models.base import ChannelGroup, Spec, round_to
 from . import register
-from ._baseline import RecordsMixin, Widths, derive_seed, fit_multiplier, search_split, train_and_score
+from ._baseline import RecordsMixin, Widths, derive_seed, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
 
@@ -73,7 +73,7 @@ class RandomSearch(RecordsMixin):
                                                 ctx.budget.target_macs(ctx.spec, ctx.input_size), gen,
                                                 self.hp.max_tries, ctx.input_size)
         spec = models.with_widths(ctx.spec, widths)
-        split = search_split(ctx, self.hp.val_fraction)
+        split = ctx.search_split(self.hp.val_fraction)
         score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "random-train", k))
         record = SubnetRecord.of(spec, {"val_top1": score}, self.name, k, ctx.input_size,
                                  sample=k, tries=tries, shrunk=shrunk)

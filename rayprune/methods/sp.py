@@ -49,7 +49,7 @@ from ..engine.train import TrainConfig, autocast, evaluate, fit, lr_factor, make
 from ..engine.utils import resolve_device
 from ..models.base import Spec, SpecError, round_to
 from . import register
-from ._baseline import build_seeded, derive_seed, fit_multiplier
+from ._baseline import derive_seed, fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Widths = dict[str, int]
@@ -382,7 +382,7 @@ class SP(Method):
         self.space = WidthSpace(ctx.spec, hp.ratios, ctx.budget.min_widths(ctx.spec),
                                 (hp.flops_window_low * self.target, self.target), ctx.input_size)
         self.gen = torch.Generator().manual_seed(ctx.seed)
-        model = build_seeded(ctx.spec, derive_seed(ctx.seed, "supernet")).to(self.device)
+        model = models.build(ctx.spec, seed=derive_seed(ctx.seed, "supernet")).to(self.device)
         self.net = MaskedSupernet(ctx.spec, model, stage_layout(ctx.spec, model))
         self.teacher: nn.Module | None = None
         if ctx.teacher is not None:
@@ -397,7 +397,7 @@ class SP(Method):
 
     # -- teacher ----------------------------------------------------------------------------------
     def _set_teacher(self, state: dict[str, torch.Tensor], init_supernet: bool = True) -> None:
-        teacher = build_seeded(self.ctx.spec, 0)
+        teacher = models.build(self.ctx.spec, seed=0)
         try:
             teacher.load_state_dict(state)
         except RuntimeError as e:
@@ -411,7 +411,7 @@ class SP(Method):
     def _pretrain(self) -> dict[str, float]:
         hp, ctx = self.hp, self.ctx
         seed = derive_seed(ctx.seed, "pretrain")
-        model = build_seeded(ctx.spec, seed).to(self.device)
+        model = models.build(ctx.spec, seed=seed).to(self.device)
         cfg = TrainConfig(epochs=hp.pretrain_epochs, batch_size=hp.batch_size, lr=hp.pretrain_lr)
         ckpt = ctx.workdir / "sp_pretrain" if ctx.workdir is not None else None
         history = fit(model, self.search_train, cfg, device=self.device, seed=seed, checkpoint_dir=ckpt,
@@ -758,7 +758,7 @@ def proxy_rank_correlation(method: SP, n_archs: int = 5, train_cfg: TrainConfig 
         widths = method.space.widths(genes)
         spec = models.with_widths(ctx.spec, widths)
         net_seed = derive_seed(seed, "arch", len(archs))
-        net = build_seeded(spec, net_seed).to(method.device)
+        net = models.build(spec, seed=net_seed).to(method.device)
         fit(net, method.search_train, cfg, device=method.device, seed=net_seed, progress=False)
         real = evaluate(net, method.holdout, device=method.device, batch_size=cfg.eval_batch_size)["top1"]
         archs.append({"widths": widths, "macs": models.macs(spec, ctx.input_size), "real_top1": real,

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from .. import models
 from . import register
-from ._baseline import RecordsMixin, derive_seed, fit_multiplier, search_split, train_and_score
+from ._baseline import RecordsMixin, derive_seed, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
 
@@ -44,7 +44,7 @@ class Uniform(RecordsMixin):
         t, _, widths = fit_multiplier(ctx.spec, full, ctx.budget.min_widths(ctx.spec),
                                       ctx.budget.target_macs(ctx.spec, ctx.input_size), ctx.input_size)
         spec = models.with_widths(ctx.spec, widths)
-        split = search_split(ctx, self.hp.val_fraction)
+        split = ctx.search_split(self.hp.val_fraction)
         score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "uniform"))
         record = SubnetRecord.of(spec, {"val_top1": score}, self.name, 0, ctx.input_size, multiplier=t)
         self.records.append(record)

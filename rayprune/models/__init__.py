@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
@@ -87,9 +88,17 @@ def validate(spec: Spec) -> Spec:
     return spec
 
 
-def build(spec: Spec) -> nn.Module:
-    """Build an ordinary (randomly initialised) nn.Module from a spec."""
-    return family_of(spec).build(spec)
+def build(spec: Spec, seed: int | None = None) -> nn.Module:
+    """Build an ordinary (randomly initialised) nn.Module from a spec.
+
+    With ``seed`` the initial weights depend on it alone and the global RNG is left untouched.
+    """
+    family = family_of(spec)
+    if seed is None:
+        return family.build(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return family.build(spec)
 
 
 def input_size_of(spec: Spec, input_size: int | None = None) -> int:

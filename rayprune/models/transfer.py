@@ -53,8 +53,14 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
     """Slice a full network's state_dict down to a subnet's. Returns (subnet spec, subnet state)."""
     keep = _checked_keep(spec, keep)
     sub = with_widths(spec, {name: int(idx.numel()) for name, idx in keep.items()})
+    axes_by_key = tensor_axes(spec)
+    if tensor_axes(sub).keys() != axes_by_key.keys():
+        # Only possible for specs whose projection shortcuts depend on unequal widths (e.g. a
+        # TAS genotype) when pruning makes the widths equal: the subnet has other modules.
+        raise SpecError("these kept channels change the network's structure (a width-dependent projection "
+                        "shortcut appears or disappears); keep the widths on both sides of it unequal")
     out: dict[str, torch.Tensor] = {}
-    for key, axes in tensor_axes(spec).items():
+    for key, axes in axes_by_key.items():
         t = state[key]
         for dim, group in enumerate(axes):
             if group is not None:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from .. import models
 from ..engine.data import Dataset, make_loader
 from ..engine.train import TrainConfig, evaluate, fit
+from ..engine.utils import derive_seed
 from ..models.base import ChannelGroup, Spec, round_to
 from ..models.transfer import extract_subnet
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
@@ -33,12 +33,6 @@ FilterScore = Callable[[torch.Tensor], torch.Tensor]  # [C_out, ...] weight -> [
 # --------------------------------------------------------------------------------------------
 # Seeds, data, scoring
 # --------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 31-bit seed from any parts (e.g. run seed, step); independent of global RNG."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def search_config(ctx: RunContext, epochs: int) -> TrainConfig:

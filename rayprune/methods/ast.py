@@ -46,7 +46,7 @@ from ..engine.train import TrainConfig, evaluate, fit
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, subnet_spec, write_back
 from . import register
-from ._baseline import derive_seed
+from ..engine.utils import derive_seed
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)

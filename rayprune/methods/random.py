@@ -23,7 +23,8 @@ from pydantic import Field
 from .. import models
 from ..models.base import ChannelGroup, Spec, round_to
 from . import register
-from ._baseline import RecordsMixin, Widths, derive_seed, fit_multiplier, train_and_score
+from ..engine.utils import derive_seed
+from ._baseline import RecordsMixin, Widths, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
 

@@ -49,7 +49,8 @@ from ..engine.train import TrainConfig, autocast, evaluate, fit, lr_factor, make
 from ..engine.utils import resolve_device
 from ..models.base import Spec, SpecError, round_to
 from . import register
-from ._baseline import derive_seed, fit_multiplier
+from ..engine.utils import derive_seed
+from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Widths = dict[str, int]

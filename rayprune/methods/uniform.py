@@ -18,7 +18,8 @@ from pydantic import Field
 
 from .. import models
 from . import register
-from ._baseline import RecordsMixin, derive_seed, fit_multiplier, train_and_score
+from ..engine.utils import derive_seed
+from ._baseline import RecordsMixin, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
 

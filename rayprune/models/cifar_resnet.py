@@ -74,6 +74,27 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
             cin = cout
 
 
+def validate_block_stages(spec: Spec) -> None:
+    """The checks shared by the ResNet-shaped families: block kind, classes, stem and the
+    ``stages`` list of per-block width lists (each error names the field)."""
+    require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
+    require_int(spec["num_classes"], "num_classes")
+    require_int(spec["stem"], "stem")
+    stages = spec["stages"]
+    require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
+    per_block = BLOCKS[spec["block"]]
+    for s, stage in enumerate(stages):
+        require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
+                "must be a non-empty list of blocks (a stage keeps at least one block)")
+        for b, widths in enumerate(stage):
+            where = f"stages[{s}][{b}]"
+            require(isinstance(widths, list) and len(widths) == per_block, where,
+                    f"a {spec['block']} block is a list of {per_block} widths "
+                    f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
+            for j, w in enumerate(widths):
+                require_int(w, f"{where}[{j}]")
+
+
 class OptionA(nn.Module):
     """He et al.'s parameter-free shortcut: subsample by 2, zero-pad channels (half each side)."""
 
@@ -233,23 +254,8 @@ class CifarResNetFamily(Family):
     def validate(self, spec: Spec) -> None:
         check_fields(spec, {"family", "block", "num_classes", "shortcut", "stem", "stages"},
                      ("block", "num_classes", "shortcut", "stem", "stages"))
-        require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
         require(spec["shortcut"] in SHORTCUTS, "shortcut", f"must be one of {list(SHORTCUTS)}, got {spec['shortcut']!r}")
-        require_int(spec["num_classes"], "num_classes")
-        require_int(spec["stem"], "stem")
-        stages = spec["stages"]
-        require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
-        per_block = BLOCKS[spec["block"]]
-        for s, stage in enumerate(stages):
-            require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
-                    "must be a non-empty list of blocks (a stage keeps at least one block)")
-            for b, widths in enumerate(stage):
-                where = f"stages[{s}][{b}]"
-                require(isinstance(widths, list) and len(widths) == per_block, where,
-                        f"a {spec['block']} block is a list of {per_block} widths "
-                        f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
-                for j, w in enumerate(widths):
-                    require_int(w, f"{where}[{j}]")
+        validate_block_stages(spec)
 
     def build(self, spec: Spec) -> nn.Module:
         self.validate(spec)

@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
-                   linear_layer, require, require_int, validate_input_size)
-from .cifar_resnet import init_weights
+                   linear_layer, validate_input_size)
+from .cifar_resnet import BLOCKS, init_weights, validate_block_stages
 
-BLOCKS = {"basic": 2, "bottleneck": 3}
 DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),
           "101": ("bottleneck", (3, 4, 23, 3)), "152": ("bottleneck", (3, 8, 36, 3))}
 PLANES = (64, 128, 256, 512)
@@ -169,23 +168,8 @@ class ResNetFamily(Family):
 
     def validate(self, spec: Spec) -> None:
         check_fields(spec, FIELDS, ("block", "num_classes", "stem", "stages"))
-        require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
-        require_int(spec["num_classes"], "num_classes")
-        require_int(spec["stem"], "stem")
+        validate_block_stages(spec)
         validate_input_size(spec)
-        stages = spec["stages"]
-        require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
-        per_block = BLOCKS[spec["block"]]
-        for s, stage in enumerate(stages):
-            require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
-                    "must be a non-empty list of blocks (a stage keeps at least one block)")
-            for b, widths in enumerate(stage):
-                where = f"stages[{s}][{b}]"
-                require(isinstance(widths, list) and len(widths) == per_block, where,
-                        f"a {spec['block']} block is a list of {per_block} widths "
-                        f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
-                for j, w in enumerate(widths):
-                    require_int(w, f"{where}[{j}]")
 
     def build(self, spec: Spec) -> nn.Module:
         self.validate(spec)

@@ -40,7 +40,7 @@ from torch import nn
 
 from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
                    linear_layer, validate_input_size)
-from .cifar_resnet import BLOCKS, init_weights, validate_block_stages
+from .cifar_resnet import init_weights, validate_block_stages
 
 DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),
           "101": ("bottleneck", (3, 4, 23, 3)), "152": ("bottleneck", (3, 8, 36, 3))}

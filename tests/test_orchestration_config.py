@@ -200,3 +200,23 @@ def test_cluster_installs_the_package_and_runs_mlflow_on_the_head():
     assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
     assert any("InstanceType" in t["node_config"] and t["node_config"]["InstanceType"].startswith("g")
                for t in cfg["available_node_types"].values())
+
+
+def test_unreachable_tracking_server_stops_the_cli_before_ray(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import ray
+
+    from rayprune.orchestration.sweep import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.yaml").write_text((ROOT / "search_spaces" / "quickstart.yaml").read_text())
+    assert main(["--space", "q.yaml", "--mlflow-uri", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rayprune: error: cannot reach the MLflow tracking server at http://127.0.0.1:{port} ")
+    assert err.count("\n") == 1
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]

@@ -119,28 +119,39 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
     out = out or sys.stdout
     _quiet_env()
     sweep_id = _sweep_id(cfg, resume)
-    experiment_path = _join(cfg.storage_path, sweep_id)
-    tracker = _make_tracker(cfg, sweep_id)  # fails fast, before Ray, on an unreachable server
+    _check_tracking_reachable(cfg)  # one clear line within seconds, before Ray starts
     started_ray = _init_ray(address, num_cpus)
-    _TRACKERS[sweep_id] = tracker
     try:
-        parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
-                                                                "rayprune.sweep_file": cfg.name})
-        teacher = _prepare_teacher(cfg, experiment_path)
-        tracker.log_unpruned(_unpruned_record(cfg, teacher))
-        tuner = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume is not None, callbacks)
-        results = tuner.fit()
-        complete = results.num_terminated + results.num_errors == cfg.num_trials()
-        if complete and cfg.finetune_front:
-            _finetune_front(cfg, sweep_id, tracker, results)
-        tracker.finish("FINISHED" if complete else "KILLED")  # also refreshes the fronts
-        print_front(tracker, cfg, out)
-        return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results),
-                            compute_fronts(tracker.store.rows()))
+        if address is None:
+            _check_local_resources(cfg)
+        _TRACKERS[sweep_id] = tracker = _make_tracker(cfg, sweep_id)
+        return _drive(cfg, sweep_id, tracker, resume is not None, callbacks, out)
     finally:
         _TRACKERS.pop(sweep_id, None)
         if started_ray:
             ray.shutdown()
+
+
+def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Sequence[tune.Callback],
+           out: TextIO) -> SweepOutcome:
+    """Parent run, teacher, Tune, front fine-tune, output; the parent run is FAILED on an error."""
+    experiment_path = _join(cfg.storage_path, sweep_id)
+    parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
+                                                            "rayprune.sweep_file": cfg.name})
+    try:
+        teacher = _prepare_teacher(cfg, experiment_path)
+        tracker.log_unpruned(_unpruned_record(cfg, teacher))
+        results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
+        complete = results.num_terminated + results.num_errors == cfg.num_trials()
+        if complete and cfg.finetune_front:
+            _finetune_front(cfg, sweep_id, tracker, results)
+    except BaseException:
+        tracker.client.set_terminated(parent, status="FAILED")  # --resume reopens it
+        raise
+    tracker.finish("FINISHED" if complete else "KILLED")  # also refreshes the fronts
+    print_front(tracker, cfg, out)
+    return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results),
+                        compute_fronts(tracker.store.rows()))
 
 
 def _quiet_env() -> None:
@@ -172,6 +183,16 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     print(f"Ray cluster at {ray.get_runtime_context().gcs_address} ({'joined' if address else 'local'}): "
           f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
     return True
+
+
+def _check_local_resources(cfg: SweepConfig) -> None:
+    """A local Ray cannot grow: refuse trials that would wait forever for a GPU or CPUs."""
+    have = ray.cluster_resources()
+    for key, field in (("CPU", "cpu"), ("GPU", "gpu")):
+        need = getattr(cfg.resources, field)
+        if need > have.get(key, 0):
+            raise SweepError(f"resources.{field}: each trial asks for {need:g} {key}s but this machine's Ray has "
+                             f"{have.get(key, 0):g}; lower resources.{field} or join a cluster with --address auto")
 
 
 def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
@@ -215,6 +236,16 @@ def _resolved(cfg: SweepConfig) -> dict[str, Any]:
 # sweep id -> SweepTracker of the running driver. The callback is pickled with the experiment
 # (Tune saves its RunConfig), so it holds only the id and finds the live tracker here.
 _TRACKERS: dict[str, Any] = {}
+
+
+def _check_tracking_reachable(cfg: SweepConfig) -> None:
+    from ..tracking import TrackingError
+    from ..tracking.mlflow_tracker import check_reachable
+
+    try:
+        check_reachable(cfg.tracking.uri)
+    except TrackingError as e:
+        raise SweepError(str(e)) from None
 
 
 def _make_tracker(cfg: SweepConfig, sweep_id: str):

@@ -68,7 +68,10 @@ def store_of(experiment_path: Path) -> SubnetStore:
     return SubnetStore(experiment_path / "rayprune" / "subnets.parquet")
 
 
-def check_tracking(cfg, experiment_path: Path) -> None:
+GRID = [(0.5, 0.0), (0.5, 0.9), (0.7, 0.0), (0.7, 0.9)]
+
+
+def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     """MLflow and Parquet hold exactly what the trials reported, once."""
     rows = store_of(experiment_path).rows()
     search, finals = reported(experiment_path)
@@ -88,8 +91,8 @@ def check_tracking(cfg, experiment_path: Path) -> None:
     trials = [r for r in runs if r.data.tags.get("rayprune.role") == "trial"]
     assert len(trials) == cfg.num_trials()
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in trials)
-    cells = sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials)
-    assert cells == [(0.5, 0.0), (0.5, 0.9), (0.7, 0.0), (0.7, 0.9)]  # every cell, exactly once
+    assert sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials) \
+        == cells  # every cell, exactly once
     for run in trials:  # one metric point per reported step, even across a resume
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
         assert sorted(steps) == list(range(len(steps))) and steps
@@ -139,6 +142,33 @@ def test_interrupted_sweep_resumes_without_losing_or_duplicating(local_ray, tmp_
     assert second.sweep_id == first.sweep_id and second.parent_run_id == first.parent_run_id
     assert second.complete and second.num_trials == cfg.num_trials()
     check_tracking(cfg, experiment_path)
+
+
+class KillWorkerOnce(tune.Callback):
+    """SIGKILLs the trial's worker process (a crash) once its first checkpoint is registered."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os.kill(trial.last_result["pid"], signal.SIGKILL)
+
+
+def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path):
+    cfg = parse_sweep(mini_sweep(tmp_path, grid={"flops_targets": [0.6], "kd_weights": [0.0]}, teacher=None,
+                                 methods=[{"name": "random", "hparams": {"samples": 3, "eval_epochs": 1}}],
+                                 finetune_front=False, max_failures=1))
+    outcome = run_sweep(cfg, callbacks=[KillWorkerOnce(str(tmp_path / "killed"))])
+    assert (tmp_path / "killed").exists() and outcome.complete
+    experiment_path = Path(outcome.experiment_path)
+    (result_file,) = experiment_path.glob("*/result.json")
+    results = [json.loads(line) for line in result_file.read_text().splitlines()]
+    assert [r["steps_done"] for r in results] == [1, 2, 3, 3]  # 3 steps, then the final report; none twice
+    assert len({r["pid"] for r in results}) == 2  # a new worker took over ...
+    assert results[1]["iterations_since_restore"] == 1  # ... restored from the checkpoint of step 1
+    check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
 
 
 def test_resume_without_a_sweep_to_resume_is_one_clear_error(tmp_path, capsys):

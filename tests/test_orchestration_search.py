@@ -40,7 +40,7 @@ def test_every_cell_gets_exactly_its_trials_round_robin():
     for c in configs:
         cell = CELLS[c["cell"]]
         assert (c["method"], c["flops_target"], c["kd_weight"]) == tuple(cell)
-        assert all(low <= r <= high for r, (low, high) in zip(c["max_stage_prune"], RANGES))
+        assert all(low <= r <= high for r, (low, high) in zip(c["max_stage_prune"], RANGES, strict=True))
     assert [len(s.trials) for s in searcher.studies] == [3, 3, 3]  # one study per cell, nothing shared
 
 
@@ -96,7 +96,7 @@ def test_unreachable_budgets_are_told_infeasible_and_never_run():
 
 
 def test_falls_back_to_the_loosest_budget_when_redraws_run_out():
-    always_bad = lambda target, rates: 0.0 if rates == [0.8, 0.6, 0.5] else 1.0  # noqa: E731
+    always_bad = lambda target, rates: 0.0 if rates == [0.8, 0.6, 0.5] else 1.0
     searcher = CellSearcher(CELLS[:1], 1, RANGES, seed=0, feasibility=always_bad, max_redraws=3)
     config = searcher.suggest("a")
     assert config["max_stage_prune"] == [0.8, 0.6, 0.5]
@@ -149,7 +149,7 @@ def test_asha_compares_trials_only_within_their_cell():
     high, low, low2 = fake_trial("h", 1), fake_trial("l", 0), fake_trial("l2", 0)
     for t in (high, low, low2):
         asha.on_trial_add(None, t)
-    result = lambda acc: {"training_iteration": 1, "val_top1": acc}  # noqa: E731
+    result = lambda acc: {"training_iteration": 1, "val_top1": acc}
     assert asha.on_trial_result(None, high, result(0.9)) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, low, result(0.3)) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, low2, result(0.1)) == TrialScheduler.STOP

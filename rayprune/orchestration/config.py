@@ -328,8 +328,9 @@ def _check_semantics(cfg: SweepConfig) -> None:
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
         ckpt = Path(_abs(cfg.teacher.checkpoint))
         if not (ckpt / "spec.json").is_file():
-            raise _FieldError("teacher.checkpoint", f"{ckpt} is not a saved subnet dir (no spec.json there); "
-                                                    "point it at a dir written by `rayprune run` (final/) or use teacher.recipe")
+            raise _FieldError("teacher.checkpoint",
+                              f"{ckpt} is not a saved subnet dir (no spec.json there); point it at a dir "
+                              "written by `rayprune run` (final/) or `rayprune teacher`, or use teacher.recipe")
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise _FieldError("methods", f"each method may appear once, got {names}")

@@ -24,7 +24,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 import pyarrow.fs
 import ray
@@ -32,9 +33,9 @@ import torch
 from ray import tune
 
 from .. import models
+from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
 from ..tracking.pareto import compute_fronts
 from ..tracking.store import row_key
-from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
 from .config import SweepConfig, SweepConfigError, load_sweep
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .trainable import FINAL_DIR, STATE_FILE, localize, run_tune_trial, trial_config
@@ -188,11 +189,11 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
 def _check_local_resources(cfg: SweepConfig) -> None:
     """A local Ray cannot grow: refuse trials that would wait forever for a GPU or CPUs."""
     have = ray.cluster_resources()
-    for key, field in (("CPU", "cpu"), ("GPU", "gpu")):
-        need = getattr(cfg.resources, field)
+    for key, name in (("CPU", "cpu"), ("GPU", "gpu")):
+        need = getattr(cfg.resources, name)
         if need > have.get(key, 0):
-            raise SweepError(f"resources.{field}: each trial asks for {need:g} {key}s but this machine's Ray has "
-                             f"{have.get(key, 0):g}; lower resources.{field} or join a cluster with --address auto")
+            raise SweepError(f"resources.{name}: each trial asks for {need:g} {key}s but this machine's Ray has "
+                             f"{have.get(key, 0):g}; lower resources.{name} or join a cluster with --address auto")
 
 
 def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
@@ -471,9 +472,9 @@ def _finetune_front(cfg: SweepConfig, sweep_id: str, tracker, results) -> None:
     print(f"Fine-tuning {len(todo)} Pareto-front member(s) with recipes.finetune ...", flush=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
     refs = [task.remote(_member_config(cfg, r.config), _record_of(m), r.checkpoint) for m, r in todo]
-    for (member, _), (record, state) in zip(todo, ray.get(refs)):
-        target = _driver_dir(cfg, sweep_id) / "finetuned" / f"{member['trial_id']}-{member['step']}-{member['spec_hash']}"
-        save_subnet(target, record["spec"], state, record)
+    for (member, _), (record, state) in zip(todo, ray.get(refs), strict=True):
+        name = f"{member['trial_id']}-{member['step']}-{member['spec_hash']}"
+        target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / name, record["spec"], state, record)
         tracker.log_finetuned(member["key"], record, target)
 
 
@@ -501,7 +502,8 @@ def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
         method = build_method(tc, Path(work) / "method")
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                method.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["method"])
+                saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+            method.load_state_dict(saved["method"])
         result = finetune_subnet(member, method.ctx, method.initial_weights(member), progress=False)
     return result.record.to_dict(), result.state_dict
 

@@ -66,7 +66,11 @@ class SweepOutcome:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayprune sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="rayprune sweep",
+        description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its trials, "
+                    "Optuna picks the per-stage pruning budgets, MLflow records every subnet and the Pareto "
+                    "fronts. Same as python launch/sweep.py.")
     p.add_argument("--space", required=True, metavar="FILE", help="sweep file (search_spaces/*.yaml)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)")
@@ -431,7 +435,9 @@ def _make_tuner(cfg: SweepConfig, sweep_id: str, experiment_path: str, teacher: 
         # No metric/mode here: a "best trial" across cells of different FLOPs targets means nothing.
         tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=scheduler,
                                     num_samples=cfg.num_trials(), max_concurrent_trials=cfg.max_concurrent_trials,
-                                    reuse_actors=True,  # saves each trial the worker's imports and data load
+                                    # CPU trials reuse their worker (imports, data): seconds per short trial.
+                                    # GPU trials do not, so no trial inherits another's CUDA memory cache.
+                                    reuse_actors=cfg.resources.gpu == 0,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=sweep_id, storage_path=cfg.storage_path,

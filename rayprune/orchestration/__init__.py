@@ -1,0 +1,13 @@
+"""Orchestration: sweeps on Ray Tune with per-cell Optuna budgets (the only package importing
+ray and optuna).
+
+* :mod:`.config` -- the sweep file schema (``search_spaces/*.yaml``): ``load_sweep(path)``.
+* :mod:`.search` -- ``CellSearcher`` (one seeded Optuna study per FLOPs target x KD weight cell,
+  choosing the per-stage pruning budgets) and ``PerCellASHA``.
+* :mod:`.trainable` -- ``run_tune_trial``: one method run as a Tune trial (reports and
+  checkpoints after every step; never touches MLflow).
+* :mod:`.sweep` -- the driver: ``main(argv)`` for ``rayprune sweep`` / ``launch/sweep.py``,
+  ``run_sweep(cfg)``; its Tune callback is the only writer to the tracking store.
+
+Nothing is imported here: ``import ray`` takes seconds, and ``rayprune --help`` should not.
+"""

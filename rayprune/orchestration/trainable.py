@@ -30,8 +30,6 @@ from .search import FINAL_KEY, METRIC
 
 STATE_FILE = "state.pt"
 FINAL_DIR = "final"
-# Keys the searcher adds to a trial's config; the rest comes from the sweep's param_space.
-SUGGESTED_KEYS = ("cell", "method", "flops_target", "kd_weight", "max_stage_prune", "optuna_number")
 
 
 def trial_config(config: dict[str, Any]) -> TrialConfig:

@@ -143,6 +143,14 @@ def test_proxy_rank_correlation_reports_tau_over_in_window_archs(searched):
     assert out["kendall_tau"] == expected or (math.isnan(expected) and math.isnan(out["kendall_tau"]))
 
 
+
+def test_rank_check_is_reported_with_the_last_step_only(tmp_path):
+    method = SP(make_ctx(tmp_path), {**SP.smoke, "rank_archs": 3, "rank_epochs": 1})
+    results = method.run()
+    assert all("kendall_tau" not in r.metrics for r in results[:-1])
+    last = results[-1].metrics
+    assert last["rank_archs"] == 3 and (-1.0 <= last["kendall_tau"] <= 1.0 or math.isnan(last["kendall_tau"]))
+
 def test_bn_recalibration_beats_stale_statistics():
     """A super-net trained at full and quarter width shares BN statistics that mostly fit the
     full net; at quarter width, recalibrated statistics must give a better accuracy."""

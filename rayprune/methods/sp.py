@@ -85,6 +85,9 @@ class SPHparams(MethodHparams):
     mutation_prob: float = Field(0.1, ge=0, le=1)
     flops_window_low: float = Field(0.97, gt=0, le=1, description="candidates need MACs >= this * target")
     sample_retries: int = Field(200, ge=1, description="restarts when sampling into the FLOPs window")
+    rank_archs: int = Field(0, ge=0, description="after the search, Kendall tau of proxy vs real accuracy on this "
+                                                 "many random in-window archs (0: off; SP's central claim)")
+    rank_epochs: int = Field(5, ge=1, description="training epochs of each arch of the Kendall tau check")
 
     @field_validator("ratios")
     @classmethod
@@ -663,8 +666,17 @@ class SP(Method):
         else:
             metrics, records = self._search_generation(a)
         self.steps_done += 1
+        if self.done and self.hp.rank_archs > 0:
+            metrics.update(self._rank_check())
         return StepResult(step=self.steps_done - 1, metrics={k: float(v) for k, v in metrics.items()},
                           subnets=records, done=self.done)
+
+    def _rank_check(self) -> dict[str, float]:
+        """Kendall tau of the proxies against short real trainings (reported with the last step)."""
+        cfg = (self.ctx.finetune or TrainConfig()).model_copy(update={"kd_weight": 0.0, "epochs": self.hp.rank_epochs})
+        rank = proxy_rank_correlation(self, self.hp.rank_archs, cfg, seed=derive_seed(self.ctx.seed, "rank"))
+        return {"kendall_tau": rank["kendall_tau"], "kendall_tau_loss": rank["kendall_tau_loss"],
+                "rank_archs": rank["n_archs"]}
 
     def best(self) -> SubnetRecord:
         """The candidate with the best proxy top-1 (ties: lower proxy loss). Before the search

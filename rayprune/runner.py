@@ -88,7 +88,7 @@ def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
     if not (path / "spec.json").is_file() or not (path / "weights.pt").is_file():
         raise FileNotFoundError(f"{path} is not a saved subnet (expected spec.json and weights.pt in it)")
     spec = models.load_spec(path / "spec.json")
-    net = models.build(spec)
+    net = models.build(spec, seed=0)  # seeded: the init is overwritten, the global RNG untouched
     net.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
     return spec, net
 
@@ -213,8 +213,7 @@ def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec:
     train, test = load_data(dataset, data_dir, train_subset, test_subset)
     cfg = TrialConfig(method="uniform", model=model, spec=spec, shortcut=shortcut, dataset=dataset, flops_target=1.0)
     full = resolve_spec(cfg, train.num_classes)
-    torch.manual_seed(seed)
-    net = models.build(full)
+    net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
     fit(net, train, TrainConfig(**(recipe or {})), device=device, seed=seed,
         checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt", progress=progress)
     metrics = {f"test_{k}": v for k, v in evaluate(net, test, device=device).items()}

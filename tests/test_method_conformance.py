@@ -96,9 +96,13 @@ def test_state_dict_round_trip_resumes_exactly(name, tmp_path):
 def test_finalize_reports_true_macs(name, tmp_path):
     cls = get_method(name)
     ctx = make_ctx(tmp_path, kd_weight=0.9)
+    torch.manual_seed(4321)
+    caller_rng = torch.get_rng_state()
     method = cls(ctx, cls.smoke)
     method.run(max_steps=2)
     final = method.finalize(progress=False)
+    # Search and fine-tune draw from their own seeded generators, never the caller's stream.
+    assert torch.equal(torch.get_rng_state(), caller_rng)
     rec = final.record
     assert rec.macs == models.macs(rec.spec, ctx.input_size)
     for key in ("test_top1", "test_top5", "robust_top1", "latency_ms_b1_p50"):

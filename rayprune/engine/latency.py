@@ -57,7 +57,9 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], *, device: str
     try:
         with torch.inference_mode():
             for b in batch_sizes:
-                x = torch.randn(b, *input_shape, device=device).contiguous(memory_format=torch.channels_last)
+                # A private generator: timing must not advance the caller's global RNG.
+                gen = torch.Generator().manual_seed(b)
+                x = torch.randn(b, *input_shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
                 for _ in range(warmup):
                     model(x)
                 times = [_time_call_ms(model, x) for _ in range(repeats)]

@@ -285,7 +285,7 @@ class RankedPruning(RecordsMixin):
         order = removal_order(importance, ctx.budget.min_widths(ctx.spec))
         self.keep = fit_removals(ctx.spec, order, ctx.budget.target_macs(ctx.spec, ctx.input_size), ctx.input_size)
         spec, state = extract_subnet(ctx.spec, self.full_state, self.keep)
-        model = models.build(spec).to(ctx.device)
+        model = models.build(spec, seed=0).to(ctx.device)  # seeded: the init is overwritten anyway
         model.load_state_dict(state)
         recalibrate_bn(model, split[0], ctx, self.hp.bn_recal_batches)
         if self.hp.eval_epochs:

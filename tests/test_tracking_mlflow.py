@@ -54,7 +54,7 @@ def saved(tmp, tag, name, rec, seed):
 def run_sweep(tracker, tmp):
     tracker.start_sweep("sweep-a", CONFIG, {"base_model": "cifar_resnet:tiny"})
     tracker.log_unpruned(SubnetRecord.of(TINY, {"test_top1": 0.9, "robust_top1": 0.7}, "unpruned", 0).to_dict())
-    tracker.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}})
+    tracker.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}, run_name="uniform_f0.5_kd0_t1")
     tracker.log_step("t1", 0, {"loss": 1.5}, [record("A", val_top1=0.50), record("B", val_top1=0.70)])
     tracker.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)])
     final_b = record("B", 1, test_top1=0.85, robust_top1=0.50)
@@ -101,6 +101,8 @@ def test_parent_run_has_config_params_versions_and_front_artifacts(sweep, tmp_pa
     client, tracker = sweep["client"], sweep["tracker"]
     (parent,) = runs_of(client, tracker.experiment_id, "sweep")
     assert parent.info.run_id == tracker.parent_run_id and parent.info.status == "FINISHED"
+    # a model-development experiment, not one the MLflow 3 UI opens in GenAI mode
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["seed"] == "3" and parent.data.params["data_dir"] == "/data"
     assert parent.data.tags["rayprune.sweep_id"] == "sweep-a" and parent.data.tags["base_model"] == "cifar_resnet:tiny"
     assert parent.data.tags["version.torch"] == metadata.version("torch")
@@ -124,6 +126,7 @@ def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
     client, tracker = sweep["client"], sweep["tracker"]
     trials = {r.data.tags["rayprune.trial_id"]: r for r in runs_of(client, tracker.experiment_id, "trial")}
     assert sorted(trials) == ["t1", "t2", "t3"]
+    assert [trials[t].info.run_name for t in ("t1", "t2", "t3")] == ["uniform_f0.5_kd0_t1", "t2", "t3"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials.values()} == {tracker.parent_run_id}
     assert [trials[t].info.status for t in ("t1", "t2", "t3")] == ["FINISHED", "FINISHED", "FAILED"]
     assert trials["t1"].data.params["hparams.lr"] == "0.1"

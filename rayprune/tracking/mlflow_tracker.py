@@ -51,6 +51,8 @@ TRIAL_TAG = "rayprune.trial_id"
 MEMBER_TAG = "rayprune.member_key"
 LAST_STEP_TAG = "rayprune.last_step"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: the UI's table viewer
+# MLflow 3's UI opens an experiment without this tag in GenAI (traces) mode; ours holds model runs.
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 FRONT_TAGS = {"search": "rayprune.is_pareto", "final": "rayprune.is_pareto_final",
               "robust": "rayprune.is_pareto_robust"}
 SUBNETS_ARTIFACT = "subnets.parquet"
@@ -319,7 +321,8 @@ class SweepTracker:
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return self.client.create_experiment(name, artifact_location=self._artifact_location())
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(),
+                                                 tags=EXPERIMENT_KIND_TAGS)
         if experiment.lifecycle_stage != "active":
             raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
                                 "pass another --experiment")
@@ -413,14 +416,15 @@ class SweepTracker:
             raise RuntimeError("SweepTracker: call start_sweep(...) first")
 
     # -- trials -----------------------------------------------------------------------------------
-    def trial_started(self, trial_id: str, params: dict[str, Any] | None = None) -> str:
-        """The child run of ``trial_id`` (created once; reopened on resume); returns its id."""
+    def trial_started(self, trial_id: str, params: dict[str, Any] | None = None, run_name: str | None = None) -> str:
+        """The child run of ``trial_id`` (created once; reopened on resume); returns its id.
+        ``run_name`` is what the UI lists (e.g. Tune's ``ast_f0.5_kd0.9_<id>``; default the id)."""
         self._require_sweep()
         trial_id = str(trial_id)
         flat = flatten_params(params or {})
         run_id = self._trial_runs.get(trial_id)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+            run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags={
                 PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_id})
             run_id = self._trial_runs[trial_id] = run.info.run_id
             self._reattached.add(run_id)

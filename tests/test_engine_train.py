@@ -15,8 +15,9 @@ from torch import nn
 
 from rayprune import models
 from rayprune.engine import checkpoint as ckpt
-from rayprune.engine.data import Dataset, load_dataset, synthetic_dataset
-from rayprune.engine.train import (TrainConfig, evaluate, fit, kd_loss, make_optimizer, make_scheduler)
+from rayprune.engine.data import Dataset, load_dataset, make_loader, synthetic_dataset
+from rayprune.engine.train import (TrainConfig, evaluate, fit, kd_loss, make_optimizer, make_scheduler,
+                                  recalibrate_bn, recalibration_batches)
 from rayprune.engine.utils import resolve_device
 
 # -- KD -----------------------------------------------------------------------------------------
@@ -175,6 +176,27 @@ def test_custom_loss_kd_teacher_and_missing_teacher():
     assert math.isfinite(hist[0]["loss"]) and not teacher.training  # the teacher runs in eval mode
     with pytest.raises(ValueError, match="needs a teacher"):
         fit(net, train, kd, progress=False)
+
+
+def test_bn_recalibration_draws_a_seeded_subset_across_classes():
+    train, _ = synthetic_dataset(n_train=64, n_test=8, num_classes=4, size=8, seed=0)
+    by_class = train.subset(torch.argsort(train.labels, stable=True))  # as an image folder: class-sorted
+    rows = next(iter(make_loader(by_class, 64, train=False)))[0].flatten(1)
+
+    def drawn(seed: int) -> list[int]:
+        batches = list(recalibration_batches(by_class, 20, 8, device="cpu", seed=seed))
+        assert [len(x) for x in batches] == [8, 8, 4]
+        return [int((rows == x).all(1).nonzero()) for x in torch.cat(batches).flatten(1)]
+
+    picked = drawn(3)
+    assert len(set(picked)) == 20 and picked == drawn(3) and picked != drawn(4)
+    assert len(set(by_class.labels[picked].tolist())) > 1  # the first 20 rows would be one class
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    recalibrate_bn(net, recalibration_batches(by_class, 16, 8, device="cpu", seed=3))
+    conv_out = net[0](torch.cat(list(recalibration_batches(by_class, 16, 8, device="cpu", seed=3))))
+    assert not net.training  # left in eval mode, with the mean of the drawn images (equal batches)
+    torch.testing.assert_close(net[1].running_mean, conv_out.mean((0, 2, 3)).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_device():

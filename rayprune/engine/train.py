@@ -29,7 +29,8 @@ from . import checkpoint as ckpt
 from .data import Loader, make_loader
 from .utils import resolve_device
 
-__all__ = ["TrainConfig", "autocast", "evaluate", "fit", "kd_loss", "make_optimizer", "make_scheduler"]
+__all__ = ["TrainConfig", "autocast", "evaluate", "fit", "kd_loss", "make_optimizer", "make_scheduler",
+           "recalibrate_bn", "recalibration_batches"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -195,6 +196,39 @@ def evaluate(model: nn.Module, data: Any, *, device: str | torch.device = "cpu",
     if n == 0:
         raise ValueError("evaluate: the dataset is empty")
     return {"top1": correct1.item() / n, "top5": correctk.item() / n, "loss": loss_sum.item() / n}
+
+
+def recalibration_batches(data: Any, images: int, batch_size: int, *, device: str | torch.device,
+                          seed: int) -> Iterator[torch.Tensor]:
+    """Un-augmented image batches of a seeded random subset of ``images`` samples of ``data``.
+
+    Random, not the first samples: splits keep the dataset's order, and image-folder datasets
+    are sorted by class, so leading batches would hold one or two classes only.
+    """
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:images]
+    for x, _ in make_loader(data.subset(pick), batch_size, train=False, device=device):
+        yield x
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every BN's running statistics as the cumulative average (momentum=None) over
+    ``batches`` forwarded in train mode; leaves the model in eval mode.
+
+    A pruned or weight-shared subnet's narrower inputs shift each layer's statistics, so
+    inherited (or super-net) running stats would mis-normalise it; this costs forward passes only.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from .. import models
-from ..engine.data import Dataset, make_loader
-from ..engine.train import TrainConfig, evaluate, fit
+from ..engine.data import Dataset
+from ..engine.train import TrainConfig, evaluate, fit, recalibrate_bn, recalibration_batches
 from ..engine.utils import derive_seed
 from ..models.base import ChannelGroup, Spec, round_to
 from ..models.transfer import extract_subnet
@@ -40,29 +40,6 @@ def search_config(ctx: RunContext, epochs: int) -> TrainConfig:
     base = ctx.finetune or TrainConfig()
     return base.model_copy(update={"epochs": epochs, "warmup_epochs": 0, "schedule": "cosine",
                                    "milestones": [], "kd_weight": 0.0})
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Dataset, ctx: RunContext, batches: int) -> None:
-    """Re-estimate BN running statistics on ``batches`` un-augmented batches (cumulative mean).
-
-    Pruning a layer's *inputs* shifts the next layer's pre-activation statistics, so inherited
-    running stats are stale; recalibrating costs forward passes only.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the recalibration batches
-    model.train()
-    loader = make_loader(data, search_config(ctx, 1).batch_size, train=False, device=ctx.device)
-    for i, (x, _) in enumerate(loader):
-        if i >= batches:
-            break
-        model(x)
-    for m, momentum in zip(bns, saved):
-        m.momentum = momentum
-    model.eval()
 
 
 def val_top1(model: nn.Module, data: Dataset, ctx: RunContext) -> float:
@@ -287,7 +264,9 @@ class RankedPruning(RecordsMixin):
         spec, state = extract_subnet(ctx.spec, self.full_state, self.keep)
         model = models.build(spec, seed=0).to(ctx.device)  # seeded: the init is overwritten anyway
         model.load_state_dict(state)
-        recalibrate_bn(model, split[0], ctx, self.hp.bn_recal_batches)
+        batch = search_config(ctx, 1).batch_size
+        recalibrate_bn(model, recalibration_batches(split[0], self.hp.bn_recal_batches * batch, batch,
+                                                    device=ctx.device, seed=derive_seed(ctx.seed, "recalib")))
         if self.hp.eval_epochs:
             fit(model, split[0], search_config(ctx, self.hp.eval_epochs), device=ctx.device,
                 seed=derive_seed(ctx.seed, "eval"), progress=False)

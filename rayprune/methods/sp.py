@@ -45,7 +45,8 @@ from torch import nn
 
 from .. import models
 from ..engine.data import holdout_per_class, make_loader
-from ..engine.train import TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer
+from ..engine.train import (TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer, recalibrate_bn,
+                            recalibration_batches)
 from ..engine.utils import resolve_device
 from ..models.base import Spec, SpecError, round_to
 from . import register
@@ -380,8 +381,6 @@ class SP(Method):
         self.device = resolve_device(ctx.device)
         rest, held = holdout_per_class(ctx.train.labels, hp.proxy_per_class, ctx.seed)
         self.search_train, self.holdout = ctx.train.subset(rest), ctx.train.subset(held)
-        order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(derive_seed(ctx.seed, "recalib")))
-        self.recalib_set = self.search_train.subset(order[: hp.recalib_images])
         self.target = ctx.budget.target_macs(ctx.spec, ctx.input_size)
         self.space = WidthSpace(ctx.spec, hp.ratios, ctx.budget.min_widths(ctx.spec),
                                 (hp.flops_window_low * self.target, self.target), ctx.input_size)
@@ -557,8 +556,9 @@ class SP(Method):
         saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
         self.net.set_widths(widths)
         try:
-            recalib = make_loader(self.recalib_set, self.hp.eval_batch_size, train=False, device=self.device)
-            recalibrate_bn(model, (x for x, _ in recalib))
+            recalibrate_bn(model, recalibration_batches(self.search_train, self.hp.recalib_images,
+                                                        self.hp.eval_batch_size, device=self.device,
+                                                        seed=derive_seed(self.ctx.seed, "recalib")))
             correct, loss, n = 0, 0.0, 0
             for x, y, feats in self._holdout_batches():
                 correct += int((model(x).argmax(1) == y).sum())
@@ -712,27 +712,6 @@ class SP(Method):
         self.gen.set_state(state["rng"])
         self.evaluated = {tuple(e["key"]): copy.deepcopy(e) for e in state["evaluated"]}
         self._cache.clear()
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate every BN's running statistics as the cumulative average (momentum=None) over
-    ``batches`` forwarded in train mode; leaves the model in eval mode.
-
-    A subnet's narrower inputs shift each layer's statistics, so the super-net's shared running
-    stats would mis-normalise it (SP §4.2 item 5).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x in batches:
-        model(x)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.eval()
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ from torch import nn
 
 from .. import models
 from ..engine.data import Dataset, make_loader, split_per_class
-from ..engine.train import TrainConfig, autocast, evaluate, make_optimizer, make_scheduler
+from ..engine.train import (TrainConfig, autocast, evaluate, make_optimizer, make_scheduler, recalibrate_bn,
+                            recalibration_batches)
 from ..engine.utils import derive_seed
 from ..models import cifar_resnet, resnet
 from ..models.base import Layer, Spec, SpecError, spec_hash
@@ -797,8 +798,8 @@ class TAS(Method):
         """Search-val top-1 of the super-net restricted to ``spec`` (None if that is impossible).
 
         Running BN statistics accumulated under the search mixture do not match a single path,
-        so a copy of the net first re-estimates them on ``bn_recalibration_batches`` search-train
-        batches (as one-shot NAS evaluations do); the search state is left untouched.
+        so a copy of the net first re-estimates them on ``bn_recalibration_batches`` batches of a
+        seeded random search-train subset (as one-shot NAS evaluations do); the search state is left untouched.
         """
         sample = self.net.fixed_sample(spec)
         if sample is None:
@@ -810,17 +811,12 @@ class TAS(Method):
                           amp=self.hp.amp)
         return float(result["top1"])
 
-    @torch.no_grad()
     def _recalibrate_bn(self, path: nn.Module) -> None:
-        for m in path.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the recalibration batches
-        path.train()
-        loader = make_loader(self.search_train, self.hp.batch_size, train=False, device=self.device)
-        with autocast(self.device, self.hp.amp):
-            for _, (x, _) in zip(range(self.hp.bn_recalibration_batches), loader):
-                path(x)
+        hp = self.hp
+        batches = recalibration_batches(self.search_train, hp.bn_recalibration_batches * hp.batch_size,
+                                        hp.batch_size, device=self.device, seed=derive_seed(self.ctx.seed, "recalib"))
+        with autocast(self.device, hp.amp):
+            recalibrate_bn(path, batches)
 
     def _record(self, spec: Spec, val: float, step: int, **source: Any) -> SubnetRecord:
         ctx = self.ctx

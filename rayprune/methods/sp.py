@@ -480,14 +480,16 @@ class SP(Method):
         randoms = [("random", self.space.widths(self.space.random(self.gen))) for _ in range(self.hp.n_random)]
         return [("full", self.space.full), ("tiny", self.space.tiny()), *randoms]
 
-    def _batch_losses(self, s: int, x_in: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def _batch_losses(self, s: int, x_in: torch.Tensor, target: torch.Tensor,
+                      y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sandwich forward/backward on one batch (gradients accumulate). Returns the summed
-        objective (``loss``) and the mean loss of each config kind (``loss_full``, ...)."""
+        objective (``loss``) and the mean loss of each config kind (``loss_full``, ...), as
+        detached 0-d tensors on the device (no host sync per batch)."""
         layout, last = self.net.layout, s == len(self.net.layout.stages) - 1
         with torch.no_grad():
             teacher_logits = self.teacher_layout.head(target) if last else None
         ref: tuple[torch.Tensor, torch.Tensor | None] = (target, teacher_logits)
-        losses: dict[str, float] = {"loss": 0.0}
+        losses: dict[str, torch.Tensor] = {"loss": x_in.new_zeros((), dtype=torch.float32)}
         for kind, widths in self._sandwich():
             self.net.set_widths(widths)
             mask = self.net.input_mask(s, widths, x_in.device)
@@ -502,8 +504,8 @@ class SP(Method):
             loss.backward()
             if kind == "full":
                 ref = (out.detach(), None if logits is None else logits.detach())
-            value = loss.item()
-            losses["loss"] += value
+            value = loss.detach()
+            losses["loss"] = losses["loss"] + value
             losses[f"loss_{kind}"] = losses.get(f"loss_{kind}", 0.0) + value / (self.hp.n_random if kind == "random" else 1)
         self.net.set_widths(None)
         return losses
@@ -513,7 +515,7 @@ class SP(Method):
             self._optimizer = self._stage_optimizer(s)
         cfg, spe = self._stage_config(), self._steps_per_epoch()
         self.net.model.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         n = 0
         # Dropout (MobileNet heads) draws from the global RNG: fork it, seeded by (seed, stage, epoch).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -529,7 +531,7 @@ class SP(Method):
                 n += 1
         if epoch == self.hp.stage_epochs - 1:
             self._optimizer = None  # the next stage gets a fresh optimizer
-        out = {"stage": s, "epoch": epoch, "lr": lr, **{key: v / n for key, v in totals.items()}}
+        out = {"stage": s, "epoch": epoch, "lr": lr, **{key: float(v) / n for key, v in totals.items()}}
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"sp: stage {s} training diverged in epoch {epoch} ({out}); lower lr")
         return out

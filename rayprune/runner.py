@@ -153,6 +153,8 @@ def build_method(cfg: TrialConfig, workdir: str | Path) -> Method:
 # ---------------------------------------------------------------------------------------------
 
 STATE_FILE = "state.pt"
+# Fields that may change between an interrupted run and its resumption (they do not shape the search).
+RESUMABLE_CHANGES = {"max_steps", "device", "robust", "measure_latency"}
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -168,17 +170,26 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     Writes ``out_dir``/config.json, subnets.jsonl (every evaluated subnet), state.pt (resume
     point), final/ (spec.json, weights.pt, metrics.json) and result.json. Interrupted runs resume
     from state.pt with nothing lost or duplicated (subnets.jsonl is rewritten from the state).
+
+    Raises:
+        ValueError: state.pt was written with settings that shape the search (method, hparams,
+            data, budget, seed, ...) other than ``cfg``'s; only :data:`RESUMABLE_CHANGES` may differ.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
     method = build_method(cfg, out / "work")
     subnets: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
+    search_config = cfg.model_dump(exclude=RESUMABLE_CHANGES)
     if resume and (out / STATE_FILE).exists():
         saved = load(out / STATE_FILE)
+        if saved.get("config", search_config) != search_config:
+            changed = sorted(k for k in search_config if saved["config"].get(k) != search_config[k])
+            raise ValueError(f"{out / STATE_FILE} was written by a run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, use another --out, or pass --no-resume")
         method.load_state_dict(saved["method"])
         subnets, history = saved["subnets"], saved["history"]
+    (out / "config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
     (out / "subnets.jsonl").write_text("")
     _append_jsonl(out / "subnets.jsonl", subnets)
     while not method.done and (cfg.max_steps is None or len(history) < cfg.max_steps):
@@ -186,7 +197,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
         rows = [r.to_dict() for r in result.subnets]
         subnets += rows
         history.append({"step": result.step, **result.metrics})
-        atomic_save({"method": method.state_dict(), "subnets": subnets, "history": history}, out / STATE_FILE)
+        atomic_save({"method": method.state_dict(), "subnets": subnets, "history": history, "config": search_config},
+                    out / STATE_FILE)
         _append_jsonl(out / "subnets.jsonl", rows)
         if on_step is not None:
             on_step(result)

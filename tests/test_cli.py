@@ -107,3 +107,9 @@ def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     assert spec == final["spec"]
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["macs"] == final["macs"] and 0.0 <= summary["test_top1"] <= 1.0
+    # Resuming that state under another budget would mix two searches: refused, naming the field.
+    changed = [a if a != "0.5" else "0.4" for a in args]
+    assert main(changed) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("rayprune: error: ") and "flops_target" in err and "--no-resume" in err
+    assert json.loads((out / "config.json").read_text())["flops_target"] == 0.5

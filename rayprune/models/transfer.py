@@ -80,7 +80,8 @@ def write_back(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep,
             dst.copy_(src)
             continue
         index = [keep[g].to(dst.device) if g is not None else None for g in axes]
-        # Build the full index grid only over the pruned dimensions.
+        # Advanced indexing needs one index per dimension: the kept indices on pruned dims, a
+        # full arange on the others (the grid is as large as the sub-tensor, fine for one layer).
         grids = [i if i is not None else torch.arange(dst.shape[d], device=dst.device) for d, i in enumerate(index)]
         dst[torch.meshgrid(*grids, indexing="ij")] = src.to(dst.dtype)
 

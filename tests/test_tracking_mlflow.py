@@ -234,6 +234,8 @@ def test_bad_input_fails_with_one_line(sweep, tmp_path, capsys):
     assert front_main(["--experiment", "nope", *base]) == 2
     err = error_line(capsys)
     assert "experiment 'nope' does not exist" in err and EXPERIMENT in err  # the known ones are listed
+    assert front_main(["--experiment", EXPERIMENT, *base, "--sweep-id", "nosuch"]) == 2
+    assert f"experiment '{EXPERIMENT}' has no parent run of sweep 'nosuch'" in error_line(capsys)
     assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-macs", "1000",
                       "--out", str(tmp_path / "x")]) == 2
     assert "--max-macs 1,000 is impossible" in error_line(capsys)

@@ -167,7 +167,8 @@ def find_sweep_run(client: MlflowClient, experiment_id: str, sweep_id: str | Non
                               max_results=1, order_by=["attributes.start_time DESC"])
     if not runs:
         which = f"sweep {sweep_id!r}" if sweep_id is not None else "any sweep"
-        raise TrackingError(f"experiment {experiment_id} has no parent run of {which}; run `rayprune sweep` "
+        name = client.get_experiment(experiment_id).name
+        raise TrackingError(f"experiment {name!r} has no parent run of {which}; run `rayprune sweep` "
                             "first (or check --experiment / --sweep-id)")
     return runs[0]
 
@@ -388,7 +389,8 @@ class SweepTracker:
 
     def _restore_store(self) -> None:
         """A resumed driver on another machine has no local registry: seed it from the copy
-        last logged to the parent run (rows reported since are re-reported by resumed trials)."""
+        last logged to the parent run (the sweep driver replays the steps reported since from
+        Tune's results: resumed trials continue after their last checkpoint, never re-report)."""
         if len(self.store) or SUBNETS_ARTIFACT not in {f.path for f in self.client.list_artifacts(self.parent_run_id)}:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -524,7 +526,7 @@ class SweepTracker:
 
     def _member(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         key = row_key(row)
-        done = f"{row['trial_id']}/finetuned/{row['step']}/{row['spec_hash']}" in self.store or any(
+        done = row_key({**row, "kind": "finetuned"}) in self.store or any(
             r["kind"] == "final" and r["trial_id"] == row["trial_id"] and r["spec_hash"] == row["spec_hash"]
             for r in rows)
         return {**row, "key": key, "finetuned": done}

@@ -91,6 +91,9 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     trials = [r for r in runs if r.data.tags.get("rayprune.role") == "trial"]
     assert len(trials) == cfg.num_trials()
     assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in trials)
+    for r in trials:  # named like Tune's trials: <method>_f<target>_kd<weight>_<trial id>
+        p, trial_id = r.data.params, r.data.tags["rayprune.trial_id"]
+        assert r.info.run_name == f"{p['method']}_f{float(p['flops_target']):g}_kd{float(p['kd_weight']):g}_{trial_id}"
     assert sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials) \
         == cells  # every cell, exactly once
     for run in trials:  # one metric point per reported step, even across a resume
@@ -137,6 +140,12 @@ def test_interrupted_sweep_resumes_without_losing_or_duplicating(local_ray, tmp_
     assert not first.complete and first.num_trials < cfg.num_trials()
     experiment_path = Path(first.experiment_path)
     assert 1 <= sum(r["kind"] == "final" for r in store_of(experiment_path).rows()) < cfg.num_trials()
+    # Resume on another machine whose last upload of the registry predates every search step:
+    # the driver must recover those rows from Tune's results (no trial reports them again).
+    upload = SubnetStore(tmp_path / "upload" / "subnets.parquet")
+    upload.add([r for r in store_of(experiment_path).rows() if r["kind"] != "search"])
+    MlflowClient(cfg.tracking.uri).log_artifact(first.parent_run_id, str(upload.path))
+    (experiment_path / "rayprune" / "subnets.parquet").unlink()
 
     second = run_sweep(cfg, resume="latest")
     assert second.sweep_id == first.sweep_id and second.parent_run_id == first.parent_run_id
@@ -186,3 +195,46 @@ def test_a_local_ray_without_gpus_refuses_gpu_trials(local_ray, tmp_path):
                                          r"has 0; lower resources.gpu or join a cluster with --address auto$"):
         run_sweep(cfg)
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_cifar_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from rayprune.engine import data
+
+    def offline(name, root):
+        raise OSError("offline")
+
+    monkeypatch.setattr(data, "_download_cifar", offline)  # CI may have a network: never download here
+    raw = mini_sweep(tmp_path, dataset={"name": "cifar10", "data_dir": str(tmp_path / "nodata")})
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--space", str(tmp_path / "mini.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rayprune: error: cifar10 not found (looked in {tmp_path}/nodata/cifar-10-batches-py; "
+                          "download failed: OSError: offline)") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_input_raised_in_a_ray_task_is_its_own_line(tmp_path, capsys, monkeypatch):
+    from rayprune.engine.data import DataError
+    from rayprune.orchestration import sweep
+
+    def teacher_task_fails(*args, **kwargs):
+        raise ray.exceptions.RayTaskError("_train_teacher_task", "Traceback ...\n  File ...",
+                                          DataError("imagenet not found (looked in /x)")).as_instanceof_cause()
+
+    monkeypatch.setattr(sweep, "run_sweep", teacher_task_fails)
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
+    assert main(["--space", str(tmp_path / "mini.yaml")]) == 2
+    assert capsys.readouterr().err == "rayprune: error: imagenet not found (looked in /x)\n"
+
+
+def test_a_sweep_with_failed_trials_exits_non_zero_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    from rayprune.orchestration import sweep
+
+    outcome = sweep.SweepOutcome("mini-1", str(tmp_path / "results" / "mini-1"), "run", True, 4, failed_trials=1)
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: outcome)
+    space = tmp_path / "mini.yaml"
+    space.write_text(yaml.safe_dump(mini_sweep(tmp_path)))
+    assert main(["--space", str(space)]) == 1
+    assert capsys.readouterr().err == (
+        f"rayprune: error: 1 of 4 trials failed (their error.txt is under {tmp_path}/results/mini-1); fix the "
+        f"cause, then retry them with: rayprune sweep --space {space} --resume mini-1\n")

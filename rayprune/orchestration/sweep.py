@@ -21,10 +21,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 import pyarrow.fs
@@ -33,6 +33,8 @@ import torch
 from ray import tune
 
 from .. import models
+from ..engine.data import DataError, load_dataset
+from ..models.base import SpecError
 from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
 from ..tracking.pareto import compute_fronts
 from ..tracking.store import row_key
@@ -57,6 +59,7 @@ class SweepOutcome:
     parent_run_id: str
     complete: bool
     num_trials: int
+    failed_trials: int = 0  # errored for good (after FailureConfig retries); --resume retries them
     fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> members (tracking.pareto)
 
 
@@ -92,14 +95,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_sweep(args.space, overrides)
         outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
-    except (SweepConfigError, SweepError) as e:
-        print(f"rayprune: error: {e}", file=sys.stderr)
-        return 2
+    except ray.exceptions.RayTaskError as e:  # the teacher or a front fine-tune task raised
+        # (first: Ray re-raises it as a subclass of the cause too, whose str is the traceback)
+        if not isinstance(e.cause, _USER_ERRORS):
+            raise
+        return _error(str(e.cause))
+    except (SweepConfigError, SweepError, DataError) as e:
+        return _error(str(e))
+    resume = f"rayprune sweep --space {args.space} --resume {outcome.sweep_id}"
     if not outcome.complete:
-        print(f"The sweep was interrupted; continue it with: rayprune sweep --space {args.space} "
-              f"--resume {outcome.sweep_id}", file=sys.stderr)
+        print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
         return 1
+    if outcome.failed_trials:
+        return _error(f"{outcome.failed_trials} of {outcome.num_trials} trials failed (their error.txt is under "
+                      f"{outcome.experiment_path}); fix the cause, then retry them with: {resume}", status=1)
     return 0
+
+
+# What a Ray task may raise for bad input (missing data, an impossible spec): one line, not a traceback.
+_USER_ERRORS = (DataError, SpecError, SweepConfigError, FileNotFoundError, ValueError)
+
+
+def _error(message: str, status: int = 2) -> int:
+    print(f"rayprune: error: {message.strip().splitlines()[0] if message.strip() else 'unknown error'}",
+          file=sys.stderr)
+    return status
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +145,8 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
     _quiet_env()
     sweep_id = _sweep_id(cfg, resume)
     _check_tracking_reachable(cfg)  # one clear line within seconds, before Ray starts
+    if address is None:
+        _check_local_data(cfg)
     started_ray = _init_ray(address, num_cpus)
     try:
         if address is None:
@@ -144,10 +166,13 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
     parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
                                                             "rayprune.sweep_file": cfg.name})
     try:
+        if resume:
+            _replay_reported_steps(tracker, experiment_path)
         teacher = _prepare_teacher(cfg, experiment_path)
         tracker.log_unpruned(_unpruned_record(cfg, teacher))
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
         complete = results.num_terminated + results.num_errors == cfg.num_trials()
+        failed = results.num_errors
         if complete and cfg.finetune_front:
             _finetune_front(cfg, sweep_id, tracker, results)
     except BaseException:
@@ -155,7 +180,7 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
         raise
     tracker.finish("FINISHED" if complete else "KILLED")  # also refreshes the fronts
     print_front(tracker, cfg, out)
-    return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results),
+    return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results), failed,
                         compute_fronts(tracker.store.rows()))
 
 
@@ -190,6 +215,14 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def _check_local_data(cfg: SweepConfig) -> None:
+    """A local sweep's tasks read CIFAR from this machine: load it once here, so missing data
+    is one :class:`DataError` line before Ray starts, and a download happens once, not per trial.
+    (On a cluster each node has its own data; ImageNet folders are only scanned by the tasks.)"""
+    if cfg.dataset.name in ("cifar10", "cifar100"):
+        load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
+
+
 def _check_local_resources(cfg: SweepConfig) -> None:
     """A local Ray cannot grow: refuse trials that would wait forever for a GPU or CPUs."""
     have = ray.cluster_resources()
@@ -217,7 +250,7 @@ def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
 
 def _restorable(cfg: SweepConfig) -> list[str]:
     """Sweep ids of this file under the storage path that Tune can restore, oldest first."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
+    fs, root = _filesystem(cfg.storage_path)
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except OSError:
@@ -283,7 +316,7 @@ class TrackingCallback(tune.Callback):
         return _TRACKERS[self.sweep_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.tracker.trial_started(trial.trial_id, _trial_params(trial.config))
+        self.tracker.trial_started(trial.trial_id, _trial_params(trial.config), run_name=_trial_name(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         if result.get(FINAL_KEY):
@@ -301,6 +334,27 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.tracker.trial_finished(trial.trial_id, None, None, "FAILED")
+
+
+def _replay_reported_steps(tracker, experiment_path: str) -> None:
+    """On resume, log again every step result Tune saved (each trial's ``result.json``).
+
+    The store ignores rows it already has. A driver on another machine starts from the copy of
+    ``subnets.parquet`` last uploaded to the parent run; the steps reported after that upload
+    would be lost otherwise, because resumed trials continue after their last checkpoint and
+    never report those steps again.
+    """
+    fs, root = _filesystem(experiment_path)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        result_file = f"{info.path}/result.json"
+        if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(result_file).type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_stream(result_file) as f:
+            lines = f.readall().decode().splitlines()
+        for result in map(json.loads, filter(None, lines)):
+            if not result.get(FINAL_KEY):
+                tracker.log_step(result["trial_id"], int(result["step"]), _scalars(result),
+                                 json.loads(result.get("subnets") or "[]"))
 
 
 def _trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -375,8 +429,13 @@ def _unpruned_record(cfg: SweepConfig, teacher: str | None) -> dict[str, Any]:
             "metrics": metrics, "method": "unpruned", "step": 0, "source": {"teacher": teacher}}
 
 
+def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem and path of a local path or a ``s3://...``-style URI."""
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
 def _exists(path: str) -> bool:
-    fs, p = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+    fs, p = _filesystem(path)
     return fs.get_file_info(p).type == pyarrow.fs.FileType.File
 
 
@@ -413,6 +472,8 @@ def make_searcher(cfg: SweepConfig) -> CellSearcher:
 
 
 def _trial_name(trial) -> str:
+    """``<method>_f<FLOPs target>_kd<KD weight>_<trial id>``: Tune's trial and dir name and the
+    MLflow child run's name, so a trial reads the same in the console, on disk and in the UI."""
     c = trial.config
     return f"{c['method']}_f{c['flops_target']:g}_kd{c['kd_weight']:g}_{trial.trial_id}"
 

@@ -94,9 +94,7 @@ def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, 
     metrics = {**_common(method.best(), unpruned, config), "step": result.step, "steps_done": steps,
                FINAL_KEY: False, "method_metrics": {k: float(v) for k, v in result.metrics.items()},
                "subnets": json.dumps([s.to_dict() for s in result.subnets])}
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    _report_with_checkpoint(metrics, method, steps)
 
 
 def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, torch.Tensor], steps: int,
@@ -104,7 +102,16 @@ def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, to
     scalars = {k: float(v) for k, v in record.metrics.items() if k != METRIC}
     metrics = {**_common(record, unpruned, config), **scalars, "step": record.step, "steps_done": steps,
                FINAL_KEY: True, "final_record": json.dumps(record.to_dict()), "subnets": "[]"}
+    _report_with_checkpoint(metrics, method, steps, final=(record, state_dict))
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], method: Method, steps: int,
+                            final: tuple[SubnetRecord, dict[str, torch.Tensor]] | None = None) -> None:
+    """``tune.report`` with a checkpoint of the method state after ``steps`` steps (what
+    :func:`_restore` reads) and, for the final report, the final subnet under ``final/``."""
     with tempfile.TemporaryDirectory() as d:
         torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
-        save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict())
+        if final is not None:
+            record, state_dict = final
+            save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict())
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

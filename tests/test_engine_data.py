@@ -223,3 +223,37 @@ def test_folder_dataset_reads_an_image_tree(tmp_path):
     assert sorted(y.tolist()) == [0, 1, 1]
     xs = torch.cat([b[0] for b in make_loader(val, 4, train=False, normalize=False)])
     assert xs.shape == (6, 3, 32, 32) and 0 <= xs.min() and xs.max() <= 1
+
+
+class _FakeCIFAR10:
+    """Stands in for torchvision's CIFAR10 download: writes a partial archive, then succeeds or fails."""
+
+    fail = True
+
+    def __init__(self, root, train, download):
+        from pathlib import Path
+
+        Path(root, "cifar-10-python.tar.gz.part").write_bytes(b"partial")
+        if self.fail:
+            raise OSError("network is unreachable")
+        Path(root, "cifar-10-batches-py").mkdir(exist_ok=True)
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _FakeCIFAR10)
+    target = tmp_path / "new-data-dir"
+    with pytest.raises(DataError, match="network is unreachable"):
+        load_dataset("cifar10", target)
+    assert not target.exists()
+
+
+def test_successful_download_moves_only_the_dataset_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", type("Ok", (_FakeCIFAR10,), {"fail": False}))
+    from rayprune.engine import data
+
+    assert data._find_cifar("cifar10", tmp_path, download=True) == tmp_path / "cifar-10-batches-py"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]

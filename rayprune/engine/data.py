@@ -226,13 +226,28 @@ def load_cifar(folder: str | Path, name: str = "cifar10") -> tuple[Dataset, Data
 
 
 def _download_cifar(name: str, root: Path) -> None:
-    """Download and extract with torchvision (raises on any network failure)."""
+    """Download and extract with torchvision (raises on any network failure).
+
+    Works in a scratch folder and moves only the finished dataset folder into ``root``, so a
+    failed or interrupted download leaves nothing behind (not even a new ``root``).
+    """
+    import shutil
+    import tempfile
+
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    for train in (True, False):
-        cls(str(root), train=train, download=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".rayprune-download-", dir=root))
+    try:
+        for train in (True, False):
+            cls(str(scratch), train=train, download=True)
+        (scratch / _CIFAR_FOLDERS[name]).rename(root / _CIFAR_FOLDERS[name])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if created and not any(root.iterdir()):
+            root.rmdir()
 
 
 def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -> Path:

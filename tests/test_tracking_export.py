@@ -102,3 +102,6 @@ def test_input_size_is_recovered_from_the_recorded_macs():
     assert infer_input_size(PRUNED, models.macs(PRUNED, 24)) == 24
     assert infer_input_size(PRUNED, None) == 32
     assert infer_input_size(PRUNED, 123) == 32  # no resolution gives 123 MACs: family default
+    # avgpool_conv nets reject odd sizes; the search skips them (the quickstart's 8x8 digits case).
+    tiny = models.full_spec("cifar_resnet:tiny", shortcut="avgpool_conv")
+    assert infer_input_size(tiny, models.macs(tiny, 8)) == 8

@@ -69,8 +69,11 @@ def infer_input_size(spec: Spec, macs: int | None) -> int:
     if macs is None or models.macs(spec, default) == macs:
         return default
     for size in range(1, 1025):
-        if models.macs(spec, size) == macs:
-            return size
+        try:
+            if models.macs(spec, size) == macs:
+                return size
+        except models.SpecError:  # a size the network cannot take (e.g. odd maps before avgpool_conv)
+            continue
     return default
 
 

@@ -118,7 +118,15 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
     check_tracking(cfg, experiment_path)
     assert "final front: test_top1 vs MACs" in out and "robust front" in out
     assert f"Browse the runs: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+    assert f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert (experiment_path / "teacher" / "weights.pt").is_file()
+    # What the user does next: export the efficient point straight from the sweep's store.
+    from rayprune.tracking.cli import pick_main
+
+    assert pick_main(["--experiment", cfg.tracking.experiment, "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                      "--mode", "efficient", "--out", str(tmp_path / "eff"), "--onnx-exporter", "torchscript"]) == 0
+    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
+                                                                     "weights.pt"]
 
 
 class InterruptOnce(tune.Callback):

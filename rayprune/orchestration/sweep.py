@@ -583,7 +583,10 @@ def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
 def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
     """The fronts as tables (what ``rayprune front`` shows), then how to browse the runs."""
     print("\n" + tracker.front_table(), file=out)
-    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out, flush=True)
+    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out)
+    pick = f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri {cfg.tracking.uri}"
+    print(f"Export an operating point: {pick} --mode efficient --out export/efficient\n"
+          f"                       or: {pick} --mode robust --out export/robust", file=out, flush=True)
 
 
 __all__ = ["SweepError", "SweepOutcome", "TrackingCallback", "build_parser", "main", "make_searcher", "param_space",

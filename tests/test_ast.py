@@ -210,6 +210,14 @@ def test_no_convergence_when_macs_move_or_sets_change():
     assert tracker.streak == 2
 
 
+def test_min_jaccard_to_previous_is_the_worst_group():
+    tracker = ConvergenceTracker(0.9, 0.01, 3)
+    assert tracker.min_jaccard_to_previous({"a": torch.arange(4)}) == 0.0  # nothing to compare with yet
+    tracker.update({"a": torch.arange(4), "b": torch.arange(10)}, 1000)
+    assert tracker.min_jaccard_to_previous({"a": torch.arange(4), "b": torch.arange(9)}) == 0.9
+    assert tracker.min_jaccard_to_previous({"a": torch.tensor([0, 1, 2, 5]), "b": torch.arange(10)}) == 3 / 5
+
+
 # -- FLOPs target --------------------------------------------------------------------------------------
 
 

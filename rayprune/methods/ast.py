@@ -301,12 +301,18 @@ class ConvergenceTracker:
         self.prev_macs: int | None = None
         self.streak = 0
 
+    def min_jaccard_to_previous(self, keep: Keep) -> float:
+        """The smallest per-group Jaccard similarity with the previous kept sets (0 before any)."""
+        if self.prev_keep is None:
+            return 0.0
+        return min(jaccard(keep[g], self.prev_keep[g]) for g in keep)
+
     def stable(self, keep: Keep, macs: int) -> bool:
         if self.prev_keep is None or self.prev_macs is None:
             return False
         if abs(macs - self.prev_macs) >= self.macs_tol * self.prev_macs:
             return False
-        return all(jaccard(keep[g], self.prev_keep[g]) >= self.min_jaccard for g in keep)
+        return self.min_jaccard_to_previous(keep) >= self.min_jaccard
 
     def update(self, keep: Keep, macs: int) -> bool:
         """Record one iteration's subnet; True once converged."""
@@ -484,13 +490,14 @@ class AST(Method):
         self._remember(record, fold_alpha(trained, alpha_sites(sub_spec, hp.alpha_position, self.input_size),
                                           sub_alpha))
         map_back(self.spec, self.target, self.alpha, keep, trained, sub_alpha)
+        min_jaccard = self.convergence.min_jaccard_to_previous(keep)  # how close to the stop rule
         self.convergence.update(keep, macs)
         self.kept_history.append(keep)
         self.iteration = self.steps_done = t + 1
         metrics = {"iteration": float(t), "macs": float(macs), "macs_ratio": macs / self.full_macs,
                    "val_top1": float(val["top1"]), "val_loss": float(val["loss"]), "train_loss": train_loss,
                    "reward": reward, "baseline": float(self.baseline.value), "mean_tau": record.source["mean_tau"],
-                   "redraws": float(redraws), "shrunk": float(shrunk),
+                   "redraws": float(redraws), "shrunk": float(shrunk), "min_jaccard": min_jaccard,
                    "converged": float(self.convergence.converged)}
         return StepResult(step=t, metrics=metrics, subnets=[record], done=self.done)
 

@@ -9,7 +9,7 @@ from torch import nn
 from rayprune.engine import checkpoint as ckpt
 from rayprune.engine.data import Dataset, synthetic_dataset
 from rayprune.engine.latency import measure_latency
-from rayprune.engine.robust import CORRUPTIONS, corrupt, robust_accuracy
+from rayprune.engine.robust import CORRUPTIONS, ROBUST_SUITE_VERSION, corrupt, robust_accuracy
 
 
 def images(seed=0, n=4, size=16):
@@ -25,6 +25,27 @@ def test_each_corruption_changes_images_stays_in_range_and_is_seeded(name):
     assert torch.equal(a, b)
     assert (a - x).abs().mean() > 0.01  # really changes the input
     assert 0 <= a.min() and a.max() <= 1
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_no_corruption_is_a_no_op_on_tiny_inputs(name, size):
+    # Version 1 blurred 8x8 digits with a 0.175 px sigma: robust/gaussian_blur == test_top1 in every record.
+    x = images(size=size)
+    a = corrupt(x, name, torch.Generator().manual_seed(1))
+    assert (a - x).abs().mean() > 0.01, (name, size)
+
+
+def test_no_corruption_is_a_no_op_on_the_8x8_digits():
+    from rayprune.engine.data import load_dataset
+
+    _, test = load_dataset("digits")
+    x01 = test.x[:256].float() / 255
+    assert x01.shape[-1] == 8
+    for i, name in enumerate(CORRUPTIONS):
+        changed = (corrupt(x01, name, torch.Generator().manual_seed(i)) - x01).abs().mean().item()
+        assert changed > 0.01, name
+    assert ROBUST_SUITE_VERSION == 2  # bump it whenever the suite changes: stored records name it
 
 
 def test_corruptions_by_hand():

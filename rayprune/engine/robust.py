@@ -10,15 +10,26 @@ name           operation                                                        
 ============== ===================================================================== ===========
 gaussian_noise ``x + N(0, s^2)``                                                     s = 0.08
 shot_noise     ``Poisson(x * r) / r``                                                r = 100
-gaussian_blur  separable Gaussian, reflect padding; sigma in px scaled by H/32       sigma = 0.7
+gaussian_blur  separable Gaussian, reflect padding; sigma in px scaled by H/32,      sigma = 0.7
+               at least 0.5 px
 contrast       ``(x - mean_img) * c + mean_img`` (per image, over all channels)      c = 0.4
 brightness     ``x + b``                                                             b = 0.15
-pixelate       area-downsample to ``round(H * f)`` px, nearest-upsample back         f = 0.85
+pixelate       area-downsample to ``round(H * f)`` px (at most H - 1), nearest-up    f = 0.85
 ============== ===================================================================== ===========
 
 Every result is clipped to [0, 1]. Noise comes from a generator on the evaluation device seeded
 by ``(seed, corruption index)``: the same seed, device and batch size give identical numbers.
 ``robust_top1`` is the mean top-1 over the six corruptions.
+
+No corruption may be a no-op at any input size, or it would count clean accuracy as robust.
+Two rules keep them real on tiny inputs (e.g. the 8x8 digits): the blur's sigma, scaled by H/32,
+never drops below 0.5 px (at 8 px the scaled 0.175 px kernel put > 99.9 % of its weight on the
+centre pixel, so the "blurred" test set equalled the clean one), and pixelate always loses at
+least one pixel per side. Inputs of 23 px and more (CIFAR, ImageNet) are unaffected by both.
+
+:data:`ROBUST_SUITE_VERSION` names this exact suite. Finalized records store it
+(``source["robust_suite"]``): robust accuracies of different suite versions are not comparable.
+Version 1 was the suite without the two tiny-input rules.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ from .data import Loader, make_loader
 from .train import autocast
 from .utils import derive_seed, resolve_device
 
-__all__ = ["CORRUPTIONS", "corrupt", "robust_accuracy"]
+__all__ = ["CORRUPTIONS", "ROBUST_SUITE_VERSION", "corrupt", "robust_accuracy"]
+
+ROBUST_SUITE_VERSION = 2
+MIN_BLUR_SIGMA_PX = 0.5
 
 Corruption = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -54,7 +68,7 @@ def _gaussian_kernel(sigma: float, radius: int, device: torch.device) -> torch.T
 
 
 def gaussian_blur(x: torch.Tensor, gen: torch.Generator, sigma: float = 0.7) -> torch.Tensor:
-    sigma = sigma * x.shape[-1] / 32  # keep the blur relative to the image size
+    sigma = max(sigma * x.shape[-1] / 32, MIN_BLUR_SIGMA_PX)  # relative to the image size, never a no-op
     r = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1))  # reflect padding must stay inside the image
     k = _gaussian_kernel(sigma, r, x.device).to(x.dtype)
     c = x.shape[1]
@@ -74,7 +88,8 @@ def brightness(x: torch.Tensor, gen: torch.Generator, shift: float = 0.15) -> to
 
 def pixelate(x: torch.Tensor, gen: torch.Generator, factor: float = 0.85) -> torch.Tensor:
     h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area")
+    size = (max(1, min(h - 1, round(h * factor))), max(1, min(w - 1, round(w * factor))))  # never the identity
+    small = F.interpolate(x, size=size, mode="area")
     return F.interpolate(small, size=(h, w), mode="nearest")
 
 

@@ -1,15 +1,26 @@
-"""The final phase shared by every method: fine-tune the chosen subnet and measure it."""
+"""The final phase shared by every method: fine-tune the chosen subnet and measure it.
+
+Every finalized record says how it was trained, so that only equally-treated subnets are ever
+ranked together: ``source["recipe"]`` (the training recipe: epochs, schedule, lr, KD weight, ...),
+``source["recipe_tag"]`` (a short readable form of it), ``source["recipe_hash"]`` (a stable
+hash, part of the sweep's final-phase cache key), ``source["init"]`` (``"inherited"``: started
+from the weights the method gave the subnet; ``"scratch"``: a seeded fresh init) and
+``source["robust_suite"]`` (the version of the corruption suite behind ``robust_top1``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from .. import models
 from ..models.base import spec_hash
 from ..engine import latency as latency_mod
-from ..engine.robust import robust_accuracy
+from ..engine.robust import ROBUST_SUITE_VERSION, robust_accuracy
 from ..engine.train import TrainConfig, evaluate, fit
 from .base import FinalResult, RunContext, SubnetRecord
 
@@ -18,6 +29,29 @@ def finetune_config(ctx: RunContext) -> TrainConfig:
     """The context's fine-tune recipe with the run's KD weight and temperature applied."""
     base = ctx.finetune if ctx.finetune is not None else TrainConfig()
     return base.model_copy(update={"kd_weight": ctx.kd_weight, "kd_temperature": ctx.kd_temperature})
+
+
+# TrainConfig fields that do not change what is learned (numerics aside): left out of the recipe.
+_NOT_RECIPE = ("amp", "channels_last", "compile", "eval_batch_size")
+
+
+def recipe_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe of a training config as plain JSON: every field that shapes the training."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_RECIPE}
+
+
+def recipe_tag(recipe: dict[str, Any]) -> str:
+    """A short readable form of a recipe, e.g. ``e10 cosine lr0.05 bs64 kd0.9``."""
+    sched = recipe.get("schedule", "cosine")
+    if sched == "step" and recipe.get("milestones"):
+        sched += "@" + ",".join(str(m) for m in recipe["milestones"])
+    return (f"e{recipe.get('epochs')} {sched} lr{recipe.get('lr'):g} bs{recipe.get('batch_size')} "
+            f"kd{recipe.get('kd_weight', 0.0):g}")
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """A stable 12-hex-digit hash of a recipe (equal recipes, equal hashes)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str, torch.Tensor] | None = None,
@@ -48,7 +82,11 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
         shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
         metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes,
                                                    repeats=ctx.latency_repeats))
+    recipe = recipe_of(cfg)
     final = replace(record, metrics={k: float(v) for k, v in metrics.items()},
-                    source={**record.source, "finetuned": True, "init": "inherited" if init_state else "scratch"})
+                    source={**record.source, "finetuned": True,
+                            "init": "inherited" if init_state is not None else "scratch",
+                            "recipe": recipe, "recipe_tag": recipe_tag(recipe), "recipe_hash": recipe_hash(recipe),
+                            "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return FinalResult(record=final, state_dict=state)

@@ -222,6 +222,7 @@ class RankedPruning(RecordsMixin):
     One step rather than two because orchestrators report ``best()`` after every step."""
 
     Hparams: ClassVar[type[MethodHparams]] = RankedHparams
+    inherits_weights: ClassVar[bool] = True
     score: ClassVar[FilterScore]
     smoke: ClassVar[dict] = {"pretrain_epochs": 1, "bn_recal_batches": 2}
 

@@ -43,12 +43,16 @@ class Budget(BaseModel):
     * ``flops_target``: the subnet's MACs as a fraction of the unpruned MACs (0 < f <= 1).
     * ``max_stage_prune``: optional per-stage maximum pruning rate, the fraction of a stage's
       channels (per channel group) that may be removed, in [0, 1).
+    * ``min_keep``: whatever the stage rates allow, no channel group keeps fewer than this
+      fraction of its width (nor fewer than its divisor): a net whose stem or stage is cut to one
+      channel is never a useful answer, and a floor stops mass-based samplers from collapsing.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     flops_target: float = Field(gt=0.0, le=1.0)
     max_stage_prune: list[float] | None = None
+    min_keep: float = Field(0.1, ge=0.0, lt=1.0)
 
     @field_validator("max_stage_prune")
     @classmethod
@@ -67,11 +71,13 @@ class Budget(BaseModel):
         return self.max_stage_prune[stage]
 
     def min_widths(self, full_spec: Spec) -> dict[str, int]:
-        """Smallest width each channel group of the *full* spec may be pruned to."""
+        """Smallest width each channel group of the *full* spec may be pruned to: the stage's
+        rate, but never below ``min_keep`` of the group's width, its divisor or one channel."""
         out = {}
         for g in models.channel_groups(full_spec):
-            keep = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
-            out[g.name] = max(g.min_width, keep, 1)
+            by_stage = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
+            by_fraction = math.ceil(g.width * self.min_keep - 1e-9)
+            out[g.name] = min(g.width, max(g.min_width, by_stage, by_fraction, g.divisor, 1))
         return out
 
     def target_macs(self, full_spec: Spec, input_size: int | None = None) -> int:
@@ -218,6 +224,12 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+    #: True for methods whose final subnet starts from weights sliced out of a bigger net (AST's
+    #: target, l1/fpgm's trained net). They refuse ``option_a`` shortcuts: see check_spec().
+    inherits_weights: ClassVar[bool] = False
+    #: The fine-tune recipe fields a method prefers when the user gives none (``rayprune run``
+    #: only; a sweep's ``recipes.finetune`` applies to every method alike).
+    finetune_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         self.ctx = ctx
@@ -229,6 +241,21 @@ class Method(abc.ABC):
             raise TypeError(f"{self.name}: expected {self.Hparams.__name__}, got {type(hparams).__name__}")
         self.hp = hparams
         self.steps_done = 0
+        self.check_spec(ctx.spec)
+
+    @classmethod
+    def check_spec(cls, spec: Spec) -> None:
+        """Refuse a spec this method cannot search faithfully, before any work.
+
+        ``option_a`` shortcuts subsample and zero-pad the residual by channel *position*. A pruned
+        width spec cannot express which positions survive, so weights sliced out of the full net
+        would feed the shortcut other channels than it was trained with: inherited weights
+        would silently be mis-wired.
+        """
+        if cls.inherits_weights and spec.get("shortcut") == "option_a":
+            raise SpecError(f"{cls.name} inherits weights, which option_a shortcuts cannot keep aligned "
+                            f"after pruning; use --shortcut avgpool_conv or --shortcut conv_bn "
+                            f"(sweep files: shortcut: avgpool_conv)")
 
     # -- required ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -3,11 +3,13 @@
 One SQLite database for the whole module (creating one costs seconds of migrations). The sweep:
 
 * subnets are the tiny CIFAR ResNet with ``s2.b0.mid`` at width A=8 < B=16 < C=24 < D=32 (MACs grow);
-* t1 searches A (val .50), B (.70) then C (.65), finalizes B (test .85, robust .50);
-* t2 searches B (.72), D (.80), finalizes D (test .88, robust .62);
-* t3 searches C (.60) and fails; search front = t1/A, t2/B, t2/D;
-* the front member t1/A is fine-tuned (test .80, robust .58): it joins the final front and
-  knocks t1/B (robust .50) off the robust front.
+* the unpruned baseline: test .90, robust .70;
+* t1 (cell uniform f0.5 kd0) searches A (val .50), B (.70) then C (.65), finalizes B (test .85,
+  robust .50, search recipe);
+* t2 (cell f0.7 kd0) searches B (.72), D (.80), finalizes D (test .88, robust .62);
+* t3 searches C (.60) and fails; uniform's search front = t1/A, t2/B, t2/D;
+* end of sweep, one recipe (e3 kd0): cell f0.5's choice A is fine-tuned (test .80, robust .58),
+  cell f0.7's D (test .88, robust .62): the final and robust fronts rank only these two.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def record(name, step=0, **metrics):
     return SubnetRecord.of(spec(name), metrics, "uniform", step).to_dict()
 
 
+RECIPE = {"epochs": 3, "schedule": "cosine", "lr": 0.1, "batch_size": 64, "kd_weight": 0.0}
+
+
+def tuned(name, step=0, **metrics):
+    """A record fine-tuned with the end-of-sweep recipe (what finetune_subnet writes in source)."""
+    rec = record(name, step, **metrics)
+    rec["source"] = {"finetuned": True, "init": "scratch", "recipe": RECIPE, "recipe_tag": "e3 cosine lr0.1 bs64 kd0",
+                     "recipe_hash": "abc123abc123", "robust_suite": 2,
+                     "preprocessing": {"input_size": 32, "channels": 3, "layout": "NCHW", "channel_order": "RGB",
+                                       "scale": "pixel / 255", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    return rec
+
+
 def saved(tmp, tag, name, rec, seed):
     torch.manual_seed(seed)
     return save_subnet(tmp / "saved" / tag, spec(name), models.build(spec(name)).state_dict(), rec)
@@ -53,24 +68,29 @@ def saved(tmp, tag, name, rec, seed):
 
 def run_sweep(tracker, tmp):
     tracker.start_sweep("sweep-a", CONFIG, {"base_model": "cifar_resnet:tiny"})
-    tracker.log_unpruned(SubnetRecord.of(TINY, {"test_top1": 0.9, "robust_top1": 0.7}, "unpruned", 0).to_dict())
-    tracker.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}, run_name="uniform_f0.5_kd0_t1")
+    tracker.log_unpruned(SubnetRecord.of(TINY, {"test_top1": 0.9, "robust_top1": 0.7, "latency_ms_b1_p50": 2.0},
+                                         "unpruned", 0).to_dict())
+    tracker.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0, "hparams": {"lr": 0.1}},
+                          run_name="uniform_f0.5_kd0_t1")
     tracker.log_step("t1", 0, {"loss": 1.5}, [record("A", val_top1=0.50), record("B", val_top1=0.70)])
     tracker.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)])
-    final_b = record("B", 1, test_top1=0.85, robust_top1=0.50)
-    tracker.trial_finished("t1", final_b, saved(tmp, "t1", "B", final_b, 1))
-    tracker.trial_started("t2", {"method": "uniform"})
+    final_b = record("B", 1, val_top1=0.70, test_top1=0.85, robust_top1=0.50)
+    tracker.trial_finished("t1", final_b, saved(tmp, "t1", "B", final_b, 1), refresh_front=False)
+    tracker.trial_started("t2", {"method": "uniform", "flops_target": 0.7, "kd_weight": 0.0})
     tracker.log_step("t2", 0, {"loss": 1.1}, [record("B", val_top1=0.72), record("D", val_top1=0.80)])
-    final_d = record("D", 0, test_top1=0.88, robust_top1=0.62)
-    tracker.trial_finished("t2", final_d, saved(tmp, "t2", "D", final_d, 2))
+    final_d = record("D", 0, val_top1=0.80, test_top1=0.88, robust_top1=0.62)
+    tracker.trial_finished("t2", final_d, saved(tmp, "t2", "D", final_d, 2), refresh_front=False)
     tracker.log_step("t3", 0, {"loss": 3.0}, [record("C", val_top1=0.60)])  # never "started": auto-created
-    tracker.trial_finished("t3", status="FAILED")
-    members = tracker.update_front()
-    member_a = next(m for m in members if m["trial_id"] == "t1")
-    tuned_a = record("A", 0, test_top1=0.80, robust_top1=0.58)
-    tracker.log_finetuned(member_a["key"], tuned_a, saved(tmp, "ft", "A", tuned_a, 3))
+    tracker.trial_finished("t3", status="FAILED", refresh_front=False)
+    tuned_a = tuned("A", 0, val_top1=0.50, test_top1=0.80, robust_top1=0.58, latency_ms_b1_p50=1.0)
+    tracker.log_finetuned(tuned_a, saved(tmp, "ft-a", "A", tuned_a, 3), trial_id="t1", cell="uniform_f0.5_kd0",
+                          flops_target=0.5, kd_weight=0.0)
+    tuned_d = tuned("D", 0, val_top1=0.80, test_top1=0.88, robust_top1=0.62, latency_ms_b1_p50=1.5)
+    tracker.log_finetuned(tuned_d, saved(tmp, "ft-d", "D", tuned_d, 4), trial_id="t2", cell="uniform_f0.7_kd0",
+                          flops_target=0.7, kd_weight=0.0)
+    fronts = tracker.update_front()
     tracker.finish()
-    return members
+    return fronts
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +110,17 @@ def artifact(client, run_id, path, tmp):
     return client.download_artifacts(run_id, path, str(tmp))
 
 
-def test_update_front_returns_search_front_members_with_finetune_status(sweep):
-    got = [(m["trial_id"], m["spec_hash"], m["finetuned"]) for m in sweep["members"]]
-    assert got == [("t1", models.spec_hash(spec("A")), False), ("t2", models.spec_hash(spec("B")), False),
-                   ("t2", models.spec_hash(spec("D")), True)]  # t2 finalized D itself
-    assert sweep["members"][0]["key"] == f"t1/search/0/{models.spec_hash(spec('A'))}"
+def test_fronts_rank_only_like_with_like(sweep):
+    fronts = sweep["members"]
+    assert list(fronts) == ["search/uniform", "final/kd0", "robust/kd0"]
+    h = {k: models.spec_hash(spec(k)) for k in WIDTH}
+    assert [(m["trial_id"], m["kind"], m["spec_hash"]) for m in fronts["search/uniform"]] == [
+        ("t1", "search", h["A"]), ("t2", "search", h["B"]), ("t2", "search", h["D"])]
+    # only the end-of-sweep fine-tunes, all with one recipe tag: the trials' finals (search recipe) never rank
+    for name in ("final/kd0", "robust/kd0"):
+        assert [(m["trial_id"], m["kind"], m["spec_hash"]) for m in fronts[name]] == [
+            ("t1", "finetuned", h["A"]), ("t2", "finetuned", h["D"])]
+        assert {m["recipe"] for m in fronts[name]} == {"e3 cosine lr0.1 bs64 kd0"}
 
 
 def test_parent_run_has_config_params_versions_and_front_artifacts(sweep, tmp_path):
@@ -110,16 +136,16 @@ def test_parent_run_has_config_params_versions_and_front_artifacts(sweep, tmp_pa
     assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags.get("git_sha", "0" * 40))
     resolved = json.loads(open(artifact(client, parent.info.run_id, "sweep/resolved_sweep.json", tmp_path)).read())
     assert resolved == CONFIG
-    assert parent.data.metrics["front_size_search"] == 3 and parent.data.metrics["front_size_final"] == 3
-    assert parent.data.metrics["front_size_robust"] == 2 and parent.data.metrics["unpruned_test_top1"] == 0.9
+    assert parent.data.metrics["front_size/search/uniform"] == 3 and parent.data.metrics["front_size/final/kd0"] == 2
+    assert parent.data.metrics["front_size/robust/kd0"] == 2 and parent.data.metrics["unpruned_test_top1"] == 0.9
+    assert parent.data.metrics["cells/uniform_f0.5_kd0/distinct_subnets"] == 1
     png = open(artifact(client, parent.info.run_id, "pareto/pareto.png", tmp_path), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    final = json.loads(open(artifact(client, parent.info.run_id, "pareto/front_final.json", tmp_path)).read())
+    final = json.loads(open(artifact(client, parent.info.run_id, "pareto/front_final_kd0.json", tmp_path)).read())
     keys = [dict(zip(final["columns"], row))["key"] for row in final["data"]]
-    assert keys == [f"t1/finetuned/0/{models.spec_hash(spec('A'))}", f"t1/final/1/{models.spec_hash(spec('B'))}",
-                    f"t2/final/0/{models.spec_hash(spec('D'))}"]
+    assert keys == [f"t1/finetuned/0/{models.spec_hash(spec('A'))}", f"t2/finetuned/0/{models.spec_hash(spec('D'))}"]
     tables = {e["path"] for e in json.loads(parent.data.tags["mlflow.loggedArtifacts"])}
-    assert tables == {"pareto/front_search.json", "pareto/front_final.json", "pareto/front_robust.json"}
+    assert tables == {"pareto/front_search_uniform.json", "pareto/front_final_kd0.json", "pareto/front_robust_kd0.json"}
 
 
 def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
@@ -135,9 +161,15 @@ def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
     assert trials["t2"].data.metrics["macs"] == models.macs(spec("D"))
     tags = {t: tuple(trials[t].data.tags[k] for k in ("rayprune.is_pareto", "rayprune.is_pareto_final",
                                                     "rayprune.is_pareto_robust")) for t in trials}
-    assert tags == {"t1": ("true", "true", "false"), "t2": ("true", "true", "true"), "t3": ("false", "false", "false")}
-    (tuned,) = runs_of(client, tracker.experiment_id, "finetune")
-    assert tuned.data.tags["rayprune.is_pareto_robust"] == "true" and tuned.data.metrics["robust_top1"] == 0.58
+    assert tags == {"t1": ("true", "false", "false"), "t2": ("true", "false", "false"), "t3": ("false", "false", "false")}
+    finetunes = {r.info.run_name: r for r in runs_of(client, tracker.experiment_id, "finetune")}
+    assert sorted(finetunes) == ["finetune-uniform_f0.5_kd0", "finetune-uniform_f0.7_kd0"]
+    a = finetunes["finetune-uniform_f0.5_kd0"]
+    assert a.data.tags["rayprune.is_pareto_robust"] == "true" and a.data.tags["rayprune.is_pareto_final"] == "true"
+    assert a.data.metrics["robust_top1"] == 0.58 and a.data.metrics["test_top1"] == 0.80
+    assert a.data.metrics["macs"] == models.macs(spec("A")) and a.data.metrics["latency_ms"] == 1.0
+    assert a.data.metrics["macs_pct"] == pytest.approx(100 * models.macs(spec("A")) / models.macs(TINY))
+    assert a.data.params["recipe"] == "e3 cosine lr0.1 bs64 kd0" and a.data.params["init"] == "scratch"
     table = json.loads(open(artifact(client, trials["t1"].info.run_id, "subnets.json", tmp_path)).read())
     assert len(table["data"]) == 4  # A, B, C searched + B final
     saved_files = sorted(f.path for f in client.list_artifacts(trials["t1"].info.run_id, "subnet"))
@@ -154,7 +186,12 @@ def test_parquet_rows_are_exactly_the_recorded_subnets(sweep):
         ("t1", "search", 0, h["A"]), ("t1", "search", 0, h["B"]), ("t1", "search", 1, h["C"]),
         ("t1", "final", 1, h["B"]),
         ("t2", "search", 0, h["B"]), ("t2", "search", 0, h["D"]), ("t2", "final", 0, h["D"]),
-        ("t3", "search", 0, h["C"]), ("t1", "finetuned", 0, h["A"])])
+        ("t3", "search", 0, h["C"]), ("t1", "finetuned", 0, h["A"]), ("t2", "finetuned", 0, h["D"])])
+    by_kind = {(t, k): (f, kd, r, i) for t, k, f, kd, r, i in zip(table["trial_id"], table["kind"], table["flops_target"],
+                                                                  table["kd_weight"], table["recipe"], table["init"])}
+    assert by_kind[("t1", "finetuned")] == (0.5, 0.0, "e3 cosine lr0.1 bs64 kd0", "scratch")
+    assert by_kind[("t2", "final")][:2] == (0.7, 0.0) and by_kind[("t3", "search")][:2] == (None, None)
+    assert table["robust_suite"][table["kind"].index("finetuned")] == 2
 
 
 def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
@@ -166,15 +203,15 @@ def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
     assert len(again.store) == len(first.store)  # restored from the parent's subnets.parquet
     assert again.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}) == first._trial_runs["t1"]
     assert again.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)]) == 0
-    final_b = record("B", 1, test_top1=0.85, robust_top1=0.50)
-    again.trial_finished("t1", final_b, sweep["tmp"] / "saved" / "t1")
+    final_b = record("B", 1, val_top1=0.70, test_top1=0.85, robust_top1=0.50)
+    again.trial_finished("t1", final_b, sweep["tmp"] / "saved" / "t1", refresh_front=False)
     again.update_front()
     again.finish()
     t1 = first._trial_runs["t1"]
     assert len(client.search_runs([first.experiment_id], "", ViewType.ALL)) == before
     assert [m.value for m in client.get_metric_history(t1, "loss")] == [1.5, 1.2]
     assert len(client.get_metric_history(t1, "test_top1")) == 1
-    assert len(again.store) == len(first.store) == 10
+    assert len(again.store) == len(first.store) == 11
     table = json.loads(open(artifact(client, t1, "subnets.json", tmp_path)).read())
     assert len(table["data"]) == 4
 
@@ -182,12 +219,19 @@ def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
 def test_front_prints_the_tables(sweep, capsys):
     assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"]]) == 0
     out = capsys.readouterr().out
-    assert "sweep sweep-a" in out and "10 subnet records" in out
-    assert "search front: val_top1 vs MACs over every subnet evaluated -- 3 of 6" in out
-    assert "robust front: robust_top1 vs MACs over finalized/fine-tuned subnets -- 2 of 3" in out
+    assert "sweep sweep-a" in out and "11 subnet records" in out
+    assert "unpruned baseline (trained once with recipes.finetune): " in out and "test_top1 0.9000" in out
+    assert "search front of uniform: val_top1 vs MACs over its search-time subnets" in out and "-- 3 of 6" in out
+    assert "final front [kd0]: test_top1 vs MACs over the subnets fine-tuned with recipe e3 cosine lr0.1 bs64 kd0 " \
+           "-- 2 of 2" in out
     macs_pct = f"{100 * models.macs(spec('A')) / models.macs(TINY):.1f}"
-    assert re.search(rf"t1\s+finetuned\s+0\s+uniform\s+\S+\s+\S+\s+{re.escape(macs_pct)}\s+-\s+0.8000\s+0.5800", out)
+    # trial, kind, method, target, kd, init, MACs(M), MACs%, params(K), val, test, drop, robust, latency
+    assert re.search(rf"t1\s+finetuned\s+uniform\s+0.5\s+0\s+scratch\s+\S+\s+{re.escape(macs_pct)}\s+\S+\s+0.5000\s+"
+                     rf"0.8000\s+\+0.1000\s+0.5800\s+1.0000", out)
+    assert re.search(r"unpruned\s+unpruned\s+unpruned\s+-\s+-\s+-\s+\S+\s+100.0\s+\S+\s+-\s+0.9000\s+-\s+0.7000", out)
     assert sweep["tracker"].front_table() in out  # the driver prints the same tables
+    assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--init", "inherited"]) == 0
+    assert "final front" not in capsys.readouterr().out  # no fine-tuned subnet started from inherited weights
 
 
 def load_export(out_dir):
@@ -196,11 +240,15 @@ def load_export(out_dir):
     return net.eval()
 
 
-@pytest.mark.parametrize("argv, width, trial", [
-    (["--mode", "efficient", "--max-drop", "0.05"], "B", "t1"),  # >= 0.83: B (0.85) is the cheapest
-    (["--mode", "robust", "--max-macs", "{macs_b}"], "A", "t1"),  # A's robust 0.58 beats B's 0.50
+@pytest.mark.parametrize("argv, width, trial, seed", [
+    (["--mode", "efficient", "--max-drop", "0.05"], "D", "t2", 4),  # >= 0.85: only D (0.88)
+    (["--mode", "efficient", "--max-drop", "0.15"], "A", "t1", 3),  # >= 0.75: A (0.80) is the cheapest
+    (["--mode", "robust", "--max-drop", "0.15"], "D", "t2", 4),  # D's robust 0.62 beats A's 0.58
+    (["--mode", "robust", "--max-drop", "0.15", "--max-macs", "{macs_b}"], "A", "t1", 3),
 ])
-def test_pick_exports_checks_onnx_and_sets_the_alias(sweep, tmp_path, capsys, argv, width, trial):
+def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path, capsys, argv, width, trial, seed):
+    import mlflow
+
     argv = [a.format(macs_b=models.macs(spec("B"))) for a in argv]
     out = tmp_path / "picked"
     code = pick_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--out", str(out),
@@ -208,19 +256,51 @@ def test_pick_exports_checks_onnx_and_sets_the_alias(sweep, tmp_path, capsys, ar
     assert code == 0, capsys.readouterr().err
     mode = argv[1]
     assert json.loads((out / "spec.json").read_text()) == spec(width)
-    torch.manual_seed({"B": 1, "A": 3}[width])  # the weights the trial / fine-tune saved
+    torch.manual_seed(seed)  # the weights the fine-tune saved
     expected = models.build(spec(width)).state_dict()
     net = load_export(out)
     assert all(torch.equal(net.state_dict()[k], expected[k]) for k in expected)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], net(x).numpy(), atol=1e-4, rtol=1e-3)
-    assert "* sweep_id: `sweep-a`" in (out / "model_card.md").read_text()
-    version = sweep["client"].get_model_version_by_alias(f"rayprune-{EXPERIMENT}", mode)
-    assert version.tags["rayprune.source_key"].startswith(f"{trial}/")
-    assert version.tags["rayprune.source_key"].endswith(models.spec_hash(spec(width)))
-    assert f"registered rayprune-{EXPERIMENT} version {version.version} as @{mode}" in capsys.readouterr().out
+        want = net(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=1e-3)
+    card = (out / "model_card.md").read_text()
+    assert "* sweep_id: `sweep-a`" in card and "| method | uniform |" in card and "| kd weight | 0 |" in card
+    assert "| test_top1 |" in card and "| 0.9000 |" in card and "* mean: `[0.5, 0.5, 0.5]`" in card
+    name = f"rayprune-{EXPERIMENT}"
+    version = sweep["client"].get_model_version_by_alias(name, mode)
+    assert version.tags["rayprune.source_key"] == f"{trial}/finetuned/0/{models.spec_hash(spec(width))}"
+    assert f"registered {name} version {version.version} as @{mode}" in capsys.readouterr().out
+    # a real MLflow model: pyfunc loads the alias (ONNX flavor) and agrees with torch
+    mlflow.set_tracking_uri(sweep["uri"])
+    mlflow.set_registry_uri(sweep["uri"])
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@{mode}")
+    got = loaded.predict(x.numpy())["logits"]
+    assert np.abs(got - want).max() <= 1e-4
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
+
+
+def test_pick_no_register_writes_nothing_to_the_store(sweep, tmp_path, capsys):
+    client = sweep["client"]
+    runs = len(client.search_runs([sweep["tracker"].experiment_id], "", ViewType.ALL))
+    versions = len(client.search_model_versions())
+    db = (sweep["tmp"] / "mlflow.db").read_bytes()
+    out = tmp_path / "dry"
+    assert pick_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--out", str(out), "--mode",
+                      "efficient", "--max-drop", "0.15", "--no-register", "--onnx-exporter", "torchscript"]) == 0
+    assert "not registered (--no-register)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_card.md", "spec.json", "weights.pt"]
+    assert len(client.search_runs([sweep["tracker"].experiment_id], "", ViewType.ALL)) == runs
+    assert len(client.search_model_versions()) == versions
+    assert (sweep["tmp"] / "mlflow.db").read_bytes() == db
+
+
+def test_default_model_name_is_not_doubled():
+    from rayprune.tracking.cli import default_model_name
+
+    assert default_model_name("rayprune-quickstart") == "rayprune-quickstart"
+    assert default_model_name("tiny-sweep") == "rayprune-tiny-sweep"
 
 
 def error_line(capsys):
@@ -239,6 +319,14 @@ def test_bad_input_fails_with_one_line(sweep, tmp_path, capsys):
     assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-macs", "1000",
                       "--out", str(tmp_path / "x")]) == 2
     assert "--max-macs 1,000 is impossible" in error_line(capsys)
+    # the robust pick keeps to --max-drop of the baseline: A (0.80) is 0.10 below 0.90
+    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-drop", "0.05", "--max-macs",
+                      str(models.macs(spec("B"))), "--out", str(tmp_path / "x")]) == 2
+    assert ("--max-drop 0.05 is impossible: the unpruned baseline's test_top1 is 0.9000 and the best candidate "
+            "reaches 0.8000") in error_line(capsys)
+    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--kd-weight", "0.9",
+                      "--out", str(tmp_path / "x")]) == 2
+    assert "--kd-weight 0.9: no fine-tuned subnet was trained with that KD weight; the sweep has 0" in error_line(capsys)
     assert not (tmp_path / "x").exists()
     assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "efficient", "--min-acc", "92",
                       "--out", str(tmp_path / "x")]) == 2
@@ -287,3 +375,26 @@ def test_sweep_without_finished_trials_has_no_front_yet(sweep, tmp_path, capsys)
     tracker.log_step("t1", 0, {}, [record("A", val_top1=0.5)])
     assert front_main(["--experiment", "fresh", "--mlflow-uri", sweep["uri"]]) == 2
     assert "sweep 'sweep-b' has no Pareto front yet" in error_line(capsys)
+
+
+def test_the_plot_draws_every_finalized_subnet_fronts_baseline_targets_and_picks(sweep):
+    from rayprune.tracking.mlflow_tracker import default_picks, front_figure
+
+    rows = sweep["tracker"].store.rows()
+    rows = [dict(r, flops_target=r["flops_target"] or None) for r in rows]
+    fig = front_figure(rows, sweep["members"])
+    test_ax, robust_ax, search_ax = fig.axes[:3]
+
+    def points(ax, gid):
+        return sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == gid)
+
+    for ax in (test_ax, robust_ax):  # 2 fine-tuned subnets, 2 trials' own finals (hollow), both picks
+        assert points(ax, "finalized") == 2 and points(ax, "trial_finals") == 2
+        assert [line.get_gid() for line in ax.lines].count("front") == 1
+        assert [line.get_gid() for line in ax.lines].count("baseline") == 1
+        assert {line.get_xdata()[0] for line in ax.lines if line.get_gid() == "target"} == {50.0, 70.0}
+    # nothing is within 0.01 of the baseline's 0.90: the picks the sweep suggests (max-drop 0.02) are marked
+    assert set(default_picks(rows)) == {"efficient pick (max-drop 0.02)", "robust pick (max-drop 0.02)"}
+    assert points(test_ax, "pick") == 2
+    assert points(search_ax, "search") == 6  # every search-time subnet (t1: 3, t2: 2, t3: 1)
+    assert test_ax.get_xlabel() == "MACs (% of unpruned)" and test_ax.get_ylabel() == "test top-1"

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from rayprune.tracking import TrackingError
-from rayprune.tracking.pareto import (choose_operating_point, compute_fronts, format_table, hypervolume_2d,
+from rayprune.tracking.pareto import (choose_operating_point, compute_fronts, finalized_pool, format_table,
+                                     hypervolume_2d,
                                       pareto_front, pareto_ranks)
 
 # (acc, macs); the comment says why each point is or is not on the front.
@@ -75,9 +76,15 @@ def test_hypervolume_by_hand():
     assert hypervolume_2d([]) == 0.0
 
 
-def row(trial, kind, macs, step=0, uri="runs:/r/subnet", **metrics):
-    return {"trial_id": trial, "kind": kind, "step": step, "spec_hash": f"h{trial}{macs}", "method": "uniform",
-            "macs": macs, "params": macs // 100, "metrics": metrics, "artifact_uri": uri, "run_id": f"run-{trial}"}
+def row(trial, kind, macs, step=0, uri="runs:/r/subnet", method="uniform", kd=None, **metrics):
+    r = {"trial_id": trial, "kind": kind, "step": step, "spec_hash": f"h{trial}{macs}", "method": method,
+         "macs": macs, "params": macs // 100, "metrics": metrics, "artifact_uri": uri, "run_id": f"run-{trial}",
+         "kd_weight": kd, "flops_target": None, "source": {}}
+    if kind in ("final", "finetuned"):
+        r["recipe_hash"] = {"final": "search", "finetuned": f"r{kd}"}[kind]
+        r["recipe"] = f"{'e4' if kind == 'final' else 'e10'} cosine lr0.05 bs64 kd{kd:g}"
+        r["init"] = "inherited" if method == "l1" else "scratch"
+    return r
 
 
 ROWS = [
@@ -85,44 +92,79 @@ ROWS = [
     row("t1", "search", 20_000_000, val_top1=0.70),
     row("t2", "search", 20_000_000, val_top1=0.72),
     row("t2", "search", 40_000_000, val_top1=0.80),
-    row("t1", "final", 30_000_000, test_top1=0.915, robust_top1=0.50),
-    row("t2", "final", 50_000_000, test_top1=0.92, robust_top1=0.62),
-    row("t3", "finetuned", 10_000_000, test_top1=0.905, robust_top1=0.58),
-    row("t4", "final", 5_000_000, uri=None, test_top1=0.99, robust_top1=0.99),  # no weights: never picked
+    row("t5", "search", 8_000_000, method="l1", val_top1=0.18),  # right after the cut: never beside uniform's
+    row("t1", "final", 30_000_000, kd=0.0, test_top1=0.999, robust_top1=0.99),  # search recipe: never ranked
+    row("t3", "finetuned", 10_000_000, kd=0.0, test_top1=0.905, robust_top1=0.58),
+    row("t1", "finetuned", 30_000_000, kd=0.0, test_top1=0.915, robust_top1=0.50),
+    row("t2", "finetuned", 50_000_000, kd=0.0, test_top1=0.92, robust_top1=0.62),
+    row("t4", "finetuned", 5_000_000, kd=0.0, uri=None, test_top1=0.99, robust_top1=0.99),  # no weights: never picked
+    row("t6", "finetuned", 20_000_000, kd=0.9, method="l1", test_top1=0.925, robust_top1=0.66),
     row("ref", "unpruned", 100_000_000, test_top1=0.93),
 ]
 
 
-def test_fronts_use_val_top1_for_search_and_test_robust_for_final_records():
+def ids(rows):
+    return [r["trial_id"] for r in rows]
+
+
+def test_fronts_are_per_method_for_search_and_per_recipe_for_final():
     fronts = compute_fronts(ROWS)
-    assert [(r["trial_id"], r["macs"]) for r in fronts["search"]] == [
+    assert list(fronts) == ["search/l1", "search/uniform", "final/kd0", "robust/kd0", "final/kd0.9", "robust/kd0.9"]
+    assert [(r["trial_id"], r["macs"]) for r in fronts["search/uniform"]] == [
         ("t1", 10_000_000), ("t2", 20_000_000), ("t2", 40_000_000)]
-    assert [r["trial_id"] for r in fronts["final"]] == ["t4"]  # t4 dominates everything on test_top1
-    assert [r["trial_id"] for r in fronts["robust"]] == ["t4"]
+    assert ids(fronts["search/l1"]) == ["t5"]
+    assert ids(fronts["final/kd0"]) == ["t4"] and ids(fronts["robust/kd0"]) == ["t4"]  # t4 dominates
+    assert ids(fronts["final/kd0.9"]) == ["t6"]
+    for name, members in fronts.items():  # every member of a final front has the same recipe tag
+        if not name.startswith("search"):
+            assert len({m["recipe"] for m in members}) == 1 and all(m["kind"] == "finetuned" for m in members)
     without_t4 = compute_fronts([r for r in ROWS if r["trial_id"] != "t4"])
-    assert [r["trial_id"] for r in without_t4["final"]] == ["t3", "t1", "t2"]
-    assert [r["trial_id"] for r in without_t4["robust"]] == ["t3", "t2"]  # t1 (0.50) is beaten by t3 (0.58)
+    assert ids(without_t4["final/kd0"]) == ["t3", "t1", "t2"]
+    assert ids(without_t4["robust/kd0"]) == ["t3", "t2"]  # t1 (0.50) is beaten by t3 (0.58)
+    assert list(compute_fronts(ROWS, init="inherited")) == ["search/l1", "search/uniform", "final/kd0.9",
+                                                            "robust/kd0.9"]
+
+
+def test_without_end_of_sweep_finetunes_the_trials_finals_are_the_pool():
+    rows = [r for r in ROWS if r["kind"] != "finetuned"]
+    assert ids(compute_fronts(rows)["final/kd0"]) == ["t1"] and finalized_pool(rows)[0]["kind"] == "final"
 
 
 @pytest.mark.parametrize("kwargs, trial", [
-    (dict(mode="efficient"), "t1"),  # best 0.92 (t4 has no weights); 0.915 is within 0.01 and cheaper
-    (dict(mode="efficient", max_drop=0.02), "t3"),  # 0.905 >= 0.90: the cheapest
-    (dict(mode="efficient", max_drop=0.0), "t2"),
-    (dict(mode="robust"), "t2"),
-    (dict(mode="robust", max_macs=40e6), "t3"),
-    (dict(mode="efficient", min_acc=0.91, max_drop=0.05), "t1"),
+    (dict(mode="efficient"), "t6"),  # default group: the largest KD weight; 0.925 >= 0.93 - 0.01
+    (dict(mode="efficient", kd_weight=0.0), "t2"),  # >= 0.92 of the baseline's 0.93: only t2
+    (dict(mode="efficient", kd_weight=0.0, max_drop=0.02), "t1"),  # >= 0.91: t1 is cheaper than t2
+    (dict(mode="efficient", kd_weight=0.0, max_drop=0.03), "t3"),  # >= 0.90: the cheapest with weights
+    (dict(mode="efficient", kd_weight=0.0, max_drop=None), "t3"),
+    (dict(mode="robust", kd_weight=0.0, max_drop=0.03), "t2"),  # robust 0.62
+    (dict(mode="robust", kd_weight=0.0, max_drop=0.03, max_macs=40e6), "t3"),
+    (dict(mode="efficient", kd_weight=0.0, min_acc=0.91, max_drop=0.05), "t1"),
+    (dict(mode="efficient", init="scratch"), "t2"),  # l1's kd 0.9 group is gone: kd 0, within 0.01
 ])
 def test_choose_operating_point(kwargs, trial):
     chosen, why = choose_operating_point(ROWS, **kwargs)
     assert chosen["trial_id"] == trial
-    assert "candidates" in why
+    assert "candidates" in why and "fine-tuned with recipe" in why
+
+
+def test_max_drop_is_measured_against_the_unpruned_baseline():
+    _, why = choose_operating_point(ROWS, "efficient", kd_weight=0.0, max_drop=0.02)
+    assert "test_top1 >= 0.9300 - 0.02 (the unpruned baseline's test_top1 minus --max-drop)" in why
+    no_baseline = [r for r in ROWS if r["kind"] != "unpruned"]
+    chosen, why = choose_operating_point(no_baseline, "efficient", kd_weight=0.0, max_drop=0.01)
+    assert chosen["trial_id"] == "t1" and "the best candidate's test_top1 (no baseline)" in why
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="efficient", max_macs=1e6), "--max-macs 1,000,000 is impossible: the cheapest fine-tuned subnet "
-                                           "has 10,000,000 MACs"),
+                                           "has 20,000,000 MACs"),
     (dict(mode="robust", min_acc=0.95), "--min-acc 0.95 is impossible: the best test_top1 among the candidates "
-                                        "is 0.9200"),
+                                        "is 0.9250"),
+    (dict(mode="robust", kd_weight=0.0, max_drop=0.01, max_macs=40e6),
+     "--max-drop 0.01 is impossible: the unpruned baseline's test_top1 is 0.9300 and the best candidate reaches "
+     "0.9150 (a drop of 0.0150); raise --max-drop"),
+    (dict(mode="robust", kd_weight=0.5), "--kd-weight 0.5: no fine-tuned subnet was trained with that KD weight; "
+                                         "the sweep has 0, 0.9"),
     (dict(mode="fastest"), "unknown mode 'fastest'"),
 ])
 def test_choose_operating_point_errors_name_the_problem(kwargs, message):
@@ -136,13 +178,16 @@ def test_choose_without_finetuned_records_says_no_front_yet():
         choose_operating_point([r for r in ROWS if r["kind"] == "search"], "efficient")
 
 
-def test_format_table_aligns_columns_and_shows_macs_percent():
-    text = format_table([ROWS[0], ROWS[4]], reference_macs=100_000_000)
+def test_format_table_shows_the_baseline_macs_percent_and_drop():
+    text = format_table([ROWS[0], ROWS[7]], baseline=ROWS[-1])
     lines = text.splitlines()
-    assert lines[0].split() == ["trial", "kind", "step", "method", "MACs(M)", "params(K)", "MACs%", "val_top1",
-                                "test_top1", "robust_top1", "latency_ms_b1_p50"]
-    assert lines[1].split() == ["t1", "search", "0", "uniform", "10.00", "100.0", "10.0", "0.5000", "-", "-", "-"]
-    assert lines[2].split()[6:10] == ["30.0", "-", "0.9150", "0.5000"]
+    assert lines[0].split() == ["trial", "kind", "method", "target", "kd", "init", "MACs(M)", "MACs%", "params(K)",
+                                "val_top1", "test_top1", "drop", "robust_top1", "latency_ms_b1_p50"]
+    assert lines[1].split() == ["ref", "unpruned", "uniform", "-", "-", "-", "100.000", "100.0", "1000.0", "-",
+                                "0.9300", "-", "-", "-"]
+    assert lines[2].split() == ["t1", "search", "uniform", "-", "-", "-", "10.000", "10.0", "100.0", "0.5000", "-",
+                                "-", "-", "-"]
+    assert lines[3].split()[3:13] == ["-", "0", "scratch", "30.000", "30.0", "300.0", "-", "0.9150", "+0.0150", "0.5000"]
     assert len({len(line) for line in lines}) == 1  # right-aligned columns
 
 

@@ -127,10 +127,12 @@ def check_onnx(path: Path, model: nn.Module, example: torch.Tensor, atol: float 
 
 def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any],
                   out_dir: str | Path, *, input_size: int | None = None,
-                  info: dict[str, Any] | None = None, exporter: str = "auto") -> Path:
+                  info: dict[str, Any] | None = None, exporter: str = "auto",
+                  baseline: dict[str, Any] | None = None, preprocessing: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir`` with spec.json, weights.pt (state_dict), model.onnx (checked against
-    torch with onnxruntime) and model_card.md (metrics, spec summary, provenance from
-    ``info``: e.g. experiment, sweep_id, source_run_id, trial_id, mode, selection).
+    torch with onnxruntime) and model_card.md (metrics against the unpruned ``baseline`` row,
+    the input ``preprocessing``, spec summary, provenance from ``info``: e.g. method, dataset,
+    flops_target, kd_weight, recipe, experiment, sweep_id, trial_id, mode, selection).
 
     ``exporter`` is passed to :func:`export_onnx`. ``out_dir`` must not exist or be empty.
     Returns ``out_dir``.
@@ -149,7 +151,7 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the export is meant to be shared
-        _write_export(tmp, spec, model, metrics, size, info or {}, exporter)
+        _write_export(tmp, spec, model, metrics, size, info or {}, exporter, baseline, preprocessing)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -160,7 +162,8 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
 
 
 def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str, Any], size: int,
-                  info: dict[str, Any], exporter: str) -> None:
+                  info: dict[str, Any], exporter: str, baseline: dict[str, Any] | None = None,
+                  preprocessing: dict[str, Any] | None = None) -> None:
     models.save_spec(spec, target / "spec.json")
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, target / "weights.pt")
     generator = torch.Generator().manual_seed(0)
@@ -169,7 +172,8 @@ def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str,
     exporter = export_onnx(model, export_example, target / "model.onnx", exporter)
     # A different batch size than the export example proves the batch axis is really dynamic.
     max_diff = check_onnx(target / "model.onnx", model, torch.randn(3, channels, size, size, generator=generator))
-    card = model_card(spec, metrics, size, info, exporter=exporter, onnx_max_diff=max_diff)
+    card = model_card(spec, metrics, size, info, exporter=exporter, onnx_max_diff=max_diff, baseline=baseline,
+                      preprocessing=preprocessing)
     (target / "model_card.md").write_text(card)
 
 
@@ -181,31 +185,75 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _about(key: str, value: Any) -> str:
+    if key == "flops_target":
+        return f"{float(value):g} of the unpruned MACs"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[str, Any], *,
-               exporter: str, onnx_max_diff: float) -> str:
-    """The markdown model card: metrics, spec summary, provenance and how to load the files."""
+               exporter: str, onnx_max_diff: float, baseline: dict[str, Any] | None = None,
+               preprocessing: dict[str, Any] | None = None) -> str:
+    """The markdown model card: what it is (method, dataset, target, KD weight, recipe), its
+    metrics beside the unpruned baseline's (drop, MACs %), the exact input preprocessing, the
+    spec summary, provenance and how to load the files."""
     macs, params = models.macs(spec, input_size), models.params(spec)
     lines = [f"# rayprune subnet ({info.get('mode', 'exported')})", ""]
     if info.get("selection"):
         lines += [f"Selected by: {info['selection']}", ""]
-    lines += ["## Metrics", "", "| metric | value |", "|---|---|", f"| MACs | {macs:,} |", f"| params | {params:,} |"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if k not in ("macs", "params")]
+    about = [(k, info.get(k)) for k in ("method", "dataset", "flops_target", "kd_weight", "recipe", "init",
+                                        "robust_suite")]
+    if any(v is not None for _, v in about):
+        lines += ["## What it is", "", "| | |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {_about(k, v)} |" for k, v in about if v is not None]
+        lines += [""]
+    lines += ["## Metrics", ""]
+    base_m = (baseline or {}).get("metrics", {})
+    if baseline is not None:
+        lines += ["| metric | this subnet | unpruned baseline | drop |", "|---|---|---|---|",
+                  f"| MACs | {macs:,} ({100.0 * macs / baseline['macs']:.1f} %) | {baseline['macs']:,} (100 %) | |",
+                  f"| params | {params:,} | {baseline['params']:,} | |"]
+        for k, v in sorted(metrics.items()):
+            if k in ("macs", "params"):
+                continue
+            ref = base_m.get(k)
+            drop = f"{ref - v:+.4f}" if isinstance(ref, (int, float)) and k.endswith("top1") else ""
+            lines.append(f"| {k} | {_fmt(v)} | {_fmt(ref) if ref is not None else '-'} | {drop} |")
+    else:
+        lines += ["| metric | value |", "|---|---|", f"| MACs | {macs:,} |", f"| params | {params:,} |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if k not in ("macs", "params")]
     lines += ["", "Accuracies are fractions in [0, 1]: `test_top1` on the held-out test set, `robust_top1` the mean "
-              "over the corruption suite, `val_top1` the search-time validation accuracy.", ""]
+              "over the corruption suite, `val_top1` the search-time validation accuracy. The drop is the unpruned "
+              "baseline's value minus this subnet's.", ""]
     shape = f"{input_channels(spec)}x{input_size}x{input_size}"
+    lines += ["## Input preprocessing", ""]
+    if preprocessing:
+        p = preprocessing
+        lines += [f"* input: float32 tensor [batch, {p.get('channels', input_channels(spec))}, {p.get('input_size', input_size)}, "
+                  f"{p.get('input_size', input_size)}], layout {p.get('layout', 'NCHW')}, channel order "
+                  f"{p.get('channel_order', 'RGB')}",
+                  f"* scale: {p.get('scale', 'pixel / 255')} (values in [0, 1]), then per channel (x - mean) / std",
+                  f"* mean: `{[round(m, 6) for m in p['mean']]}`", f"* std: `{[round(x, 6) for x in p['std']]}`", ""]
+    else:
+        lines += [f"* input {shape}, normalised like the training data (not recorded for this subnet)", ""]
     lines += ["## Architecture", "",
               f"* family: `{spec['family']}`, input {shape}, {spec.get('num_classes', '?')} classes"]
     lines += [f"* {k}: `{spec[k]}`" for k in ("block", "shortcut") if k in spec]
     lines += ["", "| channel group | width |", "|---|---|"]
     lines += [f"| {g.name} | {g.width} |" for g in models.channel_groups(spec)]
     lines += ["", "## Provenance", ""]
-    lines += [f"* {k}: `{v}`" for k, v in info.items() if k not in ("mode", "selection") and v is not None]
+    shown = ("mode", "selection", "method", "dataset", "flops_target", "kd_weight", "recipe", "init", "robust_suite")
+    lines += [f"* {k}: `{v}`" for k, v in info.items() if k not in shown and v is not None]
     lines += [f"* spec hash: `{models.spec_hash(spec)}`",
               f"* ONNX exporter: {exporter}; max |onnx - torch| = {onnx_max_diff:.1e} (onnxruntime, CPU)", ""]
     lines += ["## Files", "", "* `spec.json` -- the architecture (rayprune spec)",
               "* `weights.pt` -- a plain state_dict (no pickled module)",
-              "* `model.onnx` -- input `input` [batch, C, H, W] normalised like training, output `logits`", "",
+              "* `model.onnx` -- input `input` [batch, C, H, W] preprocessed as above, output `logits`", "",
               "```python", "import json, torch", "from rayprune import models", "",
               'spec = json.load(open("spec.json"))', "model = models.build(spec)",
               'model.load_state_dict(torch.load("weights.pt", weights_only=True))', "model.eval()", "```", ""]
+    if info.get("registered_model"):
+        lines += ["From the MLflow Model Registry (ONNX flavor, no pickled code):", "", "```python", "import mlflow",
+                  f'model = mlflow.pyfunc.load_model("models:/{info["registered_model"]}")',
+                  'logits = model.predict(x)["logits"]   # x: float32 numpy array [batch, C, H, W]', "```", ""]
     return "\n".join(lines)

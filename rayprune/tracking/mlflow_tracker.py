@@ -5,15 +5,19 @@ single writer and never locks. Layout in MLflow:
 
 * **parent run** (tags ``rayprune.role=sweep``, ``rayprune.sweep_id``): the resolved sweep file
   (``sweep/resolved_sweep.json``), seed and top-level config values as params, git SHA and
-  library versions as tags; after each :meth:`SweepTracker.update_front` the fronts as tables
-  (``pareto/front_{search,final,robust}.json``), the plot ``pareto/pareto.png`` and the whole
-  registry ``subnets.parquet``, plus ``front_size_*`` / ``hypervolume_search`` metrics.
+  library versions as tags, the unpruned baseline's metrics (``unpruned_*``); after each
+  :meth:`SweepTracker.update_front` (the sweep's end, and a resume) the fronts as tables
+  (``pareto/front_<kind>_<group>.json``), the plot ``pareto/pareto.png`` and the whole registry
+  ``subnets.parquet``, plus ``front_size/...`` and per-cell ``cells/...`` metrics.
 * **trial runs** (``mlflow.parentRunId`` = parent, ``rayprune.role=trial``): params, per-step
   metrics, the final metrics, the final subnet's files under ``subnet/`` and the trial's subnet
   records as one table ``subnets.json``. Subnets are *not* runs: a sweep evaluates thousands
   and the UI pages runs by about a hundred. Tags ``rayprune.is_pareto[_final|_robust]`` mark
   trials owning a front member.
-* **fine-tune runs** (``rayprune.role=finetune``): a front member fine-tuned at the end.
+* **fine-tune runs** (``rayprune.role=finetune``, named ``finetune-<cell>``): one per grid cell,
+  its chosen subnet fine-tuned with the sweep's final recipe, with ``macs``, ``macs_pct``,
+  ``test_top1``, ``robust_top1`` and ``latency_ms`` as metrics: the equally-treated candidates,
+  so MLflow's own table and chart views show the final front.
 
 Everything is idempotent on resume: the parent is found by its sweep-id tag, trial runs by
 their trial-id tag, records are de-duplicated by the Parquet store key, per-step metrics are
@@ -41,7 +45,8 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from . import TrackingError
-from .pareto import FRONTS, compute_fronts, hypervolume_2d
+from .pareto import (FRONT_METRIC, MODES, baseline_row, choose_operating_point, compute_fronts, finalized_pool,
+                     front_kind, front_pool, hypervolume_2d, suggested_max_drop)
 from .store import SubnetStore, record_row, row_key
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -54,7 +59,7 @@ LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: t
 # MLflow 3's UI opens an experiment without this tag in GenAI (traces) mode; ours holds model runs.
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 FRONT_TAGS = {"search": "rayprune.is_pareto", "final": "rayprune.is_pareto_final",
-              "robust": "rayprune.is_pareto_robust"}
+              "robust": "rayprune.is_pareto_robust"}  # by front kind (pareto.FRONT_KINDS)
 SUBNETS_ARTIFACT = "subnets.parquet"
 SUBNET_DIR = "subnet"  # artifact path of a run's saved subnet (spec.json, weights.pt, metrics.json)
 VERSIONED = ("torch", "ray", "optuna", "mlflow", "rayprune")
@@ -196,31 +201,69 @@ def download_subnet(client: MlflowClient, artifact_uri: str, dst: str | Path) ->
 
 def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: str, export_dir: str | Path,
                     row: dict[str, Any], description: str) -> Any:
-    """Log ``export_dir`` as the artifacts of a ``pick`` child run of the sweep's ``parent``
-    run, create a model version from that artifact URI (no pickled module, no
-    ``log_model``) and point ``model_name@alias`` at it. Returns the ModelVersion."""
+    """Register an exported subnet as an MLflow model that ``mlflow.pyfunc`` loads and serves.
+
+    A ``pick`` child run of the sweep's ``parent`` run gets the export's files (spec.json,
+    weights.pt, model.onnx, model_card.md) under ``export/`` and the row's metrics; the ONNX
+    graph is logged with ``mlflow.onnx.log_model`` (no pickled code), with a signature (float32
+    ``[-1, C, H, W]`` -> logits) and an input example; a model version is created from it and
+    ``model_name@alias`` points at it. Returns the ModelVersion."""
+    import mlflow
+    import mlflow.onnx
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    export_dir = Path(export_dir)
     run = client.create_run(parent.info.experiment_id, run_name=f"pick-{alias}", tags={
         PARENT_TAG: parent.info.run_id, ROLE_TAG: "pick", SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, ""),
         "rayprune.mode": alias, "rayprune.source_key": row_key(row)})
     run_id = run.info.run_id
     try:
-        client.log_artifacts(run_id, str(export_dir), "model")
+        client.log_artifacts(run_id, str(export_dir), "export")
         client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in
                                           {"macs": row["macs"], "params": row["params"], **row["metrics"]}.items()])
-        try:
-            client.create_registered_model(model_name, description="rayprune operating points (pick)")
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
-                                              description=description,
-                                              tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)})
-        client.set_registered_model_alias(model_name, alias, version.version)
+        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+        example = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        signature = infer_signature(example, {"logits": session.run(None, {session.get_inputs()[0].name: example})[0]})
+        # The registry resolves the logged model through the fluent tracking URI: all inside.
+        with _fluent(client):
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.onnx.log_model(onnx.load(str(export_dir / "model.onnx")), name="model",
+                                             signature=signature, input_example=example,
+                                             onnx_execution_providers=["CPUExecutionProvider"],
+                                             save_as_external_data=False)
+            try:
+                client.create_registered_model(model_name, description="rayprune operating points (pick)")
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
+                                                  description=description, model_id=info.model_id,
+                                                  tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)})
+            client.set_registered_model_alias(model_name, alias, version.version)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return version
+
+
+@contextlib.contextmanager
+def _fluent(client: MlflowClient) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.onnx.log_model``) at the client's store for a while."""
+    import mlflow
+
+    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        mlflow.set_registry_uri(old_registry)
 
 
 def _quoted(value: str) -> str:
@@ -282,7 +325,8 @@ def _run_status(status: str) -> str:
 
 def _table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A store row flattened for an MLflow table (metrics as columns, spec as JSON text)."""
-    flat = {"key": row_key(row), **{k: row[k] for k in ("trial_id", "kind", "step", "method", "macs", "params")}}
+    flat = {"key": row_key(row), **{k: row.get(k) for k in ("trial_id", "kind", "step", "method", "flops_target",
+                                                           "kd_weight", "recipe", "init", "macs", "params")}}
     flat.update(row["metrics"])
     flat.update(spec_hash=row["spec_hash"], artifact_uri=row.get("artifact_uri"), spec=json.dumps(row["spec"]))
     return flat
@@ -318,6 +362,8 @@ class SweepTracker:
         self._tags: dict[str, dict[str, str]] = {}  # run id -> front tags as last set
         self._reattached: set[str] = set()
         self._tables: set[tuple[str, str]] = set()  # (run id, artifact file) registered as tables
+        self._cells: dict[str, dict[str, float]] = {}  # trial id -> {"flops_target", "kd_weight"}
+        self._noted: set[str] = set()  # cells already reported as "budgets do not bind"
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -380,6 +426,7 @@ class SweepTracker:
                 if tags.get(ROLE_TAG) == "trial":
                     self._trial_runs[tags[TRIAL_TAG]] = run_id
                     self._last_step[tags[TRIAL_TAG]] = int(tags.get(LAST_STEP_TAG, -1))
+                    self._remember_cell(tags[TRIAL_TAG], run.data.params)
                 elif tags.get(ROLE_TAG) == "finetune":
                     self._member_runs[tags[MEMBER_TAG]] = run_id
                 self._tags[run_id] = {t: tags[t] for t in FRONT_TAGS.values() if t in tags}
@@ -398,8 +445,9 @@ class SweepTracker:
             self.store.add(SubnetStore(local).rows())
 
     def log_unpruned(self, record: dict[str, Any]) -> None:
-        """Record the unpruned reference model (``SubnetRecord.to_dict()``-like, e.g. the
-        teacher with its test_top1/robust_top1): marked on the plot, shown as MACs% base."""
+        """Record the unpruned baseline (``SubnetRecord.to_dict()``-like, with test_top1,
+        robust_top1 and latency): the reference of MACs%, of the accuracy drop and of ``pick``'s
+        --max-drop; logged on the parent run as ``unpruned_*`` metrics."""
         self._require_sweep()
         row = record_row(record, trial_id="unpruned", kind="unpruned", sweep_id=self.sweep_id, step=0)
         if self.store.add([row]):
@@ -423,6 +471,7 @@ class SweepTracker:
         ``run_name`` is what the UI lists (e.g. Tune's ``ast_f0.5_kd0.9_<id>``; default the id)."""
         self._require_sweep()
         trial_id = str(trial_id)
+        self._remember_cell(trial_id, params or {})
         flat = flatten_params(params or {})
         run_id = self._trial_runs.get(trial_id)
         if run_id is None:
@@ -439,18 +488,30 @@ class SweepTracker:
             self._log_new_params(run_id, flat, run.data.params)
         return run_id
 
+    def _remember_cell(self, trial_id: str, params: dict[str, Any], cell: dict[str, float] | None = None) -> None:
+        if cell is not None:
+            self._cells[trial_id] = dict(cell)
+        elif "flops_target" in params and "kd_weight" in params:
+            self._cells[trial_id] = {"flops_target": float(params["flops_target"]),
+                                     "kd_weight": float(params["kd_weight"])}
+
+    def _cell_of(self, trial_id: str) -> dict[str, float]:
+        return self._cells.get(trial_id, {})
+
     def _trial_run(self, trial_id: str) -> str:
         run_id = self._trial_runs.get(trial_id)
         return run_id if run_id in self._reattached else self.trial_started(trial_id)
 
-    def log_step(self, trial_id: str, step: int, metrics: dict[str, Any], subnets: Iterable[dict[str, Any]]) -> int:
+    def log_step(self, trial_id: str, step: int, metrics: dict[str, Any], subnets: Iterable[dict[str, Any]],
+                 cell: dict[str, float] | None = None) -> int:
         """Record one reported step: its metrics on the trial run (once per step) and its
-        subnet records (``SubnetRecord.to_dict()``) in the registry. Returns how many records
-        were new."""
+        subnet records (``SubnetRecord.to_dict()``) in the registry. ``cell`` (flops_target,
+        kd_weight) defaults to what the trial's params said. Returns how many records were new."""
         trial_id = str(trial_id)
+        self._remember_cell(trial_id, {}, cell)
         run_id = self._trial_run(trial_id)
-        rows = [record_row(s, trial_id=trial_id, kind="search", sweep_id=self.sweep_id, run_id=run_id, step=step)
-                for s in subnets]
+        rows = [record_row(s, trial_id=trial_id, kind="search", sweep_id=self.sweep_id, run_id=run_id, step=step,
+                           **self._cell_of(trial_id)) for s in subnets]
         added = self.store.add(rows)
         if step > self._last_step.get(trial_id, -1):
             values = {**_numeric_metrics(metrics), "subnets_in_step": len(rows)}
@@ -460,17 +521,18 @@ class SweepTracker:
 
     def trial_finished(self, trial_id: str, final: dict[str, Any] | None = None,
                        artifacts_dir: str | Path | None = None, status: str = "FINISHED", *,
-                       refresh_front: bool = True) -> None:
+                       refresh_front: bool = True, cell: dict[str, float] | None = None) -> None:
         """Close a trial: its final record (``SubnetRecord.to_dict()`` with test metrics) and
         saved subnet directory (spec.json, weights.pt, metrics.json) on the trial run, its
         subnet table, and the run status (FINISHED / FAILED / KILLED). Then, unless
         ``refresh_front`` is False, :meth:`update_front`: the front follows finished trials."""
         trial_id = str(trial_id)
+        self._remember_cell(trial_id, {}, cell)
         run_id = self._trial_run(trial_id)
         artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
         if final is not None:
             row = record_row(final, trial_id=trial_id, kind="final", sweep_id=self.sweep_id, run_id=run_id,
-                             artifact_uri=artifact_uri)
+                             artifact_uri=artifact_uri, **self._cell_of(trial_id))
             if self.store.add([row]):
                 self._log_metrics(run_id, {"macs": row["macs"], "params": row["params"], **row["metrics"]},
                                   tags={"rayprune.final_spec_hash": row["spec_hash"]})
@@ -480,41 +542,95 @@ class SweepTracker:
         if refresh_front:
             self.update_front()
 
-    def log_finetuned(self, key: str, record: dict[str, Any], artifacts_dir: str | Path | None = None) -> str:
-        """Record a fine-tuned front member: ``key`` is the ``"key"`` of a dict returned by
-        :meth:`update_front`, ``record`` the fine-tuned ``SubnetRecord.to_dict()`` (test and
-        robust accuracy, latency), ``artifacts_dir`` its saved subnet. Returns the run id."""
+    def log_finetuned(self, record: dict[str, Any], artifacts_dir: str | Path | None = None, *, trial_id: str,
+                      cell: str, flops_target: float | None = None, kd_weight: float | None = None) -> str:
+        """Record a grid cell's chosen subnet fine-tuned with the sweep's final recipe:
+        ``record`` is its ``SubnetRecord.to_dict()`` (test and robust accuracy, latency, the
+        recipe in its source), ``artifacts_dir`` its saved subnet, ``trial_id`` the trial that
+        chose it, ``cell`` the cell's name (``ast_f0.5_kd0.9``). One child run per cell
+        (``finetune-<cell>``), whose metrics include ``macs_pct`` and ``latency_ms`` so the
+        MLflow UI's table and charts show the front. Returns the run id."""
         self._require_sweep()
-        member = self.store.get(key)
-        if member is None:
-            raise ValueError(f"unknown front member {key!r}; pass the 'key' of a dict returned by update_front()")
-        run_id = self._member_runs.get(key)
+        run_id = self._member_runs.get(cell)
         if run_id is None:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"finetune-{member['trial_id']}-{member['step']}",
-                tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "finetune", MEMBER_TAG: key,
-                      TRIAL_TAG: member["trial_id"], SWEEP_TAG: self.sweep_id})
-            run_id = self._member_runs[key] = run.info.run_id
+                self.experiment_id, run_name=f"finetune-{cell}",
+                tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "finetune", MEMBER_TAG: cell,
+                      TRIAL_TAG: str(trial_id), SWEEP_TAG: self.sweep_id})
+            run_id = self._member_runs[cell] = run.info.run_id
+            params = {"cell": cell, "trial_id": str(trial_id), "method": record.get("method", ""),
+                      "flops_target": flops_target, "kd_weight": kd_weight,
+                      "recipe": (record.get("source") or {}).get("recipe_tag"),
+                      "init": (record.get("source") or {}).get("init")}
+            self._log_new_params(run_id, flatten_params({k: v for k, v in params.items() if v is not None}), {})
         artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
-        row = record_row(record, trial_id=member["trial_id"], kind="finetuned", sweep_id=self.sweep_id,
-                         run_id=run_id, artifact_uri=artifact_uri, step=member["step"])
+        row = record_row(record, trial_id=str(trial_id), kind="finetuned", sweep_id=self.sweep_id, run_id=run_id,
+                         artifact_uri=artifact_uri, flops_target=flops_target, kd_weight=kd_weight)
         if self.store.add([row]):
-            self._log_metrics(run_id, {"macs": row["macs"], "params": row["params"], **row["metrics"]})
+            self._log_metrics(run_id, self.candidate_metrics(row))
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
+    def candidate_metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        """A finalized row's metrics for its run: every metric plus ``macs``, ``params``,
+        ``macs_pct`` (of the baseline) and ``latency_ms`` (batch 1, median)."""
+        metrics = {"macs": row["macs"], "params": row["params"], **row["metrics"]}
+        base = baseline_row(self.store.rows(("unpruned",)))
+        if base is not None and base["macs"]:
+            metrics["macs_pct"] = 100.0 * row["macs"] / base["macs"]
+        if "latency_ms_b1_p50" in row["metrics"]:
+            metrics["latency_ms"] = row["metrics"]["latency_ms_b1_p50"]
+        return metrics
+
+    # -- grid cells --------------------------------------------------------------------------------
+    def cell_stats(self) -> list[dict[str, Any]]:
+        """Per grid cell of the trials' finals: ``cell``, ``trials``, ``distinct`` (different
+        chosen subnets), ``reused`` (trials whose subnet came from the final-phase cache)."""
+        cells: dict[tuple, dict[str, Any]] = {}
+        for row in self.store.rows(("final",)):
+            key = (row["method"], row.get("flops_target"), row.get("kd_weight"))
+            entry = cells.setdefault(key, {"trials": 0, "specs": set(), "reused": 0})
+            entry["trials"] += 1
+            entry["specs"].add(row["spec_hash"])
+            entry["reused"] += bool(row["source"].get("reused_from"))
+        out = []
+        for (method, target, kd), entry in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+            name = method if target is None else f"{method}_f{target:g}_kd{(kd or 0):g}"
+            out.append({"cell": name, "trials": entry["trials"], "distinct": len(entry["specs"]),
+                        "reused": entry["reused"]})
+        return out
+
+    def note_cell(self, method: str, flops_target: float, kd_weight: float) -> bool:
+        """After a trial of the cell finished: when all of its (>= 2) trials chose one subnet
+        under their different budgets, say once that the budgets do not bind there (a printed
+        line and a parent-run tag). Returns True when it said so now."""
+        name = f"{method}_f{flops_target:g}_kd{kd_weight:g}"
+        if name in self._noted:
+            return False
+        stats = next((s for s in self.cell_stats() if s["cell"] == name), None)
+        if stats is None or stats["trials"] < 2 or stats["distinct"] != 1:
+            return False
+        self._noted.add(name)
+        print(f"rayprune: cell {name}: its {stats['trials']} trials all chose the same subnet under different "
+              f"Optuna budgets: the per-stage budgets do not bind there ({stats['reused']} trial(s) reused the "
+              "cached training instead of repeating it); narrow optuna.stage_prune or lower samples_per_cell",
+              flush=True)
+        self.client.set_tag(self.parent_run_id, f"rayprune.budgets_do_not_bind.{name}", "true")
+        return True
+
     # -- fronts -----------------------------------------------------------------------------------
-    def update_front(self) -> list[dict[str, Any]]:
+    def update_front(self) -> dict[str, list[dict[str, Any]]]:
         """Recompute the fronts over every record so far; tag the runs owning members; log
-        the front tables, the plot and ``subnets.parquet`` to the parent run. Returns the
-        search front (val_top1 vs MACs), cheapest first, as row dicts with ``key`` (for
-        :meth:`log_finetuned`) and ``finetuned`` (already fine-tuned or a trial's final)."""
+        the front tables, the plot, ``subnets.parquet`` and the per-cell counts to the parent
+        run. Called at the end of a sweep and on resume (not per trial: every call uploads the
+        whole registry). Returns the fronts (:func:`~.pareto.compute_fronts`)."""
         self._require_sweep()
         rows = self.store.rows()
         fronts = compute_fronts(rows)
         self._tag_front_members(fronts)
         for name, members in fronts.items():
-            self._log_table(self.parent_run_id, [_table_row(r) for r in members], f"pareto/front_{name}.json")
+            self._log_table(self.parent_run_id, [_table_row(r) for r in members],
+                            f"pareto/front_{name.replace('/', '_')}.json")
         with tempfile.TemporaryDirectory() as tmp:
             plot = Path(tmp) / "pareto.png"
             plot_fronts(rows, fronts, plot)
@@ -522,30 +638,30 @@ class SweepTracker:
         if self.store.path.exists():
             self.client.log_artifact(self.parent_run_id, str(self.store.path))
         self._log_front_metrics(rows, fronts)
-        return [self._member(r, rows) for r in fronts["search"]]
-
-    def _member(self, row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        key = row_key(row)
-        done = row_key({**row, "kind": "finetuned"}) in self.store or any(
-            r["kind"] == "final" and r["trial_id"] == row["trial_id"] and r["spec_hash"] == row["spec_hash"]
-            for r in rows)
-        return {**row, "key": key, "finetuned": done}
+        return fronts
 
     def _tag_front_members(self, fronts: dict[str, list[dict[str, Any]]]) -> None:
-        owners = {name: {r["run_id"] for r in members} for name, members in fronts.items()}
+        owners: dict[str, set] = {kind: set() for kind in FRONT_TAGS}
+        for name, members in fronts.items():
+            owners[front_kind(name)].update(r["run_id"] for r in members)
         for run_id in {*self._trial_runs.values(), *self._member_runs.values()}:
-            wanted = {tag: str(run_id in owners[name]).lower() for name, tag in FRONT_TAGS.items()}
+            wanted = {tag: str(run_id in owners[kind]).lower() for kind, tag in FRONT_TAGS.items()}
             changed = {k: v for k, v in wanted.items() if self._tags.get(run_id, {}).get(k) != v}
             if changed:  # only changes: re-tagging every run on every update is O(trials^2) calls
                 self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
                 self._tags.setdefault(run_id, {}).update(changed)
 
     def _log_front_metrics(self, rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]]) -> None:
-        unpruned = [r for r in rows if r["kind"] == "unpruned"]
-        search = [{"acc": r["metrics"].get("val_top1"), "macs": r["macs"]} for r in rows if r["kind"] == "search"]
-        reference = unpruned[0]["macs"] if unpruned else None
-        metrics = {f"front_size_{name}": len(members) for name, members in fronts.items()}
-        metrics["hypervolume_search"] = hypervolume_2d(search, ref_cost=reference)
+        base = baseline_row(rows)
+        reference = base["macs"] if base else None
+        metrics: dict[str, float] = {f"front_size/{name}": len(members) for name, members in fronts.items()}
+        for name in fronts:
+            if front_kind(name) == "search":
+                points = [{"acc": r["metrics"].get("val_top1"), "macs": r["macs"]} for r in front_pool(rows, name)]
+                metrics[f"hypervolume/{name}"] = hypervolume_2d(points, ref_cost=reference)
+        for stats in self.cell_stats():
+            metrics[f"cells/{stats['cell']}/distinct_subnets"] = stats["distinct"]
+            metrics[f"cells/{stats['cell']}/reused_trials"] = stats["reused"]
         # step = records so far: monotone, and the same after a resume (a counter would restart)
         self._log_metrics(self.parent_run_id, metrics, step=len(self.store))
 
@@ -601,53 +717,116 @@ class SweepTracker:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_fronts(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
-    """Two panels as a PNG: accuracy vs MACs (every search subnet grey, the search front and
-    the final front highlighted) and robust accuracy vs MACs (finalized subnets grey, robust
-    front highlighted); the unpruned model is a red star (or a dashed line without accuracy)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas by default
-
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    acc_ax, robust_ax = fig.subplots(1, 2)
-    final_kinds = FRONTS["final"][0]
-    _scatter(acc_ax, [r for r in rows if r["kind"] == "search"], "val_top1", "all subnets (val_top1)")
-    _line(acc_ax, fronts["search"], "val_top1", "search front (val_top1)", "tab:blue")
-    _line(acc_ax, fronts["final"], "test_top1", "final front (test_top1)", "tab:orange")
-    _scatter(robust_ax, [r for r in rows if r["kind"] in final_kinds], "robust_top1", "finalized subnets")
-    _line(robust_ax, fronts["robust"], "robust_top1", "robust front", "tab:green")
-    for row in (r for r in rows if r["kind"] == "unpruned"):
-        _mark_unpruned(acc_ax, row, ("test_top1", "val_top1"))
-        _mark_unpruned(robust_ax, row, ("robust_top1",))
-    for ax, title, ylabel in ((acc_ax, "accuracy vs MACs", "top-1 accuracy"),
-                              (robust_ax, "robust accuracy vs MACs", "robust top-1 (corruptions)")):
-        ax.set(title=title, xlabel="MACs (millions)", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=110)
+def plot_fronts(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], path: str | Path,
+                picks: dict[str, dict[str, Any]] | None = None) -> Path:
+    """The fronts as a PNG (see :func:`front_figure`)."""
+    front_figure(rows, fronts, picks).savefig(path, dpi=110)
     return Path(path)
 
 
-def _xy(rows: list[dict[str, Any]], metric: str) -> tuple[list[float], list[float]]:
-    points = [(r["macs"] / 1e6, r["metrics"][metric]) for r in rows if r["metrics"].get(metric) is not None]
-    return [p[0] for p in points], [p[1] for p in points]
+_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
+_GROUP_STYLES = ("-", "--", ":", "-.")
 
 
-def _scatter(ax: Any, rows: list[dict[str, Any]], metric: str, label: str) -> None:
-    x, y = _xy(rows, metric)
-    if x:
-        ax.scatter(x, y, s=10, c="0.7", label=label)
+def default_picks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What ``rayprune pick --mode M`` would choose with default options, or with the
+    :func:`~.pareto.suggested_max_drop` the sweep prints when nothing is within the default
+    drop, per mode (labelled ``"<mode> pick (max-drop D)"``)."""
+    drop = suggested_max_drop(rows)
+    picks = {}
+    if drop is None:
+        return picks
+    for mode in MODES:
+        try:
+            picks[f"{mode} pick (max-drop {drop:g})"] = choose_operating_point(rows, mode, max_drop=drop)[0]
+        except Exception:  # noqa: BLE001 - TrackingError: nothing qualifies
+            continue
+    return picks
 
 
-def _line(ax: Any, rows: list[dict[str, Any]], metric: str, label: str, color: str) -> None:
-    x, y = _xy(rows, metric)
-    if x:
-        ax.plot(x, y, "o-", color=color, markersize=5, drawstyle="steps-post", label=label)
+def front_figure(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]],
+                 picks: dict[str, dict[str, Any]] | None = None) -> Any:
+    """Three panels against MACs (% of the unpruned baseline; MACs in millions on top):
 
+    ``picks`` maps a label to a picked row (default :func:`default_picks`).
 
-def _mark_unpruned(ax: Any, row: dict[str, Any], metrics: tuple[str, ...]) -> None:
-    value = next((row["metrics"][m] for m in metrics if row["metrics"].get(m) is not None), None)
-    if value is None:
-        ax.axvline(row["macs"] / 1e6, color="tab:red", linestyle="--", label="unpruned")
-    else:
-        ax.scatter([row["macs"] / 1e6], [value], marker="*", s=160, c="tab:red", label="unpruned")
+    * **test top-1**: every equally-treated finalized subnet (the end-of-sweep fine-tunes),
+      coloured by method, one marker per KD weight; the trials' own finals (short search
+      recipe, never ranked against them) as hollow markers; the final fronts as staircases
+      (one per recipe group), the baseline as a horizontal line, the FLOPs targets as vertical
+      lines, the picked points (``picks``, default: :func:`default_picks`) ringed;
+    * **robust top-1** (corruption accuracy): the same, with the robust fronts;
+    * **search val_top1**: every search-time subnet, one staircase front per method (val_top1
+      is measured differently by each method: it is never mixed with test accuracy).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas by default
+
+    picks = default_picks(rows) if picks is None else picks
+    base = baseline_row(rows)
+    ref = base["macs"] if base else max((r["macs"] for r in rows), default=1)
+    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731
+    methods = sorted({r["method"] for r in rows if r["kind"] != "unpruned"})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    kds = sorted({float(r["kd_weight"]) for r in rows if r.get("kd_weight") is not None})
+    markers = {kd: _MARKERS[i % len(_MARKERS)] for i, kd in enumerate(kds)}
+    pool = finalized_pool(rows)
+    trial_finals = [r for r in rows if r["kind"] == "final"] if pool and pool[0]["kind"] == "finetuned" else []
+    targets = sorted({float(r["flops_target"]) for r in rows if r.get("flops_target") is not None})
+
+    fig = Figure(figsize=(17, 5.2), layout="constrained")
+    test_ax, robust_ax, search_ax = fig.subplots(1, 3)
+    for ax, kind in ((test_ax, "final"), (robust_ax, "robust")):
+        metric = FRONT_METRIC[kind]
+        for method in methods:
+            for kd in kds or [None]:
+                group = [r for r in pool if r["method"] == method and (kd is None or r.get("kd_weight") == kd)
+                         and r["metrics"].get(metric) is not None]
+                if group:
+                    ax.scatter([pct(r) for r in group], [r["metrics"][metric] for r in group], s=42,
+                               color=colors[method], marker=markers.get(kd, "o"), zorder=3,
+                               label=f"{method}" + ("" if kd is None else f" kd {kd:g}"), gid="finalized")
+        hollow = [r for r in trial_finals if r["metrics"].get(metric) is not None]
+        if hollow:
+            ax.scatter([pct(r) for r in hollow], [r["metrics"][metric] for r in hollow], s=22, facecolors="none",
+                       edgecolors=[colors[r["method"]] for r in hollow], linewidths=0.8, zorder=2, alpha=0.7,
+                       label="trials' own finals (search recipe, not ranked)", gid="trial_finals")
+        for i, (name, members) in enumerate(n for n in fronts.items() if front_kind(n[0]) == kind):
+            if members:
+                ax.step([pct(r) for r in members], [r["metrics"][metric] for r in members], where="post",
+                        color="black", linestyle=_GROUP_STYLES[i % len(_GROUP_STYLES)], linewidth=1.2, zorder=4,
+                        label=f"{kind} front [{name.split('/', 1)[1]}]", gid="front")
+        value = None if base is None else base["metrics"].get(metric)
+        if value is not None and value == value:
+            ax.axhline(value, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"unpruned baseline ({value:.3f})", gid="baseline")
+        ax.axvline(100.0, color="tab:red", linestyle=":", linewidth=0.8)
+        for mode, row in picks.items():
+            if row.get("metrics", {}).get(metric) is not None:
+                ax.scatter([pct(row)], [row["metrics"][metric]], s=220, facecolors="none", edgecolors="black",
+                           linewidths=2, marker="o" if mode.startswith("efficient") else "s", zorder=5,
+                           label=mode, gid="pick")
+    for method in methods:
+        searched = [r for r in rows if r["kind"] == "search" and r["method"] == method
+                    and r["metrics"].get("val_top1") is not None]
+        if searched:
+            search_ax.scatter([pct(r) for r in searched], [r["metrics"]["val_top1"] for r in searched], s=10,
+                              color=colors[method], alpha=0.35, label=f"{method} subnets", gid="search")
+        members = fronts.get(f"search/{method}", [])
+        if members:
+            search_ax.step([pct(r) for r in members], [r["metrics"]["val_top1"] for r in members], where="post",
+                           color=colors[method], linewidth=1.5, label=f"{method} search front", gid="front")
+    titles = ((test_ax, "test top-1 of fine-tuned subnets", "test top-1"),
+              (robust_ax, "robust top-1 (corruption suite)", "robust top-1"),
+              (search_ax, "search-val top-1, per method (search time)", "val_top1 (method's search split)"))
+    for ax, title, ylabel in titles:
+        for target in targets:
+            ax.axvline(100.0 * target, color="0.6", linestyle=":", linewidth=1, gid="target")
+        ax.set(title=title, xlabel="MACs (% of unpruned)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        top = ax.secondary_xaxis("top", functions=(lambda p: p * ref / 100e6, lambda m: m * 100e6 / ref))
+        top.set_xlabel("MACs (millions)")
+        if ax.has_data():
+            ax.legend(loc="lower right", fontsize=7)
+    if targets:
+        fig.suptitle("dotted verticals: FLOPs targets " + ", ".join(f"{100 * t:g}%" for t in targets), fontsize=9)
+    return fig

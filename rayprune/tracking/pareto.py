@@ -108,20 +108,49 @@ def hypervolume_2d(points: Sequence[Mapping[str, Any]], acc_key: str = "acc", co
 # Fronts of subnet rows (rows as stored by :mod:`.store`: kind, macs, metrics, ...)
 # --------------------------------------------------------------------------------------------
 
-# Which accuracy each front uses. Search-time records carry the search-val accuracy
-# ``val_top1`` (the test set is never used during search); only finalized or fine-tuned
-# subnets have ``test_top1`` and ``robust_top1``, and only they have weights to export, so the
-# "final" fronts -- the ones ``rayprune pick`` chooses from -- use those.
-FRONTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "search": (("search",), "val_top1"),
-    "final": (("final", "finetuned"), "test_top1"),
-    "robust": (("final", "finetuned"), "robust_top1"),
-}
-FRONT_TITLES = {
-    "search": "search front: val_top1 vs MACs over every subnet evaluated",
-    "final": "final front: test_top1 vs MACs over finalized/fine-tuned subnets",
-    "robust": "robust front: robust_top1 vs MACs over finalized/fine-tuned subnets",
-}
+# Comparing like with like: a front only ever ranks numbers measured the same way.
+#
+# * search fronts are per method: val_top1 is measured at a method-specific point of training
+#   (l1 right after the cut, AST after an iteration's training), so it ranks within one method;
+# * final and robust fronts rank *equally-treated* subnets: fine-tuned with one recipe (epochs,
+#   schedule, lr, KD weight, ...), measured on the same test set. The pool is the end-of-sweep
+#   fine-tunes (kind ``finetuned``; a sweep without them falls back to the trials' own finals),
+#   grouped by recipe: one final and one robust front per recipe group (per KD weight).
+FRONT_KINDS = ("search", "final", "robust")
+FRONT_METRIC = {"search": "val_top1", "final": "test_top1", "robust": "robust_top1"}
+FINALIZED_KINDS = ("final", "finetuned")
+
+
+def finalized_pool(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The finalized rows the final fronts and ``pick`` rank: the end-of-sweep fine-tunes
+    (``finetuned``) when there are any, else the trials' own finals (``final``)."""
+    tuned = [dict(r) for r in rows if r["kind"] == "finetuned"]
+    return tuned or [dict(r) for r in rows if r["kind"] == "final"]
+
+
+def _recipe_hash(row: Mapping[str, Any]) -> str:
+    return row.get("recipe_hash") or (row.get("source") or {}).get("recipe_hash") or "unknown"
+
+
+def _kd(row: Mapping[str, Any]) -> float | None:
+    if row.get("kd_weight") is not None:
+        return float(row["kd_weight"])
+    recipe = (row.get("source") or {}).get("recipe") or {}
+    return float(recipe["kd_weight"]) if "kd_weight" in recipe else None
+
+
+def recipe_groups(pool: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by training recipe, labelled ``kd<weight>`` (plus ``-<hash>`` when two
+    recipes share a KD weight), in increasing KD weight."""
+    by_hash: dict[str, list[dict[str, Any]]] = {}
+    for row in pool:
+        by_hash.setdefault(_recipe_hash(row), []).append(dict(row))
+    kd_of = {h: _kd(members[0]) for h, members in by_hash.items()}
+    kd_label = {h: ("kd?" if kd is None else f"kd{kd:g}") for h, kd in kd_of.items()}
+    labels = {h: (kd_label[h] if list(kd_label.values()).count(kd_label[h]) == 1 else f"{kd_label[h]}-{h[:6]}")
+              for h in by_hash}
+    order = sorted(by_hash, key=lambda h: (kd_of[h] if kd_of[h] is not None else -1.0, labels[h]))
+    return {labels[h]: by_hash[h] for h in order}
 
 
 def front_rows(rows: Sequence[Mapping[str, Any]], kinds: Sequence[str], metric: str) -> list[dict[str, Any]]:
@@ -132,27 +161,98 @@ def front_rows(rows: Sequence[Mapping[str, Any]], kinds: Sequence[str], metric: 
     return sorted(members, key=lambda r: (r["macs"], -r["metrics"][metric]))
 
 
-def compute_fronts(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """All :data:`FRONTS` of a sweep's rows: ``{"search": [...], "final": [...], "robust": [...]}``."""
-    return {name: front_rows(rows, kinds, metric) for name, (kinds, metric) in FRONTS.items()}
+def filter_init(rows: Sequence[Mapping[str, Any]], init: str | None) -> list[dict[str, Any]]:
+    """Finalized rows that started from ``init`` (``inherited``/``scratch``); other kinds stay."""
+    if init is None:
+        return [dict(r) for r in rows]
+    return [dict(r) for r in rows if r["kind"] not in FINALIZED_KINDS or r.get("init") == init
+            or (r.get("source") or {}).get("init") == init]
+
+
+def compute_fronts(rows: Sequence[Mapping[str, Any]], init: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every front of a sweep's rows, by name: ``search/<method>`` (val_top1 vs MACs over that
+    method's search-time subnets), then per recipe group ``final/<group>`` (test_top1) and
+    ``robust/<group>`` (robust_top1) over the equally-treated finalized subnets. ``init``
+    keeps only finalized subnets that started that way."""
+    rows = filter_init(rows, init)
+    fronts: dict[str, list[dict[str, Any]]] = {}
+    for method in sorted({r["method"] for r in rows if r["kind"] == "search"}):
+        fronts[f"search/{method}"] = front_rows([r for r in rows if r["kind"] == "search" and r["method"] == method],
+                                                ("search",), "val_top1")
+    for label, group in recipe_groups(finalized_pool(rows)).items():
+        fronts[f"final/{label}"] = front_rows(group, FINALIZED_KINDS, "test_top1")
+        fronts[f"robust/{label}"] = front_rows(group, FINALIZED_KINDS, "robust_top1")
+    return fronts
+
+
+def front_kind(name: str) -> str:
+    """``search``, ``final`` or ``robust`` for a front name of :func:`compute_fronts`."""
+    return name.split("/", 1)[0]
+
+
+def front_pool(rows: Sequence[Mapping[str, Any]], name: str, init: str | None = None) -> list[dict[str, Any]]:
+    """The rows a front of :func:`compute_fronts` was computed over."""
+    rows = filter_init(rows, init)
+    kind, _, label = name.partition("/")
+    if kind == "search":
+        return [r for r in rows if r["kind"] == "search" and r["method"] == label]
+    return recipe_groups(finalized_pool(rows)).get(label, [])
+
+
+def front_title(name: str, members: Sequence[Mapping[str, Any]]) -> str:
+    """A front's heading: what it ranks and over which rows."""
+    kind, _, label = name.partition("/")
+    if kind == "search":
+        return (f"search front of {label}: val_top1 vs MACs over its search-time subnets (val_top1 is measured "
+                f"where {label} measures it; not comparable across methods)")
+    recipe = next((m.get("recipe") or (m.get("source") or {}).get("recipe_tag") for m in members), None)
+    what = "test_top1" if kind == "final" else "robust_top1"
+    return f"{kind} front [{label}]: {what} vs MACs over the subnets fine-tuned with recipe {recipe or label}"
+
+
+def baseline_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The unpruned baseline's row, if recorded."""
+    return next((dict(r) for r in rows if r["kind"] == "unpruned"), None)
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 _TABLE_COLUMNS = (  # header, how to format a row's value
-    ("trial", lambda r: r["trial_id"]), ("kind", lambda r: r["kind"]), ("step", lambda r: str(r["step"])),
-    ("method", lambda r: r["method"]), ("MACs(M)", lambda r: f"{r['macs'] / 1e6:.2f}"),
-    ("params(K)", lambda r: f"{r['params'] / 1e3:.1f}"),
+    ("trial", lambda r, b: r["trial_id"]), ("kind", lambda r, b: r["kind"]), ("method", lambda r, b: r["method"]),
+    ("target", lambda r, b: "-" if r.get("flops_target") is None else f"{r['flops_target']:g}"),
+    ("kd", lambda r, b: "-" if r.get("kd_weight") is None else f"{r['kd_weight']:g}"),
+    ("init", lambda r, b: r.get("init") or (r.get("source") or {}).get("init") or "-"),
+    ("MACs(M)", lambda r, b: f"{r['macs'] / 1e6:.3f}"), ("params(K)", lambda r, b: f"{r['params'] / 1e3:.1f}"),
 )
 _METRIC_COLUMNS = ("val_top1", "test_top1", "robust_top1", "latency_ms_b1_p50")
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], reference_macs: int | None = None) -> str:
-    """Rows as an aligned text table; with ``reference_macs`` (the unpruned model's) a
-    ``MACs%`` column shows each subnet's fraction of it."""
+def _drop_cell(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> str:
+    ref = _finite((baseline or {}).get("metrics", {}).get("test_top1"))
+    acc = _finite(row["metrics"].get("test_top1"))
+    return "-" if ref is None or acc is None or row["kind"] == "unpruned" else f"{ref - acc:+.4f}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], reference_macs: int | None = None,
+                 baseline: Mapping[str, Any] | None = None) -> str:
+    """Rows as an aligned text table. With ``reference_macs`` (the unpruned model's) a
+    ``MACs%`` column shows each subnet's fraction of it; with ``baseline`` (the unpruned row)
+    the baseline is the first line and a ``drop`` column shows its test_top1 minus the row's."""
     columns = list(_TABLE_COLUMNS)
+    if baseline is not None and reference_macs is None:
+        reference_macs = baseline["macs"]
     if reference_macs:
-        columns.append(("MACs%", lambda r: f"{100.0 * r['macs'] / reference_macs:.1f}"))
-    columns += [(m, lambda r, m=m: _metric_cell(r["metrics"].get(m))) for m in _METRIC_COLUMNS]
-    cells = [[header for header, _ in columns]] + [[fmt(r) for _, fmt in columns] for r in rows]
+        columns.insert(7, ("MACs%", lambda r, b: f"{100.0 * r['macs'] / reference_macs:.1f}"))
+    columns += [(m, lambda r, b, m=m: _metric_cell(r["metrics"].get(m))) for m in _METRIC_COLUMNS]
+    if baseline is not None:
+        columns.insert(len(columns) - 2, ("drop", _drop_cell))
+    shown = ([baseline] if baseline is not None else []) + list(rows)
+    cells = [[header for header, _ in columns]] + [[fmt(r, baseline) for _, fmt in columns] for r in shown]
     widths = [max(len(row[j]) for row in cells) for j in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
@@ -166,30 +266,51 @@ def _metric_cell(value: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 MODES = ("efficient", "robust")
+DEFAULT_MAX_DROP = 0.01
 
 
 def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_macs: float | None = None,
-                           min_acc: float | None = None, max_drop: float = 0.01) -> tuple[dict[str, Any], str]:
-    """Pick one exportable subnet (a finalized/fine-tuned row with saved weights and
-    ``test_top1``) and say why, as ``(row, selection sentence)``.
+                           min_acc: float | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
+                           kd_weight: float | None = None, init: str | None = None) -> tuple[dict[str, Any], str]:
+    """Pick one exportable, equally-treated subnet and say why, as ``(row, selection sentence)``.
 
-    * ``efficient``: the fewest MACs among subnets whose ``test_top1`` is within ``max_drop``
-      (a fraction: 0.01 = one point) of the best candidate's; ties go to higher accuracy.
-    * ``robust``: the highest ``robust_top1``; ties go to fewer MACs.
+    The candidates are one recipe group of :func:`finalized_pool` (rows with saved weights and
+    ``test_top1``): the group of ``kd_weight``, by default the one with the largest KD weight.
+    ``init`` keeps only subnets that started that way. Then:
 
-    ``max_macs`` (MACs <= limit) and ``min_acc`` (``test_top1`` >= it) filter the candidates
-    first. Raises :class:`TrackingError` naming the filter when nothing qualifies.
+    * ``max_macs`` (MACs <= limit) and ``min_acc`` (``test_top1`` >= it) filter the candidates;
+    * ``max_drop`` (a fraction; None: no limit) keeps those whose ``test_top1`` is at most that
+      far below the **unpruned baseline's** test_top1 (the best candidate's, when the sweep has
+      no measured baseline);
+    * ``efficient``: the fewest MACs; ties go to higher test_top1.
+      ``robust``: the highest ``robust_top1`` (corruption accuracy); ties go to fewer MACs.
+
+    Raises :class:`TrackingError` naming the filter when nothing qualifies.
     """
     from . import TrackingError
 
     if mode not in MODES:
         raise TrackingError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     metric = "robust_top1" if mode == "robust" else "test_top1"
-    pool = [r for r in rows if r["kind"] in FRONTS["final"][0] and r.get("artifact_uri")
-            and r["metrics"].get("test_top1") is not None and r["metrics"].get(metric) is not None]
-    if not pool:
-        raise TrackingError(f"no fine-tuned subnet with saved weights and {metric} yet: let trials finish "
-                            "(or the sweep fine-tune its front) before picking")
+    usable = [r for r in filter_init(finalized_pool(rows), init) if r.get("artifact_uri")
+              and _finite(r["metrics"].get("test_top1")) is not None and _finite(r["metrics"].get(metric)) is not None]
+    if not usable:
+        raise TrackingError(f"no fine-tuned subnet with saved weights and {metric} yet"
+                            f"{f' that started {init}' if init else ''}: let the sweep finish (its end fine-tunes "
+                            "every cell's chosen subnet) before picking")
+    groups = recipe_groups(usable)
+    if kd_weight is None:
+        label = max(groups, key=lambda g: (_kd(groups[g][0]) or 0.0, len(groups[g])))
+    else:
+        matching = [g for g, members in groups.items() if _kd(members[0]) is not None
+                    and abs(_kd(members[0]) - kd_weight) < 1e-9]
+        if not matching:
+            known = ", ".join(f"{_kd(m[0]):g}" for m in groups.values() if _kd(m[0]) is not None)
+            raise TrackingError(f"--kd-weight {kd_weight:g}: no fine-tuned subnet was trained with that KD weight; "
+                                f"the sweep has {known or 'none'}")
+        label = max(matching, key=lambda g: len(groups[g]))
+    pool = groups[label]
+    recipe = pool[0].get("recipe") or (pool[0].get("source") or {}).get("recipe_tag") or label
     if max_macs is not None:
         cheapest = min(r["macs"] for r in pool)
         pool = [r for r in pool if r["macs"] <= max_macs]
@@ -202,23 +323,60 @@ def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_
         if not pool:
             raise TrackingError(f"--min-acc {min_acc:g} is impossible: the best test_top1 among the candidates is "
                                 f"{best:.4f}; lower --min-acc (a fraction in [0, 1])")
+    base = baseline_row(rows)
+    reference = _finite((base or {}).get("metrics", {}).get("test_top1"))
+    ref_name = "the unpruned baseline's test_top1"
+    if reference is None:
+        reference, ref_name = max(r["metrics"]["test_top1"] for r in pool), "the best candidate's test_top1 (no baseline)"
+    n_candidates = len(pool)
+    if max_drop is not None:
+        best = max(r["metrics"]["test_top1"] for r in pool)
+        pool = [r for r in pool if r["metrics"]["test_top1"] >= reference - max_drop - 1e-12]
+        if not pool:
+            raise TrackingError(f"--max-drop {max_drop:g} is impossible: {ref_name} is {reference:.4f} and the best "
+                                f"candidate reaches {best:.4f} (a drop of {reference - best:.4f}); raise --max-drop")
     if mode == "robust":
         chosen = min(pool, key=lambda r: (-r["metrics"]["robust_top1"], r["macs"], _row_id(r)))
         why = "highest robust_top1"
     else:
-        best = max(r["metrics"]["test_top1"] for r in pool)
-        eligible = [r for r in pool if r["metrics"]["test_top1"] >= best - max_drop - 1e-12]
-        chosen = min(eligible, key=lambda r: (r["macs"], -r["metrics"]["test_top1"], _row_id(r)))
-        why = f"fewest MACs with test_top1 >= {best:.4f} - {max_drop:g} (best candidate minus --max-drop)"
+        chosen = min(pool, key=lambda r: (r["macs"], -r["metrics"]["test_top1"], _row_id(r)))
+        why = "fewest MACs"
     limits = []
+    if max_drop is not None:
+        limits.append(f"test_top1 >= {reference:.4f} - {max_drop:g} ({ref_name} minus --max-drop)")
     if max_macs is not None:
         limits.append(f"MACs <= {max_macs:,.0f}")
     if min_acc is not None:
         limits.append(f"test_top1 >= {min_acc:g}")
-    scope = f" among subnets with {' and '.join(limits)}" if limits else ""
-    return dict(chosen), f"{why}{scope} ({len(pool)} candidates)"
+    scope = f" with {' and '.join(limits)}" if limits else ""
+    started = f", started {init}" if init else ""
+    return dict(chosen), (f"{why} among the subnets fine-tuned with recipe {recipe}{started}{scope} "
+                          f"({len(pool)} of {n_candidates} candidates)")
 
 
 def _row_id(row: Mapping[str, Any]) -> tuple:
     # The store key's fields: a deterministic last tie-break.
     return (str(row["trial_id"]), row["kind"], int(row["step"]), row["spec_hash"])
+
+
+def suggested_max_drop(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The default ``--max-drop`` when a fine-tuned subnet of the default recipe group meets it;
+    otherwise the smallest drop, rounded up to a hundredth, that admits one. None when nothing
+    can be picked (no candidates, or no baseline to measure a drop from)."""
+    try:
+        choose_operating_point(rows, "efficient")
+        return DEFAULT_MAX_DROP
+    except Exception:  # noqa: BLE001 - TrackingError: nothing within the default drop (or at all)
+        pass
+    try:
+        chosen, _ = choose_operating_point(rows, "efficient", max_drop=None)
+    except Exception:  # noqa: BLE001
+        return None
+    base = baseline_row(rows)
+    reference = _finite((base or {}).get("metrics", {}).get("test_top1"))
+    if reference is None:
+        return None
+    group = [r for r in finalized_pool(rows) if _recipe_hash(r) == _recipe_hash(chosen) and r.get("artifact_uri")
+             and _finite(r["metrics"].get("test_top1")) is not None]
+    best = max(r["metrics"]["test_top1"] for r in group)
+    return max(DEFAULT_MAX_DROP, math.ceil((reference - best) * 100 - 1e-9) / 100)

@@ -5,9 +5,16 @@ hash) plus the record *kind*, because a trial's final (fine-tuned) record may re
 and step of a search record yet carries different metrics. Kinds:
 
 * ``search``    -- evaluated during a trial's search (metrics carry ``val_top1``);
-* ``final``     -- a trial's finalized subnet (``test_top1``, ``robust_top1``, latency);
-* ``finetuned`` -- a front member fine-tuned at the end of the sweep (same metrics as final);
-* ``unpruned``  -- the unpruned reference model (marked on plots, never on a front).
+* ``final``     -- a trial's finalized subnet, trained with the sweep's *search* recipe
+  (``test_top1``, ``robust_top1``, latency);
+* ``finetuned`` -- a grid cell's chosen subnet fine-tuned at the end of the sweep with the
+  sweep's *final* recipe (same metrics as final): what the final fronts and ``pick`` use;
+* ``unpruned``  -- the unpruned baseline (test, robust, latency; never on a front).
+
+Besides the key and the record, a row carries its grid cell (``flops_target``, ``kd_weight``)
+and, for trained records, how it was trained: ``recipe`` (a readable tag such as
+``e10 cosine lr0.05 bs64 kd0.9``), ``recipe_hash``, ``init`` (``inherited`` / ``scratch``)
+and ``robust_suite`` (the corruption suite's version), so a query needs no join and no JSON.
 
 Adding a row whose key is already stored is a no-op, so re-reporting after a resume never
 duplicates a subnet. Every change rewrites the file atomically (temp file + ``os.replace``):
@@ -33,11 +40,15 @@ KEY_FIELDS = ("trial_id", "kind", "step", "spec_hash")
 # the ``metrics`` JSON column stays the complete record.
 PROMOTED_METRICS = ("val_top1", "test_top1", "test_top5", "robust_top1", "latency_ms_b1_p50")
 _JSON_FIELDS = ("spec", "metrics", "source")
+# Columns derived from the record's source (how it was trained), filled by record_row.
+TRAINING_COLUMNS = (("recipe", "recipe_tag"), ("recipe_hash", "recipe_hash"), ("init", "init"))
 
 SCHEMA = pa.schema(
     [("sweep_id", pa.string()), ("trial_id", pa.string()), ("kind", pa.string()), ("step", pa.int64()),
-     ("spec_hash", pa.string()), ("method", pa.string()), ("macs", pa.int64()), ("params", pa.int64())]
+     ("spec_hash", pa.string()), ("method", pa.string()), ("flops_target", pa.float64()),
+     ("kd_weight", pa.float64()), ("macs", pa.int64()), ("params", pa.int64())]
     + [(name, pa.float64()) for name in PROMOTED_METRICS]
+    + [("recipe", pa.string()), ("recipe_hash", pa.string()), ("init", pa.string()), ("robust_suite", pa.int64())]
     + [("spec", pa.string()), ("metrics", pa.string()), ("source", pa.string()),
        ("run_id", pa.string()), ("artifact_uri", pa.string())])
 
@@ -49,20 +60,29 @@ def row_key(row: dict[str, Any]) -> str:
 
 def record_row(record: dict[str, Any], *, trial_id: str, kind: str, sweep_id: str = "",
                run_id: str | None = None, artifact_uri: str | None = None,
-               step: int | None = None) -> dict[str, Any]:
+               step: int | None = None, flops_target: float | None = None,
+               kd_weight: float | None = None) -> dict[str, Any]:
     """A store row from a ``SubnetRecord.to_dict()`` (spec, macs, params, metrics, method,
-    step, source). ``step`` overrides the record's own step (fine-tunes keep the member's)."""
+    step, source). ``step`` overrides the record's own step (fine-tunes keep the member's);
+    ``flops_target``/``kd_weight`` name the grid cell the record belongs to."""
     if kind not in KINDS:
         raise ValueError(f"subnet row kind must be one of {', '.join(KINDS)}, got {kind!r}")
     missing = [f for f in ("spec", "macs", "params", "metrics") if f not in record]
     if missing:
         raise ValueError(f"subnet record lacks {', '.join(missing)}; pass SubnetRecord.to_dict()")
+    source = dict(record.get("source") or {})
+    suite = source.get("robust_suite")
     return {
         "sweep_id": sweep_id, "trial_id": str(trial_id), "kind": kind,
         "step": int(record.get("step", 0) if step is None else step), "spec_hash": spec_hash(record["spec"]),
-        "method": str(record.get("method", "")), "macs": int(record["macs"]), "params": int(record["params"]),
+        "method": str(record.get("method", "")),
+        "flops_target": None if flops_target is None else float(flops_target),
+        "kd_weight": None if kd_weight is None else float(kd_weight),
+        "macs": int(record["macs"]), "params": int(record["params"]),
+        **{column: source.get(key) for column, key in TRAINING_COLUMNS},
+        "robust_suite": None if suite is None else int(suite),
         "spec": record["spec"], "metrics": {k: float(v) for k, v in record["metrics"].items()},
-        "source": dict(record.get("source") or {}), "run_id": run_id, "artifact_uri": artifact_uri,
+        "source": source, "run_id": run_id, "artifact_uri": artifact_uri,
     }
 
 
@@ -140,6 +160,9 @@ def _encode(row: dict[str, Any]) -> dict[str, Any]:
 
 def _decode(stored: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in stored.items() if k not in PROMOTED_METRICS}
+    for name in SCHEMA.names:  # a file written before a column existed
+        if name not in PROMOTED_METRICS:
+            row.setdefault(name, None)
     for name in _JSON_FIELDS:
         row[name] = json.loads(row[name])
     return row

@@ -5,27 +5,30 @@ Every channel of every channel group gets a learnable importance weight α. One 
 
 1. **Thresholds.** ThreshNet, a small width-agnostic policy, picks a mass threshold τ_l per
    channel group from ``actions`` (or a fixed τ without ThreshNet, the paper's ablation).
-2. **Sample.** Per group keep the fewest channels whose ``softmax(α + 0.05·Gumbel)`` mass reaches
-   τ_l (:func:`mass_threshold_keep`), never below the budget's per-stage minimum width. Above
-   the FLOPs target: re-draw with every τ lowered by 0.05 (at most 3 times), then drop the
-   lowest-α channels of the groups carrying the most MACs until it fits (:func:`shrink_to_budget`).
-3. **Train.** Slice the subnet out of the target net, train its weights on search-train (engine
-   ``fit``), then its α for one pass on search-val with ``CE − var_weight·mean_l Var(α_l)``.
+2. **Sample.** Per group keep the fewest channels whose ``softmax(α + s_t·Gumbel)`` mass reaches
+   τ_l + δ, never below the budget's per-group floor; δ, one offset for all groups, is found by
+   bisection so the subnet lands in ``[target_window·target, target]`` MACs
+   (:func:`calibrate_to_target`). The noise scale s_t anneals linearly to 0.
+3. **Train.** Slice the subnet out of the target net and train its weights on search-train for
+   the iteration's M epochs (engine ``fit``), with ``alpha_passes`` passes of α on search-val
+   (``CE − var_weight·Σ_l Var(α_l)``) spread over them.
 4. **Reward.** ``r = −val_loss − β·MACs/MACs_full``; one REINFORCE step of ThreshNet against a
    moving-average baseline.
 5. **Map back.** Write the subnet's weights, BN statistics and α into the target net.
+6. **Judge.** Draw the *deterministic* subnet (ThreshNet's most likely τ, no noise, same
+   calibration) and compare it with the previous iteration's (:class:`ConvergenceTracker`).
 
-The search stops when the sampled subnets converge (:class:`ConvergenceTracker`) or after
-``max_iterations``. The best of the top-k subnets by search-val accuracy (never test) is then
-fine-tuned by the shared engine from its inherited weights (α folded in): CE in the efficient
+Once the deterministic subnet has converged (or after ``max_iterations``), one last step trains
+it like any sample and scores it on search-val; it is the method's result (never chosen on
+test). ``finalize`` fine-tunes it from its inherited weights (α folded in): CE in the efficient
 mode, KD from ``ctx.teacher`` in the robust mode.
 
 α enters the forward pass through forward hooks that scale a channel group's output at every
 producer of the group: after its BatchNorm by default (``alpha_position="post_bn"``), or on the
 conv output before BN (``"pre_bn"``, the reference code's placement, where BN largely cancels it).
 The hook sites are derived from the family's layer walk and ``tensor_axes``, so the method works
-for every family (cifar_resnet, vgg, mobilenet_v2, ...). Deviations from the reference code are
-those of ``reference/methods.md`` §3.7 and are listed in the docstring of :class:`ASTHparams`.
+for every family (cifar_resnet, vgg, mobilenet_v2, ...). The deviations from the released code
+are listed, with their reasons, in the docstring of :class:`ASTHparams`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from .. import models
@@ -55,10 +58,9 @@ Alpha = dict[str, torch.Tensor]  # channel group -> per-channel importance weigh
 ACTIONS = (0.60, 0.65, 0.70, 0.75, 0.80, 0.85)
 POLICY_INPUT = 64  # every group's α profile is resampled to this many values
 POLICY_HIDDEN = 32
-TAU_STEP_DOWN = 0.05  # a re-draw above the FLOPs target lowers every τ by this much
-MAX_REDRAWS = 3
-MASS_EPS = 1e-9  # cumulative mass compares against τ − MASS_EPS (methods.md §5 item 11)
-ALPHA_MOMENTUM, ALPHA_WEIGHT_DECAY = 0.9, 1e-4  # the reference code's α optimiser
+MASS_EPS = 1e-9  # cumulative mass compares against τ − MASS_EPS, so float round-off never adds a channel
+ALPHA_BETAS, ALPHA_WEIGHT_DECAY = (0.5, 0.999), 1e-4  # α's Adam (see AlphaOptimizer)
+CALIBRATION_STEPS = 40  # bisection steps on the global τ offset (2^-40: far below any width change)
 
 # --------------------------------------------------------------------------------------------
 # Subnet sampling
@@ -71,6 +73,12 @@ def gumbel_noise(n: int, gen: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def mass_count(sorted_probs: torch.Tensor, tau: float) -> int:
+    """How many of the (descending) ``sorted_probs`` it takes for their mass to reach ``tau``."""
+    mass = torch.cumsum(sorted_probs.double(), 0)
+    return min(sorted_probs.numel(), int((mass < tau - MASS_EPS).sum()) + 1)
+
+
 def mass_threshold_keep(probs: torch.Tensor, tau: float, min_keep: int = 1, divisor: int = 1) -> torch.Tensor:
     """Kept channel indices (ascending) of one group: the fewest highest-probability channels
     whose cumulative mass reaches ``tau``, raised to ``min_keep`` and to a multiple of ``divisor``
@@ -79,35 +87,125 @@ def mass_threshold_keep(probs: torch.Tensor, tau: float, min_keep: int = 1, divi
     >>> mass_threshold_keep(torch.full((16,), 1 / 16), 0.6).numel()
     10
     """
-    width = probs.numel()
     order = torch.argsort(probs, descending=True, stable=True)
-    mass = torch.cumsum(probs[order].double(), 0)
-    n = int((mass < tau - MASS_EPS).sum()) + 1  # the prefix length that first reaches tau
-    n = max(n, min_keep)
-    n = min(width, math.ceil(n / divisor) * divisor)
+    n = max(mass_count(probs[order], tau), min_keep)
+    n = min(probs.numel(), math.ceil(n / divisor) * divisor)
     return order[:n].sort().values
 
 
-def sample_keep(alpha: Mapping[str, torch.Tensor], taus: Mapping[str, float], gen: torch.Generator,
-                gumbel_scale: float, min_widths: Mapping[str, int],
-                divisors: Mapping[str, int] | None = None) -> Keep:
-    """One subnet: per group, :func:`mass_threshold_keep` over ``softmax(α + scale·Gumbel)``.
+def soft_mass_count(sorted_probs: torch.Tensor, tau: float) -> float:
+    """:func:`mass_count` made continuous: whole channels up to the one that crosses ``tau``,
+    plus the fraction of that channel's probability needed to reach it exactly. It moves
+    smoothly as α changes, where the whole-channel count jumps."""
+    mass = torch.cumsum(sorted_probs.double(), 0)
+    whole = int((mass < tau - MASS_EPS).sum())
+    if whole >= sorted_probs.numel():
+        return float(sorted_probs.numel())
+    before = float(mass[whole - 1]) if whole > 0 else 0.0
+    return whole + max(0.0, min(1.0, (tau - before) / max(float(sorted_probs[whole]), 1e-300)))
 
-    Groups are visited in ``alpha``'s order, so the draw depends only on ``gen``'s state.
-    """
-    keep = {}
+
+@dataclass(frozen=True)
+class GroupRanking:
+    """One group's channels in keeping order, with their ``softmax(α + noise)`` probabilities."""
+
+    order: torch.Tensor
+    probs: torch.Tensor  # in ``order``
+
+
+def rank_channels(alpha: Mapping[str, torch.Tensor], gen: torch.Generator | None, gumbel_scale: float,
+                  incumbent: Keep | None = None, margin: float = 0.0) -> dict[str, GroupRanking]:
+    """Per group, the channel order by ``softmax(α + scale·Gumbel)``. Groups draw their noise in
+    ``alpha``'s order, so the draw depends only on ``gen``'s state; scale 0 (or no generator)
+    is the deterministic ranking by α.
+
+    ``incumbent`` (the previous deterministic subnet) gets ``margin`` added to its channels'
+    scores for the *order* only (the probabilities, hence the widths, are untouched): a channel
+    displaces a kept one only when its α is higher by more than the margin. Without this
+    hysteresis, channels of near-equal α at a group's boundary trade places at every draw and
+    the subnet never settles although nothing of substance changes."""
+    out = {}
     for g, a in alpha.items():
         logits = a.detach().double().cpu()
-        if gumbel_scale > 0:
+        if gumbel_scale > 0 and gen is not None:
             logits = logits + gumbel_scale * gumbel_noise(a.numel(), gen)
         probs = torch.softmax(logits, 0)
-        keep[g] = mass_threshold_keep(probs, taus[g], min_widths[g], (divisors or {}).get(g, 1))
-    return keep
+        score = logits.clone()
+        if incumbent is not None and margin > 0:
+            score[incumbent[g]] += margin
+        order = torch.argsort(score, descending=True, stable=True)
+        out[g] = GroupRanking(order, probs[order])
+    return out
 
 
-def lowered(taus: Mapping[str, float], times: int) -> dict[str, float]:
-    """Every τ lowered by ``times``·0.05 (never below 0.05: a group always keeps channels)."""
-    return {g: max(TAU_STEP_DOWN, t - times * TAU_STEP_DOWN) for g, t in taus.items()}
+@dataclass(frozen=True)
+class Calibrated:
+    """A subnet drawn to the FLOPs target: its kept sets, MACs, the global width scale used, and
+    whether the MACs landed in the window ``[window·target, target]``."""
+
+    keep: dict[str, torch.Tensor]
+    macs: int
+    scale: float
+    in_window: bool
+
+
+def calibrate_to_target(spec: Spec, ranking: Mapping[str, GroupRanking], taus: Mapping[str, float],
+                        floors: Mapping[str, int], divisors: Mapping[str, int], target_macs: int,
+                        window: float, input_size: int | None = None) -> Calibrated:
+    """Each group's width is its mass-threshold count ``m_l`` (the channels whose
+    ``softmax(α)`` mass reaches τ_l, :func:`soft_mass_count`) times one global scale ``c``,
+    clamped to ``[floor_l, width_l]``; ``c`` is found by bisection as the largest scale whose
+    subnet still fits ``target_macs``. The channels kept are each group's most probable ones.
+
+    So α (how peaked each group is, and which channels lead) and ThreshNet's τ_l set the
+    *relative* widths, and ``c`` lands the subnet on the target instead of wherever the raw
+    thresholds put it. Scaling counts, rather than shifting every τ by one offset, keeps the
+    allocation stable once α is sharp: a shifted threshold then falls in each group's flat tail
+    of near-equal tiny probabilities, where a small change of α moves many channels at once.
+    Rounding leaves a little room under the target; it is filled one divisor step at a time, to
+    the group whose scaled count was rounded down the most, while the subnet fits.
+    """
+    counts = {g: soft_mass_count(r.probs, taus[g]) for g, r in ranking.items()}
+
+    def widths(c: float) -> dict[str, int]:
+        out = {}
+        for g, m in counts.items():
+            d, full = divisors.get(g, 1), ranking[g].probs.numel()
+            out[g] = min(full, max(floors[g], math.floor(c * m / d) * d))
+        return out
+
+    def cost(w: Mapping[str, int]) -> int:
+        return models.macs(models.with_widths(spec, dict(w)), input_size)
+
+    if cost(widths(0.0)) > target_macs:
+        raise SpecError(f"cannot reach {target_macs} MACs even with every channel group at its floor; "
+                        f"raise flops_target or the per-stage pruning rates")
+    lo, hi = 0.0, max(ranking[g].probs.numel() / max(m, 1e-9) for g, m in counts.items())
+    for _ in range(CALIBRATION_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(widths(mid)) <= target_macs else (lo, mid)
+    chosen = _fill_to_target(widths(lo), {g: lo * m for g, m in counts.items()}, ranking, divisors, target_macs,
+                             cost)
+    macs = cost(chosen)
+    keep = {g: r.order[:chosen[g]].sort().values for g, r in ranking.items()}
+    return Calibrated(keep, macs, lo, macs >= window * target_macs)
+
+
+def _fill_to_target(widths: dict[str, int], ideal: Mapping[str, float], ranking: Mapping[str, GroupRanking],
+                    divisors: Mapping[str, int], target_macs: int, cost: Any) -> dict[str, int]:
+    """Grow ``widths`` one divisor step at a time, the group furthest below its ideal (scaled)
+    count first, while the subnet fits ``target_macs``."""
+    widths = dict(widths)
+    while True:
+        growable = [g for g in widths if widths[g] < ranking[g].probs.numel()]
+        growable.sort(key=lambda g: widths[g] - ideal[g])
+        for g in growable:
+            trial = {**widths, g: min(ranking[g].probs.numel(), widths[g] + divisors.get(g, 1))}
+            if cost(trial) <= target_macs:
+                widths = trial
+                break
+        else:
+            return widths
 
 
 def group_macs(spec: Spec, input_size: int | None = None) -> dict[str, int]:
@@ -121,31 +219,6 @@ def group_macs(spec: Spec, input_size: int | None = None) -> dict[str, int]:
         for g in {a for a in axes[f"{layer.name}.weight"] if a is not None}:
             out[g] += layer.macs
     return out
-
-
-def shrink_to_budget(spec: Spec, keep: Keep, alpha: Mapping[str, torch.Tensor], target_macs: int,
-                     min_widths: Mapping[str, int], input_size: int | None = None,
-                     divisors: Mapping[str, int] | None = None) -> Keep:
-    """Deterministically shrink ``keep`` until the subnet fits ``target_macs``: repeatedly take
-    the group with the most attributed MACs that is still above its minimum width and drop its
-    lowest-α kept channel(s) (down to the next multiple of the group's divisor)."""
-    keep = {g: k.clone() for g, k in keep.items()}
-    order = list(keep)
-    while True:
-        sub = subnet_spec(spec, keep)
-        if models.macs(sub, input_size) <= target_macs:
-            return keep
-        attributed = group_macs(sub, input_size)
-        shrinkable = [g for g in order if keep[g].numel() > min_widths[g]]
-        if not shrinkable:
-            raise SpecError(f"cannot reach {target_macs} MACs: every channel group is at its minimum width; "
-                            f"raise flops_target or the per-stage pruning rates")
-        g = max(shrinkable, key=lambda name: (attributed[name], -order.index(name)))
-        d = (divisors or {}).get(g, 1)
-        n = max(min_widths[g], (keep[g].numel() - 1) // d * d, 1)
-        scores = alpha[g].detach().cpu()[keep[g]]
-        survivors = torch.argsort(scores, descending=True, stable=True)[:n]
-        keep[g] = keep[g][survivors].sort().values
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,8 +291,11 @@ def fold_alpha(state: Mapping[str, torch.Tensor], sites: Sequence[AlphaSite],
 
 
 def alpha_variance(alpha: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``mean_l Var(α_l)`` (population variance, so 1-channel groups count as 0), differentiable."""
-    return torch.stack([a.var(correction=0) for a in alpha.values()]).mean()
+    """``Σ_l Var(α_l)`` (population variance, so 1-channel groups count as 0), differentiable.
+
+    Summed, not averaged, over the groups: each group's α then gets the same spreading force
+    whatever the depth of the net (averaged over ResNet-56's 30 groups it was inert)."""
+    return torch.stack([a.var(correction=0) for a in alpha.values()]).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,88 +366,160 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
+def group_similarity(a: torch.Tensor, b: torch.Tensor, divisor: int = 1) -> float:
+    """Jaccard similarity of two kept sets, except that sets differing by at most one channel
+    swap (a symmetric difference of ≤ 2 channels, or 2 divisors) count as identical: one
+    channel trading places at the mass boundary is not a different architecture."""
+    sa, sb = set(a.tolist()), set(b.tolist())
+    if len(sa ^ sb) <= 2 * divisor:
+        return 1.0
+    return len(sa & sb) / len(sa | sb)
+
+
 class ConvergenceTracker:
-    """Sampled subnets have converged after ``patience`` consecutive iterations in which every
-    group's kept set has Jaccard similarity >= ``min_jaccard`` with the previous iteration's and
-    the MACs changed by less than ``macs_tol`` (relative)."""
+    """The stop rule, judged on AST's *deterministic* subnet (greedy τ, no Gumbel noise).
 
-    def __init__(self, min_jaccard: float = 0.9, macs_tol: float = 0.01, patience: int = 3) -> None:
-        self.min_jaccard, self.macs_tol, self.patience = min_jaccard, macs_tol, patience
+    After each iteration the deterministic subnet is compared with the previous iteration's:
+    its similarity is the MACs-weighted mean over channel groups of :func:`group_similarity`
+    (weights: the MACs each group carries in the full net, so a swap in a 64-channel stage-3
+    group counts for more than one in the stem). The search has converged once that similarity
+    was ≥ ``min_similarity`` in ``patience`` consecutive iterations, and at least
+    ``min_iterations`` iterations have run.
+    """
+
+    def __init__(self, weights: Mapping[str, float], divisors: Mapping[str, int], min_similarity: float = 0.9,
+                 patience: int = 3, min_iterations: int = 1) -> None:
+        total = float(sum(weights.values())) or 1.0
+        self.weights = {g: w / total for g, w in weights.items()}
+        self.divisors = dict(divisors)
+        self.min_similarity, self.patience, self.min_iterations = min_similarity, patience, min_iterations
         self.prev_keep: Keep | None = None
-        self.prev_macs: int | None = None
         self.streak = 0
+        self.seen = 0
 
-    def min_jaccard_to_previous(self, keep: Keep) -> float:
-        """The smallest per-group Jaccard similarity with the previous kept sets (0 before any)."""
+    def similarity(self, keep: Keep) -> float:
+        """MACs-weighted similarity of ``keep`` to the previous deterministic subnet (0 before any)."""
         if self.prev_keep is None:
             return 0.0
-        return min(jaccard(keep[g], self.prev_keep[g]) for g in keep)
+        return sum(w * group_similarity(keep[g], self.prev_keep[g], self.divisors.get(g, 1))
+                   for g, w in self.weights.items())
 
-    def stable(self, keep: Keep, macs: int) -> bool:
-        if self.prev_keep is None or self.prev_macs is None:
-            return False
-        if abs(macs - self.prev_macs) >= self.macs_tol * self.prev_macs:
-            return False
-        return self.min_jaccard_to_previous(keep) >= self.min_jaccard
-
-    def update(self, keep: Keep, macs: int) -> bool:
-        """Record one iteration's subnet; True once converged."""
-        self.streak = self.streak + 1 if self.stable(keep, macs) else 0
-        self.prev_keep, self.prev_macs = {g: k.clone() for g, k in keep.items()}, int(macs)
-        return self.converged
+    def update(self, keep: Keep) -> float:
+        """Record one iteration's deterministic subnet; returns its similarity to the previous one."""
+        sim = self.similarity(keep)
+        self.streak = self.streak + 1 if sim >= self.min_similarity else 0
+        self.prev_keep = {g: k.clone() for g, k in keep.items()}
+        self.seen += 1
+        return sim
 
     @property
     def converged(self) -> bool:
-        return self.streak >= self.patience
+        return self.streak >= self.patience and self.seen >= self.min_iterations
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_keep": self.prev_keep, "prev_macs": self.prev_macs, "streak": self.streak}
+        return {"prev_keep": self.prev_keep, "streak": self.streak, "seen": self.seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.prev_keep, self.prev_macs, self.streak = state["prev_keep"], state["prev_macs"], int(state["streak"])
+        self.prev_keep, self.streak, self.seen = state["prev_keep"], int(state["streak"]), int(state["seen"])
 
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters
 # --------------------------------------------------------------------------------------------
 
+Schedule = list[tuple[int, float]]
+
+#: Named starting points for the schedule fields; explicitly given fields override them.
+#: ``paper``: the released code's budget (Lu et al.): M = 40 weight epochs per iteration for the
+#: first 20 iterations, 30 up to iteration 50, then 10, with lr 0.05 / 0.01 / 0.005 on the same
+#: boundaries (the code's 1-based ``t <= 20`` is the first 20 iterations, i.e. 0-based 0..19),
+#: T_max 50: about 1,700 subnet epochs. ``fast`` (the default): the same shape compressed for
+#: quick runs (digits, CIFAR subsets): 2 epochs per iteration, no stop before the noise is gone
+#: (iteration 10), at most 30 iterations (20 to 60 subnet epochs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"max_iterations": 30, "min_iterations": 10, "epochs_schedule": [(0, 2)],
+             "lr_schedule": [(0, 0.05), (10, 0.01), (20, 0.005)], "noise_iterations": 10},
+    "paper": {"max_iterations": 50, "min_iterations": 30, "epochs_schedule": [(0, 40), (20, 30), (50, 10)],
+              "lr_schedule": [(0, 0.05), (20, 0.01), (50, 0.005)], "noise_iterations": 30},
+}
+
+
+def _at(schedule: Schedule, iteration: int) -> float:
+    return [value for start, value in schedule if start <= iteration][-1]
+
 
 class ASTHparams(MethodHparams):
     """AST hyperparameters (every field is a search-space key).
 
-    Choices where ``reference/methods.md`` §3.7 departs from the released code: the *subnet* is
-    trained and mapped back (not the target); ThreshNet is width-agnostic and learns from
-    ``r = −val_loss − β·MACs ratio`` against a moving baseline with one Adam created once; α is
-    applied after BN by default; one kept-index set per channel group keeps residual adds
-    aligned; the search stops on convergence; the best subnet is chosen on search-val.
+    ``preset`` fills the schedule fields (see :data:`PRESETS`); any field given explicitly wins.
+
+    Where this departs from the released code (Lxtccc/Adaptive-), and why:
+
+    * the *subnet* is trained and mapped back (the code trains the target, then overwrites it);
+    * ThreshNet is width-agnostic and learns from ``r = −val_loss − β·MACs ratio`` against a
+      moving baseline with one Adam created once (the code's advantage is identically zero);
+    * α scales the BN output (``post_bn``; the code's pre-BN placement is largely cancelled by BN);
+      its variance bonus is per group, summed; its lr follows the weight-lr phases; it gets
+      ``alpha_passes`` passes on search-val per iteration, spread over the weight epochs;
+    * the Gumbel noise anneals linearly to 0 over ``noise_iterations`` (the code switches it off
+      after iteration 50), so the search ends on what α and the policy have learned;
+    * one kept-index set per channel group keeps residual adds aligned;
+    * every subnet is drawn to the FLOPs target (a global τ offset, :func:`calibrate_to_target`),
+      never below the budget's per-group floor;
+    * the search stops when AST's deterministic subnet converges (:class:`ConvergenceTracker`),
+      and that subnet, trained like any sample and scored on search-val, is the result.
+
+    The random-search ablation: ``freeze_alpha=true, threshnet=false, stop_on_convergence=false``
+    with ``max_iterations`` set to what the full run used: α stays uniform (so the Gumbel noise
+    alone orders the channels: a fresh random channel subset per group each iteration, never
+    annealed), τ is fixed, and the best sample by search-val is the result.
     """
 
-    max_iterations: int = Field(50, ge=1, description="T_max: search iterations unless converged earlier")
-    epochs_per_iteration: int = Field(5, ge=1, description="M: weight-training epochs of each sampled subnet")
-    lr_schedule: list[tuple[int, float]] = Field(
-        default=[(0, 0.05), (21, 0.01), (51, 0.005)],
-        description="[(first iteration, lr)]: the weight lr of an iteration (cosine within it); the code's steps")
+    preset: Literal["fast", "paper"] = Field("fast", description="schedule preset: 'fast' or the reference 'paper'")
+    max_iterations: int = Field(30, ge=1, description="T_max: search iterations unless converged earlier")
+    min_iterations: int = Field(10, ge=1, description="no convergence stop before this many iterations")
+    epochs_schedule: Schedule = Field(default=[(0, 2)], description="[(first iteration, M)]: weight epochs per iteration")
+    lr_schedule: Schedule = Field(
+        default=[(0, 0.05), (10, 0.01), (20, 0.005)],
+        description="[(first iteration, lr)]: the weight lr of an iteration (cosine within it)")
+    noise_iterations: int = Field(10, ge=0, description="the Gumbel scale anneals linearly to 0 over these iterations")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(3e-4, ge=0.0)
     batch_size: int = Field(128, ge=1)
-    alpha_lr: float = Field(1e-3, gt=0.0, description="SGD lr of the α pass on search-val")
-    var_weight: float = Field(1.0, ge=0.0, description="weight of −mean_l Var(α_l) in the α loss")
+    alpha_lr: float = Field(0.02, gt=0.0, description="α Adam lr per pass over search-val, first lr phase (scaled with it)")
+    alpha_passes: int = Field(5, ge=1, description="α passes over search-val per iteration, spread over its epochs")
+    var_weight: float = Field(1.0, ge=0.0, description="weight of −Σ_l Var(α_l) in the α loss")
+    freeze_alpha: bool = Field(False, description="ablation: α stays uniform and untrained")
     gumbel_scale: float = Field(0.05, ge=0.0)
+    swap_margin: float = Field(0.1, ge=0.0, description="α margin by which a channel must beat a kept one to displace it")
     actions: tuple[float, ...] = Field(ACTIONS, min_length=1, description="mass thresholds ThreshNet picks from")
     beta: float = Field(2.0, ge=0.0, description="weight of the MACs ratio in the ThreshNet reward")
     threshnet: bool = Field(True, description="False: the 'w/o ThreshNet' ablation (fixed_threshold everywhere)")
     fixed_threshold: float = Field(0.7, gt=0.0, le=1.0, description="τ of every group when threshnet is off")
-    policy_lr: float = Field(1e-3, gt=0.0)
+    policy_lr: float = Field(3e-3, gt=0.0)
     alpha_position: Literal["post_bn", "pre_bn"] = "post_bn"
     residual_mode: Literal["coupled", "independent"] = "coupled"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the train set used as search-val")
-    convergence_jaccard: float = Field(0.9, gt=0.0, le=1.0)
-    convergence_macs: float = Field(0.01, gt=0.0)
+    target_window: float = Field(0.9, gt=0.0, le=1.0, description="subnets land in [window·target, target] MACs")
+    stop_on_convergence: bool = True
+    convergence_similarity: float = Field(0.9, gt=0.0, le=1.0, description="see ConvergenceTracker")
     convergence_patience: int = Field(3, ge=1)
+    select: Literal["deterministic", "best_sampled"] | None = Field(
+        None, description="the result: the converged deterministic subnet, or the best sample by search-val "
+                          "(default: best_sampled when freeze_alpha, else deterministic)")
     warm_start: str | None = Field(None, description="None: cold start; 'teacher': ctx.teacher's weights; "
                                                      "else a path to a state_dict of the full net")
     search_kd_weight: float = Field(0.0, ge=0.0, le=1.0, description="KD weight when training subnets (needs a teacher)")
-    top_k: int = Field(3, ge=1, description="subnets (by search-val accuracy) whose weights are kept for finalize")
+    top_k: int = Field(3, ge=1, description="sampled subnets (by search-val accuracy) whose weights are kept")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "fast")
+            if preset in PRESETS:
+                return {**PRESETS[preset], **data}
+        return data
 
     @field_validator("actions")
     @classmethod
@@ -389,17 +537,46 @@ class ASTHparams(MethodHparams):
                              "use residual_mode='coupled'")
         return v
 
-    @field_validator("lr_schedule")
+    @field_validator("lr_schedule", "epochs_schedule")
     @classmethod
-    def _schedule_starts_at_zero(cls, v: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    def _schedule_starts_at_zero(cls, v: Schedule, info: Any) -> Schedule:
         starts = [s for s, _ in v]
-        if not v or starts[0] != 0 or starts != sorted(set(starts)) or any(lr <= 0 for _, lr in v):
-            raise ValueError(f"lr_schedule must be [(0, lr), (later iteration, lr), ...] with increasing "
-                             f"iterations and positive lrs, got {v}")
+        if not v or starts[0] != 0 or starts != sorted(set(starts)) or any(x <= 0 for _, x in v):
+            raise ValueError(f"{info.field_name} must be [(0, value), (later iteration, value), ...] with "
+                             f"increasing iterations and positive values, got {v}")
+        if info.field_name == "epochs_schedule" and any(int(x) != x for _, x in v):
+            raise ValueError(f"epochs_schedule needs whole epoch counts, got {v}")
         return v
 
     def lr_at(self, iteration: int) -> float:
-        return [lr for start, lr in self.lr_schedule if start <= iteration][-1]
+        return _at(self.lr_schedule, iteration)
+
+    def epochs_at(self, iteration: int) -> int:
+        return int(_at(self.epochs_schedule, iteration))
+
+    def alpha_lr_at(self, iteration: int) -> float:
+        """α's lr decays with the weight-lr phases (same ratio to the first phase)."""
+        return self.alpha_lr * self.lr_at(iteration) / self.lr_at(0)
+
+    def noise_at(self, iteration: int) -> float:
+        if self.freeze_alpha or self.noise_iterations == 0:
+            return self.gumbel_scale if self.freeze_alpha else 0.0
+        return self.gumbel_scale * max(0.0, 1.0 - iteration / self.noise_iterations)
+
+    @property
+    def selection(self) -> str:
+        return self.select or ("best_sampled" if self.freeze_alpha else "deterministic")
+
+
+def alpha_pass_counts(epochs: int, passes: int) -> list[int]:
+    """α passes after each of ``epochs`` weight epochs: ``passes`` in all, evenly spread (the
+    reference interleaves one every M/5 epochs); with fewer epochs than passes some epochs are
+    followed by several.
+
+    >>> alpha_pass_counts(40, 5)[:9], alpha_pass_counts(2, 5)
+    ([0, 0, 0, 0, 0, 0, 0, 1, 0], [2, 3])
+    """
+    return [(e + 1) * passes // epochs - e * passes // epochs for e in range(epochs)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,12 +584,30 @@ class ASTHparams(MethodHparams):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Trained:
+    """A trained subnet: its record and its weights with α folded in (what finalize starts from)."""
+
+    record: SubnetRecord
+    state: dict[str, torch.Tensor]
+
+
 @register("ast")
 class AST(Method):
-    """Adaptive search-and-training with ThreshNet; one :meth:`step` = one search-train-map iteration."""
+    """Adaptive search-and-training with ThreshNet.
+
+    One :meth:`step` is one search-train-map iteration; once the stop rule holds, one last step
+    trains the deterministic subnet (``select='deterministic'``) and the search is done.
+    """
 
     Hparams = ASTHparams
-    smoke: ClassVar[dict] = {"max_iterations": 3, "epochs_per_iteration": 1, "batch_size": 64, "top_k": 2}
+    inherits_weights: ClassVar[bool] = True
+    # The reference fine-tunes the selected subnet from its inherited weights at a small lr
+    # (its script: 1e-4 over 800 epochs, likely experiment-specific); 0.01 with cosine and no
+    # warm-up is the usual inherited-weights fine-tune on CIFAR.
+    finetune_defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "warmup_epochs": 0, "weight_decay": 5e-4}
+    smoke: ClassVar[dict] = {"max_iterations": 3, "min_iterations": 1, "epochs_schedule": [(0, 1)],
+                             "batch_size": 64, "top_k": 2, "alpha_passes": 1}
 
     def __init__(self, ctx: RunContext, hparams: ASTHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
@@ -421,7 +616,7 @@ class AST(Method):
             raise ValueError("ast: search_kd_weight > 0 needs a teacher (ctx.teacher); set it or use search_kd_weight=0")
         self.spec, self.input_size = ctx.spec, ctx.input_size
         self.groups = models.channel_groups(self.spec)
-        self.min_widths = ctx.budget.min_widths(self.spec)
+        self.floors = ctx.budget.min_widths(self.spec)
         self.divisors = {g.name: g.divisor for g in self.groups}
         self.full_macs = models.macs(self.spec, self.input_size)
         self.target_macs = ctx.budget.target_macs(self.spec, self.input_size)
@@ -430,16 +625,17 @@ class AST(Method):
         # this generator (global RNG is never read), so a resumed run replays exactly.
         self.gen = torch.Generator().manual_seed(derive_seed("ast", ctx.seed))
         self.target = self._initial_target()
-        self.alpha: Alpha = {g.name: torch.rand(g.width, generator=self.gen) for g in self.groups}
+        self.alpha: Alpha = {g.name: initial_alpha(g.width, self.gen, hp.freeze_alpha) for g in self.groups}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed("ast-policy", ctx.seed))
             self.policy = ThreshNet(len(hp.actions))
         self.policy_opt = torch.optim.Adam(self.policy.parameters(), lr=hp.policy_lr)
         self.baseline = MovingBaseline()
-        self.convergence = ConvergenceTracker(hp.convergence_jaccard, hp.convergence_macs, hp.convergence_patience)
+        self.convergence = ConvergenceTracker(group_macs(self.spec, self.input_size), self.divisors,
+                                              hp.convergence_similarity, hp.convergence_patience, hp.min_iterations)
         self.iteration = 0
-        self.kept_history: list[Keep] = []
-        self.top: list[tuple[SubnetRecord, dict[str, torch.Tensor]]] = []  # best first
+        self.top: list[Trained] = []  # the best sampled subnets, best first
+        self.final: Trained | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _initial_target(self) -> dict[str, torch.Tensor]:
@@ -463,138 +659,188 @@ class AST(Method):
         return {k: loaded[k].detach().cpu().clone() for k in state}
 
     @property
+    def search_finished(self) -> bool:
+        """The stop rule: converged (when allowed to stop on it) or out of iterations."""
+        converged = self.hp.stop_on_convergence and self.convergence.converged
+        return converged or self.iteration >= self.hp.max_iterations
+
+    @property
     def done(self) -> bool:
-        return self.iteration >= self.hp.max_iterations or self.convergence.converged
+        if self.hp.selection == "best_sampled":
+            return self.search_finished
+        return self.final is not None
 
     # -- one iteration -------------------------------------------------------------------------
     def step(self) -> StepResult:
         if self.done:
-            raise RuntimeError("ast: the search is finished (converged or max_iterations reached); call finalize()")
+            raise RuntimeError("ast: the search is finished; call finalize()")
+        if self.search_finished:
+            return self._train_deterministic()
         t, hp = self.iteration, self.hp
-        taus, profiles, depths, actions = self._choose_thresholds()
-        keep, redraws, shrunk = self._sample_within_budget(taus)
-        sub_spec, sub_state = extract_subnet(self.spec, self.target, keep)
-        sub_alpha = {g: self.alpha[g][k].clone() for g, k in keep.items()}
-        net, train_loss = self._train_subnet(sub_spec, sub_state, sub_alpha, t)
-        val = evaluate(net, self.search_val, device=self.ctx.device)
-        macs = models.macs(sub_spec, self.input_size)
-        reward = -float(val["loss"]) - hp.beta * macs / self.full_macs
+        taus, profiles, depths, actions = self._choose_thresholds(greedy=False)
+        drawn = self._draw(taus, hp.noise_at(t))
+        trained, val, train_loss = self._train_and_score(drawn.keep, t, update_alpha=not hp.freeze_alpha)
+        reward = -val["loss"] - hp.beta * trained.record.macs / self.full_macs
         advantage = self.baseline.update(reward)
         if hp.threshnet:
             reinforce_step(self.policy, self.policy_opt, profiles, depths, actions, advantage)
-        trained = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-        sub_alpha = {g: a.detach().cpu() for g, a in sub_alpha.items()}
-        record = SubnetRecord.of(sub_spec, {"val_top1": val["top1"], "val_loss": val["loss"]}, self.name, t,
-                                 self.input_size, iteration=t, redraws=redraws, shrunk=shrunk,
-                                 mean_tau=sum(taus.values()) / len(taus))
-        self._remember(record, fold_alpha(trained, alpha_sites(sub_spec, hp.alpha_position, self.input_size),
-                                          sub_alpha))
-        map_back(self.spec, self.target, self.alpha, keep, trained, sub_alpha)
-        min_jaccard = self.convergence.min_jaccard_to_previous(keep)  # how close to the stop rule
-        self.convergence.update(keep, macs)
-        self.kept_history.append(keep)
+        trained.record.source.update(iteration=t, mean_tau=sum(taus.values()) / len(taus), width_scale=drawn.scale,
+                                     in_window=drawn.in_window, gumbel_scale=hp.noise_at(t))
+        self._remember(trained)
+        deterministic = self.deterministic_subnet()
+        similarity = self.convergence.update(deterministic.keep)
         self.iteration = self.steps_done = t + 1
-        metrics = {"iteration": float(t), "macs": float(macs), "macs_ratio": macs / self.full_macs,
-                   "val_top1": float(val["top1"]), "val_loss": float(val["loss"]), "train_loss": train_loss,
-                   "reward": reward, "baseline": float(self.baseline.value), "mean_tau": record.source["mean_tau"],
-                   "redraws": float(redraws), "shrunk": float(shrunk), "min_jaccard": min_jaccard,
+        metrics = {"iteration": float(t), "macs": float(trained.record.macs),
+                   "macs_ratio": trained.record.macs / self.full_macs, "target_ratio": self.target_macs / self.full_macs,
+                   "val_top1": val["top1"], "val_loss": val["loss"], "train_loss": train_loss, "reward": reward,
+                   "baseline": float(self.baseline.value), "mean_tau": trained.record.source["mean_tau"],
+                   "gumbel_scale": hp.noise_at(t), "alpha_entropy": mean_alpha_entropy(self.alpha),
+                   "policy_entropy": self.policy_entropy(), "det_similarity": similarity,
+                   "det_macs_ratio": deterministic.macs / self.full_macs,
                    "converged": float(self.convergence.converged)}
-        return StepResult(step=t, metrics=metrics, subnets=[record], done=self.done)
+        return StepResult(step=t, metrics=metrics, subnets=[trained.record], done=self.done)
 
-    def _choose_thresholds(self) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-group τ from ThreshNet (sampled from its policy) or the fixed threshold."""
+    def _train_deterministic(self) -> StepResult:
+        """The final step: train AST's deterministic subnet like any sample and score it."""
+        t = self.iteration
+        drawn = self.deterministic_subnet()
+        trained, val, train_loss = self._train_and_score(drawn.keep, t, update_alpha=False)
+        trained.record.source.update(iteration=t, deterministic=True, in_window=drawn.in_window,
+                                     converged=bool(self.convergence.converged), search_iterations=t)
+        self.final = trained
+        self.steps_done = t + 1
+        metrics = {"iteration": float(t), "macs": float(trained.record.macs),
+                   "macs_ratio": trained.record.macs / self.full_macs, "val_top1": val["top1"],
+                   "val_loss": val["loss"], "train_loss": train_loss, "final": 1.0,
+                   "converged": float(self.convergence.converged), "search_iterations": float(t)}
+        return StepResult(step=t, metrics=metrics, subnets=[trained.record], done=True)
+
+    def deterministic_subnet(self) -> Calibrated:
+        """What the current α and policy choose: greedy τ, no Gumbel noise, drawn to the target."""
+        taus = self._choose_thresholds(greedy=True)[0]
+        return self._draw(taus, 0.0)
+
+    def _draw(self, taus: Mapping[str, float], gumbel_scale: float) -> Calibrated:
+        ranking = rank_channels(self.alpha, self.gen, gumbel_scale, self.convergence.prev_keep, self.hp.swap_margin)
+        return calibrate_to_target(self.spec, ranking, taus, self.floors, self.divisors, self.target_macs,
+                                   self.hp.target_window, self.input_size)
+
+    def _choose_thresholds(self, greedy: bool) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-group τ from ThreshNet (sampled from its policy, or its most likely action) or the
+        fixed threshold."""
         profiles, depths = policy_inputs(self.alpha)
         if not self.hp.threshnet:
             actions = torch.zeros(len(self.alpha), dtype=torch.long)
             return {g: self.hp.fixed_threshold for g in self.alpha}, profiles, depths, actions
         with torch.no_grad():
             probs = torch.softmax(self.policy(profiles, depths), dim=1)
-        actions = torch.multinomial(probs, 1, generator=self.gen).view(-1)
+        actions = probs.argmax(dim=1) if greedy else torch.multinomial(probs, 1, generator=self.gen).view(-1)
         taus = {g: float(self.hp.actions[a]) for g, a in zip(self.alpha, actions.tolist())}
         return taus, profiles, depths, actions
 
-    def _sample_within_budget(self, taus: dict[str, float]) -> tuple[Keep, int, bool]:
-        """Draw a subnet; above the FLOPs target re-draw with lower τ, then shrink if still above.
-        Returns (keep, re-draws used, whether it was shrunk)."""
-        for redraw in range(MAX_REDRAWS + 1):
-            keep = sample_keep(self.alpha, lowered(taus, redraw), self.gen, self.hp.gumbel_scale,
-                               self.min_widths, self.divisors)
-            if models.macs(subnet_spec(self.spec, keep), self.input_size) <= self.target_macs:
-                return keep, redraw, False
-        keep = shrink_to_budget(self.spec, keep, self.alpha, self.target_macs, self.min_widths, self.input_size,
-                                self.divisors)
-        return keep, MAX_REDRAWS, True
+    def policy_entropy(self) -> float:
+        """ThreshNet's mean per-group entropy, normalised to [0, 1] (1: uniform over the actions)."""
+        if not self.hp.threshnet or len(self.hp.actions) < 2:
+            return 0.0
+        with torch.no_grad():
+            p = torch.softmax(self.policy(*policy_inputs(self.alpha)), dim=1)
+        return float((-(p * p.clamp_min(1e-12).log()).sum(1) / math.log(p.shape[1])).mean())
 
-    def _train_subnet(self, sub_spec: Spec, sub_state: dict[str, torch.Tensor], sub_alpha: Alpha,
-                      t: int) -> tuple[nn.Module, float]:
-        """Weights for ``epochs_per_iteration`` on search-train, then one α pass on search-val.
-        ``sub_alpha`` is updated in place; returns the trained net (α hooks attached) and its
-        last training loss."""
+    def _train_and_score(self, keep: Keep, t: int, update_alpha: bool) -> tuple[Trained, dict[str, float], float]:
+        """Slice the subnet out of the target, train it (and its α), score it on search-val, and
+        map the trained weights and α back into the target."""
+        hp = self.hp
+        sub_spec, sub_state = extract_subnet(self.spec, self.target, keep)
+        sub_alpha = {g: self.alpha[g][k].clone() for g, k in keep.items()}
+        net, train_loss = self._train_subnet(sub_spec, sub_state, sub_alpha, keep, t, update_alpha)
+        val = evaluate(net, self.search_val, device=self.ctx.device)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+        sub_alpha = {g: a.detach().cpu() for g, a in sub_alpha.items()}
+        map_back(self.spec, self.target, self.alpha, keep, state, sub_alpha)
+        record = SubnetRecord.of(sub_spec, {"val_top1": val["top1"], "val_loss": val["loss"]}, self.name, t,
+                                 self.input_size)
+        folded = fold_alpha(state, alpha_sites(sub_spec, hp.alpha_position, self.input_size), sub_alpha)
+        return Trained(record, folded), {"top1": float(val["top1"]), "loss": float(val["loss"])}, train_loss
+
+    def _train_subnet(self, sub_spec: Spec, sub_state: dict[str, torch.Tensor], sub_alpha: Alpha, keep: Keep,
+                      t: int, update_alpha: bool) -> tuple[nn.Module, float]:
+        """``epochs_at(t)`` weight epochs on search-train, with ``alpha_passes`` α passes on
+        search-val spread over them. ``sub_alpha`` is updated in place; returns the trained net
+        (α hooks attached) and its last training loss."""
         hp, device = self.hp, self.ctx.device
         net = models.build(sub_spec, seed=0)
         net.load_state_dict(sub_state)
         net.to(device)
         for g in sub_alpha:
             sub_alpha[g] = sub_alpha[g].to(device)
-        # The hooks read sub_alpha at call time, so they follow the α pass's updates; the net
-        # is evaluated with them and then discarded.
+        # The hooks read sub_alpha at call time, so they follow the α passes' updates.
         attach_alpha(net, alpha_sites(sub_spec, hp.alpha_position, self.input_size), sub_alpha)
-        cfg = TrainConfig(epochs=hp.epochs_per_iteration, batch_size=hp.batch_size, lr=hp.lr_at(t),
-                          momentum=hp.momentum, nesterov=False, weight_decay=hp.weight_decay, schedule="cosine",
+        epochs = hp.epochs_at(t)
+        cfg = TrainConfig(epochs=epochs, batch_size=hp.batch_size, lr=hp.lr_at(t), momentum=hp.momentum,
+                          nesterov=False, weight_decay=hp.weight_decay, schedule="cosine",
                           kd_weight=hp.search_kd_weight, kd_temperature=self.ctx.kd_temperature)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
-        history = fit(net, self.search_train, cfg, device=device, seed=seed, progress=False,
+        passes = alpha_pass_counts(epochs, hp.alpha_passes) if update_alpha else [0] * epochs
+        batches = math.ceil(len(self.search_val) / hp.batch_size)
+        alpha_opt = AlphaOptimizer(sub_alpha, hp.alpha_lr_at(t), batches, self.alpha, keep) if update_alpha else None
+
+        def after_epoch(entry: dict[str, float]) -> None:
+            for i in range(passes[int(entry["epoch"])]):
+                self._alpha_pass(net, alpha_opt, seed + 7919 * (int(entry["epoch"]) + 1) + i)
+
+        history = fit(net, self.search_train, cfg, device=device, seed=seed, progress=False, on_epoch=after_epoch,
                       teacher=self.ctx.teacher if hp.search_kd_weight > 0 else None)
-        self._alpha_pass(net, sub_alpha, seed)
+        if alpha_opt is not None:
+            alpha_opt.write_to(sub_alpha)
         return net, float(history[-1]["loss"]) if history else float("nan")
 
-    def _alpha_pass(self, net: nn.Module, sub_alpha: Alpha, seed: int) -> None:
-        """One SGD pass over search-val updating only α with ``CE − var_weight·mean_l Var(α_l)``.
+    def _alpha_pass(self, net: nn.Module, alpha_opt: "AlphaOptimizer", seed: int) -> None:
+        """One pass over search-val updating only α with ``CE − var_weight·Σ_l Var(α_l)``.
         BN running statistics are restored afterwards so they only ever see search-train."""
-        hp = self.hp
         buffers = {k: v.clone() for k, v in net.named_buffers()}
         weights = [p for p in net.parameters() if p.requires_grad]
         for p in weights:
             p.requires_grad_(False)
-        leaves = {g: a.detach().clone().requires_grad_(True) for g, a in sub_alpha.items()}
-        sub_alpha.update(leaves)
-        opt = torch.optim.SGD(list(leaves.values()), lr=hp.alpha_lr, momentum=ALPHA_MOMENTUM,
-                              weight_decay=ALPHA_WEIGHT_DECAY)
+        was_training = net.training
         net.train()
-        for x, y in make_loader(self.search_val, hp.batch_size, train=True, device=self.ctx.device, seed=seed,
+        for x, y in make_loader(self.search_val, self.hp.batch_size, train=True, device=self.ctx.device, seed=seed,
                                 drop_last=False):
-            loss = F.cross_entropy(net(x), y) - hp.var_weight * alpha_variance(leaves)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for g, a in leaves.items():
-            sub_alpha[g] = a.detach()
+            loss = F.cross_entropy(net(x).float(), y) - self.hp.var_weight * alpha_variance(alpha_opt.whole_groups())
+            alpha_opt.step(loss)
+        net.train(was_training)
         for p in weights:
             p.requires_grad_(True)
         with torch.no_grad():
             for k, v in net.named_buffers():
                 v.copy_(buffers[k])
 
-    def _remember(self, record: SubnetRecord, folded: dict[str, torch.Tensor]) -> None:
-        """Keep the top-k records (search-val top-1, then lower loss, then earlier) with weights."""
-        self.top.append((record, folded))
-        self.top.sort(key=lambda rs: (-rs[0].metrics["val_top1"], rs[0].metrics["val_loss"], rs[0].step))
+    def _remember(self, trained: Trained) -> None:
+        """Keep the top-k samples (search-val top-1, then lower loss, then earlier) with weights."""
+        self.top.append(trained)
+        self.top.sort(key=lambda s: (-s.record.metrics["val_top1"], s.record.metrics["val_loss"], s.record.step))
         del self.top[self.hp.top_k:]
 
     # -- results -------------------------------------------------------------------------------
     def best(self) -> SubnetRecord:
+        """The deterministic subnet once trained; until then (and for ``select='best_sampled'``)
+        the best sample by search-val accuracy."""
+        if self.final is not None:
+            return self.final.record
         if not self.top:
             raise RuntimeError("ast: no subnet sampled yet; call step() first")
-        return self.top[0][0]
+        return self.top[0].record
 
     def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:
-        """The record's inherited weights (α folded in) when it is one of the top-k, else None."""
-        for rec, state in self.top:
-            if rec.step == record.step and rec.key == record.key:
-                return {k: v.clone() for k, v in state.items()}
+        """The record's trained weights (α folded in) when it is the final or a top-k subnet."""
+        for kept in ([self.final] if self.final else []) + self.top:
+            if kept.record.step == record.step and kept.record.key == record.key:
+                return {k: v.clone() for k, v in kept.state.items()}
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        def trained(t: Trained) -> dict[str, Any]:
+            return {"record": t.record.to_dict(), "state": t.state}
+
         return {
             "iteration": self.iteration,
             "target": {k: v.clone() for k, v in self.target.items()},
@@ -604,12 +850,15 @@ class AST(Method):
             "baseline": self.baseline.value,
             "generator": self.gen.get_state(),
             "convergence": self.convergence.state_dict(),
-            "kept_history": [{g: k.clone() for g, k in keep.items()} for keep in self.kept_history],
-            "top": [{"record": rec.to_dict(), "state": state} for rec, state in self.top],
+            "top": [trained(t) for t in self.top],
+            "final": trained(self.final) if self.final else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = self.steps_done = int(state["iteration"])
+        def trained(d: dict[str, Any]) -> Trained:
+            return Trained(SubnetRecord.from_dict(d["record"]), d["state"])
+
+        self.iteration = int(state["iteration"])
         self.target = {k: v.clone() for k, v in state["target"].items()}
         self.alpha = {g: a.clone() for g, a in state["alpha"].items()}
         self.policy.load_state_dict(state["policy"])
@@ -617,8 +866,70 @@ class AST(Method):
         self.baseline.value = state["baseline"]
         self.gen.set_state(state["generator"])
         self.convergence.load_state_dict(state["convergence"])
-        self.kept_history = list(state["kept_history"])
-        self.top = [(SubnetRecord.from_dict(t["record"]), t["state"]) for t in state["top"]]
+        self.top = [trained(t) for t in state["top"]]
+        self.final = trained(state["final"]) if state["final"] else None
+        self.steps_done = self.iteration + (1 if self.final else 0)
+
+
+class AlphaOptimizer:
+    """Adam over one subnet's α, kept across the passes of an iteration.
+
+    The reference uses SGD (lr 1e-3, momentum 0.9), under which α barely moves, while a larger
+    SGD lr lets the variance bonus grow α exponentially until the activations overflow. Adam's
+    step is bounded by its lr, and the lr is divided by the batches per pass, so one pass moves
+    each α by at most about ``lr`` whatever the size of search-val (the DARTS habit for
+    architecture weights, with its betas).
+
+    The variance bonus is taken over each *whole* group (:meth:`whole_groups`: the subnet's α
+    in place, the other channels' α as constants), not over the kept channels alone: the kept
+    channels are the group's most important, so the bonus pushes them apart from the rest. Over
+    the kept channels alone it pushes the weakest kept channel below channels that were not
+    kept, they swap places at the next draw, and the subnet oscillates instead of converging.
+    """
+
+    def __init__(self, sub_alpha: Alpha, lr: float, batches_per_pass: int, full_alpha: Alpha, keep: Keep) -> None:
+        self.leaves = {g: a.detach().clone().requires_grad_(True) for g, a in sub_alpha.items()}
+        sub_alpha.update(self.leaves)  # the forward hooks now read the leaves
+        self.full = {g: full_alpha[g].detach().to(a.device, a.dtype) for g, a in self.leaves.items()}
+        self.keep = {g: keep[g].to(a.device) for g, a in self.leaves.items()}
+        self.opt = torch.optim.Adam(list(self.leaves.values()), lr=lr / max(1, batches_per_pass),
+                                    betas=ALPHA_BETAS, weight_decay=ALPHA_WEIGHT_DECAY)
+
+    def whole_groups(self) -> Alpha:
+        """Each group's full α vector with the subnet's (trainable) α at the kept indices."""
+        return {g: self.full[g].index_put((self.keep[g],), leaf) for g, leaf in self.leaves.items()}
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def write_to(self, sub_alpha: Alpha) -> None:
+        for g, a in self.leaves.items():
+            sub_alpha[g] = a.detach()
+
+
+def mean_alpha_entropy(alpha: Mapping[str, torch.Tensor]) -> float:
+    """Mean over groups of the normalised entropy of softmax(α_l) (1: uniform, →0: one channel)."""
+    values = []
+    for a in alpha.values():
+        if a.numel() < 2:
+            continue
+        p = torch.softmax(a.detach().double(), 0)
+        values.append(float(-(p * p.clamp_min(1e-300).log()).sum() / math.log(a.numel())))
+    return sum(values) / len(values) if values else 0.0
+
+
+def initial_alpha(width: int, gen: torch.Generator, uniform: bool = False) -> torch.Tensor:
+    """α at the start: the reference's U[0, 1) draw shifted by +0.5, or all ones (``uniform``).
+
+    The shift changes nothing for sampling (softmax ignores a constant), but α also scales the
+    channels in the forward pass, and around 1 it starts as (nearly) the identity rather than
+    silencing the channels that drew a small value: on digits this alone took the search-val
+    top-1 after 8 iterations from 0.69 to the 0.87 of the BN-cancelled ``pre_bn`` placement."""
+    if uniform:
+        return torch.ones(width)
+    return torch.rand(width, generator=gen) + 0.5
 
 
 @torch.no_grad()

@@ -106,16 +106,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .methods import get_method
     from .runner import TrialConfig, run_trial, train_teacher
 
-    hparams = dict(get_method(args.method).smoke) if args.smoke else {}
+    method = get_method(args.method)
+    hparams = dict(method.smoke) if args.smoke else {}
     hparams.update(parse_assignments(args.set, "--set"))
-    finetune = parse_assignments(args.finetune, "--finetune")
+    user_finetune = parse_assignments(args.finetune, "--finetune")
+    # The method's preferred fine-tune (AST: from its inherited weights at a small lr) fills in
+    # what the user left unset; a sweep instead gives every method the sweep file's recipe.
+    finetune = {**method.finetune_defaults, **user_finetune}
+    if args.model is not None:
+        from . import models
+
+        method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
     out = Path(args.out)
     teacher = args.teacher
     if args.kd_weight > 0 and teacher is None:
         if args.teacher_epochs <= 0:
             raise CliError("--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
                            "(a saved subnet) or --teacher-epochs N to train one first")
-        recipe = {**finetune, "epochs": args.teacher_epochs}
+        recipe = {**user_finetune, "epochs": args.teacher_epochs}
         teacher = str(train_teacher(args.model, args.dataset, out / "teacher", shortcut=args.shortcut,
                                     data_dir=args.data_dir, seed=args.seed, device=args.device, recipe=recipe,
                                     train_subset=args.train_subset, test_subset=args.test_subset))

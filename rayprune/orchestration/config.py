@@ -321,6 +321,11 @@ def _check_semantics(cfg: SweepConfig) -> None:
     _check_methods(cfg)
     _check_recipes(cfg)
     full = _check_model(cfg)
+    for i, entry in enumerate(cfg.methods):  # e.g. weight-inheriting methods refuse option_a shortcuts
+        try:
+            get_method(entry.name).check_spec(full)
+        except SpecError as e:
+            raise _FieldError(f"methods[{i}].name", str(e)) from None
     _check_budgets(cfg, full)
     if any(w > 0 for w in cfg.grid.kd_weights) and cfg.teacher is None:
         raise _FieldError("teacher", "grid.kd_weights has a weight > 0, which needs a teacher: set "

@@ -1,0 +1,243 @@
+"""The GPU kit's one entry on the device machine (``bench/gpu/device.sh`` calls it after installing
+the carried wheels). Each command runs its stages in order and appends a JSON line to
+``OUT/results.jsonl`` as soon as each row is done.
+
+    python3 bench/gpu/run.py --command 1 --out $OUT   # preflight, stage A, calibration (data part 1)
+    python3 bench/gpu/run.py --command 2 --out $OUT   # stage C on fixed specs (no data needed)
+    python3 bench/gpu/run.py --command 3 --out $OUT   # stage B on the full CIFAR-10, stage C on its nets
+    python3 bench/gpu/run.py --command all --smoke --out /tmp/k   # everything, tiny, on CPU (the test)
+
+Exit status: 0 all rows fine, 1 some row failed (see its ``error``), 2 bad input or missing data
+(one line), 3 preflight stopped the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+T_START = time.perf_counter()
+
+if __package__ in (None, ""):  # run as a script: make `bench.gpu` and `rayprune` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.gpu.common import DEFAULT_KIT, STATE, Clock, Results, cifar_from_parts, run_meta  # noqa: E402
+
+COMMANDS = {
+    "1": ["preflight", "A", "calibrate"],
+    "2": ["C_fixed"],
+    "3": ["B", "C"],
+    "all": ["preflight", "A", "calibrate", "C_fixed", "B", "C"],
+}
+# Wall budgets (s) from process start; the device tool's timeout_s (prepare prints it) is larger.
+BUDGETS = {"1": 170.0, "2": 45.0, "3": 370.0, "all": None}
+CALIBRATION = "calibration.json"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--command", choices=list(COMMANDS), default=None, help="which device command's stages to run")
+    p.add_argument("--stages", default=None, help="comma list overriding --command: " + ",".join(COMMANDS["all"]))
+    p.add_argument("--out", type=Path, required=True, help="results.jsonl goes here ($OUT on the device)")
+    p.add_argument("--kit", type=Path, default=DEFAULT_KIT, help="the .gpukit folder (parts, wheels, state)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU, synthetic data")
+    p.add_argument("--data", choices=["parts", "synthetic"], default=None,
+                   help="CIFAR-10 from the kit's parts (default) or synthetic (default with --smoke)")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--budget-s", type=float, default=None, help="wall budget of this command (default per command)")
+    p.add_argument("--epoch-time-s", type=float, default=None,
+                   help="stage B: seconds per ResNet-20 epoch (default: stage A's calibration saved on this machine)")
+    p.add_argument("--compile-budget-s", type=float, default=90.0, help="stage A: total seconds for torch.compile phases")
+    p.add_argument("--no-compile", action="store_true", help="stage A: skip the torch.compile phases")
+    p.add_argument("--steps", type=int, default=None, help="stage A: steps per chunk (default 40; smoke 3)")
+    p.add_argument("--rounds", type=int, default=None, help="stage A: interleaved rounds (default 7; smoke 2)")
+    p.add_argument("--kd-weight", type=float, default=None, help="stage B: override KD_WEIGHT")
+    args = p.parse_args(argv)
+    if args.stages is None and args.command is None:
+        p.error("give --command 1|2|3|all or --stages")
+    return args
+
+
+class Kit:
+    """Shared state of one command: results, clock, device, data (loaded once, on first need)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args = args
+        self.smoke = args.smoke
+        self.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+        name = args.command or "custom"
+        budget = args.budget_s if args.budget_s is not None else BUDGETS.get(name)
+        self.clock = Clock(budget, start=T_START)
+        self.results = Results(args.out, run_meta(args.kit, self.device, name))
+        self.kit = args.kit
+        self.data_mode = args.data or ("synthetic" if args.smoke else "parts")
+        self._data: tuple[Any, Any, dict] | None = None
+        self.failed = 0
+
+    def emit(self, stage: str, **row: Any) -> dict[str, Any]:
+        if row.get("error") or row.get("ok") is False:
+            self.failed += 1
+        return self.results.add(stage, **row)
+
+    def data(self, need_test: bool) -> tuple[Any, Any, dict]:
+        if self._data is None or (need_test and self._data[1] is None):
+            if self.data_mode == "synthetic":
+                from rayprune.engine.data import synthetic_dataset
+
+                train, test = synthetic_dataset(n_train=320, n_test=128, num_classes=10, size=32, seed=0)
+                self._data = (train, test, {"source": "synthetic", "train_n": len(train), "test_n": len(test)})
+            else:
+                train, test, info = cifar_from_parts(self.kit, need_test=need_test)
+                if self.smoke:  # a small slice of the real parts
+                    import torch
+
+                    train = train.subset(torch.arange(min(512, len(train))))
+                    test = test.subset(torch.arange(min(256, len(test)))) if test is not None else None
+                self._data = (train, test, {"source": "parts", **info, "train_n": len(train),
+                                            "test_n": len(test) if test is not None else 0})
+        return self._data
+
+    # -- stages ------------------------------------------------------------------------------
+    def preflight(self) -> bool:
+        from bench.gpu.preflight import preflight
+
+        ok, _ = preflight(self.device, lambda **r: self.emit("preflight", **r), smoke=self.smoke)
+        return ok
+
+    def stage_a(self) -> None:
+        import torch
+
+        from bench.gpu import throughput
+
+        train, _, info = self.data(need_test=False)
+        a = self.args
+        emit = lambda **r: self.emit("A", data=info["source"], **r)  # noqa: E731
+        compile_settings = () if a.no_compile or (self.smoke and self.device == "cpu") else \
+            ("bf16_cl_compile", "fp32_compile")
+        throughput.stage_a(train, torch.device(self.device), emit,
+                           model="cifar_resnet:tiny" if self.smoke else throughput.MODEL,
+                           steps=a.steps or (3 if self.smoke else 40), batch_size=16 if self.smoke else 128,
+                           rounds=a.rounds or (2 if self.smoke else 7), compile_settings=compile_settings,
+                           compile_budget_s=a.compile_budget_s, left=lambda: self.clock.left() - 20,
+                           workers=1 if self.smoke else None)
+
+    def calibrate(self) -> None:
+        import torch
+
+        from bench.gpu import stage_b, throughput
+
+        train, _, _ = self.data(need_test=False)
+        model = "cifar_resnet:tiny" if self.smoke else stage_b.MODEL
+        cal = throughput.calibrate(train, torch.device(self.device), model, stage_b.SHORTCUT,
+                                   stage_b.FINETUNE_RECIPE["batch_size"], steps=3 if self.smoke else 60)
+        row = self.emit("calibrate", **cal)
+        state = self.kit / STATE
+        state.mkdir(parents=True, exist_ok=True)
+        (state / CALIBRATION).write_text(json.dumps({**cal, "time": row["time"], "smoke": self.smoke}) + "\n")
+
+    def saved_epoch_s(self, model: str) -> tuple[float | None, str]:
+        if self.args.epoch_time_s:
+            return self.args.epoch_time_s, "--epoch-time-s"
+        f = self.kit / STATE / CALIBRATION
+        if f.is_file():
+            cal = json.loads(f.read_text())
+            if cal.get("model") == model and cal.get("device", "").split(":")[0] == self.device.split(":")[0] \
+                    and bool(cal.get("smoke")) == self.smoke:
+                return float(cal["epoch_s"]), f"calibration ({cal.get('time')})"
+        return None, "default (no calibration found)"
+
+    def stage_c_fixed(self) -> None:
+        import torch
+
+        from bench.gpu import stage_c
+
+        emit = lambda **r: self.emit("C", **r)  # noqa: E731
+        if self.smoke:
+            stage_c.stage_c_fixed(torch.device(self.device), emit, fixed_models=("cifar_resnet:tiny",), warmup=1,
+                                  repeats=3, left=self.clock.left)
+        else:
+            stage_c.stage_c_fixed(torch.device(self.device), emit, left=self.clock.left)
+
+    def stage_b(self) -> None:
+        from bench.gpu import stage_b
+
+        train, test, info = self.data(need_test=True)
+        model = "cifar_resnet:tiny" if self.smoke else stage_b.MODEL
+        epoch_s, source = self.saved_epoch_s(model)
+        self.b_rows = stage_b.stage_b(train, test, self.device, lambda **r: self.emit("B", **r),
+                                      left=self.clock.left, epoch_s=epoch_s, epoch_source=source, smoke=self.smoke,
+                                      model=model, data_info=info, kd_weight=self.args.kd_weight)
+
+    def stage_c(self) -> None:
+        import torch
+
+        from bench.gpu import stage_c
+
+        rows = [r for r in getattr(self, "b_rows", []) if r.get("spec") and r.get("kind") == "arm"]
+        teacher = [r for r in rows if r.get("arm") == "teacher"]
+        if not teacher:
+            self.emit("C", kind="skipped", reason="no stage-B teacher row (stage B did not run or failed)")
+            return
+        nets = [(f"B:{r['arm']}", r["spec"]) for r in rows if r.get("arm") != "teacher"]
+        stage_c.latency_table(("B:teacher", teacher[0]["spec"]), nets, torch.device(self.device),
+                              lambda **r: self.emit("C", **r), warmup=1 if self.smoke else 10,
+                              repeats=3 if self.smoke else 50, left=self.clock.left, group="stage_b")
+
+
+STAGE_FUNCS = {"preflight": Kit.preflight, "A": Kit.stage_a, "calibrate": Kit.calibrate, "C_fixed": Kit.stage_c_fixed,
+               "B": Kit.stage_b, "C": Kit.stage_c}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    stages = args.stages.split(",") if args.stages else COMMANDS[args.command]
+    unknown = [s for s in stages if s not in STAGE_FUNCS]
+    if unknown:
+        print(f"run: error: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE_FUNCS)}", file=sys.stderr)
+        return 2
+    kit = Kit(args)
+    m = kit.results.meta
+    print(f"run: command {args.command or 'custom'} stages {','.join(stages)} on {kit.device} "
+          f"({m.get('gpu') or 'no GPU'}), torch {m['torch']}, git {str(m.get('git_sha'))[:12]} "
+          f"({m.get('git_source')}), code {m['code_hash']}, budget {kit.clock.budget_s} s, "
+          f"results {kit.results.path}", flush=True)
+    status = 0
+    for stage in stages:
+        t0 = time.perf_counter()
+        print(f"run: stage {stage} starts at {kit.clock.elapsed():.0f} s", flush=True)
+        try:
+            ok = STAGE_FUNCS[stage](kit)
+        except FileNotFoundError as e:  # missing data parts: one clear line, the other stages still run
+            kit.emit(stage, kind="error", error=f"missing data: {e}")
+            print(f"run: error: stage {stage}: {e}", flush=True)
+            status = 2
+            continue
+        except Exception as e:
+            kit.emit(stage, kind="error", error=f"{type(e).__name__}: {e}"[:1000],
+                     traceback=traceback.format_exc()[-3000:])
+            print(f"run: stage {stage} FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            print(f"run: stage {stage} took {time.perf_counter() - t0:.1f} s", flush=True)
+        if stage == "preflight" and ok is False:
+            status = 3
+            break
+    from bench.gpu.collect import summary
+
+    print(summary(kit.results.rows), flush=True)
+    print(f"run: done in {kit.clock.elapsed():.0f} s; {len(kit.results.rows)} rows, {kit.failed} failed; "
+          f"{kit.results.path}", flush=True)
+    if status:
+        return status
+    return 1 if kit.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

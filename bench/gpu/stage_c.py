@@ -1,0 +1,139 @@
+"""Stage C: inference latency on the device at batch 1 and 64, MACs speed-up vs measured speed-up.
+
+Latency comes from :func:`rayprune.engine.latency.measure_latency` (eval mode, inference_mode,
+channels_last, CUDA events; median and p90 over ``repeats`` after ``warmup``). Weights do not
+change the timing, so every net is built from its spec with a seeded init.
+
+For every net the row gives ``macs_speedup`` = reference MACs / net MACs and ``speedup_b1`` /
+``speedup_b64`` = reference latency / net latency (medians). Each pruned net is also measured
+with its channel groups rounded *up* to multiples of 8 (``round8``: tensor-core friendly widths,
+a few more MACs). The reference is timed before and after the nets; both are reported and the
+speed-ups use their mean.
+
+* ``fixed_specs``: command 2, needs no data: ResNet-20 and -56 (``avgpool_conv``), unpruned,
+  uniform width scaling to 0.5 and 0.25 of the MACs (groups rounded to 1 and to 8 channels),
+  and a depth-pruned net (two blocks per stage).
+* stage B's nets: command 3, from the ``spec`` of each stage-B row.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Callable
+
+import torch
+
+from rayprune import models
+
+FIXED_MODELS = ("cifar_resnet:20", "cifar_resnet:56")
+
+
+def round_widths(spec: dict, divisor: int = 8, ceiling: dict | None = None) -> dict:
+    """``spec`` with every channel group's width rounded up to a multiple of ``divisor`` (capped
+    at ``ceiling[group]`` when given, e.g. the unpruned widths)."""
+    widths = {}
+    for g in models.channel_groups(spec):
+        w = int(math.ceil(g.width / divisor) * divisor)
+        if ceiling and g.name in ceiling:
+            w = min(w, max(g.width, ceiling[g.name]))
+        widths[g.name] = w
+    return models.with_widths(spec, widths)
+
+
+def uniform_spec(full: dict, target: float, divisor: int = 1, input_size: int = 32) -> dict:
+    """Largest uniform width multiplier (widths rounded to ``divisor``) meeting ``target`` x MACs."""
+    groups = models.channel_groups(full)
+    limit = target * models.macs(full, input_size)
+
+    def at(t: float) -> dict:
+        return models.with_widths(full, {g.name: max(divisor, int(round(g.width * t / divisor)) * divisor)
+                                         for g in groups})
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if models.macs(at(mid), input_size) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)
+
+
+def depth_spec(full: dict, blocks: int) -> dict:
+    spec = dict(full)
+    spec["stages"] = [stage[:blocks] for stage in full["stages"]]
+    return models.validate(spec)
+
+
+def fixed_specs(model: str, num_classes: int = 10) -> list[tuple[str, dict]]:
+    full = models.full_spec(model, num_classes=num_classes, shortcut="avgpool_conv")
+    short = model.split(":")[1]
+    nets = [
+        (f"r{short}/uniform0.5", uniform_spec(full, 0.5)),
+        (f"r{short}/uniform0.5_div8", uniform_spec(full, 0.5, divisor=8)),
+        (f"r{short}/uniform0.25", uniform_spec(full, 0.25)),
+        (f"r{short}/depth2", depth_spec(full, 2)),
+    ]
+    return [(name, spec) for name, spec in nets if spec != full]
+
+
+def _lat(spec: dict, device: torch.device, batch_sizes: tuple[int, ...], warmup: int, repeats: int,
+         input_size: int) -> dict[str, float]:
+    from rayprune.engine.latency import measure_latency
+
+    net = models.build(spec, seed=0)
+    out = measure_latency(net, (3, input_size, input_size), device=device, batch_sizes=batch_sizes, warmup=warmup,
+                          repeats=repeats)
+    del net
+    return out
+
+
+def latency_table(reference: tuple[str, dict], nets: list[tuple[str, dict]], device: torch.device,
+                  emit: Callable[..., Any], *, batch_sizes: tuple[int, ...] = (1, 64), warmup: int = 10,
+                  repeats: int = 50, input_size: int = 32, round8: bool = True,
+                  left: Callable[[], float] = lambda: float("inf"), group: str = "") -> None:
+    """Emit one row per net (and per round8 variant) plus the reference's own row."""
+    ref_name, ref_spec = reference
+    ref_macs = models.macs(ref_spec, input_size)
+    ceiling = {g.name: g.width for g in models.channel_groups(ref_spec)}
+    before = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
+    rows = []
+    for name, spec in nets:
+        variants = [(name, spec, False)]
+        if round8:
+            r8 = round_widths(spec, 8, ceiling)
+            if r8 != spec:
+                variants.append((f"{name}+round8", r8, True))
+        for vname, vspec, rounded in variants:
+            if left() < 5:
+                emit(kind="skipped", net=vname, reason="budget")
+                continue
+            try:
+                lat = _lat(vspec, device, batch_sizes, warmup, repeats, input_size)
+            except Exception as e:  # report and go on with the other nets
+                emit(kind="error", net=vname, error=f"{type(e).__name__}: {e}"[:400])
+                continue
+            rows.append((vname, vspec, rounded, lat))
+    after = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
+    ref = {k: statistics.mean([before[k], after[k]]) for k in before}
+    emit(kind="reference", group=group, net=ref_name, macs=ref_macs, params=models.params(ref_spec), **ref,
+         ref_before=before, ref_after=after, repeats=repeats)
+    for vname, vspec, rounded, lat in rows:
+        macs = models.macs(vspec, input_size)
+        speed = {f"speedup_b{b}": ref[f"latency_ms_b{b}_p50"] / lat[f"latency_ms_b{b}_p50"] for b in batch_sizes}
+        emit(kind="net", group=group, net=vname, reference=ref_name, round8=rounded, macs=macs,
+             macs_pct=100 * macs / ref_macs, params=models.params(vspec), macs_speedup=ref_macs / macs, **speed,
+             **lat, repeats=repeats, spec=vspec)
+
+
+def stage_c_fixed(device: torch.device, emit: Callable[..., Any], *, fixed_models: tuple[str, ...] = FIXED_MODELS,
+                  num_classes: int = 10, input_size: int = 32, warmup: int = 10, repeats: int = 50,
+                  left: Callable[[], float] = lambda: float("inf")) -> None:
+    for model in fixed_models:
+        if left() < 10:
+            emit(kind="skipped", group=model, reason="budget")
+            continue
+        full = models.full_spec(model, num_classes=num_classes, shortcut="avgpool_conv")
+        latency_table((model, full), fixed_specs(model, num_classes), device, emit, warmup=warmup, repeats=repeats,
+                      input_size=input_size, left=left, group=f"fixed:{model}")

@@ -1,0 +1,333 @@
+"""Stage A: training throughput of the engine against a plain PyTorch loop, interleaved.
+
+Two loops train the same network with the same batch size and SGD settings, in one process:
+
+* **engine**: ``rayprune.engine.fit`` on a device-resident :class:`Dataset` (on-device
+  crop/flip/normalise, no workers); one chunk = one ``fit`` call of ``steps`` steps (a short
+  epoch: loader set-up, shuffling and the epoch-end sync included).
+* **reference**: the usual research-script loop: a ``DataLoader`` (shuffle, ``min(8, cpus)``
+  persistent workers, pinned memory) over the same uint8 images with torchvision's
+  ``RandomCrop(32, 4)`` / ``RandomHorizontalFlip`` / ``ToTensor`` / ``Normalize`` applied per
+  PIL image (exactly what ``torchvision.datasets.CIFAR10`` does), ``loss.item()`` every step;
+  one chunk = a fresh iterator (a short epoch) of ``steps`` steps.
+
+Each *setting* (fp32 NCHW, or bf16 autocast + channels_last; eager or ``torch.compile``) applies
+to both loops. Every arm gets one untimed warm-up chunk (for compiled arms its excess over a
+timed chunk is reported as ``compile_s``), then the arms run **interleaved** for ``rounds``
+rounds (A B C D, then D C B A, ...), so drift and background load hit them alike; ratios are
+medians of the per-round ratios. Images/s become an epoch time (50,000 images) and achieved
+TFLOP/s from the analytic MACs (training ~ 3 x forward MACs x 2 FLOPs).
+
+``bench/train_throughput.py`` is the command-line front end on a local CIFAR-10 folder; the GPU
+kit's stage A (``run.py --command 1``) uses :func:`stage_a`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayprune import models
+from rayprune.engine.data import Dataset
+from rayprune.engine.train import TrainConfig, autocast, fit, make_optimizer
+
+MODEL = "cifar_resnet:56"
+IMAGES_PER_EPOCH = 50_000  # CIFAR-10's training set: epoch times are reported for it
+
+
+@dataclass(frozen=True)
+class Setting:
+    precision: str  # "fp32" or "bf16"
+    channels_last: bool
+    compile: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.precision}{'_cl' if self.channels_last else ''}/{'compile' if self.compile else 'eager'}"
+
+    @property
+    def amp(self) -> bool:
+        return self.precision == "bf16"
+
+
+FP32 = Setting("fp32", False, False)
+BF16_CL = Setting("bf16", True, False)
+FP32_COMPILE = Setting("fp32", False, True)
+BF16_CL_COMPILE = Setting("bf16", True, True)
+SETTINGS = {"fp32": FP32, "bf16_cl": BF16_CL, "fp32_compile": FP32_COMPILE, "bf16_cl_compile": BF16_CL_COMPILE}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimeLimit(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`TimeLimit` in the main thread after ``seconds`` (bounds a torch.compile)."""
+    if seconds is None or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TimeLimit(f"over its {seconds:.0f} s limit")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(0.001, seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --------------------------------------------------------------------------------------------
+# The two loops
+# --------------------------------------------------------------------------------------------
+
+
+class ReferenceData(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10`` does after loading its pickles: a PIL image per item."""
+
+    def __init__(self, x_nhwc: np.ndarray, y: np.ndarray, transform: Callable) -> None:
+        self.x, self.y, self.transform = x_nhwc, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_transform(ds: Dataset) -> Callable:
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomCrop(ds.input_size, padding=ds.crop_padding), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(ds.mean, ds.std)])
+
+
+def chunk_config(setting: Setting, batch_size: int) -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=batch_size, schedule="constant", amp=setting.amp,
+                       channels_last=setting.channels_last, compile=setting.compile)
+
+
+class EngineArm:
+    loop = "engine"
+
+    def __init__(self, train: Dataset, spec: dict, setting: Setting, steps: int, batch_size: int,
+                 device: torch.device) -> None:
+        self.setting, self.steps, self.batch_size, self.device = setting, steps, batch_size, device
+        n = steps * batch_size
+        self.data = train.subset(torch.arange(n) % len(train))  # wraps around small (smoke) sets
+        self.data.on_device(device)  # the one-time upload (shared by a sweep's trials): not timed
+        self.cfg = chunk_config(setting, batch_size)
+        self.net = models.build(spec, seed=0)
+        self.chunks = 0
+
+    @property
+    def name(self) -> str:
+        return f"engine/{self.setting.name}"
+
+    def chunk(self) -> float:
+        """Seconds for one ``fit`` call of ``steps`` steps."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        fit(self.net, self.data, self.cfg, device=self.device, seed=self.chunks, progress=False)
+        sync(self.device)
+        self.chunks += 1
+        return time.perf_counter() - t0
+
+
+class ReferenceArm:
+    loop = "reference"
+
+    def __init__(self, train: Dataset, spec: dict, setting: Setting, steps: int, batch_size: int,
+                 device: torch.device, workers: int | None = None, x_nhwc: np.ndarray | None = None) -> None:
+        self.setting, self.steps, self.batch_size, self.device = setting, steps, batch_size, device
+        x = x_nhwc if x_nhwc is not None else train.x.permute(0, 2, 3, 1).contiguous().numpy()
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        data = ReferenceData(x, train.y.numpy(), reference_transform(train))
+        self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                                                  num_workers=workers, pin_memory=device.type == "cuda",
+                                                  persistent_workers=workers > 0)
+        self.net = models.build(spec, seed=0).to(device).train()
+        if setting.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(self.net, chunk_config(setting, batch_size))
+        self.step_model = torch.compile(self.net) if setting.compile else self.net
+
+    @property
+    def name(self) -> str:
+        return f"reference/{self.setting.name}"
+
+    def chunk(self) -> float:
+        """Seconds for ``steps`` steps from a fresh iterator (a short epoch, pipeline fill included)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        batches = iter(self.loader)
+        for _ in range(self.steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(self.loader)
+                x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.setting.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.setting.amp):
+                loss = F.cross_entropy(self.step_model(x).float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            loss.item()  # what a logging research loop does every step
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# Interleaving
+# --------------------------------------------------------------------------------------------
+
+
+def warm_up(arm: Any, limit_s: float | None) -> dict[str, Any]:
+    """One untimed chunk (compiles a compiled arm). Returns its seconds or the failure."""
+    try:
+        with time_limit(limit_s):
+            return {"warmup_s": arm.chunk()}
+    except TimeLimit as e:
+        return {"error": f"warm-up (compile) {e}"}
+    except Exception as e:  # an incompatible torch.compile / backend on this machine: report, go on
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def interleave(arms: list[Any], rounds: int, left: Callable[[], float]) -> dict[str, list[float]]:
+    """Chunk seconds per arm, arms alternating A B C, C B A, ... for up to ``rounds`` rounds
+    (fewer when the next round would not fit in ``left()`` seconds)."""
+    times: dict[str, list[float]] = {a.name: [] for a in arms}
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
+            times[arm.name].append(arm.chunk())
+        if r + 1 < rounds and left() < 1.2 * (time.perf_counter() - t0):
+            break
+    return times
+
+
+def arm_row(arm: Any, secs: list[float], macs: int, warm: dict[str, Any], model: str) -> dict[str, Any]:
+    images = arm.steps * arm.batch_size
+    rates = [images / s for s in secs]
+    med = statistics.median(rates)
+    row = {"kind": "arm", "arm": arm.name, "loop": arm.loop, "model": model, "precision": arm.setting.precision,
+           "channels_last": arm.setting.channels_last, "compile": arm.setting.compile,
+           "amp_active": arm.setting.amp and arm.device.type == "cuda", "batch_size": arm.batch_size,
+           "steps_per_chunk": arm.steps, "rounds": len(secs), "img_s": med, "img_s_all": rates,
+           "step_ms": 1e3 * arm.batch_size / med, "epoch_s": IMAGES_PER_EPOCH / med,
+           "tflops": med * 3 * 2 * macs / 1e12, "macs_per_image": macs, **warm}
+    if arm.setting.compile and "warmup_s" in warm:
+        row["compile_s"] = max(0.0, warm["warmup_s"] - statistics.median(secs))
+    return row
+
+
+def ratio_row(num: Any, den: Any, times: dict[str, list[float]]) -> dict[str, Any]:
+    # Per round: (images/s of num) / (images/s of den) = den seconds / num seconds (same images per chunk).
+    a, b = times[num.name], times[den.name]
+    ratios = [(tb / (den.steps * den.batch_size)) / (ta / (num.steps * num.batch_size)) for ta, tb in zip(a, b)]
+    return {"kind": "ratio", "ratio": f"{num.name} / {den.name}", "median_ratio": statistics.median(ratios),
+            "ratios": ratios, "min_ratio": min(ratios), "max_ratio": max(ratios), "rounds": len(ratios)}
+
+
+def compare(arms: list[Any], ratios: list[tuple[Any, Any]], rounds: int, macs: int, model: str,
+            left: Callable[[], float], warm_limit: Callable[[Any], float | None],
+            emit: Callable[..., Any]) -> list[Any]:
+    """Warm up ``arms``, interleave them, emit one row per arm and per ratio. Returns the arms that ran."""
+    warm = {}
+    ok = []
+    for arm in arms:
+        warm[arm.name] = w = getattr(arm, "_warm", None) or warm_up(arm, warm_limit(arm))
+        arm._warm = w
+        if "error" in w:
+            emit(kind="arm", arm=arm.name, loop=arm.loop, model=model, compile=arm.setting.compile, **w)
+        else:
+            ok.append(arm)
+    if not ok:
+        return []
+    times = interleave(ok, rounds, left)
+    for arm in ok:
+        emit(**arm_row(arm, times[arm.name], macs, warm[arm.name], model))
+    for num, den in ratios:
+        if num in ok and den in ok:
+            emit(**ratio_row(num, den, times))
+    return ok
+
+
+def stage_a(train: Dataset, device: torch.device, emit: Callable[..., Any], *, model: str = MODEL,
+            shortcut: str | None = None, steps: int = 40, batch_size: int = 128, rounds: int = 5,
+            compile_settings: tuple[str, ...] = ("bf16_cl_compile", "fp32_compile"),
+            compile_budget_s: float = 120.0, left: Callable[[], float] = lambda: float("inf"),
+            workers: int | None = None) -> list[Any]:
+    """Eager phase (fp32 and bf16+channels_last, engine and reference, interleaved), then one
+    phase per compiled setting (compiled engine and reference interleaved with their eager
+    counterparts) while the compile budget lasts. Rows go to ``emit(**row)``."""
+    options = {"shortcut": shortcut} if shortcut else {}
+    spec = models.full_spec(model, num_classes=train.num_classes, **options)
+    macs = models.macs(spec, train.input_size)
+    x_nhwc = train.x.permute(0, 2, 3, 1).contiguous().numpy()
+
+    def make(loop: str, setting: Setting) -> Any:
+        if loop == "engine":
+            return EngineArm(train, spec, setting, steps, batch_size, device)
+        return ReferenceArm(train, spec, setting, steps, batch_size, device, workers, x_nhwc)
+
+    eager = {(loop, s.name): make(loop, s) for s in (FP32, BF16_CL) for loop in ("reference", "engine")}
+    e = lambda loop, s: eager[(loop, s.name)]  # noqa: E731
+    arms = [e("reference", FP32), e("engine", FP32), e("reference", BF16_CL), e("engine", BF16_CL)]
+    ratios = [(e("engine", FP32), e("reference", FP32)), (e("engine", BF16_CL), e("reference", BF16_CL)),
+              (e("engine", BF16_CL), e("reference", FP32)), (e("reference", BF16_CL), e("reference", FP32))]
+    compare(arms, ratios, rounds, macs, model, left, lambda arm: None, lambda **r: emit(phase="eager", **r))
+    spent = 0.0
+    for name in compile_settings:
+        setting = SETTINGS[name]
+        budget = min(compile_budget_s - spent, left() - 20)
+        if budget < 15:
+            emit(kind="skipped", phase=name, reason=f"compile budget left {budget:.0f} s")
+            continue
+        eager_s = Setting(setting.precision, setting.channels_last, False)
+        ref_c, eng_c = make("reference", setting), make("engine", setting)
+        t0 = time.perf_counter()
+        arms = [ref_c, eng_c, e("reference", eager_s), e("engine", eager_s)]
+        ratios = [(eng_c, ref_c), (eng_c, e("engine", eager_s)), (ref_c, e("reference", eager_s)),
+                  (eng_c, e("reference", FP32))]
+        per_arm = lambda arm, t0=t0, budget=budget: max(1.0, budget - (time.perf_counter() - t0))  # noqa: E731
+        compare(arms, ratios, rounds, macs, model, left, per_arm, lambda **r: emit(phase=name, **r))
+        spent += time.perf_counter() - t0
+    return list(eager.values())
+
+
+def calibrate(train: Dataset, device: torch.device, model: str, shortcut: str | None, batch_size: int, steps: int,
+              chunks: int = 3) -> dict[str, Any]:
+    """Seconds per 50,000-image epoch of ``model`` with the engine's default setting on this
+    device (bf16 + channels_last, eager): what stage B sizes itself from."""
+    options = {"shortcut": shortcut} if shortcut else {}
+    spec = models.full_spec(model, num_classes=train.num_classes, **options)
+    arm = EngineArm(train, spec, BF16_CL, steps, batch_size, device)
+    arm.chunk()
+    secs = statistics.median(arm.chunk() for _ in range(chunks))
+    img_s = steps * batch_size / secs
+    return {"model": model, "shortcut": shortcut, "batch_size": batch_size, "img_s": img_s,
+            "epoch_s": IMAGES_PER_EPOCH / img_s, "device": str(device)}

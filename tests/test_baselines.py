@@ -175,8 +175,8 @@ def test_random_sampling_is_seeded_feasible_and_varied():
     again = sample_feasible(spec, mins, target, torch.Generator().manual_seed(3), 50)
     assert again == draws[3]
     assert len({tuple(w.values()) for w, _, _ in draws}) == 6
-    for widths, _, _ in draws:
-        assert macs_with(spec, widths) <= target and all(widths[g] >= mins[g] for g in widths)
+    for widths, _, _ in draws:  # in the target window, like every method's reported subnet
+        assert 0.9 * target <= macs_with(spec, widths) <= target and all(widths[g] >= mins[g] for g in widths)
 
 
 def test_random_shrinks_when_rejection_keeps_failing():
@@ -185,4 +185,4 @@ def test_random_shrinks_when_rejection_keeps_failing():
     mins, target = budget.min_widths(spec), budget.target_macs(spec)
     widths, tries, shrunk = sample_feasible(spec, mins, target, torch.Generator().manual_seed(0), 1)
     assert (tries, shrunk) == (1, True)
-    assert macs_with(spec, widths) <= target and all(widths[g] >= mins[g] for g in widths)
+    assert 0.9 * target <= macs_with(spec, widths) <= target and all(widths[g] >= mins[g] for g in widths)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     assert set(final_rows) == set(finals) and len(finals) == cfg.num_trials()
     for trial_id, record in finals.items():
         assert final_rows[trial_id]["metrics"] == record["metrics"] and final_rows[trial_id]["spec"] == record["spec"]
+        window = record["source"]["window"]  # every reported subnet lands in [0.9, 1] x its target's MACs
+        assert window["status"] == "in_window" and window["low"] <= record["macs"] <= window["high"]
     assert [r["kind"] for r in rows].count("unpruned") == 1
 
     client = MlflowClient(cfg.tracking.uri)
@@ -100,13 +103,26 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
         assert sorted(steps) == list(range(len(steps))) and steps
     assert {"subnets.parquet", "pareto"} <= {a.path for a in client.list_artifacts(parent)}
-    if cfg.finetune_front:  # every search-front member was fine-tuned with recipes.finetune, once
-        finetuned = [(r["trial_id"], r["step"], r["spec_hash"]) for r in rows if r["kind"] == "finetuned"]
-        front = compute_fronts(rows)["search"]
-        assert sorted(finetuned) == sorted((m["trial_id"], m["step"], m["spec_hash"]) for m in front)
-        roles = [r.data.tags.get("rayprune.role") for r in runs]
-        assert roles.count("finetune") == len(front) and all(r["metrics"]["test_top1"] >= 0 for r in rows
-                                                              if r["kind"] == "finetuned")
+    baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # measured once: test, robust, latency
+    assert {"test_top1", "robust_top1", "latency_ms_b1_p50"} <= set(baseline["metrics"])
+    assert parents[0].data.metrics["unpruned_test_top1"] == baseline["metrics"]["test_top1"]
+    if cfg.finetune_front:  # every cell's chosen subnet was fine-tuned with recipes.finetune, once
+        tuned = [r for r in rows if r["kind"] == "finetuned"]
+        assert sorted((r["flops_target"], r["kd_weight"]) for r in tuned) == sorted(cells)
+        for r in tuned:  # the chosen subnet: the best search-val accuracy among the cell's trial finals
+            cell_finals = [f for f in final_rows.values()
+                           if (f["flops_target"], f["kd_weight"]) == (r["flops_target"], r["kd_weight"])]
+            assert r["spec_hash"] == max(cell_finals, key=lambda f: f["metrics"]["val_top1"])["spec_hash"]
+            epochs = cfg.recipes.finetune["epochs"]
+            assert r["recipe"] == f"e{epochs} cosine lr0.1 bs64 kd{r['kd_weight']:g}" and r["init"] == "scratch"
+        fronts = compute_fronts(rows)
+        for name, members in fronts.items():
+            if not name.startswith("search"):  # equally treated: one recipe tag per front, fine-tunes only
+                assert len({m["recipe"] for m in members}) == 1 and {m["kind"] for m in members} == {"finetuned"}
+        finetunes = [r for r in runs if r.data.tags.get("rayprune.role") == "finetune"]
+        assert len(finetunes) == len(cells)
+        assert all({"macs", "macs_pct", "test_top1", "robust_top1", "latency_ms"} <= set(r.data.metrics)
+                   for r in finetunes)
 
 
 def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
@@ -116,15 +132,18 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
     cfg = load_sweep(tmp_path / "mini.yaml")
     (experiment_path,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("mini-")]
     check_tracking(cfg, experiment_path)
-    assert "final front: test_top1 vs MACs" in out and "robust front" in out
+    assert "final front [kd0]: test_top1 vs MACs" in out and "robust front [kd0.9]" in out
+    assert "unpruned baseline (the teacher): " in out and "Trials per grid cell" in out
     assert f"Browse the runs: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+    assert re.search(r"then open http://127.0.0.1:5000/#/experiments/\d+/runs", out)
     assert f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert (experiment_path / "teacher" / "weights.pt").is_file()
     # What the user does next: export the efficient point straight from the sweep's store.
     from rayprune.tracking.cli import pick_main
 
     assert pick_main(["--experiment", cfg.tracking.experiment, "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                      "--mode", "efficient", "--out", str(tmp_path / "eff"), "--onnx-exporter", "torchscript"]) == 0
+                      "--mode", "efficient", "--max-drop", "1", "--out", str(tmp_path / "eff"),
+                      "--onnx-exporter", "torchscript"]) == 0
     assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
                                                                      "weights.pt"]
 
@@ -246,3 +265,36 @@ def test_a_sweep_with_failed_trials_exits_non_zero_with_the_resume_command(tmp_p
     assert capsys.readouterr().err == (
         f"rayprune: error: 1 of 4 trials failed (their error.txt is under {tmp_path}/results/mini-1); fix the "
         f"cause, then retry them with: rayprune sweep --space {space} --resume mini-1\n")
+
+
+def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_ray, tmp_path, capsys):
+    # uniform ignores budgets that do not bind: both trials of the cell choose one subnet
+    cfg = parse_sweep(mini_sweep(tmp_path, grid={"flops_targets": [0.5], "kd_weights": [0.0]}, teacher=None,
+                                 methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}}],
+                                 optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.7, 0.8]] * 3},
+                                 recipes={"search": {"epochs": 1, "batch_size": 64},
+                                          "finetune": {"epochs": 1, "batch_size": 64}},
+                                 max_concurrent_trials=1))
+    outcome = run_sweep(cfg)
+    assert outcome.complete
+    experiment_path = Path(outcome.experiment_path)
+    rows = store_of(experiment_path).rows()
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert len(finals) == 2 and len({r["spec_hash"] for r in finals}) == 1
+    trained = [r for r in finals if "reused_from" not in r["source"]]
+    reused = [r for r in finals if r["source"].get("reused_from")]
+    assert len(trained) == 1 and len(reused) == 1
+    assert reused[0]["source"]["reused_from"] == trained[0]["trial_id"] and reused[0]["metrics"] == trained[0]["metrics"]
+    # the search recipe and the final recipe are equal here: the end-of-sweep fine-tune reuses it too,
+    # and the no-teacher baseline is the unpruned net trained once with recipes.finetune
+    (tuned,) = [r for r in rows if r["kind"] == "finetuned"]
+    assert tuned["metrics"]["test_top1"] == trained[0]["metrics"]["test_top1"]
+    entries = [k for k in os.listdir(experiment_path / "final_cache")]
+    assert sorted(entries) == ["baseline", "uniform_f0.5_kd0"]
+    assert len(os.listdir(experiment_path / "final_cache" / "uniform_f0.5_kd0")) == 1  # one training in all
+    out = capsys.readouterr().out
+    assert out.count("cell uniform_f0.5_kd0: its 2 trials all chose the same subnet") == 1
+    assert re.search(r"uniform_f0.5_kd0\s+trials 2\s+distinct 1\s+reused 1", out)
+    parent = MlflowClient(cfg.tracking.uri).get_run(outcome.parent_run_id)
+    assert parent.data.tags["rayprune.budgets_do_not_bind.uniform_f0.5_kd0"] == "true"
+    assert parent.data.metrics["cells/uniform_f0.5_kd0/reused_trials"] == 1

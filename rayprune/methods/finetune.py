@@ -54,6 +54,29 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def preprocessing(ds: Any) -> dict[str, Any]:
+    """The exact input a model trained on ``ds`` expects: uint8 pixels / 255, then per channel
+    ``(x - mean) / std``, NCHW, RGB channel order (grey images repeated over the channels)."""
+    return {"input_size": int(ds.input_size), "channels": int(ds.channels), "layout": "NCHW",
+            "channel_order": "RGB", "scale": "pixel / 255", "mean": [float(m) for m in ds.mean],
+            "std": [float(s) for s in ds.std]}
+
+
+def measure(model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512) -> dict[str, float]:
+    """What every finalized subnet (and the unpruned baseline) is measured on: test top-1/top-5
+    and loss, robust accuracy (``ctx.robust``) and latency (``ctx.measure_latency``)."""
+    test = evaluate(model, ctx.test, device=ctx.device, batch_size=eval_batch_size)
+    metrics = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
+    if ctx.robust:
+        metrics.update(robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed,
+                                       max_samples=ctx.robust_max_samples))
+    if ctx.measure_latency:
+        shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
+        metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes,
+                                                   repeats=ctx.latency_repeats))
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str, torch.Tensor] | None = None,
                     progress: bool | None = None) -> FinalResult:
     """Build ``record.spec`` (from ``init_state`` or from scratch), train it with the shared engine
@@ -71,22 +94,15 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
     history = fit(model, ctx.train, cfg, device=ctx.device, teacher=teacher, seed=ctx.seed, checkpoint_dir=ckpt,
                   progress=progress if progress is not None else ctx.progress)
     metrics = dict(record.metrics)
-    test = evaluate(model, ctx.test, device=ctx.device, batch_size=cfg.eval_batch_size)
-    metrics.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"])
     if history:
         metrics["finetune_loss"] = float(history[-1]["loss"])
-    if ctx.robust:
-        metrics.update(robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed,
-                                       max_samples=ctx.robust_max_samples))
-    if ctx.measure_latency:
-        shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
-        metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes,
-                                                   repeats=ctx.latency_repeats))
+    metrics.update(measure(model, ctx, cfg.eval_batch_size))
     recipe = recipe_of(cfg)
     final = replace(record, metrics={k: float(v) for k, v in metrics.items()},
                     source={**record.source, "finetuned": True,
                             "init": "inherited" if init_state is not None else "scratch",
                             "recipe": recipe, "recipe_tag": recipe_tag(recipe), "recipe_hash": recipe_hash(recipe),
-                            "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None})
+                            "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None,
+                            "preprocessing": preprocessing(ctx.test)})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return FinalResult(record=final, state_dict=state)

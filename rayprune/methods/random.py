@@ -1,10 +1,11 @@
 """Random search over widths: the "is the search doing anything?" baseline.
 
 Each step draws one width per channel group uniformly between the group's minimum width (from
-the budget's per-stage limits) and its full width, rounded to the group's divisor. Draws over
-the FLOPs target are rejected; after ``max_tries`` rejections the last draw is shrunk by the
-largest common multiplier that fits (:func:`fit_multiplier`). Rejection sampling favours
-subnets well under the target; that bias is part of the baseline, not hidden.
+the budget's per-stage limits) and its full width, rounded to the group's divisor. Draws outside
+the target window ``[WINDOW_LOW * target, target]`` MACs are rejected, so every sample is
+comparable with the other methods' subnets at that target; after ``max_tries`` rejections the
+last draw over the target (else the full widths) is shrunk by the largest common multiplier
+that fits (:func:`fit_multiplier`), which lands just under the target.
 
 Each sample is trained from a seeded init for ``eval_epochs`` on search-train and scored on
 search-val (architecture-only, like uniform: no inherited weights, so no teacher is needed and
@@ -37,15 +38,24 @@ def draw_widths(groups: list[ChannelGroup], mins: Widths, gen: torch.Generator) 
     return out
 
 
+WINDOW_LOW = 0.9  # a sample's MACs must be at least this fraction of the target
+
+
 def sample_feasible(full_spec: Spec, mins: Widths, target_macs: int, gen: torch.Generator, max_tries: int,
-                    input_size: int | None = None) -> tuple[Widths, int, bool]:
-    """A random width assignment within ``target_macs``: ``(widths, tries, shrunk)``."""
+                    input_size: int | None = None, window_low: float = WINDOW_LOW) -> tuple[Widths, int, bool]:
+    """A random width assignment with MACs in ``[window_low * target_macs, target_macs]``:
+    ``(widths, tries, shrunk)``."""
     groups = models.channel_groups(full_spec)
+    over = None
     for tries in range(1, max_tries + 1):
         widths = draw_widths(groups, mins, gen)
-        if models.macs(models.with_widths(full_spec, widths), input_size) <= target_macs:
+        macs = models.macs(models.with_widths(full_spec, widths), input_size)
+        if window_low * target_macs <= macs <= target_macs:
             return widths, tries, False
-    _, _, widths = fit_multiplier(full_spec, widths, mins, target_macs, input_size)
+        if macs > target_macs:
+            over = widths
+    ceiling = over if over is not None else {g.name: g.width for g in groups}
+    _, _, widths = fit_multiplier(full_spec, ceiling, mins, target_macs, input_size)
     return widths, max_tries, True
 
 

@@ -4,9 +4,17 @@ The driver (this module) validates the sweep file before anything starts, resolv
 connects to Ray (a local one, or ``--address auto`` to join a cluster), opens the parent MLflow
 run, prepares the KD teacher once, and runs Tune: one trial per (method, FLOPs target, KD
 weight) cell sample, budgets chosen by the per-cell Optuna searcher. A driver-side Tune callback
-(:class:`TrackingCallback`) is the only writer to the tracking store. When every trial is done,
-the Pareto-front members are fine-tuned (Ray tasks with the trial resources) and measured; the
-front table and the ``mlflow ui`` command are printed.
+(:class:`TrackingCallback`) is the only writer to the tracking store.
+
+Equal treatment: the unpruned baseline is measured once (test, robust, latency: the teacher, or
+the unpruned net trained once with ``recipes.finetune``). When every trial is done, each grid
+cell's chosen subnet (its trials' ``method.best()``, ranked by their search-val accuracy) is
+fine-tuned with ``recipes.finetune`` as parallel Ray tasks with the trial resources, and
+measured; the final fronts rank only those. Every final-phase training goes through the sweep's
+one :class:`~.cache.FinalCache`, so no subnet is trained twice with one recipe in one cell, and a
+resumed sweep only fine-tunes what is missing. The fronts, plot and ``subnets.parquet`` are
+written to the parent run at the end (and on resume), the per-cell distinct/reused counts and
+the front tables are printed, then the ``mlflow ui`` command.
 
 ``--resume`` continues an interrupted sweep (the latest one of this sweep file, or a given id):
 finished trials stay finished, running ones continue from their last checkpoint, and the
@@ -35,12 +43,14 @@ from ray import tune
 from .. import models
 from ..engine.data import DataError, load_dataset
 from ..models.base import SpecError
+from ..engine.train import TrainConfig
+from ..methods.finetune import recipe_hash, recipe_of
 from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
-from ..tracking.pareto import compute_fronts
-from ..tracking.store import row_key
+from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
+from .cache import BASELINE_CELL, FinalCache, cache_key, cell_slug
 from .config import SweepConfig, SweepConfigError, load_sweep
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
-from .trainable import FINAL_DIR, STATE_FILE, localize, run_tune_trial, trial_config
+from .trainable import FINAL_DIR, STATE_FILE, final_phase, localize, run_tune_trial, trial_config
 
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
 
@@ -161,7 +171,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
 
 def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Sequence[tune.Callback],
            out: TextIO) -> SweepOutcome:
-    """Parent run, teacher, Tune, front fine-tune, output; the parent run is FAILED on an error."""
+    """Parent run, teacher, baseline, Tune, cell fine-tunes, output; the parent run is FAILED on an error."""
     experiment_path = _join(cfg.storage_path, sweep_id)
     parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
                                                             "rayprune.sweep_file": cfg.name})
@@ -169,16 +179,19 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
         if resume:
             _replay_reported_steps(tracker, experiment_path)
         teacher = _prepare_teacher(cfg, experiment_path)
-        tracker.log_unpruned(_unpruned_record(cfg, teacher))
+        tracker.log_unpruned(_measure_baseline(cfg, experiment_path, teacher))
+        if resume:
+            tracker.update_front()  # the fronts, plot and parquet as they stand
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
         complete = results.num_terminated + results.num_errors == cfg.num_trials()
         failed = results.num_errors
         if complete and cfg.finetune_front:
-            _finetune_front(cfg, sweep_id, tracker, results)
+            _finetune_cells(cfg, sweep_id, tracker, results, experiment_path)
+        print_cell_stats(tracker, out)
     except BaseException:
         tracker.client.set_terminated(parent, status="FAILED")  # --resume reopens it
         raise
-    tracker.finish("FINISHED" if complete else "KILLED")  # also refreshes the fronts
+    tracker.finish("FINISHED" if complete else "KILLED")  # also writes the fronts, plot and parquet
     print_front(tracker, cfg, out)
     return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results), failed,
                         compute_fronts(tracker.store.rows()))
@@ -322,18 +335,32 @@ class TrackingCallback(tune.Callback):
         if result.get(FINAL_KEY):
             return  # logged with its artifacts when the trial completes
         subnets = json.loads(result.get("subnets") or "[]")
-        self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets)
+        self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets, cell=_cell(trial.config))
 
+    # The fronts, plot and parquet are written once, at the end of the sweep (and on resume):
+    # refreshing them on every trial completion costs O(trials^2) uploads.
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(FINAL_KEY):  # stopped early by the scheduler
-            self.tracker.trial_finished(trial.trial_id, None, None, "KILLED")
+            self.tracker.trial_finished(trial.trial_id, None, None, "KILLED", refresh_front=False)
             return
+        final = json.loads(last["final_record"])
         with _final_dir(trial.checkpoint) as final_dir:
-            self.tracker.trial_finished(trial.trial_id, json.loads(last["final_record"]), final_dir, "FINISHED")
+            self.tracker.trial_finished(trial.trial_id, final, final_dir, "FINISHED", refresh_front=False,
+                                        cell=_cell(trial.config))
+        window = final["source"].get("window") or {}
+        if window.get("status", "in_window") != "in_window":
+            print(f"rayprune: trial {_trial_name(trial)}: its subnet has {window['fraction_of_target']:.3f} of the "
+                  f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
+                  "record and in the per-cell counts)", flush=True)
+        self.tracker.note_cell(trial.config["method"], trial.config["flops_target"], trial.config["kd_weight"])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.tracker.trial_finished(trial.trial_id, None, None, "FAILED")
+        self.tracker.trial_finished(trial.trial_id, None, None, "FAILED", refresh_front=False)
+
+
+def _cell(config: dict[str, Any]) -> dict[str, float]:
+    return {"flops_target": float(config["flops_target"]), "kd_weight": float(config["kd_weight"])}
 
 
 def _replay_reported_steps(tracker, experiment_path: str) -> None:
@@ -354,7 +381,7 @@ def _replay_reported_steps(tracker, experiment_path: str) -> None:
         for result in map(json.loads, filter(None, lines)):
             if not result.get(FINAL_KEY):
                 tracker.log_step(result["trial_id"], int(result["step"]), _scalars(result),
-                                 json.loads(result.get("subnets") or "[]"))
+                                 json.loads(result.get("subnets") or "[]"), cell=_cell(result))
 
 
 def _trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -415,18 +442,55 @@ def _prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
     return target
 
 
-def _unpruned_record(cfg: SweepConfig, teacher: str | None) -> dict[str, Any]:
-    """The unpruned reference for plots and MACs%: the teacher with its test metrics, if any."""
-    spec, metrics = cfg.full_spec(), {}
-    if teacher is not None:
-        with tempfile.TemporaryDirectory() as d:
-            local = Path(localize(teacher, Path(d)))
-            spec = models.load_spec(local / "spec.json")
-            if (local / "metrics.json").is_file():
-                saved = json.loads((local / "metrics.json").read_text())
-                metrics = {k: v for k, v in saved.items() if k.startswith("test_") and isinstance(v, (int, float))}
-    return {"spec": spec, "macs": models.macs(spec, cfg.input_size), "params": models.params(spec),
-            "metrics": metrics, "method": "unpruned", "step": 0, "source": {"teacher": teacher}}
+def _baseline_recipe(cfg: SweepConfig) -> dict[str, Any]:
+    """The recipe the unpruned baseline is trained with when the sweep has no teacher."""
+    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(update={"kd_weight": 0.0,
+                                                                            "kd_temperature": cfg.kd_temperature}))
+
+
+def _measure_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> dict[str, Any]:
+    """The unpruned baseline, measured once per sweep (test, robust, latency) like every
+    finalized subnet: the teacher when the sweep has one, otherwise the unpruned net trained
+    once with ``recipes.finetune`` (KD 0). Kept in the final-phase cache, so a resumed sweep
+    measures nothing again. Runs as a Ray task with the trial resources."""
+    spec = cfg.full_spec()
+    cache = FinalCache.of_experiment(experiment_path)
+    origin = "teacher" if teacher is not None else recipe_hash(_baseline_recipe(cfg))
+    key = cache_key(BASELINE_CELL, models.spec_hash(spec), origin, 0.0)
+    cached = cache.get(key)
+    if cached is None:
+        what = "the teacher" if teacher is not None else "the unpruned net (trained once with recipes.finetune)"
+        print(f"Measuring the unpruned baseline: {what} ...", flush=True)
+        task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_baseline_task)
+        ray.get(task.remote(cfg.model_dump(mode="json"), teacher, cache.root, key))
+        cached = cache.get(key)
+    record = cached[0]
+    return {**record, "method": "unpruned", "step": 0, "source": {**record.get("source", {}), "teacher": teacher}}
+
+
+def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: str, key: str) -> None:
+    """Ray task body of :func:`_measure_baseline`: measure (or train, then measure) the unpruned net."""
+    from ..methods import SubnetRecord
+    from ..methods.finetune import finetune_subnet, measure, preprocessing
+
+    cfg = SweepConfig.model_validate(cfg_dump)
+    tc = TrialConfig(method="uniform", model=cfg.model, spec=_spec_or_none(cfg), shortcut=cfg.shortcut,
+                     dataset=cfg.dataset.name, data_dir=cfg.dataset.data_dir, flops_target=1.0, seed=cfg.seed,
+                     device=cfg.device, finetune=dict(cfg.recipes.finetune), kd_temperature=cfg.kd_temperature,
+                     input_size=cfg.input_size)
+    with tempfile.TemporaryDirectory() as work:
+        ctx = build_method(tc, Path(work) / "method").ctx
+        if teacher is not None:
+            spec, net = load_subnet(localize(teacher, Path(work) / "teacher"))
+            record = SubnetRecord.of(spec, measure(net.to(ctx.device), ctx), "unpruned", 0, ctx.input_size,
+                                     init="teacher", preprocessing=preprocessing(ctx.test))
+            state = net.state_dict()
+        else:
+            full = SubnetRecord.of(ctx.spec, {}, "unpruned", 0, ctx.input_size)
+            result = finetune_subnet(full, ctx, None, progress=False)
+            record, state = result.record, result.state_dict
+    record.source["trained_by"] = "baseline"
+    FinalCache(cache_root).put(key, record.to_dict(), state)
 
 
 def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -455,14 +519,15 @@ def _spec_or_none(cfg: SweepConfig) -> dict | None:
     return cfg.spec if isinstance(cfg.spec, dict) else None
 
 
-def param_space(cfg: SweepConfig, teacher: str | None) -> dict[str, Any]:
-    """The fixed part of every trial's config (the searcher adds the cell and budget)."""
+def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None = None) -> dict[str, Any]:
+    """The fixed part of every trial's config (the searcher adds the cell and budget);
+    ``final_cache`` is the root of the sweep's :class:`~.cache.FinalCache`."""
     base = {"model": cfg.model, "spec": _spec_or_none(cfg), "shortcut": cfg.shortcut, "dataset": cfg.dataset.name,
             "data_dir": cfg.dataset.data_dir, "kd_temperature": cfg.kd_temperature, "seed": cfg.seed,
             "device": cfg.device, "finetune": dict(cfg.recipes.search), "teacher": teacher,
             "input_size": cfg.input_size, "max_steps": cfg.max_steps}
     return {"base": base, "hparams": {m.name: dict(m.hparams) for m in cfg.methods},
-            "cpus_per_trial": cfg.resources.cpu}
+            "cpus_per_trial": cfg.resources.cpu, "final_cache": final_cache}
 
 
 def make_searcher(cfg: SweepConfig) -> CellSearcher:
@@ -492,7 +557,7 @@ def _make_tuner(cfg: SweepConfig, sweep_id: str, experiment_path: str, teacher: 
 
     return tune.Tuner(
         trainable,
-        param_space=param_space(cfg, teacher),
+        param_space=param_space(cfg, teacher, FinalCache.of_experiment(experiment_path).root),
         # No metric/mode here: a "best trial" across cells of different FLOPs targets means nothing.
         tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=scheduler,
                                     num_samples=cfg.num_trials(), max_concurrent_trials=cfg.max_concurrent_trials,
@@ -519,50 +584,95 @@ def progress_table() -> tune.CLIReporter:
 
 
 # --------------------------------------------------------------------------------------------
-# The end of a sweep: fine-tune and measure the front members
+# The end of a sweep: fine-tune every cell's chosen subnet with one recipe
 # --------------------------------------------------------------------------------------------
 
 
-def _finetune_front(cfg: SweepConfig, sweep_id: str, tracker, results) -> None:
-    """Fine-tune every member of the search front (val_top1 vs MACs: chosen without the test
-    set) with ``recipes.finetune``, as parallel Ray tasks with the trial resources, and log them.
+@dataclass
+class CellChoice:
+    """A grid cell's chosen subnet: the best trial final by search-val accuracy."""
 
-    A trial's own final subnet is fine-tuned again too: trials use the short ``recipes.search``,
-    the front gets the full recipe (so the tracker's ``finetuned`` flag, which counts finals as
-    done, is not used). Members fine-tuned before an interruption are skipped on resume.
-    """
-    trials = {r.metrics.get("trial_id"): r for r in results if r.metrics}
-    todo = [(m, trials[m["trial_id"]]) for m in tracker.update_front()
-            if row_key({**m, "kind": "finetuned"}) not in tracker.store and m["trial_id"] in trials]
-    if not todo:
-        return
-    print(f"Fine-tuning {len(todo)} Pareto-front member(s) with recipes.finetune ...", flush=True)
+    cell: str
+    result: Any  # the trial's tune.Result
+    record: dict[str, Any]  # its final SubnetRecord dict
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.result.config
+
+
+def choose_per_cell(results) -> list[CellChoice]:
+    """Per grid cell, the finished trial whose chosen subnet has the highest search-val
+    accuracy (val_top1 as the method measured it: comparable inside a cell, one method);
+    ties go to the earlier Optuna trial. Cells in grid order."""
+    best: dict[int, tuple[tuple, CellChoice]] = {}
+    for r in results:
+        metrics = r.metrics or {}
+        if not metrics.get(FINAL_KEY) or not metrics.get("final_record"):
+            continue
+        record = json.loads(metrics["final_record"])
+        val = record["metrics"].get(METRIC)
+        val = float("-inf") if val is None or val != val else float(val)
+        rank = (-val, int(r.config["optuna_number"]), str(metrics.get("trial_id")))
+        cell = int(r.config["cell"])
+        choice = CellChoice(cell_slug(r.config["method"], r.config["flops_target"], r.config["kd_weight"]), r, record)
+        if cell not in best or rank < best[cell][0]:
+            best[cell] = (rank, choice)
+    return [best[c][1] for c in sorted(best)]
+
+
+def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
+    """``recipes.finetune`` with a cell's KD weight: the recipe of the end-of-sweep fine-tunes."""
+    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(
+        update={"kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature}))
+
+
+def _finetune_cells(cfg: SweepConfig, sweep_id: str, tracker, results, experiment_path: str) -> None:
+    """Fine-tune every cell's chosen subnet with ``recipes.finetune`` (parallel Ray tasks with
+    the trial resources), through the final-phase cache: trainings already there (done before an
+    interruption, or equal to a trial's own final when the recipes are equal) are reused."""
+    cache = FinalCache.of_experiment(experiment_path)
+    todo, done = [], []
+    for choice in choose_per_cell(results):
+        kd = float(choice.config["kd_weight"])
+        key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
+        (done if key in cache else todo).append((choice, key))
+    if todo:
+        print(f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
+              f"({len(done)} already in the cache) ...", flush=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
-    refs = [task.remote(_member_config(cfg, r.config), _record_of(m), r.checkpoint) for m, r in todo]
-    for (member, _), (record, state) in zip(todo, ray.get(refs), strict=True):
-        name = f"{member['trial_id']}-{member['step']}-{member['spec_hash']}"
-        target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / name, record["spec"], state, record)
-        tracker.log_finetuned(member["key"], record, target)
+    refs = [task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell)
+            for c, _ in todo]
+    ray.get(refs)
+    for (choice, key), cached in [(t, False) for t in todo] + [(d, True) for d in done]:
+        record, state = cache.get(key)
+        if cached and "reused_from" not in record["source"]:
+            record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
+        target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / choice.cell, record["spec"], state, record)
+        tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
+                              flops_target=float(choice.config["flops_target"]),
+                              kd_weight=float(choice.config["kd_weight"]))
 
 
 def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
     return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
 
 
-def _record_of(member: dict[str, Any]) -> dict[str, Any]:
-    return {k: member[k] for k in ("spec", "macs", "params", "metrics", "method", "step", "source")}
-
-
-def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
-                          checkpoint: tune.Checkpoint | None) -> tuple[dict, dict]:
-    """Ray task body: rebuild the member's method from its trial's last checkpoint, so the
+def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None,
+                          cache_root: str, cell: str) -> None:
+    """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
     fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
-    fine-tune and measure it (test, robust accuracy, latency)."""
+    fine-tune and measure it (test, robust accuracy, latency) into the cache."""
     from ..methods import SubnetRecord
-    from ..methods.finetune import finetune_subnet
 
     tc = TrialConfig(**trial_cfg)
     member = SubnetRecord.from_dict(record)
+    member = SubnetRecord(spec=member.spec, macs=member.macs, params=member.params,
+                          metrics={k: v for k, v in member.metrics.items() if k == METRIC},
+                          method=member.method, step=member.step,
+                          source={k: v for k, v in member.source.items()
+                                  if k not in ("recipe", "recipe_tag", "recipe_hash", "init", "trained_by",
+                                               "reused_from", "cache_key", "finetuned", "robust_suite")})
     with tempfile.TemporaryDirectory() as work:
         if tc.teacher is not None:
             tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})
@@ -571,8 +681,7 @@ def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
             with checkpoint.as_directory() as d:
                 saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             method.load_state_dict(saved["method"])
-        result = finetune_subnet(member, method.ctx, method.initial_weights(member), progress=False)
-    return result.record.to_dict(), result.state_dict
+        final_phase(method, FinalCache(cache_root), cell, f"finetune:{cell}", record=member)
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,14 +689,37 @@ def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any],
 # --------------------------------------------------------------------------------------------
 
 
+def print_cell_stats(tracker, out: TextIO) -> None:
+    """Per grid cell: trials, distinct subnets among their chosen ones, trials that reused one."""
+    stats = tracker.cell_stats()
+    if not stats:
+        return
+    print("\nTrials per grid cell (distinct: different chosen subnets; reused: trials whose chosen subnet was "
+          "already trained with the recipe, so it was not trained again; outside: subnets not within [0.9, 1] x "
+          "the target MACs):", file=out)
+    width = max(len(s["cell"]) for s in stats)
+    for s in stats:
+        print(f"  {s['cell']:<{width}}  trials {s['trials']}  distinct {s['distinct']}  reused {s['reused']}  "
+              f"outside {s['outside_window']}", file=out)
+    total = {k: sum(s[k] for s in stats) for k in ("trials", "distinct", "reused", "outside_window")}
+    print(f"  {'all cells':<{width}}  trials {total['trials']}  distinct {total['distinct']}  "
+          f"reused {total['reused']}  outside {total['outside_window']}", file=out, flush=True)
+
+
 def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
     """The fronts as tables (what ``rayprune front`` shows), then how to browse the runs."""
     print("\n" + tracker.front_table(), file=out)
     print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out)
+    # MLflow 3.17's UI opens experiments in its GenAI view unless the workflow switch says
+    # "machine_learning" (a URL parameter, then remembered): the link goes straight to the runs table.
+    print(f"  then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+          "?workflowType=machine_learning", file=out)
     pick = f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri {cfg.tracking.uri}"
-    print(f"Export an operating point: {pick} --mode efficient --out export/efficient\n"
-          f"                       or: {pick} --mode robust --out export/robust", file=out, flush=True)
+    drop = suggested_max_drop(tracker.store.rows())
+    option = "" if drop in (None, DEFAULT_MAX_DROP) else f" --max-drop {drop:g}"
+    print(f"Export an operating point: {pick} --mode efficient{option} --out export/efficient\n"
+          f"                       or: {pick} --mode robust{option} --out export/robust", file=out, flush=True)
 
 
-__all__ = ["SweepError", "SweepOutcome", "TrackingCallback", "build_parser", "main", "make_searcher", "param_space",
-           "print_front", "run_sweep"]
+__all__ = ["CellChoice", "SweepError", "SweepOutcome", "TrackingCallback", "build_parser", "choose_per_cell", "main",
+           "make_searcher", "param_space", "print_cell_stats", "print_front", "run_sweep"]

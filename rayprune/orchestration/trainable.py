@@ -3,9 +3,12 @@
 A trial builds its method with :func:`rayprune.runner.build_method`, calls ``step()`` until the
 method is done, and after every step ``tune.report``\\ s the step's metrics and subnet records
 together with a checkpoint (the method's ``state_dict`` saved with ``torch.save``). A retried or
-resumed trial continues from ``tune.get_checkpoint()``. At the end it fine-tunes the chosen
-subnet (``finalize``, with the sweep's *search* recipe) and reports the final record with
-``final=True``, plus a checkpoint holding ``final/`` (spec.json, weights.pt, metrics.json).
+resumed trial continues from ``tune.get_checkpoint()``. At the end it trains the chosen subnet
+(``method.best()``) like ``finalize`` does, with the sweep's *search* recipe, through the sweep's
+:class:`~.cache.FinalCache`: a subnet another trial of the cell already trained with that recipe
+is reused, not trained again (its record says so: ``source["reused_from"]``), and the cached
+val_top1 is what Optuna is told. It reports the final record with ``final=True``, plus a
+checkpoint holding ``final/`` (spec.json, weights.pt, metrics.json).
 
 Subnet records travel as JSON strings (``subnets``, ``best``, ``final_record``) so that Ray's
 result loggers keep them as one value. The trainable never touches MLflow: the driver's
@@ -25,7 +28,9 @@ from ray import tune
 
 from .. import models
 from ..methods import Method, StepResult, SubnetRecord
+from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, recipe_of
 from ..runner import TrialConfig, build_method, save_subnet
+from .cache import FinalCache, cache_key, cell_slug
 from .search import FINAL_KEY, METRIC
 
 STATE_FILE = "state.pt"
@@ -57,8 +62,45 @@ def run_tune_trial(config: dict[str, Any]) -> None:
         result = method.step()
         steps += 1
         _report_step(method, result, steps, unpruned, config)
-    final = method.finalize(progress=False)
-    _report_final(method, final.record, final.state_dict, steps, unpruned, config)
+    cache = FinalCache(config["final_cache"]) if config.get("final_cache") else None
+    cell = cell_slug(config["method"], config["flops_target"], config["kd_weight"])
+    record, state = final_phase(method, cache, cell, tune.get_context().get_trial_id())
+    record.source["window"] = target_window(record.macs, config["flops_target"] * unpruned)
+    _report_final(method, record, state, steps, unpruned, config)
+
+
+WINDOW_LOW = 0.9  # a reported subnet should have at least this fraction of its target's MACs
+
+
+def target_window(macs: int, target_macs: float) -> dict[str, Any]:
+    """Where a reported subnet lands against its target window ``[0.9, 1] x target`` MACs:
+    ``status`` is ``in_window``, ``below_window`` (the method settled on a smaller subnet; the
+    record says so instead of silently missing the window) or ``over_target``."""
+    low = WINDOW_LOW * target_macs
+    status = "in_window" if low <= macs <= target_macs else ("over_target" if macs > target_macs else "below_window")
+    return {"low": int(low), "high": int(target_macs), "fraction_of_target": macs / target_macs, "status": status}
+
+
+def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str, record: SubnetRecord | None = None,
+                progress: bool = False) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
+    """Train ``record`` (default: the method's chosen subnet) with the context's fine-tune
+    recipe, as :meth:`Method.finalize` does, unless ``cache`` already holds that training for
+    this cell (same spec, recipe and KD weight): then return the cached record, marked
+    ``source["reused_from"]`` (the trial or task that trained it), and its weights. A new
+    training is stored in the cache, marked ``source["trained_by"] = owner``."""
+    record = record if record is not None else method.best()
+    recipe = recipe_of(finetune_config(method.ctx))
+    key = cache_key(cell, record.key, recipe_hash(recipe), method.ctx.kd_weight)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        saved, state = cached
+        source = {**saved["source"], "reused_from": saved["source"].get("trained_by"), "cache_key": key}
+        return SubnetRecord.from_dict({**saved, "source": source}), state
+    final = finetune_subnet(record, method.ctx, method.initial_weights(record), progress=progress)
+    final.record.source.update(trained_by=owner, cache_key=key)
+    if cache is not None:
+        cache.put(key, final.record.to_dict(), final.state_dict)
+    return final.record, final.state_dict
 
 
 def localize(path_or_uri: str, dest: Path) -> str:

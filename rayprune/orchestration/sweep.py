@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import pyarrow.fs
 import ray
@@ -712,8 +713,11 @@ def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
     print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out)
     # MLflow 3.17's UI opens experiments in its GenAI view unless the workflow switch says
     # "machine_learning" (a URL parameter, then remembered): the link goes straight to the runs table.
-    print(f"  then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
-          "?workflowType=machine_learning", file=out)
+    runs = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    candidates = (f"{runs}&searchFilter={quote('tags.`rayprune.role` = ' + repr('finetune'))}"
+                  f"&orderByKey={quote('metrics.`macs`')}&orderByAsc=true")
+    print(f"  then open {runs}\n  the fine-tuned candidates (one run per cell; Columns adds macs_pct, test_top1, "
+          f"robust_top1, latency_ms): {candidates}", file=out)
     pick = f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri {cfg.tracking.uri}"
     drop = suggested_max_drop(tracker.store.rows())
     option = "" if drop in (None, DEFAULT_MAX_DROP) else f" --max-drop {drop:g}"

@@ -396,6 +396,9 @@ class SweepTracker:
             self.client.update_run(self.parent_run_id, status="RUNNING")
         params = {"sweep_id": sweep_id, **{k: v for k, v in resolved_config.items()
                                            if isinstance(v, (str, int, float, bool)) or v is None}}
+        for section in ("dataset", "grid"):  # small sections the UI and `pick` want as params (dataset.name)
+            if isinstance(resolved_config.get(section), dict):
+                params[section] = resolved_config[section]
         self._log_new_params(self.parent_run_id, flatten_params(params), logged)
         run_tags = {**(tags or {}), **{f"version.{k}": v for k, v in library_versions().items()}}
         sha = git_sha()
@@ -585,19 +588,21 @@ class SweepTracker:
     # -- grid cells --------------------------------------------------------------------------------
     def cell_stats(self) -> list[dict[str, Any]]:
         """Per grid cell of the trials' finals: ``cell``, ``trials``, ``distinct`` (different
-        chosen subnets), ``reused`` (trials whose subnet came from the final-phase cache)."""
+        chosen subnets), ``reused`` (trials whose subnet came from the final-phase cache),
+        ``outside_window`` (trials whose subnet is not in ``[0.9, 1] x`` the target MACs)."""
         cells: dict[tuple, dict[str, Any]] = {}
         for row in self.store.rows(("final",)):
             key = (row["method"], row.get("flops_target"), row.get("kd_weight"))
-            entry = cells.setdefault(key, {"trials": 0, "specs": set(), "reused": 0})
+            entry = cells.setdefault(key, {"trials": 0, "specs": set(), "reused": 0, "outside": 0})
             entry["trials"] += 1
             entry["specs"].add(row["spec_hash"])
             entry["reused"] += bool(row["source"].get("reused_from"))
+            entry["outside"] += (row["source"].get("window") or {}).get("status", "in_window") != "in_window"
         out = []
         for (method, target, kd), entry in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
             name = method if target is None else f"{method}_f{target:g}_kd{(kd or 0):g}"
             out.append({"cell": name, "trials": entry["trials"], "distinct": len(entry["specs"]),
-                        "reused": entry["reused"]})
+                        "reused": entry["reused"], "outside_window": entry["outside"]})
         return out
 
     def note_cell(self, method: str, flops_target: float, kd_weight: float) -> bool:
@@ -662,6 +667,7 @@ class SweepTracker:
         for stats in self.cell_stats():
             metrics[f"cells/{stats['cell']}/distinct_subnets"] = stats["distinct"]
             metrics[f"cells/{stats['cell']}/reused_trials"] = stats["reused"]
+            metrics[f"cells/{stats['cell']}/outside_window"] = stats["outside_window"]
         # step = records so far: monotone, and the same after a resume (a counter would restart)
         self._log_metrics(self.parent_run_id, metrics, step=len(self.store))
 

@@ -1,37 +1,39 @@
-"""Training throughput of the engine against a plain PyTorch reference loop (issue 3).
+"""Training throughput of the engine against a plain PyTorch reference loop (issues 3 and 12).
 
-Trains ResNet-56 on CIFAR-10 for a fixed number of steps, in one process, two ways:
+Trains ResNet-56 on CIFAR-10 two ways in one process and compares them **interleaved**:
 
-* engine: ``rayprune.engine.fit`` (device-resident data, on-device crop/flip, channels_last,
+* engine: ``rayprune.engine.fit`` (device-resident data, on-device crop/flip, channels_last and
   bf16 autocast on CUDA, optional ``torch.compile``);
-* reference: torchvision ``CIFAR10`` + ``DataLoader`` workers with RandomCrop(32, 4) /
-  RandomHorizontalFlip / ToTensor / Normalize, fp32, NCHW, ``loss.item()`` every step (the usual
-  research-script loop).
+* reference: a ``DataLoader`` with workers over the same images and torchvision's
+  RandomCrop(32, 4) / RandomHorizontalFlip / ToTensor / Normalize per PIL image (what
+  ``torchvision.datasets.CIFAR10`` does), ``loss.item()`` every step (the usual research-script loop).
 
-Same model, batch size and SGD settings. Both get untimed warm-up steps first; the one-time
-copy of CIFAR-10 to the device is excluded (a sweep shares it across trials). Prints images/s for
-both, the ratio, and the achieved TFLOP/s from analytic MACs (training ~ 3 x forward MACs x 2).
+Same model, batch size and SGD settings. Every arm gets one untimed warm-up chunk, then the arms
+take turns (A B C D, D C B A, ...) for ``--rounds`` chunks of ``--steps`` steps each, so drift and
+background load hit them alike; the printed ratios are medians of the per-round ratios. The
+one-time copy of CIFAR-10 to the device is excluded (a sweep shares it across trials). The loops
+live in ``bench/gpu/throughput.py`` (the GPU kit's stage A uses the same code).
 
-    python bench/train_throughput.py --steps 50 --batch-size 128 --device cuda
+    python bench/train_throughput.py --data-dir ../shared/data --steps 20 --rounds 5 --device cpu
+    python bench/train_throughput.py --steps 40 --rounds 7 --device cuda --compile
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from rayprune import models
-from rayprune.engine import TrainConfig, fit, make_optimizer, resolve_device
-from rayprune.engine.data import CIFAR10_MEAN, CIFAR10_STD, DataError, default_data_dirs, load_cifar
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.gpu` from the repo root
+
+from bench.gpu import throughput  # noqa: E402
+from rayprune import models  # noqa: E402
+from rayprune.engine import resolve_device  # noqa: E402
+from rayprune.engine.data import DataError, default_data_dirs, load_cifar, synthetic_dataset  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MODEL = "cifar_resnet:56"
 
 
 def find_cifar10(data_dir: str | None) -> Path:
@@ -43,97 +45,55 @@ def find_cifar10(data_dir: str | None) -> Path:
     raise DataError(f"cifar-10-batches-py not found in {', '.join(map(str, roots))}; pass --data-dir DIR")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_engine(root: Path, cfg: TrainConfig, steps: int, warmup: int, device: torch.device) -> float:
-    """Images/s of ``fit`` over exactly ``steps`` steps (one epoch of a ``steps * batch`` subset)."""
-    train, _ = load_cifar(root / "cifar-10-batches-py", "cifar10")
-    n = cfg.batch_size
-    warm_set, timed_set = train.subset(range(warmup * n)), train.subset(range(warmup * n, (warmup + steps) * n))
-    torch.manual_seed(0)
-    net = models.build(models.full_spec(MODEL, num_classes=10))
-    for ds in (warm_set, timed_set):
-        ds.on_device(device)  # the one-time upload, shared by every trial of a sweep: not timed
-    fit(net, warm_set, cfg, device=device, progress=False)
-    sync(device)
-    start = time.perf_counter()
-    fit(net, timed_set, cfg, device=device, progress=False)
-    sync(device)
-    return steps * n / (time.perf_counter() - start)
-
-
-def reference_loader(root: Path, batch_size: int, device: torch.device) -> torch.utils.data.DataLoader:
-    import torchvision
-    from torchvision import transforms as T
-
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
-    data = torchvision.datasets.CIFAR10(str(root), train=True, transform=tf, download=False)
-    workers = min(8, os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=True)
-
-
-def bench_reference(root: Path, cfg: TrainConfig, steps: int, warmup: int, device: torch.device) -> float:
-    """Images/s of the plain loop over ``steps`` steps after ``warmup`` untimed ones."""
-    loader = reference_loader(root, cfg.batch_size, device)
-    torch.manual_seed(0)
-    net = models.build(models.full_spec(MODEL, num_classes=10)).to(device).train()
-    opt = make_optimizer(net, cfg)
-    batches = iter(loader)
-    start = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            start = time.perf_counter()
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss.item()  # what a logging research loop does every step
-    sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=50, help="timed training steps per loop")
-    p.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=40, help="timed training steps per chunk")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (one chunk per arm each)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--data-dir", default=None, help="directory containing cifar-10-batches-py")
-    p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument("--synthetic", action="store_true", help="synthetic 32x32 data instead of CIFAR-10 (tests)")
+    p.add_argument("--model", default=throughput.MODEL, help="FAMILY:VARIANT (default %(default)s)")
+    p.add_argument("--compile", action="store_true", help="also compare torch.compile'd loops (bf16 + channels_last)")
+    p.add_argument("--compile-budget-s", type=float, default=300.0)
+    p.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default min(8, cpus))")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
-        root = find_cifar10(args.data_dir)
+        if args.synthetic:
+            train, _ = synthetic_dataset(n_train=max(512, args.steps * args.batch_size), n_test=16, seed=0)
+            source = "synthetic data"
+        else:
+            root = find_cifar10(args.data_dir)
+            train, _ = load_cifar(root / "cifar-10-batches-py", "cifar10")
+            source = f"CIFAR-10 from {root}"
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, schedule="constant", compile=args.compile)
-    macs = models.macs(models.full_spec(MODEL, num_classes=10), 32)
-    print(f"{MODEL} ({macs / 1e6:.2f} M MACs/image), CIFAR-10 from {root}, device {device}, "
-          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    rates = {}
-    for name, bench in (("engine", bench_engine), ("reference", bench_reference)):
-        rates[name] = bench(root, cfg, args.steps, args.warmup_steps, device)
-        tflops = rates[name] * 3 * 2 * macs / 1e12  # forward + 2x backward, 2 FLOPs per MAC
-        print(f"{name:>9}: {rates[name]:10.1f} img/s  {tflops:8.4f} TFLOP/s achieved", flush=True)
-    print(f"    ratio: {rates['engine'] / rates['reference']:.2f}x (engine / reference)")
+    macs = models.macs(models.full_spec(args.model, num_classes=10), 32)
+    print(f"{args.model} ({macs / 1e6:.2f} M MACs/image), {source}, device {device}, batch {args.batch_size}, "
+          f"{args.rounds} interleaved rounds of {args.steps} steps per arm, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    rows = []
+
+    def emit(**row: object) -> None:
+        rows.append(row)
+        if row.get("kind") == "arm" and "img_s" in row:
+            print(f"[{row['phase']}] {row['arm']:>28}: {row['img_s']:9.1f} img/s  {row['tflops']:8.4f} TFLOP/s  "
+                  f"epoch {row['epoch_s']:7.1f} s" + (f"  compile {row['compile_s']:.0f} s" if 'compile_s' in row else ""),
+                  flush=True)
+        elif row.get("kind") == "ratio":
+            print(f"[{row['phase']}] ratio {row['ratio']}: median {row['median_ratio']:.2f}x "
+                  f"(min {row['min_ratio']:.2f}, max {row['max_ratio']:.2f}, {row['rounds']} rounds)", flush=True)
+        elif row.get("error") or row.get("kind") == "skipped":
+            print(f"[{row.get('phase')}] {row.get('arm', '')}: {row.get('error') or row.get('reason')}", flush=True)
+
+    throughput.stage_a(train, device, emit, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                       rounds=args.rounds, compile_settings=("bf16_cl_compile",) if args.compile else (),
+                       compile_budget_s=args.compile_budget_s, workers=args.workers)
     return 0
 
 

@@ -151,7 +151,8 @@ def _stage_b_config(smoke: bool) -> dict[str, Any]:
     return {"arms": [a["arm"] for a in ARMS]}
 
 
-def preflight(device: str, emit: Callable[..., Any], smoke: bool = False) -> tuple[bool, int]:
+def preflight(device: str, emit: Callable[..., Any], smoke: bool = False,
+              methods: list[str] | None = None) -> tuple[bool, int]:
     """Run the checks; returns (may the stages run, number of failed checks)."""
     failed = 0
     for name, fn in (("imports", _imports), ("device", lambda: _device(device)), ("engine", lambda: _engine(device))):
@@ -161,7 +162,7 @@ def preflight(device: str, emit: Callable[..., Any], smoke: bool = False) -> tup
             return False, failed + 1
     from rayprune.methods import MODULES
 
-    for name in MODULES:
+    for name in methods or list(MODULES):
         failed += not _check(f"method:{name}", lambda name=name: _method(name, device), emit)
     failed += not _check("stage_b_config", lambda: _stage_b_config(smoke), emit)
     print(f"preflight: {'all checks OK' if not failed else f'{failed} check(s) FAILED (stages still run)'}", flush=True)

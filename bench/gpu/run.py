@@ -57,6 +57,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="stage A: steps per chunk (default 40; smoke 3)")
     p.add_argument("--rounds", type=int, default=None, help="stage A: interleaved rounds (default 7; smoke 2)")
     p.add_argument("--kd-weight", type=float, default=None, help="stage B: override KD_WEIGHT")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 with --smoke, which on a loaded CPU is "
+                        "several times faster than spinning OpenMP threads)")
+    p.add_argument("--preflight-methods", default=None, help="comma list of methods preflight steps (default: all)")
     args = p.parse_args(argv)
     if args.stages is None and args.command is None:
         p.error("give --command 1|2|3|all or --stages")
@@ -71,6 +75,9 @@ class Kit:
 
         self.args = args
         self.smoke = args.smoke
+        threads = args.threads or (1 if args.smoke else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
         name = args.command or "custom"
         budget = args.budget_s if args.budget_s is not None else BUDGETS.get(name)
@@ -91,7 +98,9 @@ class Kit:
             if self.data_mode == "synthetic":
                 from rayprune.engine.data import synthetic_dataset
 
-                train, test = synthetic_dataset(n_train=320, n_test=128, num_classes=10, size=32, seed=0)
+                # Smoke: 16 px keeps every stage to seconds on a CPU; otherwise CIFAR-sized.
+                n, m, size = (200, 64, 16) if self.smoke else (5000, 1000, 32)
+                train, test = synthetic_dataset(n_train=n, n_test=m, num_classes=10, size=size, seed=0)
                 self._data = (train, test, {"source": "synthetic", "train_n": len(train), "test_n": len(test)})
             else:
                 train, test, info = cifar_from_parts(self.kit, need_test=need_test)
@@ -108,7 +117,8 @@ class Kit:
     def preflight(self) -> bool:
         from bench.gpu.preflight import preflight
 
-        ok, _ = preflight(self.device, lambda **r: self.emit("preflight", **r), smoke=self.smoke)
+        methods = self.args.preflight_methods.split(",") if self.args.preflight_methods else None
+        ok, _ = preflight(self.device, lambda **r: self.emit("preflight", **r), smoke=self.smoke, methods=methods)
         return ok
 
     def stage_a(self) -> None:
@@ -161,7 +171,7 @@ class Kit:
         emit = lambda **r: self.emit("C", **r)  # noqa: E731
         if self.smoke:
             stage_c.stage_c_fixed(torch.device(self.device), emit, fixed_models=("cifar_resnet:tiny",), warmup=1,
-                                  repeats=3, left=self.clock.left)
+                                  repeats=3, left=self.clock.left, input_size=16)
         else:
             stage_c.stage_c_fixed(torch.device(self.device), emit, left=self.clock.left)
 
@@ -186,8 +196,10 @@ class Kit:
             self.emit("C", kind="skipped", reason="no stage-B teacher row (stage B did not run or failed)")
             return
         nets = [(f"B:{r['arm']}", r["spec"]) for r in rows if r.get("arm") != "teacher"]
+        train, _, _ = self.data(need_test=False)
         stage_c.latency_table(("B:teacher", teacher[0]["spec"]), nets, torch.device(self.device),
                               lambda **r: self.emit("C", **r), warmup=1 if self.smoke else 10,
+                              input_size=train.input_size,
                               repeats=3 if self.smoke else 50, left=self.clock.left, group="stage_b")
 
 

@@ -361,11 +361,6 @@ def reinforce_step(policy: ThreshNet, optimizer: torch.optim.Optimizer, profiles
 # --------------------------------------------------------------------------------------------
 
 
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    sa, sb = set(a.tolist()), set(b.tolist())
-    return len(sa & sb) / len(sa | sb)
-
-
 def group_similarity(a: torch.Tensor, b: torch.Tensor, divisor: int = 1) -> float:
     """Jaccard similarity of two kept sets, except that sets differing by at most one channel
     swap (a symmetric difference of ≤ 2 channels, or 2 divisors) count as identical: one

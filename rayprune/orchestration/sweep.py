@@ -6,8 +6,8 @@ run, prepares the KD teacher once, and runs Tune: one trial per (method, FLOPs t
 weight) cell sample, budgets chosen by the per-cell Optuna searcher. A driver-side Tune callback
 (:class:`TrackingCallback`) is the only writer to the tracking store.
 
-Equal treatment: the unpruned baseline is measured once (test, robust, latency: the teacher, or
-the unpruned net trained once with ``recipes.finetune``). When every trial is done, each grid
+Equal treatment: the unpruned baseline is measured once, beside the trials (test, robust,
+latency: the teacher, or the unpruned net trained once with ``recipes.finetune``). When every trial is done, each grid
 cell's chosen subnet (its trials' ``method.best()``, ranked by their search-val accuracy) is
 fine-tuned with ``recipes.finetune`` as parallel Ray tasks with the trial resources, and
 measured; the final fronts rank only those. Every final-phase training goes through the sweep's
@@ -180,12 +180,14 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
         if resume:
             _replay_reported_steps(tracker, experiment_path)
         teacher = _prepare_teacher(cfg, experiment_path)
-        tracker.log_unpruned(_measure_baseline(cfg, experiment_path, teacher))
+        baseline = _start_baseline(cfg, experiment_path, teacher)  # beside the trials: they do not need it
         if resume:
             tracker.update_front()  # the fronts, plot and parquet as they stand
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
         complete = results.num_terminated + results.num_errors == cfg.num_trials()
         failed = results.num_errors
+        if complete:  # an interrupted sweep leaves it to the resume (the cache keeps it if it finished)
+            tracker.log_unpruned(_finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
             _finetune_cells(cfg, sweep_id, tracker, results, experiment_path)
         print_cell_stats(tracker, out)
@@ -449,28 +451,33 @@ def _baseline_recipe(cfg: SweepConfig) -> dict[str, Any]:
                                                                             "kd_temperature": cfg.kd_temperature}))
 
 
-def _measure_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> dict[str, Any]:
-    """The unpruned baseline, measured once per sweep (test, robust, latency) like every
+def _start_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> tuple[str, Any]:
+    """Start measuring the unpruned baseline once per sweep (test, robust, latency), like every
     finalized subnet: the teacher when the sweep has one, otherwise the unpruned net trained
-    once with ``recipes.finetune`` (KD 0). Kept in the final-phase cache, so a resumed sweep
-    measures nothing again. Runs as a Ray task with the trial resources."""
-    spec = cfg.full_spec()
+    once with ``recipes.finetune`` (KD 0). A Ray task with the trial resources that runs beside
+    the trials and stores its result in the final-phase cache, so a resumed sweep measures
+    nothing again. Returns ``(cache key, task ref or None when cached)``."""
     cache = FinalCache.of_experiment(experiment_path)
     origin = "teacher" if teacher is not None else recipe_hash(_baseline_recipe(cfg))
-    key = cache_key(BASELINE_CELL, models.spec_hash(spec), origin, 0.0)
-    cached = cache.get(key)
-    if cached is None:
-        what = "the teacher" if teacher is not None else "the unpruned net (trained once with recipes.finetune)"
-        print(f"Measuring the unpruned baseline: {what} ...", flush=True)
-        task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_baseline_task)
-        ray.get(task.remote(cfg.model_dump(mode="json"), teacher, cache.root, key))
-        cached = cache.get(key)
-    record = cached[0]
+    key = cache_key(BASELINE_CELL, models.spec_hash(cfg.full_spec()), origin, 0.0)
+    if key in cache:
+        return key, None
+    what = "the teacher" if teacher is not None else "the unpruned net, trained once with recipes.finetune"
+    print(f"Measuring the unpruned baseline beside the trials: {what} ...", flush=True)
+    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_baseline_task)
+    return key, task.remote(cfg.model_dump(mode="json"), teacher, cache.root, key)
+
+
+def _finish_baseline(experiment_path: str, teacher: str | None, key: str, ref: Any) -> dict[str, Any]:
+    """The baseline's record once its task (if any) is done."""
+    if ref is not None:
+        ray.get(ref)
+    record = FinalCache.of_experiment(experiment_path).get(key)[0]
     return {**record, "method": "unpruned", "step": 0, "source": {**record.get("source", {}), "teacher": teacher}}
 
 
 def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: str, key: str) -> None:
-    """Ray task body of :func:`_measure_baseline`: measure (or train, then measure) the unpruned net."""
+    """Ray task body of :func:`_start_baseline`: measure (or train, then measure) the unpruned net."""
     from ..methods import SubnetRecord
     from ..methods.finetune import finetune_subnet, measure, preprocessing
 
@@ -641,18 +648,25 @@ def _finetune_cells(cfg: SweepConfig, sweep_id: str, tracker, results, experimen
     if todo:
         print(f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
               f"({len(done)} already in the cache) ...", flush=True)
+    for choice, key in done:
+        _log_cell_finetune(cfg, sweep_id, tracker, cache, choice, key, cached=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
-    refs = [task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell)
-            for c, _ in todo]
-    ray.get(refs)
-    for (choice, key), cached in [(t, False) for t in todo] + [(d, True) for d in done]:
-        record, state = cache.get(key)
-        if cached and "reused_from" not in record["source"]:
-            record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
-        target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / choice.cell, record["spec"], state, record)
-        tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
-                              flops_target=float(choice.config["flops_target"]),
-                              kd_weight=float(choice.config["kd_weight"]))
+    pending = {task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
+               for c, k in todo}
+    while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        ray.get(ref)
+        _log_cell_finetune(cfg, sweep_id, tracker, cache, *pending.pop(ref), cached=False)
+
+
+def _log_cell_finetune(cfg: SweepConfig, sweep_id: str, tracker, cache: FinalCache, choice: CellChoice, key: str,
+                       cached: bool) -> None:
+    record, state = cache.get(key)
+    if cached and "reused_from" not in record["source"]:
+        record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
+    target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / choice.cell, record["spec"], state, record)
+    tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
+                          flops_target=float(choice.config["flops_target"]), kd_weight=float(choice.config["kd_weight"]))
 
 
 def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:

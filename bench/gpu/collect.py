@@ -82,6 +82,10 @@ def summary(rows: list[dict[str, Any]]) -> str:
                        f"{_f(r.get('macs_speedup', 1.0), '.2f')} | {_f(r.get('latency_ms_b1_p50'), '.3f')} | "
                        f"{_f(r.get('speedup_b1', 1.0), '.2f')} | {_f(r.get('latency_ms_b64_p50'), '.3f')} | "
                        f"{_f(r.get('speedup_b64', 1.0), '.2f')} |")
+    for r in rows:
+        if r["stage"] == "C" and r.get("kind") == "drift":
+            out.append(f"stage C {r.get('group')}: reference re-timed at the end = "
+                       + ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in r.items() if k.startswith("drift_b")))
     errors = [r for r in rows if r.get("kind") == "error"]
     for r in errors:
         out.append(f"ERROR in stage {r['stage']}: {r.get('error')}")

@@ -1,7 +1,8 @@
 """Prepare the GPU kit here (CPU machine): data parts, wheels, metadata, and the 64 MiB check.
 
     .venv/bin/python bench/gpu/prepare.py              # pack (cached), download wheels, check, print the plan
-    .venv/bin/python bench/gpu/prepare.py --check-only # re-check sizes just before the device commands
+    .venv/bin/python bench/gpu/prepare.py --check-only # just before the device commands: refresh the
+                                                        # recorded git SHA / code hash, re-check sizes
 
 Writes, under the git-ignored ``.gpukit/``:
 
@@ -173,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         check_ignored(kit)
         if not args.check_only:
             pack_parts(args.cifar_dir, kit, args.preset, args.jobs)
-            wheels = [] if args.no_wheels else ensure_wheels(kit / COMMON / "wheels")
-            (kit / COMMON).mkdir(parents=True, exist_ok=True)
-            meta = {**git_info(), "code_hash": code_hash(), "prepared_at": now(),
-                    "wheels": [w.name for w in wheels]}
-            (kit / COMMON / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            if not args.no_wheels:
+                ensure_wheels(kit / COMMON / "wheels")
+        # Always refreshed (cheap): the SHA and code hash the device rows will name.
+        (kit / COMMON).mkdir(parents=True, exist_ok=True)
+        meta = {**git_info(), "code_hash": code_hash(), "prepared_at": now(),
+                "wheels": sorted(w.name for w in (kit / COMMON / "wheels").glob("*.whl"))}
+        (kit / COMMON / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         for part in PARTS:
             if not (kit / f"part{part}" / "manifest.json").is_file():
                 raise PrepareError(f"{kit}/part{part} is not packed yet; run prepare without --check-only")

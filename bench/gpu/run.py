@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"run: error: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE_FUNCS)}", file=sys.stderr)
         return 2
-    kit = Kit(args)
+    try:
+        kit = Kit(args)
+    except Exception as e:  # torch itself unusable here: nothing can run
+        print(f"run: error: cannot start ({type(e).__name__}: {e})", flush=True)
+        return 3
     m = kit.results.meta
     print(f"run: command {args.command or 'custom'} stages {','.join(stages)} on {kit.device} "
           f"({m.get('gpu') or 'no GPU'}), torch {m['torch']}, git {str(m.get('git_sha'))[:12]} "

@@ -275,7 +275,7 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
 
 
 def stage_b(train: Any, test: Any, device: str, emit: Callable[..., Any], *, left: Callable[[], float],
-            epoch_s: float | None, epoch_source: str, smoke: bool = False, reserve_s: float = 30.0,
+            epoch_s: float | None, epoch_source: str, smoke: bool = False, reserve_s: float = 20.0,
             model: str | None = None, data_info: dict[str, Any] | None = None,
             kd_weight: float | None = None) -> list[dict[str, Any]]:
     """Teacher, then ARMS in order. Returns the rows (teacher first) for stage C."""

@@ -7,8 +7,8 @@ change the timing, so every net is built from its spec with a seeded init.
 For every net the row gives ``macs_speedup`` = reference MACs / net MACs and ``speedup_b1`` /
 ``speedup_b64`` = reference latency / net latency (medians). Each pruned net is also measured
 with its channel groups rounded *up* to multiples of 8 (``round8``: tensor-core friendly widths,
-a few more MACs). The reference is timed before and after the nets; both are reported and the
-speed-ups use their mean.
+a few more MACs). Rows are emitted as each net is timed (the reference first); the reference
+is timed again at the end (``kind="drift"``: after / before).
 
 * ``fixed_specs``: command 2, needs no data: ResNet-20 and -56 (``avgpool_conv``), unpruned,
   uniform width scaling to 0.5 and 0.25 of the MACs (groups rounded to 1 and to 8 channels),
@@ -19,7 +19,6 @@ speed-ups use their mean.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Callable
 
 import torch
@@ -97,8 +96,9 @@ def latency_table(reference: tuple[str, dict], nets: list[tuple[str, dict]], dev
     ref_name, ref_spec = reference
     ref_macs = models.macs(ref_spec, input_size)
     ceiling = {g.name: g.width for g in models.channel_groups(ref_spec)}
-    before = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
-    rows = []
+    ref = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
+    emit(kind="reference", group=group, net=ref_name, macs=ref_macs, params=models.params(ref_spec), **ref,
+         repeats=repeats, spec=ref_spec)
     for name, spec in nets:
         variants = [(name, spec, False)]
         if round8:
@@ -107,24 +107,22 @@ def latency_table(reference: tuple[str, dict], nets: list[tuple[str, dict]], dev
                 variants.append((f"{name}+round8", r8, True))
         for vname, vspec, rounded in variants:
             if left() < 5:
-                emit(kind="skipped", net=vname, reason="budget")
+                emit(kind="skipped", group=group, net=vname, reason="budget")
                 continue
             try:
                 lat = _lat(vspec, device, batch_sizes, warmup, repeats, input_size)
             except Exception as e:  # report and go on with the other nets
-                emit(kind="error", net=vname, error=f"{type(e).__name__}: {e}"[:400])
+                emit(kind="error", group=group, net=vname, error=f"{type(e).__name__}: {e}"[:400])
                 continue
-            rows.append((vname, vspec, rounded, lat))
+            macs = models.macs(vspec, input_size)
+            speed = {f"speedup_b{b}": ref[f"latency_ms_b{b}_p50"] / lat[f"latency_ms_b{b}_p50"] for b in batch_sizes}
+            emit(kind="net", group=group, net=vname, reference=ref_name, round8=rounded, macs=macs,
+                 macs_pct=100 * macs / ref_macs, params=models.params(vspec), macs_speedup=ref_macs / macs, **speed,
+                 **lat, repeats=repeats, spec=vspec)
+    # The reference again at the end: how much the device drifted while the nets were timed.
     after = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
-    ref = {k: statistics.mean([before[k], after[k]]) for k in before}
-    emit(kind="reference", group=group, net=ref_name, macs=ref_macs, params=models.params(ref_spec), **ref,
-         ref_before=before, ref_after=after, repeats=repeats)
-    for vname, vspec, rounded, lat in rows:
-        macs = models.macs(vspec, input_size)
-        speed = {f"speedup_b{b}": ref[f"latency_ms_b{b}_p50"] / lat[f"latency_ms_b{b}_p50"] for b in batch_sizes}
-        emit(kind="net", group=group, net=vname, reference=ref_name, round8=rounded, macs=macs,
-             macs_pct=100 * macs / ref_macs, params=models.params(vspec), macs_speedup=ref_macs / macs, **speed,
-             **lat, repeats=repeats, spec=vspec)
+    emit(kind="drift", group=group, net=ref_name,
+         **{f"drift_b{b}": after[f"latency_ms_b{b}_p50"] / ref[f"latency_ms_b{b}_p50"] for b in batch_sizes})
 
 
 def stage_c_fixed(device: torch.device, emit: Callable[..., Any], *, fixed_models: tuple[str, ...] = FIXED_MODELS,

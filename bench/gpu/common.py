@@ -152,7 +152,10 @@ def run_meta(kit: Path, device: str, command: str) -> dict[str, Any]:
 
     meta: dict[str, Any] = {"command": command, "device": device, "torch": torch.__version__,
                             "cuda": torch.version.cuda, "python": platform.python_version(),
-                            "host": platform.node(), "code_hash": code_hash()}
+                            "host": platform.node(), "code_hash": code_hash(),
+                            # "fp32" convs/matmuls run as TF32 on Ampere+ when these are on (torch's defaults)
+                            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     live = git_info()
     prepared = {}
     meta_file = kit / COMMON / "meta.json"

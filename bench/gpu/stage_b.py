@@ -193,7 +193,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, smoke: bool) -> tuple[Any, dict]:
+def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, smoke: bool,
+                  max_s: float = float("inf")) -> tuple[Any, dict]:
+    """Train the unpruned net; stops after the epoch that would run past ``max_s`` (``truncated``)."""
     from rayprune import models
     from rayprune.engine.latency import measure_latency
     from rayprune.engine.robust import robust_accuracy
@@ -202,7 +204,12 @@ def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, s
     cfg = TrainConfig(**{**TEACHER_RECIPE, "epochs": epochs})
     net = models.build(spec, seed=SEED)
     t0 = time.perf_counter()
-    history = fit(net, train, cfg, device=device, seed=SEED, progress=False)
+
+    def over(entry: dict) -> bool:  # stop when one more epoch would end past max_s
+        spent = time.perf_counter() - t0
+        return spent * (entry["epoch"] + 2) / (entry["epoch"] + 1) > max_s
+
+    history = fit(net, train, cfg, device=device, seed=SEED, progress=False, on_epoch=over)
     _sync(device)
     train_s = time.perf_counter() - t0
     test_m = evaluate(net, test, device=device)
@@ -212,7 +219,8 @@ def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, s
     net.eval()
     return net, {"test_top1": test_m["top1"], "test_top5": test_m["top5"], "robust_top1": robust["robust_top1"],
                  "robust": {k: v for k, v in robust.items() if k != "robust_top1"}, **lat,
-                 "train_s": train_s, "epoch_s_measured": train_s / max(1, epochs), "final_loss": history[-1]["loss"],
+                 "train_s": train_s, "epoch_s_measured": train_s / max(1, len(history)),
+                 "epochs_run": len(history), "truncated": len(history) < epochs, "final_loss": history[-1]["loss"],
                  "recipe": cfg.model_dump()}
 
 
@@ -293,7 +301,9 @@ def stage_b(train: Any, test: Any, device: str, emit: Callable[..., Any], *, lef
         size_name, size, est = choose_size(epoch_s, left() - reserve_s, ARMS)
     emit(kind="plan", size=size_name, sizes=size, epoch_s=epoch_s, epoch_source=epoch_source, est_total_s=est,
          budget_left_s=left(), kd_weight=kd, kd_temperature=KD_TEMPERATURE, arms=[a["arm"] for a in ARMS], **common)
-    teacher, t_metrics = train_teacher(spec, train, test, device, size["teacher_epochs"], smoke)
+    # The teacher may overrun its estimate by half (+10 s) before it stops early.
+    t_max = math.inf if smoke else 1.5 * size["teacher_epochs"] * COSTS["teacher_epoch"] * epoch_s + 10
+    teacher, t_metrics = train_teacher(spec, train, test, device, size["teacher_epochs"], smoke, t_max)
     t_macs = models.macs(spec, train.input_size)
     rows = [emit(kind="arm", arm="teacher", method="unpruned", macs=t_macs, macs_pct=100.0,
                  params=models.params(spec), epochs=size["teacher_epochs"], spec=spec,

@@ -88,6 +88,32 @@ def fit_multiplier(full_spec: Spec, ceiling: Widths, mins: Widths, target_macs: 
     return lo, hi, scaled_widths(groups, ceiling, mins, lo)
 
 
+def fill_to_window(full_spec: Spec, widths: Widths, ceiling: Widths, target_macs: int, low: float,
+                   input_size: int | None = None) -> Widths:
+    """Top ``widths`` up into the target window: while their MACs are below ``low``, widen by
+    one divisor step the group whose step adds the fewest MACs and keeps the subnet within
+    ``target_macs`` (never above its ``ceiling``). A multiplier shared by all groups moves in
+    coarse steps on narrow nets (several groups round together) and can stop well short of the
+    target; this closes that gap. Returns the widths unchanged when no step fits."""
+    groups = models.channel_groups(full_spec)
+    widths = dict(widths)
+    macs = models.macs(models.with_widths(full_spec, widths), input_size)
+    while macs < low:
+        best: tuple[int, str, int] | None = None
+        for g in groups:
+            wider = min(ceiling[g.name], widths[g.name] + g.divisor)
+            if wider == widths[g.name]:
+                continue
+            m = models.macs(models.with_widths(full_spec, {**widths, g.name: wider}), input_size)
+            if m <= target_macs and (best is None or m < best[0]):
+                best = (m, g.name, wider)
+        if best is None:
+            break
+        macs, name, wider = best
+        widths[name] = wider
+    return widths
+
+
 # --------------------------------------------------------------------------------------------
 # Filter importance and global ranking
 # --------------------------------------------------------------------------------------------

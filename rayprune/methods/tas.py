@@ -604,6 +604,33 @@ def shrink_to_budget(net: SearchResNet, spec: Spec, floors: Sequence[int], targe
     return spec
 
 
+WINDOW_LOW = 0.9  # the reported subnet should have at least this fraction of the target MACs
+
+
+def grow_to_window(net: SearchResNet, spec: Spec, target_macs: int, low: float,
+                   input_size: int | None = None) -> Spec:
+    """Widen a genotype that settled below ``low`` MACs (the other end of :func:`shrink_to_budget`):
+    each round steps one conv one notch up its candidate list, the one that adds the fewest MACs
+    while the genotype stays within ``target_macs``, until it reaches ``low`` or no step fits."""
+    spec = copy.deepcopy(spec)
+    while models.macs(spec, input_size) < low:
+        best: tuple[int, Spec] | None = None
+        for slot, _, row in net.conv_slots(spec):
+            width = slot_width(spec, slot)
+            higher = [c for c in net.width_rows[row] if c > width]
+            if not higher:
+                continue
+            trial = copy.deepcopy(spec)
+            _set_slot(trial, slot, min(higher))
+            macs = models.macs(trial, input_size)
+            if macs <= target_macs and (best is None or macs < best[0]):
+                best = (macs, trial)
+        if best is None:
+            break
+        spec = best[1]
+    return spec
+
+
 class _FixedPath(nn.Module):
     """``net(x)`` for :func:`evaluate`: the super-net restricted to one genotype."""
 
@@ -666,7 +693,9 @@ class TAS(Method):
     with ``select="last"`` the last genotype if it meets the budget; otherwise (or with
     ``select="best"``) the in-budget genotype with the highest ``val_top1``, preferring those
     within ``flop_tolerance`` of the target; if none is in budget, the last genotype shrunk
-    greedily until it fits. The final net is trained from scratch (``initial_weights`` is None).
+    greedily until it fits. A choice below ``WINDOW_LOW`` (0.9) of the target MACs is widened
+    into the window (:func:`grow_to_window`) and re-scored. The final net is trained from
+    scratch (``initial_weights`` is None).
     """
 
     Hparams: ClassVar[type[MethodHparams]] = TASHparams
@@ -698,6 +727,7 @@ class TAS(Method):
         self.seen: dict[str, SubnetRecord] = {}
         self.last_key = ""
         self._macs_cache: dict[str, int] = {}
+        self._grown: dict[str, SubnetRecord] = {}  # below-window genotype key -> its widened record
 
     def _split(self) -> tuple[Dataset, Dataset]:
         labels = self.ctx.train.labels
@@ -842,13 +872,27 @@ class TAS(Method):
             self._observe(self.steps_done)
         last = self.seen[self.last_key]
         if self.hp.select == "last" and last.source["in_budget"]:
-            return last
+            return self._in_window(last)
         fitting = [r for r in self.seen.values() if r.source["in_budget"]]
         if fitting:
             floor = self.target_macs - self.hp.flop_tolerance * self.max_macs
             pool = [r for r in fitting if r.macs >= floor] or fitting
-            return max(pool, key=lambda r: (r.metrics["val_top1"], r.step))
-        return self._shrunk(last)
+            return self._in_window(max(pool, key=lambda r: (r.metrics["val_top1"], r.step)))
+        return self._in_window(self._shrunk(last))
+
+    def _in_window(self, record: SubnetRecord) -> SubnetRecord:
+        """The reported subnet lands in the target window ``[WINDOW_LOW, 1] x target`` MACs: a
+        genotype that settled below it is widened (:func:`grow_to_window`) and re-scored on
+        search-val; one that cannot reach the window stays as it is (orchestrators record that)."""
+        low = WINDOW_LOW * self.target_macs
+        if record.macs >= low:
+            return record
+        if record.key not in self._grown:
+            spec = grow_to_window(self.net, record.spec, self.target_macs, low, self.ctx.input_size)
+            val = self._val_top1(spec) if spec != record.spec else None
+            self._grown[record.key] = record if val is None else self._record(spec, val, record.step,
+                                                                               grown_from=record.key)
+        return self._grown[record.key]
 
     def _shrunk(self, record: SubnetRecord) -> SubnetRecord:
         """Step widths down (largest-MAC conv first; through the candidates, then to the budget's

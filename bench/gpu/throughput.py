@@ -259,14 +259,19 @@ def compare(arms: list[Any], ratios: list[tuple[Any, Any]], rounds: int, macs: i
     warm = {}
     ok = []
     for arm in arms:
-        warm[arm.name] = w = getattr(arm, "_warm", None) or warm_up(arm, warm_limit(arm))
+        limit = warm_limit(arm)
+        if getattr(arm, "_warm", None) is None and limit is not None and limit < 10:
+            w = {"error": f"skipped: {limit:.0f} s of the compile budget left"}
+        else:
+            w = getattr(arm, "_warm", None) or warm_up(arm, limit)
+        warm[arm.name] = w
         arm._warm = w
         if "error" in w:
             emit(kind="arm", arm=arm.name, loop=arm.loop, model=model, compile=arm.setting.compile, **w)
         else:
             ok.append(arm)
-    if not ok:
-        return []
+    if not ok or (any(a.setting.compile for a in arms) and not any(a.setting.compile for a in ok)):
+        return []  # nothing compiled: the eager arms were measured in their own phase already
     times = interleave(ok, rounds, left)
     for arm in ok:
         emit(**arm_row(arm, times[arm.name], macs, warm[arm.name], model))
@@ -313,6 +318,8 @@ def stage_a(train: Dataset, device: torch.device, emit: Callable[..., Any], *, m
         # The engine compiles first: if the budget runs out during the reference's compile,
         # the compiled engine is still compared with both eager loops.
         arms = [eng_c, ref_c, e("engine", eager_s), e("reference", eager_s)]
+        if eager_s != FP32:  # the plain research loop stays in every phase: the headline ratio's denominator
+            arms.append(e("reference", FP32))
         ratios = [(eng_c, ref_c), (eng_c, e("engine", eager_s)), (ref_c, e("reference", eager_s)),
                   (eng_c, e("reference", FP32))]
         per_arm = lambda arm, t0=t0, budget=budget: max(1.0, budget - (time.perf_counter() - t0))  # noqa: E731

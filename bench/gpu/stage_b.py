@@ -40,7 +40,7 @@ TEACHER_RECIPE = {"batch_size": 128, "lr": 0.1, "schedule": "cosine", "weight_de
 FINETUNE_RECIPE = {"batch_size": 128, "lr": 0.1, "schedule": "cosine", "weight_decay": 5e-4}
 # True: a method's own finetune_defaults (e.g. AST/l1: lr 0.01 from inherited weights) override
 # FINETUNE_RECIPE, as `rayprune run` does; the epoch count and KD stay the same for every arm.
-USE_METHOD_FINETUNE_DEFAULTS = True
+USE_METHOD_FINETUNE_DEFAULTS = False
 
 SIZES = {  # from largest to smallest; the first whose estimate fits the budget is used
     "XL": {"teacher_epochs": 40, "finetune_epochs": 20, "ast_iterations": 8, "ast_epochs": 1, "tas_epochs": 10},

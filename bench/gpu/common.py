@@ -135,7 +135,7 @@ def code_hash(repo: Path = REPO) -> str:
 
 
 def git_info(repo: Path = REPO) -> dict[str, Any]:
-    """SHA and dirty flag from git, or {} where there is no git (the device: .git does not travel)."""
+    """SHA and dirty flag from git, or {} where there is no git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True, timeout=20).stdout.strip()
@@ -161,7 +161,11 @@ def run_meta(kit: Path, device: str, command: str) -> dict[str, Any]:
     meta_file = kit / COMMON / "meta.json"
     if meta_file.is_file():
         prepared = json.loads(meta_file.read_text())
-    if live:
+    # The device's .git is the session's *starting* checkout with today's tree copied over it, so a
+    # dirty live SHA is stale there; prepare's SHA is right whenever the code that runs is the
+    # code prepare hashed (seen on the first H200 run: live 25b41af, dirty, for code at c3448f1).
+    prepared_matches = bool(prepared) and prepared.get("code_hash") == meta["code_hash"]
+    if live and not (live.get("git_dirty") and prepared_matches):
         meta.update(live, git_source="live")
     elif prepared:
         meta.update(git_sha=prepared.get("git_sha"), git_dirty=prepared.get("git_dirty"), git_source="prepare")

@@ -72,9 +72,9 @@ COSTS = {
     "finetune_epoch": 1.35,  # the pruned net is launch-bound (not 2x faster) and KD adds the teacher's forward
     "measure": 0.5,  # test + 6 corruptions + latency after the fine-tune
     "uniform_search": 1.0,  # eval_epochs on 90 % of the data + search-val
-    "ast_iteration": 2.2,  # per iteration at 1 epoch: search-train (80 %) + 5 alpha passes on search-val + scoring
+    "ast_iteration": 2.2,  # per iteration at 1 epoch: search-train (80 %) + 5 alpha passes + scoring (H200: 2.1)
     "l1_search": 0.3,  # BN recalibration + search-val
-    "tas_epoch": 3.0,  # 50/50 halves, weight + arch step per batch through the mixture net
+    "tas_epoch": 2.0,  # 50/50 halves, weight + arch step per batch through the mixture net (H200: 1.8 measured)
 }
 DEFAULT_EPOCH_S = 6.0  # used without calibration: deliberately pessimistic for an H100/H200
 # ==========================================================================================

@@ -105,6 +105,7 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     assert {"subnets.parquet", "pareto"} <= {a.path for a in client.list_artifacts(parent)}
     baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # measured once: test, robust, latency
     assert {"test_top1", "robust_top1", "latency_ms_b1_p50"} <= set(baseline["metrics"])
+    assert baseline["robust_suite"] == 2 and all(r["robust_suite"] == 2 for r in rows if r["kind"] != "search")
     assert parents[0].data.metrics["unpruned_test_top1"] == baseline["metrics"]["test_top1"]
     if cfg.finetune_front:  # every cell's chosen subnet was fine-tuned with recipes.finetune, once
         tuned = [r for r in rows if r["kind"] == "finetuned"]

@@ -273,9 +273,14 @@ def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path,
     assert version.tags["rayprune.source_key"] == f"{trial}/finetuned/0/{models.spec_hash(spec(width))}"
     assert f"registered {name} version {version.version} as @{mode}" in capsys.readouterr().out
     # a real MLflow model: pyfunc loads the alias (ONNX flavor) and agrees with torch
+    saved_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(sweep["uri"])
     mlflow.set_registry_uri(sweep["uri"])
-    loaded = mlflow.pyfunc.load_model(f"models:/{name}@{mode}")
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{name}@{mode}")
+    finally:
+        mlflow.set_tracking_uri(saved_uris[0])
+        mlflow.set_registry_uri(saved_uris[1])
     got = loaded.predict(x.numpy())["logits"]
     assert np.abs(got - want).max() <= 1e-4
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)

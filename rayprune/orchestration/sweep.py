@@ -478,6 +478,7 @@ def _finish_baseline(experiment_path: str, teacher: str | None, key: str, ref: A
 
 def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: str, key: str) -> None:
     """Ray task body of :func:`_start_baseline`: measure (or train, then measure) the unpruned net."""
+    from ..engine.robust import ROBUST_SUITE_VERSION
     from ..methods import SubnetRecord
     from ..methods.finetune import finetune_subnet, measure, preprocessing
 
@@ -491,7 +492,8 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
         if teacher is not None:
             spec, net = load_subnet(localize(teacher, Path(work) / "teacher"))
             record = SubnetRecord.of(spec, measure(net.to(ctx.device), ctx), "unpruned", 0, ctx.input_size,
-                                     init="teacher", preprocessing=preprocessing(ctx.test))
+                                     init="teacher", preprocessing=preprocessing(ctx.test),
+                                     robust_suite=ROBUST_SUITE_VERSION)
             state = net.state_dict()
         else:
             full = SubnetRecord.of(ctx.spec, {}, "unpruned", 0, ctx.input_size)

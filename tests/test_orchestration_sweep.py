@@ -299,3 +299,25 @@ def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_
     parent = MlflowClient(cfg.tracking.uri).get_run(outcome.parent_run_id)
     assert parent.data.tags["rayprune.budgets_do_not_bind.uniform_f0.5_kd0"] == "true"
     assert parent.data.metrics["cells/uniform_f0.5_kd0/reused_trials"] == 1
+
+
+def test_final_front_covers_the_macs_axis(local_ray, tmp_path):
+    # digits (learnable in a few epochs), two methods, targets far apart: the equally-treated
+    # final front has a point at each target, and every reported subnet is in its window
+    cfg = parse_sweep(mini_sweep(
+        tmp_path, dataset={"name": "digits"}, input_size=8, teacher=None,
+        methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}},
+                 {"name": "random", "hparams": {"samples": 1, "eval_epochs": 1}}],
+        grid={"flops_targets": [0.3, 0.9], "kd_weights": [0.0]},
+        optuna={"samples_per_cell": 1, "seed": 0, "stage_prune": [[0.8, 0.9]] * 3},
+        recipes={"search": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+                 "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.05}}))
+    outcome = run_sweep(cfg)
+    front = outcome.fronts["final/kd0"]
+    assert len(front) > 1 and {m["flops_target"] for m in front} == {0.3, 0.9}
+    assert {m["recipe"] for m in front} == {"e4 cosine lr0.05 bs64 kd0"} and {m["kind"] for m in front} == {"finetuned"}
+    rows = store_of(Path(outcome.experiment_path)).rows()
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert len(finals) == 4 and all(r["source"]["window"]["status"] == "in_window" for r in finals)
+    baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # no teacher: trained once with recipes.finetune
+    assert baseline["source"]["recipe_tag"] == "e4 cosine lr0.05 bs64 kd0" and baseline["init"] == "scratch"

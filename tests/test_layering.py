@@ -1,4 +1,4 @@
-"""The algorithm core (models, engine, methods, runner) never imports ray, optuna or mlflow."""
+"""The algorithm core (models, engine, methods, testing, runner) never imports ray, optuna or mlflow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rayprune"
-CORE = ["models", "engine", "methods"]
+CORE = ["models", "engine", "methods", "testing"]
 CORE_FILES = ["runner.py", "registry.py", "__init__.py"]
 FORBIDDEN = {"ray", "optuna", "mlflow"}
 
@@ -38,6 +38,7 @@ def test_core_sources_do_not_import_orchestration_libraries():
 def test_importing_the_core_and_every_method_loads_none_of_them():
     code = (
         "import sys, rayprune.models, rayprune.engine.train, rayprune.engine.data, rayprune.runner, rayprune.cli\n"
+        "import rayprune.testing.conformance\n"
         "from rayprune.methods import MODULES, get_method\n"
         "[get_method(m) for m in MODULES]\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'optuna', 'mlflow'})\n"

@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from rayprune import models
 from rayprune.engine.data import make_loader, synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate, fit
-from rayprune.methods import Budget, RunContext
+from rayprune.methods import Budget
 from rayprune.methods.sp import (SP, MaskedSupernet, SearchError, WidthSpace, kendall_tau_b,
                                  proxy_rank_correlation, recalibrate_bn, stage_layout)
 from rayprune.models.transfer import extract_subnet
-
-
-def tiny_spec(shortcut: str = "avgpool_conv") -> dict:
-    return models.full_spec("cifar_resnet:tiny", num_classes=4, shortcut=shortcut)
+from rayprune.testing import tiny_context, tiny_spec
 
 
 def randomize_bn(model: torch.nn.Module, seed: int) -> None:
@@ -36,6 +33,7 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("spec", [tiny_spec("option_a"), tiny_spec("avgpool_conv"), tiny_spec("conv_bn"),
                                   models.full_spec("mobilenet_v2:tiny", num_classes=4)],
                          ids=["resnet_option_a", "resnet_avgpool_conv", "resnet_conv_bn", "mobilenet_v2"])
+@pytest.mark.slow
 def test_masked_supernet_equals_extracted_subnet(spec):
     model = models.build(spec, seed=0)
     randomize_bn(model, 1)
@@ -95,10 +93,8 @@ def test_unreachable_window_fails_clearly():
 
 def make_ctx(tmp_path, teacher=True, budget=0.5, spec=None, **kw):
     spec = spec or tiny_spec()
-    train, test = synthetic_dataset(n_train=160, n_test=64, num_classes=4, size=16, seed=0)
-    return RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=budget, max_stage_prune=[0.7] * 3),
-                      teacher=models.build(spec, seed=5) if teacher else None, device="cpu", seed=0, workdir=tmp_path,
-                      finetune=TrainConfig(epochs=1, batch_size=32, lr=0.05), input_size=16, progress=False, **kw)
+    return tiny_context(tmp_path, spec=spec, budget=budget, max_stage_prune=[0.7] * 3,
+                        teacher=models.build(spec, seed=5) if teacher else None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +107,7 @@ def searched(tmp_path_factory):
     return ctx, method, results
 
 
+@pytest.mark.slow
 def test_search_reports_only_candidates_in_the_flops_window(searched):
     ctx, method, results = searched
     hi = ctx.budget.target_macs(ctx.spec, ctx.input_size)
@@ -124,6 +121,7 @@ def test_search_reports_only_candidates_in_the_flops_window(searched):
     assert method.best().metrics == best.metrics
 
 
+@pytest.mark.slow
 def test_proxy_evaluation_has_no_side_effects_and_is_repeatable(searched):
     _, method, _ = searched
     before = {k: v.clone() for k, v in method.net.model.state_dict().items()}
@@ -134,6 +132,7 @@ def test_proxy_evaluation_has_no_side_effects_and_is_repeatable(searched):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_proxy_rank_correlation_reports_tau_over_in_window_archs(searched):
     ctx, method, _ = searched
     out = proxy_rank_correlation(method, n_archs=3, train_cfg=TrainConfig(epochs=1, batch_size=32, lr=0.05))
@@ -144,6 +143,7 @@ def test_proxy_rank_correlation_reports_tau_over_in_window_archs(searched):
 
 
 
+@pytest.mark.slow
 def test_rank_check_is_reported_with_the_last_step_only(tmp_path):
     method = SP(make_ctx(tmp_path), {**SP.smoke, "rank_archs": 3, "rank_epochs": 1})
     results = method.run()
@@ -151,6 +151,7 @@ def test_rank_check_is_reported_with_the_last_step_only(tmp_path):
     last = results[-1].metrics
     assert last["rank_archs"] == 3 and (-1.0 <= last["kendall_tau"] <= 1.0 or math.isnan(last["kendall_tau"]))
 
+@pytest.mark.slow
 def test_bn_recalibration_beats_stale_statistics():
     """A super-net trained at full and quarter width shares BN statistics that mostly fit the
     full net; at quarter width, recalibrated statistics must give a better accuracy."""
@@ -180,6 +181,7 @@ def test_teacher_must_match_the_spec(tmp_path):
         SP(ctx, SP.smoke)
 
 
+@pytest.mark.slow
 def test_external_teacher_mode_resumes_mid_stage(tmp_path):
     """Resume inside a stage (optimizer momentum saved) in the external-teacher mode."""
     hp = {**SP.smoke, "stage_epochs": 2, "teacher_mode": "external"}
@@ -194,6 +196,7 @@ def test_external_teacher_mode_resumes_mid_stage(tmp_path):
         SP(make_ctx(tmp_path / "c"), SP.smoke).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_runs_through_all_phases(tmp_path):
     ctx = make_ctx(tmp_path, spec=models.full_spec("mobilenet_v2:tiny", num_classes=4), budget=0.6)
     method = SP(ctx, {**SP.smoke, "generations": 1})

@@ -262,16 +262,9 @@ def test_shrink_to_budget_reaches_the_target_through_candidates_then_floors():
 
 # -- the method ------------------------------------------------------------------------------
 
-def make_ctx(tmp_path, budget: float) -> RunContext:
-    spec = models.full_spec("cifar_resnet:tiny", num_classes=4, shortcut="avgpool_conv")
-    train, test = synthetic_dataset(n_train=96, n_test=32, num_classes=4, size=16, seed=0)
-    return RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=budget), seed=0,
-                      workdir=tmp_path, finetune=TrainConfig(epochs=1, batch_size=32), input_size=16,
-                      progress=False)
-
-
-def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(tmp_path):
-    ctx = make_ctx(tmp_path, budget=0.03)  # below every all-candidate genotype: forces the fallback
+def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(make_ctx):
+    # A budget below every all-candidate genotype forces the fallback.
+    ctx = make_ctx(budget=0.03, n_train=96, n_test=32, finetune=TrainConfig(epochs=1, batch_size=32))
     cls = get_method("tas")
     method = cls(ctx, {**cls.smoke, "epochs": 1})
     result = method.step()

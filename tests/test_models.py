@@ -11,7 +11,7 @@ import torchvision
 from rayprune import models
 from rayprune.models import SpecError, round_to
 
-# (model, num_classes, shortcut option, input size, MACs, params or None): issue 2 / methods.md §1.
+# (model, num_classes, shortcut option, input size, MACs, params or None): the README's reference values.
 REFERENCES = [
     ("cifar_resnet:20", 10, {"shortcut": "option_a"}, 32, 40_551_050, 269_722),
     ("cifar_resnet:32", 10, {"shortcut": "option_a"}, 32, 68_862_602, 464_154),
@@ -43,7 +43,7 @@ def test_reference_counts(model, classes, options, size, ref_macs, ref_params):
 
 
 def test_ast_gap_is_two_shortcut_convs():
-    """methods.md §1.2: option A and avgpool_conv differ by exactly the two stride-2 1x1 convs."""
+    """Option A and avgpool_conv differ by exactly the two stride-2 1x1 convs."""
     a = models.macs(models.full_spec("cifar_resnet:56", shortcut="option_a"))
     b = models.macs(models.full_spec("cifar_resnet:56", shortcut="avgpool_conv"))
     assert b - a == 16 * 32 * 16 ** 2 + 32 * 64 * 8 ** 2

@@ -1,6 +1,6 @@
 """TAS: search space, expected-FLOPs relaxation, schedules, genotypes and the cost loss.
 
-Reference numbers are from methods.md §2 and §5 (computed with the TAS reference code).
+Reference numbers are computed with the TAS reference code (D-X-Y/AutoDL-Projects).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def test_genotype_from_a_hand_written_argmax_follows_the_depth_rule_and_counts_t
     assert spec["stages"][0][0] == [rows[1][1], rows[2][2]]
     assert spec["stages"][1][0] == [rows[7][7], rows[8][0]]  # rows 3..6 belong to dropped blocks
     built = models.build(spec)
-    # The next stage starts from the last kept block's output (§2.7).
+    # The next stage starts from the last kept block's output.
     assert built.stages[1][0].conv1.in_channels == spec["stages"][0][0][1]
     assert built.stages[1][0].shortcut.conv.in_channels == spec["stages"][0][0][1]
     assert built.stages[2][0].conv1.in_channels == spec["stages"][1][2][1]
@@ -355,7 +355,7 @@ def test_resnet50_super_net_at_full_width_and_depth_is_the_reference_resnet50():
     assert len(net.width_rows) == 1 + 16 * 3 and net.depth_rows == imagenet_depth_candidates([3, 4, 6, 3])
     favour(net, widest=True)
     assert net.genotype() == spec
-    assert float(net.expected_macs().detach()) == 4_089_185_256 - 1000  # methods.md §1.3, without the FC bias
+    assert float(net.expected_macs().detach()) == 4_089_185_256 - 1000  # ResNet-50's MACs without the FC bias
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny_bottleneck"])

@@ -43,7 +43,7 @@ __all__ = [
     "load_dataset", "make_loader", "random_crop_flip", "sample_crop_flip", "split_per_class", "synthetic_dataset",
 ]
 
-# TAS (methods.md 2.8): pixel statistics on the 0..255 scale, divided by 255.
+# TAS's reference code (AutoDL-Projects): pixel statistics on the 0..255 scale, divided by 255.
 CIFAR10_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR10_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 CIFAR100_MEAN = tuple(v / 255 for v in (129.3, 124.1, 112.4))

@@ -28,30 +28,14 @@ def register(name: str):
     return deco
 
 
-def available() -> list[str]:
-    """Names of the methods whose module is present."""
-    out = []
-    for name, mod in MODULES.items():
-        try:
-            get_method(name)
-        except UnknownNameError:
-            continue
-        out.append(name)
-    return out
-
-
 def get_method(name: str) -> type[Method]:
     """The method class registered under ``name`` (imports its module on first use)."""
     if name not in METHODS and name in MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{MODULES[name]}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{MODULES[name]}":
-                raise
+        importlib.import_module(f"{__name__}.{MODULES[name]}")
     if name not in METHODS:
         raise UnknownNameError(f"unknown method {name!r}; known: {', '.join(MODULES)}")
     return METHODS.get(name)
 
 
 __all__ = ["Budget", "FinalResult", "METHODS", "Method", "MethodHparams", "RunContext", "StepResult",
-           "SubnetRecord", "available", "get_method", "register", "within_budget"]
+           "SubnetRecord", "get_method", "register", "within_budget"]

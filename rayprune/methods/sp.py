@@ -1,5 +1,5 @@
-"""SP: stage-wise pruning (Zhang, Yu, Rong, Ou; arXiv 2011.04908, MIR 2023), as specified in
-methods.md §4.2. There is no reference code: every unknown is a hyperparameter (defaults below).
+"""SP: stage-wise pruning (Zhang, Yu, Rong, Ou; arXiv 2011.04908, MIR 2023). The paper
+publishes no code: every detail it leaves open is a hyperparameter (defaults below).
 
 Pipeline (one :meth:`SP.step` per unit, so orchestrators can report and checkpoint in between):
 
@@ -23,7 +23,7 @@ Pipeline (one :meth:`SP.step` per unit, so orchestrators can report and checkpoi
 :func:`proxy_rank_correlation` measures SP's central claim, the Kendall tau between the proxy
 and the accuracy of the same archs trained for real.
 
-Choices for the unknowns (methods.md §4.4): MSE stage loss; ratio set {0.1, ..., 1.0}; a stage's
+Choices for what the paper leaves open: MSE stage loss; ratio set {0.1, ..., 1.0}; a stage's
 input width is simulated by masking the teacher's input features with the previous stage's
 output width (so chained subnets see what they were trained on); KL at T=1 for the last stage;
 cached teacher features (when they fit ``teacher_cache_mb``) are computed once on un-augmented
@@ -47,10 +47,9 @@ from .. import models
 from ..engine.data import holdout_per_class, make_loader
 from ..engine.train import (TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer, recalibrate_bn,
                             recalibration_batches)
-from ..engine.utils import resolve_device
+from ..engine.utils import derive_seed, resolve_device
 from ..models.base import Spec, SpecError, round_to
 from . import register
-from ..engine.utils import derive_seed
 from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
@@ -59,7 +58,7 @@ Genes = list[int]
 
 
 class SPHparams(MethodHparams):
-    # super-net training (methods.md §4.2 item 4; SP's own values are unknown)
+    # super-net training (the paper does not give its values; these are the usual CIFAR ones)
     stage_epochs: int = Field(100, ge=1, description="super-net training epochs per stage")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(0.05, gt=0, description="SGD lr (cosine per stage)")
@@ -187,7 +186,8 @@ def _cifar_resnet_layout(spec: Spec, model: nn.Module) -> StageLayout:
 
 def _mobilenet_v2_layout(spec: Spec, model: nn.Module) -> StageLayout:
     """Stages start at the stride-2 inverted-residual stages (the first one is skipped when the
-    stem already downsamples, so stride 2 and 4 share a stage: methods.md §4.2 item 2); the last
+    stem already downsamples, so stride 2 and 4 share a stage, as the paper's split at resolution
+    changes has it); the last
     1x1 conv is a stage of its own (the head group); pooling and the classifier go with it."""
     from ..models.mobilenet_v2 import iter_blocks
 

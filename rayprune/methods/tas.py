@@ -10,14 +10,15 @@ plus a FLOPs cost loss on a differentiable expected-MACs relaxation. The argmax 
 ("genotype") is the pruned network; it is trained from scratch with KD from the unpruned teacher
 (the shared :meth:`Method.finalize`).
 
-Follows ``methods.md`` §2 and the reference code (AutoDL-Projects ``SearchCifarResNet``), with:
+Follows the paper and its reference code (D-X-Y/AutoDL-Projects, ``SearchCifarResNet``), with:
 
 * the 2020 fix: ReLU after every search block's residual add;
 * the stride-2 shortcut of the super-net is AvgPool(2) + 1x1 conv with **no** BN (the reference
-  search forward applies per-candidate BNs there; §2.4 says none, and so does the genotype);
+  search forward applies per-candidate BNs there; the paper's shortcut has none, and so does the
+  genotype);
 * the cost loss decides with the **true** MACs of the built genotype (``models.macs``), the same
   number the budget and the reports use, instead of the reference's analytic ``estimated_FLOP``
-  (they differ only when depth is pruned, §2.7);
+  (they differ only when depth is pruned: see :meth:`SearchResNet.genotype`);
 * a genotype's ``val_top1`` is the accuracy on search-val of the super-net restricted to that
   genotype (argmax width per conv, argmax depth per stage, BN statistics re-estimated on a few
   search-train batches), not the reference's stochastic super-net accuracy (that one is logged
@@ -29,10 +30,10 @@ Follows ``methods.md`` §2 and the reference code (AutoDL-Projects ``SearchCifar
   super-net's downsample is torchvision's strided 1x1 conv with one BN per candidate width, not the
   reference's average-pooled one, so that a genotype is an ordinary ``resnet`` spec (and its
   downsample keeps torchvision's form); its expected-MACs term is the CIFAR stride-2 shortcut's.
-  The ImageNet search schedule (§2.6: 120 epochs, ``w_wd=1e-4``) is not the default: set it.
+  The paper's ImageNet search schedule (120 epochs, ``w_wd=1e-4``) is not the default: set it.
 * in both families a genotype block whose input and output widths differ gets the family's
   stride-1 1x1 conv + BN projection; the super-net has an identity (zero-padded add) there, as the
-  reference (§2.4 item 8), and its expected MACs leave that projection out.
+  reference code, and its expected MACs leave that projection out.
 
 Expected result (paper, 600 search + 300 training epochs): ResNet-56 / CIFAR-10 at 47% of the
 MACs reaches 93.69% top-1 (5.95E7 MACs).
@@ -494,7 +495,7 @@ class SearchResNet(nn.Module):
 
     # -- expected MACs -------------------------------------------------------------------------
     def expected_macs(self) -> torch.Tensor:
-        """TAS's differentiable FLOPs relaxation (float64 MACs, §2.4): no Gumbel noise; E[C] per
+        """TAS's differentiable FLOPs relaxation (float64 MACs; the paper's cost loss): no Gumbel noise; E[C] per
         conv chained through the net; each block weighted by P(kept) = reverse cumulative sum of
         its stage's depth probabilities; stride-2 shortcut and FC terms included."""
         p = self.width_logits.double().masked_fill(~self.width_mask, float("-inf")).softmax(dim=1)
@@ -516,7 +517,7 @@ class SearchResNet(nn.Module):
         """The spec (the super-net's family) of chosen candidates (default: the argmax).
 
         Blocks after a stage's chosen depth are dropped; since a block's input width in the spec
-        is the previous block's output, the next stage starts from the last kept block (§2.7).
+        is the previous block's output, the next stage starts from the last kept block.
         """
         if width_idx is None or depth_idx is None:
             width_idx, depth_idx = self.argmax_indices()
@@ -648,7 +649,7 @@ class _FixedPath(nn.Module):
 
 
 class TASHparams(MethodHparams):
-    """TAS hyperparameters (defaults: the reference CIFAR search, ``methods.md`` §2.9)."""
+    """TAS hyperparameters (defaults: the reference code's CIFAR search)."""
 
     epochs: int = Field(600, ge=1, description="search epochs (one step() each)")
     batch_size: int = Field(256, ge=2, description="batch of the weight step and of the arch step")

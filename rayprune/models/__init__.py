@@ -22,33 +22,19 @@ from ..registry import Registry, UnknownNameError
 from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, canonical_json, round_to,
                    spec_hash)
 from .cifar_resnet import CifarResNetFamily
+from .mobilenet_v2 import MobileNetV2Family
+from .resnet import ResNetFamily
+from .vgg import VGGFamily
 
 FAMILIES: Registry[Family] = Registry("model family")
-FAMILIES.add("cifar_resnet", CifarResNetFamily())
-
-
-def _register_optional_families() -> None:
-    # Each family lives in its own module; import lazily-tolerant so one family's absence
-    # (during development) never breaks the others.
-    import importlib
-
-    for mod, cls in (("vgg", "VGGFamily"), ("mobilenet_v2", "MobileNetV2Family"), ("resnet", "ResNetFamily")):
-        try:
-            module = importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
-            continue
-        family = getattr(module, cls)()
-        FAMILIES.add(family.name, family)
-
-
-_register_optional_families()
+for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFamily()):
+    FAMILIES.add(_family.name, _family)
+del _family
 
 __all__ = [
     "Axes", "ChannelGroup", "Family", "Layer", "Spec", "SpecError", "FAMILIES", "build", "canonical_json",
     "channel_groups", "family_of", "full_spec", "input_size_of", "layers", "load_spec", "macs", "params",
-    "parse_model", "round_to", "save_spec", "spec_hash", "stage_of_groups", "tensor_axes", "validate",
+    "parse_model", "round_to", "save_spec", "spec_hash", "tensor_axes", "validate",
     "with_widths",
 ]
 
@@ -132,10 +118,6 @@ def tensor_axes(spec: Spec) -> dict[str, Axes]:
 def with_widths(spec: Spec, widths: dict[str, int]) -> Spec:
     """A copy of ``spec`` with channel groups resized (see :func:`channel_groups` for names)."""
     return family_of(spec).with_widths(spec, widths)
-
-
-def stage_of_groups(spec: Spec) -> dict[str, int]:
-    return {g.name: g.stage for g in channel_groups(spec)}
 
 
 def load_spec(path: str | Path) -> Spec:

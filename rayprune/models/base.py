@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -177,9 +176,6 @@ class Family(abc.ABC):
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         """For each state_dict key, the group name indexing each dimension (None = not pruned)."""
 
-    def num_stages(self, spec: Spec) -> int:
-        return 1 + max(g.stage for g in self.channel_groups(spec))
-
     def with_widths(self, spec: Spec, widths: dict[str, int]) -> Spec:
         """A copy of ``spec`` with the named groups set to new widths (structure unchanged)."""
         groups = {g.name: g for g in self.channel_groups(spec)}
@@ -206,17 +202,3 @@ def _set_path(spec: Spec, path: str, value: int) -> None:
     else:
         node[last] = value
 
-
-def get_path(spec: Spec, path: str) -> Any:
-    node: Any = spec
-    for k in path.split("."):
-        node = node[int(k)] if isinstance(node, list) else node[k]
-    return node
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -229,3 +229,12 @@ def test_progress_bar_goes_to_stderr(capsys):
     net, train, _ = tiny_setup()
     fit(net, train, CFG.model_copy(update={"epochs": 1}), progress=True)
     assert "fit" in capsys.readouterr().err
+
+
+def test_bn_layers_lists_every_batch_norm_in_module_order():
+    from rayprune.engine import bn_layers
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyBatchNorm1d(), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+    assert bn_layers(net) == [net[1], net[3], net[5]]
+    assert not bn_layers(torch.nn.Linear(2, 2))

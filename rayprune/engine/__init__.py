@@ -16,11 +16,11 @@ from .latency import measure_latency
 from .robust import CORRUPTIONS, robust_accuracy
 from .train import (TrainConfig, autocast, evaluate, fit, kd_loss, make_optimizer, make_scheduler, recalibrate_bn,
                     recalibration_batches)
-from .utils import resolve_device, seed_everything
+from .utils import bn_layers, resolve_device, seed_everything
 
 __all__ = [
     "CORRUPTIONS", "DataError", "Dataset", "FolderDataset", "Loader", "TrainConfig", "atomic_save", "autocast",
-    "capture_rng", "evaluate", "fit", "holdout_per_class", "kd_loss", "load", "load_dataset", "make_loader",
+    "bn_layers", "capture_rng", "evaluate", "fit", "holdout_per_class", "kd_loss", "load", "load_dataset", "make_loader",
     "make_optimizer", "make_scheduler", "measure_latency", "recalibrate_bn", "recalibration_batches", "restore_rng", "resolve_device", "robust_accuracy",
     "seed_everything", "split_per_class", "synthetic_dataset",
 ]

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .data import Loader, make_loader
-from .utils import resolve_device
+from .utils import bn_layers, resolve_device
 
 __all__ = ["TrainConfig", "autocast", "evaluate", "fit", "kd_loss", "make_optimizer", "make_scheduler",
            "recalibrate_bn", "recalibration_batches"]
@@ -218,7 +218,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     A pruned or weight-shared subnet's narrower inputs shift each layer's statistics, so
     inherited (or super-net) running stats would mis-normalise it; this costs forward passes only.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = bn_layers(model)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -1,4 +1,4 @@
-"""Small helpers shared by the engine: seeding and device resolution."""
+"""Small helpers shared by the engine: seeding, device resolution and a model's BN layers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["derive_seed", "resolve_device", "seed_everything"]
+__all__ = ["BN_TYPES", "bn_layers", "derive_seed", "resolve_device", "seed_everything"]
+
+#: torch's batch-norm layers, by their public names.
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+            nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    """Every batch-norm layer of ``model`` (with running statistics to re-estimate), in module order."""
+    return [m for m in model.modules() if isinstance(m, BN_TYPES)]
 
 
 def seed_everything(seed: int) -> None:

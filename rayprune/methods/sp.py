@@ -47,7 +47,7 @@ from .. import models
 from ..engine.data import holdout_per_class, make_loader
 from ..engine.train import (TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer, recalibrate_bn,
                             recalibration_batches)
-from ..engine.utils import derive_seed, resolve_device
+from ..engine.utils import bn_layers, derive_seed, resolve_device
 from ..models.base import Spec, SpecError, round_to
 from . import register
 from ._baseline import fit_multiplier
@@ -554,7 +554,7 @@ class SP(Method):
         (``val_top1``), and the summed stage losses against the teacher (``proxy_loss``).
         The super-net's BN statistics are restored afterwards."""
         model = self.net.model
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bns = bn_layers(model)
         saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
         self.net.set_widths(widths)
         try:

@@ -12,7 +12,7 @@ import pytest
 from rayprune import models
 from rayprune.methods import Budget
 from rayprune.methods._baseline import fill_to_window, fit_multiplier
-from rayprune.methods.tas import SearchResNet, grow_to_window
+from rayprune.methods.tas_supernet import SearchResNet, grow_to_window
 from rayprune.orchestration.trainable import target_window
 
 TINY = models.full_spec("cifar_resnet:tiny", shortcut="avgpool_conv")

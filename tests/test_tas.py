@@ -17,9 +17,11 @@ from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig
 from rayprune.methods import Budget, RunContext, get_method, within_budget
 from rayprune.models import SpecError
-from rayprune.methods.tas import (GEOMETRIES, SearchResNet, channel_interp, cost_loss, depth_candidates,
-                                  imagenet_depth_candidates, shrink_to_budget, tau_at, width_candidates,
-                                  zero_pad_add)
+from rayprune.methods.tas import cost_loss, tau_at
+from rayprune.methods.tas_supernet import (DEPTH_RULES, SearchResNet, channel_interp, depth_candidates,
+                                           imagenet_depth_candidates, shrink_to_budget, width_candidates,
+                                           zero_pad_add)
+from rayprune.models.base import get_path
 
 
 def search_net(variant: str, num_classes: int = 10, **kw) -> SearchResNet:
@@ -256,8 +258,7 @@ def test_shrink_to_budget_reaches_the_target_through_candidates_then_floors():
     assert models.macs(spec) <= target
     assert [len(s) for s in spec["stages"]] == [3, 3, 3]  # widths suffice: depth untouched
     for slot, _, row in net.conv_slots(spec):
-        width = spec["stem"] if slot is None else spec["stages"][slot[0]][slot[1]][slot[2]]
-        assert width >= floors[row]
+        assert get_path(spec, slot.path) >= floors[row]
 
 
 # -- the method ------------------------------------------------------------------------------
@@ -293,9 +294,9 @@ def resnet_search_net(variant: str) -> SearchResNet:
 
 
 def test_imagenet_depth_rows_of_the_standard_nets():
-    geometry = GEOMETRIES["resnet"]
-    assert geometry.depth_rows([3, 4, 6, 3]) == [(1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3)]  # ResNet-50
-    assert geometry.depth_rows([2, 2, 2, 2]) == [(1, 2)] * 4  # ResNet-18
+    rule = DEPTH_RULES[models.FAMILIES.get("resnet").residual_net(models.full_spec("resnet:50")).depth_rule]
+    assert rule([3, 4, 6, 3]) == [(1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3)]  # ResNet-50
+    assert rule([2, 2, 2, 2]) == [(1, 2)] * 4  # ResNet-18
     with pytest.raises(SpecError, match="supports 'cifar_resnet' and 'resnet' specs, got family 'vgg'"):
         SearchResNet(models.full_spec("vgg:tiny"))
 

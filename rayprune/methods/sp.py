@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
@@ -48,7 +47,7 @@ from ..engine.data import holdout_per_class, make_loader
 from ..engine.train import (TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer, recalibrate_bn,
                             recalibration_batches)
 from ..engine.utils import bn_layers, derive_seed, resolve_device
-from ..models.base import Spec, SpecError, round_to
+from ..models.base import Fixup, Spec, SpecError, StageSplit, round_to
 from . import register
 from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
@@ -127,95 +126,15 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
 # Stages of a family
 # --------------------------------------------------------------------------------------------
 
-Hook = Callable[[nn.Module, tuple, torch.Tensor, Widths], torch.Tensor]
 
-
-@dataclass
-class StageLayout:
-    """A network cut at its resolution changes.
-
-    ``stages[s](x)`` maps stage s's input to its output (stage 0 takes images), ``head`` maps the
-    last stage's output to logits, ``modules[s]`` own stage s's parameters and ``boundary[s]`` is
-    the channel group of stage s's output. ``fixups`` (module name -> hook) are forward hooks
-    for parameter-free modules whose masked output differs from the sliced subnet's.
-    """
-
-    stages: list[Callable[[torch.Tensor], torch.Tensor]]
-    head: Callable[[torch.Tensor], torch.Tensor]
-    modules: list[list[nn.Module]]
-    boundary: list[str]
-    fixups: dict[str, Hook]
-
-
-def _option_a_fixup(in_group: str, out_group: str) -> Hook:
-    """Option-A shortcuts zero-pad by position: recompute them at the subnet's widths."""
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, widths: Widths) -> torch.Tensor:
-        k_in, k_out = widths[in_group], widths[out_group]
-        front = (k_out - k_in) // 2  # as OptionA(k_in, k_out) in the sliced subnet (may crop)
-        sub = F.pad(inputs[0][:, :k_in, ::2, ::2], (0, 0, 0, 0, front, k_out - k_in - front))
-        return F.pad(sub, (0, 0, 0, 0, 0, output.shape[1] - k_out))
-
-    return hook
-
-
-def _cifar_resnet_layout(spec: Spec, model: nn.Module) -> StageLayout:
-    from ..models.cifar_resnet import iter_blocks
-
-    group_of = models.family_of(spec).group_of(spec)
-    n = len(spec["stages"])
-
-    def stage(s: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        return (lambda x: model.stages[0](F.relu(model.stem(x)))) if s == 0 else model.stages[s]
-
-    fixups, prev = {}, "stem"
-    for info in iter_blocks(spec):
-        out = f"s{info.stage}.b{info.index}.out"
-        if info.shortcut == "option_a":
-            fixups[f"{info.prefix}.shortcut"] = _option_a_fixup(group_of[prev], group_of[out])
-        prev = out
-    modules = [[model.stem, model.stages[0]], *[[model.stages[s]] for s in range(1, n)]]
-    modules[-1].append(model.fc)
-    return StageLayout(
-        stages=[stage(s) for s in range(n)],
-        head=lambda x: model.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
-        modules=modules,
-        boundary=[group_of[f"s{s}.b{len(spec['stages'][s]) - 1}.out"] for s in range(n)],
-        fixups=fixups)
-
-
-def _mobilenet_v2_layout(spec: Spec, model: nn.Module) -> StageLayout:
-    """Stages start at the stride-2 inverted-residual stages (the first one is skipped when the
-    stem already downsamples, so stride 2 and 4 share a stage, as the paper's split at resolution
-    changes has it); the last
-    1x1 conv is a stage of its own (the head group); pooling and the classifier go with it."""
-    from ..models.mobilenet_v2 import iter_blocks
-
-    blocks = list(iter_blocks(spec))
-    strided = [s for s, stage in enumerate(spec["stages"]) if stage["stride"] == 2]
-    strided = strided[1:] if spec["stem_stride"] == 2 else strided
-    head_at = len(model.features) - 1
-    starts = [0, *[b.feature for b in blocks if b.index == 0 and b.stage in strided], head_at]
-    out_group = {0: "stem", **{b.feature: f"s{b.stage}.out" for b in blocks}}
-    modules = [[model.features[a:b]] for a, b in zip(starts, starts[1:])] + [[model.features[head_at:], model.classifier]]
-    return StageLayout(
-        stages=[m[0] for m in modules],
-        head=lambda x: model.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
-        modules=modules,
-        boundary=[out_group[b - 1] for b in starts[1:]] + ["last"],
-        fixups={})
-
-
-LAYOUTS: dict[str, Callable[[Spec, nn.Module], StageLayout]] = {"cifar_resnet": _cifar_resnet_layout,
-                                                               "mobilenet_v2": _mobilenet_v2_layout}
-
-
-def stage_layout(spec: Spec, model: nn.Module) -> StageLayout:
-    """The stages of ``model`` (built from ``spec``); raises for families SP does not support."""
-    family = models.family_of(spec).name
-    if family not in LAYOUTS:
-        raise SpecError(f"sp: no stage layout for family {family!r}; supported: {', '.join(sorted(LAYOUTS))}")
-    return LAYOUTS[family](spec, model)
+def stage_layout(spec: Spec, model: nn.Module) -> StageSplit:
+    """The stages of ``model`` (built from ``spec``): its family's :meth:`~rayprune.models.Family.stage_split`;
+    raises for families that declare none."""
+    family = models.family_of(spec)
+    if not family.implements("stage_split"):
+        supported = sorted(n for n in models.FAMILIES if models.FAMILIES.get(n).implements("stage_split"))
+        raise SpecError(f"sp: no stage layout for family {family.name!r}; supported: {', '.join(supported)}")
+    return family.stage_split(spec, model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +157,7 @@ class MaskedSupernet:
     batch statistics.
     """
 
-    def __init__(self, spec: Spec, model: nn.Module, layout: StageLayout) -> None:
+    def __init__(self, spec: Spec, model: nn.Module, layout: StageSplit) -> None:
         self.spec, self.model, self.layout = spec, model, layout
         self.full: Widths = {g.name: g.width for g in models.channel_groups(spec)}
         self.widths: Widths | None = None
@@ -272,7 +191,7 @@ class MaskedSupernet:
 
         return hook
 
-    def _fixup_hook(self, fix: Hook) -> Callable[..., torch.Tensor | None]:
+    def _fixup_hook(self, fix: Fixup) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             return None if self.widths is None else fix(module, inputs, output, self.widths)
 

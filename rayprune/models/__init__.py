@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, canonical_json, round_to,
-                   spec_hash)
+from .base import (Axes, ChannelGroup, Family, Layer, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit,
+                   WidthSlot, canonical_json, round_to, spec_hash)
 from .cifar_resnet import CifarResNetFamily
 from .mobilenet_v2 import MobileNetV2Family
 from .resnet import ResNetFamily
@@ -32,7 +32,8 @@ for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFam
 del _family
 
 __all__ = [
-    "Axes", "ChannelGroup", "Family", "Layer", "Spec", "SpecError", "FAMILIES", "build", "canonical_json",
+    "Axes", "ChannelGroup", "Family", "Layer", "ResidualBlock", "ResidualNet", "Spec", "SpecError", "StageSplit",
+    "WidthSlot", "FAMILIES", "build", "canonical_json",
     "channel_groups", "family_of", "full_spec", "input_size_of", "layers", "load_spec", "macs", "params",
     "parse_model", "round_to", "save_spec", "spec_hash", "tensor_axes", "validate",
     "with_widths",

@@ -13,8 +13,9 @@ import abc
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 Spec = dict[str, Any]
@@ -176,6 +177,28 @@ class Family(abc.ABC):
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         """For each state_dict key, the group name indexing each dimension (None = not pruned)."""
 
+    # -- hooks of the super-net methods (TAS, SP): a family implements the ones it supports ------
+    def residual_net(self, spec: Spec) -> ResidualNet:
+        """The spec as a width-and-depth super-net reads it: stem, residual blocks, stages (TAS)."""
+        raise SpecError(f"family {self.name!r} declares no residual blocks")
+
+    def width_slots(self, spec: Spec) -> list[WidthSlot]:
+        """Every conv width the spec sets directly, in forward order (TAS's per-conv widths)."""
+        raise SpecError(f"family {self.name!r} declares no per-conv width slots")
+
+    def with_depths(self, spec: Spec, depths: Sequence[int]) -> Spec:
+        """A copy of ``spec`` keeping the first ``depths[s]`` residual blocks of each stage."""
+        raise SpecError(f"family {self.name!r} cannot drop blocks")
+
+    def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
+        """``model`` (built from ``spec``) cut at its resolution changes (SP's stages)."""
+        raise SpecError(f"family {self.name!r} declares no stage split")
+
+    @classmethod
+    def implements(cls, hook: str) -> bool:
+        """True when this family overrides the :class:`Family` hook named ``hook``."""
+        return getattr(cls, hook) is not getattr(Family, hook)
+
     def with_widths(self, spec: Spec, widths: dict[str, int]) -> Spec:
         """A copy of ``spec`` with the named groups set to new widths (structure unchanged)."""
         groups = {g.name: g for g in self.channel_groups(spec)}
@@ -186,11 +209,19 @@ class Family(abc.ABC):
             if not (isinstance(width, int) and width >= 1):
                 raise SpecError(f"channel group {name!r}: width must be an integer >= 1, got {width!r}")
             for path in groups[name].members:
-                _set_path(out, path, width)
+                set_path(out, path, width)
         return out
 
 
-def _set_path(spec: Spec, path: str, value: int) -> None:
+def get_path(spec: Spec, path: str) -> Any:
+    """The value at a dotted path like "stages.1.0.1" (ints index lists) in a nested spec."""
+    node: Any = spec
+    for k in path.split("."):
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    return node
+
+
+def set_path(spec: Spec, path: str, value: int) -> None:
     """Set a dotted path like "stages.1.0.1" (ints index lists) in a nested spec."""
     keys = path.split(".")
     node: Any = spec
@@ -202,3 +233,103 @@ def _set_path(spec: Spec, path: str, value: int) -> None:
     else:
         node[last] = value
 
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN gamma=1 beta=0, small normal linear (as in TAS)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# What the super-net methods read from a family (see the hooks on Family)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """One residual block, by the layer names of the family's analytic walk (:meth:`Family.layers`)."""
+
+    stage: int
+    convs: tuple[str, ...]  # the block's convs in forward order
+    shortcut: str | None = None  # the shortcut conv (None: identity)
+    shortcut_pool: bool = False  # AvgPool2d(2) before the shortcut conv (TAS's CIFAR stride-2 shortcut)
+    shortcut_bn: bool = True  # a BN after the shortcut conv
+
+
+@dataclass(frozen=True)
+class ResidualNet:
+    """A post-activation residual net: stem conv (+ optional 3x3 stride-2 max-pool), residual
+    blocks in forward order, global average pool, one linear layer.
+
+    ``spec`` is the spec the super-net mirrors (a family may fix fields for the search, e.g. the
+    stride-2 shortcut kind); every genotype keeps its other fields. ``depth_rule`` names the
+    stage-depth candidates that suit the net: ``"per_block"`` (CIFAR-style stages) or
+    ``"imagenet"``.
+    """
+
+    spec: Spec
+    stem: str
+    stem_pool: bool
+    blocks: tuple[ResidualBlock, ...]
+    depth_rule: str = "per_block"
+
+
+@dataclass(frozen=True)
+class WidthSlot:
+    """One conv width of a spec: its dotted ``path`` in the spec, the conv's layer name, and where
+    it sits (``block`` None: the stem; else conv ``conv`` of block ``block`` of stage ``stage``)."""
+
+    path: str
+    layer: str
+    stage: int
+    block: int | None = None
+    conv: int = 0
+
+
+#: Rewrites a parameter-free module's output for a subnet: (module, inputs, output, widths) -> output.
+Fixup = Callable[[nn.Module, tuple, torch.Tensor, dict[str, int]], torch.Tensor]
+
+
+@dataclass
+class StageSplit:
+    """A built network cut at its resolution changes.
+
+    ``stages[s](x)`` maps stage s's input to its output (stage 0 takes images), ``head`` maps the
+    last stage's output to logits, ``modules[s]`` own stage s's parameters and ``boundary[s]`` is
+    the channel group of stage s's output. ``fixups`` (module name -> hook) are forward hooks
+    for parameter-free modules whose masked output differs from the sliced subnet's.
+    """
+
+    stages: list[Callable[[torch.Tensor], torch.Tensor]]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    modules: list[list[nn.Module]]
+    boundary: list[str]
+    fixups: dict[str, Fixup]
+
+
+def residual_width_slots(blocks: Iterator[Any], stem: str) -> list[WidthSlot]:
+    """Width slots of the ``{"stem": w, "stages": [[[w, ...], ...], ...]}`` spec layout, from a
+    family's block walk (items with ``stage``, ``index``, ``widths`` and ``prefix``; conv j of a
+    block is ``<prefix>.conv<j+1>``)."""
+    slots = [WidthSlot("stem", stem, 0)]
+    for info in blocks:
+        slots += [WidthSlot(f"stages.{info.stage}.{info.index}.{j}", f"{info.prefix}.conv{j + 1}", info.stage,
+                            info.index, j) for j in range(len(info.widths))]
+    return slots
+
+
+def keep_first_blocks(spec: Spec, depths: Sequence[int]) -> Spec:
+    """:meth:`Family.with_depths` for specs whose ``stages`` are lists of blocks."""
+    out = json.loads(json.dumps(spec))
+    out["stages"] = [stage[:d] for stage, d in zip(out["stages"], depths)]
+    return out

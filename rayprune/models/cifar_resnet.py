@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields,
-                   conv_layer, linear_layer, require, require_int)
+from .base import (Axes, ChannelGroup, Family, Fixup, Layer, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit,
+                   WidthSlot, bn_axes, bn_layer, check_fields, conv_layer, init_weights, keep_first_blocks,
+                   linear_layer, require, require_int, residual_width_slots)
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
 BLOCKS = {"basic": 2, "bottleneck": 3}
@@ -192,21 +193,6 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out) convs, BN gamma=1 beta=0, small normal linear (as in TAS)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-
-
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
@@ -362,3 +348,59 @@ class CifarResNetFamily(Family):
         axes["fc.weight"] = (None, prev)
         axes["fc.bias"] = (None,)
         return axes
+
+    # -- super-net hooks -------------------------------------------------------------------------
+    def residual_net(self, spec: Spec) -> ResidualNet:
+        """3x3 stem; TAS's stride-2 shortcut (AvgPool(2) + 1x1 conv, no BN) in the search and in
+        every genotype; a 1x1 conv + BN where a stride-1 block changes width."""
+        spec = {**spec, "shortcut": "avgpool_conv"}
+        blocks = []
+        for info in iter_blocks(spec):
+            convs = tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths)))
+            if info.shortcut == "identity":
+                blocks.append(ResidualBlock(info.stage, convs))
+            else:  # avgpool_conv (stride 2) or conv_bn_s1 (only where the unpruned net has one)
+                pooled = info.shortcut == "avgpool_conv"
+                blocks.append(ResidualBlock(info.stage, convs, f"{info.prefix}.shortcut.conv", pooled, not pooled))
+        return ResidualNet(spec, "stem.conv", False, tuple(blocks), "per_block")
+
+    def width_slots(self, spec: Spec) -> list[WidthSlot]:
+        return residual_width_slots(iter_blocks(spec), "stem.conv")
+
+    def with_depths(self, spec: Spec, depths: list[int]) -> Spec:
+        return keep_first_blocks(spec, depths)
+
+    def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
+        """One stage per resolution (the stem goes with the first); the classifier with the last."""
+        group_of = self.group_of(spec)
+        n = len(spec["stages"])
+
+        def stage(s: int):
+            return (lambda x: model.stages[0](F.relu(model.stem(x)))) if s == 0 else model.stages[s]
+
+        fixups, prev = {}, "stem"
+        for info in iter_blocks(spec):
+            out = f"s{info.stage}.b{info.index}.out"
+            if info.shortcut == "option_a":
+                fixups[f"{info.prefix}.shortcut"] = _option_a_fixup(group_of[prev], group_of[out])
+            prev = out
+        modules = [[model.stem, model.stages[0]], *[[model.stages[s]] for s in range(1, n)]]
+        modules[-1].append(model.fc)
+        return StageSplit(
+            stages=[stage(s) for s in range(n)],
+            head=lambda x: model.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
+            modules=modules,
+            boundary=[group_of[f"s{s}.b{len(spec['stages'][s]) - 1}.out"] for s in range(n)],
+            fixups=fixups)
+
+
+def _option_a_fixup(in_group: str, out_group: str) -> Fixup:
+    """Option-A shortcuts zero-pad by position: recompute them at the subnet's widths."""
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, widths: dict[str, int]) -> torch.Tensor:
+        k_in, k_out = widths[in_group], widths[out_group]
+        front = (k_out - k_in) // 2  # as OptionA(k_in, k_out) in the sliced subnet (may crop)
+        sub = F.pad(inputs[0][:, :k_in, ::2, ::2], (0, 0, 0, 0, front, k_out - k_in - front))
+        return F.pad(sub, (0, 0, 0, 0, 0, output.shape[1] - k_out))
+
+    return hook

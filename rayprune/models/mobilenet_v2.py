@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
-                   linear_layer, require, require_int, validate_input_size, round_to)
-from .cifar_resnet import init_weights
+from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, StageSplit, bn_axes, bn_layer, check_fields,
+                   conv_layer, init_weights, linear_layer, require, require_int, round_to, validate_input_size)
 
 DIVISOR = 8
 # torchvision's inverted-residual settings: (expansion t, channels c, blocks n, stride s).
@@ -252,6 +252,27 @@ class MobileNetV2Family(Family):
         axes["classifier.1.weight"] = (None, "last")
         axes["classifier.1.bias"] = (None,)
         return axes
+
+    # -- super-net hooks -------------------------------------------------------------------------
+    def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
+        """Stages start at the stride-2 inverted-residual stages (the first one is skipped when the
+        stem already downsamples, so stride 2 and 4 share a stage, as SP's split at resolution
+        changes has it); the last 1x1 conv is a stage of its own (the head group); pooling and
+        the classifier go with it."""
+        blocks = list(iter_blocks(spec))
+        strided = [s for s, stage in enumerate(spec["stages"]) if stage["stride"] == 2]
+        strided = strided[1:] if spec["stem_stride"] == 2 else strided
+        head_at = len(model.features) - 1
+        starts = [0, *[b.feature for b in blocks if b.index == 0 and b.stage in strided], head_at]
+        out_group = {0: "stem", **{b.feature: f"s{b.stage}.out" for b in blocks}}
+        modules = [[model.features[a:b]] for a, b in zip(starts, starts[1:])]
+        modules.append([model.features[head_at:], model.classifier])
+        return StageSplit(
+            stages=[m[0] for m in modules],
+            head=lambda x: model.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
+            modules=modules,
+            boundary=[out_group[b - 1] for b in starts[1:]] + ["last"],
+            fixups={})
 
 
 def require_stride(value: Any, field_name: str) -> None:

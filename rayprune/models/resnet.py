@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
-                   linear_layer, validate_input_size)
-from .cifar_resnet import init_weights, validate_block_stages
+from .base import (Axes, ChannelGroup, Family, Layer, ResidualBlock, ResidualNet, Spec, SpecError, WidthSlot, bn_axes,
+                   bn_layer, check_fields, conv_layer, init_weights, keep_first_blocks, linear_layer,
+                   residual_width_slots, validate_input_size)
+from .cifar_resnet import validate_block_stages
 
 DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),
           "101": ("bottleneck", (3, 4, 23, 3)), "152": ("bottleneck", (3, 8, 36, 3))}
@@ -228,6 +229,20 @@ class ResNetFamily(Family):
         axes["fc.weight"] = (None, prev)
         axes["fc.bias"] = (None,)
         return axes
+
+    # -- super-net hooks -------------------------------------------------------------------------
+    def residual_net(self, spec: Spec) -> ResidualNet:
+        """7x7 stride-2 stem + max-pool; torchvision's 1x1 conv + BN downsample; ImageNet depths."""
+        blocks = tuple(ResidualBlock(info.stage, tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths))),
+                                     f"{info.prefix}.downsample.0" if info.downsample else None)
+                       for info in iter_blocks(spec))
+        return ResidualNet(dict(spec), "conv1", True, blocks, "imagenet")
+
+    def width_slots(self, spec: Spec) -> list[WidthSlot]:
+        return residual_width_slots(iter_blocks(spec), "conv1")
+
+    def with_depths(self, spec: Spec, depths: list[int]) -> Spec:
+        return keep_first_blocks(spec, depths)
 
 
 def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:

@@ -13,13 +13,6 @@ from rayprune.testing import tiny_context, tiny_spec as _tiny_spec
 RAY_FIXTURES = {"local_ray", "ray_head"}
 #: Slow tests (several seconds each on 2 CPU cores) in modules that carry no markers of their
 #: own; the other test modules mark theirs with ``@pytest.mark.slow``.
-SLOW_NODES = (
-    "tests/test_orchestration_cache.py::",
-    "tests/test_orchestration_config.py::test_launch_script_runs_alone_like_ray_submit_copies_it",
-    "tests/test_gpu_kit.py::test_smoke_runs_every_stage_and_records_meta",
-    "tests/test_tracking_export.py::test_default_export_writes_all_files_and_onnx_matches_torch",
-    "tests/test_tracking_mlflow.py::test_pick_exports_registers_an_onnx_model_that_pyfunc_loads",
-)
 
 
 @pytest.fixture
@@ -43,6 +36,4 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
-            item.add_marker(pytest.mark.slow)
-        elif item.nodeid.startswith(SLOW_NODES):
             item.add_marker(pytest.mark.slow)

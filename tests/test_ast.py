@@ -44,7 +44,7 @@ def make_ctx(tmp_path, spec=None, budget=0.5, max_stage_prune=None) -> RunContex
 
 @pytest.mark.parametrize("tau, kept", [(0.6, 10), (0.85, 14), (0.75, 12), (1.0, 16)])
 def test_mass_threshold_reference_numbers(tau, kept):
-    # methods.md §5 item 11: uniform α, no noise, 16 filters -> ceil(tau * 16) filters.
+    # The reference rule with uniform α and no noise: 16 filters keep ceil(tau * 16).
     uniform = torch.full((16,), 1 / 16)
     assert mass_threshold_keep(uniform, tau).numel() == kept
     ranking = rank_channels({"g": torch.zeros(16)}, None, 0.0)

@@ -54,6 +54,7 @@ def smoke(tmp_path_factory):
     return rows, res.stdout, base
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_and_records_meta(smoke):
     rows, stdout, base = smoke
     assert {r["stage"] for r in rows} == {"preflight", "A", "calibrate", "B", "C"}

@@ -10,6 +10,8 @@ from rayprune.orchestration import trainable
 from rayprune.orchestration.cache import FinalCache, cache_key, cell_slug
 from rayprune.runner import TrialConfig, build_method
 
+pytestmark = pytest.mark.slow  # every test here runs a Ray sweep or Ray tasks
+
 
 def uniform(tmp_path, seed, rates, epochs=1):
     cfg = TrialConfig(method="uniform", model="cifar_resnet:tiny", shortcut="avgpool_conv", dataset="synthetic",

@@ -151,6 +151,7 @@ def test_bad_file_stops_the_cli_before_anything_starts(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]
 
 
+@pytest.mark.slow
 def test_launch_script_runs_alone_like_ray_submit_copies_it(tmp_path):
     """`ray submit` copies only launch/sweep.py: it must work from any directory on its own."""
     shutil.copy(ROOT / "launch" / "sweep.py", tmp_path / "sweep.py")

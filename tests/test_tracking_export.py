@@ -38,6 +38,7 @@ def onnx_vs_torch(out_dir, batch=4, size=32):
     return got, want
 
 
+@pytest.mark.slow
 def test_default_export_writes_all_files_and_onnx_matches_torch(tmp_path):
     state = trained_like_state(PRUNED)
     out = export_subnet(PRUNED, state, {"test_top1": 0.875, "robust_top1": 0.5},

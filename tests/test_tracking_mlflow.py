@@ -246,6 +246,7 @@ def load_export(out_dir):
     (["--mode", "robust", "--max-drop", "0.15"], "D", "t2", 4),  # D's robust 0.62 beats A's 0.58
     (["--mode", "robust", "--max-drop", "0.15", "--max-macs", "{macs_b}"], "A", "t1", 3),
 ])
+@pytest.mark.slow
 def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path, capsys, argv, width, trial, seed):
     import mlflow
 

@@ -5,10 +5,11 @@ Every channel of every channel group gets a learnable importance weight α. One 
 
 1. **Thresholds.** ThreshNet, a small width-agnostic policy, picks a mass threshold τ_l per
    channel group from ``actions`` (or a fixed τ without ThreshNet, the paper's ablation).
-2. **Sample.** Per group keep the fewest channels whose ``softmax(α + s_t·Gumbel)`` mass reaches
-   τ_l + δ, never below the budget's per-group floor; δ, one offset for all groups, is found by
-   bisection so the subnet lands in ``[target_window·target, target]`` MACs
-   (:func:`calibrate_to_target`). The noise scale s_t anneals linearly to 0.
+2. **Sample.** Per group count the fewest channels whose ``softmax(α + s_t·Gumbel)`` mass
+   reaches τ_l, scale every count by one global factor found by bisection so the subnet lands in
+   ``[target_window·target, target]`` MACs, never below the budget's per-group floor, and keep
+   each group's most probable channels (:func:`calibrate_to_target`). The noise scale s_t
+   anneals linearly to 0.
 3. **Train.** Slice the subnet out of the target net and train its weights on search-train for
    the iteration's M epochs (engine ``fit``), with ``alpha_passes`` passes of α on search-val
    (``CE − var_weight·Σ_l Var(α_l)``) spread over them.
@@ -60,7 +61,7 @@ POLICY_INPUT = 64  # every group's α profile is resampled to this many values
 POLICY_HIDDEN = 32
 MASS_EPS = 1e-9  # cumulative mass compares against τ − MASS_EPS, so float round-off never adds a channel
 ALPHA_BETAS, ALPHA_WEIGHT_DECAY = (0.5, 0.999), 1e-4  # α's Adam (see AlphaOptimizer)
-CALIBRATION_STEPS = 40  # bisection steps on the global τ offset (2^-40: far below any width change)
+CALIBRATION_STEPS = 40  # bisection steps on the global width scale (far below any one-channel change)
 
 # --------------------------------------------------------------------------------------------
 # Subnet sampling
@@ -459,7 +460,7 @@ class ASTHparams(MethodHparams):
     * the Gumbel noise anneals linearly to 0 over ``noise_iterations`` (the code switches it off
       after iteration 50), so the search ends on what α and the policy have learned;
     * one kept-index set per channel group keeps residual adds aligned;
-    * every subnet is drawn to the FLOPs target (a global τ offset, :func:`calibrate_to_target`),
+    * every subnet is drawn to the FLOPs target (one global width scale, :func:`calibrate_to_target`),
       never below the budget's per-group floor;
     * the search stops when AST's deterministic subnet converges (:class:`ConvergenceTracker`),
       and that subnet, trained like any sample and scored on search-val, is the result.

@@ -149,13 +149,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
+    from .models import io as subnet_io
     from .runner import train_teacher
 
     recipe = {**parse_assignments(args.finetune, "--finetune"), "epochs": args.epochs}
     out = train_teacher(args.model, args.dataset, args.out, shortcut=args.shortcut, data_dir=args.data_dir,
                         seed=args.seed, device=args.device, recipe=recipe, progress=args.progress,
                         train_subset=args.train_subset, test_subset=args.test_subset)
-    print(json.dumps({"out": str(out), **json.loads((out / "metrics.json").read_text())}))
+    saved = subnet_io.load(out)
+    print(json.dumps({"out": str(out), **saved.metrics, "macs": saved.record["macs"]}))
     return 0
 
 

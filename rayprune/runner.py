@@ -1,12 +1,10 @@
 """One method run as a plain-torch trial (no Ray): what `rayprune run` does, and what a Ray
-trial wraps. Also the saved-subnet format (spec.json + weights.pt) and teacher training."""
+trial wraps. Also teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +17,8 @@ from .engine.checkpoint import atomic_save, load
 from .engine.data import holdout_per_class, load_dataset
 from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
-from .methods import Budget, Method, RunContext, StepResult, get_method
+from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
+from .models import io as subnet_io
 from .models.base import Spec
 
 
@@ -63,34 +62,15 @@ class TrialConfig(BaseModel):
 
 
 def save_subnet(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
-                metrics: dict[str, Any] | None = None) -> Path:
-    """Write spec.json + weights.pt (+ metrics.json) atomically: a half-written dir never appears."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        models.save_spec(spec, tmp / "spec.json")
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp / "weights.pt")
-        if metrics is not None:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+                metrics: dict[str, Any] | None = None, *, input_size: int | None = None) -> Path:
+    """Write a saved subnet folder (see :mod:`rayprune.models.io`)."""
+    return subnet_io.save(out_dir, spec, state_dict, metrics, input_size=input_size)
 
 
 def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
     """Rebuild a saved subnet from its spec and weights (weights_only: nothing is unpickled)."""
-    path = Path(path)
-    if not (path / "spec.json").is_file() or not (path / "weights.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a saved subnet (expected spec.json and weights.pt in it)")
-    spec = models.load_spec(path / "spec.json")
-    net = models.build(spec, seed=0)  # seeded: the init is overwritten, the global RNG untouched
-    net.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
-    return spec, net
+    saved = subnet_io.load(path)
+    return saved.spec, saved.build()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,21 +79,28 @@ def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
 
 
 def resolve_spec(cfg: TrialConfig, num_classes: int) -> Spec:
-    if cfg.spec is not None:
-        spec = models.validate(dict(cfg.spec))
+    return network_spec(cfg.model, cfg.spec, cfg.shortcut, cfg.dataset, num_classes)
+
+
+def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dataset: str, num_classes: int) -> Spec:
+    """The explicit ``spec`` (checked against the dataset's classes), else ``model``'s unpruned spec."""
+    if spec is not None:
+        spec = models.validate(dict(spec))
         if spec.get("num_classes") != num_classes:
             raise models.SpecError(f"spec field 'num_classes' is {spec.get('num_classes')} but dataset "
-                                   f"{cfg.dataset!r} has {num_classes} classes")
+                                   f"{dataset!r} has {num_classes} classes")
         return spec
-    options = {"shortcut": cfg.shortcut} if cfg.shortcut else {}
-    return models.full_spec(cfg.model, num_classes=num_classes, **options)
+    if model is None:
+        raise models.SpecError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
+    return models.full_spec(model, num_classes=num_classes, **({"shortcut": shortcut} if shortcut else {}))
 
 
 def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
-    tspec, teacher = load_subnet(path)
-    if tspec.get("num_classes") != spec.get("num_classes"):
-        raise ValueError(f"teacher at {path} predicts {tspec.get('num_classes')} classes, the run needs {spec.get('num_classes')}")
-    return teacher.to(device).eval()
+    saved = subnet_io.load(path)
+    if saved.spec.get("num_classes") != spec.get("num_classes"):
+        raise ValueError(f"teacher at {path} predicts {saved.spec.get('num_classes')} classes, "
+                         f"the run needs {spec.get('num_classes')}")
+    return saved.build().to(device).eval()
 
 
 def class_balanced_subset(ds: Any, n: int | None, seed: int) -> Any:
@@ -203,7 +190,8 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
         if on_step is not None:
             on_step(result)
     final = method.finalize(progress=progress)
-    save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict())
+    save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict(),
+                input_size=method.ctx.input_size)
     result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": history,
               "num_subnets": len(subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -219,17 +207,16 @@ def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec:
     An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "weights.pt").is_file():
+    if subnet_io.is_saved(out_dir):
         return out_dir
     device = resolve_device(device)
     train, test = load_data(dataset, data_dir, train_subset, test_subset)
-    cfg = TrialConfig(method="uniform", model=model, spec=spec, shortcut=shortcut, dataset=dataset, flops_target=1.0)
-    full = resolve_spec(cfg, train.num_classes)
+    full = network_spec(model, spec, shortcut, dataset, train.num_classes)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
     fit(net, train, TrainConfig(**(recipe or {})), device=device, seed=seed,
         checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt", progress=progress)
     metrics = {f"test_{k}": v for k, v in evaluate(net, test, device=device).items()}
-    metrics["macs"] = models.macs(full, train.input_size)
-    save_subnet(out_dir, full, net.state_dict(), metrics)
+    record = SubnetRecord.of(full, metrics, "unpruned", 0, train.input_size, trained_by="teacher")
+    save_subnet(out_dir, full, net.state_dict(), record.to_dict(), input_size=train.input_size)
     shutil.rmtree(out_dir.parent / f".{out_dir.name}.ckpt", ignore_errors=True)
     return out_dir

@@ -155,5 +155,6 @@ def _report_with_checkpoint(metrics: dict[str, Any], method: Method, steps: int,
         torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
         if final is not None:
             record, state_dict = final
-            save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict())
+            save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict(),
+                        input_size=method.ctx.input_size)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

@@ -9,7 +9,6 @@ complete, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,31 +22,26 @@ from torch import nn
 
 from .. import models
 from ..models import Spec, SpecError
+from ..models import io as subnet_io
 from . import TrackingError
 
 ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-3
-_SUBNET_FILES = ("spec.json", "weights.pt")
+
+
+def load_saved(path: str | Path) -> subnet_io.SavedSubnet:
+    """:func:`rayprune.models.io.load` with a missing file reported as a :class:`TrackingError`."""
+    try:
+        return subnet_io.load(path)
+    except subnet_io.NotASubnetError as e:
+        raise TrackingError(str(e)) from None
 
 
 def load_subnet_dir(path: str | Path) -> tuple[Spec, dict[str, torch.Tensor], dict[str, float]]:
-    """Read a saved subnet directory (spec.json + weights.pt [+ metrics.json], the layout of
-    ``runner.save_subnet``) without unpickling any module: ``(spec, state_dict, metrics)``
-    with the numeric metrics only."""
-    path = Path(path)
-    missing = [name for name in _SUBNET_FILES if not (path / name).is_file()]
-    if missing:
-        raise TrackingError(f"subnet directory {str(path)!r} lacks {', '.join(missing)}; "
-                            "it must hold spec.json and weights.pt (see runner.save_subnet)")
-    spec = models.load_spec(path / "spec.json")
-    state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
-    metrics_file = path / "metrics.json"
-    saved = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    # runner.save_subnet stores a whole SubnetRecord dict for trial results, flat metrics for teachers
-    if isinstance(saved.get("metrics"), dict):
-        saved = saved["metrics"]
-    metrics = {k: v for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return spec, state, metrics
+    """A saved subnet folder as ``(spec, state_dict, numeric metrics)`` (see :func:`load_saved`
+    for its input size too)."""
+    saved = load_saved(path)
+    return saved.spec, saved.state_dict, saved.metrics
 
 
 def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -63,8 +57,9 @@ def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def infer_input_size(spec: Spec, macs: int | None) -> int:
-    """The input resolution at which ``spec`` has ``macs`` MACs (records store MACs, not the
-    resolution); the family default when ``macs`` is unknown or matches no size up to 1024."""
+    """Deprecated: saved subnets record their input size (``load_saved(path).input_size``).
+    For a record without one: the resolution at which ``spec`` has ``macs`` MACs, else the
+    family default."""
     default = models.input_size_of(spec)
     if macs is None or models.macs(spec, default) == macs:
         return default
@@ -164,8 +159,7 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
 def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str, Any], size: int,
                   info: dict[str, Any], exporter: str, baseline: dict[str, Any] | None = None,
                   preprocessing: dict[str, Any] | None = None) -> None:
-    models.save_spec(spec, target / "spec.json")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, target / "weights.pt")
+    subnet_io.write_files(target, spec, model.state_dict())
     generator = torch.Generator().manual_seed(0)
     channels = input_channels(spec)
     export_example = torch.randn(2, channels, size, size, generator=generator)

@@ -1,0 +1,128 @@
+"""The saved-subnet format: the one place that writes and reads a subnet folder.
+
+A saved subnet is a folder with
+
+* ``spec.json``    -- the architecture (a rayprune spec),
+* ``weights.pt``   -- a plain ``state_dict`` (read with ``torch.load(..., weights_only=True)``:
+  nothing is unpickled),
+* ``metrics.json`` -- optional, one schema: a subnet record (``spec``, ``macs``, ``params``,
+  ``metrics`` {name: number}, ``method``, ``step``, ``source``) plus ``input_size``, the input
+  resolution the subnet was trained and measured at.
+
+Folders written before the input size was saved (and teachers' old flat ``metrics.json``) still
+load: the input size then falls back to the spec's ``input_size`` hint, else to the dataset
+default the caller passes, else :meth:`SavedSubnet.require_input_size` raises a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import build, load_spec, save_spec
+from .base import Spec, SpecError
+
+SPEC_FILE, WEIGHTS_FILE, METRICS_FILE = "spec.json", "weights.pt", "metrics.json"
+REQUIRED_FILES = (SPEC_FILE, WEIGHTS_FILE)
+
+__all__ = ["METRICS_FILE", "NotASubnetError", "SPEC_FILE", "SavedSubnet", "WEIGHTS_FILE", "is_saved", "load",
+           "save", "write_files"]
+
+
+class NotASubnetError(FileNotFoundError):
+    """A folder that is not a saved subnet (spec.json or weights.pt missing)."""
+
+
+@dataclass(frozen=True)
+class SavedSubnet:
+    """What :func:`load` reads: the spec, its weights, the saved record and the input size
+    (``None`` when neither saved nor derivable: see :meth:`require_input_size`)."""
+
+    path: Path
+    spec: Spec
+    state_dict: dict[str, torch.Tensor]
+    record: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The numeric metrics (a record's ``metrics``, or an old flat file's numbers)."""
+        saved = self.record.get("metrics") if isinstance(self.record.get("metrics"), dict) else self.record
+        return {k: v for k, v in saved.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "input_size"}
+
+    def require_input_size(self) -> int:
+        if self.input_size is None:
+            raise SpecError(f"saved subnet {str(self.path)!r} records no input size and its spec has no "
+                            "'input_size' hint; give the input size (or the dataset) explicitly")
+        return self.input_size
+
+    def build(self) -> nn.Module:
+        """The subnet as an ``nn.Module`` with its weights loaded strictly (train mode, CPU)."""
+        net = build(self.spec, seed=0)  # seeded: the init is overwritten, the global RNG untouched
+        net.load_state_dict(self.state_dict)
+        return net
+
+
+def is_saved(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete saved subnet (its weights are written last)."""
+    return all((Path(path) / name).is_file() for name in REQUIRED_FILES)
+
+
+def save(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
+         record: dict[str, Any] | None = None, *, input_size: int | None = None) -> Path:
+    """Write ``out_dir`` atomically (a half-written folder never appears): spec.json,
+    weights.pt and, when ``record`` or ``input_size`` is given, metrics.json (``record`` with
+    ``input_size`` added). An existing ``out_dir`` is replaced."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_files(tmp, spec, state_dict, record, input_size=input_size)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_files(folder: Path, spec: Spec, state_dict: dict[str, torch.Tensor], record: dict[str, Any] | None = None,
+                *, input_size: int | None = None) -> None:
+    """The files of :func:`save`, written into the existing ``folder`` (not atomically)."""
+    save_spec(spec, folder / SPEC_FILE)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
+    if record is not None or input_size is not None:
+        saved = {**(record or {}), **({"input_size": int(input_size)} if input_size is not None else {})}
+        (folder / METRICS_FILE).write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+
+
+def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSubnet:
+    """Read a saved subnet folder without unpickling anything.
+
+    The input size is the saved one, else the spec's ``input_size`` hint, else
+    ``default_input_size`` (the dataset's, when the caller knows it), else ``None``.
+
+    Raises:
+        NotASubnetError: spec.json or weights.pt is missing.
+        SpecError: spec.json is not a valid spec.
+    """
+    path = Path(path)
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise NotASubnetError(f"{str(path)!r} is not a saved subnet: it lacks {', '.join(missing)} "
+                              f"(a saved subnet holds {' and '.join(REQUIRED_FILES)})")
+    spec = load_spec(path / SPEC_FILE)
+    state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    record = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else {}
+    size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
+    return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)

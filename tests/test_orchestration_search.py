@@ -167,3 +167,21 @@ def test_asha_state_survives_save_and_restore(tmp_path):
     restored.restore(str(tmp_path / "asha.pkl"))
     # a trial restored on resume is registered on first contact
     assert restored.on_trial_result(None, second, {"training_iteration": 1, "val_top1": 0.1}) == TrialScheduler.STOP
+
+
+def test_asha_keeps_its_own_books():
+    """Tune reads the metric, the stop count and the removals through the public API only."""
+    asha = PerCellASHA(grace_period=1, reduction_factor=2, max_t=8)
+    assert asha.metric == "val_top1"
+    first, second, pending = fake_trial("a", 0), fake_trial("b", 0), fake_trial("p", 1)
+    for t in (first, second, pending):
+        asha.on_trial_add(None, t)
+    asha.on_trial_result(None, first, {"training_iteration": 1, "val_top1": 0.9})
+    assert asha.on_trial_result(None, second, {"training_iteration": 1, "val_top1": 0.1}) == TrialScheduler.STOP
+    asha.on_trial_complete(None, second, {"training_iteration": 1, "val_top1": 0.1})
+    asha.on_trial_remove(None, second)  # already completed: nothing to drop
+    asha.on_trial_remove(None, pending)  # never ran
+    asha.on_trial_remove(None, pending)
+    assert asha.debug_string() == "Using per-cell ASHA (2 cells): num_stopped=1"
+    # a removed trial that comes back is registered again
+    assert asha.on_trial_result(None, pending, {"training_iteration": 1, "val_top1": 0.5}) == TrialScheduler.CONTINUE

@@ -185,14 +185,21 @@ class PerCellASHA(_PickledState, FIFOScheduler):
 
     Trials are only ever compared with trials of the same cell. ``stop_last_trials`` is off: a
     trial that reaches ``max_t`` still finishes and reports its final (fine-tuned) result.
+    Which trial belongs to which cell's ASHA, and how many were stopped, is kept here, through
+    the ASHAs' public scheduler calls only.
     """
 
     def __init__(self, *, grace_period: int = 1, reduction_factor: float = 4.0, max_t: int = 10_000) -> None:
         super().__init__()
-        self._metric = METRIC
         self._kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
                             grace_period=grace_period, reduction_factor=reduction_factor, stop_last_trials=False)
         self._by_cell: dict[int, AsyncHyperBandScheduler] = {}
+        self._cell_of: dict[str, int] = {}  # trial id -> the cell whose ASHA has it registered
+        self._stopped = 0
+
+    @property
+    def metric(self) -> str:
+        return METRIC
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True
@@ -203,8 +210,9 @@ class PerCellASHA(_PickledState, FIFOScheduler):
         if cell not in self._by_cell:
             self._by_cell[cell] = AsyncHyperBandScheduler(**self._kwargs)
         asha = self._by_cell[cell]
-        if trial.trial_id not in asha._trial_info:
+        if trial.trial_id not in self._cell_of:
             asha.on_trial_add(tune_controller, trial)
+            self._cell_of[trial.trial_id] = cell
         return asha
 
     def on_trial_add(self, tune_controller, trial) -> None:
@@ -213,15 +221,18 @@ class PerCellASHA(_PickledState, FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(FINAL_KEY):
             return TrialScheduler.CONTINUE  # the final report is never a reason to stop
-        return self._asha(tune_controller, trial).on_trial_result(tune_controller, trial, result)
+        decision = self._asha(tune_controller, trial).on_trial_result(tune_controller, trial, result)
+        self._stopped += decision == TrialScheduler.STOP
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)
+        self._cell_of.pop(trial.trial_id, None)  # done: no result or removal follows
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        for asha in self._by_cell.values():
-            asha._trial_info.pop(trial.trial_id, None)
+        cell = self._cell_of.pop(trial.trial_id, None)
+        if cell is not None:
+            self._by_cell[cell].on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        stopped = sum(a._num_stopped for a in self._by_cell.values())
-        return f"Using per-cell ASHA ({len(self._by_cell)} cells): num_stopped={stopped}"
+        return f"Using per-cell ASHA ({len(self._by_cell)} cells): num_stopped={self._stopped}"

@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -162,10 +163,13 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
     try:
         if address is None:
             _check_local_resources(cfg)
-        _TRACKERS[sweep_id] = tracker = _make_tracker(cfg, sweep_id)
-        return _drive(cfg, sweep_id, tracker, resume is not None, callbacks, out)
+        tracker = _make_tracker(cfg, sweep_id)
+        live = _LIVE_TRACKER.set(tracker)
+        try:
+            return _drive(cfg, sweep_id, tracker, resume is not None, callbacks, out)
+        finally:
+            _LIVE_TRACKER.reset(live)
     finally:
-        _TRACKERS.pop(sweep_id, None)
         if started_ray:
             ray.shutdown()
 
@@ -192,7 +196,7 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
             _finetune_cells(cfg, sweep_id, tracker, results, experiment_path)
         print_cell_stats(tracker, out)
     except BaseException:
-        tracker.client.set_terminated(parent, status="FAILED")  # --resume reopens it
+        tracker.fail()  # --resume reopens it
         raise
     tracker.finish("FINISHED" if complete else "KILLED")  # also writes the fronts, plot and parquet
     print_front(tracker, cfg, out)
@@ -287,9 +291,11 @@ def _resolved(cfg: SweepConfig) -> dict[str, Any]:
 # Tracking (the driver-side callback is the only writer)
 # --------------------------------------------------------------------------------------------
 
-# sweep id -> SweepTracker of the running driver. The callback is pickled with the experiment
-# (Tune saves its RunConfig), so it holds only the id and finds the live tracker here.
-_TRACKERS: dict[str, Any] = {}
+# The SweepTracker of the sweep this driver runs, bound by run_sweep for the sweep's duration
+# (one value, reset when it ends). Tune pickles the callback with the experiment (its RunConfig)
+# and a resume runs that unpickled copy, so the callback holds only the sweep id and finds the
+# live tracker here.
+_LIVE_TRACKER: ContextVar[Any] = ContextVar("rayprune_sweep_tracker")
 
 
 def _check_tracking_reachable(cfg: SweepConfig) -> None:
@@ -329,7 +335,11 @@ class TrackingCallback(tune.Callback):
 
     @property
     def tracker(self):
-        return _TRACKERS[self.sweep_id]
+        tracker = _LIVE_TRACKER.get(None)
+        if tracker is None or tracker.sweep_id != self.sweep_id:
+            raise RuntimeError(f"TrackingCallback: sweep {self.sweep_id!r} has no live tracker in this driver "
+                               "(run it through run_sweep)")
+        return tracker
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.tracker.trial_started(trial.trial_id, _trial_params(trial.config), run_name=_trial_name(trial))

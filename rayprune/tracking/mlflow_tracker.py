@@ -69,9 +69,9 @@ _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _PROBE_TIMEOUT_S = 3.0
 
 # MLflow would print a progress bar for every small artifact download and, against a server,
-# a "View run ... at ..." line for every run closed: noise in a sweep driver's output.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# a "View run ... at ..." line for every run closed: noise in a sweep driver's output. Set (as
+# defaults the user can override) when a client is made, never on import.
+QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,9 +117,12 @@ def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PRO
 
 def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient:
     """A tracking + registry client for ``uri`` (see :func:`resolve_tracking_uri`), after
-    :func:`check_reachable` and, for a server, one API call that must succeed first time."""
+    :func:`check_reachable` and, for a server, one API call that must succeed first time.
+    Turns MLflow's per-download progress bars and run URLs off unless set (``QUIET_MLFLOW``)."""
     uri = resolve_tracking_uri(uri)
     check_reachable(uri, must_exist=must_exist)
+    for key, value in QUIET_MLFLOW.items():
+        os.environ.setdefault(key, value)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if urlparse(uri).scheme in ("http", "https"):
         _check_answers(client)
@@ -463,6 +466,11 @@ class SweepTracker:
         self._require_sweep()
         self.update_front()
         self.client.set_terminated(self.parent_run_id, status=_run_status(status))
+
+    def fail(self) -> None:
+        """Mark the parent run FAILED (the sweep raised); ``--resume`` reopens it."""
+        self._require_sweep()
+        self.client.set_terminated(self.parent_run_id, status="FAILED")
 
     def _require_sweep(self) -> None:
         if self.parent_run_id is None:

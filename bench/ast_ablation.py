@@ -29,6 +29,7 @@ import torch
 from rayprune import models
 from rayprune.engine.train import TrainConfig
 from rayprune.methods import Budget, RunContext, get_method
+from rayprune.methods.finetune import finalize
 from rayprune.runner import load_data
 
 
@@ -45,7 +46,7 @@ def run_arm(arm: str, ctx: RunContext, ast_hparams: dict, iterations: int | None
     start = time.perf_counter()
     steps = m.run()
     search_s = time.perf_counter() - start
-    final = m.finalize()
+    final = finalize(m)
     full = models.macs(ctx.spec, ctx.input_size)
     used = int(getattr(m, "iteration", len(steps)))
     row = {"arm": arm, "target": ctx.budget.flops_target, "seed": ctx.seed, "search_iterations": used,

@@ -1,12 +1,14 @@
-"""One method run as a plain-torch trial (no Ray): what `rayprune run` does, and what a Ray
-trial wraps. Also teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
+"""One method run as a plain-torch trial (no Ray): what `rayprune run` does, and the trial
+driver (step -> checkpoint -> report, one state-file schema) that the Ray trainable shares. Also teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +20,7 @@ from .engine.data import holdout_per_class, load_dataset
 from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
 from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
+from .methods.finetune import finalize
 from .models import io as subnet_io
 from .models.base import Spec
 
@@ -136,12 +139,76 @@ def build_method(cfg: TrialConfig, workdir: str | Path) -> Method:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running
+# The trial driver: step -> checkpoint -> report, for `rayprune run` and the Tune trainable
 # ---------------------------------------------------------------------------------------------
 
 STATE_FILE = "state.pt"
 # Fields that may change between an interrupted run and its resumption (they do not shape the search).
 RESUMABLE_CHANGES = {"max_steps", "device", "robust", "measure_latency"}
+
+
+@dataclass
+class TrialState:
+    """A trial checkpoint (``state.pt``, the one schema of ``rayprune run`` and the Tune
+    trainable): the method's ``state_dict``, the steps done, each step's metrics, every subnet
+    record evaluated so far, and the settings that shape the search (``None``: not checked)."""
+
+    method: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    subnets: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    def advance(self, method: Method, result: StepResult) -> None:
+        """Record one finished step of ``method``."""
+        self.method = method.state_dict()
+        self.steps += 1
+        self.history.append({"step": result.step, **result.metrics})
+        self.subnets += [r.to_dict() for r in result.subnets]
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_save({"method": self.method, "steps": self.steps, "history": self.history,
+                            "subnets": self.subnets, "config": self.config}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrialState":
+        """Read ``path`` (``weights_only``); older files lack some fields (their defaults apply)."""
+        saved = load(path)
+        history = saved.get("history", [])
+        return cls(method=saved["method"], steps=int(saved.get("steps", len(history))), history=history,
+                   subnets=saved.get("subnets", []), config=saved.get("config"))
+
+    def check_config(self, config: dict[str, Any], path: Path) -> None:
+        """Raise ValueError when this state was written with other search-shaping settings."""
+        if self.config is not None and self.config != config:
+            changed = sorted(k for k in config if self.config.get(k) != config[k])
+            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, use another --out, or pass --no-resume")
+
+
+#: ``report(result, state, checkpoint_dir)``: called after each step, once ``state.pt`` is in
+#: ``checkpoint_dir`` (Tune attaches that folder to its report).
+Reporter = Callable[[StepResult, TrialState, Path], None]
+
+
+def drive(method: Method, state: TrialState, report: Reporter, *, max_steps: int | None = None,
+          checkpoint_dir: Callable[[], ContextManager[Any]]) -> TrialState:
+    """The trial loop: step ``method`` until done (or ``max_steps`` steps in all); after each
+    step save ``state`` to ``checkpoint_dir()``/state.pt, then ``report`` it. Resume by loading
+    ``state.method`` into ``method`` (:func:`restore`) before calling."""
+    while not method.done and (max_steps is None or state.steps < max_steps):
+        result = method.step()
+        state.advance(method, result)
+        with checkpoint_dir() as d:
+            state.save(Path(d) / STATE_FILE)
+            report(result, state, Path(d))
+    return state
+
+
+def restore(method: Method, state: TrialState) -> TrialState:
+    """Load a checkpoint's method state into ``method``; returns ``state``."""
+    method.load_state_dict(state.method)
+    return state
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -165,35 +232,26 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg, out / "work")
-    subnets: list[dict[str, Any]] = []
-    history: list[dict[str, float]] = []
-    search_config = cfg.model_dump(exclude=RESUMABLE_CHANGES)
+    state = TrialState(config=cfg.model_dump(exclude=RESUMABLE_CHANGES))
     if resume and (out / STATE_FILE).exists():
-        saved = load(out / STATE_FILE)
-        if saved.get("config", search_config) != search_config:
-            changed = sorted(k for k in search_config if saved["config"].get(k) != search_config[k])
-            raise ValueError(f"{out / STATE_FILE} was written by a run with other settings ({', '.join(changed)}); "
-                             "resume with the same settings, use another --out, or pass --no-resume")
-        method.load_state_dict(saved["method"])
-        subnets, history = saved["subnets"], saved["history"]
+        saved = TrialState.load(out / STATE_FILE)
+        saved.check_config(state.config, out / STATE_FILE)
+        state = restore(method, replace(saved, config=state.config))
     (out / "config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
     (out / "subnets.jsonl").write_text("")
-    _append_jsonl(out / "subnets.jsonl", subnets)
-    while not method.done and (cfg.max_steps is None or len(history) < cfg.max_steps):
-        result = method.step()
-        rows = [r.to_dict() for r in result.subnets]
-        subnets += rows
-        history.append({"step": result.step, **result.metrics})
-        atomic_save({"method": method.state_dict(), "subnets": subnets, "history": history, "config": search_config},
-                    out / STATE_FILE)
-        _append_jsonl(out / "subnets.jsonl", rows)
+    _append_jsonl(out / "subnets.jsonl", state.subnets)
+
+    def report(result: StepResult, _: TrialState, __: Path) -> None:
+        _append_jsonl(out / "subnets.jsonl", [r.to_dict() for r in result.subnets])
         if on_step is not None:
             on_step(result)
-    final = method.finalize(progress=progress)
+
+    drive(method, state, report, max_steps=cfg.max_steps, checkpoint_dir=lambda: nullcontext(out))
+    final = finalize(method, progress=progress)
     save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict(),
                 input_size=method.ctx.input_size)
-    result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": history,
-              "num_subnets": len(subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
+    result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": state.history,
+              "num_subnets": len(state.subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
     (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 

@@ -124,6 +124,7 @@ def _method(name: str, device: str) -> dict[str, Any]:
     from rayprune import models
     from rayprune.engine.train import TrainConfig
     from rayprune.methods import Budget, RunContext, get_method
+    from rayprune.methods.finetune import finalize
 
     spec, train, test = _tiny()
     cls = get_method(name)
@@ -135,7 +136,7 @@ def _method(name: str, device: str) -> dict[str, Any]:
                          latency_batch_sizes=(1,), latency_repeats=2, robust_max_samples=32)
         method = cls(ctx, cls.smoke)
         result = method.step()
-        final = method.finalize(progress=False)
+        final = finalize(method, progress=False)
     m = final.record.metrics
     if not math.isfinite(m.get("test_top1", float("nan"))):
         raise FloatingPointError(f"non-finite test_top1 after finalize: {m.get('test_top1')}")

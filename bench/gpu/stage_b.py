@@ -230,6 +230,7 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
     from rayprune import models
     from rayprune.engine.train import TrainConfig
     from rayprune.methods import Budget, RunContext, get_method
+    from rayprune.methods.finetune import finalize
 
     t0 = time.perf_counter()
     recipe = finetune_recipe(arm["method"], size["finetune_epochs"])
@@ -258,7 +259,7 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
         _sync(ctx.device)
         search_s = time.perf_counter() - ts
         tf = time.perf_counter()
-        final = method.finalize(progress=False)
+        final = finalize(method, progress=False)
         _sync(ctx.device)
         finetune_s = time.perf_counter() - tf
         rec = final.record

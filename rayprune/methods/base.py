@@ -4,8 +4,8 @@ A method is constructed from a :class:`RunContext` (full spec, data, budget, KD 
 teacher, device, seed, workdir, fine-tune recipe) and validated :class:`MethodHparams`. An
 orchestrator then calls :meth:`Method.step` until ``done``; each step returns metrics and the
 :class:`SubnetRecord` s it evaluated. ``state_dict``/``load_state_dict`` resume exactly between
-steps. :meth:`Method.finalize` fine-tunes the chosen subnet with the shared engine and returns
-it as spec + state_dict with test/robust accuracy and latency.
+steps. :func:`rayprune.methods.finetune.finalize` then fine-tunes the chosen subnet with the
+shared engine and returns it as spec + state_dict with test/robust accuracy and latency.
 
 The method never sees Ray, Optuna or MLflow.
 """
@@ -284,15 +284,9 @@ class Method(abc.ABC):
         """Weights the final fine-tune starts from (None: train from scratch)."""
         return None
 
-    def finalize(self, progress: bool | None = None) -> FinalResult:
-        """Fine-tune the chosen subnet with the shared engine (KD with ``ctx.kd_weight``)."""
-        from .finetune import finetune_subnet  # local: keeps base import-light
-
-        record = self.best()
-        return finetune_subnet(record, self.ctx, self.initial_weights(record), progress=progress)
-
     def run(self, max_steps: int | None = None) -> list[StepResult]:
-        """Convenience: step until done (or ``max_steps``). Orchestrators call step() themselves."""
+        """Convenience: step until done (or ``max_steps``), no checkpoints. A trial is driven by
+        :func:`rayprune.runner.drive` (step -> checkpoint -> report)."""
         results = []
         while not self.done and (max_steps is None or len(results) < max_steps):
             results.append(self.step())

@@ -22,7 +22,7 @@ from ..models.base import spec_hash
 from ..engine import latency as latency_mod
 from ..engine.robust import ROBUST_SUITE_VERSION, robust_accuracy
 from ..engine.train import TrainConfig, evaluate, fit
-from .base import FinalResult, RunContext, SubnetRecord
+from .base import FinalResult, Method, RunContext, SubnetRecord
 
 
 def finetune_config(ctx: RunContext) -> TrainConfig:
@@ -106,3 +106,11 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
                             "preprocessing": preprocessing(ctx.test)})
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return FinalResult(record=final, state_dict=state)
+
+
+def finalize(method: Method, progress: bool | None = None) -> FinalResult:
+    """The final phase of a run: fine-tune ``method``'s chosen subnet (``best()``) with the
+    shared engine, from the weights the method gives it (``initial_weights``), KD with
+    ``ctx.kd_weight``; returns its record (test, robust accuracy, latency) and weights."""
+    record = method.best()
+    return finetune_subnet(record, method.ctx, method.initial_weights(record), progress=progress)

@@ -18,7 +18,7 @@ Pipeline (one :meth:`SP.step` per unit, so orchestrators can report and checkpoi
    ``[flops_window_low, 1] * target`` MACs, each scored by its proxy, the top-1 of the chained
    subnet on a per-class holdout of the training set after BN recalibration; the summed stage
    losses against the teacher are logged as a second proxy (``proxy_loss``).
-4. **Final training** from scratch with KD through the shared engine (:meth:`Method.finalize`).
+4. **Final training** from scratch with KD through the shared engine (:func:`.finetune.finalize`).
 
 :func:`proxy_rank_correlation` measures SP's central claim, the Kendall tau between the proxy
 and the accuracy of the same archs trained for real.

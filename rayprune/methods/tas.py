@@ -8,7 +8,7 @@ channel-wise interpolation to align them) and mixes the candidate stage ends. We
 trained on one half of the training set, the architecture logits on the other with cross-entropy
 plus a FLOPs cost loss on a differentiable expected-MACs relaxation. The argmax of the logits
 ("genotype") is the pruned network; it is trained from scratch with KD from the unpruned teacher
-(the shared :meth:`Method.finalize`). The super-net is :mod:`rayprune.methods.tas_supernet`; it
+(the shared :func:`~rayprune.methods.finetune.finalize`). The super-net is :mod:`rayprune.methods.tas_supernet`; it
 reads a family only through the family's hooks (:meth:`rayprune.models.Family.residual_net`).
 
 Follows the paper and its reference code (D-X-Y/AutoDL-Projects, ``SearchCifarResNet``), with:

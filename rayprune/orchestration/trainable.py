@@ -1,9 +1,10 @@
 """The Ray Tune function trainable: one trial = one method run (one cell, one budget).
 
-A trial builds its method with :func:`rayprune.runner.build_method`, calls ``step()`` until the
-method is done, and after every step ``tune.report``\\ s the step's metrics and subnet records
-together with a checkpoint (the method's ``state_dict`` saved with ``torch.save``). A retried or
-resumed trial continues from ``tune.get_checkpoint()``. At the end it trains the chosen subnet
+A trial builds its method with :func:`rayprune.runner.build_method` and runs it with the trial
+driver that ``rayprune run`` uses too (:func:`rayprune.runner.drive`: step -> checkpoint ->
+report): after every step it ``tune.report``\\ s the step's metrics and subnet records together
+with a checkpoint (``state.pt``, a :class:`~rayprune.runner.TrialState`). A retried or resumed
+trial continues from ``tune.get_checkpoint()``. At the end it trains the chosen subnet
 (``method.best()``) like ``finalize`` does, with the sweep's *search* recipe, through the sweep's
 :class:`~.cache.FinalCache`: a subnet another trial of the cell already trained with that recipe
 is reused, not trained again (its record says so: ``source["reused_from"]``), and the cached
@@ -29,11 +30,10 @@ from ray import tune
 from .. import models
 from ..methods import Method, StepResult, SubnetRecord
 from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, recipe_of
-from ..runner import TrialConfig, build_method, save_subnet
+from ..runner import STATE_FILE, TrialConfig, TrialState, build_method, drive, restore, save_subnet
 from .cache import FinalCache, cache_key, cell_slug
 from .search import FINAL_KEY, METRIC
 
-STATE_FILE = "state.pt"
 FINAL_DIR = "final"
 
 
@@ -57,16 +57,17 @@ def run_tune_trial(config: dict[str, Any]) -> None:
         cfg = cfg.model_copy(update={"teacher": localize(cfg.teacher, workdir / "teacher")})
     method = build_method(cfg, workdir)
     unpruned = models.macs(method.ctx.spec, method.ctx.input_size)
-    steps = _restore(method)
-    while not method.done and (cfg.max_steps is None or steps < cfg.max_steps):
-        result = method.step()
-        steps += 1
-        _report_step(method, result, steps, unpruned, config)
+    state = _restore(method)
+
+    def report(result: StepResult, state: TrialState, checkpoint_dir: Path) -> None:
+        _report_step(method, result, state.steps, unpruned, config, checkpoint_dir)
+
+    drive(method, state, report, max_steps=cfg.max_steps, checkpoint_dir=tempfile.TemporaryDirectory)
     cache = FinalCache(config["final_cache"]) if config.get("final_cache") else None
     cell = cell_slug(config["method"], config["flops_target"], config["kd_weight"])
-    record, state = final_phase(method, cache, cell, tune.get_context().get_trial_id())
+    record, weights = final_phase(method, cache, cell, tune.get_context().get_trial_id())
     record.source["window"] = target_window(record.macs, config["flops_target"] * unpruned)
-    _report_final(method, record, state, steps, unpruned, config)
+    _report_final(method, record, weights, state, unpruned, config)
 
 
 WINDOW_LOW = 0.9  # a reported subnet should have at least this fraction of its target's MACs
@@ -84,7 +85,7 @@ def target_window(macs: int, target_macs: float) -> dict[str, Any]:
 def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str, record: SubnetRecord | None = None,
                 progress: bool = False) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
     """Train ``record`` (default: the method's chosen subnet) with the context's fine-tune
-    recipe, as :meth:`Method.finalize` does, unless ``cache`` already holds that training for
+    recipe, as :func:`~rayprune.methods.finetune.finalize` does, unless ``cache`` already holds that training for
     this cell (same spec, recipe and KD weight): then return the cached record, marked
     ``source["reused_from"]`` (the trial or task that trained it), and its weights. A new
     training is stored in the cache, marked ``source["trained_by"] = owner``."""
@@ -114,15 +115,13 @@ def localize(path_or_uri: str, dest: Path) -> str:
     return str(dest)
 
 
-def _restore(method: Method) -> int:
-    """Load the method state from Tune's checkpoint, if any; returns the steps already done."""
+def _restore(method: Method) -> TrialState:
+    """The trial state from Tune's checkpoint (loaded into ``method``), else a fresh one."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return TrialState()
     with checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    method.load_state_dict(saved["method"])
-    return int(saved["steps"])
+        return restore(method, TrialState.load(Path(d) / STATE_FILE))
 
 
 def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -132,29 +131,21 @@ def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict
             "best": json.dumps(record.to_dict())}
 
 
-def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any]) -> None:
+def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any],
+                 checkpoint_dir: Path) -> None:
     metrics = {**_common(method.best(), unpruned, config), "step": result.step, "steps_done": steps,
                FINAL_KEY: False, "method_metrics": {k: float(v) for k, v in result.metrics.items()},
                "subnets": json.dumps([s.to_dict() for s in result.subnets])}
-    _report_with_checkpoint(metrics, method, steps)
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
 
-def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, torch.Tensor], steps: int,
+def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, torch.Tensor], state: TrialState,
                   unpruned: int, config: dict[str, Any]) -> None:
+    """The final report, with a checkpoint holding the trial state and the final subnet under ``final/``."""
     scalars = {k: float(v) for k, v in record.metrics.items() if k != METRIC}
-    metrics = {**_common(record, unpruned, config), **scalars, "step": record.step, "steps_done": steps,
+    metrics = {**_common(record, unpruned, config), **scalars, "step": record.step, "steps_done": state.steps,
                FINAL_KEY: True, "final_record": json.dumps(record.to_dict()), "subnets": "[]"}
-    _report_with_checkpoint(metrics, method, steps, final=(record, state_dict))
-
-
-def _report_with_checkpoint(metrics: dict[str, Any], method: Method, steps: int,
-                            final: tuple[SubnetRecord, dict[str, torch.Tensor]] | None = None) -> None:
-    """``tune.report`` with a checkpoint of the method state after ``steps`` steps (what
-    :func:`_restore` reads) and, for the final report, the final subnet under ``final/``."""
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"method": method.state_dict(), "steps": steps}, Path(d) / STATE_FILE)
-        if final is not None:
-            record, state_dict = final
-            save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict(),
-                        input_size=method.ctx.input_size)
+        state.save(Path(d) / STATE_FILE)
+        save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict(), input_size=method.ctx.input_size)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

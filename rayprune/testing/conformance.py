@@ -15,6 +15,7 @@ import torch
 
 from .. import models
 from ..methods.base import Method, RunContext, StepResult, SubnetRecord, within_budget
+from ..methods.finetune import finalize
 from .context import tiny_context, tiny_spec
 
 MethodClass = type[Method]
@@ -89,14 +90,14 @@ def check_state_dict_round_trip_resumes_exactly(cls: MethodClass, workdir: Path)
 
 
 def check_finalize_reports_true_macs(cls: MethodClass, workdir: Path) -> None:
-    """finalize() leaves the caller's RNG alone and returns weights matching the spec, its true
+    """finalize(method) leaves the caller's RNG alone and returns weights matching the spec, its true
     MACs and finite test, robust and latency figures."""
     ctx = conformance_context(workdir, kd_weight=0.9)
     torch.manual_seed(4321)
     caller_rng = torch.get_rng_state()
     method = cls(ctx, cls.smoke)
     method.run(max_steps=2)
-    final = method.finalize(progress=False)
+    final = finalize(method, progress=False)
     # Search and fine-tune draw from their own seeded generators, never the caller's stream.
     assert torch.equal(torch.get_rng_state(), caller_rng)
     rec = final.record

@@ -321,3 +321,28 @@ def test_final_front_covers_the_macs_axis(local_ray, tmp_path):
     assert len(finals) == 4 and all(r["source"]["window"]["status"] == "in_window" for r in finals)
     baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # no teacher: trained once with recipes.finetune
     assert baseline["source"]["recipe_tag"] == "e4 cosine lr0.05 bs64 kd0" and baseline["init"] == "scratch"
+
+
+def test_the_tracking_callback_finds_only_its_own_live_tracker():
+    """The callback is pickled with the experiment and unpickled on --resume: it holds only the
+    sweep id and finds the tracker run_sweep bound for the sweep's duration."""
+    import pickle
+    from types import SimpleNamespace
+
+    from rayprune.orchestration import sweep as sweep_module
+
+    callback = pickle.loads(pickle.dumps(sweep_module.TrackingCallback("s1")))
+    with pytest.raises(RuntimeError, match="no live tracker"):
+        callback.tracker
+    live = sweep_module._LIVE_TRACKER.set(SimpleNamespace(sweep_id="s2"))
+    try:
+        with pytest.raises(RuntimeError, match="no live tracker"):
+            callback.tracker
+    finally:
+        sweep_module._LIVE_TRACKER.reset(live)
+    tracker = SimpleNamespace(sweep_id="s1")
+    live = sweep_module._LIVE_TRACKER.set(tracker)
+    try:
+        assert callback.tracker is tracker
+    finally:
+        sweep_module._LIVE_TRACKER.reset(live)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from importlib import metadata
 
@@ -384,7 +387,7 @@ def test_sweep_without_finished_trials_has_no_front_yet(sweep, tmp_path, capsys)
 
 
 def test_the_plot_draws_every_finalized_subnet_fronts_baseline_targets_and_picks(sweep):
-    from rayprune.tracking.mlflow_tracker import default_picks, front_figure
+    from rayprune.tracking.plots import default_picks, front_figure
 
     rows = sweep["tracker"].store.rows()
     rows = [dict(r, flops_target=r["flops_target"] or None) for r in rows]
@@ -404,3 +407,26 @@ def test_the_plot_draws_every_finalized_subnet_fronts_baseline_targets_and_picks
     assert points(test_ax, "pick") == 2
     assert points(search_ax, "search") == 6  # every search-time subnet (t1: 3, t2: 2, t3: 1)
     assert test_ax.get_xlabel() == "MACs (% of unpruned)" and test_ax.get_ylabel() == "test top-1"
+
+
+def test_fail_marks_the_parent_run_failed(tmp_path):
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "failing", tmp_path / "work")
+    with pytest.raises(RuntimeError, match="start_sweep"):
+        tracker.fail()
+    parent = tracker.start_sweep("sweep-f", CONFIG)
+    tracker.fail()
+    assert tracker.client.get_run(parent).info.status == "FAILED"
+    assert tracker.start_sweep("sweep-f", CONFIG) == parent  # --resume reopens it
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+
+
+def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path):
+    code = ("import os, sys\n"
+            "before = dict(os.environ)\n"
+            "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.cli\n"
+            "assert dict(os.environ) == before\n"
+            f"rayprune.tracking.lookup.connect('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+            "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'], os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["false", "true"]

@@ -196,3 +196,22 @@ def test_pareto_module_needs_only_numpy():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'torch', 'pyarrow', 'ray', 'optuna'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tracking_modules_import_each_other_without_cycles():
+    """Within rayprune.tracking, imports go one way (the CLI on top, pareto and store below)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "rayprune" / "tracking"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                            and node.level == 1 and node.module and (package / f"{node.module}.py").is_file()}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert {"lookup", "mlflow_tracker", "plots", "model_registry", "pareto", "cli"} <= set(graph)
+    assert [m for m in graph if reaches(m, m)] == []

@@ -300,7 +300,7 @@ _LIVE_TRACKER: ContextVar[Any] = ContextVar("rayprune_sweep_tracker")
 
 def _check_tracking_reachable(cfg: SweepConfig) -> None:
     from ..tracking import TrackingError
-    from ..tracking.mlflow_tracker import check_reachable
+    from ..tracking.lookup import check_reachable
 
     try:
         check_reachable(cfg.tracking.uri)

@@ -1,12 +1,16 @@
 """Tracking: the Parquet subnet registry, Pareto fronts, MLflow runs, export and operating points.
 
-* :mod:`.pareto` -- pure Python/numpy fronts (no MLflow), usable anywhere.
+* :mod:`.pareto` -- pure Python/numpy fronts and their text tables (no MLflow), usable anywhere.
 * :mod:`.store` -- ``subnets.parquet`` (pyarrow), one row per evaluated subnet.
+* :mod:`.lookup` -- connecting to MLflow; finding an experiment, a sweep's parent run, its rows.
 * :mod:`.mlflow_tracker` -- :class:`SweepTracker`, the sweep driver's only writer to MLflow.
+* :mod:`.plots` -- the fronts as a figure (matplotlib).
+* :mod:`.model_registry` -- a picked subnet registered as an ONNX model under an alias.
 * :mod:`.export` -- spec.json + weights.pt + ONNX + model card for a chosen subnet.
 * :mod:`.cli` -- ``rayprune front`` / ``rayprune pick``.
 
-This is the only package that imports mlflow, and only in ``mlflow_tracker`` and ``cli``.
+This is the only package that imports mlflow: ``lookup``, ``mlflow_tracker``,
+``model_registry`` and ``cli``.
 Everything but the numpy-only Pareto functions is imported lazily here (mlflow, pyarrow and
 torch take seconds to import).
 """

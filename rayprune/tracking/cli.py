@@ -24,8 +24,7 @@ from typing import Any, Callable, Sequence
 
 from ..models import SpecError
 from . import TrackingError
-from .pareto import (DEFAULT_MAX_DROP, MODES, baseline_row, choose_operating_point, compute_fronts, front_kind,
-                     front_pool, front_title, format_table)
+from .pareto import DEFAULT_MAX_DROP, MODES, baseline_row, choose_operating_point, format_fronts
 
 EXIT_BAD_INPUT = 2
 _SUFFIXES = {"K": 1e3, "M": 1e6, "G": 1e9}
@@ -36,35 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise TrackingError(f"{message} (see {self.prog} --help)")
-
-
-def format_baseline(rows: Sequence[dict[str, Any]]) -> str:
-    """One line about the unpruned baseline (the reference of MACs% and of every drop)."""
-    base = baseline_row(rows)
-    if base is None:
-        return "unpruned baseline: not recorded"
-    m = base["metrics"]
-    parts = [f"{base['macs'] / 1e6:.3f}M MACs", f"{base['params'] / 1e3:.1f}K params"]
-    parts += [f"{k} {m[k]:.4f}" for k in ("test_top1", "robust_top1") if m.get(k) is not None]
-    if m.get("latency_ms_b1_p50") is not None:
-        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1)")
-    origin = (base.get("source") or {}).get("init")
-    what = "the teacher" if origin == "teacher" else "trained once with recipes.finetune"
-    return f"unpruned baseline ({what}): " + ", ".join(parts)
-
-
-def format_fronts(rows: Sequence[dict[str, Any]], init: str | None = None) -> str:
-    """All fronts of a sweep's rows as titled text tables, after a line about the baseline:
-    MACs% relative to it and, in final/robust tables, its row first and each subnet's drop
-    in test_top1 from it. ``init`` keeps only finalized subnets that started that way."""
-    base = baseline_row(rows)
-    blocks = [format_baseline(rows)]
-    for name, members in compute_fronts(rows, init).items():
-        pool = len(front_pool(rows, name, init))
-        shown_base = base if front_kind(name) != "search" else None
-        table = format_table(members, base["macs"] if base else None, shown_base) if members else "  (empty)"
-        blocks.append(f"{front_title(name, members)} -- {len(members)} of {pool}\n{table}")
-    return "\n\n".join(blocks)
 
 
 def front_main(argv: Sequence[str] | None = None) -> int:
@@ -132,7 +102,7 @@ def _guarded(command: Callable[[], None]) -> int:
 
 
 def _open_sweep(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]]]:
-    from .mlflow_tracker import connect, find_experiment, find_sweep_run, sweep_rows
+    from .lookup import connect, find_experiment, find_sweep_run, sweep_rows
 
     client = connect(args.mlflow_uri, must_exist=True)
     run = find_sweep_run(client, find_experiment(client, args.experiment), args.sweep_id)
@@ -148,7 +118,8 @@ def _front(args: argparse.Namespace) -> None:
 
 def _pick(args: argparse.Namespace) -> None:
     from .export import export_subnet, infer_input_size, load_subnet_dir
-    from .mlflow_tracker import download_subnet, register_choice
+    from .lookup import download_subnet
+    from .model_registry import register_choice
 
     out: Path = args.out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -26,32 +26,23 @@ skipped for steps at or below the run's ``rayprune.last_step`` tag, and artifact
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import posixpath
-import socket
 import subprocess
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-from urllib.parse import urlparse
+from typing import Any, Iterable
 
-from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
-from mlflow.entities import Metric, Param, RunTag, ViewType
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric, Param, RunTag
 
 from . import TrackingError
-from .pareto import (FRONT_METRIC, MODES, baseline_row, choose_operating_point, compute_fronts, finalized_pool,
-                     front_kind, front_pool, hypervolume_2d, suggested_max_drop)
+from .lookup import PARENT_TAG, ROLE_TAG, SUBNETS_ARTIFACT, SWEEP_TAG, connect, find_sweep_run
+from .pareto import baseline_row, compute_fronts, format_fronts, front_kind, front_pool, hypervolume_2d
+from .plots import plot_fronts
 from .store import SubnetStore, record_row, row_key
 
-PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "rayprune.role"
-SWEEP_TAG = "rayprune.sweep_id"
 TRIAL_TAG = "rayprune.trial_id"
 MEMBER_TAG = "rayprune.member_key"
 LAST_STEP_TAG = "rayprune.last_step"
@@ -60,219 +51,11 @@ LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: t
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 FRONT_TAGS = {"search": "rayprune.is_pareto", "final": "rayprune.is_pareto_final",
               "robust": "rayprune.is_pareto_robust"}  # by front kind (pareto.FRONT_KINDS)
-SUBNETS_ARTIFACT = "subnets.parquet"
 SUBNET_DIR = "subnet"  # artifact path of a run's saved subnet (spec.json, weights.pt, metrics.json)
 VERSIONED = ("torch", "ray", "optuna", "mlflow", "rayprune")
 RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "FINISHED",
                 "FAILED": "FAILED", "ERROR": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
-_PROBE_TIMEOUT_S = 3.0
-
-# MLflow would print a progress bar for every small artifact download and, against a server,
-# a "View run ... at ..." line for every run closed: noise in a sweep driver's output. Set (as
-# defaults the user can override) when a client is made, never on import.
-QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-
-
-# --------------------------------------------------------------------------------------------
-# Connecting
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
-    directory. SQLite paths are made absolute so the URI means the same file everywhere."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if "://" not in uri and uri.endswith(".db"):
-        uri = f"sqlite:///{uri}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        uri = f"sqlite:///{path if path.is_absolute() else (Path.cwd() / path)}"
-    return uri
-
-
-def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PROBE_TIMEOUT_S) -> None:
-    """Fail fast, with one clear line, when the tracking store cannot be used: an HTTP server
-    that does not accept a connection within ``timeout`` seconds (instead of MLflow's minutes
-    of retries), a SQLite file in a missing directory, or (``must_exist``) no SQLite file."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-        except OSError as e:
-            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
-                                "(mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000) or pass a "
-                                "reachable --mlflow-uri / MLFLOW_TRACKING_URI") from None
-    elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
-        if must_exist and not path.is_file():
-            raise TrackingError(f"no MLflow database at {path}; run a sweep in that directory first or pass "
-                                "--mlflow-uri (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)")
-        if not path.parent.is_dir():
-            raise TrackingError(f"the directory of the MLflow database {path} does not exist; create it or "
-                                "pass another --mlflow-uri")
-
-
-def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient:
-    """A tracking + registry client for ``uri`` (see :func:`resolve_tracking_uri`), after
-    :func:`check_reachable` and, for a server, one API call that must succeed first time.
-    Turns MLflow's per-download progress bars and run URLs off unless set (``QUIET_MLFLOW``)."""
-    uri = resolve_tracking_uri(uri)
-    check_reachable(uri, must_exist=must_exist)
-    for key, value in QUIET_MLFLOW.items():
-        os.environ.setdefault(key, value)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if urlparse(uri).scheme in ("http", "https"):
-        _check_answers(client)
-    return client
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _check_answers(client: MlflowClient) -> None:
-    # Something listens on the port, but is it MLflow? Ask once without MLflow's retries
-    # (minutes of back-off on 5xx), so a wrong port or proxy fails in seconds.
-    try:
-        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-            client.search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - MlflowException, requests errors: same advice
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"the tracking server at {client.tracking_uri} did not answer as an MLflow server "
-                            f"({detail}); check --mlflow-uri / MLFLOW_TRACKING_URI and credentials") from None
-
-
-def find_experiment(client: MlflowClient, name: str) -> str:
-    """The id of the active experiment ``name``; :class:`TrackingError` listing the known ones."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None or experiment.lifecycle_stage != "active":
-        known = sorted(e.name for e in client.search_experiments(max_results=50))
-        state = "is deleted" if experiment is not None else "does not exist"
-        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; known experiments: "
-                            f"{', '.join(known) or '(none)'}; pass --experiment NAME (and --mlflow-uri)")
-    return experiment.experiment_id
-
-
-def find_sweep_run(client: MlflowClient, experiment_id: str, sweep_id: str | None = None) -> Any:
-    """The parent run of sweep ``sweep_id`` in the experiment, or its newest sweep."""
-    query = f"tags.`{ROLE_TAG}` = 'sweep'"
-    if sweep_id is not None:
-        query += f" and tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}'"
-    runs = client.search_runs([experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    if not runs:
-        which = f"sweep {sweep_id!r}" if sweep_id is not None else "any sweep"
-        name = client.get_experiment(experiment_id).name
-        raise TrackingError(f"experiment {name!r} has no parent run of {which}; run `rayprune sweep` "
-                            "first (or check --experiment / --sweep-id)")
-    return runs[0]
-
-
-def sweep_rows(client: MlflowClient, run: Any) -> list[dict[str, Any]]:
-    """The subnet registry rows logged to a sweep's parent run (``subnets.parquet``)."""
-    names = {f.path for f in client.list_artifacts(run.info.run_id)}
-    sweep = run.data.tags.get(SWEEP_TAG, run.info.run_id)
-    if SUBNETS_ARTIFACT not in names:
-        raise TrackingError(f"sweep {sweep!r} has no Pareto front yet (no trial has finished); wait for a "
-                            "trial to finish or resume the sweep")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run.info.run_id, SUBNETS_ARTIFACT, tmp)
-        return SubnetStore(local).rows()
-
-
-def download_subnet(client: MlflowClient, artifact_uri: str, dst: str | Path) -> Path:
-    """Download a saved subnet directory (``runs:/<run>/subnet``) into ``dst``."""
-    try:
-        return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=client.tracking_uri))
-    except (MlflowException, OSError) as e:
-        raise TrackingError(f"cannot download the subnet weights at {artifact_uri}: {str(e).splitlines()[0]}; "
-                            "was the artifact store moved or deleted?") from None
-
-
-def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: str, export_dir: str | Path,
-                    row: dict[str, Any], description: str) -> Any:
-    """Register an exported subnet as an MLflow model that ``mlflow.pyfunc`` loads and serves.
-
-    A ``pick`` child run of the sweep's ``parent`` run gets the export's files (spec.json,
-    weights.pt, model.onnx, model_card.md) under ``export/`` and the row's metrics; the ONNX
-    graph is logged with ``mlflow.onnx.log_model`` (no pickled code), with a signature (float32
-    ``[-1, C, H, W]`` -> logits) and an input example; a model version is created from it and
-    ``model_name@alias`` points at it. Returns the ModelVersion."""
-    import mlflow
-    import mlflow.onnx
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from mlflow.models import infer_signature
-
-    export_dir = Path(export_dir)
-    run = client.create_run(parent.info.experiment_id, run_name=f"pick-{alias}", tags={
-        PARENT_TAG: parent.info.run_id, ROLE_TAG: "pick", SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, ""),
-        "rayprune.mode": alias, "rayprune.source_key": row_key(row)})
-    run_id = run.info.run_id
-    try:
-        client.log_artifacts(run_id, str(export_dir), "export")
-        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in
-                                          {"macs": row["macs"], "params": row["params"], **row["metrics"]}.items()])
-        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-        shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
-        example = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        signature = infer_signature(example, {"logits": session.run(None, {session.get_inputs()[0].name: example})[0]})
-        # The registry resolves the logged model through the fluent tracking URI: all inside.
-        with _fluent(client):
-            with mlflow.start_run(run_id=run_id, nested=True):
-                info = mlflow.onnx.log_model(onnx.load(str(export_dir / "model.onnx")), name="model",
-                                             signature=signature, input_example=example,
-                                             onnx_execution_providers=["CPUExecutionProvider"],
-                                             save_as_external_data=False)
-            try:
-                client.create_registered_model(model_name, description="rayprune operating points (pick)")
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
-                                                  description=description, model_id=info.model_id,
-                                                  tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)})
-            client.set_registered_model_alias(model_name, alias, version.version)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return version
-
-
-@contextlib.contextmanager
-def _fluent(client: MlflowClient) -> Iterator[None]:
-    """Point MLflow's fluent API (``mlflow.onnx.log_model``) at the client's store for a while."""
-    import mlflow
-
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)
-    mlflow.set_registry_uri(client.tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
-
-
-def _quoted(value: str) -> str:
-    if "'" in value or "`" in value:
-        raise ValueError(f"ids may not contain quotes or backticks: {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,8 +464,6 @@ class SweepTracker:
 
     def front_table(self) -> str:
         """The fronts as printable text tables (what ``rayprune front`` shows)."""
-        from .cli import format_fronts
-
         return format_fronts(self.store.rows())
 
     # -- MLflow plumbing ---------------------------------------------------------------------------
@@ -724,123 +505,3 @@ class SweepTracker:
             if entry not in entries:
                 self.client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, json.dumps(entries + [entry]))
             self._tables.add((run_id, artifact_file))
-
-
-# --------------------------------------------------------------------------------------------
-# The plot
-# --------------------------------------------------------------------------------------------
-
-
-def plot_fronts(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], path: str | Path,
-                picks: dict[str, dict[str, Any]] | None = None) -> Path:
-    """The fronts as a PNG (see :func:`front_figure`)."""
-    front_figure(rows, fronts, picks).savefig(path, dpi=110)
-    return Path(path)
-
-
-_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
-_GROUP_STYLES = ("-", "--", ":", "-.")
-
-
-def default_picks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """What ``rayprune pick --mode M`` would choose with default options, or with the
-    :func:`~.pareto.suggested_max_drop` the sweep prints when nothing is within the default
-    drop, per mode (labelled ``"<mode> pick (max-drop D)"``)."""
-    drop = suggested_max_drop(rows)
-    picks = {}
-    if drop is None:
-        return picks
-    for mode in MODES:
-        try:
-            picks[f"{mode} pick (max-drop {drop:g})"] = choose_operating_point(rows, mode, max_drop=drop)[0]
-        except Exception:  # noqa: BLE001 - TrackingError: nothing qualifies
-            continue
-    return picks
-
-
-def front_figure(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]],
-                 picks: dict[str, dict[str, Any]] | None = None) -> Any:
-    """Three panels against MACs (% of the unpruned baseline; MACs in millions on top):
-
-    ``picks`` maps a label to a picked row (default :func:`default_picks`).
-
-    * **test top-1**: every equally-treated finalized subnet (the end-of-sweep fine-tunes),
-      coloured by method, one marker per KD weight; the trials' own finals (short search
-      recipe, never ranked against them) as hollow markers; the final fronts as staircases
-      (one per recipe group), the baseline as a horizontal line, the FLOPs targets as vertical
-      lines, the picked points (``picks``, default: :func:`default_picks`) ringed;
-    * **robust top-1** (corruption accuracy): the same, with the robust fronts;
-    * **search val_top1**: every search-time subnet, one staircase front per method (val_top1
-      is measured differently by each method: it is never mixed with test accuracy).
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas by default
-
-    picks = default_picks(rows) if picks is None else picks
-    base = baseline_row(rows)
-    ref = base["macs"] if base else max((r["macs"] for r in rows), default=1)
-    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731
-    methods = sorted({r["method"] for r in rows if r["kind"] != "unpruned"})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    kds = sorted({float(r["kd_weight"]) for r in rows if r.get("kd_weight") is not None})
-    markers = {kd: _MARKERS[i % len(_MARKERS)] for i, kd in enumerate(kds)}
-    pool = finalized_pool(rows)
-    trial_finals = [r for r in rows if r["kind"] == "final"] if pool and pool[0]["kind"] == "finetuned" else []
-    targets = sorted({float(r["flops_target"]) for r in rows if r.get("flops_target") is not None})
-
-    fig = Figure(figsize=(17, 5.2), layout="constrained")
-    test_ax, robust_ax, search_ax = fig.subplots(1, 3)
-    for ax, kind in ((test_ax, "final"), (robust_ax, "robust")):
-        metric = FRONT_METRIC[kind]
-        for method in methods:
-            for kd in kds or [None]:
-                group = [r for r in pool if r["method"] == method and (kd is None or r.get("kd_weight") == kd)
-                         and r["metrics"].get(metric) is not None]
-                if group:
-                    ax.scatter([pct(r) for r in group], [r["metrics"][metric] for r in group], s=42,
-                               color=colors[method], marker=markers.get(kd, "o"), zorder=3,
-                               label=f"{method}" + ("" if kd is None else f" kd {kd:g}"), gid="finalized")
-        hollow = [r for r in trial_finals if r["metrics"].get(metric) is not None]
-        if hollow:
-            ax.scatter([pct(r) for r in hollow], [r["metrics"][metric] for r in hollow], s=22, facecolors="none",
-                       edgecolors=[colors[r["method"]] for r in hollow], linewidths=0.8, zorder=2, alpha=0.7,
-                       label="trials' own finals (search recipe, not ranked)", gid="trial_finals")
-        for i, (name, members) in enumerate(n for n in fronts.items() if front_kind(n[0]) == kind):
-            if members:
-                ax.step([pct(r) for r in members], [r["metrics"][metric] for r in members], where="post",
-                        color="black", linestyle=_GROUP_STYLES[i % len(_GROUP_STYLES)], linewidth=1.2, zorder=4,
-                        label=f"{kind} front [{name.split('/', 1)[1]}]", gid="front")
-        value = None if base is None else base["metrics"].get(metric)
-        if value is not None and value == value:
-            ax.axhline(value, color="tab:red", linestyle="--", linewidth=1,
-                       label=f"unpruned baseline ({value:.3f})", gid="baseline")
-        ax.axvline(100.0, color="tab:red", linestyle=":", linewidth=0.8)
-        for mode, row in picks.items():
-            if row.get("metrics", {}).get(metric) is not None:
-                ax.scatter([pct(row)], [row["metrics"][metric]], s=220, facecolors="none", edgecolors="black",
-                           linewidths=2, marker="o" if mode.startswith("efficient") else "s", zorder=5,
-                           label=mode, gid="pick")
-    for method in methods:
-        searched = [r for r in rows if r["kind"] == "search" and r["method"] == method
-                    and r["metrics"].get("val_top1") is not None]
-        if searched:
-            search_ax.scatter([pct(r) for r in searched], [r["metrics"]["val_top1"] for r in searched], s=10,
-                              color=colors[method], alpha=0.35, label=f"{method} subnets", gid="search")
-        members = fronts.get(f"search/{method}", [])
-        if members:
-            search_ax.step([pct(r) for r in members], [r["metrics"]["val_top1"] for r in members], where="post",
-                           color=colors[method], linewidth=1.5, label=f"{method} search front", gid="front")
-    titles = ((test_ax, "test top-1 of fine-tuned subnets", "test top-1"),
-              (robust_ax, "robust top-1 (corruption suite)", "robust top-1"),
-              (search_ax, "search-val top-1, per method (search time)", "val_top1 (method's search split)"))
-    for ax, title, ylabel in titles:
-        for target in targets:
-            ax.axvline(100.0 * target, color="0.6", linestyle=":", linewidth=1, gid="target")
-        ax.set(title=title, xlabel="MACs (% of unpruned)", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        top = ax.secondary_xaxis("top", functions=(lambda p: p * ref / 100e6, lambda m: m * 100e6 / ref))
-        top.set_xlabel("MACs (millions)")
-        if ax.has_data():
-            ax.legend(loc="lower right", fontsize=7)
-    if targets:
-        fig.suptitle("dotted verticals: FLOPs targets " + ", ".join(f"{100 * t:g}%" for t in targets), fontsize=9)
-    return fig

@@ -13,6 +13,9 @@ Rules that make the result deterministic:
   accurate one dominates; equal accuracy, the cheaper one dominates.
 * **Missing values** (absent key, ``None`` or NaN) make a point incomparable: it is never on the
   front and its rank is ``-1``.
+
+The fronts of a sweep's rows print as titled text tables (:func:`format_fronts`): what
+``rayprune front`` and the end of a sweep show.
 """
 
 from __future__ import annotations
@@ -267,6 +270,35 @@ def _metric_cell(value: Any) -> str:
 
 MODES = ("efficient", "robust")
 DEFAULT_MAX_DROP = 0.01
+
+
+def format_baseline(rows: Sequence[dict[str, Any]]) -> str:
+    """One line about the unpruned baseline (the reference of MACs% and of every drop)."""
+    base = baseline_row(rows)
+    if base is None:
+        return "unpruned baseline: not recorded"
+    m = base["metrics"]
+    parts = [f"{base['macs'] / 1e6:.3f}M MACs", f"{base['params'] / 1e3:.1f}K params"]
+    parts += [f"{k} {m[k]:.4f}" for k in ("test_top1", "robust_top1") if m.get(k) is not None]
+    if m.get("latency_ms_b1_p50") is not None:
+        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1)")
+    origin = (base.get("source") or {}).get("init")
+    what = "the teacher" if origin == "teacher" else "trained once with recipes.finetune"
+    return f"unpruned baseline ({what}): " + ", ".join(parts)
+
+
+def format_fronts(rows: Sequence[dict[str, Any]], init: str | None = None) -> str:
+    """All fronts of a sweep's rows as titled text tables, after a line about the baseline:
+    MACs% relative to it and, in final/robust tables, its row first and each subnet's drop
+    in test_top1 from it. ``init`` keeps only finalized subnets that started that way."""
+    base = baseline_row(rows)
+    blocks = [format_baseline(rows)]
+    for name, members in compute_fronts(rows, init).items():
+        pool = len(front_pool(rows, name, init))
+        shown_base = base if front_kind(name) != "search" else None
+        table = format_table(members, base["macs"] if base else None, shown_base) if members else "  (empty)"
+        blocks.append(f"{front_title(name, members)} -- {len(members)} of {pool}\n{table}")
+    return "\n\n".join(blocks)
 
 
 def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_macs: float | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import optuna
@@ -185,3 +186,13 @@ def test_asha_keeps_its_own_books():
     assert asha.debug_string() == "Using per-cell ASHA (2 cells): num_stopped=1"
     # a removed trial that comes back is registered again
     assert asha.on_trial_result(None, pending, {"training_iteration": 1, "val_top1": 0.5}) == TrialScheduler.CONTINUE
+
+
+def test_a_scheduler_pickled_before_its_own_books_still_unpickles():
+    scheduler = PerCellASHA(grace_period=1, reduction_factor=2, max_t=4)
+    state = dict(scheduler.__dict__)
+    del state["_cell_of"], state["_stopped"]  # what rayprune 0.1 pickled
+    old = PerCellASHA.__new__(PerCellASHA)
+    old.__setstate__(state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored._cell_of == {} and restored._stopped == 0 and restored.metric == scheduler.metric

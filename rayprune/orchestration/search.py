@@ -197,6 +197,10 @@ class PerCellASHA(_PickledState, FIFOScheduler):
         self._cell_of: dict[str, int] = {}  # trial id -> the cell whose ASHA has it registered
         self._stopped = 0
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A scheduler pickled by rayprune 0.1 (an interrupted sweep resumed now) has neither field.
+        self.__dict__.update({"_cell_of": {}, "_stopped": 0, **state})
+
     @property
     def metric(self) -> str:
         return METRIC

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import models
-from ..methods import MODULES, Budget, get_method
+from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError
 
@@ -56,7 +56,7 @@ class MethodEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in MODULES:
+        if name not in MODULES and name not in METHODS:  # METHODS: also those registered from outside
             raise ValueError(f"unknown method {name!r}; known: {', '.join(MODULES)}")
         return name
 

@@ -12,7 +12,7 @@
 
 import sys
 
-from rayprune.orchestration.sweep import main
+from rayprune.cli import sweep_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

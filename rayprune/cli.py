@@ -1,6 +1,10 @@
 """The `rayprune` command line: inspect, run, teacher, sweep, front, pick.
 
-Every bad input exits non-zero with one line ``rayprune: error: ...`` naming the problem.
+This module holds every argparse parser and the one error boundary of every command; the work
+is done by the layers below (:mod:`rayprune.runner`, :mod:`rayprune.orchestration.sweep`,
+:mod:`rayprune.tracking.commands`). Bad input, argparse's errors included, exits 2 with one
+line ``rayprune: error: <what> -- <fix>``. An unexpected error prints one line saying it is a
+bug, with ``RAYPRUNE_DEBUG=1`` as the way to see the traceback.
 """
 
 from __future__ import annotations
@@ -17,34 +21,60 @@ from pydantic import ValidationError
 from .registry import UnknownNameError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+_SUFFIXES = {"K": 1e3, "M": 1e6, "G": 1e9}
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``rayprune: error:`` line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
 def one_line(err: BaseException) -> str:
     """Condense an exception (pydantic's multi-line ones included) into one readable line."""
     if isinstance(err, ValidationError):
-        parts = []
-        for e in err.errors():
-            loc = ".".join(str(x) for x in e["loc"]) or err.title
-            parts.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""))
-        return f"invalid {err.title}: " + "; ".join(parts)
+        from .errors import for_command_line
+
+        return for_command_line(err)  # field path or flag, allowed keys/values, "did you mean"
     text = str(err).strip().replace("\n", " ")
     return text or type(err).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises, in every layer: one line and exit 2, never a traceback. Layers
+    that were never imported cannot have raised, so they are not imported here."""
     from .engine.data import DataError
     from .models.base import SpecError
 
-    return (CliError, SpecError, DataError, UnknownNameError, ValidationError, FileNotFoundError, ValueError)
+    errors: list[type[BaseException]] = [CliError, SpecError, DataError, UnknownNameError, ValidationError,
+                                         FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError]
+    optional = {"rayprune.tracking": "TrackingError", "rayprune.export": "ExportError",
+                "rayprune.orchestration.config": "SweepConfigError", "rayprune.orchestration.sweep": "SweepError",
+                "mlflow.exceptions": "MlflowException"}
+    errors += [getattr(sys.modules[m], name) for m, name in optional.items() if m in sys.modules]
+    return tuple(errors)
 
 
-def fail(msg: str) -> int:
-    print(f"rayprune: error: {msg}", file=sys.stderr)
-    return EXIT_USAGE
+def _task_cause(err: BaseException) -> BaseException | None:
+    """The user error inside a Ray task's error (a teacher or fine-tune task given bad input)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        return cause if isinstance(cause, _user_errors()) else None
+    return None
+
+
+def fail(msg: str, status: int = EXIT_USAGE) -> int:
+    """Print ``rayprune: error: <msg>`` (its first line) on stderr; return ``status``."""
+    first = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
+    print(f"rayprune: error: {first}", file=sys.stderr)
+    return status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +134,7 @@ def parse_rates(text: str | None) -> list[float] | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .methods import get_method
-    from .runner import TrialConfig, run_trial, train_teacher
+    from .runner import TrialConfig, run_trial
 
     method = get_method(args.method)
     hparams = dict(method.smoke) if args.smoke else {}
@@ -118,20 +148,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
     out = Path(args.out)
-    teacher = args.teacher
-    if args.kd_weight > 0 and teacher is None:
-        if args.teacher_epochs <= 0:
-            raise CliError("--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
-                           "(a saved subnet) or --teacher-epochs N to train one first")
-        recipe = {**user_finetune, "epochs": args.teacher_epochs}
-        teacher = str(train_teacher(args.model, args.dataset, out / "teacher", shortcut=args.shortcut,
-                                    data_dir=args.data_dir, seed=args.seed, device=args.device, recipe=recipe,
-                                    train_subset=args.train_subset, test_subset=args.test_subset))
     cfg = TrialConfig(method=args.method, hparams=hparams, model=args.model, shortcut=args.shortcut,
                       dataset=args.dataset, data_dir=args.data_dir, flops_target=args.flops_target,
                       kd_weight=args.kd_weight, max_stage_prune=parse_rates(args.max_stage_prune), seed=args.seed,
-                      device=args.device, finetune=finetune, teacher=teacher, max_steps=args.max_steps,
+                      device=args.device, finetune=finetune, teacher=args.teacher, max_steps=args.max_steps,
                       input_size=args.input_size, train_subset=args.train_subset, test_subset=args.test_subset)
+    # With --kd-weight > 0 and no --teacher, run_trial trains one into OUT/teacher, after validating everything.
+    teacher_recipe = {**user_finetune, "epochs": args.teacher_epochs} if args.teacher_epochs > 0 else None
 
     def report(step) -> None:
         best = max((s.metrics.get("val_top1", 0.0) for s in step.subnets), default=float("nan"))
@@ -139,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps({"step": step.step, "subnets": len(step.subnets), "best_val_top1": best,
                           "macs": macs[:8], **{k: round(v, 6) for k, v in step.metrics.items()}}), flush=True)
 
-    result = run_trial(cfg, out, resume=not args.no_resume, progress=args.progress, on_step=report)
+    result = run_trial(cfg, out, resume=not args.no_resume, progress=args.progress, on_step=report,
+                       teacher_recipe=teacher_recipe)
     final = result["final"]
     summary = {"out": str(out), "method": args.method, "macs": final["macs"], "params": final["params"],
                "macs_ratio": final["macs"] / result["unpruned_macs"],
@@ -162,54 +186,127 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# sweep / front / pick: delegated to the orchestration and tracking layers
+# sweep / front / pick: the orchestration and tracking layers
 # ---------------------------------------------------------------------------------------------
 
 
-def _delegate(module: str, func: str) -> Callable[[list[str]], int]:
-    def run(argv: list[str]) -> int:
-        import importlib
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .orchestration.config import load_sweep
+    from .orchestration.sweep import run_sweep
 
-        return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    overrides = {"tracking.uri": args.mlflow_uri, "tracking.experiment": args.experiment,
+                 "storage_path": args.storage_path}
+    cfg = load_sweep(args.space, overrides)
+    outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+    resume = f"rayprune sweep --space {args.space} --resume {outcome.sweep_id}"
+    if not outcome.complete:
+        print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome.failed_trials:
+        return fail(f"{outcome.failed_trials} of {outcome.num_trials} trials failed (their error.txt is under "
+                    f"{outcome.experiment_path}); fix the cause, then retry them with: {resume}", EXIT_FAILED)
+    return 0
 
-    return run
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from .tracking.commands import front
+
+    front(args)
+    return 0
 
 
-DELEGATED = {
-    "sweep": ("rayprune.orchestration.sweep", "main", "run a sweep on Ray (same as python launch/sweep.py)"),
-    "front": ("rayprune.tracking.cli", "front_main", "print the Pareto front of an experiment"),
-    "pick": ("rayprune.tracking.cli", "pick_main", "export the efficient or robust operating point"),
-}
+def cmd_pick(args: argparse.Namespace) -> int:
+    from .tracking.commands import pick
+
+    pick(args)
+    return 0
+
+
+def _count(text: str) -> float:
+    """A MACs count: a number (4e7) or with a K/M/G suffix (40M)."""
+    scale = _SUFFIXES.get(text[-1:].upper(), 1.0)
+    number = text[:-1] if scale != 1.0 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a MACs count like 4e7 or 40M, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive MACs count, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (accuracies are fractions, e.g. 0.92), "
+                                         f"got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayprune", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    """The ``rayprune`` parser with every subcommand."""
+    p = Parser(prog="rayprune", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_inspect(sub)
+    _add_run(sub)
+    _add_teacher(sub)
+    _add_sweep(sub)
+    _add_front(sub)
+    _add_pick(sub)
+    return p
 
-    i = sub.add_parser("inspect", help="MACs, params, channel groups and per-layer table of a spec, as JSON")
+
+def _add_inspect(sub) -> None:
+    i = sub.add_parser("inspect", help="MACs, params, channel groups and per-layer table of a spec")
     i.add_argument("spec", help="path to a spec JSON file")
-    i.add_argument("--input-size", type=int, default=None, help="input resolution (family default if omitted)")
+    i.add_argument("--input-size", type=_positive_int, default=None,
+                   help="input resolution (family default if omitted)")
     i.add_argument("--reference", default=None, help="FAMILY:VARIANT to report macs_ratio against, e.g. cifar_resnet:56")
-    i.add_argument("--compact", action="store_true", help="one-line JSON")
+    i.add_argument("--json", action="store_true", help="the whole record as JSON instead of tables")
+    i.add_argument("--compact", action="store_true", help="with --json: one-line JSON")
     i.set_defaults(func=cmd_inspect)
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
-        q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
-        q.add_argument("--dataset", default="cifar10", help="cifar10|cifar100|imagenet|digits|synthetic")
-        q.add_argument("--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--device", default=None, help="cpu|cuda (default: cuda when available)")
-        q.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
-                       help="training recipe override (engine TrainConfig field), repeatable")
-        q.add_argument("--progress", action="store_true", default=None, help="force a progress bar")
-        q.add_argument("--train-subset", type=int, default=None, metavar="N",
-                       help="use N class-balanced training images (quick runs)")
-        q.add_argument("--test-subset", type=int, default=None, metavar="N", help="use N class-balanced test images")
 
+def _add_training_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
+    q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
+    q.add_argument("--dataset", default="cifar10", help="cifar10|cifar100|imagenet|digits|synthetic")
+    q.add_argument("--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="cpu|cuda|cuda:N (default: cuda when available)")
+    q.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
+                   help="training recipe override (engine TrainConfig field), repeatable")
+    q.add_argument("--progress", action="store_true", default=None,
+                   help="force the progress bars (default: only on a terminal)")
+    q.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                   help="use N class-balanced training images (quick runs)")
+    q.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
+                   help="use N class-balanced test images")
+    q.add_argument("--json", action="store_true", help="machine-readable JSON lines on stdout instead of tables")
+
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run one method as a plain-torch trial (no Ray)")
     r.add_argument("--method", required=True, help="ast|tas|sp|uniform|l1|fpgm|random")
-    common(r)
+    _add_training_args(r)
     r.add_argument("--flops-target", type=float, required=True, help="target MACs as a fraction of the unpruned net")
     r.add_argument("--kd-weight", type=float, default=0.0, help="distillation weight (0 = efficient mode)")
     r.add_argument("--max-stage-prune", default=None, help="per-stage maximum pruning rates, e.g. 0.5,0.6,0.7")
@@ -217,40 +314,116 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true", help="start from the method's seconds-long smoke hyperparameters")
     r.add_argument("--teacher", default=None, help="saved teacher dir (spec.json + weights.pt)")
     r.add_argument("--teacher-epochs", type=int, default=0, help="train a teacher first (when --kd-weight > 0 and no --teacher)")
-    r.add_argument("--max-steps", type=int, default=None, help="stop the search after this many steps")
-    r.add_argument("--input-size", type=int, default=None)
+    r.add_argument("--max-steps", type=_positive_int, default=None, help="stop the search after this many steps")
+    r.add_argument("--input-size", type=_positive_int, default=None)
     r.add_argument("--no-resume", action="store_true", help="ignore a previous state in --out")
     r.add_argument("--out", required=True, help="output directory (resumed if it holds a previous run)")
     r.set_defaults(func=cmd_run)
 
+
+def _add_teacher(sub) -> None:
     t = sub.add_parser("teacher", help="train the unpruned network once and save it as a teacher")
-    common(t)
-    t.add_argument("--epochs", type=int, required=True)
+    _add_training_args(t)
+    t.add_argument("--epochs", type=_positive_int, required=True)
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_teacher)
 
-    for name, (_, _, help_text) in DELEGATED.items():
-        d = sub.add_parser(name, help=help_text, add_help=False)
-        d.set_defaults(delegated=name)
-    return p
+
+def _add_sweep(sub) -> None:
+    s = sub.add_parser("sweep", help="run a sweep on Ray (same as python launch/sweep.py)",
+                       description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its "
+                                   "trials, Optuna picks the per-stage pruning budgets, MLflow records every subnet "
+                                   "and the Pareto fronts. Same as python launch/sweep.py.")
+    s.add_argument("--space", required=True, metavar="FILE", help="sweep file (search_spaces/*.yaml)")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)")
+    s.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
+                   help="continue an interrupted sweep (default: the latest one of this sweep file)")
+    s.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (overrides tracking.uri)")
+    s.add_argument("--experiment", default=None, help="MLflow experiment (overrides tracking.experiment)")
+    s.add_argument("--storage-path", default=None, help="Tune storage path, local/NFS dir or s3://... (shared "
+                                                        "by all nodes on a cluster; overrides storage_path)")
+    s.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _add_sweep_lookup(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    q.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI or "
+                   "sqlite:///mlflow.db in the working directory)")
+    q.add_argument("--sweep-id", default=None, help="which sweep of the experiment (default: the newest)")
+
+
+def _add_front(sub) -> None:
+    f = sub.add_parser("front", help="print the Pareto fronts of a sweep tracked in MLflow",
+                       description="Print the Pareto fronts of a sweep tracked in MLflow.")
+    _add_sweep_lookup(f)
+    f.add_argument("--init", choices=("inherited", "scratch"), default=None,
+                   help="only fine-tuned subnets that started from inherited weights (ast, l1, fpgm) or from "
+                        "scratch (uniform, tas, sp, random)")
+    f.set_defaults(func=cmd_front)
+
+
+def _add_pick(sub) -> None:
+    from .tracking.pareto import DEFAULT_MAX_DROP, MODES
+
+    k = sub.add_parser("pick", help="export the efficient or robust operating point",
+                       description="Export the efficient or robust operating point of a sweep and register it in "
+                                   "the MLflow Model Registry under that alias.")
+    _add_sweep_lookup(k)
+    k.add_argument("--mode", required=True, choices=MODES,
+                   help="efficient: the fewest MACs; robust: the highest robust_top1 (corruption accuracy). "
+                        "Both only among subnets within --max-drop of the unpruned baseline's test_top1")
+    k.add_argument("--max-drop", type=_fraction, default=DEFAULT_MAX_DROP,
+                   help="allowed test_top1 drop below the unpruned baseline's, as a fraction (default "
+                        f"{DEFAULT_MAX_DROP:g} = 1 point; 1 = no limit)")
+    k.add_argument("--max-macs", type=_count, default=None,
+                   help="only subnets with at most this many MACs (e.g. 4e7 or 40M)")
+    k.add_argument("--min-acc", type=_fraction, default=None,
+                   help="only subnets with test_top1 >= this (a fraction, e.g. 0.9)")
+    k.add_argument("--kd-weight", type=_fraction, default=None,
+                   help="choose among the subnets fine-tuned with this KD weight (default: the largest the sweep "
+                        "has); subnets of different KD weights are never ranked together")
+    k.add_argument("--init", choices=("inherited", "scratch"), default=None,
+                   help="only subnets whose fine-tune started from inherited weights / from scratch")
+    k.add_argument("--out", required=True, type=Path, help="new (or empty) directory to export into")
+    k.add_argument("--model-name", default=None, help="registered model name (default: the experiment name, "
+                   "prefixed with rayprune- unless it starts with it)")
+    k.add_argument("--no-register", "--dry-run", dest="register", action="store_false",
+                   help="export to --out only: nothing is written to the tracking store or the registry")
+    k.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: torch's dynamo exporter, falling back to the legacy TorchScript one")
+    k.set_defaults(func=cmd_pick)
+
+
+# ---------------------------------------------------------------------------------------------
+# The error boundary
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``rayprune`` command; returns its exit status (bad input: one line, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module, func, _ = DELEGATED[argv[0]]
-        command: Callable[[], int] = lambda: _delegate(module, func)(argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
-        command = lambda: args.func(args)
     try:
-        return command()
-    except _user_errors() as e:
-        if os.environ.get("RAYPRUNE_DEBUG"):
-            raise
-        return fail(one_line(e))
+        args = build_parser().parse_args(argv)
+        return args.func(args)
     except KeyboardInterrupt:
         return fail("interrupted; re-run the same command to resume")
+    except Exception as e:  # noqa: BLE001 - the one boundary: every error becomes one line
+        if os.environ.get("RAYPRUNE_DEBUG"):
+            raise
+        cause = _task_cause(e)
+        if cause is not None:
+            return fail(one_line(cause))
+        if isinstance(e, _user_errors()):
+            return fail(one_line(e))
+        return fail(f"internal error, a bug in rayprune ({type(e).__name__}: {one_line(e)}); rerun with "
+                    "RAYPRUNE_DEBUG=1 to see the traceback, and report it", EXIT_FAILED)
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """``rayprune sweep`` with ``argv`` (what ``launch/sweep.py`` runs)."""
+    return main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -74,13 +74,13 @@ BAD = [
     ("teacher", None, "teacher: grid.kd_weights has a weight > 0, which needs a teacher"),
     ("teacher", {"checkpoint": "/nonexistent/teacher"}, "teacher.checkpoint: /nonexistent/teacher is not a saved"),
     ("teacher", {"checkpoint": "x", "recipe": {}}, "teacher: set exactly one of teacher.checkpoint"),
-    ("recipes.search", {"epochz": 1}, "recipes.search.epochz: unknown field; allowed: epochs, batch_size,"),
+    ("recipes.search", {"epochz": 1}, "recipes.search.epochz: unknown field; did you mean 'epochs'? allowed: epochs, batch_size,"),
     ("recipes.finetune", {"schedule": "linear"}, "recipes.finetune.schedule: Input should be 'cosine', 'step'"),
     ("model", "cifar_resnet:57", "model: cifar_resnet: unknown variant '57'"),
     ("model", "alexnet:1", "model: unknown model family 'alexnet'"),
-    ("modle", "x", "modle: unknown field; allowed: name, dataset, model, spec,"),
+    ("modle", "x", "modle: unknown field; did you mean 'model'? allowed: name, dataset, model, spec,"),
     ("resources.gpu", -1, "resources.gpu: Input should be greater than or equal to 0"),
-    ("resources.gpus", 1, "resources.gpus: unknown field; allowed: cpu, gpu"),
+    ("resources.gpus", 1, "resources.gpus: unknown field; did you mean 'gpu'? allowed: cpu, gpu"),
     ("dataset.name", "mnist", "dataset.name: Input should be 'cifar10', 'cifar100', 'digits', 'imagenet' or"),
     ("tracking", None, "tracking: required field is missing"),
     ("scheduler", {"type": "pbt"}, "scheduler.type: Input should be 'asha'"),
@@ -137,7 +137,7 @@ def test_bad_file_stops_the_cli_before_anything_starts(tmp_path, monkeypatch, ca
     """One line on stderr, exit 2; no Ray, no MLflow database, no results directory."""
     import ray
 
-    from rayprune.orchestration.sweep import main
+    from rayprune.cli import sweep_main as main
 
     monkeypatch.chdir(tmp_path)
     raw = quickstart()
@@ -209,7 +209,7 @@ def test_unreachable_tracking_server_stops_the_cli_before_ray(tmp_path, monkeypa
 
     import ray
 
-    from rayprune.orchestration.sweep import main
+    from rayprune.cli import sweep_main as main
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from ray import tune
 
 from rayprune.orchestration.config import load_sweep, parse_sweep
-from rayprune.orchestration.sweep import main, run_sweep
+from rayprune.cli import sweep_main as main
+from rayprune.orchestration.sweep import run_sweep
 from rayprune.tracking.pareto import compute_fronts
 from rayprune.tracking.store import SubnetStore
 
@@ -140,9 +141,9 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
     assert f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert (experiment_path / "teacher" / "weights.pt").is_file()
     # What the user does next: export the efficient point straight from the sweep's store.
-    from rayprune.tracking.cli import pick_main
+    from rayprune.cli import main as cli_main
 
-    assert pick_main(["--experiment", cfg.tracking.experiment, "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+    assert cli_main(["pick", "--experiment", cfg.tracking.experiment, "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
                       "--mode", "efficient", "--max-drop", "1", "--out", str(tmp_path / "eff"),
                       "--onnx-exporter", "torchscript"]) == 0
     assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",

@@ -34,7 +34,15 @@ from rayprune import models
 from rayprune.methods.base import SubnetRecord
 from rayprune.runner import save_subnet
 from rayprune.tracking import TrackingError
-from rayprune.tracking.cli import front_main, pick_main
+from rayprune.cli import main as cli_main
+
+
+def front_main(argv):
+    return cli_main(["front", *argv])
+
+
+def pick_main(argv):
+    return cli_main(["pick", *argv])
 from rayprune.tracking.mlflow_tracker import SweepTracker
 
 TINY = models.full_spec("cifar_resnet:tiny")
@@ -306,7 +314,7 @@ def test_pick_no_register_writes_nothing_to_the_store(sweep, tmp_path, capsys):
 
 
 def test_default_model_name_is_not_doubled():
-    from rayprune.tracking.cli import default_model_name
+    from rayprune.tracking.commands import default_model_name
 
     assert default_model_name("rayprune-quickstart") == "rayprune-quickstart"
     assert default_model_name("tiny-sweep") == "rayprune-tiny-sweep"
@@ -423,7 +431,7 @@ def test_fail_marks_the_parent_run_failed(tmp_path):
 def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path):
     code = ("import os, sys\n"
             "before = dict(os.environ)\n"
-            "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.cli\n"
+            "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.commands\n"
             "assert dict(os.environ) == before\n"
             f"rayprune.tracking.lookup.connect('sqlite:///{tmp_path / 'mlflow.db'}')\n"
             "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'], os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])\n")

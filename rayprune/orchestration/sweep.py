@@ -23,11 +23,9 @@ tracking store is keyed so that nothing is logged twice.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,20 +37,17 @@ from urllib.parse import quote
 
 import pyarrow.fs
 import ray
-import torch
 from ray import tune
 
-from .. import models
-from ..engine.data import DataError, load_dataset
-from ..models.base import SpecError
-from ..engine.train import TrainConfig
-from ..methods.finetune import recipe_hash, recipe_of
-from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
+from ..engine.data import load_dataset
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
-from .cache import BASELINE_CELL, FinalCache, cache_key, cell_slug
-from .config import SweepConfig, SweepConfigError, load_sweep
+from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
+from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
+from .cache import FinalCache
+from .config import SweepConfig
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
-from .trainable import FINAL_DIR, STATE_FILE, final_phase, localize, run_tune_trial, trial_config
+from .storage import filesystem, join
+from .trainable import FINAL_DIR, run_tune_trial, trial_config
 
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
 
@@ -73,65 +68,6 @@ class SweepOutcome:
     num_trials: int
     failed_trials: int = 0  # errored for good (after FailureConfig retries); --resume retries them
     fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name -> members (tracking.pareto)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rayprune sweep",
-        description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its trials, "
-                    "Optuna picks the per-stage pruning budgets, MLflow records every subnet and the Pareto "
-                    "fronts. Same as python launch/sweep.py.")
-    p.add_argument("--space", required=True, metavar="FILE", help="sweep file (search_spaces/*.yaml)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)")
-    p.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="SWEEP_ID",
-                   help="continue an interrupted sweep (default: the latest one of this sweep file)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (overrides tracking.experiment)")
-    p.add_argument("--storage-path", default=None, help="Tune storage path, local/NFS dir or s3://... (shared "
-                                                        "by all nodes on a cluster; overrides storage_path)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``rayprune sweep``; returns the exit status (bad input: one line, 2)."""
-    args = build_parser().parse_args(argv)
-    overrides = {"tracking.uri": args.mlflow_uri, "tracking.experiment": args.experiment,
-                 "storage_path": args.storage_path}
-    try:
-        cfg = load_sweep(args.space, overrides)
-        outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
-    except ray.exceptions.RayTaskError as e:  # the teacher or a front fine-tune task raised
-        # (first: Ray re-raises it as a subclass of the cause too, whose str is the traceback)
-        if not isinstance(e.cause, _USER_ERRORS):
-            raise
-        return _error(str(e.cause))
-    except (SweepConfigError, SweepError, DataError) as e:
-        return _error(str(e))
-    resume = f"rayprune sweep --space {args.space} --resume {outcome.sweep_id}"
-    if not outcome.complete:
-        print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
-        return 1
-    if outcome.failed_trials:
-        return _error(f"{outcome.failed_trials} of {outcome.num_trials} trials failed (their error.txt is under "
-                      f"{outcome.experiment_path}); fix the cause, then retry them with: {resume}", status=1)
-    return 0
-
-
-# What a Ray task may raise for bad input (missing data, an impossible spec): one line, not a traceback.
-_USER_ERRORS = (DataError, SpecError, SweepConfigError, FileNotFoundError, ValueError)
-
-
-def _error(message: str, status: int = 2) -> int:
-    print(f"rayprune: error: {message.strip().splitlines()[0] if message.strip() else 'unknown error'}",
-          file=sys.stderr)
-    return status
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,29 +113,30 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
 def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Sequence[tune.Callback],
            out: TextIO) -> SweepOutcome:
     """Parent run, teacher, baseline, Tune, cell fine-tunes, output; the parent run is FAILED on an error."""
-    experiment_path = _join(cfg.storage_path, sweep_id)
+    experiment_path = join(cfg.storage_path, sweep_id)
     parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
                                                             "rayprune.sweep_file": cfg.name})
     try:
         if resume:
             _replay_reported_steps(tracker, experiment_path)
-        teacher = _prepare_teacher(cfg, experiment_path)
-        baseline = _start_baseline(cfg, experiment_path, teacher)  # beside the trials: they do not need it
+        teacher = prepare_teacher(cfg, experiment_path)
+        baseline = start_baseline(cfg, experiment_path, teacher)  # beside the trials: they do not need it
         if resume:
             tracker.update_front()  # the fronts, plot and parquet as they stand
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
         complete = results.num_terminated + results.num_errors == cfg.num_trials()
         failed = results.num_errors
         if complete:  # an interrupted sweep leaves it to the resume (the cache keeps it if it finished)
-            tracker.log_unpruned(_finish_baseline(experiment_path, teacher, *baseline))
+            tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
-            _finetune_cells(cfg, sweep_id, tracker, results, experiment_path)
+            finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id))
         print_cell_stats(tracker, out)
     except BaseException:
         tracker.fail()  # --resume reopens it
         raise
     tracker.finish("FINISHED" if complete else "KILLED")  # also writes the fronts, plot and parquet
-    print_front(tracker, cfg, out)
+    if complete:  # an interrupted sweep's partial fronts must not read as its result
+        print_front(tracker, cfg, out)
     return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results), failed,
                         compute_fronts(tracker.store.rows()))
 
@@ -270,17 +207,13 @@ def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
 
 def _restorable(cfg: SweepConfig) -> list[str]:
     """Sweep ids of this file under the storage path that Tune can restore, oldest first."""
-    fs, root = _filesystem(cfg.storage_path)
+    fs, root = filesystem(cfg.storage_path)
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except OSError:
         return []
     names = sorted(Path(i.path).name for i in infos if i.type == pyarrow.fs.FileType.Directory)
-    return [n for n in names if n.startswith(f"{cfg.name}-") and tune.Tuner.can_restore(_join(cfg.storage_path, n))]
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
+    return [n for n in names if n.startswith(f"{cfg.name}-") and tune.Tuner.can_restore(join(cfg.storage_path, n))]
 
 
 def _resolved(cfg: SweepConfig) -> dict[str, Any]:
@@ -384,7 +317,7 @@ def _replay_reported_steps(tracker, experiment_path: str) -> None:
     would be lost otherwise, because resumed trials continue after their last checkpoint and
     never report those steps again.
     """
-    fs, root = _filesystem(experiment_path)
+    fs, root = filesystem(experiment_path)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
         result_file = f"{info.path}/result.json"
         if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(result_file).type != pyarrow.fs.FileType.File:
@@ -430,119 +363,10 @@ def _final_dir(checkpoint: tune.Checkpoint | None) -> Iterator[Path | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
-    """The teacher every trial shares: the configured checkpoint, or the unpruned net trained
-    once (as a Ray task with the trial resources) into ``<experiment>/teacher``; a resumed sweep
-    reuses it. On object storage it is uploaded there and each trial downloads it."""
-    if cfg.teacher is None:
-        return None
-    if cfg.teacher.checkpoint is not None:
-        return cfg.teacher.checkpoint
-    target = _join(experiment_path, "teacher")
-    if _exists(_join(target, "weights.pt")):
-        return target
-    print(f"Training the teacher once for the whole sweep ({cfg.model or 'spec'} on {cfg.dataset.name}) ...",
-          flush=True)
-    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_train_teacher_task)
-    spec, state, metrics = ray.get(task.remote(cfg.model_dump(mode="json")))
-    if "://" not in target:
-        save_subnet(target, spec, state, metrics)
-        return target
-    with tempfile.TemporaryDirectory() as d:
-        save_subnet(Path(d) / "teacher", spec, state, metrics)
-        fs, path = pyarrow.fs.FileSystem.from_uri(target)
-        pyarrow.fs.copy_files(str(Path(d) / "teacher"), path, destination_filesystem=fs)
-    return target
-
-
-def _baseline_recipe(cfg: SweepConfig) -> dict[str, Any]:
-    """The recipe the unpruned baseline is trained with when the sweep has no teacher."""
-    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(update={"kd_weight": 0.0,
-                                                                            "kd_temperature": cfg.kd_temperature}))
-
-
-def _start_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> tuple[str, Any]:
-    """Start measuring the unpruned baseline once per sweep (test, robust, latency), like every
-    finalized subnet: the teacher when the sweep has one, otherwise the unpruned net trained
-    once with ``recipes.finetune`` (KD 0). A Ray task with the trial resources that runs beside
-    the trials and stores its result in the final-phase cache, so a resumed sweep measures
-    nothing again. Returns ``(cache key, task ref or None when cached)``."""
-    cache = FinalCache.of_experiment(experiment_path)
-    origin = "teacher" if teacher is not None else recipe_hash(_baseline_recipe(cfg))
-    key = cache_key(BASELINE_CELL, models.spec_hash(cfg.full_spec()), origin, 0.0)
-    if key in cache:
-        return key, None
-    what = "the teacher" if teacher is not None else "the unpruned net, trained once with recipes.finetune"
-    print(f"Measuring the unpruned baseline beside the trials: {what} ...", flush=True)
-    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_baseline_task)
-    return key, task.remote(cfg.model_dump(mode="json"), teacher, cache.root, key)
-
-
-def _finish_baseline(experiment_path: str, teacher: str | None, key: str, ref: Any) -> dict[str, Any]:
-    """The baseline's record once its task (if any) is done."""
-    if ref is not None:
-        ray.get(ref)
-    record = FinalCache.of_experiment(experiment_path).get(key)[0]
-    return {**record, "method": "unpruned", "step": 0, "source": {**record.get("source", {}), "teacher": teacher}}
-
-
-def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: str, key: str) -> None:
-    """Ray task body of :func:`_start_baseline`: measure (or train, then measure) the unpruned net."""
-    from ..engine.robust import ROBUST_SUITE_VERSION
-    from ..methods import SubnetRecord
-    from ..methods.finetune import finetune_subnet, measure, preprocessing
-
-    cfg = SweepConfig.model_validate(cfg_dump)
-    tc = TrialConfig(method="uniform", model=cfg.model, spec=_spec_or_none(cfg), shortcut=cfg.shortcut,
-                     dataset=cfg.dataset.name, data_dir=cfg.dataset.data_dir, flops_target=1.0, seed=cfg.seed,
-                     device=cfg.device, finetune=dict(cfg.recipes.finetune), kd_temperature=cfg.kd_temperature,
-                     input_size=cfg.input_size)
-    with tempfile.TemporaryDirectory() as work:
-        ctx = build_method(tc, Path(work) / "method").ctx
-        if teacher is not None:
-            spec, net = load_subnet(localize(teacher, Path(work) / "teacher"))
-            record = SubnetRecord.of(spec, measure(net.to(ctx.device), ctx), "unpruned", 0, ctx.input_size,
-                                     init="teacher", preprocessing=preprocessing(ctx.test),
-                                     robust_suite=ROBUST_SUITE_VERSION)
-            state = net.state_dict()
-        else:
-            full = SubnetRecord.of(ctx.spec, {}, "unpruned", 0, ctx.input_size)
-            result = finetune_subnet(full, ctx, None, progress=False)
-            record, state = result.record, result.state_dict
-    record.source["trained_by"] = "baseline"
-    FinalCache(cache_root).put(key, record.to_dict(), state)
-
-
-def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow filesystem and path of a local path or a ``s3://...``-style URI."""
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
-
-
-def _exists(path: str) -> bool:
-    fs, p = _filesystem(path)
-    return fs.get_file_info(p).type == pyarrow.fs.FileType.File
-
-
-def _train_teacher_task(cfg_dump: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """Ray task body: train the unpruned net with ``teacher.recipe``; return spec, weights, metrics."""
-    cfg = SweepConfig.model_validate(cfg_dump)
-    with tempfile.TemporaryDirectory() as d:
-        out = train_teacher(cfg.model, cfg.dataset.name, Path(d) / "teacher", spec=_spec_or_none(cfg),
-                            shortcut=cfg.shortcut, data_dir=cfg.dataset.data_dir, seed=cfg.seed, device=cfg.device,
-                            recipe=cfg.teacher.recipe, progress=False)
-        spec, net = load_subnet(out)
-        metrics = json.loads((out / "metrics.json").read_text())
-        return spec, {k: v.detach().cpu() for k, v in net.state_dict().items()}, metrics
-
-
-def _spec_or_none(cfg: SweepConfig) -> dict | None:
-    return cfg.spec if isinstance(cfg.spec, dict) else None
-
-
 def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None = None) -> dict[str, Any]:
     """The fixed part of every trial's config (the searcher adds the cell and budget);
     ``final_cache`` is the root of the sweep's :class:`~.cache.FinalCache`."""
-    base = {"model": cfg.model, "spec": _spec_or_none(cfg), "shortcut": cfg.shortcut, "dataset": cfg.dataset.name,
+    base = {"model": cfg.model, "spec": spec_or_none(cfg), "shortcut": cfg.shortcut, "dataset": cfg.dataset.name,
             "data_dir": cfg.dataset.data_dir, "kd_temperature": cfg.kd_temperature, "seed": cfg.seed,
             "device": cfg.device, "finetune": dict(cfg.recipes.search), "teacher": teacher,
             "input_size": cfg.input_size, "max_steps": cfg.max_steps}
@@ -604,114 +428,6 @@ def progress_table() -> tune.CLIReporter:
 
 
 # --------------------------------------------------------------------------------------------
-# The end of a sweep: fine-tune every cell's chosen subnet with one recipe
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CellChoice:
-    """A grid cell's chosen subnet: the best trial final by search-val accuracy."""
-
-    cell: str
-    result: Any  # the trial's tune.Result
-    record: dict[str, Any]  # its final SubnetRecord dict
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.result.config
-
-
-def choose_per_cell(results) -> list[CellChoice]:
-    """Per grid cell, the finished trial whose chosen subnet has the highest search-val
-    accuracy (val_top1 as the method measured it: comparable inside a cell, one method);
-    ties go to the earlier Optuna trial. Cells in grid order."""
-    best: dict[int, tuple[tuple, CellChoice]] = {}
-    for r in results:
-        metrics = r.metrics or {}
-        if not metrics.get(FINAL_KEY) or not metrics.get("final_record"):
-            continue
-        record = json.loads(metrics["final_record"])
-        val = record["metrics"].get(METRIC)
-        val = float("-inf") if val is None or val != val else float(val)
-        rank = (-val, int(r.config["optuna_number"]), str(metrics.get("trial_id")))
-        cell = int(r.config["cell"])
-        choice = CellChoice(cell_slug(r.config["method"], r.config["flops_target"], r.config["kd_weight"]), r, record)
-        if cell not in best or rank < best[cell][0]:
-            best[cell] = (rank, choice)
-    return [best[c][1] for c in sorted(best)]
-
-
-def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
-    """``recipes.finetune`` with a cell's KD weight: the recipe of the end-of-sweep fine-tunes."""
-    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(
-        update={"kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature}))
-
-
-def _finetune_cells(cfg: SweepConfig, sweep_id: str, tracker, results, experiment_path: str) -> None:
-    """Fine-tune every cell's chosen subnet with ``recipes.finetune`` (parallel Ray tasks with
-    the trial resources), through the final-phase cache: trainings already there (done before an
-    interruption, or equal to a trial's own final when the recipes are equal) are reused."""
-    cache = FinalCache.of_experiment(experiment_path)
-    todo, done = [], []
-    for choice in choose_per_cell(results):
-        kd = float(choice.config["kd_weight"])
-        key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
-        (done if key in cache else todo).append((choice, key))
-    if todo:
-        print(f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
-              f"({len(done)} already in the cache) ...", flush=True)
-    for choice, key in done:
-        _log_cell_finetune(cfg, sweep_id, tracker, cache, choice, key, cached=True)
-    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
-    pending = {task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
-               for c, k in todo}
-    while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        ray.get(ref)
-        _log_cell_finetune(cfg, sweep_id, tracker, cache, *pending.pop(ref), cached=False)
-
-
-def _log_cell_finetune(cfg: SweepConfig, sweep_id: str, tracker, cache: FinalCache, choice: CellChoice, key: str,
-                       cached: bool) -> None:
-    record, state = cache.get(key)
-    if cached and "reused_from" not in record["source"]:
-        record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
-    target = save_subnet(_driver_dir(cfg, sweep_id) / "finetuned" / choice.cell, record["spec"], state, record)
-    tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
-                          flops_target=float(choice.config["flops_target"]), kd_weight=float(choice.config["kd_weight"]))
-
-
-def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
-    return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
-
-
-def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None,
-                          cache_root: str, cell: str) -> None:
-    """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
-    fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
-    fine-tune and measure it (test, robust accuracy, latency) into the cache."""
-    from ..methods import SubnetRecord
-
-    tc = TrialConfig(**trial_cfg)
-    member = SubnetRecord.from_dict(record)
-    member = SubnetRecord(spec=member.spec, macs=member.macs, params=member.params,
-                          metrics={k: v for k, v in member.metrics.items() if k == METRIC},
-                          method=member.method, step=member.step,
-                          source={k: v for k, v in member.source.items()
-                                  if k not in ("recipe", "recipe_tag", "recipe_hash", "init", "trained_by",
-                                               "reused_from", "cache_key", "finetuned", "robust_suite")})
-    with tempfile.TemporaryDirectory() as work:
-        if tc.teacher is not None:
-            tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})
-        method = build_method(tc, Path(work) / "method")
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-            method.load_state_dict(saved["method"])
-        final_phase(method, FinalCache(cache_root), cell, f"finetune:{cell}", record=member)
-
-
-# --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
 
@@ -751,5 +467,5 @@ def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
           f"                       or: {pick} --mode robust{option} --out export/robust", file=out, flush=True)
 
 
-__all__ = ["CellChoice", "SweepError", "SweepOutcome", "TrackingCallback", "build_parser", "choose_per_cell", "main",
+__all__ = ["CellChoice", "SweepError", "SweepOutcome", "TrackingCallback", "choose_per_cell", "finetune_recipe",
            "make_searcher", "param_space", "print_cell_stats", "print_front", "run_sweep"]

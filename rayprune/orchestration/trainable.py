@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import torch
 from ray import tune
 
@@ -33,6 +32,7 @@ from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, re
 from ..runner import STATE_FILE, TrialConfig, TrialState, build_method, drive, restore, save_subnet
 from .cache import FinalCache, cache_key, cell_slug
 from .search import FINAL_KEY, METRIC
+from .storage import localize
 
 FINAL_DIR = "final"
 
@@ -102,17 +102,6 @@ def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str,
     if cache is not None:
         cache.put(key, final.record.to_dict(), final.state_dict)
     return final.record, final.state_dict
-
-
-def localize(path_or_uri: str, dest: Path) -> str:
-    """A local path for a saved subnet dir: local/NFS paths as they are, ``s3://...`` (any
-    pyarrow filesystem URI) downloaded to ``dest`` first."""
-    if "://" not in path_or_uri:
-        return path_or_uri
-    fs, path = pyarrow.fs.FileSystem.from_uri(path_or_uri)
-    dest.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(path, str(dest), source_filesystem=fs)
-    return str(dest)
 
 
 def _restore(method: Method) -> TrialState:

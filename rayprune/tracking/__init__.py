@@ -1,4 +1,4 @@
-"""Tracking: the Parquet subnet registry, Pareto fronts, MLflow runs, export and operating points.
+"""Tracking: the Parquet subnet registry, Pareto fronts, MLflow runs and operating points.
 
 * :mod:`.pareto` -- pure Python/numpy fronts and their text tables (no MLflow), usable anywhere.
 * :mod:`.store` -- ``subnets.parquet`` (pyarrow), one row per evaluated subnet.
@@ -6,11 +6,11 @@
 * :mod:`.mlflow_tracker` -- :class:`SweepTracker`, the sweep driver's only writer to MLflow.
 * :mod:`.plots` -- the fronts as a figure (matplotlib).
 * :mod:`.model_registry` -- a picked subnet registered as an ONNX model under an alias.
-* :mod:`.export` -- spec.json + weights.pt + ONNX + model card for a chosen subnet.
-* :mod:`.cli` -- ``rayprune front`` / ``rayprune pick``.
+* :mod:`.commands` -- what ``rayprune front`` / ``rayprune pick`` do (their parsers are in
+  :mod:`rayprune.cli`; the export itself is :mod:`rayprune.export`).
 
 This is the only package that imports mlflow: ``lookup``, ``mlflow_tracker``,
-``model_registry`` and ``cli``.
+``model_registry`` and ``commands``.
 Everything but the numpy-only Pareto functions is imported lazily here (mlflow, pyarrow and
 torch take seconds to import).
 """
@@ -27,11 +27,9 @@ class TrackingError(RuntimeError):
 
 from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402
 
-_LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker", "export_subnet": "export", "front_main": "cli",
-         "pick_main": "cli"}
+_LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker"}
 
-__all__ = ["TrackingError", "SubnetStore", "SweepTracker", "export_subnet", "front_main", "hypervolume_2d",
-           "pareto_front", "pareto_ranks", "pick_main"]
+__all__ = ["TrackingError", "SubnetStore", "SweepTracker", "hypervolume_2d", "pareto_front", "pareto_ranks"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,28 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import models
-from ..models import Spec, SpecError
-from ..models import io as subnet_io
-from . import TrackingError
+from . import models
+from .models import Spec, SpecError
+from .models import io as subnet_io
 
 ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-3
 
 
-def load_saved(path: str | Path) -> subnet_io.SavedSubnet:
-    """:func:`rayprune.models.io.load` with a missing file reported as a :class:`TrackingError`."""
-    try:
-        return subnet_io.load(path)
-    except subnet_io.NotASubnetError as e:
-        raise TrackingError(str(e)) from None
-
-
-def load_subnet_dir(path: str | Path) -> tuple[Spec, dict[str, torch.Tensor], dict[str, float]]:
-    """A saved subnet folder as ``(spec, state_dict, numeric metrics)`` (see :func:`load_saved`
-    for its input size too)."""
-    saved = load_saved(path)
-    return saved.spec, saved.state_dict, saved.metrics
+class ExportError(RuntimeError):
+    """An export that cannot be done (occupied output folder, weights that do not fit the spec,
+    an ONNX graph that disagrees with torch); the message names the problem and the fix."""
 
 
 def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -51,25 +40,9 @@ def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise TrackingError(f"weights do not match the spec ({first}); export the state_dict saved "
+        raise ExportError(f"weights do not match the spec ({first}); export the state_dict saved "
                             "with this spec") from None
     return model.eval()
-
-
-def infer_input_size(spec: Spec, macs: int | None) -> int:
-    """Deprecated: saved subnets record their input size (``load_saved(path).input_size``).
-    For a record without one: the resolution at which ``spec`` has ``macs`` MACs, else the
-    family default."""
-    default = models.input_size_of(spec)
-    if macs is None or models.macs(spec, default) == macs:
-        return default
-    for size in range(1, 1025):
-        try:
-            if models.macs(spec, size) == macs:
-                return size
-        except models.SpecError:  # a size the network cannot take (e.g. odd maps before avgpool_conv)
-            continue
-    return default
 
 
 def input_channels(spec: Spec) -> int:
@@ -106,7 +79,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
 
 def check_onnx(path: Path, model: nn.Module, example: torch.Tensor, atol: float = ONNX_ATOL) -> float:
     """Run the ONNX file with onnxruntime on ``example`` and compare with torch; returns the
-    largest absolute difference, raising :class:`TrackingError` beyond tolerance."""
+    largest absolute difference, raising :class:`ExportError` beyond tolerance."""
     import onnxruntime as ort  # heavy; only needed here
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -115,7 +88,7 @@ def check_onnx(path: Path, model: nn.Module, example: torch.Tensor, atol: float 
         want = model(example).numpy()
     diff = float(np.abs(got - want).max())
     if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=ONNX_RTOL):
-        raise TrackingError(f"ONNX output differs from torch (max |diff| {diff:.2e} > {atol:g}); "
+        raise ExportError(f"ONNX output differs from torch (max |diff| {diff:.2e} > {atol:g}); "
                             "the exported graph is wrong, do not deploy it")
     return diff
 
@@ -134,12 +107,12 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise TrackingError(f"output directory {str(out_dir)!r} already exists and is not empty; "
+        raise ExportError(f"output directory {str(out_dir)!r} already exists and is not empty; "
                             "pass a new --out or remove it")
     try:
         models.validate(spec)
     except SpecError as e:
-        raise TrackingError(f"cannot export: invalid spec: {e}") from None
+        raise ExportError(f"cannot export: invalid spec: {e}") from None
     model = build_loaded(spec, state_dict)
     size = input_size or models.input_size_of(spec)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from rayprune import models
-from rayprune.runner import save_subnet
-from rayprune.tracking import TrackingError
-from rayprune.tracking.export import export_subnet, infer_input_size, load_subnet_dir
+from rayprune.export import ExportError, export_subnet
 
 PRUNED = models.with_widths(models.full_spec("cifar_resnet:tiny"), {"stem": 6, "s1.b0.mid": 5, "s2.b1.mid": 20})
 
@@ -76,33 +74,12 @@ def test_auto_falls_back_to_the_legacy_exporter_when_dynamo_fails(tmp_path, monk
 
 def test_failed_export_leaves_nothing_and_existing_output_is_never_touched(tmp_path):
     wrong = trained_like_state(models.full_spec("cifar_resnet:tiny"))  # weights of the unpruned net
-    with pytest.raises(TrackingError, match="weights do not match the spec"):
+    with pytest.raises(ExportError, match="weights do not match the spec"):
         export_subnet(PRUNED, wrong, {}, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(TrackingError, match="already exists and is not empty; pass a new --out"):
+    with pytest.raises(ExportError, match="already exists and is not empty; pass a new --out"):
         export_subnet(PRUNED, trained_like_state(PRUNED), {}, busy)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
-
-
-def test_load_subnet_dir_reads_runner_layout_without_pickles(tmp_path):
-    state = trained_like_state(PRUNED)
-    record = {"spec": PRUNED, "macs": 1, "params": 2, "metrics": {"test_top1": 0.9}, "method": "l1", "step": 3}
-    save_subnet(tmp_path / "final", PRUNED, state, record)  # trial results store the whole record
-    spec, loaded, metrics = load_subnet_dir(tmp_path / "final")
-    assert spec == PRUNED and metrics == {"test_top1": 0.9}
-    assert all(torch.equal(loaded[k], state[k]) for k in state)
-    (tmp_path / "final" / "weights.pt").unlink()
-    with pytest.raises(TrackingError, match="lacks weights.pt"):
-        load_subnet_dir(tmp_path / "final")
-
-
-def test_input_size_is_recovered_from_the_recorded_macs():
-    assert infer_input_size(PRUNED, models.macs(PRUNED, 24)) == 24
-    assert infer_input_size(PRUNED, None) == 32
-    assert infer_input_size(PRUNED, 123) == 32  # no resolution gives 123 MACs: family default
-    # avgpool_conv nets reject odd sizes; the search skips them (the quickstart's 8x8 digits case).
-    tiny = models.full_spec("cifar_resnet:tiny", shortcut="avgpool_conv")
-    assert infer_input_size(tiny, models.macs(tiny, 8)) == 8

@@ -1,0 +1,132 @@
+"""The end of a sweep: every grid cell's chosen subnet fine-tuned with one recipe.
+
+Equal treatment for the final fronts: per cell, :func:`choose_per_cell` takes the finished
+trial whose chosen subnet has the best search-val accuracy, and :func:`finetune_cells`
+fine-tunes it with ``recipes.finetune`` (the cell's KD weight) as a Ray task with the trial
+resources. Every training goes through the sweep's :class:`~.cache.FinalCache`: each member is
+stored and logged as soon as it finishes, so an interrupted sweep keeps the finished members
+and a resume only fine-tunes the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from .. import models
+from ..engine.train import TrainConfig
+from ..methods.finetune import recipe_hash, recipe_of
+from ..runner import TrialConfig, TrialState, build_method, restore, save_subnet
+from .cache import FinalCache, cache_key, cell_slug
+from .config import SweepConfig
+from .search import FINAL_KEY, METRIC
+from .storage import localize
+from .trainable import STATE_FILE, final_phase, trial_config
+
+
+@dataclass
+class CellChoice:
+    """A grid cell's chosen subnet: the best trial final by search-val accuracy."""
+
+    cell: str
+    result: Any  # the trial's tune.Result
+    record: dict[str, Any]  # its final SubnetRecord dict
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.result.config
+
+
+def choose_per_cell(results) -> list[CellChoice]:
+    """Per grid cell, the finished trial whose chosen subnet has the highest search-val
+    accuracy (val_top1 as the method measured it: comparable inside a cell, one method);
+    ties go to the earlier Optuna trial. Cells in grid order."""
+    best: dict[int, tuple[tuple, CellChoice]] = {}
+    for r in results:
+        metrics = r.metrics or {}
+        if not metrics.get(FINAL_KEY) or not metrics.get("final_record"):
+            continue
+        record = json.loads(metrics["final_record"])
+        val = record["metrics"].get(METRIC)
+        val = float("-inf") if val is None or val != val else float(val)
+        rank = (-val, int(r.config["optuna_number"]), str(metrics.get("trial_id")))
+        cell = int(r.config["cell"])
+        choice = CellChoice(cell_slug(r.config["method"], r.config["flops_target"], r.config["kd_weight"]), r, record)
+        if cell not in best or rank < best[cell][0]:
+            best[cell] = (rank, choice)
+    return [best[c][1] for c in sorted(best)]
+
+
+def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
+    """``recipes.finetune`` with a cell's KD weight: the recipe of the end-of-sweep fine-tunes."""
+    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(
+        update={"kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature}))
+
+
+def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, driver_dir: Path) -> None:
+    """Fine-tune every cell's chosen subnet with ``recipes.finetune`` (parallel Ray tasks with
+    the trial resources), through the final-phase cache: trainings already there (done before an
+    interruption, or equal to a trial's own final when the recipes are equal) are reused."""
+    cache = FinalCache.of_experiment(experiment_path)
+    todo, done = [], []
+    for choice in choose_per_cell(results):
+        kd = float(choice.config["kd_weight"])
+        key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
+        (done if key in cache else todo).append((choice, key))
+    if todo:
+        print(f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
+              f"({len(done)} already in the cache) ...", flush=True)
+    for choice, key in done:
+        _log_cell_finetune(tracker, cache, driver_dir, choice, key, cached=True)
+    task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
+    pending = {task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
+               for c, k in todo}
+    while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        ray.get(ref)
+        _log_cell_finetune(tracker, cache, driver_dir, *pending.pop(ref), cached=False)
+
+
+def _log_cell_finetune(tracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str,
+                       cached: bool) -> None:
+    record, state = cache.get(key)
+    if cached and "reused_from" not in record["source"]:
+        record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
+    target = save_subnet(driver_dir / "finetuned" / choice.cell, record["spec"], state, record)
+    tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
+                          flops_target=float(choice.config["flops_target"]), kd_weight=float(choice.config["kd_weight"]))
+
+
+def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
+    return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
+
+
+def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None,
+                          cache_root: str, cell: str) -> None:
+    """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
+    fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
+    fine-tune and measure it (test, robust accuracy, latency) into the cache."""
+    from ..methods import SubnetRecord
+
+    tc = TrialConfig(**trial_cfg)
+    member = SubnetRecord.from_dict(record)
+    member = SubnetRecord(spec=member.spec, macs=member.macs, params=member.params,
+                          metrics={k: v for k, v in member.metrics.items() if k == METRIC},
+                          method=member.method, step=member.step,
+                          source={k: v for k, v in member.source.items()
+                                  if k not in ("recipe", "recipe_tag", "recipe_hash", "init", "trained_by",
+                                               "reused_from", "cache_key", "finetuned", "robust_suite")})
+    with tempfile.TemporaryDirectory() as work:
+        if tc.teacher is not None:
+            tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})
+        method = build_method(tc, Path(work) / "method")
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                restore(method, TrialState.load(Path(d) / STATE_FILE))
+        final_phase(method, FinalCache(cache_root), cell, f"finetune:{cell}", record=member)

@@ -1,0 +1,131 @@
+"""``rayprune front`` and ``rayprune pick``: read a sweep's fronts back from MLflow.
+
+:func:`front` prints the unpruned baseline, the per-method search fronts and the final and
+robust fronts (per recipe group) as tables, with MACs% and the accuracy drop. :func:`pick`
+chooses one fine-tuned subnet (see :func:`~rayprune.tracking.pareto.choose_operating_point`),
+exports it (spec.json, weights.pt, model.onnx, model_card.md) and registers it as
+``<model-name>@<mode>`` in the MLflow Model Registry as an ONNX model (``mlflow.onnx``:
+signature, input example; loads with ``mlflow.pyfunc.load_model``); ``register=False`` only
+exports. Both read ``subnets.parquet`` from the sweep's parent run, so they work from any
+machine that reaches the tracking server. Their parsers live in :mod:`rayprune.cli`.
+
+Bad input (unknown experiment, no front yet, unreachable server, impossible limits) raises a
+:class:`~rayprune.tracking.TrackingError` naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..models import io as subnet_io
+from . import TrackingError
+from .pareto import baseline_row, choose_operating_point, format_fronts
+
+
+def default_model_name(experiment: str) -> str:
+    """``rayprune-<experiment>``, or the experiment itself when it already starts with rayprune."""
+    return experiment if experiment.startswith("rayprune") else f"rayprune-{experiment}"
+
+
+def _open_sweep(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]]]:
+    from .lookup import connect, find_experiment, find_sweep_run, sweep_rows
+
+    client = connect(args.mlflow_uri, must_exist=True)
+    run = find_sweep_run(client, find_experiment(client, args.experiment), args.sweep_id)
+    return client, run, sweep_rows(client, run)
+
+
+def front(args: argparse.Namespace) -> None:
+    """Print the fronts of the sweep ``args`` names (experiment, mlflow_uri, sweep_id, init)."""
+    _, run, rows = _open_sweep(args)
+    sweep = run.data.tags.get("rayprune.sweep_id", "?")
+    print(f"experiment {args.experiment}, sweep {sweep} (parent run {run.info.run_id}): {len(rows)} subnet records\n")
+    print(format_fronts(rows, args.init))
+
+
+def pick(args: argparse.Namespace) -> None:
+    """Choose, export and (unless ``args.register`` is false) register an operating point."""
+    from ..export import export_subnet
+    from .lookup import download_subnet
+    from .model_registry import register_choice
+
+    out: Path = args.out.resolve()
+    if out.exists() and not out.is_dir():
+        raise TrackingError(f"--out {str(out)!r} is a file, not a directory; pass a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise TrackingError(f"output directory {str(out)!r} already exists and is not empty; pass a new --out "
+                            "or remove it")
+    client, parent, rows = _open_sweep(args)
+    max_drop = None if args.max_drop >= 1.0 else args.max_drop
+    row, why = choose_operating_point(rows, args.mode, max_macs=args.max_macs, min_acc=args.min_acc,
+                                      max_drop=max_drop, kd_weight=args.kd_weight, init=args.init)
+    model_name = args.model_name or default_model_name(args.experiment)
+    base = baseline_row(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Stage beside --out so the final rename is atomic: --out appears complete or not at all.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        saved = _load_download(download_subnet(client, row["artifact_uri"], Path(tmp) / "download"), row)
+        source = row.get("source") or {}
+        info = {"mode": args.mode, "selection": why, "method": row["method"], "dataset": _dataset(parent),
+                "flops_target": row.get("flops_target"), "kd_weight": row.get("kd_weight"),
+                "recipe": row.get("recipe") or source.get("recipe_tag"), "init": row.get("init") or source.get("init"),
+                "robust_suite": row.get("robust_suite"), "experiment": args.experiment,
+                "sweep_id": parent.data.tags.get("rayprune.sweep_id"), "parent_run_id": parent.info.run_id,
+                "source_run_id": row.get("run_id"), "trial_id": row["trial_id"],
+                "record": f"{row['kind']} step {row['step']}", "weights": row["artifact_uri"],
+                "registered_model": f"{model_name}@{args.mode}" if args.register else None}
+        staged = export_subnet(saved.spec, saved.state_dict, {**saved.metrics, **row["metrics"]}, Path(tmp) / "export",
+                               input_size=saved.input_size, info=info, exporter=args.onnx_exporter,
+                               baseline=base, preprocessing=_preprocessing(row, base))
+        version = register_choice(client, parent, model_name, args.mode, staged, row, why) if args.register else None
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staged, out)
+    _print_choice(args.mode, row, why, out, model_name, None if version is None else version.version, base)
+
+
+def _load_download(folder: Path, row: dict[str, Any]) -> subnet_io.SavedSubnet:
+    """The downloaded subnet; its input size is the saved one, else the record's, else the spec's
+    family default (records from before input sizes were saved)."""
+    from .. import models
+
+    try:
+        saved = subnet_io.load(folder, default_input_size=row.get("input_size"))
+    except subnet_io.NotASubnetError as e:
+        raise TrackingError(f"the picked record's artifacts are incomplete: {e}") from None
+    if saved.input_size is None:
+        return subnet_io.SavedSubnet(saved.path, saved.spec, saved.state_dict, saved.record,
+                                     models.input_size_of(saved.spec))
+    return saved
+
+
+def _dataset(parent: Any) -> str | None:
+    return parent.data.params.get("dataset.name") or parent.data.params.get("dataset")
+
+
+def _preprocessing(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The exact input preprocessing the subnet was trained with (stored in its record)."""
+    return (row.get("source") or {}).get("preprocessing") or ((base or {}).get("source") or {}).get("preprocessing")
+
+
+def _print_choice(mode: str, row: dict[str, Any], why: str, out: Path, model_name: str, version: str | None,
+                  base: dict[str, Any] | None = None) -> None:
+    metrics = ", ".join(f"{k} {row['metrics'][k]:.4f}" for k in ("test_top1", "robust_top1") if k in row["metrics"])
+    vs = ""
+    if base is not None and base["metrics"].get("test_top1") is not None and "test_top1" in row["metrics"]:
+        vs = (f" (baseline test_top1 {base['metrics']['test_top1']:.4f}, drop "
+              f"{base['metrics']['test_top1'] - row['metrics']['test_top1']:+.4f}; "
+              f"{100.0 * row['macs'] / base['macs']:.1f}% of its MACs)")
+    print(f"picked {mode}: {row['method']} (trial {row['trial_id']}, {row['kind']}), {row['macs']:,} MACs, "
+          f"{row['params']:,} params, {metrics}{vs}")
+    print(f"  selection: {why}")
+    print(f"exported to {out} (spec.json, weights.pt, model.onnx, model_card.md)")
+    if version is None:
+        print("not registered (--no-register): nothing was written to the tracking store")
+    else:
+        print(f"registered {model_name} version {version} as @{mode} (ONNX flavor): "
+              f"mlflow.pyfunc.load_model('models:/{model_name}@{mode}')")

@@ -191,14 +191,22 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .orchestration.cluster import resolve_space, tracking_uri_on_cluster
     from .orchestration.config import load_sweep
     from .orchestration.sweep import run_sweep
 
+    space, warning = resolve_space(args.space)  # a path the user's shell expanded for another machine
+    if warning:
+        print(warning, file=sys.stderr)
     overrides = {"tracking.uri": args.mlflow_uri, "tracking.experiment": args.experiment,
                  "storage_path": args.storage_path}
-    cfg = load_sweep(args.space, overrides)
+    cfg = load_sweep(space, overrides)
+    uri, note = tracking_uri_on_cluster(cfg.tracking.uri, args.mlflow_uri, args.address)  # the head's server
+    if note:
+        print(note, file=sys.stderr)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
     outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
-    resume = f"rayprune sweep --space {args.space} --resume {outcome.sweep_id}"
+    resume = f"rayprune sweep --space {space} --resume {outcome.sweep_id}"
     if not outcome.complete:
         print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
         return EXIT_FAILED

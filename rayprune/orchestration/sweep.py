@@ -33,7 +33,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote
 
 import pyarrow.fs
 import ray
@@ -42,6 +41,7 @@ from ray import tune
 from ..engine.data import load_dataset
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
+from .cluster import browse_hint
 from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
 from .cache import FinalCache
 from .config import SweepConfig
@@ -452,14 +452,7 @@ def print_cell_stats(tracker, out: TextIO) -> None:
 def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
     """The fronts as tables (what ``rayprune front`` shows), then how to browse the runs."""
     print("\n" + tracker.front_table(), file=out)
-    print(f"\nBrowse the runs: mlflow ui --backend-store-uri {cfg.tracking.uri}", file=out)
-    # MLflow 3.17's UI opens experiments in its GenAI view unless the workflow switch says
-    # "machine_learning" (a URL parameter, then remembered): the link goes straight to the runs table.
-    runs = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
-    candidates = (f"{runs}&searchFilter={quote('tags.`rayprune.role` = ' + repr('finetune'))}"
-                  f"&orderByKey={quote('metrics.`macs`')}&orderByAsc=true")
-    print(f"  then open {runs}\n  the fine-tuned candidates (one run per cell; Columns adds macs_pct, test_top1, "
-          f"robust_top1, latency_ms): {candidates}", file=out)
+    print("\n" + browse_hint(cfg.tracking.uri, tracker.experiment_id), file=out)
     pick = f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri {cfg.tracking.uri}"
     drop = suggested_max_drop(tracker.store.rows())
     option = "" if drop in (None, DEFAULT_MAX_DROP) else f" --max-drop {drop:g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -34,11 +35,12 @@ class Registry(Generic[T]):
         return self.register(name)(obj)
 
     def get(self, name: str) -> T:
-        try:
+        if isinstance(name, str) and name in self._items:
             return self._items[name]
-        except KeyError:
-            known = ", ".join(sorted(self._items)) or "(none)"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
+        known = ", ".join(sorted(self._items)) or "(none)"
+        close = difflib.get_close_matches(name, list(self._items), n=1) if isinstance(name, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}{' ' if hint else '; '}known: {known}")
 
     def names(self) -> list[str]:
         return sorted(self._items)

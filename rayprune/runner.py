@@ -4,7 +4,10 @@ driver (step -> checkpoint -> report, one state-file schema) that the Ray traina
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from . import models
-from .engine.checkpoint import atomic_save, load
+from .engine.checkpoint import UnreadableFileError, atomic_save, safe_load
 from .engine.data import holdout_per_class, load_dataset
 from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
@@ -106,8 +109,12 @@ def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
     return saved.build().to(device).eval()
 
 
-def class_balanced_subset(ds: Any, n: int | None, seed: int) -> Any:
-    """``n`` samples (n // classes per class, seeded) of ``ds``; all of it when ``n`` is None."""
+def class_balanced_subset(ds: Any, n: int | None, seed: int, what: str = "subset") -> Any:
+    """``n`` samples (n // classes per class, seeded) of ``ds``; all of it when ``n`` is None or
+    at least its size (then a one-line warning on stderr says so, naming ``what``)."""
+    if n is not None and n > len(ds):
+        print(f"rayprune: warning: {what} {n} is larger than the set ({len(ds)} samples); using all of it",
+              file=sys.stderr, flush=True)
     if n is None or n >= len(ds):
         return ds
     _, picked = holdout_per_class(ds.labels, max(1, n // ds.num_classes), seed)
@@ -117,23 +124,32 @@ def class_balanced_subset(ds: Any, n: int | None, seed: int) -> Any:
 def load_data(dataset: str, data_dir: str | None, train_subset: int | None = None,
               test_subset: int | None = None, seed: int = 0) -> tuple[Any, Any]:
     train, test = load_dataset(dataset, data_dir)
-    return class_balanced_subset(train, train_subset, seed), class_balanced_subset(test, test_subset, seed)
+    return (class_balanced_subset(train, train_subset, seed, "--train-subset"),
+            class_balanced_subset(test, test_subset, seed, "--test-subset"))
 
 
-def build_method(cfg: TrialConfig, workdir: str | Path) -> Method:
-    """Load data and teacher, build the RunContext and the method (hparams validated)."""
+def build_method(cfg: TrialConfig, workdir: str | Path, *, data: tuple[Any, Any] | None = None,
+                 teacher: nn.Module | None = None) -> Method:
+    """Load data and teacher, build the RunContext and the method (hparams validated).
+
+    Writes nothing (a method writes into ``workdir`` only when it steps). ``data`` (``(train,
+    test)`` as :func:`load_data` returns them) and ``teacher`` skip loading those again.
+    """
     cls = get_method(cfg.method)
     hparams = cls.Hparams(**cfg.hparams)
     device = resolve_device(cfg.device)
+    finetune = TrainConfig(**cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
-    train, test = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+    train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset,
+                                                          cfg.test_subset)
     spec = resolve_spec(cfg, train.num_classes)
-    teacher = load_teacher(cfg.teacher, spec, device) if cfg.teacher else None
+    if teacher is None and cfg.teacher:
+        teacher = load_teacher(cfg.teacher, spec, device)
     ctx = RunContext(
         spec=spec, train=train, test=test,
         budget=Budget(flops_target=cfg.flops_target, max_stage_prune=cfg.max_stage_prune),
         kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, teacher=teacher, device=device,
-        seed=cfg.seed, workdir=Path(workdir), finetune=TrainConfig(**cfg.finetune),
+        seed=cfg.seed, workdir=Path(workdir), finetune=finetune,
         input_size=cfg.input_size or train.input_size, robust=cfg.robust, measure_latency=cfg.measure_latency)
     return cls(ctx, hparams)
 
@@ -173,7 +189,10 @@ class TrialState:
     @classmethod
     def load(cls, path: str | Path) -> "TrialState":
         """Read ``path`` (``weights_only``); older files lack some fields (their defaults apply)."""
-        saved = load(path)
+        saved = safe_load(path, "run state", "delete it (or pass --no-resume) to start that run afresh")
+        if not isinstance(saved.get("method"), dict) or not isinstance(saved.get("history", []), list):
+            raise UnreadableFileError(f"cannot read run state {str(path)!r}: it is not a state file rayprune "
+                                      "wrote; delete it (or pass --no-resume) to start that run afresh")
         history = saved.get("history", [])
         return cls(method=saved["method"], steps=int(saved.get("steps", len(history))), history=history,
                    subnets=saved.get("subnets", []), config=saved.get("config"))
@@ -217,27 +236,94 @@ def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
-              on_step: Callable[[StepResult], None] | None = None) -> dict[str, Any]:
-    """Step a method until done, checkpointing after every step; then fine-tune and save.
-
-    Writes ``out_dir``/config.json, subnets.jsonl (every evaluated subnet), state.pt (resume
-    point), final/ (spec.json, weights.pt, metrics.json) and result.json. Interrupted runs resume
-    from state.pt with nothing lost or duplicated (subnets.jsonl is rewritten from the state).
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` is a folder, or can be created as one; nothing is created.
 
     Raises:
-        ValueError: state.pt was written with settings that shape the search (method, hparams,
-            data, budget, seed, ...) other than ``cfg``'s; only :data:`RESUMABLE_CHANGES` may differ.
+        ValueError: ``path`` is an existing file, or an ancestor is a file or not writable.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    method = build_method(cfg, out / "work")
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is an existing file, not a folder; give a folder path "
+                             "(a new one, or a previous run's to resume it)")
+        return path
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; "
+                                 "give a path inside a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
+            break
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+TEACHER_DIR = "teacher"
+
+
+def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
+              on_step: Callable[[StepResult], None] | None = None,
+              teacher_recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Step a method until done, checkpointing after every step; then fine-tune and save.
+
+    Everything is validated first (options, hparams, recipes, device, data, spec, budget,
+    teacher, a previous state in ``out_dir``); only then is ``out_dir`` created. It gets
+    config.json, subnets.jsonl (every evaluated subnet), state.pt (resume point), final/
+    (spec.json, weights.pt, metrics.json) and result.json; final/, config.json and result.json
+    appear atomically. Interrupted runs resume from state.pt with nothing lost or duplicated
+    (subnets.jsonl is rewritten from the state).
+
+    ``teacher_recipe``: with ``cfg.kd_weight > 0`` and no ``cfg.teacher``, train the unpruned
+    network with this recipe into ``out_dir``/teacher first (after validation; reused on resume).
+
+    Raises:
+        ValueError: ``out_dir`` is a file; KD without a teacher; or state.pt was written with
+            settings that shape the search (method, hparams, data, budget, seed, ...) other than
+            ``cfg``'s (only :data:`RESUMABLE_CHANGES` may differ).
+    """
+    out = check_out_dir(out_dir)
+    train_first = cfg.kd_weight > 0 and cfg.teacher is None
+    if train_first and teacher_recipe is None:
+        raise ValueError("--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
+                         "(a saved subnet) or --teacher-epochs N to train one first")
+    if train_first:
+        TrainConfig(**teacher_recipe)  # a bad recipe fails now, not after the data is loaded
+        cfg = cfg.model_copy(update={"teacher": str(out / TEACHER_DIR)})
+        train_first = not subnet_io.is_saved(out / TEACHER_DIR)  # a resumed run reuses its teacher
+    data = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+    # Until the teacher is trained, an untrained net of the same spec stands in for it: the
+    # method is built (and so validated) before anything is written.
+    stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
+    method = build_method(cfg, out / "work", data=data, teacher=stand_in)
     state = TrialState(config=cfg.model_dump(exclude=RESUMABLE_CHANGES))
+    saved = None
     if resume and (out / STATE_FILE).exists():
         saved = TrialState.load(out / STATE_FILE)
         saved.check_config(state.config, out / STATE_FILE)
+    out.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, work is kept
+    if train_first:
+        train_teacher(cfg.model, cfg.dataset, out / TEACHER_DIR, spec=cfg.spec, shortcut=cfg.shortcut,
+                      data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, recipe=teacher_recipe,
+                      progress=progress, data=data)
+        method = build_method(cfg, out / "work", data=data)
+    if saved is not None:
         state = restore(method, replace(saved, config=state.config))
-    (out / "config.json").write_text(cfg.model_dump_json(indent=1) + "\n")
+    write_text_atomic(out / "config.json", cfg.model_dump_json(indent=1) + "\n")
     (out / "subnets.jsonl").write_text("")
     _append_jsonl(out / "subnets.jsonl", state.subnets)
 
@@ -252,26 +338,37 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
                 input_size=method.ctx.input_size)
     result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": state.history,
               "num_subnets": len(state.subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
-    (out / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "result.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
 
 def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec: Spec | None = None,
                   shortcut: str | None = None, data_dir: str | None = None, seed: int = 0, device: str | None = None,
                   recipe: dict[str, Any] | None = None, progress: bool | None = None,
-                  train_subset: int | None = None, test_subset: int | None = None) -> Path:
+                  train_subset: int | None = None, test_subset: int | None = None,
+                  data: tuple[Any, Any] | None = None) -> Path:
     """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
 
     An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
+    Everything is validated (folder, device, recipe, data, spec) before any training or writing;
+    the folder appears atomically when the teacher is done (its training checkpoint lives next to
+    it, in ``.<name>.ckpt``, until then). ``data``: ``(train, test)`` already loaded.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or a folder holding something other than a saved subnet.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     if subnet_io.is_saved(out_dir):
         return out_dir
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {str(out_dir)!r} is a folder that holds files but no saved teacher "
+                         f"(a saved subnet has {' and '.join(subnet_io.REQUIRED_FILES)}); give a new folder")
     device = resolve_device(device)
-    train, test = load_data(dataset, data_dir, train_subset, test_subset)
+    train_cfg = TrainConfig(**(recipe or {}))
+    train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
     full = network_spec(model, spec, shortcut, dataset, train.num_classes)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
-    fit(net, train, TrainConfig(**(recipe or {})), device=device, seed=seed,
+    fit(net, train, train_cfg, device=device, seed=seed,
         checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt", progress=progress)
     metrics = {f"test_{k}": v for k, v in evaluate(net, test, device=device).items()}
     record = SubnetRecord.of(full, metrics, "unpruned", 0, train.input_size, trained_by="teacher")

@@ -75,7 +75,7 @@ def test_run_bad_inputs_fail_fast_with_one_line(tmp_path, capsys):
     base = ["run", "--model", "cifar_resnet:tiny", "--dataset", "synthetic", "--out", str(tmp_path / "o")]
     cases = [
         (["--method", "nope", "--flops-target", "0.5"], "unknown method 'nope'"),
-        (["--method", "uniform", "--flops-target", "1.5"], "flops_target"),
+        (["--method", "uniform", "--flops-target", "1.5"], "--flops-target"),
         (["--method", "uniform", "--flops-target", "0.5", "--set", "bogus=1"], "bogus"),
         (["--method", "uniform", "--flops-target", "0.5", "--kd-weight", "0.9"], "needs a teacher"),
         (["--method", "uniform", "--flops-target", "0.05", "--max-stage-prune", "0.1,0.1,0.1"], "impossible"),

@@ -162,7 +162,7 @@ def test_launch_script_runs_alone_like_ray_submit_copies_it(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
-        "rayprune: error: x.yaml: optuna.sampler: Input should be 'tpe', 'random', 'gp' or 'nsga2'")
+        "rayprune: error: x.yaml: optuna.sampler: Input should be 'tpe', 'random', 'gp' or 'nsga2', got 'cmaes'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.py", "x.yaml"]
 
 

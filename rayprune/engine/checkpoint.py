@@ -1,7 +1,10 @@
-"""Atomic, pickle-free checkpoints and RNG capture/restore.
+"""Atomic, pickle-free checkpoints and RNG capture/restore, and the one torch file loader.
 
-Checkpoints hold only tensors and plain Python containers so that :func:`load` can use
-``torch.load(weights_only=True)``: loading never executes code from the file.
+Checkpoints hold only tensors and plain Python containers so that :func:`safe_load` can use
+``torch.load(weights_only=True)``: loading never executes code from the file. Every torch file
+rayprune reads (run state, training checkpoints, saved-subnet and teacher weights, the final
+cache) goes through :func:`safe_load`, which turns any failure (a pickled module or code, random
+bytes, a truncated file) into one :class:`UnreadableFileError` line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -9,13 +12,19 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "capture_rng", "load", "restore_rng"]
+__all__ = ["UnreadableFileError", "atomic_save", "capture_rng", "load", "restore_rng", "safe_load"]
+
+
+class UnreadableFileError(ValueError):
+    """A torch file rayprune reads is refused: damaged, truncated, or holding more than tensors
+    and plain containers. The message names the file and the fix (never ``weights_only=False``)."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -38,9 +47,45 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def safe_load(path: str | Path, what: str = "checkpoint", fix: str | None = None, *,
+              map_location: str | torch.device = "cpu", expect: type | None = dict) -> Any:
+    """``torch.load(path, weights_only=True)``; any failure becomes one :class:`UnreadableFileError`.
+
+    Args:
+        what: what the file is, for the message ("run state", "teacher weights", ...).
+        fix: what the user should do (default: delete the file and re-run).
+        expect: the type the file must hold (``None``: anything weights_only allows).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnreadableFileError: ``path`` is a folder, damaged, truncated, not a torch file, holds
+            pickled objects other than tensors and plain containers (no code from it runs), or
+            does not hold an ``expect``.
+    """
+    path = Path(path)
+    fix = fix or "delete it and re-run"
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {fix}")
+    if not path.is_file():
+        raise UnreadableFileError(f"{what} {str(path)!r} is not a file; {fix}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- anything torch raises means "this file is not ours"
+        # Never repeat torch's text: it advises weights_only=False, which would run a hostile file.
+        reason = ("it holds pickled Python objects (a module or code), which rayprune never loads"
+                  if "Unsupported global" in str(e) else "it is damaged, truncated or not a torch file")
+        raise UnreadableFileError(f"cannot read {what} {str(path)!r}: {reason}; {fix}") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise UnreadableFileError(f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, "
+                                  f"not what rayprune writes; {fix}")
+    return obj
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint written by :func:`atomic_save` (``weights_only=True``)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`atomic_save` (:func:`safe_load`, ``weights_only=True``)."""
+    return safe_load(path, "checkpoint", map_location=map_location, expect=None)
 
 
 def capture_rng(torch_only: bool = False) -> dict[str, Any]:

@@ -192,20 +192,89 @@ def default_data_dirs(data_dir: str | Path | None = None) -> list[Path]:
     return dirs
 
 
-def _unpickle(path: Path) -> dict[bytes, Any]:
+def _ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` for plain ndarrays only; the pickle's BUILD then sets the data."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain numpy arrays are allowed")
+    return np.empty(0, dtype=np.uint8)
+
+
+#: Plain numeric dtypes a CIFAR batch may use (never ``object``: its items would be unpickled objects).
+_PLAIN_DTYPES = {f"{kind}{size}" for kind in "uif" for size in (1, 2, 4, 8)} | {"b1"}
+
+
+def _plain_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    if isinstance(spec, bytes):  # the release's py2 strings arrive as bytes (encoding="bytes")
+        spec = spec.decode("ascii", "replace")
+    if not isinstance(spec, str) or spec not in _PLAIN_DTYPES:
+        raise pickle.UnpicklingError(f"dtype {spec!r} is not allowed")
+    return np.dtype(spec)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads the CIFAR python-pickle release and nothing else: dicts, lists, strings, bytes,
+    numbers and plain numeric numpy arrays. Any other global (``os.system``, a class, a function)
+    is refused before it is looked up, so a crafted batch file cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+def _unpickle(path: Path) -> Any:
+    """A CIFAR batch file through :class:`_CifarUnpickler` (the release's py2 strings as bytes)."""
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")  # the official CIFAR release format
+        return _CifarUnpickler(f, encoding="bytes").load()
 
 
-def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch as ``(uint8 [N, 3, 32, 32], int64 [N])``, checked by shape, dtype and range.
+
+    Raises:
+        DataError: the file is truncated, not a pickle, holds anything but the release's plain
+            data (it is refused without running any of it), or has the wrong shapes or labels.
+    """
+    fix = (f"delete the '{path.parent.name}' folder and download it again (or copy a fresh one from the "
+           "official release)")
+    try:
+        batch = _unpickle(path)
+    except pickle.UnpicklingError as e:
+        why = str(e) if "not allowed" in str(e) else "it is damaged or not a pickle"
+        raise DataError(f"{path} is not a CIFAR batch file ({why}); {fix}") from None
+    except (EOFError, MemoryError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError):
+        raise DataError(f"{path} is not a CIFAR batch file (it is truncated or damaged); {fix}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DataError(f"{path} is not a CIFAR batch file (expected a dict with keys {b'data'!r} and "
+                        f"{label_key!r}); {fix}")
+    data, labels = batch[b"data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], got {shape}; {fix}")
+    if not (isinstance(labels, (list, np.ndarray)) and len(labels) == len(data)
+            and all(isinstance(y, (int, np.integer)) and not isinstance(y, bool) for y in labels)):
+        raise DataError(f"{path}: {label_key.decode()!r} must be {len(data)} integer labels (one per image); {fix}")
+    y = np.asarray(labels, dtype=np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{path}: labels must be in [0, {num_classes}), got {int(y.min())}..{int(y.max())}; {fix}")
+    return data.reshape(-1, 3, 32, 32), y
+
+
+def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: bytes,
+                        num_classes: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for name in files:
         path = folder / name
         if not path.is_file():
             raise DataError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
-        batch = _unpickle(path)
-        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        x, y = _read_batch(path, label_key, num_classes)
+        xs.append(x)
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -220,8 +289,8 @@ def load_cifar(folder: str | Path, name: str = "cifar10") -> tuple[Dataset, Data
         mean, std = CIFAR100_MEAN, CIFAR100_STD
     else:
         raise ValueError(f"not a CIFAR dataset: {name!r}")
-    train = Dataset(*_read_cifar_batches(folder, train_files, key), classes, mean, std, name)
-    test = Dataset(*_read_cifar_batches(folder, test_files, key), classes, mean, std, name)
+    train = Dataset(*_read_cifar_batches(folder, train_files, key, classes), classes, mean, std, name)
+    test = Dataset(*_read_cifar_batches(folder, test_files, key, classes), classes, mean, std, name)
     return train, test
 
 

@@ -350,7 +350,8 @@ def fit(model: nn.Module, train: Any, cfg: TrainConfig, *, device: str | torch.d
         torch.manual_seed(seed)
         run = _Run(model, loader, cfg, seed)
         if path is not None and path.exists():
-            run.load_state_dict(ckpt.load(path), path)  # CPU: RNG states must stay CPU tensors
+            run.load_state_dict(ckpt.safe_load(path, "training checkpoint", f"delete {path} to restart that training"),
+                                path)  # CPU: RNG states must stay CPU tensors
         _epochs(run, step_model, loss, device, val, path, progress, on_epoch)
     return run.history
 

@@ -53,7 +53,13 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(name)!r}; use cpu, cuda or cuda:N (or leave it unset: cuda when "
+                         "available, else cpu)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(name)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(name)!r} requested but CUDA is not available here; use device='cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

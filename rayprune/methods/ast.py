@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from .. import models
-from ..engine.checkpoint import load as load_checkpoint
+from ..engine.checkpoint import safe_load
 from ..engine.data import make_loader
 from ..engine.train import TrainConfig, evaluate, fit
 from ..models.base import Spec, SpecError
@@ -645,7 +645,8 @@ class AST(Method):
                 raise ValueError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
             loaded = self.ctx.teacher.state_dict()
         else:
-            loaded = load_checkpoint(source)
+            loaded = safe_load(source, "warm_start weights", "point warm_start at a state_dict of the unpruned net",
+                               expect=None)
             loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         missing = sorted(set(state) ^ set(loaded))
         if missing or any(loaded[k].shape != v.shape for k, v in state.items()):

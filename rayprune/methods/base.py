@@ -67,14 +67,20 @@ class Budget(BaseModel):
         if self.max_stage_prune is None:
             return 1.0 - 1e-9  # effectively unconstrained (a group keeps >= 1 channel)
         if stage >= len(self.max_stage_prune):
-            raise SpecError(f"budget max_stage_prune has {len(self.max_stage_prune)} entries but the model has a stage {stage}")
+            raise SpecError(f"max_stage_prune needs an entry for every stage of the model (stage {stage} has "
+                            f"none), got {len(self.max_stage_prune)}: {self.max_stage_prune}")
         return self.max_stage_prune[stage]
 
     def min_widths(self, full_spec: Spec) -> dict[str, int]:
         """Smallest width each channel group of the *full* spec may be pruned to: the stage's
         rate, but never below ``min_keep`` of the group's width, its divisor or one channel."""
         out = {}
-        for g in models.channel_groups(full_spec):
+        groups = models.channel_groups(full_spec)
+        stages = 1 + max(g.stage for g in groups)
+        if self.max_stage_prune is not None and len(self.max_stage_prune) != stages:
+            raise SpecError(f"max_stage_prune needs {stages} entries (one rate per stage of the model), "
+                            f"got {len(self.max_stage_prune)}: {self.max_stage_prune}")
+        for g in groups:
             by_stage = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
             by_fraction = math.ceil(g.width * self.min_keep - 1e-9)
             out[g.name] = min(g.width, max(g.min_width, by_stage, by_fraction, g.divisor, 1))

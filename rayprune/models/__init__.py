@@ -71,7 +71,15 @@ def full_spec(model: str, num_classes: int = 10, **options: Any) -> Spec:
 
 
 def validate(spec: Spec) -> Spec:
-    family_of(spec).validate(spec)
+    """``spec`` if it is a valid spec of its family, else :class:`SpecError` naming the field."""
+    family = family_of(spec)
+    try:
+        family.validate(spec)
+    except SpecError:
+        raise
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:  # a shape no check foresaw
+        raise SpecError(f"malformed {family.name} spec ({e}); compare it with the format in the README or "
+                        f"`rayprune inspect` a full spec") from None
     return spec
 
 
@@ -89,8 +97,16 @@ def build(spec: Spec, seed: int | None = None) -> nn.Module:
 
 
 def input_size_of(spec: Spec, input_size: int | None = None) -> int:
-    """Explicit size, else the spec's own ``input_size`` hint, else the family default."""
-    return input_size or spec.get("input_size") or family_of(spec).default_input_size
+    """Explicit size, else the spec's own ``input_size`` hint, else the family default.
+
+    Raises:
+        SpecError: an explicit ``input_size`` that is not an integer >= 1.
+    """
+    if input_size is not None:
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+            raise SpecError(f"input_size must be an integer >= 1, got {input_size!r}")
+        return input_size
+    return spec.get("input_size") or family_of(spec).default_input_size
 
 
 def layers(spec: Spec, input_size: int | None = None) -> list[Layer]:
@@ -125,11 +141,19 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec JSON file; errors name the file and the problem."""
     path = Path(path)
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        hint = " (a saved subnet folder: pass its spec.json)" if (path / "spec.json").is_file() else ""
+        raise SpecError(f"spec file {str(path)!r} is a directory{hint}; give the path of a spec JSON file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {str(path)!r} is not text (a binary file such as weights.pt?); give the path "
+                        "of a spec JSON file (a saved subnet's spec.json)") from None
     except json.JSONDecodeError as e:
         raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except OSError as e:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {e.strerror or e}") from None
     return validate(spec)
 
 

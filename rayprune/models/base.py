@@ -10,10 +10,11 @@ group indexes each dimension of each state-dict entry) all weight transfer is ge
 from __future__ import annotations
 
 import abc
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -114,6 +115,16 @@ def require(cond: bool, field_name: str, why: str) -> None:
     """Validation helper: raise a SpecError naming ``field_name`` unless ``cond``."""
     if not cond:
         raise SpecError(f"spec field {field_name!r}: {why}")
+
+
+def require_choice(value: Any, choices: Iterable[str], field_name: str) -> None:
+    """``value`` is one of ``choices`` (a string: a list or number is refused, not looked up)."""
+    choices = list(choices)
+    if isinstance(value, str) and value in choices:
+        return
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    require(False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
 
 
 def require_int(value: Any, field_name: str, minimum: int = 1) -> None:

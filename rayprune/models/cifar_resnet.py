@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import (Axes, ChannelGroup, Family, Fixup, Layer, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit,
                    WidthSlot, bn_axes, bn_layer, check_fields, conv_layer, init_weights, keep_first_blocks,
-                   linear_layer, require, require_int, residual_width_slots)
+                   linear_layer, require, require_choice, require_int, residual_width_slots)
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
 BLOCKS = {"basic": 2, "bottleneck": 3}
@@ -78,7 +78,7 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
 def validate_block_stages(spec: Spec) -> None:
     """The checks shared by the ResNet-shaped families: block kind, classes, stem and the
     ``stages`` list of per-block width lists (each error names the field)."""
-    require(spec["block"] in BLOCKS, "block", f"must be one of {list(BLOCKS)}, got {spec['block']!r}")
+    require_choice(spec["block"], BLOCKS, "block")
     require_int(spec["num_classes"], "num_classes")
     require_int(spec["stem"], "stem")
     stages = spec["stages"]
@@ -240,7 +240,7 @@ class CifarResNetFamily(Family):
     def validate(self, spec: Spec) -> None:
         check_fields(spec, {"family", "block", "num_classes", "shortcut", "stem", "stages"},
                      ("block", "num_classes", "shortcut", "stem", "stages"))
-        require(spec["shortcut"] in SHORTCUTS, "shortcut", f"must be one of {list(SHORTCUTS)}, got {spec['shortcut']!r}")
+        require_choice(spec["shortcut"], SHORTCUTS, "shortcut")
         validate_block_stages(spec)
 
     def build(self, spec: Spec) -> nn.Module:

@@ -3,8 +3,8 @@
 A saved subnet is a folder with
 
 * ``spec.json``    -- the architecture (a rayprune spec),
-* ``weights.pt``   -- a plain ``state_dict`` (read with ``torch.load(..., weights_only=True)``:
-  nothing is unpickled),
+* ``weights.pt``   -- a plain ``state_dict`` (read with :func:`rayprune.engine.checkpoint.safe_load`,
+  ``weights_only=True``: nothing but tensors is unpickled),
 * ``metrics.json`` -- optional, one schema: a subnet record (``spec``, ``macs``, ``params``,
   ``metrics`` {name: number}, ``method``, ``step``, ``source``) plus ``input_size``, the input
   resolution the subnet was trained and measured at.
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import build, load_spec, save_spec
+from ..engine.checkpoint import safe_load
 from .base import Spec, SpecError
 
 SPEC_FILE, WEIGHTS_FILE, METRICS_FILE = "spec.json", "weights.pt", "metrics.json"
@@ -68,7 +69,14 @@ class SavedSubnet:
     def build(self) -> nn.Module:
         """The subnet as an ``nn.Module`` with its weights loaded strictly (train mode, CPU)."""
         net = build(self.spec, seed=0)  # seeded: the init is overwritten, the global RNG untouched
-        net.load_state_dict(self.state_dict)
+        try:
+            net.load_state_dict(self.state_dict)
+        except (RuntimeError, TypeError, AttributeError, KeyError, ValueError):
+            expected, got = set(net.state_dict()), set(self.state_dict)
+            differ = sorted(expected ^ got)
+            detail = f"first differing key: {differ[0]!r}" if differ else "a tensor has the wrong shape or type"
+            raise SpecError(f"{str(self.path / WEIGHTS_FILE)!r} does not fit {str(self.path / SPEC_FILE)!r} "
+                            f"({detail}); save the subnet again or point at another folder") from None
         return net
 
 
@@ -117,12 +125,18 @@ def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSub
         SpecError: spec.json is not a valid spec.
     """
     path = Path(path)
+    fix = "give a folder written by `rayprune teacher` or `rayprune run` (its final/)"
+    if not path.exists():
+        raise NotASubnetError(f"saved subnet folder {str(path)!r} does not exist; {fix}")
+    if not path.is_dir():
+        raise NotASubnetError(f"{str(path)!r} is a file, not a saved subnet folder; {fix}")
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         raise NotASubnetError(f"{str(path)!r} is not a saved subnet: it lacks {', '.join(missing)} "
-                              f"(a saved subnet holds {' and '.join(REQUIRED_FILES)})")
+                              f"(a saved subnet holds {' and '.join(REQUIRED_FILES)}); {fix}")
     spec = load_spec(path / SPEC_FILE)
-    state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    state = safe_load(path / WEIGHTS_FILE, "weights",
+                      f"save the subnet again (rayprune teacher/run write it) or point at another folder")
     record = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else {}
     size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
     return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)

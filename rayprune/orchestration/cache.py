@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.fs
 import torch
 
+from ..engine.checkpoint import safe_load
 from ..runner import save_subnet
 
 CACHE_DIR = "final_cache"
@@ -75,7 +76,8 @@ class FinalCache:
                 with fs.open_input_stream(f"{root}/{key}/{name}") as f:
                     (local / name).write_bytes(f.readall())
             record = json.loads((local / "metrics.json").read_text())
-            state = torch.load(local / "weights.pt", map_location="cpu", weights_only=True)
+            state = safe_load(local / "weights.pt", f"cached weights of {self.path(key)}",
+                              f"delete {self.path(key)} (it is trained again)")
         return record, state
 
     def put(self, key: str, record: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:

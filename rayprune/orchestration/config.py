@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import models
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
+from ..errors import describe, did_you_mean
 from ..registry import UnknownNameError
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
@@ -57,7 +58,9 @@ class MethodEntry(_Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in MODULES and name not in METHODS:  # METHODS: also those registered from outside
-            raise ValueError(f"unknown method {name!r}; known: {', '.join(MODULES)}")
+            guess = did_you_mean(name, MODULES)
+            hint = f"; did you mean {guess!r}?" if guess else ""
+            raise ValueError(f"unknown method {name!r}{hint}{' ' if hint else '; '}known: {', '.join(MODULES)}")
         return name
 
 
@@ -272,6 +275,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise SweepConfigError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raise SweepConfigError(f"{path}: the file is empty; a sweep file is a YAML mapping (see search_spaces/ "
+                               "for examples)")
     if not isinstance(raw, dict):
         raise SweepConfigError(f"{path}: a sweep file must be a YAML mapping (key: value), got {type(raw).__name__}")
     return raw
@@ -331,14 +337,28 @@ def _check_semantics(cfg: SweepConfig) -> None:
         raise _FieldError("teacher", "grid.kd_weights has a weight > 0, which needs a teacher: set "
                                      "teacher.checkpoint (a saved subnet dir) or teacher.recipe (train once per sweep)")
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
-        ckpt = Path(_abs(cfg.teacher.checkpoint))
-        if not (ckpt / "spec.json").is_file():
-            raise _FieldError("teacher.checkpoint",
-                              f"{ckpt} is not a saved subnet dir (no spec.json there); point it at a dir "
-                              "written by `rayprune run` (final/) or `rayprune teacher`, or use teacher.recipe")
+        _check_teacher_checkpoint(Path(_abs(cfg.teacher.checkpoint)), full, cfg.dataset.name)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise _FieldError("methods", f"each method may appear once, got {names}")
+
+
+def _check_teacher_checkpoint(ckpt: Path, full: Spec, dataset: str) -> None:
+    """The teacher folder is a whole saved subnet whose weights load (safely) and fit its spec,
+    with the model's number of classes: checked here, before Ray starts, not in a trial."""
+    from ..models import io as subnet_io
+
+    fix = "point it at a dir written by `rayprune run` (final/) or `rayprune teacher`, or use teacher.recipe"
+    if not (ckpt / "spec.json").is_file():
+        raise _FieldError("teacher.checkpoint", f"{ckpt} is not a saved subnet dir (no spec.json there); {fix}")
+    try:
+        saved = subnet_io.load(ckpt)
+        saved.build()
+    except (FileNotFoundError, ValueError, SpecError) as e:  # missing weights, a refused or mismatched file
+        raise _FieldError("teacher.checkpoint", str(e)) from None
+    if dataset != "imagenet" and saved.spec.get("num_classes") != full.get("num_classes"):  # folders vary
+        raise _FieldError("teacher.checkpoint", f"{ckpt} predicts {saved.spec.get('num_classes')} classes, the "
+                                                f"model {full.get('num_classes')}; {fix}")
 
 
 def _check_methods(cfg: SweepConfig) -> None:
@@ -370,10 +390,16 @@ def _check_recipes(cfg: SweepConfig) -> None:
 def _check_model(cfg: SweepConfig) -> Spec:
     field = "model" if cfg.model is not None else "spec"
     try:
-        spec = cfg.full_spec() if not isinstance(cfg.spec, str) else models.load_spec(_abs(cfg.spec))
-        return models.validate(spec)
+        spec = models.validate(cfg.full_spec() if not isinstance(cfg.spec, str) else models.load_spec(_abs(cfg.spec)))
     except SpecError as e:
         raise _FieldError(field, str(e)) from None
+    if cfg.input_size is not None:  # the model must run at that size (e.g. even maps for avgpool shortcuts)
+        try:
+            models.layers(spec, cfg.input_size)
+        except SpecError as e:
+            raise _FieldError("input_size", f"the {field} cannot run at {cfg.input_size}x{cfg.input_size}: "
+                                            f"{str(e).removeprefix(f'input_size {cfg.input_size}: ')}") from None
+    return spec
 
 
 def _check_budgets(cfg: SweepConfig, full: Spec) -> None:
@@ -397,50 +423,6 @@ def _check_budgets(cfg: SweepConfig, full: Spec) -> None:
 
 
 def _describe(error: ValidationError, root: type[BaseModel], prefix: str = "") -> tuple[str, str]:
-    """The first pydantic error as (``prefix.field.path``, message naming the allowed names or values)."""
-    err = error.errors(include_url=False)[0]
-    loc = tuple(err["loc"])
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        allowed = _fields_at(root, loc[:-1])
-        message = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
-    elif err["type"] == "missing":
-        message = "required field is missing"
-    return _loc_str(loc, prefix), message
-
-
-def _loc_str(loc: tuple, prefix: str = "") -> str:
-    out = prefix
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the model found by walking ``loc`` from ``root`` (for 'allowed:' lists)."""
-    model: Any = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if _is_model(model) else None
-        if field is None:
-            return []
-        model = _model_in(field.annotation)
-        if model is None:
-            return []
-    return list(model.model_fields) if _is_model(model) else []
-
-
-def _is_model(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, BaseModel)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel inside ``X``, ``X | None`` or ``list[X]``."""
-    if _is_model(annotation):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+    """The most useful pydantic error as (``prefix.field.path``, message naming the allowed names
+    or values, with "did you mean" for a misspelt key): see :func:`rayprune.errors.describe`."""
+    return describe(error, root, prefix)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..engine.checkpoint import safe_load
 from ..methods.base import Method, RunContext, StepResult, SubnetRecord, within_budget
 from ..methods.finetune import finalize
 from .context import tiny_context, tiny_spec
@@ -78,7 +79,7 @@ def check_state_dict_round_trip_resumes_exactly(cls: MethodClass, workdir: Path)
     state = copy.deepcopy(a.state_dict())
     # Save/load through torch.save with weights_only=True, as checkpoints are stored.
     torch.save(state, workdir / "state.pt")
-    state = torch.load(workdir / "state.pt", weights_only=True)
+    state = safe_load(workdir / "state.pt", "method state")
     b = cls(conformance_context(workdir / "b", seed=3), cls.smoke)
     b.load_state_dict(state)
     if a.done:

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -88,7 +88,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = models.load_spec(args.spec)
     size = models.input_size_of(spec, args.input_size)
     layers = models.layers(spec, size)
-    full = None
     out: dict[str, Any] = {
         "family": spec["family"], "input_size": size, "macs": sum(l.macs for l in layers),
         "params": sum(l.params for l in layers),
@@ -98,10 +97,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.reference:
         full = models.full_spec(args.reference, num_classes=spec["num_classes"],
                                 **({"shortcut": spec["shortcut"]} if "shortcut" in spec else {}))
+        out["reference"] = args.reference
         out["reference_macs"] = models.macs(full, size)
         out["macs_ratio"] = out["macs"] / out["reference_macs"]
-    print(json.dumps(out, indent=None if args.compact else 1))
+    if args.json:
+        print(json.dumps(out, indent=None if args.compact else 1))
+    else:
+        print(format_inspection(args.spec, out))
     return 0
+
+
+def format_inspection(path: str, info: dict[str, Any]) -> str:
+    """``inspect``'s record as a summary line and two tables (channel groups, layers)."""
+    from .tables import aligned
+
+    size = info["input_size"]
+    head = f"{path}: {info['family']}, input {size}x{size}, {info['macs']:,} MACs, {info['params']:,} params"
+    if "reference_macs" in info:
+        head += f"; {100.0 * info['macs_ratio']:.1f}% of {info['reference']}'s {info['reference_macs']:,} MACs"
+    groups = [["channel group", "width", "stage", "kind"]]
+    groups += [[g["name"], str(g["width"]), str(g["stage"]), g["kind"]] for g in info["groups"]]
+    layers = [["layer", "kind", "in", "out", "kernel", "stride", "output", "MACs", "params"]]
+    layers += [[l["name"], l["kind"], str(l["in_channels"]), str(l["out_channels"]), str(l["kernel"]),
+                str(l["stride"]), "x".join(map(str, l["out_hw"])), f"{l['macs']:,}", f"{l['params']:,}"]
+               for l in info["layers"]]
+    return "\n\n".join([head, aligned(groups, left=1), aligned(layers, left=2),
+                         "(--json prints all of this as one JSON record)"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +153,80 @@ def parse_rates(text: str | None) -> list[float] | None:
         raise CliError(f"--max-stage-prune: expected comma-separated rates like 0.5,0.5,0.6, got {text!r}") from None
 
 
+_ACCURACIES = ("val_top1", "test_top1", "robust_top1")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of ``metrics`` as floats (JSON output has one type per key)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class RunPrinter:
+    """What ``rayprune run`` prints: a line per search step and a summary table beside the
+    unpruned baseline for people; with ``--json``, JSON lines of one schema with scalar values:
+
+    * ``{"event": "step", "step": int, "subnets": int, "best_val_top1": float|null,
+      "best_macs": int|null, "method.<name>": float, ...}`` after every search step (``step`` is
+      1-based; the method's own step metrics are namespaced ``method.``);
+    * ``{"event": "result", "out": str, "method": str, "macs": int, "params": int,
+      "macs_ratio": float, "unpruned_macs": int, "val_top1"/"test_top1"/"robust_top1": float,
+      "unpruned_test_top1": float (when a teacher measured it)}`` at the end.
+    """
+
+    def __init__(self, as_json: bool, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream or sys.stdout
+
+    def step(self, step: Any) -> None:
+        scored = [s for s in step.subnets if isinstance(s.metrics.get("val_top1"), (int, float))]
+        best = max(scored, key=lambda s: s.metrics["val_top1"], default=None)
+        row = {"event": "step", "step": step.step + 1, "subnets": len(step.subnets),
+               "best_val_top1": None if best is None else float(best.metrics["val_top1"]),
+               "best_macs": None if best is None else int(best.macs),
+               **{f"method.{k}": v for k, v in _scalars(step.metrics).items()}}
+        if self.as_json:
+            self._emit(json.dumps(row))
+            return
+        text = f"search step {row['step']}: {row['subnets']} subnet(s)"
+        if best is not None:
+            text += f", best val_top1 {row['best_val_top1']:.4f} at {row['best_macs'] / 1e6:.3f}M MACs"
+        self._emit(text)
+
+    def result(self, out: Path, method: str, result: dict[str, Any]) -> None:
+        final, unpruned = result["final"], result.get("unpruned") or {}
+        row = {"event": "result", "out": str(out), "method": method, "macs": int(final["macs"]),
+               "params": int(final["params"]), "macs_ratio": final["macs"] / result["unpruned_macs"],
+               "unpruned_macs": int(result["unpruned_macs"]),
+               **{k: float(final["metrics"][k]) for k in _ACCURACIES if k in final["metrics"]},
+               **{f"unpruned_{k}": float(v) for k, v in _scalars(unpruned.get("metrics", {})).items()
+                  if k in _ACCURACIES}}
+        if self.as_json:
+            self._emit(json.dumps(row))
+        else:
+            self._emit(self.summary(row, unpruned.get("params")))
+
+    @staticmethod
+    def summary(row: dict[str, Any], unpruned_params: int | None = None) -> str:
+        """The result beside the unpruned net as a small table, then where the files are."""
+        from .tables import aligned
+
+        def acc(value: Any) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        header = ["", "MACs", "MACs%", "params", *_ACCURACIES]
+        base = ["unpruned", f"{row['unpruned_macs']:,}", "100.0", "-" if unpruned_params is None else
+                f"{unpruned_params:,}", *(acc(row.get(f"unpruned_{k}")) for k in _ACCURACIES)]
+        mine = [f"{row['method']} subnet", f"{row['macs']:,}", f"{100.0 * row['macs_ratio']:.1f}",
+                f"{row['params']:,}", *(acc(row.get(k)) for k in _ACCURACIES)]
+        note = ("" if "unpruned_test_top1" in row else
+                "\n(the unpruned net's accuracy is measured only when a teacher is trained or given)")
+        return (f"\n{aligned([header, base, mine], left=1)}{note}\n"
+                f"saved to {row['out']}: final/ (spec.json, weights.pt, metrics.json), subnets.jsonl, result.json")
+
+    def _emit(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .methods import get_method
     from .runner import TrialConfig, run_trial
@@ -156,19 +251,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # With --kd-weight > 0 and no --teacher, run_trial trains one into OUT/teacher, after validating everything.
     teacher_recipe = {**user_finetune, "epochs": args.teacher_epochs} if args.teacher_epochs > 0 else None
 
-    def report(step) -> None:
-        best = max((s.metrics.get("val_top1", 0.0) for s in step.subnets), default=float("nan"))
-        macs = [s.macs for s in step.subnets]
-        print(json.dumps({"step": step.step, "subnets": len(step.subnets), "best_val_top1": best,
-                          "macs": macs[:8], **{k: round(v, 6) for k, v in step.metrics.items()}}), flush=True)
-
-    result = run_trial(cfg, out, resume=not args.no_resume, progress=args.progress, on_step=report,
+    printer = RunPrinter(args.json)
+    result = run_trial(cfg, out, resume=not args.no_resume, progress=args.progress, on_step=printer.step,
                        teacher_recipe=teacher_recipe)
-    final = result["final"]
-    summary = {"out": str(out), "method": args.method, "macs": final["macs"], "params": final["params"],
-               "macs_ratio": final["macs"] / result["unpruned_macs"],
-               **{k: final["metrics"][k] for k in ("val_top1", "test_top1", "robust_top1") if k in final["metrics"]}}
-    print(json.dumps(summary))
+    printer.result(out, args.method, result)
     return 0
 
 
@@ -181,7 +267,13 @@ def cmd_teacher(args: argparse.Namespace) -> int:
                         seed=args.seed, device=args.device, recipe=recipe, progress=args.progress,
                         train_subset=args.train_subset, test_subset=args.test_subset)
     saved = subnet_io.load(out)
-    print(json.dumps({"out": str(out), **saved.metrics, "macs": saved.record["macs"]}))
+    row = {"event": "teacher", "out": str(out), "macs": int(saved.record["macs"]),
+           "params": int(saved.record["params"]), **_scalars(saved.metrics)}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"teacher saved to {out}: {row['macs']:,} MACs, {row['params']:,} params"
+              + "".join(f", {k} {row[k]:.4f}" for k in _ACCURACIES if k in row))
     return 0
 
 

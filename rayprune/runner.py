@@ -21,6 +21,7 @@ from . import models
 from .engine.checkpoint import UnreadableFileError, atomic_save, safe_load
 from .engine.data import holdout_per_class, load_dataset
 from .engine.train import TrainConfig, evaluate, fit
+from .engine.progress import phase
 from .engine.utils import resolve_device
 from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
 from .methods.finetune import finalize
@@ -129,11 +130,12 @@ def load_data(dataset: str, data_dir: str | None, train_subset: int | None = Non
 
 
 def build_method(cfg: TrialConfig, workdir: str | Path, *, data: tuple[Any, Any] | None = None,
-                 teacher: nn.Module | None = None) -> Method:
+                 teacher: nn.Module | None = None, progress: bool | None = None) -> Method:
     """Load data and teacher, build the RunContext and the method (hparams validated).
 
     Writes nothing (a method writes into ``workdir`` only when it steps). ``data`` (``(train,
     test)`` as :func:`load_data` returns them) and ``teacher`` skip loading those again.
+    ``progress``: the training bars (None: only on a terminal).
     """
     cls = get_method(cfg.method)
     hparams = cls.Hparams(**cfg.hparams)
@@ -150,7 +152,8 @@ def build_method(cfg: TrialConfig, workdir: str | Path, *, data: tuple[Any, Any]
         budget=Budget(flops_target=cfg.flops_target, max_stage_prune=cfg.max_stage_prune),
         kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, teacher=teacher, device=device,
         seed=cfg.seed, workdir=Path(workdir), finetune=finetune,
-        input_size=cfg.input_size or train.input_size, robust=cfg.robust, measure_latency=cfg.measure_latency)
+        input_size=cfg.input_size or train.input_size, robust=cfg.robust, measure_latency=cfg.measure_latency,
+        progress=progress)
     return cls(ctx, hparams)
 
 
@@ -210,13 +213,20 @@ class TrialState:
 Reporter = Callable[[StepResult, TrialState, Path], None]
 
 
+def step_label(method: Method, steps_done: int) -> str:
+    """``search step i/N`` (``search step i`` when the method cannot say how many it plans)."""
+    planned = method.planned_steps
+    return f"search step {steps_done + 1}" + (f"/{planned}" if planned else "")
+
+
 def drive(method: Method, state: TrialState, report: Reporter, *, max_steps: int | None = None,
           checkpoint_dir: Callable[[], ContextManager[Any]]) -> TrialState:
     """The trial loop: step ``method`` until done (or ``max_steps`` steps in all); after each
     step save ``state`` to ``checkpoint_dir()``/state.pt, then ``report`` it. Resume by loading
     ``state.method`` into ``method`` (:func:`restore`) before calling."""
     while not method.done and (max_steps is None or state.steps < max_steps):
-        result = method.step()
+        with phase(step_label(method, state.steps)):
+            result = method.step()
         state.advance(method, result)
         with checkpoint_dir() as d:
             state.save(Path(d) / STATE_FILE)
@@ -309,7 +319,7 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     # Until the teacher is trained, an untrained net of the same spec stands in for it: the
     # method is built (and so validated) before anything is written.
     stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
-    method = build_method(cfg, out / "work", data=data, teacher=stand_in)
+    method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
     state = TrialState(config=cfg.model_dump(exclude=RESUMABLE_CHANGES))
     saved = None
     if resume and (out / STATE_FILE).exists():
@@ -317,10 +327,11 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
         saved.check_config(state.config, out / STATE_FILE)
     out.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, work is kept
     if train_first:
-        train_teacher(cfg.model, cfg.dataset, out / TEACHER_DIR, spec=cfg.spec, shortcut=cfg.shortcut,
-                      data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, recipe=teacher_recipe,
-                      progress=progress, data=data)
-        method = build_method(cfg, out / "work", data=data)
+        with phase("teacher"):
+            train_teacher(cfg.model, cfg.dataset, out / TEACHER_DIR, spec=cfg.spec, shortcut=cfg.shortcut,
+                          data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, recipe=teacher_recipe,
+                          progress=progress, data=data)
+        method = build_method(cfg, out / "work", data=data, progress=progress)
     if saved is not None:
         state = restore(method, replace(saved, config=state.config))
     write_text_atomic(out / "config.json", cfg.model_dump_json(indent=1) + "\n")
@@ -333,13 +344,27 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
             on_step(result)
 
     drive(method, state, report, max_steps=cfg.max_steps, checkpoint_dir=lambda: nullcontext(out))
-    final = finalize(method, progress=progress)
+    with phase("fine-tune"):
+        final = finalize(method, progress=progress)
     save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict(),
                 input_size=method.ctx.input_size)
     result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": state.history,
-              "num_subnets": len(state.subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size)}
+              "num_subnets": len(state.subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size),
+              "unpruned": _unpruned_summary(method, cfg.teacher)}
     write_text_atomic(out / "result.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
+
+
+def _unpruned_summary(method: Method, teacher: str | None) -> dict[str, Any]:
+    """The unpruned net beside the result: its MACs and params, and the teacher's metrics when
+    the teacher is the unpruned net (same spec), trained."""
+    spec, size = method.ctx.spec, method.ctx.input_size
+    metrics = {}
+    if teacher is not None and subnet_io.is_saved(teacher):
+        saved = subnet_io.load(teacher)
+        if models.spec_hash(saved.spec) == models.spec_hash(spec):  # a teacher of another shape is not it
+            metrics = saved.metrics
+    return {"macs": models.macs(spec, size), "params": models.params(spec), "metrics": metrics}
 
 
 def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec: Spec | None = None,

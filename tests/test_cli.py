@@ -27,7 +27,7 @@ def hand_macs() -> int:
 def test_inspect_hand_written_pruned_spec(tmp_path, capsys):
     path = tmp_path / "pruned.json"
     path.write_text(json.dumps(PRUNED))
-    assert main(["inspect", str(path), "--reference", "cifar_resnet:20"]) == 0
+    assert main(["inspect", str(path), "--reference", "cifar_resnet:20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["macs"] == hand_macs() == 14_451_338
     assert out["params"] == sum(p.numel() for p in models.build(PRUNED).parameters())
@@ -37,10 +37,24 @@ def test_inspect_hand_written_pruned_spec(tmp_path, capsys):
     assert [g["name"] for g in out["groups"]][:2] == ["stem", "s0.b0.mid"]
 
 
+def test_inspect_prints_tables_for_people(tmp_path, capsys):
+    path = tmp_path / "pruned.json"
+    path.write_text(json.dumps(PRUNED))
+    assert main(["inspect", str(path), "--reference", "cifar_resnet:20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"{path}: cifar_resnet, input 32x32, 14,451,338 MACs, "
+                        f"{sum(p.numel() for p in models.build(PRUNED).parameters()):,} params; "
+                        f"{100 * 14_451_338 / 40_551_050:.1f}% of cifar_resnet:20's 40,551,050 MACs")
+    stem = next(line for line in lines if line.startswith("stem.conv "))
+    assert stem.split() == ["stem.conv", "conv", "3", "16", "3", "1", "32x32", f"{9 * 3 * 16 * 32 * 32:,}", "432"]
+    groups = [line.split() for line in lines if line.startswith("s1.b1.mid ")]
+    assert groups == [["s1.b1.mid", "9", "1", "inner"]]
+
+
 def test_inspect_input_size_changes_macs(tmp_path, capsys):
     path = tmp_path / "full.json"
     models.save_spec(models.full_spec("cifar_resnet:20"), path)
-    assert main(["inspect", str(path), "--input-size", "16", "--compact"]) == 0
+    assert main(["inspect", str(path), "--input-size", "16", "--json", "--compact"]) == 0
     out = json.loads(capsys.readouterr().out)
     # Every conv runs on a quarter of the pixels; only the fc (650) does not scale.
     assert out["macs"] == (40_551_050 - 650) // 4 + 650
@@ -90,7 +104,7 @@ def test_run_bad_inputs_fail_fast_with_one_line(tmp_path, capsys):
 def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--method", "random", "--smoke", "--model", "cifar_resnet:tiny", "--dataset", "synthetic",
-            "--flops-target", "0.5", "--finetune", "epochs=1", "--out", str(out)]
+            "--flops-target", "0.5", "--finetune", "epochs=1", "--out", str(out), "--json"]
     assert main(args + ["--max-steps", "1"]) == 0
     first = [json.loads(line) for line in (out / "subnets.jsonl").read_text().splitlines()]
     assert main(args) == 0  # resumes from state.pt and finishes the search
@@ -113,3 +127,38 @@ def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rayprune: error: ") and "flops_target" in err and "--no-resume" in err
     assert json.loads((out / "config.json").read_text())["flops_target"] == 0.5
+
+
+def test_run_output_for_people_and_for_programs(tmp_path, capsys):
+    """Human mode: a line per step and the summary table beside the unpruned net; --json: one
+    schema of scalar values (l1 used to print a list of MACs where ast printed a float)."""
+    from rayprune.runner import step_label
+
+    base = ["run", "--model", "cifar_resnet:tiny", "--dataset", "synthetic", "--flops-target", "0.5",
+            "--finetune", "epochs=1", "--smoke"]
+    assert main(base + ["--method", "l1", "--shortcut", "avgpool_conv", "--out", str(tmp_path / "l1"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["event"] for r in rows] == ["step", "result"]
+    assert all(isinstance(v, (int, float, str)) or v is None for r in rows for v in r.values())
+    result = json.loads((tmp_path / "l1" / "result.json").read_text())
+    assert rows[-1]["macs"] == result["final"]["macs"] and rows[-1]["unpruned_macs"] == result["unpruned_macs"]
+    assert rows[-1]["macs_ratio"] == pytest.approx(result["final"]["macs"] / result["unpruned_macs"])
+
+    assert main(base + ["--method", "random", "--out", str(tmp_path / "random")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["search step 1", "search step 2"]
+    final = json.loads((tmp_path / "random" / "result.json").read_text())["final"]
+    header = next(i for i, line in enumerate(lines) if line.split() == ["MACs", "MACs%", "params", "val_top1",
+                                                                        "test_top1", "robust_top1"])
+    unpruned, mine = lines[header + 1].split(), lines[header + 2].split()
+    assert unpruned[:3] == ["unpruned", f"{models.macs(models.full_spec('cifar_resnet:tiny'), 32):,}", "100.0"]
+    assert mine[:3] == ["random", "subnet", f"{final['macs']:,}"]
+    assert mine[-2] == f"{final['metrics']['test_top1']:.4f}"
+
+    class Planned:
+        planned_steps = 14
+
+    class Unknown:
+        planned_steps = None
+
+    assert step_label(Planned(), 2) == "search step 3/14" and step_label(Unknown(), 0) == "search step 1"

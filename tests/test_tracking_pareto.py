@@ -199,7 +199,7 @@ def test_pareto_module_needs_only_numpy():
 
 
 def test_tracking_modules_import_each_other_without_cycles():
-    """Within rayprune.tracking, imports go one way (the CLI on top, pareto and store below)."""
+    """Within rayprune.tracking, imports go one way (the commands on top, pareto and store below)."""
     import ast
     from pathlib import Path
 
@@ -213,5 +213,5 @@ def test_tracking_modules_import_each_other_without_cycles():
     def reaches(start, goal, seen=()):
         return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
 
-    assert {"lookup", "mlflow_tracker", "plots", "model_registry", "pareto", "cli"} <= set(graph)
+    assert {"lookup", "mlflow_tracker", "plots", "model_registry", "pareto", "commands"} <= set(graph)
     assert [m for m in graph if reaches(m, m)] == []

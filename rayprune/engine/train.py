@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from . import checkpoint as ckpt
+from .progress import label as progress_label
 from .data import Loader, make_loader
 from .utils import bn_layers, resolve_device
 
@@ -364,7 +365,7 @@ def _epochs(run: _Run, step_model: nn.Module, loss: LossFn, device: torch.device
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.epochs * len(run.loader), initial=len(run.history) * len(run.loader),
-                   desc="fit", unit="step", leave=False)
+                   desc=progress_label(), unit="step", leave=False)
     try:
         for epoch in range(len(run.history), cfg.epochs):
             run.loader.set_epoch(epoch)

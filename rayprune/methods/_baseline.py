@@ -49,7 +49,7 @@ def val_top1(model: nn.Module, data: Dataset, ctx: RunContext) -> float:
 def train_and_score(spec: Spec, ctx: RunContext, split: tuple[Dataset, Dataset], epochs: int, seed: int) -> float:
     """Train ``spec`` from a seeded init for ``epochs`` on search-train; search-val top-1."""
     model = models.build(spec, seed=seed).to(ctx.device)
-    fit(model, split[0], search_config(ctx, epochs), device=ctx.device, seed=seed, progress=False)
+    fit(model, split[0], search_config(ctx, epochs), device=ctx.device, seed=seed, progress=ctx.progress)
     return val_top1(model, split[1], ctx)
 
 
@@ -257,6 +257,8 @@ class RankedPruning(RecordsMixin):
         self.full_state: dict[str, torch.Tensor] | None = None
         self.keep: dict[str, torch.Tensor] | None = None
 
+    planned_steps = 1
+
     @property
     def done(self) -> bool:
         return self.steps_done >= 1
@@ -279,7 +281,7 @@ class RankedPruning(RecordsMixin):
             model = models.build(self.ctx.spec, seed=seed).to(self.ctx.device)
             workdir = self.ctx.workdir / "pretrain" if self.ctx.workdir is not None else None
             fit(model, split[0], search_config(self.ctx, self.hp.pretrain_epochs), device=self.ctx.device,
-                seed=seed, checkpoint_dir=workdir, progress=False)
+                seed=seed, checkpoint_dir=workdir, progress=self.ctx.progress)
         self.full_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {"pretrain_val_top1": val_top1(model, split[1], self.ctx)}
 
@@ -296,7 +298,7 @@ class RankedPruning(RecordsMixin):
                                                     device=ctx.device, seed=derive_seed(ctx.seed, "recalib")))
         if self.hp.eval_epochs:
             fit(model, split[0], search_config(ctx, self.hp.eval_epochs), device=ctx.device,
-                seed=derive_seed(ctx.seed, "eval"), progress=False)
+                seed=derive_seed(ctx.seed, "eval"), progress=ctx.progress)
         metrics = {"val_top1": val_top1(model, split[1], ctx)}
         self.records.append(SubnetRecord.of(spec, metrics, self.name, 0, ctx.input_size, selection="global_rank"))
         return {**metrics, "macs_fraction": self.records[-1].macs / models.macs(ctx.spec, ctx.input_size)}

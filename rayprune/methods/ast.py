@@ -662,6 +662,11 @@ class AST(Method):
         return converged or self.iteration >= self.hp.max_iterations
 
     @property
+    def planned_steps(self) -> int:
+        # max_iterations sampled iterations, then (unless best_sampled) the deterministic subnet's step
+        return self.hp.max_iterations + (self.hp.selection != "best_sampled")
+
+    @property
     def done(self) -> bool:
         if self.hp.selection == "best_sampled":
             return self.search_finished
@@ -785,8 +790,8 @@ class AST(Method):
             for i in range(passes[int(entry["epoch"])]):
                 self._alpha_pass(net, alpha_opt, seed + 7919 * (int(entry["epoch"]) + 1) + i)
 
-        history = fit(net, self.search_train, cfg, device=device, seed=seed, progress=False, on_epoch=after_epoch,
-                      teacher=self.ctx.teacher if hp.search_kd_weight > 0 else None)
+        history = fit(net, self.search_train, cfg, device=device, seed=seed, progress=self.ctx.progress,
+                      on_epoch=after_epoch, teacher=self.ctx.teacher if hp.search_kd_weight > 0 else None)
         if alpha_opt is not None:
             alpha_opt.write_to(sub_alpha)
         return net, float(history[-1]["loss"]) if history else float("nan")

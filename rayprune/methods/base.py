@@ -286,6 +286,12 @@ class Method(abc.ABC):
         """True once the search is finished (converged or out of steps)."""
 
     # -- optional ------------------------------------------------------------------------------
+    @property
+    def planned_steps(self) -> int | None:
+        """The most steps this search takes (it may stop earlier, e.g. on convergence), for
+        progress display; None when unknown."""
+        return None
+
     def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:
         """Weights the final fine-tune starts from (None: train from scratch)."""
         return None

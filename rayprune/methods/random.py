@@ -74,6 +74,10 @@ class RandomSearch(RecordsMixin):
     smoke: ClassVar[dict] = {"samples": 2, "eval_epochs": 1}
 
     @property
+    def planned_steps(self) -> int:
+        return self.hp.samples
+
+    @property
     def done(self) -> bool:
         return self.steps_done >= self.hp.samples
 

@@ -337,7 +337,7 @@ class SP(Method):
         cfg = TrainConfig(epochs=hp.pretrain_epochs, batch_size=hp.batch_size, lr=hp.pretrain_lr)
         ckpt = ctx.workdir / "sp_pretrain" if ctx.workdir is not None else None
         history = fit(model, self.search_train, cfg, device=self.device, seed=seed, checkpoint_dir=ckpt,
-                      progress=False)
+                      progress=self.ctx.progress)
         self._set_teacher(model.state_dict())
         return {"pretrain_loss": history[-1]["loss"]}
 
@@ -567,6 +567,10 @@ class SP(Method):
 
     # -- the Method interface ------------------------------------------------------------------------
     @property
+    def planned_steps(self) -> int:
+        return len(self.plan)
+
+    @property
     def done(self) -> bool:
         return self.steps_done >= len(self.plan)
 
@@ -672,7 +676,7 @@ def proxy_rank_correlation(method: SP, n_archs: int = 5, train_cfg: TrainConfig 
         spec = models.with_widths(ctx.spec, widths)
         net_seed = derive_seed(seed, "arch", len(archs))
         net = models.build(spec, seed=net_seed).to(method.device)
-        fit(net, method.search_train, cfg, device=method.device, seed=net_seed, progress=False)
+        fit(net, method.search_train, cfg, device=method.device, seed=net_seed, progress=method.ctx.progress)
         real = evaluate(net, method.holdout, device=method.device, batch_size=cfg.eval_batch_size)["top1"]
         archs.append({"widths": widths, "macs": models.macs(spec, ctx.input_size), "real_top1": real,
                       **method.evaluate_widths(widths)})

@@ -212,6 +212,10 @@ class TAS(Method):
         return self.ctx.train.subset(train_idx), self.ctx.train.subset(val_idx)
 
     @property
+    def planned_steps(self) -> int:
+        return self.hp.epochs
+
+    @property
     def done(self) -> bool:
         return self.steps_done >= self.hp.epochs
 

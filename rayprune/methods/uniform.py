@@ -39,6 +39,8 @@ class Uniform(RecordsMixin):
     Hparams: ClassVar[type[MethodHparams]] = UniformHparams
     smoke: ClassVar[dict] = {"eval_epochs": 1}
 
+    planned_steps = 1
+
     @property
     def done(self) -> bool:
         return self.steps_done >= 1

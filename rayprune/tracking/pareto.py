@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..tables import aligned
+
 _CHUNK = 1024  # rows compared at once: bounds the (chunk x n x objectives) boolean temporaries
 
 
@@ -256,8 +258,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], reference_macs: int | None =
         columns.insert(len(columns) - 2, ("drop", _drop_cell))
     shown = ([baseline] if baseline is not None else []) + list(rows)
     cells = [[header for header, _ in columns]] + [[fmt(r, baseline) for _, fmt in columns] for r in shown]
-    widths = [max(len(row[j]) for row in cells) for j in range(len(columns))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return aligned(cells)
 
 
 def _metric_cell(value: Any) -> str:

@@ -16,7 +16,6 @@ replaces the first with an equivalent entry.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import pyarrow.fs
 import torch
 
-from ..engine.checkpoint import safe_load
+from ..models import io as subnet_io
 from ..runner import save_subnet
 
 CACHE_DIR = "final_cache"
@@ -72,13 +71,11 @@ class FinalCache:
         fs, root = self._fs()
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp)
-            for name in ("metrics.json", "weights.pt"):
+            for name in (subnet_io.SPEC_FILE, subnet_io.METRICS_FILE, subnet_io.WEIGHTS_FILE):
                 with fs.open_input_stream(f"{root}/{key}/{name}") as f:
                     (local / name).write_bytes(f.readall())
-            record = json.loads((local / "metrics.json").read_text())
-            state = safe_load(local / "weights.pt", f"cached weights of {self.path(key)}",
-                              f"delete {self.path(key)} (it is trained again)")
-        return record, state
+            saved = subnet_io.load(local)  # the one reader of a saved subnet (weights_only, no pickles)
+        return saved.record, saved.state_dict
 
     def put(self, key: str, record: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
         """Store a training (atomically on local paths); returns its location."""

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -322,38 +322,35 @@ def cmd_pick(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parsed(text: str, convert: Callable[[str], Any], expected: str, valid: Callable[[Any], bool],
+            hint: str = "") -> Any:
+    """``convert(text)`` if it works and is ``valid``; else argparse's one-line type error."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}{hint}, got {text!r}")
+    return value
+
+
+def _macs_count(text: str) -> float:
+    scale = _SUFFIXES.get(text[-1:].upper(), 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
 def _count(text: str) -> float:
     """A MACs count: a number (4e7) or with a K/M/G suffix (40M)."""
-    scale = _SUFFIXES.get(text[-1:].upper(), 1.0)
-    number = text[:-1] if scale != 1.0 else text
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a MACs count like 4e7 or 40M, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive MACs count, got {text!r}")
-    return value
+    return _parsed(text, _macs_count, "a positive MACs count like 4e7 or 40M", lambda v: v > 0)
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (accuracies are fractions, e.g. 0.92), "
-                                         f"got {text!r}")
-    return value
+    return _parsed(text, float, "a fraction in [0, 1]", lambda v: 0.0 <= v <= 1.0,
+                   " (accuracies are fractions, e.g. 0.92)")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+    return _parsed(text, int, "a positive whole number", lambda v: v > 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ before anything starts, paths are resolved; launch/sweep.py works alone; cluster
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,30 @@ def test_unreachable_tracking_server_stops_the_cli_before_ray(tmp_path, monkeypa
     assert err.count("\n") == 1
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]
+
+
+def test_search_spaces_readme_lists_every_key_of_the_schema():
+    """The sweep-file reference next to the sweep files names every key the schema accepts."""
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from rayprune.orchestration.config import SweepConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "search_spaces" / "README.md").read_text()
+
+    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            options = () if typing.get_origin(field.annotation) is list else \
+                getattr(field.annotation, "__args__", (field.annotation,))
+            nested = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+            if nested and name != "scheduler":  # scheduler's keys are listed in one row
+                out += keys(nested[0], f"{prefix}{name}.")
+            else:
+                out.append(prefix + name)
+        return out
+
+    listed = set(re.findall(r"`([a-z_.]+)`", readme))
+    missing = [k for k in keys(SweepConfig) if k not in listed]
+    assert "grid.flops_targets" in keys(SweepConfig) and missing == []

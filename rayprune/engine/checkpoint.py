@@ -75,7 +75,7 @@ def safe_load(path: str | Path, what: str = "checkpoint", fix: str | None = None
     except Exception as e:  # noqa: BLE001 -- anything torch raises means "this file is not ours"
         # Never repeat torch's text: it advises weights_only=False, which would run a hostile file.
         reason = ("it holds pickled Python objects (a module or code), which rayprune never loads"
-                  if "Unsupported global" in str(e) else "it is damaged, truncated or not a torch file")
+                  if "GLOBAL" in str(e) else "it is damaged, truncated or not a torch file")
         raise UnreadableFileError(f"cannot read {what} {str(path)!r}: {reason}; {fix}") from None
     if expect is not None and not isinstance(obj, expect):
         raise UnreadableFileError(f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, "

@@ -211,6 +211,13 @@ def _plain_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
     return np.dtype(spec)
 
 
+def _latin1_bytes(text: Any, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 writes ``bytes`` into a protocol-2 pickle (latin-1 only)."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise pickle.UnpicklingError("only latin-1 encoded bytes are allowed")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Reads the CIFAR python-pickle release and nothing else: dicts, lists, strings, bytes,
     numbers and plain numeric numpy arrays. Any other global (``os.system``, a class, a function)
@@ -218,7 +225,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
                 ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
-                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype}
+                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
+                ("_codecs", "encode"): _latin1_bytes}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -245,7 +253,8 @@ def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndar
     try:
         batch = _unpickle(path)
     except pickle.UnpicklingError as e:
-        why = str(e) if "not allowed" in str(e) else "it is damaged or not a pickle"
+        why = (str(e) if "not allowed" in str(e) else "it is truncated" if "truncated" in str(e)
+               else "it is damaged or not a pickle")
         raise DataError(f"{path} is not a CIFAR batch file ({why}); {fix}") from None
     except (EOFError, MemoryError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError):
         raise DataError(f"{path} is not a CIFAR batch file (it is truncated or damaged); {fix}") from None

@@ -297,7 +297,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
-    outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+    outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus, space=str(space))
     resume = f"rayprune sweep --space {space} --resume {outcome.sweep_id}"
     if not outcome.complete:
         print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)

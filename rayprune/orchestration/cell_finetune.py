@@ -87,10 +87,15 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
     pending = {task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
                for c, k in todo}
-    while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        ray.get(ref)
-        _log_cell_finetune(tracker, cache, driver_dir, *pending.pop(ref), cached=False)
+    try:
+        while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            ray.get(ref)
+            _log_cell_finetune(tracker, cache, driver_dir, *pending.pop(ref), cached=False)
+    except BaseException:  # Ctrl-C or an error: stop the others (a dead driver's tasks die with it anyway)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
 
 
 def _log_cell_finetune(tracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,21 @@ def default_model_name(experiment: str) -> str:
     return experiment if experiment.startswith("rayprune") else f"rayprune-{experiment}"
 
 
-def _open_sweep(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]]]:
+def _open_sweep(args: argparse.Namespace, write: bool = False) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """The client, the sweep's parent run and its rows. Sweeps whose driver died with their runs
+    RUNNING are closed as interrupted when the command writes anyway (``write``); otherwise the
+    one shown is only reported, on stderr."""
+    from .liveness import interrupted_sweeps
     from .lookup import connect, find_experiment, find_sweep_run, sweep_rows
 
     client = connect(args.mlflow_uri, must_exist=True)
-    run = find_sweep_run(client, find_experiment(client, args.experiment), args.sweep_id)
+    experiment_id = find_experiment(client, args.experiment)
+    run = find_sweep_run(client, experiment_id, args.sweep_id)
+    for item in interrupted_sweeps(client, experiment_id, mark=write):
+        if item.run_id == run.info.run_id:
+            print(f"rayprune: note: sweep {item.sweep_id} was interrupted (its driver {item.driver} stopped without "
+                  f"closing its runs{'; they are now marked KILLED' if write else ''}); its fronts are partial; "
+                  f"resume it with: {item.resume}", file=sys.stderr)
     return client, run, sweep_rows(client, run)
 
 
@@ -59,7 +70,7 @@ def pick(args: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()):
         raise TrackingError(f"output directory {str(out)!r} already exists and is not empty; pass a new --out "
                             "or remove it")
-    client, parent, rows = _open_sweep(args)
+    client, parent, rows = _open_sweep(args, write=args.register)
     max_drop = None if args.max_drop >= 1.0 else args.max_drop
     row, why = choose_operating_point(rows, args.mode, max_macs=args.max_macs, min_acc=args.min_acc,
                                       max_drop=max_drop, kd_weight=args.kd_weight, init=args.init)

@@ -76,6 +76,48 @@ def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PRO
         if not path.parent.is_dir():
             raise TrackingError(f"the directory of the MLflow database {path} does not exist; create it or "
                                 "pass another --mlflow-uri")
+        check_sqlite_file(path, must_exist=must_exist)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"experiments", "runs"}
+
+
+def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
+    """Refuse, before MLflow connects, a file it would fail on or write into: anything that is not
+    an SQLite database (MLflow's traceback would come after Ray started), and an SQLite database
+    without MLflow's tables, unless it is empty and the caller writes (``must_exist`` False: a
+    sweep creates the schema). A reader (``front``, ``pick``) never creates MLflow's schema in an
+    empty file. Opens the file read-only."""
+    fix = ("pass --mlflow-uri with the sweep's database (e.g. sqlite:////abs/path/mlflow.db) or its server "
+           "(http://host:5000)")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise TrackingError(f"the MLflow database {path} is a directory, not a file; {fix}")
+    size = path.stat().st_size
+    if size == 0:
+        if must_exist:
+            raise TrackingError(f"the MLflow database {path} is empty (0 bytes), so no sweep was logged there; "
+                                f"delete it or run a sweep there first, or {fix}")
+        return
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise TrackingError(f"{path} is not an SQLite database (tracking URI sqlite:///{path}); pass a new file "
+                            f"name or {fix}")
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as e:
+        raise TrackingError(f"cannot read the SQLite database {path} ({e}); {fix}") from None
+    if MLFLOW_TABLES <= tables or (not tables and not must_exist):
+        return
+    names = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+    what = "has no tables" if not tables else f"holds other tables ({names})"
+    raise TrackingError(f"the SQLite database {path} {what}, not MLflow's; {fix}")
 
 
 def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient:

@@ -1,0 +1,130 @@
+"""What a sweep checks before Ray starts and before anything is written.
+
+Each check turns a bad input that would otherwise fail late (after Ray started, after the
+tracking database was created, or after minutes of Ray's connection retries) into one
+:class:`PreflightError` line within seconds:
+
+* :func:`check_storage_path`: a local storage path that is a regular file, or under one, or in
+  a folder this user cannot write;
+* :func:`check_ray_address`: ``--address``: the GCS port must accept a TCP connection within a
+  few seconds (``auto`` is resolved the way Ray resolves it: ``RAY_ADDRESS``, else the address
+  file of the last ``ray start`` on this machine);
+* :func:`check_local_resources`: a local Ray cannot grow, so a trial asking for more GPUs or
+  CPUs than this machine has is refused before Ray starts.
+
+No MLflow imports; Ray is imported only to resolve ``--address auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from .storage import is_uri
+
+#: Seconds to wait for the Ray GCS port to accept a connection.
+CONNECT_TIMEOUT_S = 3.0
+
+
+class PreflightError(ValueError):
+    """A sweep input that cannot work; one line naming it and the fix (exit status 2)."""
+
+
+def check_storage_path(storage_path: str) -> None:
+    """A local storage path must be a directory, or creatable in a writable directory."""
+    if is_uri(storage_path):
+        return  # object storage: pyarrow reports its own errors, before Ray starts (_sweep_id lists it)
+    path = Path(storage_path)
+    where = f"storage path {path} (storage_path / --storage-path)"
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"{where} is a regular file, not a directory; pass a directory (it is created if "
+                             "missing)")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PreflightError(f"{where}: {ancestor} is a regular file, so the folder cannot be created; pass "
+                             "another directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PreflightError(f"{where}: {ancestor} is not writable by this user; pass a directory you can write")
+
+
+def resolve_ray_address(address: str) -> tuple[str, str]:
+    """``(shown, probed)``: the ``host:port`` of the GCS that ``ray.init(address=address)`` would
+    join as the user would recognise it (``auto``: from ``RAY_ADDRESS`` or the last ``ray start``
+    on this machine), and as Ray connects to it (a loopback host becomes this node's IP)."""
+    text = address.strip()
+    if text.startswith("ray://"):  # Ray Client: the client server's port
+        hostport = text[len("ray://"):].split("/", 1)[0]
+        return hostport, hostport
+    from ray._private import services
+
+    if text == "auto":
+        try:
+            text = services.get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            text = None
+        if not text:
+            raise PreflightError("--address auto: no running Ray cluster found on this machine (no RAY_ADDRESS and "
+                                 "no address file of a `ray start`); start one with `ray start --head`, pass "
+                                 "--address HOST:PORT, or drop --address to run on a local Ray")
+    if _split(text) is None:
+        raise PreflightError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+    try:
+        probed = services.canonicalize_bootstrap_address(text) or text
+    except Exception:  # noqa: BLE001 - an unresolvable host: the probe says so
+        probed = text
+    return text, probed
+
+
+def _split(hostport: str) -> tuple[str, int] | None:
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds when nothing accepts a connection at the Ray cluster's
+    address (``ray.init`` would retry for minutes). ``None`` and ``local`` start a local Ray."""
+    if address is None or address.strip() == "local":
+        return
+    shown, probed = resolve_ray_address(address)
+    parsed = _split(probed) or _split(shown)
+    fix = "start it with `ray start --head` or check the address (or drop --address to run on a local Ray)"
+    try:
+        socket.create_connection(parsed, timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e) or type(e).__name__)
+        where = shown if shown == address.strip() else f"{shown} (--address {address})"
+        raise PreflightError(f"cannot join the Ray cluster at {where}: nothing accepted a connection within "
+                             f"{timeout:g} s ({reason}); {fix}") from None
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray would see: the CUDA devices torch sees (``CUDA_VISIBLE_DEVICES`` applies)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_local_resources(cpu: float, gpu: float, num_cpus: int | None = None) -> None:
+    """A trial's ``resources`` against what a local Ray would have (``num_cpus``: --num-cpus)."""
+    have = {"CPU": float(num_cpus if num_cpus is not None else local_cpus()), "GPU": float(local_gpus()) if gpu else 0.0}
+    for key, name, need in (("CPU", "cpu", cpu), ("GPU", "gpu", gpu)):
+        if need > have[key]:
+            raise PreflightError(f"resources.{name}: each trial asks for {need:g} {key}s but this machine has "
+                                 f"{have[key]:g}{' (--num-cpus)' if key == 'CPU' and num_cpus is not None else ''}; "
+                                 f"lower resources.{name} or join a cluster with --address auto")
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "PreflightError", "check_local_resources", "check_ray_address",
+           "check_storage_path", "resolve_ray_address"]

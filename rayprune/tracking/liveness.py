@@ -1,0 +1,162 @@
+"""Runs a dead sweep driver left RUNNING in MLflow: telling them apart, and marking them.
+
+A driver killed with SIGKILL (or a lost head node) cannot close its runs, so its parent and
+unfinished trial runs would stay RUNNING forever. Every driver records itself on its parent run
+(``rayprune.driver`` = ``host:pid``) and refreshes ``rayprune.heartbeat`` (Unix seconds) every
+:data:`HEARTBEAT_EVERY_S` from a background thread. A RUNNING parent run belongs to a dead
+driver when that process is gone from this host, or when its heartbeat is older than
+:data:`STALE_AFTER_S` (a driver on another machine). :func:`interrupted_sweeps` finds them;
+with ``mark=True`` it closes them as KILLED, tagged ``rayprune.status=interrupted`` with the
+resume command as the run's note (``--resume`` reopens the parent as usual). The next sweep in
+the experiment and a registering ``pick`` mark them; ``front`` and ``pick --no-register``,
+which never write, only say so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG
+
+DRIVER_TAG = "rayprune.driver"
+HEARTBEAT_TAG = "rayprune.heartbeat"
+STATUS_TAG = "rayprune.status"  # running | finished | failed | interrupted
+SPACE_TAG = "rayprune.space"  # the sweep file, for the resume command
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+HEARTBEAT_EVERY_S = 60.0
+STALE_AFTER_S = 600.0
+_NOTE_PREFIXES = ("interrupted", "failed")
+
+
+@dataclass
+class Interrupted:
+    """A sweep whose driver died with its parent run RUNNING."""
+
+    sweep_id: str
+    run_id: str
+    driver: str
+    resume: str  # the command that continues it
+
+
+def driver_tags(space: str | None = None) -> dict[str, str]:
+    """The tags a driver puts on its parent run when it opens (or reopens) it."""
+    tags = {DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}", HEARTBEAT_TAG: str(int(time.time())),
+            STATUS_TAG: "running"}
+    if space:
+        tags[SPACE_TAG] = str(space)
+    return tags
+
+
+def resume_command(tags: dict[str, str]) -> str:
+    return (f"rayprune sweep --space {tags.get(SPACE_TAG) or '<its sweep file>'} --resume "
+            f"{tags.get(SWEEP_TAG, '<sweep id>')}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def driver_is_dead(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether the driver a parent run names is gone: its process is not running on this host, or
+    its heartbeat is older than :data:`STALE_AFTER_S`. Runs without a driver tag (logged before
+    rayprune recorded one) are never judged dead."""
+    driver = tags.get(DRIVER_TAG)
+    if not driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    try:
+        beat = float(tags.get(HEARTBEAT_TAG, ""))
+    except ValueError:
+        return False
+    return (time.time() if now is None else now) - beat > STALE_AFTER_S
+
+
+def _search_all(client, experiment_id: str, query: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def interrupted_sweeps(client, experiment_id: str, *, mark: bool = False) -> list[Interrupted]:
+    """The experiment's sweeps whose parent run is RUNNING but whose driver is dead; with
+    ``mark``, close each (and its RUNNING children) as KILLED, tagged ``rayprune.status=interrupted``
+    with the resume command as the parent's note."""
+    found = []
+    for run in _search_all(client, experiment_id, f"tags.`{ROLE_TAG}` = 'sweep' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if not driver_is_dead(tags):
+            continue
+        item = Interrupted(tags.get(SWEEP_TAG, run.info.run_id), run.info.run_id, tags.get(DRIVER_TAG, "?"),
+                           resume_command(tags))
+        found.append(item)
+        if not mark:
+            continue
+        for child in _search_all(client, experiment_id,
+                                 f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"):
+            client.set_tag(child.info.run_id, STATUS_TAG, "interrupted")
+            client.set_terminated(child.info.run_id, status="KILLED")
+        mark_parent(client, run.info.run_id, "interrupted",
+                    f"interrupted (its driver {item.driver} stopped without closing it); resume with: {item.resume}")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return found
+
+
+def mark_parent(client, run_id: str, status: str, note: str | None = None) -> None:
+    """Set the parent run's ``rayprune.status`` and (when given) its note."""
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(STATUS_TAG, status)] + ([RunTag(NOTE_TAG, note)] if note else [])
+    client.log_batch(run_id, tags=tags)
+
+
+def clear_note(client, run: Any) -> None:
+    """On reopening a parent run: drop an "interrupted ..."/"failed ..." note rayprune wrote."""
+    note = run.data.tags.get(NOTE_TAG, "")
+    if note.startswith(_NOTE_PREFIXES):
+        client.delete_tag(run.info.run_id, NOTE_TAG)
+
+
+class Heartbeat:
+    """A daemon thread refreshing the parent run's heartbeat tag until :meth:`stop`; its own
+    client, and a failed refresh is skipped (the next one retries)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every_s: float = HEARTBEAT_EVERY_S) -> None:
+        self.tracking_uri, self.run_id, self.every_s = tracking_uri, run_id, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rayprune-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        while not self._stop.wait(self.every_s):
+            try:
+                client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:  # noqa: BLE001 - a busy or unreachable store: try again next time
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+__all__ = ["DRIVER_TAG", "HEARTBEAT_TAG", "Heartbeat", "Interrupted", "NOTE_TAG", "SPACE_TAG", "STATUS_TAG",
+           "clear_note", "driver_is_dead", "driver_tags", "interrupted_sweeps", "mark_parent", "resume_command"]

@@ -1,0 +1,274 @@
+"""Bad sweep and tracking input never costs a traceback, a hang or a half-written folder (issue 14,
+the sweep side), and runs a dead driver left RUNNING are marked interrupted at the next contact.
+
+Every bad-input case runs the command in-process (``rayprune.cli.main``, no Ray is started) and
+asserts exit code 2, exactly one stderr line ``rayprune: error: ...`` naming the problem, and
+that the folder is as it was: no ``mlflow.db``, no results folder, no ``mlartifacts``, and a
+given database file byte for byte unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from rayprune.cli import main
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file and folder under ``root``: size, modification time and (small files) content."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        small = p.is_file() and p.stat().st_size < 1 << 20
+        out[str(p.relative_to(root))] = (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns,
+                                         p.read_bytes() if small else b"")
+    return out
+
+
+def refused(capsys, root: Path, argv: list[str], *needles: str) -> str:
+    """Run ``argv``: exit 2, one ``rayprune: error:`` line holding ``needles``, ``root`` unchanged."""
+    before = snapshot(root)
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("rayprune: error: "), (argv, err)
+    for needle in needles:
+        assert needle in lines[0], (argv, needle, lines[0])
+    assert "Traceback" not in err and "sqlalchemy" not in err.lower(), err
+    assert snapshot(root) == before, argv
+    for leftover in ("mlflow.db", "results", "mlartifacts", "mlruns"):
+        assert (leftover in before) or not (root / leftover).exists(), (argv, leftover)
+    assert not ray.is_initialized(), argv  # refused before Ray started
+    return lines[0]
+
+
+@pytest.fixture
+def space(tmp_path, monkeypatch):
+    """A valid one-cell sweep file in ``tmp_path`` (tracking and storage there), run from there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():  # another module's Ray: these checks run only before this driver starts one
+        ray.shutdown()
+
+    def write(**overrides) -> Path:
+        raw = {"name": "mini", "dataset": {"name": "synthetic"}, "model": "cifar_resnet:tiny",
+               "shortcut": "avgpool_conv", "methods": [{"name": "random", "hparams": {"samples": 2}}],
+               "grid": {"flops_targets": [0.5], "kd_weights": [0.0]},
+               "optuna": {"samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
+               "resources": {"cpu": 1},
+               "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
+               "storage_path": str(tmp_path / "results"), **overrides}
+        path = tmp_path / "mini.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+# ---------------------------------------------------------------------------------------------
+# A: the tracking store and the storage path, before Ray starts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_tracking_file_that_is_not_a_database_is_one_line_before_ray(space, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{notes}"],
+                   f"{notes} is not an SQLite database", "--mlflow-uri")
+    assert line.startswith(f"rayprune: error: {notes} is not an SQLite database (tracking URI sqlite:///{notes}); ")
+
+
+def test_a_tracking_database_of_another_program_is_not_written_into(space, tmp_path, capsys):
+    other = tmp_path / "inventory.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE items (name TEXT)")
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{other}"],
+            f"the SQLite database {other} holds other tables (items), not MLflow's")
+
+
+def test_a_storage_path_that_is_a_file_is_one_line_and_leaves_no_database(space, tmp_path, capsys):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("x")
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker)],
+            f"storage path {blocker} (storage_path / --storage-path) is a regular file, not a directory")
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker / "sub")],
+            f"{blocker} is a regular file, so the folder cannot be created")
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker), "--resume"],
+            "is a regular file")  # not "no sweep to resume"
+
+
+def test_a_trial_needing_more_gpus_or_cpus_than_the_machine_has_is_refused_before_ray(space, tmp_path, capsys):
+    line = refused(capsys, tmp_path, ["sweep", "--space", str(space(resources={"cpu": 1, "gpu": 64}))],
+                   "resources.gpu: each trial asks for 64 GPUs but this machine has ")
+    assert line.endswith("; lower resources.gpu or join a cluster with --address auto")
+    refused(capsys, tmp_path, ["sweep", "--space", str(space(resources={"cpu": 2})), "--num-cpus", "1"],
+            "resources.cpu: each trial asks for 2 CPUs but this machine has 1 (--num-cpus)")
+
+
+# ---------------------------------------------------------------------------------------------
+# E: a Ray address nothing listens on fails in seconds, not minutes
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_nothing_listens_on_fails_within_seconds(space, tmp_path, capsys):
+    start = time.monotonic()
+    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "127.0.0.1:9"])
+    assert time.monotonic() - start < 30  # imports included; the probe itself waits at most 3 s
+    assert line.startswith("rayprune: error: cannot join the Ray cluster at 127.0.0.1:9: nothing accepted a "
+                           "connection within 3 s (")
+    assert line.endswith("; start it with `ray start --head` or check the address (or drop --address to run on "
+                         "a local Ray)")
+
+
+def test_address_auto_reads_ray_address_and_says_when_there_is_no_cluster(space, tmp_path, capsys, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` resolves to, as in ray.init
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "auto"],
+            f"cannot join the Ray cluster at 127.0.0.1:{port} (--address auto)")
+
+    from ray._private import services
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no Ray process on this machine ...
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)  # ... and no `ray start`
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "auto"],
+            "--address auto: no running Ray cluster found on this machine", "ray start --head")
+
+
+def test_an_address_that_is_not_host_port_is_one_line(space, tmp_path, capsys):
+    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "headnode"],
+            "--address headnode: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# G: front and pick --no-register never create MLflow's schema
+# ---------------------------------------------------------------------------------------------
+
+LOOKUP = ["--experiment", "mini"]
+
+
+@pytest.mark.parametrize("command", [["front"], ["pick", "--mode", "efficient", "--no-register", "--out", "exp"]])
+def test_an_empty_database_file_stays_empty(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow.db").touch()  # e.g. left by `touch` or a crashed tool
+    line = refused(capsys, tmp_path, [*command, *LOOKUP],
+                   f"the MLflow database {tmp_path}/mlflow.db is empty (0 bytes), so no sweep was logged there")
+    assert "--mlflow-uri" in line
+    assert (tmp_path / "mlflow.db").stat().st_size == 0 and not (tmp_path / "exp").exists()
+
+
+def test_front_on_a_missing_or_foreign_database_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, tmp_path, ["front", *LOOKUP], f"no MLflow database at {tmp_path}/mlflow.db")
+    with sqlite3.connect(tmp_path / "other.db"):
+        pass  # an SQLite file without tables (0 bytes until written)
+    with sqlite3.connect(tmp_path / "inventory.db") as db:
+        db.execute("CREATE TABLE items (name TEXT)")
+    refused(capsys, tmp_path, ["front", *LOOKUP, "--mlflow-uri", f"sqlite:///{tmp_path}/inventory.db"],
+            f"the SQLite database {tmp_path}/inventory.db holds other tables (items), not MLflow's")
+    (tmp_path / "text.db").write_text("hello")
+    refused(capsys, tmp_path, ["pick", *LOOKUP, "--mlflow-uri", f"sqlite:///{tmp_path}/text.db", "--mode", "robust",
+                               "--no-register", "--out", str(tmp_path / "exp")],
+            f"{tmp_path}/text.db is not an SQLite database")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs a SIGKILLed driver left RUNNING are marked interrupted at the next contact
+# ---------------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_path, capsys):
+    from mlflow.entities import RunTag
+
+    from rayprune.methods.base import SubnetRecord
+    from rayprune import models
+    from rayprune.tracking import liveness
+    from rayprune.tracking.mlflow_tracker import SweepTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SweepTracker(uri, "exp", tmp_path / "work")
+    parent = tracker.start_sweep("mini-1", {"seed": 0}, {liveness.SPACE_TAG: "search_spaces/mini.yaml"})
+    client = tracker.client
+    tags = client.get_run(parent).data.tags
+    assert tags[liveness.STATUS_TAG] == "running" and tags[liveness.DRIVER_TAG].endswith(f":{__import__('os').getpid()}")
+    tracker.log_unpruned(SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned",
+                                         0).to_dict())
+    trial = tracker.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0})
+    tracker.update_front()
+    # The driver is SIGKILLed: nothing closes its runs; its process is gone.
+    tracker._heartbeat.stop()
+    client.log_batch(parent, tags=[RunTag(liveness.DRIVER_TAG, f"{socket.gethostname()}:{dead_pid()}")])
+    assert client.get_run(parent).info.status == "RUNNING" and client.get_run(trial).info.status == "RUNNING"
+
+    # `front` never writes: it shows the fronts and says, in one stderr line, what happened.
+    capsys.readouterr()
+    assert main(["front", "--experiment", "exp", "--mlflow-uri", uri]) == 0
+    captured = capsys.readouterr()
+    assert "unpruned baseline" in captured.out
+    assert captured.err == ("rayprune: note: sweep mini-1 was interrupted (its driver "
+                            f"{client.get_run(parent).data.tags[liveness.DRIVER_TAG]} stopped without closing its "
+                            "runs); its fronts are partial; resume it with: rayprune sweep --space "
+                            "search_spaces/mini.yaml --resume mini-1\n")
+    assert client.get_run(parent).info.status == "RUNNING"
+
+    # The next driver in the experiment (a new sweep, a resume) closes them as interrupted.
+    other = SweepTracker(uri, "exp", tmp_path / "work2")
+    other.start_sweep("mini-2", {"seed": 0})
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED" and run.data.tags[liveness.STATUS_TAG] == "interrupted"
+    assert run.data.tags[liveness.NOTE_TAG].endswith(
+        "resume with: rayprune sweep --space search_spaces/mini.yaml --resume mini-1")
+    assert client.get_run(trial).info.status == "KILLED"
+    assert client.get_run(trial).data.tags[liveness.STATUS_TAG] == "interrupted"
+    # ... and a live driver's runs (mini-2: this process) are left alone.
+    assert liveness.interrupted_sweeps(client, other.experiment_id, mark=True) == []
+    assert client.get_run(other.parent_run_id).info.status == "RUNNING"
+    other.finish()
+    assert client.get_run(other.parent_run_id).data.tags[liveness.STATUS_TAG] == "finished"
+
+    # --resume reopens the parent as before, and the interrupted note goes.
+    again = SweepTracker(uri, "exp", tmp_path / "work")
+    assert again.start_sweep("mini-1", {"seed": 0}) == parent
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.tags[liveness.STATUS_TAG] == "running"
+    assert liveness.NOTE_TAG not in run.data.tags
+    again.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0})
+    assert client.get_run(trial).info.status == "RUNNING"
+    assert liveness.STATUS_TAG not in client.get_run(trial).data.tags
+    again.fail("KILLED")  # Ctrl-C: the driver marks it itself
+    run = client.get_run(parent)
+    assert run.info.status == "KILLED" and run.data.tags[liveness.STATUS_TAG] == "interrupted"
+
+
+def test_a_driver_on_another_host_is_dead_only_when_its_heartbeat_is_stale():
+    from rayprune.tracking.liveness import DRIVER_TAG, HEARTBEAT_TAG, STALE_AFTER_S, driver_is_dead
+
+    now = 1_000_000.0
+    other = {DRIVER_TAG: "some-other-host:1234"}
+    assert not driver_is_dead({**other, HEARTBEAT_TAG: str(now - 60)}, now)
+    assert driver_is_dead({**other, HEARTBEAT_TAG: str(now - STALE_AFTER_S - 1)}, now)
+    assert not driver_is_dead({}, now)  # a run logged before drivers were recorded: never judged
+    me = {DRIVER_TAG: f"{socket.gethostname()}:{__import__('os').getpid()}", HEARTBEAT_TAG: str(now)}
+    assert not driver_is_dead(me, now)
+    assert driver_is_dead({**me, DRIVER_TAG: f"{socket.gethostname()}:{dead_pid()}"}, now)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -99,6 +100,9 @@ def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str,
         return SubnetRecord.from_dict({**saved, "source": source}), state
     final = finetune_subnet(record, method.ctx, method.initial_weights(record), progress=progress)
     final.record.source.update(trained_by=owner, cache_key=key)
+    share = shared_gpu_share()
+    if share is not None and any(k.startswith("latency") for k in final.record.metrics):
+        final.record.source["latency_shared_gpu"] = share  # skewed by the GPU's other tenants
     if cache is not None:
         cache.put(key, final.record.to_dict(), final.state_dict)
     return final.record, final.state_dict
@@ -113,11 +117,21 @@ def _restore(method: Method) -> TrialState:
         return restore(method, TrialState.load(Path(d) / STATE_FILE))
 
 
+def shared_gpu_share() -> float | None:
+    """The GPU share Ray gave this trial or task when it is a fraction of one GPU (others then
+    run on the same device, so latency measured here is skewed), else None."""
+    if not ray.is_initialized():
+        return None
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return float(share) if 0.0 < share < 1.0 else None
+
+
 def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict[str, Any]:
     return {METRIC: float(record.metrics.get(METRIC, float("nan"))), "macs": record.macs, "params": record.params,
             "flops_fraction": record.macs / unpruned, "unpruned_macs": unpruned, "cell": config["cell"],
             "flops_target": config["flops_target"], "kd_weight": config["kd_weight"],
-            "best": json.dumps(record.to_dict())}
+            "best": json.dumps(record.to_dict()),
+            "node_id": ray.get_runtime_context().get_node_id()}  # which node ran the step (multi-node checks)
 
 
 def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any],

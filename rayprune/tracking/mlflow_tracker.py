@@ -38,7 +38,6 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunTag
 
 from . import TrackingError
-from .liveness import STATUS_TAG, Heartbeat, clear_note, driver_tags, interrupted_sweeps, mark_parent, resume_command
 from .lookup import PARENT_TAG, ROLE_TAG, SUBNETS_ARTIFACT, SWEEP_TAG, connect, find_sweep_run
 from .pareto import baseline_row, compute_fronts, format_fronts, front_kind, front_pool, hypervolume_2d
 from .plots import plot_fronts
@@ -57,6 +56,7 @@ VERSIONED = ("torch", "ray", "optuna", "mlflow", "rayprune")
 RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "FINISHED",
                 "FAILED": "FAILED", "ERROR": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+COMPACT_EVERY_S = 30.0  # how often at most the driver rewrites subnets.parquet from its journal
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +140,9 @@ class SweepTracker:
         self.experiment_id = self._experiment_id(experiment)
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.store = SubnetStore(self.workdir / SUBNETS_ARTIFACT)
+        # Journaled, folded into the Parquet file at most every COMPACT_EVERY_S and whenever the
+        # fronts are written: a rewrite per reported step costs O(records^2) over a sweep.
+        self.store = SubnetStore(self.workdir / SUBNETS_ARTIFACT, compact_every_s=COMPACT_EVERY_S)
         self.sweep_id: str | None = None
         self.parent_run_id: str | None = None
         self._trial_runs: dict[str, str] = {}
@@ -149,6 +151,7 @@ class SweepTracker:
         self._tags: dict[str, dict[str, str]] = {}  # run id -> front tags as last set
         self._reattached: set[str] = set()
         self._tables: set[tuple[str, str]] = set()  # (run id, artifact file) registered as tables
+        self._created: set[str] = set()  # runs this tracker created (their tags are known: none yet)
         self._cells: dict[str, dict[str, float]] = {}  # trial id -> {"flops_target", "kd_weight"}
         self._noted: set[str] = set()  # cells already reported as "budgets do not bind"
 
@@ -171,11 +174,8 @@ class SweepTracker:
 
     # -- sweep ------------------------------------------------------------------------------------
     def start_sweep(self, sweep_id: str, resolved_config: dict[str, Any], tags: dict[str, str] | None = None) -> str:
-        """Open (or, on resume, reopen) the parent run of ``sweep_id``; returns its run id. First
-        closes, as interrupted, the runs that dead drivers left RUNNING in the experiment; then
-        records this driver on the parent run and keeps its heartbeat (:mod:`.liveness`)."""
+        """Open (or, on resume, reopen) the parent run of ``sweep_id``; returns its run id."""
         self.sweep_id = sweep_id
-        interrupted_sweeps(self.client, self.experiment_id, mark=True)
         parent = self._existing_parent(sweep_id)
         if parent is None:
             run = self.client.create_run(self.experiment_id, run_name=sweep_id,
@@ -184,15 +184,13 @@ class SweepTracker:
         else:
             self.parent_run_id, logged = parent.info.run_id, parent.data.params
             self.client.update_run(self.parent_run_id, status="RUNNING")
-            clear_note(self.client, parent)
         params = {"sweep_id": sweep_id, **{k: v for k, v in resolved_config.items()
                                            if isinstance(v, (str, int, float, bool)) or v is None}}
         for section in ("dataset", "grid"):  # small sections the UI and `pick` want as params (dataset.name)
             if isinstance(resolved_config.get(section), dict):
                 params[section] = resolved_config[section]
         self._log_new_params(self.parent_run_id, flatten_params(params), logged)
-        run_tags = {**(tags or {}), **driver_tags(), **{f"version.{k}": v for k, v in library_versions().items()}}
-        self._resume = resume_command({**run_tags, SWEEP_TAG: sweep_id})
+        run_tags = {**(tags or {}), **{f"version.{k}": v for k, v in library_versions().items()}}
         sha = git_sha()
         if sha:
             run_tags["git_sha"] = sha
@@ -202,7 +200,6 @@ class SweepTracker:
         if parent is not None:
             self._reattach_children()
             self._restore_store()
-        self._heartbeat = Heartbeat(self.tracking_uri, self.parent_run_id)
         return self.parent_run_id
 
     def _existing_parent(self, sweep_id: str) -> Any | None:
@@ -255,25 +252,13 @@ class SweepTracker:
         """Update the fronts one last time and close the parent run."""
         self._require_sweep()
         self.update_front()
-        self._close(_run_status(status))
+        self.client.set_terminated(self.parent_run_id, status=_run_status(status))
 
-    def fail(self, status: str = "FAILED") -> None:
-        """Mark the parent run FAILED (the sweep raised) or KILLED (interrupted); ``--resume``
-        reopens it."""
+    def fail(self) -> None:
+        """Mark the parent run FAILED (the sweep raised); ``--resume`` reopens it."""
         self._require_sweep()
-        self._close(_run_status(status))
-
-    def _close(self, status: str) -> None:
-        """Stop the heartbeat; set ``rayprune.status`` (and, unless finished, the resume command
-        as the run's note); close the parent run."""
-        heartbeat = getattr(self, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
-            self._heartbeat = None
-        word = {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")
-        mark_parent(self.client, self.parent_run_id, word,
-                    None if status == "FINISHED" else f"{word}; resume with: {self._resume}")
-        self.client.set_terminated(self.parent_run_id, status=status)
+        self.store.flush()
+        self.client.set_terminated(self.parent_run_id, status="FAILED")
 
     def _require_sweep(self) -> None:
         if self.parent_run_id is None:
@@ -293,14 +278,13 @@ class SweepTracker:
                 PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_id})
             run_id = self._trial_runs[trial_id] = run.info.run_id
             self._reattached.add(run_id)
+            self._created.add(run_id)
             self._log_new_params(run_id, flat, {})
         elif run_id not in self._reattached:  # first contact after a resume
             self._reattached.add(run_id)
             run = self.client.get_run(run_id)
             if run.info.status != "FINISHED":  # Tune re-runs unfinished (and, if asked, errored) trials
                 self.client.update_run(run_id, status="RUNNING")
-                if STATUS_TAG in run.data.tags:  # "interrupted", set when its dead driver was found
-                    self.client.delete_tag(run_id, STATUS_TAG)
             self._log_new_params(run_id, flat, run.data.params)
         return run_id
 
@@ -346,14 +330,18 @@ class SweepTracker:
         self._remember_cell(trial_id, {}, cell)
         run_id = self._trial_run(trial_id)
         artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
+        own = self.store.rows(("search", "final"), trial_id)  # fine-tunes have their own runs
+        metrics, tags = {}, self._table_tag(run_id, "subnets.json")
         if final is not None:
             row = record_row(final, trial_id=trial_id, kind="final", sweep_id=self.sweep_id, run_id=run_id,
                              artifact_uri=artifact_uri, **self._cell_of(trial_id))
             if self.store.add([row]):
-                self._log_metrics(run_id, {"macs": row["macs"], "params": row["params"], **row["metrics"]},
-                                  tags={"rayprune.final_spec_hash": row["spec_hash"]})
-        own = self.store.rows(("search", "final"), trial_id)  # fine-tunes have their own runs
-        self._log_table(run_id, [_table_row(r) for r in own], "subnets.json")
+                own.append(row)
+                metrics = {"macs": row["macs"], "params": row["params"], **row["metrics"]}
+                tags["rayprune.final_spec_hash"] = row["spec_hash"]
+        self._write_table(run_id, [_table_row(r) for r in own], "subnets.json")
+        if metrics or tags:  # one call for the final metrics and tags
+            self._log_metrics(run_id, metrics, tags=tags)
         self.client.set_terminated(run_id, status=_run_status(status))
         if refresh_front:
             self.update_front()
@@ -453,6 +441,7 @@ class SweepTracker:
             plot = Path(tmp) / "pareto.png"
             plot_fronts(rows, fronts, plot)
             self.client.log_artifact(self.parent_run_id, str(plot), "pareto")
+        self.store.flush()
         if self.store.path.exists():
             self.client.log_artifact(self.parent_run_id, str(self.store.path))
         self._log_front_metrics(rows, fronts)
@@ -515,15 +504,27 @@ class SweepTracker:
     def _log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Write ``rows`` as an MLflow table artifact, *replacing* any previous version
         (``mlflow.log_table`` appends, which would duplicate rows on every update)."""
+        self._write_table(run_id, rows, artifact_file)
+        tags = self._table_tag(run_id, artifact_file)
+        if tags:
+            self.client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, tags[LOGGED_ARTIFACTS_TAG])
+
+    def _write_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
         import pandas as pd
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(artifact_file).name
             pd.DataFrame(rows).to_json(local, orient="split", index=False)
             self.client.log_artifact(run_id, str(local), posixpath.dirname(artifact_file) or None)
-        if (run_id, artifact_file) not in self._tables:
-            entries = json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
-            entry = {"path": artifact_file, "type": "table"}
-            if entry not in entries:
-                self.client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, json.dumps(entries + [entry]))
-            self._tables.add((run_id, artifact_file))
+
+    def _table_tag(self, run_id: str, artifact_file: str) -> dict[str, str]:
+        """The ``mlflow.loggedArtifacts`` tag that makes ``artifact_file`` a table in the UI,
+        when the run does not have it yet (``{}`` otherwise). A run this tracker created has no
+        entries; only a reattached run's are read back."""
+        if (run_id, artifact_file) in self._tables:
+            return {}
+        self._tables.add((run_id, artifact_file))
+        entries = [] if run_id in self._created else \
+            json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        return {} if entry in entries else {LOGGED_ARTIFACTS_TAG: json.dumps(entries + [entry])}

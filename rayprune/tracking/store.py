@@ -17,8 +17,15 @@ and, for trained records, how it was trained: ``recipe`` (a readable tag such as
 and ``robust_suite`` (the corruption suite's version), so a query needs no join and no JSON.
 
 Adding a row whose key is already stored is a no-op, so re-reporting after a resume never
-duplicates a subnet. Every change rewrites the file atomically (temp file + ``os.replace``):
-a crash leaves the previous complete file, never a torn one.
+duplicates a subnet. The Parquet file is always rewritten atomically (temp file +
+``os.replace``): a crash leaves the previous complete file, never a torn one.
+
+A sweep's driver adds thousands of rows one step at a time, and rewriting the whole file for
+each step costs O(rows) per step, O(rows^2) per sweep. With ``compact_every_s`` > 0 the store
+instead appends each new row to a JSON-lines journal beside the file
+(``subnets.parquet.journal``) and folds the journal into the Parquet file at most that often and
+on :meth:`SubnetStore.flush`. Opening a store reads the file, then the journal (a torn last
+line, from a crash in mid-write, is ignored), so no added row is lost either way.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,14 +95,22 @@ def record_row(record: dict[str, Any], *, trial_id: str, kind: str, sweep_id: st
 
 
 class SubnetStore:
-    """The Parquet subnet registry of one sweep. Not thread-safe: only the sweep driver writes."""
+    """The Parquet subnet registry of one sweep. Not thread-safe: only the sweep driver writes.
 
-    def __init__(self, path: str | Path) -> None:
+    ``compact_every_s``: 0 rewrites the file on every :meth:`add`; more journals the added rows
+    and rewrites the file at most that often (see the module docstring) and on :meth:`flush`.
+    """
+
+    def __init__(self, path: str | Path, compact_every_s: float = 0.0) -> None:
         self.path = Path(path)
+        self.journal = self.path.with_name(self.path.name + ".journal")
+        self.compact_every_s = compact_every_s
         self._rows: list[dict[str, Any]] = []
         self._index: dict[str, int] = {}
         if self.path.exists():
             self._append(_decode(r) for r in pq.read_table(self.path).to_pylist())
+        self._journaled = self._append(self._read_journal())  # rows not in the file yet
+        self._compacted = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -105,10 +121,37 @@ class SubnetStore:
     def add(self, rows: Iterable[dict[str, Any]]) -> int:
         """Append the rows whose key is new (also de-duplicating within ``rows``); returns how
         many were added. Rows look like :func:`record_row`'s output."""
+        start = len(self._rows)
         added = self._append(rows)
-        if added:
+        if not added:
+            return 0
+        if self.compact_every_s <= 0:
             self._write()
+            return added
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a+b") as f:
+            torn = f.tell() > 0 and (f.seek(f.tell() - 1), f.read(1))[1] != b"\n"  # a crash cut the last line
+            f.write((("\n" if torn else "") + "".join(json.dumps(_encode(r)) + "\n" for r in self._rows[start:])).encode())
+        self._journaled += added
+        if time.monotonic() - self._compacted >= self.compact_every_s:
+            self.flush()
         return added
+
+    def flush(self) -> None:
+        """Fold the journal into the Parquet file (nothing to do when it is empty)."""
+        if self._journaled or self.journal.exists():
+            self._write()
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        if not self.journal.exists():
+            return []
+        rows = []
+        for line in self.journal.read_text().splitlines():
+            try:
+                rows.append(_decode(json.loads(line)))
+            except ValueError:  # a line torn by a crash in mid-write: its row was never acknowledged
+                continue
+        return rows
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The row with :func:`row_key` ``key``, or None."""
@@ -147,6 +190,9 @@ class SubnetStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self.journal.unlink(missing_ok=True)  # every journaled row is in the file now
+        self._journaled = 0
+        self._compacted = time.monotonic()
 
 
 def _encode(row: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ tracking store is keyed so that nothing is logged twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -77,7 +78,7 @@ class SweepOutcome:
 
 def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | None = None,
               num_cpus: int | None = None, callbacks: Sequence[tune.Callback] = (),
-              out: TextIO | None = None) -> SweepOutcome:
+              out: TextIO | None = None, space: str | None = None) -> SweepOutcome:
     """Run (or resume) a validated sweep; see the module docstring for the steps.
 
     Args:
@@ -88,11 +89,19 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
         num_cpus: CPUs of a local Ray.
         callbacks: extra Tune callbacks (must be picklable: they are saved with the experiment).
         out: where the front table goes (default stdout).
+        space: the sweep file's path, recorded for the resume command of an interrupted sweep.
     """
+    from .preflight import check_local_resources, check_ray_address, check_storage_path
+
     out = out or sys.stdout
     _quiet_env()
+    check_storage_path(cfg.storage_path)  # before anything is listed or written there
     sweep_id = _sweep_id(cfg, resume)
     _check_tracking_reachable(cfg)  # one clear line within seconds, before Ray starts
+    if not ray.is_initialized():  # seconds, not Ray's minutes of retries or a start it cannot use
+        check_ray_address(address)
+        if address is None:
+            check_local_resources(cfg.resources.cpu, cfg.resources.gpu, num_cpus)
     if address is None:
         _check_local_data(cfg)
     started_ray = _init_ray(address, num_cpus)
@@ -107,7 +116,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
         live = _LIVE_TRACKER.set(tracker)
         pending = _pending_trials(cfg)
         try:
-            return _drive(cfg, sweep_id, tracker, resume is not None, callbacks, out)
+            return _drive(cfg, sweep_id, tracker, resume is not None, callbacks, out, space)
         finally:
             _LIVE_TRACKER.reset(live)
             if pending is not None:
@@ -118,11 +127,16 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
 
 
 def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Sequence[tune.Callback],
-           out: TextIO) -> SweepOutcome:
-    """Parent run, teacher, baseline, Tune, cell fine-tunes, output; the parent run is FAILED on an error."""
+           out: TextIO, space: str | None = None) -> SweepOutcome:
+    """Parent run, teacher, baseline, Tune, cell fine-tunes, output; the parent run is FAILED on an
+    error, KILLED on Ctrl-C after Tune (e.g. during the fine-tunes: an incomplete outcome)."""
+    from ..tracking.liveness import SPACE_TAG
+
     experiment_path = join(cfg.storage_path, sweep_id)
-    parent = tracker.start_sweep(sweep_id, _resolved(cfg), {"rayprune.sweep_id": sweep_id,
-                                                            "rayprune.sweep_file": cfg.name})
+    tags = {"rayprune.sweep_id": sweep_id, "rayprune.sweep_file": cfg.name,
+            **({SPACE_TAG: str(space)} if space else {})}
+    parent = tracker.start_sweep(sweep_id, _resolved(cfg), tags)
+    results = None
     try:
         if resume:
             _replay_reported_steps(tracker, experiment_path)
@@ -137,7 +151,14 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
             tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
             finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id))
-        print_cell_stats(tracker, out)
+        if complete:  # per-cell counts of a part of the sweep would read as its result
+            print_cell_stats(tracker, out)
+    except KeyboardInterrupt:
+        tracker.fail("KILLED")
+        if results is None:  # before Tune saved anything to resume
+            raise
+        # after Tune (the fine-tunes): the members finished so far are in the cache and in MLflow
+        return SweepOutcome(sweep_id, experiment_path, parent, False, len(results), results.num_errors)
     except BaseException:
         tracker.fail()  # --resume reopens it
         raise
@@ -159,6 +180,28 @@ def _quiet_env() -> None:
     # The classic reporter: one compact live table with our columns (the new output prints
     # every trial's full config and result as boxes).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _quiet_missing_results()
+
+
+class _NoResultsYet(logging.Filter):
+    """Drops Tune's "Failed to fetch metrics for N trial(s) ... result.json and progress.csv were
+    not found" when every trial it lists simply had not reported yet (a resumed sweep's trials
+    that were interrupted before their first step): nothing is missing, they start over."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Failed to fetch metrics"):
+            return True
+        failures = text.splitlines()[1:]
+        return not failures or not all("were not found" in line for line in failures)
+
+
+def _quiet_missing_results() -> None:
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    if not any(isinstance(f, _NoResultsYet) for f in log.filters):
+        log.addFilter(_NoResultsYet())
+
+
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:

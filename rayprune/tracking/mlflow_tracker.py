@@ -38,6 +38,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric, Param, RunTag
 
 from . import TrackingError
+from .liveness import STATUS_TAG, Heartbeat, clear_note, driver_tags, interrupted_sweeps, mark_parent, resume_command
 from .lookup import PARENT_TAG, ROLE_TAG, SUBNETS_ARTIFACT, SWEEP_TAG, connect, find_sweep_run
 from .pareto import baseline_row, compute_fronts, format_fronts, front_kind, front_pool, hypervolume_2d
 from .plots import plot_fronts
@@ -174,8 +175,11 @@ class SweepTracker:
 
     # -- sweep ------------------------------------------------------------------------------------
     def start_sweep(self, sweep_id: str, resolved_config: dict[str, Any], tags: dict[str, str] | None = None) -> str:
-        """Open (or, on resume, reopen) the parent run of ``sweep_id``; returns its run id."""
+        """Open (or, on resume, reopen) the parent run of ``sweep_id``; returns its run id. First
+        closes, as interrupted, the runs that dead drivers left RUNNING in the experiment; then
+        records this driver on the parent run and keeps its heartbeat (:mod:`.liveness`)."""
         self.sweep_id = sweep_id
+        interrupted_sweeps(self.client, self.experiment_id, mark=True)
         parent = self._existing_parent(sweep_id)
         if parent is None:
             run = self.client.create_run(self.experiment_id, run_name=sweep_id,
@@ -184,13 +188,15 @@ class SweepTracker:
         else:
             self.parent_run_id, logged = parent.info.run_id, parent.data.params
             self.client.update_run(self.parent_run_id, status="RUNNING")
+            clear_note(self.client, parent)
         params = {"sweep_id": sweep_id, **{k: v for k, v in resolved_config.items()
                                            if isinstance(v, (str, int, float, bool)) or v is None}}
         for section in ("dataset", "grid"):  # small sections the UI and `pick` want as params (dataset.name)
             if isinstance(resolved_config.get(section), dict):
                 params[section] = resolved_config[section]
         self._log_new_params(self.parent_run_id, flatten_params(params), logged)
-        run_tags = {**(tags or {}), **{f"version.{k}": v for k, v in library_versions().items()}}
+        run_tags = {**(tags or {}), **driver_tags(), **{f"version.{k}": v for k, v in library_versions().items()}}
+        self._resume = resume_command({**run_tags, SWEEP_TAG: sweep_id})
         sha = git_sha()
         if sha:
             run_tags["git_sha"] = sha
@@ -200,6 +206,7 @@ class SweepTracker:
         if parent is not None:
             self._reattach_children()
             self._restore_store()
+        self._heartbeat = Heartbeat(self.tracking_uri, self.parent_run_id)
         return self.parent_run_id
 
     def _existing_parent(self, sweep_id: str) -> Any | None:
@@ -252,13 +259,26 @@ class SweepTracker:
         """Update the fronts one last time and close the parent run."""
         self._require_sweep()
         self.update_front()
-        self.client.set_terminated(self.parent_run_id, status=_run_status(status))
+        self._close(_run_status(status))
 
-    def fail(self) -> None:
-        """Mark the parent run FAILED (the sweep raised); ``--resume`` reopens it."""
+    def fail(self, status: str = "FAILED") -> None:
+        """Mark the parent run FAILED (the sweep raised) or KILLED (interrupted); ``--resume``
+        reopens it."""
         self._require_sweep()
         self.store.flush()
-        self.client.set_terminated(self.parent_run_id, status="FAILED")
+        self._close(_run_status(status))
+
+    def _close(self, status: str) -> None:
+        """Stop the heartbeat; set ``rayprune.status`` (and, unless finished, the resume command
+        as the run's note); close the parent run."""
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
+            self._heartbeat = None
+        word = {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")
+        mark_parent(self.client, self.parent_run_id, word,
+                    None if status == "FINISHED" else f"{word}; resume with: {self._resume}")
+        self.client.set_terminated(self.parent_run_id, status=status)
 
     def _require_sweep(self) -> None:
         if self.parent_run_id is None:
@@ -285,6 +305,8 @@ class SweepTracker:
             run = self.client.get_run(run_id)
             if run.info.status != "FINISHED":  # Tune re-runs unfinished (and, if asked, errored) trials
                 self.client.update_run(run_id, status="RUNNING")
+                if STATUS_TAG in run.data.tags:  # "interrupted", set when its dead driver was found
+                    self.client.delete_tag(run_id, STATUS_TAG)
             self._log_new_params(run_id, flat, run.data.params)
         return run_id
 

@@ -202,8 +202,6 @@ def _quiet_missing_results() -> None:
         log.addFilter(_NoResultsYet())
 
 
-
-
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to Ray; True when this call started it (so the driver shuts it down)."""
     if ray.is_initialized():

@@ -1,0 +1,384 @@
+"""The sweep on a multi-node Ray cluster, on one machine (issue 15), in as few sweeps as possible:
+
+* a head (no CPUs, like cluster.yaml's) and two worker nodes of one CPU each
+  (``ray.cluster_utils.Cluster``), shared by the tests of this module;
+* an S3 API on loopback (moto's server) that pyarrow (Tune, the driver, the trials) and boto3
+  (the MLflow server's artifact proxy) reach through ``AWS_ENDPOINT_URL_S3``;
+* a real ``mlflow server`` started and restarted by launch/cluster.yaml's own head commands
+  (SQLite backend, artifacts proxied to that S3, bound to 127.0.0.1).
+
+One undisturbed reference sweep (local storage, SQLite file) and one sweep through S3 and the
+server during which a worker node is removed: trials ran on both workers, the lost node's trial
+continued from its last checkpoint on the survivor, and both sweeps recorded the same subnets
+(parquet and MLflow). Then ``--resume`` through S3, ``front`` and ``pick`` against the server.
+A second, cheap sweep packs fractional-GPU trials on logical GPUs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+from ray import tune
+
+from rayprune.orchestration.config import parse_sweep
+from rayprune.orchestration.storage import filesystem, join
+from rayprune.orchestration.sweep import run_sweep
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "rayprune-test"
+LATENCY = "latency"  # measured time: differs between any two runs, so never compared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not come up within {timeout:g} s")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Services: S3 API, MLflow server (cluster.yaml's commands), a 3-node Ray cluster
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback with one bucket; the AWS variables every process inherits
+    (set before Ray starts, so raylets and workers have them)."""
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/moto-api/"), "moto_server")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def head_mlflow_commands(port: int) -> list[str]:
+    """cluster.yaml's head start commands that stop, describe and start the MLflow server, with
+    the test's port and bucket."""
+    head = yaml.safe_load((ROOT / "launch" / "cluster.yaml").read_text())["head_start_ray_commands"]
+    commands = [c for c in head if "mlflow" in c]
+    assert len(commands) == 3 and "kill -TERM" in commands[0] and "mlflow server" in commands[2]
+    return [c.replace("5000", str(port)).replace("s3://YOUR-BUCKET/", f"s3://{BUCKET}/") for c in commands]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    """The head's MLflow server, started as `ray up` starts it, then started again as a second
+    `ray up` would after a `ray down` that left it running: the old one is stopped first."""
+    home = tmp_path_factory.mktemp("head-home")
+    port = free_port()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    commands = head_mlflow_commands(port)
+    pidfile = home / ".rayprune" / "mlflow_server.pid"
+
+    def up() -> int:
+        for command in commands:
+            subprocess.run(["bash", "-c", command], env=env, check=True, timeout=120,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=120)
+        return int(pidfile.read_text())
+
+    first = up()
+    second = up()  # `ray up` again: the first server must be gone, not blocking the port
+    try:
+        assert second != first and not alive(first) and alive(second)
+        record = json.loads((home / ".rayprune" / "mlflow_server.json").read_text())
+        assert record == {"uri": f"http://127.0.0.1:{port}", "backend_store_uri": f"sqlite:///{home}/mlflow.db"}
+        yield f"http://127.0.0.1:{port}", home
+    finally:
+        subprocess.run(["bash", "-c", commands[0]], env=env, timeout=60)  # the stop command alone
+    assert not alive(second) and not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")
+
+
+class Nodes:
+    """The test cluster and its worker nodes, found by the node-removing callback (callbacks are
+    pickled with the experiment, so they hold only a name)."""
+
+    cluster = None
+    workers: list = []
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    from ray.cluster_utils import Cluster
+
+    # Node death noticed within seconds, not the default half minute.
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+              "health_check_failure_threshold": 3}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                      "_system_config": system})
+    Nodes.cluster = c
+    Nodes.workers = [c.add_node(num_cpus=1, resources={"worker": 1}) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading back what a sweep did
+# --------------------------------------------------------------------------------------------
+
+
+def mini(tmp_path: Path, **overrides) -> dict:
+    """2 FLOPs targets x 2 KD weights (a teacher), one random-sampler trial per cell, 2 steps each."""
+    raw = {
+        "name": "mini",
+        "dataset": {"name": "synthetic"},
+        "model": "cifar_resnet:tiny",
+        "shortcut": "avgpool_conv",
+        "methods": [{"name": "random", "hparams": {"samples": 2, "eval_epochs": 1}}],
+        "grid": {"flops_targets": [0.5, 0.7], "kd_weights": [0.0, 0.9]},
+        "optuna": {"sampler": "random", "samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
+        "teacher": {"recipe": {"epochs": 1, "batch_size": 64}},
+        "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
+        "resources": {"cpu": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
+        "storage_path": str(tmp_path / "results"),
+    }
+    raw.update(overrides)
+    return raw
+
+
+def trial_results(experiment_path: str) -> dict[str, list[dict]]:
+    """Each trial's reported results (Tune's result.json), local or on S3, by trial id."""
+    fs, root = filesystem(experiment_path)
+    import pyarrow.fs
+
+    out = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        result_file = f"{info.path}/result.json"
+        if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(result_file).type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_stream(result_file) as f:
+            results = [json.loads(line) for line in f.readall().decode().splitlines() if line]
+        out[results[0]["trial_id"]] = results
+    return out
+
+
+def comparable_rows(rows: list[dict]) -> list[tuple]:
+    """Subnet rows without what differs between two equal sweeps (ids, measured latency)."""
+    return sorted((r["kind"], r["flops_target"], r["kd_weight"], r["step"], r["spec_hash"], r["macs"], r["params"],
+                   r["recipe"], r["init"], json.dumps({k: v for k, v in r["metrics"].items() if LATENCY not in k},
+                                                      sort_keys=True))
+                  for r in rows)
+
+
+def comparable_runs(uri: str, experiment: str) -> list[tuple]:
+    """Every run of the experiment by role and name (trial ids stripped), with its params and its
+    metrics (latency left out) and each metric's step history."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    out = []
+    for run in client.search_runs([experiment_id]):
+        role = run.data.tags.get("rayprune.role")
+        name = {"trial": run.info.run_name.rsplit("_", 1)[0], "sweep": "sweep"}.get(role, run.info.run_name)
+        params = {k: v for k, v in run.data.params.items()
+                  if role != "sweep" and k not in ("trial_id",)}
+        metrics = {k: v for k, v in run.data.metrics.items() if LATENCY not in k and not k.startswith("time")}
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
+        out.append((role, name, run.info.status, json.dumps(params, sort_keys=True),
+                    json.dumps(metrics, sort_keys=True), tuple(sorted(history))))
+    return sorted(out)
+
+
+class RemoveWorkerOnce(tune.Callback):
+    """Removes (kills) the second worker node once a trial running there has its first
+    checkpoint registered, while it goes on with its second step."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        victim = Nodes.workers[1]
+        if not self.done and (trial.last_result or {}).get("node_id") == victim.node_id:
+            self.done = True
+            Nodes.cluster.remove_node(victim, allow_graceful=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Fractional GPUs
+# --------------------------------------------------------------------------------------------
+
+
+class Concurrency(tune.Callback):
+    """The most trials Tune had RUNNING at once, and the GPUs Ray had free at that moment."""
+
+    seen: list = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        running = sum(t.status == "RUNNING" for t in trials)
+        Concurrency.seen.append((running, ray.available_resources().get("GPU", 0.0)))
+
+
+def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
+    """A local Ray of its own with one logical GPU (before the module's cluster starts); the
+    trials compute on the CPU (device: cpu)."""
+    from rayprune.testing.instant import RUNTIME_ENV
+
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env=RUNTIME_ENV)
+    try:
+        cfg = parse_sweep(mini(
+            tmp_path, methods=[{"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2}}],
+            grid={"flops_targets": [0.7], "kd_weights": [0.0]}, teacher=None,
+            optuna={"sampler": "random", "samples_per_cell": 8, "seed": 0, "stage_prune": [[0.3, 0.8]] * 3},
+            resources={"cpu": 0.25, "gpu": 0.25}, device="cpu", finetune_front=False))
+        Concurrency.seen = []
+        out = io.StringIO()
+        outcome = run_sweep(cfg, callbacks=[Concurrency()], out=out)
+    finally:
+        ray.shutdown()
+    assert outcome.complete and outcome.num_trials == 8
+    most = max(running for running, _ in Concurrency.seen)
+    assert most == 4  # four 0.25-GPU trials on the one GPU (the baseline task takes a share at first), never five
+    assert all(free >= -1e-9 for _, free in Concurrency.seen)
+    from rayprune.tracking.store import SubnetStore
+
+    rows = SubnetStore(Path(outcome.experiment_path) / "rayprune" / "subnets.parquet").rows()
+    trained = [r for r in rows if r["kind"] == "final" and not r["source"].get("reused_from")]
+    assert trained and all(r["source"]["latency_shared_gpu"] == 0.25 for r in trained)
+    reused = [r for r in rows if r["kind"] == "final" and r["source"].get("reused_from")]
+    assert all(r["source"]["latency_shared_gpu"] == 0.25 for r in reused)  # the cached training's flag
+
+
+# --------------------------------------------------------------------------------------------
+# The tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster, s3, mlflow_server, tmp_path,
+                                                                        monkeypatch, capsys):
+    from rayprune.cli import main
+    from rayprune.tracking.lookup import connect, find_experiment, find_sweep_run, sweep_rows
+
+    monkeypatch.setenv("RAYPRUNE_SWEEP_DIR", str(tmp_path / "driver"))  # the driver's files of an S3 sweep
+    server, _ = mlflow_server
+
+    # The reference: undisturbed, on local storage and a SQLite file.
+    (tmp_path / "ref").mkdir()
+    reference = run_sweep(parse_sweep(mini(tmp_path / "ref")), address=cluster.address, out=io.StringIO())
+    assert reference.complete and not reference.failed_trials
+
+    # The same sweep through S3 and the server; a worker node dies mid-sweep.
+    cfg = parse_sweep(mini(tmp_path, tracking={"uri": server, "experiment": "mini"},
+                           storage_path=f"s3://{BUCKET}/results", max_failures=2))
+    out = io.StringIO()
+    remover = RemoveWorkerOnce()
+    outcome = run_sweep(cfg, address=cluster.address, callbacks=[remover], out=out)
+    assert outcome.complete and not outcome.failed_trials and outcome.num_trials == 4
+    assert outcome.experiment_path == f"s3://{BUCKET}/results/{outcome.sweep_id}"
+    assert len(ray.nodes()) == 3 and sum(n["Alive"] for n in ray.nodes()) == 2  # the head and one worker
+
+    # Trials ran on both workers; the lost node's trial continued from its checkpoint elsewhere.
+    results = trial_results(outcome.experiment_path)
+    workers = {n.node_id for n in Nodes.workers}
+    assert {r["node_id"] for rs in results.values() for r in rs} == workers
+    (moved,) = [rs for rs in results.values() if len({r["node_id"] for r in rs}) == 2]
+    assert moved[0]["node_id"] == Nodes.workers[1].node_id and moved[-1]["node_id"] == Nodes.workers[0].node_id
+    assert [r["steps_done"] for r in moved] == [1, 2, 2]  # step 1, step 2 (after the restore), the final
+    assert [r["iterations_since_restore"] for r in moved] == [1, 1, 2]  # restored from step 1's checkpoint
+    assert all([r["steps_done"] for r in rs] == [1, 2, 2] for rs in results.values())
+    # Teacher, checkpoints and the final-phase cache live on S3.
+    fs, root = filesystem(outcome.experiment_path)
+    assert fs.get_file_info(f"{root}/teacher/weights.pt").size > 0
+    import pyarrow.fs
+
+    files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))]
+    assert sum(p.endswith("/final/weights.pt") and "/checkpoint_" in p for p in files) == 4
+    assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 5
+
+    # The records equal the undisturbed run's: parquet (as uploaded to the parent run, through
+    # the server's artifact proxy to S3) and MLflow.
+    client = connect(server)
+    parent = find_sweep_run(client, find_experiment(client, "mini"), outcome.sweep_id)
+    rows = sweep_rows(client, parent)
+    ref_rows = sweep_rows(connect(f"sqlite:///{tmp_path}/ref/mlflow.db"),
+                          MlflowClient(f"sqlite:///{tmp_path}/ref/mlflow.db").get_run(reference.parent_run_id))
+    assert len(rows) == len(ref_rows) and comparable_rows(rows) == comparable_rows(ref_rows)
+    assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"subnets.parquet", "pareto", "sweep"}
+    # The server stores artifacts in the bucket, not on the head's disk.
+    stored = fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/rayprune/mlflow", recursive=True))
+    assert any(i.path.endswith("/subnet/weights.pt") for i in stored)
+
+    # The printed hint names the server and the port forward, not `mlflow ui`.
+    text = out.getvalue()
+    assert f"Browse the runs: the MLflow server at {server}" in text and "mlflow ui" not in text
+    assert f"ray attach launch/cluster.yaml -p {server.rsplit(':', 1)[1]}" in text
+
+    # --resume through S3: found by listing the bucket, nothing run or logged twice.
+    again = run_sweep(cfg, address=cluster.address, resume="latest", out=io.StringIO())
+    assert again.complete and (again.sweep_id, again.parent_run_id) == (outcome.sweep_id, outcome.parent_run_id)
+    assert comparable_rows(sweep_rows(client, find_sweep_run(client, parent.info.experiment_id,
+                                                             outcome.sweep_id))) == comparable_rows(rows)
+    assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
+
+    # front and pick against the server (the subnet's weights come back through the proxy).
+    capsys.readouterr()
+    assert main(["front", "--experiment", "mini", "--mlflow-uri", server]) == 0
+    assert "final front [kd0]" in capsys.readouterr().out
+    assert main(["pick", "--experiment", "mini", "--mlflow-uri", server, "--mode", "efficient", "--max-drop", "1",
+                 "--out", str(tmp_path / "eff"), "--onnx-exporter", "torchscript"]) == 0
+    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
+                                                                     "weights.pt"]
+    assert client.get_model_version_by_alias("mini", "efficient").version == "1"

@@ -272,3 +272,24 @@ def test_a_driver_on_another_host_is_dead_only_when_its_heartbeat_is_stale():
     me = {DRIVER_TAG: f"{socket.gethostname()}:{__import__('os').getpid()}", HEARTBEAT_TAG: str(now)}
     assert not driver_is_dead(me, now)
     assert driver_is_dead({**me, DRIVER_TAG: f"{socket.gethostname()}:{dead_pid()}"}, now)
+
+
+def test_tunes_warning_about_trials_that_had_not_reported_is_filtered_on_resume():
+    import logging
+
+    from rayprune.orchestration import sweep
+
+    sweep._quiet_env()  # what run_sweep does first
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:  # the message as Ray 2.60's ExperimentAnalysis words it
+        missing = FileNotFoundError("Could not fetch metrics for random_f0.5_kd0_1: both result.json and "
+                                    "progress.csv were not found at /results/mini-1/random_f0.5_kd0_1")
+        log.warning(f"Failed to fetch metrics for 1 trial(s):\n- random_f0.5_kd0_1: {missing!r}")
+        log.warning("Failed to fetch metrics for 1 trial(s):\n- random_f0.5_kd0_2: OSError('Input/output error')")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["Failed to fetch metrics for 1 trial(s):\n- random_f0.5_kd0_2: OSError('Input/output error')"]

@@ -347,3 +347,72 @@ def test_the_tracking_callback_finds_only_its_own_live_tracker():
         assert callback.tracker is tracker
     finally:
         sweep_module._LIVE_TRACKER.reset(live)
+
+
+def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_members(local_ray, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Ctrl-C in the driver once the first cell's fine-tune is logged (each trial and fine-tune
+    takes both CPUs, so the other is still running, and is cancelled): the resume fine-tunes only
+    the missing cell, never the finished one again, and ends with the records of an undisturbed run."""
+    from rayprune.orchestration import cell_finetune
+    from rayprune.orchestration.cache import FinalCache
+
+    overrides = dict(grid={"flops_targets": [0.5, 0.7], "kd_weights": [0.0]}, teacher=None,
+                     resources={"cpu": 2}, max_concurrent_trials=1,  # a recipe unlike the trials' own finals:
+                     recipes={"search": {"epochs": 1, "batch_size": 64, "lr": 0.05},  # every fine-tune is a
+                              "finetune": {"epochs": 1, "batch_size": 64}})  # new training
+    cells = [(0.5, 0.0), (0.7, 0.0)]
+    (tmp_path / "undisturbed").mkdir()
+    reference = run_sweep(parse_sweep(mini_sweep(tmp_path / "undisturbed", **overrides)))
+    assert reference.complete
+    capsys.readouterr()
+
+    def finetunes(outcome) -> dict[str, tuple[str, dict]]:
+        """cell -> (spec hash, metrics but latency) of its fine-tuned member in the subnet store."""
+        return {r["flops_target"]: (r["spec_hash"], {k: v for k, v in r["metrics"].items() if "latency" not in k})
+                for r in store_of(Path(outcome.experiment_path)).rows() if r["kind"] == "finetuned"}
+
+    def trained_members(cache: FinalCache) -> dict[str, tuple[int, bytes, bytes]]:
+        """The cache's fine-tune entries: key -> (metrics.json mtime, metrics.json, weights.pt)."""
+        out = {}
+        for key in cache.keys():
+            folder = Path(cache.root) / key
+            record = json.loads((folder / "metrics.json").read_text())
+            if str(record["source"].get("trained_by", "")).startswith("finetune:"):
+                out[key] = ((folder / "metrics.json").stat().st_mtime_ns, (folder / "metrics.json").read_bytes(),
+                            (folder / "weights.pt").read_bytes())
+        return out
+
+    log_member, logged = cell_finetune._log_cell_finetune, []
+
+    def interrupt_after_the_first(tracker, cache, driver_dir, choice, key, cached):
+        log_member(tracker, cache, driver_dir, choice, key, cached)
+        logged.append(key)
+        if len(logged) == 1:
+            raise KeyboardInterrupt  # what Ctrl-C does in the driver's ray.wait
+
+    cfg = parse_sweep(mini_sweep(tmp_path, **overrides))
+    monkeypatch.setattr(cell_finetune, "_log_cell_finetune", interrupt_after_the_first)
+    first = run_sweep(cfg, space="mini.yaml")
+    monkeypatch.undo()
+    assert not first.complete and first.num_trials == cfg.num_trials() and len(logged) == 1
+    cache = FinalCache.of_experiment(first.experiment_path)
+    kept = trained_members(cache)
+    assert list(kept) == logged  # the finished member is kept; the running one was cancelled
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "KILLED" and parent.data.tags["rayprune.status"] == "interrupted"
+    assert parent.data.tags["mlflow.note.content"] == "interrupted; resume with: rayprune sweep --space mini.yaml " \
+                                                      f"--resume {first.sweep_id}"
+    assert len(finetunes(first)) == 1  # logged as it finished
+    out = capsys.readouterr().out
+    assert "Trials per grid cell" not in out and "final front" not in out and "Export an operating point" not in out
+
+    second = run_sweep(cfg, resume="latest")
+    assert second.complete and second.parent_run_id == first.parent_run_id
+    assert "Fine-tuning the chosen subnet of 1 grid cell(s) with recipes.finetune (1 already in the cache)" \
+        in capsys.readouterr().out
+    after = trained_members(cache)
+    assert len(after) == len(cells) and all(after[key] == kept[key] for key in kept)  # not trained again
+    check_tracking(cfg, Path(second.experiment_path), cells=cells)
+    assert finetunes(second) == finetunes(reference)  # as if never interrupted

@@ -162,3 +162,36 @@ def test_run_output_for_people_and_for_programs(tmp_path, capsys):
         planned_steps = None
 
     assert step_label(Planned(), 2) == "search step 3/14" and step_label(Unknown(), 0) == "search step 1"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "--method", "uniform", "--model", "cifar_resnet:tiny", "--flops-target", "half", "--out", "o"],
+     "argument --flops-target: invalid float value: 'half' (see rayprune run --help)"),
+    (["sweep"], "the following arguments are required: --space (see rayprune sweep --help)"),
+    (["teacher", "--model", "cifar_resnet:tiny", "--epochs", "0", "--out", "t"],
+     "argument --epochs: expected a positive whole number, got '0' (see rayprune teacher --help)"),
+    (["inspect"], "the following arguments are required: spec (see rayprune inspect --help)"),
+    (["frnt"], "argument command: invalid choice: 'frnt'"),
+])
+def test_argparse_errors_are_one_line_for_every_command(tmp_path, monkeypatch, capsys, argv, line):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"rayprune: error: {line}") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_error_is_one_line_saying_it_is_a_bug(tmp_path, monkeypatch, capsys):
+    import rayprune.cli as cli
+
+    def broken(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    monkeypatch.delenv("RAYPRUNE_DEBUG", raising=False)
+    assert main(["inspect", "x.json"]) == 1
+    assert capsys.readouterr().err == ("rayprune: error: internal error, a bug in rayprune (KeyError: 'internal'); "
+                                       "rerun with RAYPRUNE_DEBUG=1 to see the traceback, and report it\n")
+    monkeypatch.setenv("RAYPRUNE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["inspect", "x.json"])

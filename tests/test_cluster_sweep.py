@@ -381,4 +381,4 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
                  "--out", str(tmp_path / "eff"), "--onnx-exporter", "torchscript"]) == 0
     assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
                                                                      "weights.pt"]
-    assert client.get_model_version_by_alias("mini", "efficient").version == "1"
+    assert client.get_model_version_by_alias("rayprune-mini", "efficient").version == "1"  # registered on the server

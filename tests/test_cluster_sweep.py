@@ -299,6 +299,8 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
     assert trained and all(r["source"]["latency_shared_gpu"] == 0.25 for r in trained)
     reused = [r for r in rows if r["kind"] == "final" and r["source"].get("reused_from")]
     assert all(r["source"]["latency_shared_gpu"] == 0.25 for r in reused)  # the cached training's flag
+    (baseline,) = [r for r in rows if r["kind"] == "unpruned"]
+    assert baseline["source"]["latency_shared_gpu"] == 0.25  # measured beside the trials, on a share too
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_
 from .cache import BASELINE_CELL, FinalCache, cache_key
 from .config import SweepConfig
 from .storage import file_exists, is_uri, join, localize, upload_dir
+from .trainable import flag_shared_gpu
 
 
 def prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
@@ -107,6 +108,7 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
             result = finetune_subnet(full, ctx, None, progress=False)
             record, state = result.record, result.state_dict
     record.source["trained_by"] = "baseline"
+    flag_shared_gpu(record)
     FinalCache(cache_root).put(key, record.to_dict(), state)
 
 

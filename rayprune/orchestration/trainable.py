@@ -100,9 +100,7 @@ def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str,
         return SubnetRecord.from_dict({**saved, "source": source}), state
     final = finetune_subnet(record, method.ctx, method.initial_weights(record), progress=progress)
     final.record.source.update(trained_by=owner, cache_key=key)
-    share = shared_gpu_share()
-    if share is not None and any(k.startswith("latency") for k in final.record.metrics):
-        final.record.source["latency_shared_gpu"] = share  # skewed by the GPU's other tenants
+    flag_shared_gpu(final.record)
     if cache is not None:
         cache.put(key, final.record.to_dict(), final.state_dict)
     return final.record, final.state_dict
@@ -115,6 +113,14 @@ def _restore(method: Method) -> TrialState:
         return TrialState()
     with checkpoint.as_directory() as d:
         return restore(method, TrialState.load(Path(d) / STATE_FILE))
+
+
+def flag_shared_gpu(record: SubnetRecord) -> None:
+    """Mark ``record``'s latency as measured on a shared GPU (``source.latency_shared_gpu``, the
+    share) when this trial or task holds a fraction of one: the other tenants skew it."""
+    share = shared_gpu_share()
+    if share is not None and any(k.startswith("latency") for k in record.metrics):
+        record.source["latency_shared_gpu"] = share
 
 
 def shared_gpu_share() -> float | None:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from rayprune import models
-from rayprune.cli import main
+from rayprune.testing.bad_input import refused
 from rayprune.models import io as subnet_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,32 +29,10 @@ TEACHER = ["teacher", "--model", "cifar_resnet:tiny", "--shortcut", "avgpool_con
            "--epochs", "1"]
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under ``root`` with its size and modification time."""
-    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
-
-
 @pytest.fixture
 def cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def refused(capsys, root: Path, argv: list[str], *needles: str) -> str:
-    """Run ``argv``; assert exit 2, one ``rayprune: error:`` line holding ``needles``, nothing changed."""
-    before = snapshot(root)
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, (argv, err)
-    assert len(lines) == 1 and lines[0].startswith("rayprune: error: "), (argv, err)
-    for needle in needles:
-        assert needle in lines[0], (argv, needle, lines[0])
-    for leak in ("Traceback", "weights_only=False", "TrialConfig", "Hparams", "Budget", "Value error,"):
-        assert leak not in err, (argv, leak, err)
-    assert snapshot(root) == before, argv
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,34 +21,14 @@ import ray
 import yaml
 
 from rayprune.cli import main
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every file and folder under ``root``: size, modification time and (small files) content."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        small = p.is_file() and p.stat().st_size < 1 << 20
-        out[str(p.relative_to(root))] = (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns,
-                                         p.read_bytes() if small else b"")
-    return out
+from rayprune.testing.bad_input import refused as refuse
 
 
 def refused(capsys, root: Path, argv: list[str], *needles: str) -> str:
-    """Run ``argv``: exit 2, one ``rayprune: error:`` line holding ``needles``, ``root`` unchanged."""
-    before = snapshot(root)
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, (argv, err)
-    assert len(lines) == 1 and lines[0].startswith("rayprune: error: "), (argv, err)
-    for needle in needles:
-        assert needle in lines[0], (argv, needle, lines[0])
-    assert "Traceback" not in err and "sqlalchemy" not in err.lower(), err
-    assert snapshot(root) == before, argv
-    for leftover in ("mlflow.db", "results", "mlartifacts", "mlruns"):
-        assert (leftover in before) or not (root / leftover).exists(), (argv, leftover)
+    """:func:`rayprune.testing.bad_input.refused`, and Ray never started."""
+    line = refuse(capsys, root, argv, *needles)
     assert not ray.is_initialized(), argv  # refused before Ray started
-    return lines[0]
+    return line
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from ray import tune
 from rayprune.orchestration.config import parse_sweep
 from rayprune.orchestration.storage import filesystem, join
 from rayprune.orchestration.sweep import run_sweep
+from rayprune.testing.sweeps import mini_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -179,23 +180,10 @@ def cluster(s3):
 
 
 def mini(tmp_path: Path, **overrides) -> dict:
-    """2 FLOPs targets x 2 KD weights (a teacher), one random-sampler trial per cell, 2 steps each."""
-    raw = {
-        "name": "mini",
-        "dataset": {"name": "synthetic"},
-        "model": "cifar_resnet:tiny",
-        "shortcut": "avgpool_conv",
-        "methods": [{"name": "random", "hparams": {"samples": 2, "eval_epochs": 1}}],
-        "grid": {"flops_targets": [0.5, 0.7], "kd_weights": [0.0, 0.9]},
-        "optuna": {"sampler": "random", "samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
-        "teacher": {"recipe": {"epochs": 1, "batch_size": 64}},
-        "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
-        "resources": {"cpu": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
-        "storage_path": str(tmp_path / "results"),
-    }
-    raw.update(overrides)
-    return raw
+    """:func:`~rayprune.testing.sweeps.mini_sweep` with the random sampler: its suggestions do not
+    depend on the order trials complete in, so a disturbed sweep can equal an undisturbed one."""
+    optuna = {"sampler": "random", "samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3}
+    return mini_sweep(tmp_path, **{"optuna": optuna, **overrides})
 
 
 def trial_results(experiment_path: str) -> dict[str, list[dict]]:

@@ -19,6 +19,7 @@ from ray import tune
 from rayprune.orchestration.config import load_sweep, parse_sweep
 from rayprune.cli import sweep_main as main
 from rayprune.orchestration.sweep import run_sweep
+from rayprune.testing.sweeps import mini_sweep
 from rayprune.tracking.pareto import compute_fronts
 from rayprune.tracking.store import SubnetStore
 
@@ -28,26 +29,6 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def mini_sweep(tmp_path: Path, **overrides) -> dict:
-    """2 FLOPs targets x 2 KD weights, one random-search trial per cell, tiny everything."""
-    raw = {
-        "name": "mini",
-        "dataset": {"name": "synthetic"},
-        "model": "cifar_resnet:tiny",
-        "shortcut": "avgpool_conv",
-        "methods": [{"name": "random", "hparams": {"samples": 2, "eval_epochs": 1}}],
-        "grid": {"flops_targets": [0.5, 0.7], "kd_weights": [0.0, 0.9]},
-        "optuna": {"samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
-        "teacher": {"recipe": {"epochs": 1, "batch_size": 64}},
-        "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
-        "resources": {"cpu": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
-        "storage_path": str(tmp_path / "results"),
-    }
-    raw.update(overrides)
-    return raw
 
 
 def reported(experiment_path: Path) -> tuple[set, dict]:

@@ -1,0 +1,28 @@
+"""A tiny sweep file, for tests of the orchestration layer (seconds per trial on a CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def mini_sweep(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A sweep file as a dict: 2 FLOPs targets x 2 KD weights (a teacher trained for 1 epoch),
+    one random-search trial per cell on ``cifar_resnet:tiny`` and synthetic data, tracking and
+    storage under ``tmp_path``. Top-level keys in ``overrides`` replace the defaults."""
+    raw = {
+        "name": "mini",
+        "dataset": {"name": "synthetic"},
+        "model": "cifar_resnet:tiny",
+        "shortcut": "avgpool_conv",
+        "methods": [{"name": "random", "hparams": {"samples": 2, "eval_epochs": 1}}],
+        "grid": {"flops_targets": [0.5, 0.7], "kd_weights": [0.0, 0.9]},
+        "optuna": {"samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
+        "teacher": {"recipe": {"epochs": 1, "batch_size": 64}},
+        "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
+        "resources": {"cpu": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
+        "storage_path": str(tmp_path / "results"),
+    }
+    raw.update(overrides)
+    return raw

@@ -25,6 +25,8 @@ download succeeds; otherwise :class:`DataError` says where it looked and how to 
 
 from __future__ import annotations
 
+import io
+
 import math
 import os
 import pickle
@@ -237,8 +239,9 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> Any:
     """A CIFAR batch file through :class:`_CifarUnpickler` (the release's py2 strings as bytes)."""
-    with open(path, "rb") as f:
-        return _CifarUnpickler(f, encoding="bytes").load()
+    # From memory, not the open file: a damaged file can make the C unpickler print CPython's
+    # "deallocated bytearray object has exported buffers" on stderr while it fails.
+    return _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
 
 
 def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

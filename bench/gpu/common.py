@@ -11,7 +11,6 @@ import json
 import lzma
 import math
 import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -208,11 +207,11 @@ def sha256(data: bytes) -> str:
 
 
 def read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")  # the official CIFAR release format
-    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE)
-    y = np.asarray(batch[b"labels"], dtype=np.int64)
-    return x, y
+    """One batch of the official CIFAR-10 release through rayprune's restricted reader (nothing in
+    the file can run code; shapes, dtype and labels are checked)."""
+    from rayprune.engine.data import read_cifar_batch  # here, not at module level (see above)
+
+    return read_cifar_batch(Path(path))
 
 
 def pack_batch(src: Path, dst_dir: Path, preset: int = 6) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from .utils import derive_seed, resolve_device
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DataError", "Dataset",
     "FolderDataset", "Loader", "default_data_dirs", "digits_dataset", "holdout_per_class", "load_cifar",
-    "load_dataset", "make_loader", "random_crop_flip", "sample_crop_flip", "split_per_class", "synthetic_dataset",
+    "load_dataset", "make_loader", "random_crop_flip", "read_cifar_batch", "sample_crop_flip", "split_per_class", "synthetic_dataset",
 ]
 
 # TAS's reference code (AutoDL-Projects): pixel statistics on the 0..255 scale, divided by 255.
@@ -244,7 +244,8 @@ def _unpickle(path: Path) -> Any:
     return _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
 
 
-def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(path: Path, label_key: bytes = b"labels",
+                     num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR batch as ``(uint8 [N, 3, 32, 32], int64 [N])``, checked by shape, dtype and range.
 
     Raises:
@@ -284,7 +285,7 @@ def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: bytes,
         path = folder / name
         if not path.is_file():
             raise DataError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
-        x, y = _read_batch(path, label_key, num_classes)
+        x, y = read_cifar_batch(path, label_key, num_classes)
         xs.append(x)
         ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

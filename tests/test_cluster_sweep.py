@@ -33,7 +33,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from rayprune.orchestration.config import parse_sweep
-from rayprune.orchestration.storage import filesystem, join
+from rayprune.orchestration.storage import filesystem
 from rayprune.orchestration.sweep import run_sweep
 from rayprune.testing.sweeps import mini_sweep
 
@@ -325,8 +325,11 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     assert {r["node_id"] for rs in results.values() for r in rs} == workers
     (moved,) = [rs for rs in results.values() if len({r["node_id"] for r in rs}) == 2]
     assert moved[0]["node_id"] == Nodes.workers[1].node_id and moved[-1]["node_id"] == Nodes.workers[0].node_id
-    assert [r["steps_done"] for r in moved] == [1, 2, 2]  # step 1, step 2 (after the restore), the final
-    assert [r["iterations_since_restore"] for r in moved] == [1, 1, 2]  # restored from step 1's checkpoint
+    assert [r["steps_done"] for r in moved] == [1, 2, 2]  # step 1, step 2, the final report: none lost or repeated
+    # The first result on the surviving node follows a restore, from the last checkpoint the lost
+    # node wrote: step 1's, or step 2's when that step finished before the node died (a race).
+    first = next(i for i, r in enumerate(moved) if r["node_id"] == Nodes.workers[0].node_id)
+    assert first >= 1 and moved[first]["iterations_since_restore"] == 1  # restored, not started afresh
     assert all([r["steps_done"] for r in rs] == [1, 2, 2] for rs in results.values())
     # Teacher, checkpoints and the final-phase cache live on S3.
     fs, root = filesystem(outcome.experiment_path)

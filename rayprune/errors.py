@@ -12,27 +12,20 @@ Pure Python + pydantic: the algorithm core may import it.
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["allowed_keys", "describe", "did_you_mean", "explain", "for_command_line"]
+from .registry import did_you_mean, hint
+
+__all__ = ["allowed_keys", "describe", "explain", "for_command_line"]
 
 #: Union-member and validator tags pydantic puts into an error's location (not field names).
 _TAG = re.compile(r"^(str|int|float|bool|none|dict|list|tuple|set|literal|function-\w+|[\w-]*\[.*\])$")
 #: Messages whose text already says what was given.
 _SAYS_GOT = ("value_error", "assertion_error", "missing", "extra_forbidden")
-
-
-def did_you_mean(word: Any, candidates: typing.Iterable[str]) -> str | None:
-    """The closest of ``candidates`` to ``word`` (a misspelling), or None."""
-    if not isinstance(word, str):
-        return None
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return close[0] if close else None
 
 
 def allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str]:
@@ -67,8 +60,8 @@ def describe(error: ValidationError, root: type[BaseModel] | None = None, prefix
     message = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
     if kind == "extra_forbidden":
         allowed = allowed_keys(root, loc[:-1])
-        guess = did_you_mean(loc[-1] if loc else None, allowed)
-        message = "unknown field" + (f"; did you mean {guess!r}?" if guess else "")
+        guess = hint(loc[-1] if loc else None, allowed)
+        message = "unknown field" + guess
         if allowed:
             message += f"{' ' if guess else '; '}allowed: {', '.join(allowed)}"
     elif kind == "missing":
@@ -77,8 +70,7 @@ def describe(error: ValidationError, root: type[BaseModel] | None = None, prefix
         message = "must be a mapping (key: value)"
     elif kind == "literal_error":
         choices = re.findall(r"'([^']*)'", message)
-        guess = did_you_mean(given, choices)
-        message += (f", got {_short(given)}" + (f"; did you mean {guess!r}?" if guess else ""))
+        message += f", got {_short(given)}{hint(given, choices)}"
     elif kind not in _SAYS_GOT and "got " not in message and "input" in err:
         message += f", got {_short(given)}"
     message = re.sub(r"(valid dictionary or )?instance of [A-Z]\w*", "a mapping", message)

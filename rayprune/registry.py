@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(word: Any, candidates: Iterable[str]) -> str | None:
+    """The closest of ``candidates`` to ``word`` (a misspelling), or None (also for a non-string)."""
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def hint(word: Any, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for a close candidate, else ``""``."""
+    guess = did_you_mean(word, candidates)
+    return f"; did you mean {guess!r}?" if guess else ""
+
+
+def unknown_name(kind: str, name: Any, known: Iterable[str]) -> str:
+    """``unknown <kind> 'x'; did you mean 'y'? known: a, b`` (the hint only when one is close)."""
+    known = list(known)
+    guess = hint(name, known)
+    return f"unknown {kind} {name!r}{guess}{' ' if guess else '; '}known: {', '.join(known) or '(none)'}"
 
 
 class UnknownNameError(KeyError):
@@ -37,10 +58,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if isinstance(name, str) and name in self._items:
             return self._items[name]
-        known = ", ".join(sorted(self._items)) or "(none)"
-        close = difflib.get_close_matches(name, list(self._items), n=1) if isinstance(name, str) else []
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}{' ' if hint else '; '}known: {known}")
+        raise UnknownNameError(unknown_name(self.kind, name, sorted(self._items)))
 
     def names(self) -> list[str]:
         return sorted(self._items)

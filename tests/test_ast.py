@@ -15,7 +15,7 @@ from rayprune.methods.ast import (AST, PRESETS, ASTHparams, ConvergenceTracker, 
                                   alpha_pass_counts, alpha_sites, attach_alpha, calibrate_to_target, fold_alpha,
                                   group_similarity, map_back, mass_threshold_keep, mean_alpha_entropy,
                                   policy_inputs, rank_channels, reinforce_step)
-from rayprune.models.transfer import extract_subnet, full_keep, subnet_spec
+from rayprune.models.transfer import extract_subnet, subnet_spec
 
 TINY = {"cifar_resnet": ("cifar_resnet:tiny", {"shortcut": "avgpool_conv"}), "vgg": ("vgg:tiny", {}),
         "mobilenet_v2": ("mobilenet_v2:tiny", {})}

@@ -6,10 +6,9 @@ loaded when it is asked for.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
-from ..registry import Registry, UnknownNameError
+from ..registry import Registry, UnknownNameError, unknown_name
 from .base import (Budget, FinalResult, Method, MethodHparams, RunContext, StepResult, SubnetRecord,
                    within_budget)
 
@@ -34,9 +33,7 @@ def get_method(name: str) -> type[Method]:
     if name not in METHODS and name in MODULES:
         importlib.import_module(f"{__name__}.{MODULES[name]}")
     if name not in METHODS:
-        close = difflib.get_close_matches(name, list(MODULES), n=1) if isinstance(name, str) else []
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown method {name!r}{hint}{' ' if hint else '; '}known: {', '.join(MODULES)}")
+        raise UnknownNameError(unknown_name("method", name, MODULES))
     return METHODS.get(name)
 
 

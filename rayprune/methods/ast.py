@@ -48,7 +48,7 @@ from ..engine.checkpoint import safe_load
 from ..engine.data import make_loader
 from ..engine.train import TrainConfig, evaluate, fit
 from ..models.base import Spec, SpecError
-from ..models.transfer import extract_subnet, subnet_spec, write_back
+from ..models.transfer import extract_subnet, write_back
 from . import register
 from ..engine.utils import derive_seed
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from ..models.base import Spec, SpecError, WidthSlot, get_path, init_weights, set_path
+from ..models.base import Layer, Spec, SpecError, WidthSlot, get_path, init_weights, set_path
 
 __all__ = ["DEPTH_RULES", "WIDTH_RATIOS", "FixedPath", "Sample", "SearchResNet", "channel_interp",
            "depth_candidates", "grow_to_window", "imagenet_depth_candidates", "shrink_to_budget", "width_candidates",

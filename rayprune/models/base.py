@@ -10,7 +10,6 @@ group indexes each dimension of each state-dict entry) all weight transfer is ge
 from __future__ import annotations
 
 import abc
-import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+from ..registry import hint
 
 Spec = dict[str, Any]
 Axes = tuple[str | None, ...]
@@ -122,9 +123,8 @@ def require_choice(value: Any, choices: Iterable[str], field_name: str) -> None:
     choices = list(choices)
     if isinstance(value, str) and value in choices:
         return
-    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    require(False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
+    require(False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+                               f"{hint(value, choices)}")
 
 
 def require_int(value: Any, field_name: str, minimum: int = 1) -> None:

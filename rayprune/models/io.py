@@ -136,7 +136,7 @@ def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSub
                               f"(a saved subnet holds {' and '.join(REQUIRED_FILES)}); {fix}")
     spec = load_spec(path / SPEC_FILE)
     state = safe_load(path / WEIGHTS_FILE, "weights",
-                      f"save the subnet again (rayprune teacher/run write it) or point at another folder")
+                      "save the subnet again (rayprune teacher/run write it) or point at another folder")
     record = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else {}
     size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
     return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)

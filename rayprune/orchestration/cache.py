@@ -26,6 +26,7 @@ import torch
 
 from ..models import io as subnet_io
 from ..runner import save_subnet
+from .storage import filesystem, is_uri
 
 CACHE_DIR = "final_cache"
 BASELINE_CELL = "baseline"
@@ -53,9 +54,7 @@ class FinalCache:
         return cls(f"{experiment_path.rstrip('/')}/{CACHE_DIR}")
 
     def _fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
-        if "://" in self.root:
-            return pyarrow.fs.FileSystem.from_uri(self.root)
-        return pyarrow.fs.LocalFileSystem(), str(Path(self.root).resolve())
+        return filesystem(self.root)
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -79,7 +78,7 @@ class FinalCache:
 
     def put(self, key: str, record: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str:
         """Store a training (atomically on local paths); returns its location."""
-        if "://" not in self.root:
+        if not is_uri(self.root):
             target = Path(self.root).resolve() / key
             save_subnet(target, record["spec"], state_dict, record)
             return str(target)

@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from ..tracking import sqlite_file
+
 #: Where ``launch/cluster.yaml``'s head start commands describe the head's MLflow server.
 HEAD_MLFLOW_FILE = "~/.rayprune/mlflow_server.json"
 #: Overrides :data:`HEAD_MLFLOW_FILE` (tests; a head set up by other means).
@@ -59,15 +61,6 @@ def head_mlflow_server() -> dict[str, str] | None:
     return {"uri": info["uri"], "backend_store_uri": str(info.get("backend_store_uri") or "")}
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    """The absolute database file of a ``sqlite:///`` URI (relative ones against the working
-    directory, as MLflow opens them), else None."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    return Path(os.path.expanduser(uri[len(prefix):])).resolve()
-
-
 def tracking_uri_on_cluster(file_uri: str, cli_uri: str | None, address: str | None) -> tuple[str, str | None]:
     """The tracking URI a sweep uses, and a note to print when it is not the one configured.
 
@@ -81,9 +74,8 @@ def tracking_uri_on_cluster(file_uri: str, cli_uri: str | None, address: str | N
     server = head_mlflow_server()
     if server is None:
         return uri, None
-    own = _sqlite_file(server["backend_store_uri"])
-    mine = _sqlite_file(uri)
-    if own is None or mine is None or own != mine:
+    own, mine = sqlite_file(server["backend_store_uri"]), sqlite_file(uri)
+    if own is None or mine is None or own.resolve() != mine.resolve():
         return uri, None
     if cli_uri is not None:
         raise LaunchError(f"--mlflow-uri {cli_uri} is the database of the MLflow server this cluster's head runs "

@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import models
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
-from ..errors import describe, did_you_mean
-from ..registry import UnknownNameError
+from ..errors import describe
+from ..registry import UnknownNameError, unknown_name
+from ..tracking import SQLITE_PREFIX, sqlite_file
+from .storage import is_uri
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000, "synthetic": 10}
@@ -58,9 +60,7 @@ class MethodEntry(_Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in MODULES and name not in METHODS:  # METHODS: also those registered from outside
-            guess = did_you_mean(name, MODULES)
-            hint = f"; did you mean {guess!r}?" if guess else ""
-            raise ValueError(f"unknown method {name!r}{hint}{' ' if hint else '; '}known: {', '.join(MODULES)}")
+            raise ValueError(unknown_name("method", name, MODULES))
         return name
 
 
@@ -301,15 +301,13 @@ def _abs(path: str) -> str:
 
 
 def _abs_storage(path: str) -> str:
-    return path if "://" in path else _abs(path)
+    return path if is_uri(path) else _abs(path)
 
 
 def _abs_tracking_uri(uri: str) -> str:
     """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``; other URIs (http, postgresql) unchanged."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + _abs(uri[len(prefix):])
-    return uri
+    path = sqlite_file(uri)
+    return uri if path is None else f"{SQLITE_PREFIX}{path}"
 
 
 # --------------------------------------------------------------------------------------------

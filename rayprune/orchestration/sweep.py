@@ -47,7 +47,7 @@ from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune
 from .cache import FinalCache
 from .config import SweepConfig
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
-from .storage import filesystem, join
+from .storage import filesystem, is_uri, join
 from .trainable import FINAL_DIR, run_tune_trial, trial_config
 
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
@@ -321,7 +321,7 @@ def _make_tracker(cfg: SweepConfig, sweep_id: str):
 
 def _driver_dir(cfg: SweepConfig, sweep_id: str) -> Path:
     """Local dir of the driver's own files (Parquet store, plots, fine-tuned front members)."""
-    if "://" in cfg.storage_path:
+    if is_uri(cfg.storage_path):
         root = Path(os.environ.get("RAYPRUNE_SWEEP_DIR", Path.home() / ".cache" / "rayprune" / "sweeps"))
         return root / sweep_id
     return Path(cfg.storage_path) / sweep_id / "rayprune"

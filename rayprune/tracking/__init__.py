@@ -17,7 +17,20 @@ torch take seconds to import).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, absolute (a relative one against the
+    working directory, as MLflow opens it; ``~`` expanded), or None for any other URI."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = Path(os.path.expanduser(uri[len(SQLITE_PREFIX):]))
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 class TrackingError(RuntimeError):

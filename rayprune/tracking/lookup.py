@@ -22,7 +22,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from . import TrackingError
+from . import SQLITE_PREFIX, TrackingError, sqlite_file
 from .store import SubnetStore
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -48,10 +48,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if "://" not in uri and uri.endswith(".db"):
         uri = f"sqlite:///{uri}"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        uri = f"sqlite:///{path if path.is_absolute() else (Path.cwd() / path)}"
-    return uri
+    path = sqlite_file(uri)
+    return f"{SQLITE_PREFIX}{path}" if path is not None else uri
 
 
 def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PROBE_TIMEOUT_S) -> None:
@@ -68,8 +66,7 @@ def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PRO
             raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
                                 "(mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000) or pass a "
                                 "reachable --mlflow-uri / MLFLOW_TRACKING_URI") from None
-    elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
+    elif (path := sqlite_file(uri)) is not None:
         if must_exist and not path.is_file():
             raise TrackingError(f"no MLflow database at {path}; run a sweep in that directory first or pass "
                                 "--mlflow-uri (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)")

@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from rayprune.orchestration.config import parse_sweep
+from rayprune.orchestration.search import FINAL_KEY
 from rayprune.orchestration.storage import filesystem
 from rayprune.orchestration.sweep import run_sweep
 from rayprune.testing.sweeps import mini_sweep
@@ -325,19 +326,28 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     assert {r["node_id"] for rs in results.values() for r in rs} == workers
     (moved,) = [rs for rs in results.values() if len({r["node_id"] for r in rs}) == 2]
     assert moved[0]["node_id"] == Nodes.workers[1].node_id and moved[-1]["node_id"] == Nodes.workers[0].node_id
-    assert [r["steps_done"] for r in moved] == [1, 2, 2]  # step 1, step 2, the final report: none lost or repeated
-    # The first result on the surviving node follows a restore, from the last checkpoint the lost
-    # node wrote: step 1's, or step 2's when that step finished before the node died (a race).
+    # The first result on the surviving node follows a restore from the last checkpoint the lost
+    # node wrote. Where the node died is a race (after step 1's checkpoint, after step 2's, or
+    # even after the final report but before Tune closed the trial), so the test asserts what
+    # holds in every case: the surviving node continued (no step lost) from the lost node's last
+    # checkpoint (no step started afresh), and the trial ended with exactly one final report there.
     first = next(i for i, r in enumerate(moved) if r["node_id"] == Nodes.workers[0].node_id)
     assert first >= 1 and moved[first]["iterations_since_restore"] == 1  # restored, not started afresh
-    assert all([r["steps_done"] for r in rs] == [1, 2, 2] for rs in results.values())
+    lost, survived = moved[:first], moved[first:]
+    assert [r["steps_done"] for r in lost] in ([1], [1, 2], [1, 2, 2])
+    restored_from = lost[-1]["steps_done"]
+    assert survived[0]["steps_done"] in (restored_from, restored_from + 1)  # from the last checkpoint, or re-run
+    assert [r["steps_done"] for r in survived][-1] == 2 and [r[FINAL_KEY] for r in survived].count(True) == 1
+    assert all(a["steps_done"] <= b["steps_done"] for a, b in zip(moved, moved[1:]))  # never went backwards
+    assert all([r["steps_done"] for r in rs] == [1, 2, 2] for rs in results.values() if rs is not moved)
     # Teacher, checkpoints and the final-phase cache live on S3.
     fs, root = filesystem(outcome.experiment_path)
     assert fs.get_file_info(f"{root}/teacher/weights.pt").size > 0
     import pyarrow.fs
 
     files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))]
-    assert sum(p.endswith("/final/weights.pt") and "/checkpoint_" in p for p in files) == 4
+    final_checkpoints = [p for p in files if p.endswith("/final/weights.pt") and "/checkpoint_" in p]
+    assert len({p.split("/checkpoint_")[0] for p in final_checkpoints}) == 4  # every trial's (the moved one's may be twice)
     assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 5
 
     # The records equal the undisturbed run's: parquet (as uploaded to the parent run, through

@@ -86,6 +86,27 @@ def test_a_storage_path_that_is_a_file_is_one_line_and_leaves_no_database(space,
             "is a regular file")  # not "no sweep to resume"
 
 
+def test_object_storage_that_cannot_work_is_one_line_before_ray(space, tmp_path, capsys, monkeypatch):
+    """An S3 endpoint nothing listens on, and a URI scheme pyarrow does not know. (A missing
+    bucket on a live S3 server is checked beside the moto server, in test_cluster_sweep.)"""
+    port = free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    start = time.monotonic()
+    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", "s3://sweeps/results"],
+                   "storage path s3://sweeps/results (storage_path / --storage-path): cannot reach it (",
+                   "AWS_ENDPOINT_URL_S3")
+    assert time.monotonic() - start < 60  # pyarrow's few retries, not minutes
+    assert line.endswith("; check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible "
+                         "server; for GCS: GOOGLE_APPLICATION_CREDENTIALS)")
+    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", "s4://sweeps/results"],
+                   "storage path s4://sweeps/results (storage_path / --storage-path): ")
+    assert line.endswith("; use a local folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URI")
+
+
 def test_a_trial_needing_more_gpus_or_cpus_than_the_machine_has_is_refused_before_ray(space, tmp_path, capsys):
     line = refused(capsys, tmp_path, ["sweep", "--space", str(space(resources={"cpu": 1, "gpu": 64}))],
                    "resources.gpu: each trial asks for 64 GPUs but this machine has ")

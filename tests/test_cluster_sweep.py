@@ -385,3 +385,14 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
                                                                      "weights.pt"]
     assert client.get_model_version_by_alias("rayprune-mini", "efficient").version == "1"  # registered on the server
+
+
+def test_a_missing_bucket_is_refused_before_ray_and_an_existing_one_passes(s3):
+    """The storage preflight against a live S3 server (an unreachable one: test_bad_input_sweep)."""
+    from rayprune.orchestration.preflight import PreflightError, check_object_storage
+
+    check_object_storage(f"s3://{BUCKET}/results")  # exists and answers: no error
+    with pytest.raises(PreflightError, match=r"^storage path s3://no-such-bucket/results \(storage_path / "
+                                             r"--storage-path\): bucket 'no-such-bucket' does not exist \(rayprune "
+                                             r"does not create buckets\); create it or check the bucket name"):
+        check_object_storage("s3://no-such-bucket/results")

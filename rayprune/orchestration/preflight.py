@@ -5,7 +5,7 @@ tracking database was created, or after minutes of Ray's connection retries) int
 :class:`PreflightError` line within seconds:
 
 * :func:`check_storage_path`: a local storage path that is a regular file, or under one, or in
-  a folder this user cannot write;
+  a folder this user cannot write; an object-storage URI whose bucket is missing or unreachable;
 * :func:`check_ray_address`: ``--address``: the GCS port must accept a TCP connection within a
   few seconds (``auto`` is resolved the way Ray resolves it: ``RAY_ADDRESS``, else the address
   file of the last ``ray start`` on this machine);
@@ -32,9 +32,11 @@ class PreflightError(ValueError):
 
 
 def check_storage_path(storage_path: str) -> None:
-    """A local storage path must be a directory, or creatable in a writable directory."""
+    """A local storage path must be a directory, or creatable in a writable directory; an
+    object-storage URI must name a reachable bucket (see :func:`check_object_storage`)."""
     if is_uri(storage_path):
-        return  # object storage: pyarrow reports its own errors, before Ray starts (_sweep_id lists it)
+        check_object_storage(storage_path)
+        return
     path = Path(storage_path)
     where = f"storage path {path} (storage_path / --storage-path)"
     if path.exists() and not path.is_dir():
@@ -48,6 +50,38 @@ def check_storage_path(storage_path: str) -> None:
                              "another directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PreflightError(f"{where}: {ancestor} is not writable by this user; pass a directory you can write")
+
+
+OBJECT_STORAGE_FIX = ("check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                      "AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible server; for GCS: "
+                      "GOOGLE_APPLICATION_CREDENTIALS)")
+
+
+def check_object_storage(uri: str) -> None:
+    """The bucket of an object-storage ``storage_path`` must exist and answer. Otherwise the
+    sweep would fail only after Ray started, inside Tune, with a long pyarrow traceback (and
+    pyarrow does not create buckets)."""
+    import pyarrow.fs
+
+    where = f"storage path {uri} (storage_path / --storage-path)"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError: an unknown scheme, a bad URI
+        raise PreflightError(f"{where}: {_first_line(e)}; use a local folder or an s3://BUCKET/PREFIX or "
+                             "gs://BUCKET/PREFIX URI") from None
+    bucket = path.split("/", 1)[0]
+    try:
+        kind = fs.get_file_info(bucket).type
+    except OSError as e:  # unreachable endpoint, bad credentials, access denied
+        raise PreflightError(f"{where}: cannot reach it ({_first_line(e)}); {OBJECT_STORAGE_FIX}") from None
+    if kind != pyarrow.fs.FileType.Directory:
+        raise PreflightError(f"{where}: bucket {bucket!r} does not exist (rayprune does not create buckets); create "
+                             f"it or {OBJECT_STORAGE_FIX}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].rstrip(". ")
 
 
 def resolve_ray_address(address: str) -> tuple[str, str]:
@@ -127,4 +161,4 @@ def check_local_resources(cpu: float, gpu: float, num_cpus: int | None = None) -
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "PreflightError", "check_local_resources", "check_ray_address",
-           "check_storage_path", "resolve_ray_address"]
+           "check_object_storage", "check_storage_path", "resolve_ray_address"]

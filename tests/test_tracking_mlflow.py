@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -48,6 +49,7 @@ from rayprune.tracking.mlflow_tracker import SweepTracker
 TINY = models.full_spec("cifar_resnet:tiny")
 WIDTH = {"A": 8, "B": 16, "C": 24, "D": 32}
 EXPERIMENT = "tiny-sweep"
+URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 CONFIG = {"seed": 3, "method": "uniform", "cells": {"flops_target": [0.5, 0.7]}, "data_dir": "/data"}
 
 
@@ -258,9 +260,13 @@ def load_export(out_dir):
     (["--mode", "robust", "--max-drop", "0.15", "--max-macs", "{macs_b}"], "A", "t1", 3),
 ])
 @pytest.mark.slow
-def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path, capsys, argv, width, trial, seed):
+def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path, capsys, monkeypatch, argv, width,
+                                                                 trial, seed):
     import mlflow
 
+    for name in URI_ENV:
+        monkeypatch.delenv(name, raising=False)
+    uri_env = {k: os.environ.get(k) for k in URI_ENV}
     argv = [a.format(macs_b=models.macs(spec("B"))) for a in argv]
     out = tmp_path / "picked"
     code = pick_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--out", str(out),
@@ -284,15 +290,14 @@ def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path,
     version = sweep["client"].get_model_version_by_alias(name, mode)
     assert version.tags["rayprune.source_key"] == f"{trial}/finetuned/0/{models.spec_hash(spec(width))}"
     assert f"registered {name} version {version.version} as @{mode}" in capsys.readouterr().out
-    # a real MLflow model: pyfunc loads the alias (ONNX flavor) and agrees with torch
-    saved_uris = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(sweep["uri"])
-    mlflow.set_registry_uri(sweep["uri"])
-    try:
-        loaded = mlflow.pyfunc.load_model(f"models:/{name}@{mode}")
-    finally:
-        mlflow.set_tracking_uri(saved_uris[0])
-        mlflow.set_registry_uri(saved_uris[1])
+    # pick pointed MLflow's fluent API at the sweep's store only while it logged the model: the
+    # process's URIs are as before (no MLFLOW_* variable left behind for later commands) ...
+    assert {k: os.environ.get(k) for k in URI_ENV} == uri_env
+    assert mlflow.get_tracking_uri() == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # the default, not pinned
+    # ... and a real MLflow model: pyfunc loads the alias (ONNX flavor) and agrees with torch
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep["uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", sweep["uri"])
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@{mode}")
     got = loaded.predict(x.numpy())["logits"]
     assert np.abs(got - want).max() <= 1e-4
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,6 +14,8 @@ from mlflow.exceptions import MlflowException
 
 from .lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 from .store import row_key
+
+TRACKING_ENV, REGISTRY_ENV = "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"
 
 
 def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: str, export_dir: str | Path,
@@ -69,14 +72,24 @@ def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: s
 
 @contextlib.contextmanager
 def _fluent(client: MlflowClient) -> Iterator[None]:
-    """Point MLflow's fluent API (``mlflow.onnx.log_model``) at the client's store for a while."""
+    """Point MLflow's fluent API (``mlflow.onnx.log_model``) at the client's store for a while.
+
+    MLflow's setters also export ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``, and restoring
+    ``get_tracking_uri()`` would pin the default (``sqlite:///mlflow.db`` resolved against *this*
+    working directory) for the rest of the process. So what is restored is what the process had
+    before: the environment variables, set or absent (None makes MLflow fall back to them)."""
     import mlflow
 
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    before = {name: os.environ.get(name) for name in (TRACKING_ENV, REGISTRY_ENV)}
     mlflow.set_tracking_uri(client.tracking_uri)
     mlflow.set_registry_uri(client.tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
+        mlflow.set_tracking_uri(before[TRACKING_ENV])
+        mlflow.set_registry_uri(before[REGISTRY_ENV])
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -13,8 +13,9 @@ fine-tuned with ``recipes.finetune`` as parallel Ray tasks with the trial resour
 measured; the final fronts rank only those. Every final-phase training goes through the sweep's
 one :class:`~.cache.FinalCache`, so no subnet is trained twice with one recipe in one cell, and a
 resumed sweep only fine-tunes what is missing. The fronts, plot and ``subnets.parquet`` are
-written to the parent run at the end (and on resume), the per-cell distinct/reused counts and
-the front tables are printed, then the ``mlflow ui`` command.
+written to the parent run at the end, on resume, and as trials finish (at most every
+``PUBLISH_EVERY_S``); at the end the per-cell distinct/reused counts and the front tables are
+printed, then the ``mlflow ui`` command.
 
 ``--resume`` continues an interrupted sweep (the latest one of this sweep file, or a given id):
 finished trials stay finished, running ones continue from their last checkpoint, and the
@@ -351,8 +352,9 @@ class TrackingCallback(tune.Callback):
         subnets = json.loads(result.get("subnets") or "[]")
         self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets, cell=_cell(trial.config))
 
-    # The fronts, plot and parquet are written once, at the end of the sweep (and on resume):
-    # refreshing them on every trial completion costs O(trials^2) uploads.
+    # The fronts, plot and parquet are written at the end of the sweep, on resume, and as trials
+    # finish at most every PUBLISH_EVERY_S (tracker.publish_if_due): refreshing them on every
+    # trial completion would cost O(trials^2) uploads.
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(FINAL_KEY):  # stopped early by the scheduler
@@ -368,6 +370,7 @@ class TrackingCallback(tune.Callback):
                   f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
                   "record and in the per-cell counts)", flush=True)
         self.tracker.note_cell(trial.config["method"], trial.config["flops_target"], trial.config["kd_weight"])
+        self.tracker.publish_if_due()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.tracker.trial_finished(trial.trial_id, None, None, "FAILED", refresh_front=False)

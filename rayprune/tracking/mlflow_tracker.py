@@ -58,6 +58,9 @@ RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "
                 "FAILED": "FAILED", "ERROR": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 COMPACT_EVERY_S = 30.0  # how often at most the driver rewrites subnets.parquet from its journal
+#: How stale, at most, a running (or killed) sweep's fronts and ``subnets.parquet`` in MLflow may
+#: get: the first finished trial publishes them at once, later ones when this much time has passed.
+PUBLISH_EVERY_S = 300.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ class SweepTracker:
         self._created: set[str] = set()  # runs this tracker created (their tags are known: none yet)
         self._cells: dict[str, dict[str, float]] = {}  # trial id -> {"flops_target", "kd_weight"}
         self._noted: set[str] = set()  # cells already reported as "budgets do not bind"
+        self._published_at: float | None = None  # time.monotonic() of the last update_front
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -450,8 +454,8 @@ class SweepTracker:
     def update_front(self) -> dict[str, list[dict[str, Any]]]:
         """Recompute the fronts over every record so far; tag the runs owning members; log
         the front tables, the plot, ``subnets.parquet`` and the per-cell counts to the parent
-        run. Called at the end of a sweep and on resume (not per trial: every call uploads the
-        whole registry). Returns the fronts (:func:`~.pareto.compute_fronts`)."""
+        run. Called at the end of a sweep, on resume, and by :meth:`publish_if_due` as trials
+        finish (not per trial: every call uploads the whole registry). Returns the fronts (:func:`~.pareto.compute_fronts`)."""
         self._require_sweep()
         rows = self.store.rows()
         fronts = compute_fronts(rows)
@@ -467,7 +471,19 @@ class SweepTracker:
         if self.store.path.exists():
             self.client.log_artifact(self.parent_run_id, str(self.store.path))
         self._log_front_metrics(rows, fronts)
+        self._published_at = time.monotonic()
         return fronts
+
+    def publish_if_due(self, every_s: float = PUBLISH_EVERY_S) -> bool:
+        """:meth:`update_front` unless one ran in the last ``every_s`` seconds; True when it ran.
+
+        The driver calls it as trials finish, so ``rayprune front``, ``pick`` and the MLflow UI
+        show a long sweep's progress, and a sweep whose driver was killed keeps the fronts of
+        what it finished, at the cost of one upload of the registry per ``every_s``."""
+        if self._published_at is not None and time.monotonic() - self._published_at < every_s:
+            return False
+        self.update_front()
+        return True
 
     def _tag_front_members(self, fronts: dict[str, list[dict[str, Any]]]) -> None:
         owners: dict[str, set] = {kind: set() for kind in FRONT_TAGS}

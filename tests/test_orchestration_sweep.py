@@ -8,6 +8,9 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +199,89 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path
     assert all(a["steps_done"] <= b["steps_done"] for a, b in zip(results, results[1:]))
     assert after[-1]["steps_done"] == 3 and [r[FINAL_KEY] for r in after].count(True) == 1  # 3 steps, one final
     check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
+
+
+def published_rows(uri: str) -> list[dict]:
+    """The registry rows the sweep's driver has published to its parent run so far (none yet: [])."""
+    from rayprune.tracking import TrackingError
+    from rayprune.tracking.lookup import connect, find_experiment, find_sweep_run, sweep_rows
+
+    try:
+        client = connect(uri, must_exist=True)
+        return sweep_rows(client, find_sweep_run(client, find_experiment(client, "mini")))
+    except TrackingError:
+        return []
+
+
+def read_results(result_file: Path) -> list[dict]:
+    return [json.loads(line) for line in result_file.read_text().splitlines() if line]
+
+
+def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys, monkeypatch):
+    """The real thing, end to end: `rayprune sweep` in its own process is SIGKILLed (no handler
+    runs) once its first finished trial is published; `front` still shows that trial and says
+    the sweep was interrupted; `--resume` finishes the sweep without running a finished trial
+    again, and every record is there once."""
+    from rayprune.cli import main as cli_main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cells = [0.5, 0.6, 0.7, 0.8]
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(
+        tmp_path, teacher=None, finetune_front=False, max_concurrent_trials=1,
+        grid={"flops_targets": cells, "kd_weights": [0.0]})))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rayprune = [str(Path(sys.executable).with_name("rayprune")), "sweep", "--space", "mini.yaml", "--num-cpus", "2"]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(rayprune, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not published_rows(uri) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        driver.kill()  # SIGKILL
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    (experiment_path,) = (tmp_path / "results").glob("mini-*")
+    published = {r["trial_id"]: r for r in published_rows(uri) if r["kind"] == "final"}
+    assert 1 <= len(published) < len(cells)  # the sweep was cut short after a published trial
+
+    # `front` shows what was finished and names the interruption (it writes nothing).
+    capsys.readouterr()
+    assert cli_main(["front", "--experiment", "mini", "--mlflow-uri", uri]) == 0
+    shown = capsys.readouterr()
+    assert "final front [kd0]" in shown.out and all(trial[:8] in shown.out for trial in published)
+    assert shown.err.startswith(f"rayprune: note: sweep {experiment_path.name} was interrupted (its driver ")
+    assert shown.err.endswith(f"resume it with: rayprune sweep --space mini.yaml --resume {experiment_path.name}\n")
+
+    resumed = subprocess.run([*rayprune, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "final front [kd0]" in resumed.stdout
+    assert [p.name for p in (tmp_path / "results").glob("mini-*")] == [experiment_path.name]  # the same sweep
+    # Nothing finished was trained again, and no search step ran twice. (A trial that finished
+    # just before the kill may not be recorded as finished in Tune's state yet: Tune then resumes
+    # it after its last step, and its final training comes from the sweep's cache, with the
+    # metrics measured the first time.)
+    results = {rs[0]["trial_id"]: rs for rs in map(read_results, experiment_path.glob("*/result.json"))}
+    assert len(results) == len(cells)
+    assert all([r["steps_done"] for r in rs if not r[FINAL_KEY]] == [1, 2] and rs[-1][FINAL_KEY]
+               for rs in results.values())
+    for trial, row in published.items():
+        final = json.loads(results[trial][-1]["final_record"])
+        assert final["source"]["trained_by"] == trial and final["metrics"] == row["metrics"]
+    rows = published_rows(uri)
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert sorted(r["trial_id"] for r in finals) == sorted(results)  # one final per trial
+    assert sorted(r["flops_target"] for r in finals) == cells
+    # 2 random samples per trial, none twice (an interrupted trial's steps stay recorded under it)
+    assert sum(r["kind"] == "search" and r["trial_id"] in results for r in rows) == len(cells) * 2
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("mini").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("rayprune.role") == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["rayprune.status"] == "finished"
+    trials = [r for r in runs if r.data.tags.get("rayprune.role") == "trial"]
+    assert sorted(r.data.tags["rayprune.trial_id"] for r in trials if r.info.status == "FINISHED") == sorted(results)
+    # A trial the dead driver had started but Tune had not saved yet is closed as interrupted
+    # (its cell ran again as a new trial), never left RUNNING.
+    assert all(r.info.status == "KILLED" and r.data.tags["rayprune.status"] == "interrupted"
+               for r in trials if r.data.tags["rayprune.trial_id"] not in results)
 
 
 def test_resume_without_a_sweep_to_resume_is_one_clear_error(tmp_path, capsys):

@@ -275,6 +275,32 @@ def test_a_driver_on_another_host_is_dead_only_when_its_heartbeat_is_stale():
     assert driver_is_dead({**me, DRIVER_TAG: f"{socket.gethostname()}:{dead_pid()}"}, now)
 
 
+def test_the_heartbeat_refreshes_the_parent_run_until_stopped(tmp_path):
+    from mlflow import MlflowClient
+
+    from rayprune.tracking.liveness import HEARTBEAT_TAG, Heartbeat
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("beat")).info.run_id
+    client.set_tag(run_id, HEARTBEAT_TAG, "0")
+    before = time.time()
+    beat = Heartbeat(uri, run_id, every_s=0.05)
+
+    def tag() -> str:
+        return client.get_run(run_id).data.tags[HEARTBEAT_TAG]
+
+    deadline = time.monotonic() + 30
+    while tag() == "0" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert int(before) <= int(tag()) <= time.time()  # refreshed, with the current Unix time
+    beat.stop()
+    assert not beat._thread.is_alive()
+    client.set_tag(run_id, HEARTBEAT_TAG, "1")
+    time.sleep(0.3)  # six periods
+    assert tag() == "1"  # stopped: nothing refreshes it any more
+
+
 def test_tunes_warning_about_trials_that_had_not_reported_is_filtered_on_resume():
     import logging
 

@@ -234,6 +234,11 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(rayprune, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
+        # Tune's first result comes after the driver created the MLflow database: reading it
+        # while MLflow creates its tables can collide with that (both run its migrations).
+        while not list(tmp_path.glob("results/mini-*/*/result.json")) and driver.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
         while not published_rows(uri) and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         driver.kill()  # SIGKILL

@@ -188,6 +188,44 @@ def test_front_on_a_missing_or_foreign_database_creates_nothing(tmp_path, capsys
             f"{tmp_path}/text.db is not an SQLite database")
 
 
+def test_a_database_a_starting_driver_is_migrating_is_waited_for_then_one_line(tmp_path, capsys, monkeypatch):
+    """Opening a SQLite store migrates it; a driver creating the same file at that moment makes
+    MLflow's client raise sqlalchemy's OperationalError (seen in a test that read the database
+    while a sweep started). The reader waits for the driver, and past the wait says so."""
+    import sqlite3 as sqlite
+
+    from mlflow import MlflowClient
+    from sqlalchemy.exc import OperationalError
+
+    from rayprune.tracking import lookup
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("mini")
+    collision = OperationalError("CREATE TABLE _alembic_tmp_experiments", {},
+                                 sqlite.OperationalError("table _alembic_tmp_experiments already exists"))
+    calls = []
+
+    def busy_twice(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= 2:
+            raise collision
+        return MlflowClient(*args, **kwargs)
+
+    monkeypatch.setattr(lookup, "MlflowClient", busy_twice)
+    assert lookup.find_experiment(lookup.connect(uri, must_exist=True), "mini") and len(calls) == 3  # waited
+
+    def always_busy(*args, **kwargs):
+        raise collision
+
+    monkeypatch.setattr(lookup, "MlflowClient", always_busy)
+    monkeypatch.setattr(lookup, "BUSY_WAIT_S", 0.2)
+    capsys.readouterr()  # MLflow's log lines from creating the database above
+    line = refused(capsys, tmp_path, ["front", *LOOKUP, "--mlflow-uri", uri])
+    assert line == (f"rayprune: error: the MLflow database {tmp_path}/mlflow.db stayed busy for 0.2 s (table "
+                    "_alembic_tmp_experiments already exists): another process is creating or writing it; try "
+                    "again when it is done")
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs a SIGKILLed driver left RUNNING are marked interrupted at the next contact
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -30,6 +31,9 @@ ROLE_TAG = "rayprune.role"
 SWEEP_TAG = "rayprune.sweep_id"
 SUBNETS_ARTIFACT = "subnets.parquet"
 _PROBE_TIMEOUT_S = 3.0
+#: How long opening a SQLite store waits while another process (a sweep driver starting up)
+#: is still creating or migrating its tables.
+BUSY_WAIT_S = 30.0
 
 # MLflow would print a progress bar for every small artifact download and, against a server,
 # a "View run ... at ..." line for every run closed: noise in a sweep driver's output. Set (as
@@ -125,10 +129,30 @@ def connect(uri: str | None = None, *, must_exist: bool = False) -> MlflowClient
     check_reachable(uri, must_exist=must_exist)
     for key, value in QUIET_MLFLOW.items():
         os.environ.setdefault(key, value)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = _open_client(uri)
     if urlparse(uri).scheme in ("http", "https"):
         _check_answers(client)
     return client
+
+
+def _open_client(uri: str) -> MlflowClient:
+    """``MlflowClient(uri)``. Opening a SQLite store brings its tables to MLflow's schema, so
+    opening one that a starting sweep driver is creating at that moment collides with the
+    driver's own migration (sqlalchemy ``OperationalError``). Wait up to :data:`BUSY_WAIT_S` for
+    the driver to finish, then say what happened in one line."""
+    from sqlalchemy.exc import OperationalError
+
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        try:
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        except OperationalError as e:
+            if time.monotonic() >= deadline:
+                detail = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+                raise TrackingError(f"the MLflow database {sqlite_file(uri) or uri} stayed busy for {BUSY_WAIT_S:g} s "
+                                    f"({detail}): another process is creating or writing it; try again when it "
+                                    "is done") from None
+            time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -339,6 +339,24 @@ def test_the_heartbeat_refreshes_the_parent_run_until_stopped(tmp_path):
     assert tag() == "1"  # stopped: nothing refreshes it any more
 
 
+def test_a_running_sweep_publishes_its_fronts_at_the_first_finished_trial_then_at_most_every_interval(tmp_path):
+    from rayprune import models
+    from rayprune.methods.base import SubnetRecord
+    from rayprune.tracking.lookup import SUBNETS_ARTIFACT
+    from rayprune.tracking.mlflow_tracker import SweepTracker
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "work")
+    parent = tracker.start_sweep("mini-1", {"seed": 0})
+    published = lambda: SUBNETS_ARTIFACT in {f.path for f in tracker.client.list_artifacts(parent)}  # noqa: E731
+    tracker.log_unpruned(SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned",
+                                         0).to_dict())
+    assert not published()
+    assert tracker.publish_if_due(every_s=3600) and published()  # the first time: at once
+    assert not tracker.publish_if_due(every_s=3600)  # then not again within the interval ...
+    assert tracker.publish_if_due(every_s=0)  # ... and again once it has passed
+    tracker.finish()
+
+
 def test_tunes_warning_about_trials_that_had_not_reported_is_filtered_on_resume():
     import logging
 

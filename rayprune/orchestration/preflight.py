@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Mapping
 
 from .storage import is_uri
 
@@ -59,8 +60,8 @@ OBJECT_STORAGE_FIX = ("check the bucket name and the credentials (for S3: AWS_AC
 
 def check_object_storage(uri: str) -> None:
     """The bucket of an object-storage ``storage_path`` must exist and answer. Otherwise the
-    sweep would fail only after Ray started, inside Tune, with a long pyarrow traceback (and
-    pyarrow does not create buckets)."""
+    sweep would fail only after Ray started and the tracking store was written, on pyarrow's
+    first access there (and pyarrow does not create buckets)."""
     import pyarrow.fs
 
     where = f"storage path {uri} (storage_path / --storage-path)"
@@ -153,12 +154,19 @@ def local_cpus() -> int:
 def check_local_resources(cpu: float, gpu: float, num_cpus: int | None = None) -> None:
     """A trial's ``resources`` against what a local Ray would have (``num_cpus``: --num-cpus)."""
     have = {"CPU": float(num_cpus if num_cpus is not None else local_cpus()), "GPU": float(local_gpus()) if gpu else 0.0}
+    check_trial_fits(cpu, gpu, have, "this machine", cpu_note=" (--num-cpus)" if num_cpus is not None else "")
+
+
+def check_trial_fits(cpu: float, gpu: float, have: Mapping[str, float], where: str,
+                     error: type[Exception] = PreflightError, cpu_note: str = "") -> None:
+    """Raise ``error`` when one trial asks for more CPUs or GPUs than ``have`` (what ``where``,
+    a local machine or its Ray, has): a local Ray cannot grow, so such a trial would wait forever."""
     for key, name, need in (("CPU", "cpu", cpu), ("GPU", "gpu", gpu)):
-        if need > have[key]:
-            raise PreflightError(f"resources.{name}: each trial asks for {need:g} {key}s but this machine has "
-                                 f"{have[key]:g}{' (--num-cpus)' if key == 'CPU' and num_cpus is not None else ''}; "
-                                 f"lower resources.{name} or join a cluster with --address auto")
+        if need > have.get(key, 0.0):
+            note = cpu_note if key == "CPU" else ""
+            raise error(f"resources.{name}: each trial asks for {need:g} {key}s but {where} has "
+                        f"{have.get(key, 0.0):g}{note}; lower resources.{name} or join a cluster with --address auto")
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "PreflightError", "check_local_resources", "check_ray_address",
-           "check_object_storage", "check_storage_path", "resolve_ray_address"]
+           "check_object_storage", "check_storage_path", "check_trial_fits", "resolve_ray_address"]

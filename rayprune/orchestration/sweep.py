@@ -250,13 +250,10 @@ def _check_local_data(cfg: SweepConfig) -> None:
 
 
 def _check_local_resources(cfg: SweepConfig) -> None:
-    """A local Ray cannot grow: refuse trials that would wait forever for a GPU or CPUs."""
-    have = ray.cluster_resources()
-    for key, name in (("CPU", "cpu"), ("GPU", "gpu")):
-        need = getattr(cfg.resources, name)
-        if need > have.get(key, 0):
-            raise SweepError(f"resources.{name}: each trial asks for {need:g} {key}s but this machine's Ray has "
-                             f"{have.get(key, 0):g}; lower resources.{name} or join a cluster with --address auto")
+    """The preflight's check against the local Ray as started (or as the caller started it)."""
+    from .preflight import check_trial_fits
+
+    check_trial_fits(cfg.resources.cpu, cfg.resources.gpu, ray.cluster_resources(), "this machine's Ray", SweepError)
 
 
 def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:

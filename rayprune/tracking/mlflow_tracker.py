@@ -159,6 +159,7 @@ class SweepTracker:
         self._cells: dict[str, dict[str, float]] = {}  # trial id -> {"flops_target", "kd_weight"}
         self._noted: set[str] = set()  # cells already reported as "budgets do not bind"
         self._published_at: float | None = None  # time.monotonic() of the last update_front
+        self._heartbeat: Heartbeat | None = None  # while a sweep is open
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -275,9 +276,8 @@ class SweepTracker:
     def _close(self, status: str) -> None:
         """Stop the heartbeat; set ``rayprune.status`` (and, unless finished, the resume command
         as the run's note); close the parent run."""
-        heartbeat = getattr(self, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
             self._heartbeat = None
         word = {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")
         mark_parent(self.client, self.parent_run_id, word,

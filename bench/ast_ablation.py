@@ -40,8 +40,16 @@ def run_arm(arm: str, ctx: RunContext, ast_hparams: dict, iterations: int | None
     elif arm == "ast":
         method, hparams = "ast", dict(ast_hparams)
     else:
-        method, hparams = "ast", {**ast_hparams, "freeze_alpha": True, "threshnet": False,
-                                  "stop_on_convergence": False, "max_iterations": iterations}
+        method, hparams = (
+            "ast",
+            {
+                **ast_hparams,
+                "freeze_alpha": True,
+                "threshnet": False,
+                "stop_on_convergence": False,
+                "max_iterations": iterations,
+            },
+        )
     m = get_method(method)(ctx, hparams)
     start = time.perf_counter()
     steps = m.run()
@@ -49,11 +57,19 @@ def run_arm(arm: str, ctx: RunContext, ast_hparams: dict, iterations: int | None
     final = finalize(m)
     full = models.macs(ctx.spec, ctx.input_size)
     used = int(getattr(m, "iteration", len(steps)))
-    row = {"arm": arm, "target": ctx.budget.flops_target, "seed": ctx.seed, "search_iterations": used,
-           "converged": bool(getattr(getattr(m, "convergence", None), "converged", False)),
-           "macs_ratio": final.record.macs / full, "val_top1": final.record.metrics.get("val_top1"),
-           "test_top1": final.record.metrics["test_top1"], "init": final.record.source.get("init"),
-           "search_s": round(search_s, 1), "total_s": round(time.perf_counter() - start, 1)}
+    row = {
+        "arm": arm,
+        "target": ctx.budget.flops_target,
+        "seed": ctx.seed,
+        "search_iterations": used,
+        "converged": bool(getattr(getattr(m, "convergence", None), "converged", False)),
+        "macs_ratio": final.record.macs / full,
+        "val_top1": final.record.metrics.get("val_top1"),
+        "test_top1": final.record.metrics["test_top1"],
+        "init": final.record.source.get("init"),
+        "search_s": round(search_s, 1),
+        "total_s": round(time.perf_counter() - start, 1),
+    }
     return row, used
 
 
@@ -82,9 +98,19 @@ def main() -> None:
     rows = []
     for target in args.targets:
         for seed in args.seeds:
-            ctx = RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=target),
-                             device=args.device, seed=seed, finetune=recipe, input_size=args.input_size or train.input_size,
-                             progress=False, measure_latency=False, robust=False)
+            ctx = RunContext(
+                spec=spec,
+                train=train,
+                test=test,
+                budget=Budget(flops_target=target),
+                device=args.device,
+                seed=seed,
+                finetune=recipe,
+                input_size=args.input_size or train.input_size,
+                progress=False,
+                measure_latency=False,
+                robust=False,
+            )
             iterations = None
             for arm in args.arms:
                 row, used = run_arm(arm, ctx, ast_hparams, iterations)

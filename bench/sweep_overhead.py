@@ -37,8 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: Filled in the driver process by the callback below and the timing wrappers.
-STATS: dict = {"completed": [], "rss_mb": [], "mlflow_s": 0.0, "mlflow_calls": 0, "parquet_s": 0.0,
-               "parquet_writes": 0, "tracker_s": 0.0}
+STATS: dict = {
+    "completed": [],
+    "rss_mb": [],
+    "mlflow_s": 0.0,
+    "mlflow_calls": 0,
+    "parquet_s": 0.0,
+    "parquet_writes": 0,
+    "tracker_s": 0.0,
+}
 
 
 def rss_mb() -> float:
@@ -75,8 +82,19 @@ def instrument() -> None:
     from rayprune.orchestration import sweep
     from rayprune.tracking.store import SubnetStore
 
-    for name in ("create_run", "log_batch", "log_artifact", "log_artifacts", "set_terminated", "set_tag",
-                 "update_run", "get_run", "log_dict", "search_runs", "list_artifacts"):
+    for name in (
+        "create_run",
+        "log_batch",
+        "log_artifact",
+        "log_artifacts",
+        "set_terminated",
+        "set_tag",
+        "update_run",
+        "get_run",
+        "log_dict",
+        "search_runs",
+        "list_artifacts",
+    ):
         _timed(MlflowClient, name, "mlflow_s", "mlflow_calls")
     for name in ("_write", "flush"):
         if hasattr(SubnetStore, name):
@@ -105,22 +123,28 @@ def sweep_config(args, root: Path):
 
     cells = args.cells
     targets = [round(0.6 + 0.3 * i / max(1, cells - 1), 3) for i in range(cells)]
-    return parse_sweep({
-        "name": "overhead",
-        "dataset": {"name": "synthetic"},
-        "model": "cifar_resnet:tiny",
-        "shortcut": "avgpool_conv",
-        "input_size": 16,
-        "methods": [{"name": "instant", "hparams": {"subnets": args.subnets, "steps": args.steps}}],
-        "grid": {"flops_targets": targets, "kd_weights": [0.0]},
-        "optuna": {"sampler": args.sampler, "seed": 0, "samples_per_cell": -(-args.trials // cells),
-                   "stage_prune": [[0.4, 0.6]] * 3},
-        "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
-        "resources": {"cpu": 1},
-        "tracking": {"uri": args.mlflow_uri or f"sqlite:///{root}/mlflow.db", "experiment": "overhead"},
-        "storage_path": str(root / "results"),
-        "finetune_front": False,
-    })
+    return parse_sweep(
+        {
+            "name": "overhead",
+            "dataset": {"name": "synthetic"},
+            "model": "cifar_resnet:tiny",
+            "shortcut": "avgpool_conv",
+            "input_size": 16,
+            "methods": [{"name": "instant", "hparams": {"subnets": args.subnets, "steps": args.steps}}],
+            "grid": {"flops_targets": targets, "kd_weights": [0.0]},
+            "optuna": {
+                "sampler": args.sampler,
+                "seed": 0,
+                "samples_per_cell": -(-args.trials // cells),
+                "stage_prune": [[0.4, 0.6]] * 3,
+            },
+            "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
+            "resources": {"cpu": 1},
+            "tracking": {"uri": args.mlflow_uri or f"sqlite:///{root}/mlflow.db", "experiment": "overhead"},
+            "storage_path": str(root / "results"),
+            "finetune_front": False,
+        }
+    )
 
 
 def start_mlflow_server(root: Path, args):
@@ -132,10 +156,23 @@ def start_mlflow_server(root: Path, args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                               f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -152,11 +189,17 @@ def start_mlflow_server(root: Path, args):
 def window_rows(completed: list[tuple[float, float]], start: float, slots: int, window: int) -> list[dict]:
     rows, t0 = [], start
     for i in range(0, len(completed) - window + 1, window):
-        chunk = completed[i:i + window]
+        chunk = completed[i : i + window]
         wall = chunk[-1][0] - t0
         busy = sum(b for _, b in chunk)
-        rows.append({"trials": f"{i + 1}-{i + window}", "wall_s": wall, "busy_s": busy,
-                     "overhead_s_per_trial": (wall - busy / slots) / window})
+        rows.append(
+            {
+                "trials": f"{i + 1}-{i + window}",
+                "wall_s": wall,
+                "busy_s": busy,
+                "overhead_s_per_trial": (wall - busy / slots) / window,
+            }
+        )
         t0 = chunk[-1][0]
     return rows
 
@@ -172,9 +215,12 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     p.add_argument("--window", type=int, default=100, help="report figures per this many completed trials")
     p.add_argument("--mlflow-uri", default=None, help="default: a SQLite file in the temp dir")
-    p.add_argument("--mlflow-server", action="store_true",
-                   help="log over HTTP to an `mlflow server` started on 127.0.0.1 (SQLite backend, artifacts "
-                        "proxied to the temp dir), as on a cluster's head")
+    p.add_argument(
+        "--mlflow-server",
+        action="store_true",
+        help="log over HTTP to an `mlflow server` started on 127.0.0.1 (SQLite backend, artifacts "
+        "proxied to the temp dir), as on a cluster's head",
+    )
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
 
@@ -199,7 +245,8 @@ def main(argv=None) -> int:
             cfg = sweep_config(args, Path(tmp))
             rss_start = rss_mb()
             start = time.monotonic()
-            outcome = run_sweep(cfg, address=cluster.address, callbacks=[make_callback()], out=open(os.devnull, "w"))
+            with open(os.devnull, "w") as devnull:
+                outcome = run_sweep(cfg, address=cluster.address, callbacks=[make_callback()], out=devnull)
             wall = time.monotonic() - start
         finally:
             ray.shutdown()
@@ -213,37 +260,57 @@ def main(argv=None) -> int:
     overhead = (wall - busy / slots) / trials
     records = trials * args.subnets * args.steps
     figures = {
-        "trials": trials, "complete": outcome.complete, "slots": slots, "nodes": 1 + args.workers,
-        "subnet_records": records, "wall_s": wall, "busy_s": busy,
+        "trials": trials,
+        "complete": outcome.complete,
+        "slots": slots,
+        "nodes": 1 + args.workers,
+        "subnet_records": records,
+        "wall_s": wall,
+        "busy_s": busy,
         "overhead_s_per_trial": overhead,
-        "efficiency_at_30s": 30 / (30 + overhead), "efficiency_at_300s": 300 / (300 + overhead),
+        "efficiency_at_30s": 30 / (30 + overhead),
+        "efficiency_at_300s": 300 / (300 + overhead),
         "tracking_callback_s": STATS["tracker_s"],
-        "mlflow_s": STATS["mlflow_s"], "mlflow_calls": STATS["mlflow_calls"],
+        "mlflow_s": STATS["mlflow_s"],
+        "mlflow_calls": STATS["mlflow_calls"],
         "mlflow_records_per_s": records / STATS["mlflow_s"] if STATS["mlflow_s"] else None,
         "mlflow_uri_scheme": (args.mlflow_uri or "sqlite").split(":")[0],
         "mlflow_ms_per_record": 1000 * STATS["mlflow_s"] / records if records else None,
         "mlflow_ms_per_call": 1000 * STATS["mlflow_s"] / STATS["mlflow_calls"] if STATS["mlflow_calls"] else None,
-        "parquet_s": STATS["parquet_s"], "parquet_writes": STATS["parquet_writes"],
+        "parquet_s": STATS["parquet_s"],
+        "parquet_writes": STATS["parquet_writes"],
         "parquet_records_per_s": records / STATS["parquet_s"] if STATS["parquet_s"] else None,
-        "rss_start_mb": rss_start, "peak_rss_mb": peak_mb(), "rss_mb_by_trials": STATS["rss_mb"],
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak_mb(),
+        "rss_mb_by_trials": STATS["rss_mb"],
         "windows": window_rows(completed, start, slots, args.window),
         "args": vars(args),
     }
-    print(f"{trials} trials ({records} subnet records) on {1 + args.workers} nodes, {slots} slots: "
-          f"wall {wall:.1f} s, busy {busy:.1f} s")
-    print(f"driver overhead per trial: {overhead:.3f} s (target <= 1 s); efficiency for 30 s trials "
-          f"{figures['efficiency_at_30s']:.3f}, for 300 s trials {figures['efficiency_at_300s']:.4f}")
-    print(f"tracking callback: {STATS['tracker_s']:.1f} s in all; MLflow {STATS['mlflow_s']:.1f} s "
-          f"({STATS['mlflow_calls']} calls, {figures['mlflow_ms_per_call'] or 0:.1f} ms each; "
-          f"{figures['mlflow_ms_per_record'] or 0:.1f} ms per subnet record, "
-          f"{figures['mlflow_records_per_s'] or 0:.0f} records/s over {figures['mlflow_uri_scheme']}); parquet "
-          f"{STATS['parquet_s']:.1f} s ({STATS['parquet_writes']} writes, "
-          f"{figures['parquet_records_per_s'] or 0:.0f} records/s)")
-    print(f"driver memory: {rss_start:.0f} MB at the start, peak {figures['peak_rss_mb']:.0f} MB; RSS after "
-          + ", ".join(f"{n} trials {mb:.0f} MB" for n, mb in STATS["rss_mb"]))
+    print(
+        f"{trials} trials ({records} subnet records) on {1 + args.workers} nodes, {slots} slots: "
+        f"wall {wall:.1f} s, busy {busy:.1f} s"
+    )
+    print(
+        f"driver overhead per trial: {overhead:.3f} s (target <= 1 s); efficiency for 30 s trials "
+        f"{figures['efficiency_at_30s']:.3f}, for 300 s trials {figures['efficiency_at_300s']:.4f}"
+    )
+    print(
+        f"tracking callback: {STATS['tracker_s']:.1f} s in all; MLflow {STATS['mlflow_s']:.1f} s "
+        f"({STATS['mlflow_calls']} calls, {figures['mlflow_ms_per_call'] or 0:.1f} ms each; "
+        f"{figures['mlflow_ms_per_record'] or 0:.1f} ms per subnet record, "
+        f"{figures['mlflow_records_per_s'] or 0:.0f} records/s over {figures['mlflow_uri_scheme']}); parquet "
+        f"{STATS['parquet_s']:.1f} s ({STATS['parquet_writes']} writes, "
+        f"{figures['parquet_records_per_s'] or 0:.0f} records/s)"
+    )
+    print(
+        f"driver memory: {rss_start:.0f} MB at the start, peak {figures['peak_rss_mb']:.0f} MB; RSS after "
+        + ", ".join(f"{n} trials {mb:.0f} MB" for n, mb in STATS["rss_mb"])
+    )
     for row in figures["windows"]:
-        print(f"  trials {row['trials']:>9}: wall {row['wall_s']:6.1f} s, busy {row['busy_s']:6.1f} s, "
-              f"overhead {row['overhead_s_per_trial']:.3f} s/trial")
+        print(
+            f"  trials {row['trials']:>9}: wall {row['wall_s']:6.1f} s, busy {row['busy_s']:6.1f} s, "
+            f"overhead {row['overhead_s_per_trial']:.3f} s/trial"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
     return 0

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.gpu` from the repo root
 
-from bench.gpu import throughput  # noqa: E402
-from rayprune import models  # noqa: E402
-from rayprune.engine import resolve_device  # noqa: E402
-from rayprune.engine.data import DataError, default_data_dirs, load_cifar, synthetic_dataset  # noqa: E402
+from bench.gpu import throughput
+from rayprune import models
+from rayprune.engine import resolve_device
+from rayprune.engine.data import DataError, default_data_dirs, load_cifar, synthetic_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -74,26 +74,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     macs = models.macs(models.full_spec(args.model, num_classes=10), 32)
-    print(f"{args.model} ({macs / 1e6:.2f} M MACs/image), {source}, device {device}, batch {args.batch_size}, "
-          f"{args.rounds} interleaved rounds of {args.steps} steps per arm, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+    print(
+        f"{args.model} ({macs / 1e6:.2f} M MACs/image), {source}, device {device}, batch {args.batch_size}, "
+        f"{args.rounds} interleaved rounds of {args.steps} steps per arm, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads",
+        flush=True,
+    )
     rows = []
 
     def emit(**row: object) -> None:
         rows.append(row)
         if row.get("kind") == "arm" and "img_s" in row:
-            print(f"[{row['phase']}] {row['arm']:>28}: {row['img_s']:9.1f} img/s  {row['tflops']:8.4f} TFLOP/s  "
-                  f"epoch {row['epoch_s']:7.1f} s" + (f"  compile {row['compile_s']:.0f} s" if 'compile_s' in row else ""),
-                  flush=True)
+            print(
+                f"[{row['phase']}] {row['arm']:>28}: {row['img_s']:9.1f} img/s  {row['tflops']:8.4f} TFLOP/s  "
+                f"epoch {row['epoch_s']:7.1f} s"
+                + (f"  compile {row['compile_s']:.0f} s" if "compile_s" in row else ""),
+                flush=True,
+            )
         elif row.get("kind") == "ratio":
-            print(f"[{row['phase']}] ratio {row['ratio']}: median {row['median_ratio']:.2f}x "
-                  f"(min {row['min_ratio']:.2f}, max {row['max_ratio']:.2f}, {row['rounds']} rounds)", flush=True)
+            print(
+                f"[{row['phase']}] ratio {row['ratio']}: median {row['median_ratio']:.2f}x "
+                f"(min {row['min_ratio']:.2f}, max {row['max_ratio']:.2f}, {row['rounds']} rounds)",
+                flush=True,
+            )
         elif row.get("error") or row.get("kind") == "skipped":
             print(f"[{row.get('phase')}] {row.get('arm', '')}: {row.get('error') or row.get('reason')}", flush=True)
 
-    throughput.stage_a(train, device, emit, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                       rounds=args.rounds, compile_settings=("bf16_cl_compile",) if args.compile else (),
-                       compile_budget_s=args.compile_budget_s, workers=args.workers)
+    throughput.stage_a(
+        train,
+        device,
+        emit,
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        compile_settings=("bf16_cl_compile",) if args.compile else (),
+        compile_budget_s=args.compile_budget_s,
+        workers=args.workers,
+    )
     return 0
 
 

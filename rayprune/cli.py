@@ -13,8 +13,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -52,11 +53,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .engine.data import DataError
     from .models.base import SpecError
 
-    errors: list[type[BaseException]] = [CliError, SpecError, DataError, UnknownNameError, ValidationError,
-                                         FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError]
-    optional = {"rayprune.tracking": "TrackingError", "rayprune.export": "ExportError",
-                "rayprune.orchestration.config": "SweepConfigError", "rayprune.orchestration.sweep": "SweepError",
-                "mlflow.exceptions": "MlflowException"}
+    errors: list[type[BaseException]] = [
+        CliError,
+        SpecError,
+        DataError,
+        UnknownNameError,
+        ValidationError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ValueError,
+    ]
+    optional = {
+        "rayprune.tracking": "TrackingError",
+        "rayprune.export": "ExportError",
+        "rayprune.orchestration.config": "SweepConfigError",
+        "rayprune.orchestration.sweep": "SweepError",
+        "mlflow.exceptions": "MlflowException",
+    }
     errors += [getattr(sys.modules[m], name) for m, name in optional.items() if m in sys.modules]
     return tuple(errors)
 
@@ -89,14 +103,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     size = models.input_size_of(spec, args.input_size)
     layers = models.layers(spec, size)
     out: dict[str, Any] = {
-        "family": spec["family"], "input_size": size, "macs": sum(l.macs for l in layers),
-        "params": sum(l.params for l in layers),
-        "groups": [{"name": g.name, "width": g.width, "stage": g.stage, "kind": g.kind} for g in models.channel_groups(spec)],
-        "layers": [l.to_dict() for l in layers],
+        "family": spec["family"],
+        "input_size": size,
+        "macs": sum(layer.macs for layer in layers),
+        "params": sum(layer.params for layer in layers),
+        "groups": [
+            {"name": g.name, "width": g.width, "stage": g.stage, "kind": g.kind} for g in models.channel_groups(spec)
+        ],
+        "layers": [layer.to_dict() for layer in layers],
     }
     if args.reference:
-        full = models.full_spec(args.reference, num_classes=spec["num_classes"],
-                                **({"shortcut": spec["shortcut"]} if "shortcut" in spec else {}))
+        full = models.full_spec(
+            args.reference,
+            num_classes=spec["num_classes"],
+            **({"shortcut": spec["shortcut"]} if "shortcut" in spec else {}),
+        )
         out["reference"] = args.reference
         out["reference_macs"] = models.macs(full, size)
         out["macs_ratio"] = out["macs"] / out["reference_macs"]
@@ -118,11 +139,23 @@ def format_inspection(path: str, info: dict[str, Any]) -> str:
     groups = [["channel group", "width", "stage", "kind"]]
     groups += [[g["name"], str(g["width"]), str(g["stage"]), g["kind"]] for g in info["groups"]]
     layers = [["layer", "kind", "in", "out", "kernel", "stride", "output", "MACs", "params"]]
-    layers += [[l["name"], l["kind"], str(l["in_channels"]), str(l["out_channels"]), str(l["kernel"]),
-                str(l["stride"]), "x".join(map(str, l["out_hw"])), f"{l['macs']:,}", f"{l['params']:,}"]
-               for l in info["layers"]]
-    return "\n\n".join([head, aligned(groups, left=1), aligned(layers, left=2),
-                         "(--json prints all of this as one JSON record)"])
+    layers += [
+        [
+            layer["name"],
+            layer["kind"],
+            str(layer["in_channels"]),
+            str(layer["out_channels"]),
+            str(layer["kernel"]),
+            str(layer["stride"]),
+            "x".join(map(str, layer["out_hw"])),
+            f"{layer['macs']:,}",
+            f"{layer['params']:,}",
+        ]
+        for layer in info["layers"]
+    ]
+    return "\n\n".join(
+        [head, aligned(groups, left=1), aligned(layers, left=2), "(--json prints all of this as one JSON record)"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,10 +213,14 @@ class RunPrinter:
     def step(self, step: Any) -> None:
         scored = [s for s in step.subnets if isinstance(s.metrics.get("val_top1"), (int, float))]
         best = max(scored, key=lambda s: s.metrics["val_top1"], default=None)
-        row = {"event": "step", "step": step.step + 1, "subnets": len(step.subnets),
-               "best_val_top1": None if best is None else float(best.metrics["val_top1"]),
-               "best_macs": None if best is None else int(best.macs),
-               **{f"method.{k}": v for k, v in _scalars(step.metrics).items()}}
+        row = {
+            "event": "step",
+            "step": step.step + 1,
+            "subnets": len(step.subnets),
+            "best_val_top1": None if best is None else float(best.metrics["val_top1"]),
+            "best_macs": None if best is None else int(best.macs),
+            **{f"method.{k}": v for k, v in _scalars(step.metrics).items()},
+        }
         if self.as_json:
             self._emit(json.dumps(row))
             return
@@ -194,12 +231,17 @@ class RunPrinter:
 
     def result(self, out: Path, method: str, result: dict[str, Any]) -> None:
         final, unpruned = result["final"], result.get("unpruned") or {}
-        row = {"event": "result", "out": str(out), "method": method, "macs": int(final["macs"]),
-               "params": int(final["params"]), "macs_ratio": final["macs"] / result["unpruned_macs"],
-               "unpruned_macs": int(result["unpruned_macs"]),
-               **{k: float(final["metrics"][k]) for k in _ACCURACIES if k in final["metrics"]},
-               **{f"unpruned_{k}": float(v) for k, v in _scalars(unpruned.get("metrics", {})).items()
-                  if k in _ACCURACIES}}
+        row = {
+            "event": "result",
+            "out": str(out),
+            "method": method,
+            "macs": int(final["macs"]),
+            "params": int(final["params"]),
+            "macs_ratio": final["macs"] / result["unpruned_macs"],
+            "unpruned_macs": int(result["unpruned_macs"]),
+            **{k: float(final["metrics"][k]) for k in _ACCURACIES if k in final["metrics"]},
+            **{f"unpruned_{k}": float(v) for k, v in _scalars(unpruned.get("metrics", {})).items() if k in _ACCURACIES},
+        }
         if self.as_json:
             self._emit(json.dumps(row))
         else:
@@ -214,14 +256,29 @@ class RunPrinter:
             return "-" if value is None else f"{value:.4f}"
 
         header = ["", "MACs", "MACs%", "params", *_ACCURACIES]
-        base = ["unpruned", f"{row['unpruned_macs']:,}", "100.0", "-" if unpruned_params is None else
-                f"{unpruned_params:,}", *(acc(row.get(f"unpruned_{k}")) for k in _ACCURACIES)]
-        mine = [f"{row['method']} subnet", f"{row['macs']:,}", f"{100.0 * row['macs_ratio']:.1f}",
-                f"{row['params']:,}", *(acc(row.get(k)) for k in _ACCURACIES)]
-        note = ("" if "unpruned_test_top1" in row else
-                "\n(the unpruned net's accuracy is measured only when a teacher is trained or given)")
-        return (f"\n{aligned([header, base, mine], left=1)}{note}\n"
-                f"saved to {row['out']}: final/ (spec.json, weights.pt, metrics.json), subnets.jsonl, result.json")
+        base = [
+            "unpruned",
+            f"{row['unpruned_macs']:,}",
+            "100.0",
+            "-" if unpruned_params is None else f"{unpruned_params:,}",
+            *(acc(row.get(f"unpruned_{k}")) for k in _ACCURACIES),
+        ]
+        mine = [
+            f"{row['method']} subnet",
+            f"{row['macs']:,}",
+            f"{100.0 * row['macs_ratio']:.1f}",
+            f"{row['params']:,}",
+            *(acc(row.get(k)) for k in _ACCURACIES),
+        ]
+        note = (
+            ""
+            if "unpruned_test_top1" in row
+            else "\n(the unpruned net's accuracy is measured only when a teacher is trained or given)"
+        )
+        return (
+            f"\n{aligned([header, base, mine], left=1)}{note}\n"
+            f"saved to {row['out']}: final/ (spec.json, weights.pt, metrics.json), subnets.jsonl, result.json"
+        )
 
     def _emit(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -243,17 +300,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
     out = Path(args.out)
-    cfg = TrialConfig(method=args.method, hparams=hparams, model=args.model, shortcut=args.shortcut,
-                      dataset=args.dataset, data_dir=args.data_dir, flops_target=args.flops_target,
-                      kd_weight=args.kd_weight, max_stage_prune=parse_rates(args.max_stage_prune), seed=args.seed,
-                      device=args.device, finetune=finetune, teacher=args.teacher, max_steps=args.max_steps,
-                      input_size=args.input_size, train_subset=args.train_subset, test_subset=args.test_subset)
+    cfg = TrialConfig(
+        method=args.method,
+        hparams=hparams,
+        model=args.model,
+        shortcut=args.shortcut,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        flops_target=args.flops_target,
+        kd_weight=args.kd_weight,
+        max_stage_prune=parse_rates(args.max_stage_prune),
+        seed=args.seed,
+        device=args.device,
+        finetune=finetune,
+        teacher=args.teacher,
+        max_steps=args.max_steps,
+        input_size=args.input_size,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+    )
     # With --kd-weight > 0 and no --teacher, run_trial trains one into OUT/teacher, after validating everything.
     teacher_recipe = {**user_finetune, "epochs": args.teacher_epochs} if args.teacher_epochs > 0 else None
 
     printer = RunPrinter(args.json)
-    result = run_trial(cfg, out, resume=not args.no_resume, progress=args.progress, on_step=printer.step,
-                       teacher_recipe=teacher_recipe)
+    result = run_trial(
+        cfg, out, resume=not args.no_resume, progress=args.progress, on_step=printer.step, teacher_recipe=teacher_recipe
+    )
     printer.result(out, args.method, result)
     return 0
 
@@ -263,17 +335,34 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from .runner import train_teacher
 
     recipe = {**parse_assignments(args.finetune, "--finetune"), "epochs": args.epochs}
-    out = train_teacher(args.model, args.dataset, args.out, shortcut=args.shortcut, data_dir=args.data_dir,
-                        seed=args.seed, device=args.device, recipe=recipe, progress=args.progress,
-                        train_subset=args.train_subset, test_subset=args.test_subset)
+    out = train_teacher(
+        args.model,
+        args.dataset,
+        args.out,
+        shortcut=args.shortcut,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        device=args.device,
+        recipe=recipe,
+        progress=args.progress,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+    )
     saved = subnet_io.load(out)
-    row = {"event": "teacher", "out": str(out), "macs": int(saved.record["macs"]),
-           "params": int(saved.record["params"]), **_scalars(saved.metrics)}
+    row = {
+        "event": "teacher",
+        "out": str(out),
+        "macs": int(saved.record["macs"]),
+        "params": int(saved.record["params"]),
+        **_scalars(saved.metrics),
+    }
     if args.json:
         print(json.dumps(row))
     else:
-        print(f"teacher saved to {out}: {row['macs']:,} MACs, {row['params']:,} params"
-              + "".join(f", {k} {row[k]:.4f}" for k in _ACCURACIES if k in row))
+        print(
+            f"teacher saved to {out}: {row['macs']:,} MACs, {row['params']:,} params"
+            + "".join(f", {k} {row[k]:.4f}" for k in _ACCURACIES if k in row)
+        )
     return 0
 
 
@@ -290,8 +379,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     space, warning = resolve_space(args.space)  # a path the user's shell expanded for another machine
     if warning:
         print(warning, file=sys.stderr)
-    overrides = {"tracking.uri": args.mlflow_uri, "tracking.experiment": args.experiment,
-                 "storage_path": args.storage_path}
+    overrides = {
+        "tracking.uri": args.mlflow_uri,
+        "tracking.experiment": args.experiment,
+        "storage_path": args.storage_path,
+    }
     cfg = load_sweep(space, overrides)
     uri, note = tracking_uri_on_cluster(cfg.tracking.uri, args.mlflow_uri, args.address)  # the head's server
     if note:
@@ -303,8 +395,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
         return EXIT_FAILED
     if outcome.failed_trials:
-        return fail(f"{outcome.failed_trials} of {outcome.num_trials} trials failed (their error.txt is under "
-                    f"{outcome.experiment_path}); fix the cause, then retry them with: {resume}", EXIT_FAILED)
+        return fail(
+            f"{outcome.failed_trials} of {outcome.num_trials} trials failed (their error.txt is under "
+            f"{outcome.experiment_path}); fix the cause, then retry them with: {resume}",
+            EXIT_FAILED,
+        )
     return 0
 
 
@@ -322,8 +417,9 @@ def cmd_pick(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parsed(text: str, convert: Callable[[str], Any], expected: str, valid: Callable[[Any], bool],
-            hint: str = "") -> Any:
+def _parsed(
+    text: str, convert: Callable[[str], Any], expected: str, valid: Callable[[Any], bool], hint: str = ""
+) -> Any:
     """``convert(text)`` if it works and is ``valid``; else argparse's one-line type error."""
     try:
         value = convert(text)
@@ -345,8 +441,9 @@ def _count(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    return _parsed(text, float, "a fraction in [0, 1]", lambda v: 0.0 <= v <= 1.0,
-                   " (accuracies are fractions, e.g. 0.92)")
+    return _parsed(
+        text, float, "a fraction in [0, 1]", lambda v: 0.0 <= v <= 1.0, " (accuracies are fractions, e.g. 0.92)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -374,9 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="MACs, params, channel groups and per-layer table of a spec")
     i.add_argument("spec", help="path to a spec JSON file")
-    i.add_argument("--input-size", type=_positive_int, default=None,
-                   help="input resolution (family default if omitted)")
-    i.add_argument("--reference", default=None, help="FAMILY:VARIANT to report macs_ratio against, e.g. cifar_resnet:56")
+    i.add_argument(
+        "--input-size", type=_positive_int, default=None, help="input resolution (family default if omitted)"
+    )
+    i.add_argument(
+        "--reference", default=None, help="FAMILY:VARIANT to report macs_ratio against, e.g. cifar_resnet:56"
+    )
     i.add_argument("--json", action="store_true", help="the whole record as JSON instead of tables")
     i.add_argument("--compact", action="store_true", help="with --json: one-line JSON")
     i.set_defaults(func=cmd_inspect)
@@ -386,17 +486,31 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
     q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
     q.add_argument("--dataset", default="cifar10", help="cifar10|cifar100|imagenet|digits|synthetic")
-    q.add_argument("--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)")
+    q.add_argument(
+        "--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)"
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="cpu|cuda|cuda:N (default: cuda when available)")
-    q.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
-                   help="training recipe override (engine TrainConfig field), repeatable")
-    q.add_argument("--progress", action="store_true", default=None,
-                   help="force the progress bars (default: only on a terminal)")
-    q.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
-                   help="use N class-balanced training images (quick runs)")
-    q.add_argument("--test-subset", type=_positive_int, default=None, metavar="N",
-                   help="use N class-balanced test images")
+    q.add_argument(
+        "--finetune",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training recipe override (engine TrainConfig field), repeatable",
+    )
+    q.add_argument(
+        "--progress", action="store_true", default=None, help="force the progress bars (default: only on a terminal)"
+    )
+    q.add_argument(
+        "--train-subset",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="use N class-balanced training images (quick runs)",
+    )
+    q.add_argument(
+        "--test-subset", type=_positive_int, default=None, metavar="N", help="use N class-balanced test images"
+    )
     q.add_argument("--json", action="store_true", help="machine-readable JSON lines on stdout instead of tables")
 
 
@@ -410,7 +524,9 @@ def _add_run(sub) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter, repeatable")
     r.add_argument("--smoke", action="store_true", help="start from the method's seconds-long smoke hyperparameters")
     r.add_argument("--teacher", default=None, help="saved teacher dir (spec.json + weights.pt)")
-    r.add_argument("--teacher-epochs", type=int, default=0, help="train a teacher first (when --kd-weight > 0 and no --teacher)")
+    r.add_argument(
+        "--teacher-epochs", type=int, default=0, help="train a teacher first (when --kd-weight > 0 and no --teacher)"
+    )
     r.add_argument("--max-steps", type=_positive_int, default=None, help="stop the search after this many steps")
     r.add_argument("--input-size", type=_positive_int, default=None)
     r.add_argument("--no-resume", action="store_true", help="ignore a previous state in --out")
@@ -427,69 +543,125 @@ def _add_teacher(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    s = sub.add_parser("sweep", help="run a sweep on Ray (same as python launch/sweep.py)",
-                       description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its "
-                                   "trials, Optuna picks the per-stage pruning budgets, MLflow records every subnet "
-                                   "and the Pareto fronts. Same as python launch/sweep.py.")
+    s = sub.add_parser(
+        "sweep",
+        help="run a sweep on Ray (same as python launch/sweep.py)",
+        description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its "
+        "trials, Optuna picks the per-stage pruning budgets, MLflow records every subnet "
+        "and the Pareto fronts. Same as python launch/sweep.py.",
+    )
     s.add_argument("--space", required=True, metavar="FILE", help="sweep file (search_spaces/*.yaml)")
-    s.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)")
-    s.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
-                   help="continue an interrupted sweep (default: the latest one of this sweep file)")
+    s.add_argument(
+        "--address", default=None, help="Ray cluster to join ('auto' or HOST:PORT; default: start a local Ray)"
+    )
+    s.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="SWEEP_ID",
+        help="continue an interrupted sweep (default: the latest one of this sweep file)",
+    )
     s.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (overrides tracking.uri)")
     s.add_argument("--experiment", default=None, help="MLflow experiment (overrides tracking.experiment)")
-    s.add_argument("--storage-path", default=None, help="Tune storage path, local/NFS dir or s3://... (shared "
-                                                        "by all nodes on a cluster; overrides storage_path)")
+    s.add_argument(
+        "--storage-path",
+        default=None,
+        help="Tune storage path, local/NFS dir or s3://... (shared by all nodes on a cluster; overrides storage_path)",
+    )
     s.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
     s.set_defaults(func=cmd_sweep)
 
 
 def _add_sweep_lookup(q: argparse.ArgumentParser) -> None:
     q.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
-    q.add_argument("--mlflow-uri", default=None, help="tracking URI (default $MLFLOW_TRACKING_URI or "
-                   "sqlite:///mlflow.db in the working directory)")
+    q.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory)",
+    )
     q.add_argument("--sweep-id", default=None, help="which sweep of the experiment (default: the newest)")
 
 
 def _add_front(sub) -> None:
-    f = sub.add_parser("front", help="print the Pareto fronts of a sweep tracked in MLflow",
-                       description="Print the Pareto fronts of a sweep tracked in MLflow.")
+    f = sub.add_parser(
+        "front",
+        help="print the Pareto fronts of a sweep tracked in MLflow",
+        description="Print the Pareto fronts of a sweep tracked in MLflow.",
+    )
     _add_sweep_lookup(f)
-    f.add_argument("--init", choices=("inherited", "scratch"), default=None,
-                   help="only fine-tuned subnets that started from inherited weights (ast, l1, fpgm) or from "
-                        "scratch (uniform, tas, sp, random)")
+    f.add_argument(
+        "--init",
+        choices=("inherited", "scratch"),
+        default=None,
+        help="only fine-tuned subnets that started from inherited weights (ast, l1, fpgm) or from "
+        "scratch (uniform, tas, sp, random)",
+    )
     f.set_defaults(func=cmd_front)
 
 
 def _add_pick(sub) -> None:
     from .tracking.pareto import DEFAULT_MAX_DROP, MODES
 
-    k = sub.add_parser("pick", help="export the efficient or robust operating point",
-                       description="Export the efficient or robust operating point of a sweep and register it in "
-                                   "the MLflow Model Registry under that alias.")
+    k = sub.add_parser(
+        "pick",
+        help="export the efficient or robust operating point",
+        description="Export the efficient or robust operating point of a sweep and register it in "
+        "the MLflow Model Registry under that alias.",
+    )
     _add_sweep_lookup(k)
-    k.add_argument("--mode", required=True, choices=MODES,
-                   help="efficient: the fewest MACs; robust: the highest robust_top1 (corruption accuracy). "
-                        "Both only among subnets within --max-drop of the unpruned baseline's test_top1")
-    k.add_argument("--max-drop", type=_fraction, default=DEFAULT_MAX_DROP,
-                   help="allowed test_top1 drop below the unpruned baseline's, as a fraction (default "
-                        f"{DEFAULT_MAX_DROP:g} = 1 point; 1 = no limit)")
-    k.add_argument("--max-macs", type=_count, default=None,
-                   help="only subnets with at most this many MACs (e.g. 4e7 or 40M)")
-    k.add_argument("--min-acc", type=_fraction, default=None,
-                   help="only subnets with test_top1 >= this (a fraction, e.g. 0.9)")
-    k.add_argument("--kd-weight", type=_fraction, default=None,
-                   help="choose among the subnets fine-tuned with this KD weight (default: the largest the sweep "
-                        "has); subnets of different KD weights are never ranked together")
-    k.add_argument("--init", choices=("inherited", "scratch"), default=None,
-                   help="only subnets whose fine-tune started from inherited weights / from scratch")
+    k.add_argument(
+        "--mode",
+        required=True,
+        choices=MODES,
+        help="efficient: the fewest MACs; robust: the highest robust_top1 (corruption accuracy). "
+        "Both only among subnets within --max-drop of the unpruned baseline's test_top1",
+    )
+    k.add_argument(
+        "--max-drop",
+        type=_fraction,
+        default=DEFAULT_MAX_DROP,
+        help="allowed test_top1 drop below the unpruned baseline's, as a fraction (default "
+        f"{DEFAULT_MAX_DROP:g} = 1 point; 1 = no limit)",
+    )
+    k.add_argument(
+        "--max-macs", type=_count, default=None, help="only subnets with at most this many MACs (e.g. 4e7 or 40M)"
+    )
+    k.add_argument(
+        "--min-acc", type=_fraction, default=None, help="only subnets with test_top1 >= this (a fraction, e.g. 0.9)"
+    )
+    k.add_argument(
+        "--kd-weight",
+        type=_fraction,
+        default=None,
+        help="choose among the subnets fine-tuned with this KD weight (default: the largest the sweep "
+        "has); subnets of different KD weights are never ranked together",
+    )
+    k.add_argument(
+        "--init",
+        choices=("inherited", "scratch"),
+        default=None,
+        help="only subnets whose fine-tune started from inherited weights / from scratch",
+    )
     k.add_argument("--out", required=True, type=Path, help="new (or empty) directory to export into")
-    k.add_argument("--model-name", default=None, help="registered model name (default: the experiment name, "
-                   "prefixed with rayprune- unless it starts with it)")
-    k.add_argument("--no-register", "--dry-run", dest="register", action="store_false",
-                   help="export to --out only: nothing is written to the tracking store or the registry")
-    k.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                   help="auto: torch's dynamo exporter, falling back to the legacy TorchScript one")
+    k.add_argument(
+        "--model-name",
+        default=None,
+        help="registered model name (default: the experiment name, prefixed with rayprune- unless it starts with it)",
+    )
+    k.add_argument(
+        "--no-register",
+        "--dry-run",
+        dest="register",
+        action="store_false",
+        help="export to --out only: nothing is written to the tracking store or the registry",
+    )
+    k.add_argument(
+        "--onnx-exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        default="auto",
+        help="auto: torch's dynamo exporter, falling back to the legacy TorchScript one",
+    )
     k.set_defaults(func=cmd_pick)
 
 
@@ -506,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return fail("interrupted; re-run the same command to resume")
-    except Exception as e:  # noqa: BLE001 - the one boundary: every error becomes one line
+    except Exception as e:
         if os.environ.get("RAYPRUNE_DEBUG"):
             raise
         cause = _task_cause(e)
@@ -514,8 +686,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(one_line(cause))
         if isinstance(e, _user_errors()):
             return fail(one_line(e))
-        return fail(f"internal error, a bug in rayprune ({type(e).__name__}: {one_line(e)}); rerun with "
-                    "RAYPRUNE_DEBUG=1 to see the traceback, and report it", EXIT_FAILED)
+        return fail(
+            f"internal error, a bug in rayprune ({type(e).__name__}: {one_line(e)}); rerun with "
+            "RAYPRUNE_DEBUG=1 to see the traceback, and report it",
+            EXIT_FAILED,
+        )
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:

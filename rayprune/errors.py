@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -43,8 +44,13 @@ def allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if _is_model(model) else []
 
 
-def describe(error: ValidationError, root: type[BaseModel] | None = None, prefix: str = "", *,
-             name: Callable[[tuple], str] | None = None) -> tuple[str, str]:
+def describe(
+    error: ValidationError,
+    root: type[BaseModel] | None = None,
+    prefix: str = "",
+    *,
+    name: Callable[[tuple], str] | None = None,
+) -> tuple[str, str]:
     """The most useful error of ``error`` as ``(field, message)``.
 
     Args:
@@ -81,8 +87,13 @@ def describe(error: ValidationError, root: type[BaseModel] | None = None, prefix
     return field, message
 
 
-def explain(error: ValidationError, root: type[BaseModel] | None = None, prefix: str = "", *,
-            name: Callable[[tuple], str] | None = None) -> str:
+def explain(
+    error: ValidationError,
+    root: type[BaseModel] | None = None,
+    prefix: str = "",
+    *,
+    name: Callable[[tuple], str] | None = None,
+) -> str:
     """:func:`describe` as one ``field: message`` line (the message alone when there is no field)."""
     field, message = describe(error, root, prefix, name=name)
     return f"{field}: {message}" if field else message
@@ -147,7 +158,7 @@ def for_command_line(error: ValidationError) -> str:
         for method in MODULES:
             try:
                 hparams = get_method(method).Hparams
-            except Exception:  # noqa: BLE001 -- a method whose module is missing cannot be the one
+            except Exception:
                 continue
             if hparams.__name__ == error.title:
                 return explain(error, hparams, name=lambda loc: "--set " + _path(loc) if loc else "--set")

@@ -40,8 +40,9 @@ def build_loaded(spec: Spec, state_dict: dict[str, torch.Tensor]) -> nn.Module:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ExportError(f"weights do not match the spec ({first}); export the state_dict saved "
-                            "with this spec") from None
+        raise ExportError(
+            f"weights do not match the spec ({first}); export the state_dict saved with this spec"
+        ) from None
     return model.eval()
 
 
@@ -62,18 +63,33 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
     if exporter in ("auto", "dynamo"):
         try:
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
-                              verbose=False)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
             return "dynamo"
-        except Exception:  # noqa: BLE001 - any dynamo failure: fall back (auto) or report (dynamo)
+        except Exception:
             path.unlink(missing_ok=True)
             if exporter == "dynamo":
                 raise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter is deprecated and chatty
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return "torchscript"
 
 
@@ -88,15 +104,25 @@ def check_onnx(path: Path, model: nn.Module, example: torch.Tensor, atol: float 
         want = model(example).numpy()
     diff = float(np.abs(got - want).max())
     if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=ONNX_RTOL):
-        raise ExportError(f"ONNX output differs from torch (max |diff| {diff:.2e} > {atol:g}); "
-                            "the exported graph is wrong, do not deploy it")
+        raise ExportError(
+            f"ONNX output differs from torch (max |diff| {diff:.2e} > {atol:g}); "
+            "the exported graph is wrong, do not deploy it"
+        )
     return diff
 
 
-def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict[str, Any],
-                  out_dir: str | Path, *, input_size: int | None = None,
-                  info: dict[str, Any] | None = None, exporter: str = "auto",
-                  baseline: dict[str, Any] | None = None, preprocessing: dict[str, Any] | None = None) -> Path:
+def export_subnet(
+    spec: Spec,
+    state_dict: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    input_size: int | None = None,
+    info: dict[str, Any] | None = None,
+    exporter: str = "auto",
+    baseline: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> Path:
     """Write ``out_dir`` with spec.json, weights.pt (state_dict), model.onnx (checked against
     torch with onnxruntime) and model_card.md (metrics against the unpruned ``baseline`` row,
     the input ``preprocessing``, spec summary, provenance from ``info``: e.g. method, dataset,
@@ -107,8 +133,9 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"output directory {str(out_dir)!r} already exists and is not empty; "
-                            "pass a new --out or remove it")
+        raise ExportError(
+            f"output directory {str(out_dir)!r} already exists and is not empty; pass a new --out or remove it"
+        )
     try:
         models.validate(spec)
     except SpecError as e:
@@ -129,9 +156,17 @@ def export_subnet(spec: Spec, state_dict: dict[str, torch.Tensor], metrics: dict
     return out_dir
 
 
-def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str, Any], size: int,
-                  info: dict[str, Any], exporter: str, baseline: dict[str, Any] | None = None,
-                  preprocessing: dict[str, Any] | None = None) -> None:
+def _write_export(
+    target: Path,
+    spec: Spec,
+    model: nn.Module,
+    metrics: dict[str, Any],
+    size: int,
+    info: dict[str, Any],
+    exporter: str,
+    baseline: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> None:
     subnet_io.write_files(target, spec, model.state_dict())
     generator = torch.Generator().manual_seed(0)
     channels = input_channels(spec)
@@ -139,8 +174,16 @@ def _write_export(target: Path, spec: Spec, model: nn.Module, metrics: dict[str,
     exporter = export_onnx(model, export_example, target / "model.onnx", exporter)
     # A different batch size than the export example proves the batch axis is really dynamic.
     max_diff = check_onnx(target / "model.onnx", model, torch.randn(3, channels, size, size, generator=generator))
-    card = model_card(spec, metrics, size, info, exporter=exporter, onnx_max_diff=max_diff, baseline=baseline,
-                      preprocessing=preprocessing)
+    card = model_card(
+        spec,
+        metrics,
+        size,
+        info,
+        exporter=exporter,
+        onnx_max_diff=max_diff,
+        baseline=baseline,
+        preprocessing=preprocessing,
+    )
     (target / "model_card.md").write_text(card)
 
 
@@ -158,9 +201,17 @@ def _about(key: str, value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[str, Any], *,
-               exporter: str, onnx_max_diff: float, baseline: dict[str, Any] | None = None,
-               preprocessing: dict[str, Any] | None = None) -> str:
+def model_card(
+    spec: Spec,
+    metrics: dict[str, Any],
+    input_size: int,
+    info: dict[str, Any],
+    *,
+    exporter: str,
+    onnx_max_diff: float,
+    baseline: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> str:
     """The markdown model card: what it is (method, dataset, target, KD weight, recipe), its
     metrics beside the unpruned baseline's (drop, MACs %), the exact input preprocessing, the
     spec summary, provenance and how to load the files."""
@@ -168,8 +219,9 @@ def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[
     lines = [f"# rayprune subnet ({info.get('mode', 'exported')})", ""]
     if info.get("selection"):
         lines += [f"Selected by: {info['selection']}", ""]
-    about = [(k, info.get(k)) for k in ("method", "dataset", "flops_target", "kd_weight", "recipe", "init",
-                                        "robust_suite")]
+    about = [
+        (k, info.get(k)) for k in ("method", "dataset", "flops_target", "kd_weight", "recipe", "init", "robust_suite")
+    ]
     if any(v is not None for _, v in about):
         lines += ["## What it is", "", "| | |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {_about(k, v)} |" for k, v in about if v is not None]
@@ -177,9 +229,12 @@ def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[
     lines += ["## Metrics", ""]
     base_m = (baseline or {}).get("metrics", {})
     if baseline is not None:
-        lines += ["| metric | this subnet | unpruned baseline | drop |", "|---|---|---|---|",
-                  f"| MACs | {macs:,} ({100.0 * macs / baseline['macs']:.1f} %) | {baseline['macs']:,} (100 %) | |",
-                  f"| params | {params:,} | {baseline['params']:,} | |"]
+        lines += [
+            "| metric | this subnet | unpruned baseline | drop |",
+            "|---|---|---|---|",
+            f"| MACs | {macs:,} ({100.0 * macs / baseline['macs']:.1f} %) | {baseline['macs']:,} (100 %) | |",
+            f"| params | {params:,} | {baseline['params']:,} | |",
+        ]
         for k, v in sorted(metrics.items()):
             if k in ("macs", "params"):
                 continue
@@ -189,38 +244,71 @@ def model_card(spec: Spec, metrics: dict[str, Any], input_size: int, info: dict[
     else:
         lines += ["| metric | value |", "|---|---|", f"| MACs | {macs:,} |", f"| params | {params:,} |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if k not in ("macs", "params")]
-    lines += ["", "Accuracies are fractions in [0, 1]: `test_top1` on the held-out test set, `robust_top1` the mean "
-              "over the corruption suite, `val_top1` the search-time validation accuracy. The drop is the unpruned "
-              "baseline's value minus this subnet's.", ""]
+    lines += [
+        "",
+        "Accuracies are fractions in [0, 1]: `test_top1` on the held-out test set, `robust_top1` the mean "
+        "over the corruption suite, `val_top1` the search-time validation accuracy. The drop is the unpruned "
+        "baseline's value minus this subnet's.",
+        "",
+    ]
     shape = f"{input_channels(spec)}x{input_size}x{input_size}"
     lines += ["## Input preprocessing", ""]
     if preprocessing:
         p = preprocessing
-        lines += [f"* input: float32 tensor [batch, {p.get('channels', input_channels(spec))}, {p.get('input_size', input_size)}, "
-                  f"{p.get('input_size', input_size)}], layout {p.get('layout', 'NCHW')}, channel order "
-                  f"{p.get('channel_order', 'RGB')}",
-                  f"* scale: {p.get('scale', 'pixel / 255')} (values in [0, 1]), then per channel (x - mean) / std",
-                  f"* mean: `{[round(m, 6) for m in p['mean']]}`", f"* std: `{[round(x, 6) for x in p['std']]}`", ""]
+        channels, side = p.get("channels", input_channels(spec)), p.get("input_size", input_size)
+        lines += [
+            f"* input: float32 tensor [batch, {channels}, {side}, {side}], layout {p.get('layout', 'NCHW')}, "
+            f"channel order {p.get('channel_order', 'RGB')}",
+            f"* scale: {p.get('scale', 'pixel / 255')} (values in [0, 1]), then per channel (x - mean) / std",
+            f"* mean: `{[round(m, 6) for m in p['mean']]}`",
+            f"* std: `{[round(x, 6) for x in p['std']]}`",
+            "",
+        ]
     else:
         lines += [f"* input {shape}, normalised like the training data (not recorded for this subnet)", ""]
-    lines += ["## Architecture", "",
-              f"* family: `{spec['family']}`, input {shape}, {spec.get('num_classes', '?')} classes"]
+    lines += [
+        "## Architecture",
+        "",
+        f"* family: `{spec['family']}`, input {shape}, {spec.get('num_classes', '?')} classes",
+    ]
     lines += [f"* {k}: `{spec[k]}`" for k in ("block", "shortcut") if k in spec]
     lines += ["", "| channel group | width |", "|---|---|"]
     lines += [f"| {g.name} | {g.width} |" for g in models.channel_groups(spec)]
     lines += ["", "## Provenance", ""]
     shown = ("mode", "selection", "method", "dataset", "flops_target", "kd_weight", "recipe", "init", "robust_suite")
     lines += [f"* {k}: `{v}`" for k, v in info.items() if k not in shown and v is not None]
-    lines += [f"* spec hash: `{models.spec_hash(spec)}`",
-              f"* ONNX exporter: {exporter}; max |onnx - torch| = {onnx_max_diff:.1e} (onnxruntime, CPU)", ""]
-    lines += ["## Files", "", "* `spec.json` -- the architecture (rayprune spec)",
-              "* `weights.pt` -- a plain state_dict (no pickled module)",
-              "* `model.onnx` -- input `input` [batch, C, H, W] preprocessed as above, output `logits`", "",
-              "```python", "import json, torch", "from rayprune import models", "",
-              'spec = json.load(open("spec.json"))', "model = models.build(spec)",
-              'model.load_state_dict(torch.load("weights.pt", weights_only=True))', "model.eval()", "```", ""]
+    lines += [
+        f"* spec hash: `{models.spec_hash(spec)}`",
+        f"* ONNX exporter: {exporter}; max |onnx - torch| = {onnx_max_diff:.1e} (onnxruntime, CPU)",
+        "",
+    ]
+    lines += [
+        "## Files",
+        "",
+        "* `spec.json` -- the architecture (rayprune spec)",
+        "* `weights.pt` -- a plain state_dict (no pickled module)",
+        "* `model.onnx` -- input `input` [batch, C, H, W] preprocessed as above, output `logits`",
+        "",
+        "```python",
+        "import json, torch",
+        "from rayprune import models",
+        "",
+        'spec = json.load(open("spec.json"))',
+        "model = models.build(spec)",
+        'model.load_state_dict(torch.load("weights.pt", weights_only=True))',
+        "model.eval()",
+        "```",
+        "",
+    ]
     if info.get("registered_model"):
-        lines += ["From the MLflow Model Registry (ONNX flavor, no pickled code):", "", "```python", "import mlflow",
-                  f'model = mlflow.pyfunc.load_model("models:/{info["registered_model"]}")',
-                  'logits = model.predict(x)["logits"]   # x: float32 numpy array [batch, C, H, W]', "```", ""]
+        lines += [
+            "From the MLflow Model Registry (ONNX flavor, no pickled code):",
+            "",
+            "```python",
+            "import mlflow",
+            f'model = mlflow.pyfunc.load_model("models:/{info["registered_model"]}")',
+            'logits = model.predict(x)["logits"]   # x: float32 numpy array [batch, C, H, W]',
+            "```",
+            "",
+        ]
     return "\n".join(lines)

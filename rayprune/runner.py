@@ -1,5 +1,6 @@
 """One method run as a plain-torch trial (no Ray): what `rayprune run` does, and the trial
-driver (step -> checkpoint -> report, one state-file schema) that the Ray trainable shares. Also teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
+driver (step -> checkpoint -> report, one state-file schema) that the Ray trainable shares. Also
+teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,8 +22,8 @@ from torch import nn
 from . import models
 from .engine.checkpoint import UnreadableFileError, atomic_save, safe_load
 from .engine.data import holdout_per_class, load_dataset
-from .engine.train import TrainConfig, evaluate, fit
 from .engine.progress import phase
+from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
 from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
 from .methods.finetune import finalize
@@ -57,7 +59,7 @@ class TrialConfig(BaseModel):
     test_subset: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
-    def _model_or_spec(self) -> "TrialConfig":
+    def _model_or_spec(self) -> TrialConfig:
         if (self.model is None) == (self.spec is None):
             raise ValueError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
         return self
@@ -68,8 +70,14 @@ class TrialConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def save_subnet(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
-                metrics: dict[str, Any] | None = None, *, input_size: int | None = None) -> Path:
+def save_subnet(
+    out_dir: str | Path,
+    spec: Spec,
+    state_dict: dict[str, torch.Tensor],
+    metrics: dict[str, Any] | None = None,
+    *,
+    input_size: int | None = None,
+) -> Path:
     """Write a saved subnet folder (see :mod:`rayprune.models.io`)."""
     return subnet_io.save(out_dir, spec, state_dict, metrics, input_size=input_size)
 
@@ -94,8 +102,10 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
     if spec is not None:
         spec = models.validate(dict(spec))
         if spec.get("num_classes") != num_classes:
-            raise models.SpecError(f"spec field 'num_classes' is {spec.get('num_classes')} but dataset "
-                                   f"{dataset!r} has {num_classes} classes")
+            raise models.SpecError(
+                f"spec field 'num_classes' is {spec.get('num_classes')} but dataset "
+                f"{dataset!r} has {num_classes} classes"
+            )
         return spec
     if model is None:
         raise models.SpecError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
@@ -105,8 +115,10 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
 def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
     saved = subnet_io.load(path)
     if saved.spec.get("num_classes") != spec.get("num_classes"):
-        raise ValueError(f"teacher at {path} predicts {saved.spec.get('num_classes')} classes, "
-                         f"the run needs {spec.get('num_classes')}")
+        raise ValueError(
+            f"teacher at {path} predicts {saved.spec.get('num_classes')} classes, "
+            f"the run needs {spec.get('num_classes')}"
+        )
     return saved.build().to(device).eval()
 
 
@@ -114,23 +126,35 @@ def class_balanced_subset(ds: Any, n: int | None, seed: int, what: str = "subset
     """``n`` samples (n // classes per class, seeded) of ``ds``; all of it when ``n`` is None or
     at least its size (then a one-line warning on stderr says so, naming ``what``)."""
     if n is not None and n > len(ds):
-        print(f"rayprune: warning: {what} {n} is larger than the set ({len(ds)} samples); using all of it",
-              file=sys.stderr, flush=True)
+        print(
+            f"rayprune: warning: {what} {n} is larger than the set ({len(ds)} samples); using all of it",
+            file=sys.stderr,
+            flush=True,
+        )
     if n is None or n >= len(ds):
         return ds
     _, picked = holdout_per_class(ds.labels, max(1, n // ds.num_classes), seed)
     return ds.subset(picked)
 
 
-def load_data(dataset: str, data_dir: str | None, train_subset: int | None = None,
-              test_subset: int | None = None, seed: int = 0) -> tuple[Any, Any]:
+def load_data(
+    dataset: str, data_dir: str | None, train_subset: int | None = None, test_subset: int | None = None, seed: int = 0
+) -> tuple[Any, Any]:
     train, test = load_dataset(dataset, data_dir)
-    return (class_balanced_subset(train, train_subset, seed, "--train-subset"),
-            class_balanced_subset(test, test_subset, seed, "--test-subset"))
+    return (
+        class_balanced_subset(train, train_subset, seed, "--train-subset"),
+        class_balanced_subset(test, test_subset, seed, "--test-subset"),
+    )
 
 
-def build_method(cfg: TrialConfig, workdir: str | Path, *, data: tuple[Any, Any] | None = None,
-                 teacher: nn.Module | None = None, progress: bool | None = None) -> Method:
+def build_method(
+    cfg: TrialConfig,
+    workdir: str | Path,
+    *,
+    data: tuple[Any, Any] | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool | None = None,
+) -> Method:
     """Load data and teacher, build the RunContext and the method (hparams validated).
 
     Writes nothing (a method writes into ``workdir`` only when it steps). ``data`` (``(train,
@@ -142,18 +166,27 @@ def build_method(cfg: TrialConfig, workdir: str | Path, *, data: tuple[Any, Any]
     device = resolve_device(cfg.device)
     finetune = TrainConfig(**cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
-    train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset,
-                                                          cfg.test_subset)
+    train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
     spec = resolve_spec(cfg, train.num_classes)
     if teacher is None and cfg.teacher:
         teacher = load_teacher(cfg.teacher, spec, device)
     ctx = RunContext(
-        spec=spec, train=train, test=test,
+        spec=spec,
+        train=train,
+        test=test,
         budget=Budget(flops_target=cfg.flops_target, max_stage_prune=cfg.max_stage_prune),
-        kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, teacher=teacher, device=device,
-        seed=cfg.seed, workdir=Path(workdir), finetune=finetune,
-        input_size=cfg.input_size or train.input_size, robust=cfg.robust, measure_latency=cfg.measure_latency,
-        progress=progress)
+        kd_weight=cfg.kd_weight,
+        kd_temperature=cfg.kd_temperature,
+        teacher=teacher,
+        device=device,
+        seed=cfg.seed,
+        workdir=Path(workdir),
+        finetune=finetune,
+        input_size=cfg.input_size or train.input_size,
+        robust=cfg.robust,
+        measure_latency=cfg.measure_latency,
+        progress=progress,
+    )
     return cls(ctx, hparams)
 
 
@@ -186,26 +219,43 @@ class TrialState:
         self.subnets += [r.to_dict() for r in result.subnets]
 
     def save(self, path: str | Path) -> Path:
-        return atomic_save({"method": self.method, "steps": self.steps, "history": self.history,
-                            "subnets": self.subnets, "config": self.config}, path)
+        return atomic_save(
+            {
+                "method": self.method,
+                "steps": self.steps,
+                "history": self.history,
+                "subnets": self.subnets,
+                "config": self.config,
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrialState":
+    def load(cls, path: str | Path) -> TrialState:
         """Read ``path`` (``weights_only``); older files lack some fields (their defaults apply)."""
         saved = safe_load(path, "run state", "delete it (or pass --no-resume) to start that run afresh")
         if not isinstance(saved.get("method"), dict) or not isinstance(saved.get("history", []), list):
-            raise UnreadableFileError(f"cannot read run state {str(path)!r}: it is not a state file rayprune "
-                                      "wrote; delete it (or pass --no-resume) to start that run afresh")
+            raise UnreadableFileError(
+                f"cannot read run state {str(path)!r}: it is not a state file rayprune "
+                "wrote; delete it (or pass --no-resume) to start that run afresh"
+            )
         history = saved.get("history", [])
-        return cls(method=saved["method"], steps=int(saved.get("steps", len(history))), history=history,
-                   subnets=saved.get("subnets", []), config=saved.get("config"))
+        return cls(
+            method=saved["method"],
+            steps=int(saved.get("steps", len(history))),
+            history=history,
+            subnets=saved.get("subnets", []),
+            config=saved.get("config"),
+        )
 
     def check_config(self, config: dict[str, Any], path: Path) -> None:
         """Raise ValueError when this state was written with other search-shaping settings."""
         if self.config is not None and self.config != config:
             changed = sorted(k for k in config if self.config.get(k) != config[k])
-            raise ValueError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
-                             "resume with the same settings, use another --out, or pass --no-resume")
+            raise ValueError(
+                f"{path} was written by a run with other settings ({', '.join(changed)}); "
+                "resume with the same settings, use another --out, or pass --no-resume"
+            )
 
 
 #: ``report(result, state, checkpoint_dir)``: called after each step, once ``state.pt`` is in
@@ -219,8 +269,14 @@ def step_label(method: Method, steps_done: int) -> str:
     return f"search step {steps_done + 1}" + (f"/{planned}" if planned else "")
 
 
-def drive(method: Method, state: TrialState, report: Reporter, *, max_steps: int | None = None,
-          checkpoint_dir: Callable[[], ContextManager[Any]]) -> TrialState:
+def drive(
+    method: Method,
+    state: TrialState,
+    report: Reporter,
+    *,
+    max_steps: int | None = None,
+    checkpoint_dir: Callable[[], AbstractContextManager[Any]],
+) -> TrialState:
     """The trial loop: step ``method`` until done (or ``max_steps`` steps in all); after each
     step save ``state`` to ``checkpoint_dir()``/state.pt, then ``report`` it. Resume by loading
     ``state.method`` into ``method`` (:func:`restore`) before calling."""
@@ -255,14 +311,17 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{flag} {str(path)!r} is an existing file, not a folder; give a folder path "
-                             "(a new one, or a previous run's to resume it)")
+            raise ValueError(
+                f"{flag} {str(path)!r} is an existing file, not a folder; give a folder path "
+                "(a new one, or a previous run's to resume it)"
+            )
         return path
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; "
-                                 "give a path inside a folder")
+                raise ValueError(
+                    f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; give a path inside a folder"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
             break
@@ -286,9 +345,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 TEACHER_DIR = "teacher"
 
 
-def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, progress: bool | None = None,
-              on_step: Callable[[StepResult], None] | None = None,
-              teacher_recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_trial(
+    cfg: TrialConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+    teacher_recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Step a method until done, checkpointing after every step; then fine-tune and save.
 
     Everything is validated first (options, hparams, recipes, device, data, spec, budget,
@@ -309,8 +374,10 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     out = check_out_dir(out_dir)
     train_first = cfg.kd_weight > 0 and cfg.teacher is None
     if train_first and teacher_recipe is None:
-        raise ValueError("--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
-                         "(a saved subnet) or --teacher-epochs N to train one first")
+        raise ValueError(
+            "--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
+            "(a saved subnet) or --teacher-epochs N to train one first"
+        )
     if train_first:
         TrainConfig(**teacher_recipe)  # a bad recipe fails now, not after the data is loaded
         cfg = cfg.model_copy(update={"teacher": str(out / TEACHER_DIR)})
@@ -328,9 +395,19 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     out.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, work is kept
     if train_first:
         with phase("teacher"):
-            train_teacher(cfg.model, cfg.dataset, out / TEACHER_DIR, spec=cfg.spec, shortcut=cfg.shortcut,
-                          data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, recipe=teacher_recipe,
-                          progress=progress, data=data)
+            train_teacher(
+                cfg.model,
+                cfg.dataset,
+                out / TEACHER_DIR,
+                spec=cfg.spec,
+                shortcut=cfg.shortcut,
+                data_dir=cfg.data_dir,
+                seed=cfg.seed,
+                device=cfg.device,
+                recipe=teacher_recipe,
+                progress=progress,
+                data=data,
+            )
         method = build_method(cfg, out / "work", data=data, progress=progress)
     if saved is not None:
         state = restore(method, replace(saved, config=state.config))
@@ -346,11 +423,17 @@ def run_trial(cfg: TrialConfig, out_dir: str | Path, *, resume: bool = True, pro
     drive(method, state, report, max_steps=cfg.max_steps, checkpoint_dir=lambda: nullcontext(out))
     with phase("fine-tune"):
         final = finalize(method, progress=progress)
-    save_subnet(out / "final", final.record.spec, final.state_dict, final.record.to_dict(),
-                input_size=method.ctx.input_size)
-    result = {"config": cfg.model_dump(), "final": final.record.to_dict(), "steps": state.history,
-              "num_subnets": len(state.subnets), "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size),
-              "unpruned": _unpruned_summary(method, cfg.teacher)}
+    save_subnet(
+        out / "final", final.record.spec, final.state_dict, final.record.to_dict(), input_size=method.ctx.input_size
+    )
+    result = {
+        "config": cfg.model_dump(),
+        "final": final.record.to_dict(),
+        "steps": state.history,
+        "num_subnets": len(state.subnets),
+        "unpruned_macs": models.macs(method.ctx.spec, method.ctx.input_size),
+        "unpruned": _unpruned_summary(method, cfg.teacher),
+    }
     write_text_atomic(out / "result.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
@@ -367,11 +450,22 @@ def _unpruned_summary(method: Method, teacher: str | None) -> dict[str, Any]:
     return {"macs": models.macs(spec, size), "params": models.params(spec), "metrics": metrics}
 
 
-def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec: Spec | None = None,
-                  shortcut: str | None = None, data_dir: str | None = None, seed: int = 0, device: str | None = None,
-                  recipe: dict[str, Any] | None = None, progress: bool | None = None,
-                  train_subset: int | None = None, test_subset: int | None = None,
-                  data: tuple[Any, Any] | None = None) -> Path:
+def train_teacher(
+    model: str | None,
+    dataset: str,
+    out_dir: str | Path,
+    *,
+    spec: Spec | None = None,
+    shortcut: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    progress: bool | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    data: tuple[Any, Any] | None = None,
+) -> Path:
     """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
 
     An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
@@ -386,15 +480,24 @@ def train_teacher(model: str | None, dataset: str, out_dir: str | Path, *, spec:
     if subnet_io.is_saved(out_dir):
         return out_dir
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ValueError(f"--out {str(out_dir)!r} is a folder that holds files but no saved teacher "
-                         f"(a saved subnet has {' and '.join(subnet_io.REQUIRED_FILES)}); give a new folder")
+        raise ValueError(
+            f"--out {str(out_dir)!r} is a folder that holds files but no saved teacher "
+            f"(a saved subnet has {' and '.join(subnet_io.REQUIRED_FILES)}); give a new folder"
+        )
     device = resolve_device(device)
     train_cfg = TrainConfig(**(recipe or {}))
     train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
     full = network_spec(model, spec, shortcut, dataset, train.num_classes)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
-    fit(net, train, train_cfg, device=device, seed=seed,
-        checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt", progress=progress)
+    fit(
+        net,
+        train,
+        train_cfg,
+        device=device,
+        seed=seed,
+        checkpoint_dir=out_dir.parent / f".{out_dir.name}.ckpt",
+        progress=progress,
+    )
     metrics = {f"test_{k}": v for k, v in evaluate(net, test, device=device).items()}
     record = SubnetRecord.of(full, metrics, "unpruned", 0, train.input_size, trained_by="teacher")
     save_subnet(out_dir, full, net.state_dict(), record.to_dict(), input_size=train.input_size)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from rayprune.testing import tiny_context, tiny_spec as _tiny_spec
+from rayprune.testing import tiny_context
+from rayprune.testing import tiny_spec as _tiny_spec
 
 #: Fixtures that start Ray: a test using one is marked ``ray`` (and ``slow``).
 RAY_FIXTURES = {"local_ray", "ray_head"}

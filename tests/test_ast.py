@@ -9,16 +9,34 @@ import torch
 from rayprune import models
 from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate
-from rayprune.methods import Budget, RunContext, within_budget
-from rayprune.methods import get_method
-from rayprune.methods.ast import (AST, PRESETS, ASTHparams, ConvergenceTracker, MovingBaseline, ThreshNet,
-                                  alpha_pass_counts, alpha_sites, attach_alpha, calibrate_to_target, fold_alpha,
-                                  group_similarity, map_back, mass_threshold_keep, mean_alpha_entropy,
-                                  policy_inputs, rank_channels, reinforce_step)
+from rayprune.methods import Budget, RunContext, get_method, within_budget
+from rayprune.methods.ast import (
+    AST,
+    PRESETS,
+    ASTHparams,
+    ConvergenceTracker,
+    MovingBaseline,
+    ThreshNet,
+    alpha_pass_counts,
+    alpha_sites,
+    attach_alpha,
+    calibrate_to_target,
+    fold_alpha,
+    group_similarity,
+    map_back,
+    mass_threshold_keep,
+    mean_alpha_entropy,
+    policy_inputs,
+    rank_channels,
+    reinforce_step,
+)
 from rayprune.models.transfer import extract_subnet, subnet_spec
 
-TINY = {"cifar_resnet": ("cifar_resnet:tiny", {"shortcut": "avgpool_conv"}), "vgg": ("vgg:tiny", {}),
-        "mobilenet_v2": ("mobilenet_v2:tiny", {})}
+TINY = {
+    "cifar_resnet": ("cifar_resnet:tiny", {"shortcut": "avgpool_conv"}),
+    "vgg": ("vgg:tiny", {}),
+    "mobilenet_v2": ("mobilenet_v2:tiny", {}),
+}
 
 
 def tiny_spec(family: str = "cifar_resnet") -> dict:
@@ -34,9 +52,18 @@ def random_alpha(spec: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 def make_ctx(tmp_path, spec=None, budget=0.5, max_stage_prune=None) -> RunContext:
     spec = spec or tiny_spec()
     train, test = synthetic_dataset(n_train=160, n_test=64, num_classes=4, size=16, seed=0)
-    return RunContext(spec=spec, train=train, test=test,
-                      budget=Budget(flops_target=budget, max_stage_prune=max_stage_prune), device="cpu", seed=5,
-                      workdir=tmp_path, finetune=TrainConfig(epochs=1, batch_size=32), input_size=16, progress=False)
+    return RunContext(
+        spec=spec,
+        train=train,
+        test=test,
+        budget=Budget(flops_target=budget, max_stage_prune=max_stage_prune),
+        device="cpu",
+        seed=5,
+        workdir=tmp_path,
+        finetune=TrainConfig(epochs=1, batch_size=32),
+        input_size=16,
+        progress=False,
+    )
 
 
 # -- selection ---------------------------------------------------------------------------------
@@ -64,8 +91,9 @@ def draw(spec, alpha, target, taus=0.7, floors=None, gen=None, scale=0.0, window
     taus = {g: taus for g in alpha} if isinstance(taus, float) else taus
     divisors = {g.name: g.divisor for g in models.channel_groups(spec)}
     full = models.macs(spec, size)
-    return calibrate_to_target(spec, rank_channels(alpha, gen, scale), taus, floors, divisors, int(target * full),
-                               window, size)
+    return calibrate_to_target(
+        spec, rank_channels(alpha, gen, scale), taus, floors, divisors, int(target * full), window, size
+    )
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
@@ -100,7 +128,11 @@ def test_the_floor_is_ten_percent_and_the_divisor_and_reachability_uses_it():
     floors = Budget(flops_target=0.2).min_widths(spec)
     assert floors["stem"] == 2 and floors["s2.b0.out"] == 7 and floors["s1.b3.mid"] == 4  # ceil(0.1 * width)
     mobile = models.full_spec("mobilenet_v2:cifar", num_classes=10)
-    assert all(w >= g.divisor for g in models.channel_groups(mobile) for w in [Budget(flops_target=0.2).min_widths(mobile)[g.name]])
+    assert all(
+        w >= g.divisor
+        for g in models.channel_groups(mobile)
+        for w in [Budget(flops_target=0.2).min_widths(mobile)[g.name]]
+    )
     floor_spec = models.with_widths(spec, floors)
     lowest = models.macs(floor_spec) / models.macs(spec)
     with pytest.raises(models.SpecError, match="impossible"):
@@ -157,13 +189,13 @@ def test_threshnet_reinforce_update_changes_the_policy():
     # b_1 = r_1: the first advantage is exactly zero, so the first update is a no-op...
     assert baseline.update(-2.0) == 0.0
     reinforce_step(policy, opt, profiles, depths, actions, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
     # ...the second one, with a reward above the baseline, makes the chosen actions more likely.
     lp0 = log_prob()
     advantage = baseline.update(-1.0)
     assert advantage == pytest.approx(-1.0 - (0.9 * -2.0 + 0.1 * -1.0))
     reinforce_step(policy, opt, profiles, depths, actions, advantage)
-    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
     assert log_prob() > lp0
 
 
@@ -291,8 +323,9 @@ def test_the_deterministic_subnet_converges_once_alpha_is_sharp(tmp_path):
     keeps = [method.deterministic_subnet().keep for _ in range(5)]
     for keep in keeps:
         method.convergence.update(keep)
-    assert all({g: k.tolist() for g, k in keep.items()} == {g: k.tolist() for g, k in keeps[0].items()}
-               for keep in keeps)
+    assert all(
+        {g: k.tolist() for g, k in keep.items()} == {g: k.tolist() for g, k in keeps[0].items()} for keep in keeps
+    )
     assert method.convergence.converged
 
 
@@ -300,8 +333,17 @@ def test_the_deterministic_subnet_converges_once_alpha_is_sharp(tmp_path):
 def short_run(tmp_path_factory):
     """A full AST search on the tiny net at a 30% target, down to the deterministic final step."""
     ctx = make_ctx(tmp_path_factory.mktemp("ast"), budget=0.3)
-    method = AST(ctx, {**AST.smoke, "max_iterations": 6, "min_iterations": 2, "alpha_passes": 3,
-                       "alpha_lr": 0.2, "noise_iterations": 3})
+    method = AST(
+        ctx,
+        {
+            **AST.smoke,
+            "max_iterations": 6,
+            "min_iterations": 2,
+            "alpha_passes": 3,
+            "alpha_lr": 0.2,
+            "noise_iterations": 3,
+        },
+    )
     policy_before = [p.detach().clone() for p in method.policy.parameters()]
     entropy_before = mean_alpha_entropy(method.alpha)
     results = method.run()
@@ -326,12 +368,12 @@ def test_every_reported_subnet_is_in_the_target_window(short_run):
 def test_alpha_sharpens_and_the_policy_learns(short_run):
     _, method, results, before, entropy_before = short_run
     assert mean_alpha_entropy(method.alpha) < entropy_before
-    assert any(not torch.equal(a, b) for a, b in zip(before, method.policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.policy.parameters(), strict=True))
     assert all(r.metrics["gumbel_scale"] == 0.0 for r in results[3:-1])  # noise annealed to 0
 
 
 def test_the_result_is_the_trained_deterministic_subnet(short_run):
-    ctx, method, results, _, _ = short_run
+    _ctx, method, _results, _, _ = short_run
     best = method.best()
     assert best is method.final.record and best.source["deterministic"] and "val_top1" in best.metrics
     net = models.build(best.spec)
@@ -342,8 +384,7 @@ def test_the_result_is_the_trained_deterministic_subnet(short_run):
 
 def test_random_search_arm_samples_fresh_subnets_and_picks_by_search_val(tmp_path):
     ctx = make_ctx(tmp_path)
-    arm = {**AST.smoke, "freeze_alpha": True, "threshnet": False, "stop_on_convergence": False,
-           "max_iterations": 3}
+    arm = {**AST.smoke, "freeze_alpha": True, "threshnet": False, "stop_on_convergence": False, "max_iterations": 3}
     method = AST(ctx, arm)
     records = [rec for r in method.run() for rec in r.subnets]
     assert len(records) == 3 and method.done and method.final is None
@@ -359,8 +400,10 @@ def test_one_iteration_on_other_families(family, tmp_path):
     (record,) = method.step().subnets
     assert within_budget(record.spec, ctx.spec, ctx.budget, 16) and 0 <= record.metrics["val_top1"] <= 1
     for g in models.channel_groups(record.spec):  # mobilenet widths stay multiples of 8
-        assert g.width % g.divisor == 0 or g.width == dict(
-            (h.name, h.width) for h in models.channel_groups(ctx.spec))[g.name]
+        assert (
+            g.width % g.divisor == 0
+            or g.width == dict((h.name, h.width) for h in models.channel_groups(ctx.spec))[g.name]
+        )
 
 
 # -- hyperparameters ---------------------------------------------------------------------------------
@@ -382,7 +425,12 @@ def test_paper_preset_matches_the_reference_schedule():
     1-based t: the first 20 iterations (0-based 0..19) get 40 epochs at 0.05."""
     hp = ASTHparams(preset="paper")
     assert [(hp.epochs_at(t), hp.lr_at(t)) for t in (0, 19, 20, 49, 50)] == [
-        (40, 0.05), (40, 0.05), (30, 0.01), (30, 0.01), (10, 0.005)]
+        (40, 0.05),
+        (40, 0.05),
+        (30, 0.01),
+        (30, 0.01),
+        (10, 0.005),
+    ]
     assert sum(hp.epochs_at(t) for t in range(hp.max_iterations)) == 20 * 40 + 30 * 30
     assert ASTHparams(preset="paper", max_iterations=7).max_iterations == 7  # explicit fields win
     assert ASTHparams().epochs_schedule == PRESETS["fast"]["epochs_schedule"]

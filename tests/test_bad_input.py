@@ -19,14 +19,34 @@ import torch
 import yaml
 
 from rayprune import models
-from rayprune.testing.bad_input import refused
 from rayprune.models import io as subnet_io
+from rayprune.testing.bad_input import refused
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["run", "--method", "uniform", "--model", "cifar_resnet:tiny", "--shortcut", "avgpool_conv",
-       "--dataset", "synthetic", "--flops-target", "0.5"]
-TEACHER = ["teacher", "--model", "cifar_resnet:tiny", "--shortcut", "avgpool_conv", "--dataset", "synthetic",
-           "--epochs", "1"]
+RUN = [
+    "run",
+    "--method",
+    "uniform",
+    "--model",
+    "cifar_resnet:tiny",
+    "--shortcut",
+    "avgpool_conv",
+    "--dataset",
+    "synthetic",
+    "--flops-target",
+    "0.5",
+]
+TEACHER = [
+    "teacher",
+    "--model",
+    "cifar_resnet:tiny",
+    "--shortcut",
+    "avgpool_conv",
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "1",
+]
 
 
 @pytest.fixture
@@ -77,7 +97,7 @@ def saved_subnet(folder: Path) -> Path:
 def test_hostile_state_pt_is_refused_without_running(cwd, capsys, style):
     marker = cwd / "MARKER"
     write_hostile_torch(cwd / "out" / "state.pt", marker, style)
-    line = refused(capsys, cwd, RUN + ["--out", "out"], "run state", "state.pt", "--no-resume")
+    line = refused(capsys, cwd, [*RUN, "--out", "out"], "run state", "state.pt", "--no-resume")
     assert not marker.exists() and ("pickled Python objects" in line or "damaged" in line)
 
 
@@ -85,8 +105,13 @@ def test_hostile_teacher_weights_are_refused_without_running(cwd, capsys):
     marker = cwd / "MARKER"
     teacher = saved_subnet(cwd / "t")
     write_hostile_torch(teacher / "weights.pt", marker, "torch")
-    refused(capsys, cwd, RUN + ["--kd-weight", "0.5", "--teacher", "t", "--out", "out"],
-            "weights.pt", "pickled Python objects")
+    refused(
+        capsys,
+        cwd,
+        [*RUN, "--kd-weight", "0.5", "--teacher", "t", "--out", "out"],
+        "weights.pt",
+        "pickled Python objects",
+    )
     assert not marker.exists()
 
 
@@ -95,14 +120,14 @@ def test_hostile_saved_weights_are_refused_without_running(cwd, capsys):
     marker = cwd / "MARKER"
     folder = saved_subnet(cwd / "t")
     write_hostile_torch(folder / "weights.pt", marker, "pickle")
-    refused(capsys, cwd, TEACHER + ["--out", "t"], "weights.pt", "save the subnet again")
+    refused(capsys, cwd, [*TEACHER, "--out", "t"], "weights.pt", "save the subnet again")
     assert not marker.exists()
 
 
 def test_hostile_training_checkpoint_is_refused_without_running(cwd, capsys):
     marker = cwd / "MARKER"
     write_hostile_torch(cwd / ".t.ckpt" / "last.pt", marker, "torch")
-    refused(capsys, cwd, TEACHER + ["--out", "t"], "training checkpoint", "last.pt", "restart that training")
+    refused(capsys, cwd, [*TEACHER, "--out", "t"], "training checkpoint", "last.pt", "restart that training")
     assert not marker.exists() and not (cwd / "t").exists()
 
 
@@ -121,8 +146,11 @@ def write_cifar10(root: Path, n: int = 4) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)],
-                 b"batch_label": name.encode()}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(n)],
+            b"batch_label": name.encode(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     return folder
 
@@ -135,13 +163,16 @@ def test_the_restricted_cifar_reader_reads_the_release_format(tmp_path):
     assert (len(train), len(test)) == (20, 4) and train.x.dtype == torch.uint8
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ("hostile", "not allowed"),
-    ("truncated", "truncated"),
-    ("garbage", "damaged or not a pickle"),
-    ("wrong_shape", "shape [N, 3072]"),
-    ("object_dtype", "not allowed"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("hostile", "not allowed"),
+        ("truncated", "truncated"),
+        ("garbage", "damaged or not a pickle"),
+        ("wrong_shape", "shape [N, 3072]"),
+        ("object_dtype", "not allowed"),
+    ],
+)
 def test_bad_cifar_batch_is_one_line_and_never_runs(cwd, capsys, damage, needle):
     marker = cwd / "MARKER"
     folder = write_cifar10(cwd / "data")
@@ -155,10 +186,20 @@ def test_bad_cifar_batch_is_one_line_and_never_runs(cwd, capsys, damage, needle)
     elif damage == "wrong_shape":
         batch.write_bytes(pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, protocol=2))
     else:
-        batch.write_bytes(pickle.dumps({b"data": np.array([Payload(marker)], dtype=object), b"labels": [0]},
-                                       protocol=2))
-    argv = RUN[:RUN.index("--dataset")] + ["--dataset", "cifar10", "--data-dir", "data", "--flops-target", "0.5",
-                                           "--out", "out"]
+        batch.write_bytes(
+            pickle.dumps({b"data": np.array([Payload(marker)], dtype=object), b"labels": [0]}, protocol=2)
+        )
+    argv = [
+        *RUN[: RUN.index("--dataset")],
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        "data",
+        "--flops-target",
+        "0.5",
+        "--out",
+        "out",
+    ]
     refused(capsys, cwd, argv, "data_batch_2", needle, "download it again")
     assert not marker.exists()
 
@@ -188,17 +229,17 @@ def test_spec_enum_given_as_a_list_is_one_line(cwd, capsys):
 def test_non_positive_input_size_is_refused_by_inspect_run_and_sweep(cwd, capsys, size):
     models.save_spec(models.full_spec("cifar_resnet:20"), cwd / "s.json")
     refused(capsys, cwd, ["inspect", "s.json", "--input-size", size], "--input-size", size)
-    refused(capsys, cwd, RUN + ["--input-size", size, "--out", "out"], "--input-size", size)
+    refused(capsys, cwd, [*RUN, "--input-size", size, "--out", "out"], "--input-size", size)
     space = sweep_file(cwd, input_size=int(size))
     refused(capsys, cwd, ["sweep", "--space", str(space)], "input_size", size)
 
 
 def test_run_device_and_out_file(cwd, capsys):
-    refused(capsys, cwd, RUN + ["--device", "tpu", "--out", "out"], "'tpu'", "cpu, cuda")
+    refused(capsys, cwd, [*RUN, "--device", "tpu", "--out", "out"], "'tpu'", "cpu, cuda")
     (cwd / "afile").write_text("x")
-    refused(capsys, cwd, RUN + ["--out", "afile"], "--out 'afile' is an existing file")
-    refused(capsys, cwd, TEACHER + ["--out", "afile"], "--out 'afile' is an existing file")
-    refused(capsys, cwd, RUN + ["--out", "afile/sub"], "afile' is a file")
+    refused(capsys, cwd, [*RUN, "--out", "afile"], "--out 'afile' is an existing file")
+    refused(capsys, cwd, [*TEACHER, "--out", "afile"], "--out 'afile' is an existing file")
+    refused(capsys, cwd, [*RUN, "--out", "afile/sub"], "afile' is a file")
 
 
 def test_run_rejections_leave_no_out_folder(cwd, capsys):
@@ -227,34 +268,51 @@ def test_run_rejections_leave_no_out_folder(cwd, capsys):
 def test_teacher_folder_with_spec_but_no_weights(cwd, capsys):
     folder = saved_subnet(cwd / "t")
     (folder / "weights.pt").unlink()
-    refused(capsys, cwd, RUN + ["--kd-weight", "0.5", "--teacher", "t", "--out", "out"], "lacks weights.pt")
+    refused(capsys, cwd, [*RUN, "--kd-weight", "0.5", "--teacher", "t", "--out", "out"], "lacks weights.pt")
     space = sweep_file(cwd, teacher={"checkpoint": "t"})
     refused(capsys, cwd, ["sweep", "--space", str(space)], "teacher.checkpoint", "lacks weights.pt")
 
 
 def test_kd_weight_is_checked_before_a_teacher_is_trained(cwd, capsys):
-    refused(capsys, cwd, RUN + ["--kd-weight", "1.5", "--teacher-epochs", "1", "--out", "out"],
-            "--kd-weight", "1.5")
-    refused(capsys, cwd, RUN + ["--kd-weight", "0.5", "--teacher-epochs", "1", "--finetune", "lr=-1",
-                                "--out", "out"], "--finetune lr")
+    refused(capsys, cwd, [*RUN, "--kd-weight", "1.5", "--teacher-epochs", "1", "--out", "out"], "--kd-weight", "1.5")
+    refused(
+        capsys,
+        cwd,
+        [*RUN, "--kd-weight", "0.5", "--teacher-epochs", "1", "--finetune", "lr=-1", "--out", "out"],
+        "--finetune lr",
+    )
     assert not (cwd / "out").exists()
 
 
 def test_missing_data_is_one_line_before_anything_is_written(cwd, capsys):
     folder = write_cifar10(cwd / "data")
     (folder / "data_batch_3").unlink()
-    argv = RUN[:RUN.index("--dataset")] + ["--dataset", "cifar10", "--data-dir", "data", "--flops-target", "0.5"]
-    refused(capsys, cwd, argv + ["--out", "out"], "data_batch_3 is missing")
-    refused(capsys, cwd, TEACHER[:TEACHER.index("--dataset")] + ["--dataset", "cifar10", "--data-dir", "data",
-                                                                "--epochs", "1", "--out", "t"], "data_batch_3")
+    argv = [*RUN[: RUN.index("--dataset")], "--dataset", "cifar10", "--data-dir", "data", "--flops-target", "0.5"]
+    refused(capsys, cwd, [*argv, "--out", "out"], "data_batch_3 is missing")
+    refused(
+        capsys,
+        cwd,
+        [
+            *TEACHER[: TEACHER.index("--dataset")],
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            "data",
+            "--epochs",
+            "1",
+            "--out",
+            "t",
+        ],
+        "data_batch_3",
+    )
 
 
 def test_bad_resume_state_is_one_line(cwd, capsys):
     (cwd / "out").mkdir()
     (cwd / "out" / "state.pt").write_bytes(b"\x00not a torch file " * 20)  # fixed: random bytes vary
-    refused(capsys, cwd, RUN + ["--out", "out"], "state.pt", "damaged, truncated or not a torch file")
+    refused(capsys, cwd, [*RUN, "--out", "out"], "state.pt", "damaged, truncated or not a torch file")
     torch.save([1, 2, 3], cwd / "out" / "state.pt")
-    refused(capsys, cwd, RUN + ["--out", "out"], "state.pt", "holds a list")
+    refused(capsys, cwd, [*RUN, "--out", "out"], "state.pt", "holds a list")
 
 
 def test_train_subset_larger_than_the_set_warns(capsys):
@@ -290,8 +348,18 @@ def test_sweep_file_messages(cwd, capsys):
     (cwd / "typo.yaml").write_text(yaml.safe_dump(raw))
     line = refused(capsys, cwd, ["sweep", "--space", "typo.yaml"], "gird: unknown field; did you mean 'grid'?")
     assert "more problem" not in line  # the missing 'grid' is the same mistake
-    refused(capsys, cwd, ["sweep", "--space", str(sweep_file(cwd, input_size=7))], "space.yaml: input_size:",
-            "cannot run at 7x7")
-    refused(capsys, cwd, ["sweep", "--space", str(sweep_file(cwd, optuna={"stage_prune": [[0.2, 0.8]] * 2}))],
-            "optuna.stage_prune", "3 stages")
+    refused(
+        capsys,
+        cwd,
+        ["sweep", "--space", str(sweep_file(cwd, input_size=7))],
+        "space.yaml: input_size:",
+        "cannot run at 7x7",
+    )
+    refused(
+        capsys,
+        cwd,
+        ["sweep", "--space", str(sweep_file(cwd, optuna={"stage_prune": [[0.2, 0.8]] * 2}))],
+        "optuna.stage_prune",
+        "3 stages",
+    )
     refused(capsys, cwd, ["sweep", "--space", str(sweep_file(cwd, grid="0.5"))], "grid: must be a mapping")

@@ -40,13 +40,19 @@ def space(tmp_path, monkeypatch):
         ray.shutdown()
 
     def write(**overrides) -> Path:
-        raw = {"name": "mini", "dataset": {"name": "synthetic"}, "model": "cifar_resnet:tiny",
-               "shortcut": "avgpool_conv", "methods": [{"name": "random", "hparams": {"samples": 2}}],
-               "grid": {"flops_targets": [0.5], "kd_weights": [0.0]},
-               "optuna": {"samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
-               "resources": {"cpu": 1},
-               "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
-               "storage_path": str(tmp_path / "results"), **overrides}
+        raw = {
+            "name": "mini",
+            "dataset": {"name": "synthetic"},
+            "model": "cifar_resnet:tiny",
+            "shortcut": "avgpool_conv",
+            "methods": [{"name": "random", "hparams": {"samples": 2}}],
+            "grid": {"flops_targets": [0.5], "kd_weights": [0.0]},
+            "optuna": {"samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3},
+            "resources": {"cpu": 1},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
+            "storage_path": str(tmp_path / "results"),
+            **overrides,
+        }
         path = tmp_path / "mini.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
@@ -62,8 +68,13 @@ def space(tmp_path, monkeypatch):
 def test_a_tracking_file_that_is_not_a_database_is_one_line_before_ray(space, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n" * 100)
-    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{notes}"],
-                   f"{notes} is not an SQLite database", "--mlflow-uri")
+    line = refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{notes}"],
+        f"{notes} is not an SQLite database",
+        "--mlflow-uri",
+    )
     assert line.startswith(f"rayprune: error: {notes} is not an SQLite database (tracking URI sqlite:///{notes}); ")
 
 
@@ -71,19 +82,35 @@ def test_a_tracking_database_of_another_program_is_not_written_into(space, tmp_p
     other = tmp_path / "inventory.db"
     with sqlite3.connect(other) as db:
         db.execute("CREATE TABLE items (name TEXT)")
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{other}"],
-            f"the SQLite database {other} holds other tables (items), not MLflow's")
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--mlflow-uri", f"sqlite:///{other}"],
+        f"the SQLite database {other} holds other tables (items), not MLflow's",
+    )
 
 
 def test_a_storage_path_that_is_a_file_is_one_line_and_leaves_no_database(space, tmp_path, capsys):
     blocker = tmp_path / "results.txt"
     blocker.write_text("x")
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker)],
-            f"storage path {blocker} (storage_path / --storage-path) is a regular file, not a directory")
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker / "sub")],
-            f"{blocker} is a regular file, so the folder cannot be created")
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", str(blocker), "--resume"],
-            "is a regular file")  # not "no sweep to resume"
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--storage-path", str(blocker)],
+        f"storage path {blocker} (storage_path / --storage-path) is a regular file, not a directory",
+    )
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--storage-path", str(blocker / "sub")],
+        f"{blocker} is a regular file, so the folder cannot be created",
+    )
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--storage-path", str(blocker), "--resume"],
+        "is a regular file",
+    )  # not "no sweep to resume"
 
 
 def test_object_storage_that_cannot_work_is_one_line_before_ray(space, tmp_path, capsys, monkeypatch):
@@ -91,28 +118,49 @@ def test_object_storage_that_cannot_work_is_one_line_before_ray(space, tmp_path,
     bucket on a live S3 server is checked beside the moto server, in test_cluster_sweep.)"""
     port = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(key, value)
     start = time.monotonic()
-    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", "s3://sweeps/results"],
-                   "storage path s3://sweeps/results (storage_path / --storage-path): cannot reach it (",
-                   "AWS_ENDPOINT_URL_S3")
+    line = refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--storage-path", "s3://sweeps/results"],
+        "storage path s3://sweeps/results (storage_path / --storage-path): cannot reach it (",
+        "AWS_ENDPOINT_URL_S3",
+    )
     assert time.monotonic() - start < 60  # pyarrow's few retries, not minutes
-    assert line.endswith("; check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, "
-                         "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible "
-                         "server; for GCS: GOOGLE_APPLICATION_CREDENTIALS)")
-    line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--storage-path", "s4://sweeps/results"],
-                   "storage path s4://sweeps/results (storage_path / --storage-path): ")
+    assert line.endswith(
+        "; check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible "
+        "server; for GCS: GOOGLE_APPLICATION_CREDENTIALS)"
+    )
+    line = refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--storage-path", "s4://sweeps/results"],
+        "storage path s4://sweeps/results (storage_path / --storage-path): ",
+    )
     assert line.endswith("; use a local folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URI")
 
 
 def test_a_trial_needing_more_gpus_or_cpus_than_the_machine_has_is_refused_before_ray(space, tmp_path, capsys):
-    line = refused(capsys, tmp_path, ["sweep", "--space", str(space(resources={"cpu": 1, "gpu": 64}))],
-                   "resources.gpu: each trial asks for 64 GPUs but this machine has ")
+    line = refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space(resources={"cpu": 1, "gpu": 64}))],
+        "resources.gpu: each trial asks for 64 GPUs but this machine has ",
+    )
     assert line.endswith("; lower resources.gpu or join a cluster with --address auto")
-    refused(capsys, tmp_path, ["sweep", "--space", str(space(resources={"cpu": 2})), "--num-cpus", "1"],
-            "resources.cpu: each trial asks for 2 CPUs but this machine has 1 (--num-cpus)")
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space(resources={"cpu": 2})), "--num-cpus", "1"],
+        "resources.cpu: each trial asks for 2 CPUs but this machine has 1 (--num-cpus)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,30 +178,45 @@ def test_an_address_nothing_listens_on_fails_within_seconds(space, tmp_path, cap
     start = time.monotonic()
     line = refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "127.0.0.1:9"])
     assert time.monotonic() - start < 30  # imports included; the probe itself waits at most 3 s
-    assert line.startswith("rayprune: error: cannot join the Ray cluster at 127.0.0.1:9: nothing accepted a "
-                           "connection within 3 s (")
-    assert line.endswith("; start it with `ray start --head` or check the address (or drop --address to run on "
-                         "a local Ray)")
+    assert line.startswith(
+        "rayprune: error: cannot join the Ray cluster at 127.0.0.1:9: nothing accepted a connection within 3 s ("
+    )
+    assert line.endswith(
+        "; start it with `ray start --head` or check the address (or drop --address to run on a local Ray)"
+    )
 
 
 def test_address_auto_reads_ray_address_and_says_when_there_is_no_cluster(space, tmp_path, capsys, monkeypatch):
     port = free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` resolves to, as in ray.init
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "auto"],
-            f"cannot join the Ray cluster at 127.0.0.1:{port} (--address auto)")
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--address", "auto"],
+        f"cannot join the Ray cluster at 127.0.0.1:{port} (--address auto)",
+    )
 
     from ray._private import services
 
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no Ray process on this machine ...
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)  # ... and no `ray start`
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "auto"],
-            "--address auto: no running Ray cluster found on this machine", "ray start --head")
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--address", "auto"],
+        "--address auto: no running Ray cluster found on this machine",
+        "ray start --head",
+    )
 
 
 def test_an_address_that_is_not_host_port_is_one_line(space, tmp_path, capsys):
-    refused(capsys, tmp_path, ["sweep", "--space", str(space()), "--address", "headnode"],
-            "--address headnode: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+    refused(
+        capsys,
+        tmp_path,
+        ["sweep", "--space", str(space()), "--address", "headnode"],
+        "--address headnode: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +230,12 @@ LOOKUP = ["--experiment", "mini"]
 def test_an_empty_database_file_stays_empty(tmp_path, capsys, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mlflow.db").touch()  # e.g. left by `touch` or a crashed tool
-    line = refused(capsys, tmp_path, [*command, *LOOKUP],
-                   f"the MLflow database {tmp_path}/mlflow.db is empty (0 bytes), so no sweep was logged there")
+    line = refused(
+        capsys,
+        tmp_path,
+        [*command, *LOOKUP],
+        f"the MLflow database {tmp_path}/mlflow.db is empty (0 bytes), so no sweep was logged there",
+    )
     assert "--mlflow-uri" in line
     assert (tmp_path / "mlflow.db").stat().st_size == 0 and not (tmp_path / "exp").exists()
 
@@ -180,12 +247,29 @@ def test_front_on_a_missing_or_foreign_database_creates_nothing(tmp_path, capsys
         pass  # an SQLite file without tables (0 bytes until written)
     with sqlite3.connect(tmp_path / "inventory.db") as db:
         db.execute("CREATE TABLE items (name TEXT)")
-    refused(capsys, tmp_path, ["front", *LOOKUP, "--mlflow-uri", f"sqlite:///{tmp_path}/inventory.db"],
-            f"the SQLite database {tmp_path}/inventory.db holds other tables (items), not MLflow's")
+    refused(
+        capsys,
+        tmp_path,
+        ["front", *LOOKUP, "--mlflow-uri", f"sqlite:///{tmp_path}/inventory.db"],
+        f"the SQLite database {tmp_path}/inventory.db holds other tables (items), not MLflow's",
+    )
     (tmp_path / "text.db").write_text("hello")
-    refused(capsys, tmp_path, ["pick", *LOOKUP, "--mlflow-uri", f"sqlite:///{tmp_path}/text.db", "--mode", "robust",
-                               "--no-register", "--out", str(tmp_path / "exp")],
-            f"{tmp_path}/text.db is not an SQLite database")
+    refused(
+        capsys,
+        tmp_path,
+        [
+            "pick",
+            *LOOKUP,
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path}/text.db",
+            "--mode",
+            "robust",
+            "--no-register",
+            "--out",
+            str(tmp_path / "exp"),
+        ],
+        f"{tmp_path}/text.db is not an SQLite database",
+    )
 
 
 def test_a_database_a_starting_driver_is_migrating_is_waited_for_then_one_line(tmp_path, capsys, monkeypatch):
@@ -201,8 +285,11 @@ def test_a_database_a_starting_driver_is_migrating_is_waited_for_then_one_line(t
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).create_experiment("mini")
-    collision = OperationalError("CREATE TABLE _alembic_tmp_experiments", {},
-                                 sqlite.OperationalError("table _alembic_tmp_experiments already exists"))
+    collision = OperationalError(
+        "CREATE TABLE _alembic_tmp_experiments",
+        {},
+        sqlite.OperationalError("table _alembic_tmp_experiments already exists"),
+    )
     calls = []
 
     def busy_twice(*args, **kwargs):
@@ -221,9 +308,11 @@ def test_a_database_a_starting_driver_is_migrating_is_waited_for_then_one_line(t
     monkeypatch.setattr(lookup, "BUSY_WAIT_S", 0.2)
     capsys.readouterr()  # MLflow's log lines from creating the database above
     line = refused(capsys, tmp_path, ["front", *LOOKUP, "--mlflow-uri", uri])
-    assert line == (f"rayprune: error: the MLflow database {tmp_path}/mlflow.db stayed busy for 0.2 s (table "
-                    "_alembic_tmp_experiments already exists): another process is creating or writing it; try "
-                    "again when it is done")
+    assert line == (
+        f"rayprune: error: the MLflow database {tmp_path}/mlflow.db stayed busy for 0.2 s (table "
+        "_alembic_tmp_experiments already exists): another process is creating or writing it; try "
+        "again when it is done"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +329,8 @@ def dead_pid() -> int:
 def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_path, capsys):
     from mlflow.entities import RunTag
 
-    from rayprune.methods.base import SubnetRecord
     from rayprune import models
+    from rayprune.methods.base import SubnetRecord
     from rayprune.tracking import liveness
     from rayprune.tracking.mlflow_tracker import SweepTracker
 
@@ -250,9 +339,12 @@ def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_pa
     parent = tracker.start_sweep("mini-1", {"seed": 0}, {liveness.SPACE_TAG: "search_spaces/mini.yaml"})
     client = tracker.client
     tags = client.get_run(parent).data.tags
-    assert tags[liveness.STATUS_TAG] == "running" and tags[liveness.DRIVER_TAG].endswith(f":{__import__('os').getpid()}")
-    tracker.log_unpruned(SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned",
-                                         0).to_dict())
+    assert tags[liveness.STATUS_TAG] == "running" and tags[liveness.DRIVER_TAG].endswith(
+        f":{__import__('os').getpid()}"
+    )
+    tracker.log_unpruned(
+        SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned", 0).to_dict()
+    )
     trial = tracker.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0})
     tracker.update_front()
     # The driver is SIGKILLed: nothing closes its runs; its process is gone.
@@ -265,10 +357,12 @@ def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_pa
     assert main(["front", "--experiment", "exp", "--mlflow-uri", uri]) == 0
     captured = capsys.readouterr()
     assert "unpruned baseline" in captured.out
-    assert captured.err == ("rayprune: note: sweep mini-1 was interrupted (its driver "
-                            f"{client.get_run(parent).data.tags[liveness.DRIVER_TAG]} stopped without closing its "
-                            "runs); its fronts are partial; resume it with: rayprune sweep --space "
-                            "search_spaces/mini.yaml --resume mini-1\n")
+    assert captured.err == (
+        "rayprune: note: sweep mini-1 was interrupted (its driver "
+        f"{client.get_run(parent).data.tags[liveness.DRIVER_TAG]} stopped without closing its "
+        "runs); its fronts are partial; resume it with: rayprune sweep --space "
+        "search_spaces/mini.yaml --resume mini-1\n"
+    )
     assert client.get_run(parent).info.status == "RUNNING"
 
     # The next driver in the experiment (a new sweep, a resume) closes them as interrupted.
@@ -277,7 +371,8 @@ def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_pa
     run = client.get_run(parent)
     assert run.info.status == "KILLED" and run.data.tags[liveness.STATUS_TAG] == "interrupted"
     assert run.data.tags[liveness.NOTE_TAG].endswith(
-        "resume with: rayprune sweep --space search_spaces/mini.yaml --resume mini-1")
+        "resume with: rayprune sweep --space search_spaces/mini.yaml --resume mini-1"
+    )
     assert client.get_run(trial).info.status == "KILLED"
     assert client.get_run(trial).data.tags[liveness.STATUS_TAG] == "interrupted"
     # ... and a live driver's runs (mini-2: this process) are left alone.
@@ -348,8 +443,9 @@ def test_a_running_sweep_publishes_its_fronts_at_the_first_finished_trial_then_a
     tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "work")
     parent = tracker.start_sweep("mini-1", {"seed": 0})
     published = lambda: SUBNETS_ARTIFACT in {f.path for f in tracker.client.list_artifacts(parent)}  # noqa: E731
-    tracker.log_unpruned(SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned",
-                                         0).to_dict())
+    tracker.log_unpruned(
+        SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned", 0).to_dict()
+    )
     assert not published()
     assert tracker.publish_if_due(every_s=3600) and published()  # the first time: at once
     assert not tracker.publish_if_due(every_s=3600)  # then not again within the interval ...
@@ -369,8 +465,10 @@ def test_tunes_warning_about_trials_that_had_not_reported_is_filtered_on_resume(
     handler.emit = lambda record: seen.append(record.getMessage())
     log.addHandler(handler)
     try:  # the message as Ray 2.60's ExperimentAnalysis words it
-        missing = FileNotFoundError("Could not fetch metrics for random_f0.5_kd0_1: both result.json and "
-                                    "progress.csv were not found at /results/mini-1/random_f0.5_kd0_1")
+        missing = FileNotFoundError(
+            "Could not fetch metrics for random_f0.5_kd0_1: both result.json and "
+            "progress.csv were not found at /results/mini-1/random_f0.5_kd0_1"
+        )
         log.warning(f"Failed to fetch metrics for 1 trial(s):\n- random_f0.5_kd0_1: {missing!r}")
         log.warning("Failed to fetch metrics for 1 trial(s):\n- random_f0.5_kd0_2: OSError('Input/output error')")
     finally:

@@ -8,8 +8,16 @@ import torch
 from rayprune import models
 from rayprune.engine.train import TrainConfig
 from rayprune.methods import Budget, get_method
-from rayprune.methods._baseline import (filter_importance, fit_multiplier, fit_removals, fpgm_scores, keep_after,
-                                        l1_scores, removal_order, scaled_widths)
+from rayprune.methods._baseline import (
+    filter_importance,
+    fit_multiplier,
+    fit_removals,
+    fpgm_scores,
+    keep_after,
+    l1_scores,
+    removal_order,
+    scaled_widths,
+)
 from rayprune.methods.random import sample_feasible
 from rayprune.testing import tiny_context
 
@@ -147,8 +155,16 @@ def test_l1_with_teacher_keeps_largest_filters_and_inherits_weights(tmp_path):
     with torch.no_grad():  # plant norms in the single producer of s0.b1.mid: filter i has norm ~ (i + 1)
         w = teacher.stages[0][1].conv1.weight
         w.copy_(w.sign() * torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1, 1) / w[0].numel())
-    ctx = tiny_context(tmp_path, spec=spec, budget=0.3, n_train=80, n_test=16, teacher=teacher, seed=1,
-                       finetune=TrainConfig(epochs=1, batch_size=16))
+    ctx = tiny_context(
+        tmp_path,
+        spec=spec,
+        budget=0.3,
+        n_train=80,
+        n_test=16,
+        teacher=teacher,
+        seed=1,
+        finetune=TrainConfig(epochs=1, batch_size=16),
+    )
     method = get_method("l1")(ctx, {"bn_recal_batches": 1})
     method.run()
     kept = method.keep["s0.b1.mid"].tolist()

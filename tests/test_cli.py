@@ -10,8 +10,14 @@ from rayprune import models
 from rayprune.cli import main
 
 # A hand-written pruned ResNet-20-shaped spec: depth-pruned stages and narrowed mids.
-PRUNED = {"family": "cifar_resnet", "block": "basic", "num_classes": 10, "shortcut": "option_a", "stem": 16,
-          "stages": [[[8, 16], [4, 16], [16, 16]], [[20, 32], [9, 32]], [[40, 64]]]}
+PRUNED = {
+    "family": "cifar_resnet",
+    "block": "basic",
+    "num_classes": 10,
+    "shortcut": "option_a",
+    "stem": 16,
+    "stages": [[[8, 16], [4, 16], [16, 16]], [[20, 32], [9, 32]], [[40, 64]]],
+}
 
 
 def hand_macs() -> int:
@@ -42,9 +48,11 @@ def test_inspect_prints_tables_for_people(tmp_path, capsys):
     path.write_text(json.dumps(PRUNED))
     assert main(["inspect", str(path), "--reference", "cifar_resnet:20"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == (f"{path}: cifar_resnet, input 32x32, 14,451,338 MACs, "
-                        f"{sum(p.numel() for p in models.build(PRUNED).parameters()):,} params; "
-                        f"{100 * 14_451_338 / 40_551_050:.1f}% of cifar_resnet:20's 40,551,050 MACs")
+    assert lines[0] == (
+        f"{path}: cifar_resnet, input 32x32, 14,451,338 MACs, "
+        f"{sum(p.numel() for p in models.build(PRUNED).parameters()):,} params; "
+        f"{100 * 14_451_338 / 40_551_050:.1f}% of cifar_resnet:20's 40,551,050 MACs"
+    )
     stem = next(line for line in lines if line.startswith("stem.conv "))
     assert stem.split() == ["stem.conv", "conv", "3", "16", "3", "1", "32x32", f"{9 * 3 * 16 * 32 * 32:,}", "432"]
     groups = [line.split() for line in lines if line.startswith("s1.b1.mid ")]
@@ -60,14 +68,17 @@ def test_inspect_input_size_changes_macs(tmp_path, capsys):
     assert out["macs"] == (40_551_050 - 650) // 4 + 650
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({**PRUNED, "shortcut": "option_b"}, "'shortcut'"),
-    ({**PRUNED, "stages": [[[8, 16]], []]}, "stages[1]"),
-    ({**PRUNED, "stages": [[[8, 16, 3]]]}, "stages[0][0]"),
-    ({**PRUNED, "stem": 0}, "'stem'"),
-    ({**PRUNED, "family": "nope"}, "known:"),
-    ({**PRUNED, "extra": 1}, "extra"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({**PRUNED, "shortcut": "option_b"}, "'shortcut'"),
+        ({**PRUNED, "stages": [[[8, 16]], []]}, "stages[1]"),
+        ({**PRUNED, "stages": [[[8, 16, 3]]]}, "stages[0][0]"),
+        ({**PRUNED, "stem": 0}, "'stem'"),
+        ({**PRUNED, "family": "nope"}, "known:"),
+        ({**PRUNED, "extra": 1}, "extra"),
+    ],
+)
 def test_inspect_invalid_spec_one_line_error(tmp_path, capsys, bad, needle):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
@@ -103,9 +114,24 @@ def test_run_bad_inputs_fail_fast_with_one_line(tmp_path, capsys):
 
 def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--method", "random", "--smoke", "--model", "cifar_resnet:tiny", "--dataset", "synthetic",
-            "--flops-target", "0.5", "--finetune", "epochs=1", "--out", str(out), "--json"]
-    assert main(args + ["--max-steps", "1"]) == 0
+    args = [
+        "run",
+        "--method",
+        "random",
+        "--smoke",
+        "--model",
+        "cifar_resnet:tiny",
+        "--dataset",
+        "synthetic",
+        "--flops-target",
+        "0.5",
+        "--finetune",
+        "epochs=1",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    assert main([*args, "--max-steps", "1"]) == 0
     first = [json.loads(line) for line in (out / "subnets.jsonl").read_text().splitlines()]
     assert main(args) == 0  # resumes from state.pt and finishes the search
     rows = [json.loads(line) for line in (out / "subnets.jsonl").read_text().splitlines()]
@@ -117,7 +143,7 @@ def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     assert final["macs"] == models.macs(final["spec"], 32) <= 0.5 * result["unpruned_macs"]
     from rayprune.runner import load_subnet
 
-    spec, net = load_subnet(out / "final")
+    spec, _net = load_subnet(out / "final")
     assert spec == final["spec"]
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["macs"] == final["macs"] and 0.0 <= summary["test_top1"] <= 1.0
@@ -134,9 +160,19 @@ def test_run_output_for_people_and_for_programs(tmp_path, capsys):
     schema of scalar values (l1 used to print a list of MACs where ast printed a float)."""
     from rayprune.runner import step_label
 
-    base = ["run", "--model", "cifar_resnet:tiny", "--dataset", "synthetic", "--flops-target", "0.5",
-            "--finetune", "epochs=1", "--smoke"]
-    assert main(base + ["--method", "l1", "--shortcut", "avgpool_conv", "--out", str(tmp_path / "l1"), "--json"]) == 0
+    base = [
+        "run",
+        "--model",
+        "cifar_resnet:tiny",
+        "--dataset",
+        "synthetic",
+        "--flops-target",
+        "0.5",
+        "--finetune",
+        "epochs=1",
+        "--smoke",
+    ]
+    assert main([*base, "--method", "l1", "--shortcut", "avgpool_conv", "--out", str(tmp_path / "l1"), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["event"] for r in rows] == ["step", "result"]
     assert all(isinstance(v, (int, float, str)) or v is None for r in rows for v in r.values())
@@ -144,12 +180,15 @@ def test_run_output_for_people_and_for_programs(tmp_path, capsys):
     assert rows[-1]["macs"] == result["final"]["macs"] and rows[-1]["unpruned_macs"] == result["unpruned_macs"]
     assert rows[-1]["macs_ratio"] == pytest.approx(result["final"]["macs"] / result["unpruned_macs"])
 
-    assert main(base + ["--method", "random", "--out", str(tmp_path / "random")]) == 0
+    assert main([*base, "--method", "random", "--out", str(tmp_path / "random")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[:2]] == ["search step 1", "search step 2"]
     final = json.loads((tmp_path / "random" / "result.json").read_text())["final"]
-    header = next(i for i, line in enumerate(lines) if line.split() == ["MACs", "MACs%", "params", "val_top1",
-                                                                        "test_top1", "robust_top1"])
+    header = next(
+        i
+        for i, line in enumerate(lines)
+        if line.split() == ["MACs", "MACs%", "params", "val_top1", "test_top1", "robust_top1"]
+    )
     unpruned, mine = lines[header + 1].split(), lines[header + 2].split()
     assert unpruned[:3] == ["unpruned", f"{models.macs(models.full_spec('cifar_resnet:tiny'), 32):,}", "100.0"]
     assert mine[:3] == ["random", "subnet", f"{final['macs']:,}"]
@@ -164,15 +203,22 @@ def test_run_output_for_people_and_for_programs(tmp_path, capsys):
     assert step_label(Planned(), 2) == "search step 3/14" and step_label(Unknown(), 0) == "search step 1"
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["run", "--method", "uniform", "--model", "cifar_resnet:tiny", "--flops-target", "half", "--out", "o"],
-     "argument --flops-target: invalid float value: 'half' (see rayprune run --help)"),
-    (["sweep"], "the following arguments are required: --space (see rayprune sweep --help)"),
-    (["teacher", "--model", "cifar_resnet:tiny", "--epochs", "0", "--out", "t"],
-     "argument --epochs: expected a positive whole number, got '0' (see rayprune teacher --help)"),
-    (["inspect"], "the following arguments are required: spec (see rayprune inspect --help)"),
-    (["frnt"], "argument command: invalid choice: 'frnt'"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["run", "--method", "uniform", "--model", "cifar_resnet:tiny", "--flops-target", "half", "--out", "o"],
+            "argument --flops-target: invalid float value: 'half' (see rayprune run --help)",
+        ),
+        (["sweep"], "the following arguments are required: --space (see rayprune sweep --help)"),
+        (
+            ["teacher", "--model", "cifar_resnet:tiny", "--epochs", "0", "--out", "t"],
+            "argument --epochs: expected a positive whole number, got '0' (see rayprune teacher --help)",
+        ),
+        (["inspect"], "the following arguments are required: spec (see rayprune inspect --help)"),
+        (["frnt"], "argument command: invalid choice: 'frnt'"),
+    ],
+)
 def test_argparse_errors_are_one_line_for_every_command(tmp_path, monkeypatch, capsys, argv, line):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -190,8 +236,10 @@ def test_an_unexpected_error_is_one_line_saying_it_is_a_bug(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "cmd_inspect", broken)
     monkeypatch.delenv("RAYPRUNE_DEBUG", raising=False)
     assert main(["inspect", "x.json"]) == 1
-    assert capsys.readouterr().err == ("rayprune: error: internal error, a bug in rayprune (KeyError: 'internal'); "
-                                       "rerun with RAYPRUNE_DEBUG=1 to see the traceback, and report it\n")
+    assert capsys.readouterr().err == (
+        "rayprune: error: internal error, a bug in rayprune (KeyError: 'internal'); "
+        "rerun with RAYPRUNE_DEBUG=1 to see the traceback, and report it\n"
+    )
     monkeypatch.setenv("RAYPRUNE_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["inspect", "x.json"])

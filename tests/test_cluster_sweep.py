@@ -17,6 +17,7 @@ A second, cheap sweep packs fractional-GPU trials on logical GPUs.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import ray
@@ -87,10 +89,17 @@ def s3():
     """moto's S3 server on loopback with one bucket; the AWS variables every process inherits
     (set before Ray starts, so raylets and workers have them)."""
     port = free_port()
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -130,8 +139,14 @@ def mlflow_server(s3, tmp_path_factory):
 
     def up() -> int:
         for command in commands:
-            subprocess.run(["bash", "-c", command], env=env, check=True, timeout=120,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["bash", "-c", command],
+                env=env,
+                check=True,
+                timeout=120,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=120)
         return int(pidfile.read_text())
 
@@ -152,7 +167,7 @@ class Nodes:
     pickled with the experiment, so they hold only a name)."""
 
     cluster = None
-    workers: list = []
+    workers: ClassVar[list] = []
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +175,10 @@ def cluster(s3):
     from ray.cluster_utils import Cluster
 
     # Node death noticed within seconds, not the default half minute.
-    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-              "health_check_failure_threshold": 3}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                      "_system_config": system})
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": system}
+    )
     Nodes.cluster = c
     Nodes.workers = [c.add_node(num_cpus=1, resources={"worker": 1}) for _ in range(2)]
     c.wait_for_nodes()
@@ -205,10 +220,21 @@ def trial_results(experiment_path: str) -> dict[str, list[dict]]:
 
 def comparable_rows(rows: list[dict]) -> list[tuple]:
     """Subnet rows without what differs between two equal sweeps (ids, measured latency)."""
-    return sorted((r["kind"], r["flops_target"], r["kd_weight"], r["step"], r["spec_hash"], r["macs"], r["params"],
-                   r["recipe"], r["init"], json.dumps({k: v for k, v in r["metrics"].items() if LATENCY not in k},
-                                                      sort_keys=True))
-                  for r in rows)
+    return sorted(
+        (
+            r["kind"],
+            r["flops_target"],
+            r["kd_weight"],
+            r["step"],
+            r["spec_hash"],
+            r["macs"],
+            r["params"],
+            r["recipe"],
+            r["init"],
+            json.dumps({k: v for k, v in r["metrics"].items() if LATENCY not in k}, sort_keys=True),
+        )
+        for r in rows
+    )
 
 
 def comparable_runs(uri: str, experiment: str) -> list[tuple]:
@@ -220,12 +246,19 @@ def comparable_runs(uri: str, experiment: str) -> list[tuple]:
     for run in client.search_runs([experiment_id]):
         role = run.data.tags.get("rayprune.role")
         name = {"trial": run.info.run_name.rsplit("_", 1)[0], "sweep": "sweep"}.get(role, run.info.run_name)
-        params = {k: v for k, v in run.data.params.items()
-                  if role != "sweep" and k not in ("trial_id",)}
+        params = {k: v for k, v in run.data.params.items() if role != "sweep" and k not in ("trial_id",)}
         metrics = {k: v for k, v in run.data.metrics.items() if LATENCY not in k and not k.startswith("time")}
         history = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
-        out.append((role, name, run.info.status, json.dumps(params, sort_keys=True),
-                    json.dumps(metrics, sort_keys=True), tuple(sorted(history))))
+        out.append(
+            (
+                role,
+                name,
+                run.info.status,
+                json.dumps(params, sort_keys=True),
+                json.dumps(metrics, sort_keys=True),
+                tuple(sorted(history)),
+            )
+        )
     return sorted(out)
 
 
@@ -251,7 +284,7 @@ class RemoveWorkerOnce(tune.Callback):
 class Concurrency(tune.Callback):
     """The most trials Tune had RUNNING at once, and the GPUs Ray had free at that moment."""
 
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         running = sum(t.status == "RUNNING" for t in trials)
@@ -264,14 +297,22 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
     from rayprune.testing.instant import RUNTIME_ENV
 
     assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env=RUNTIME_ENV)
+    ray.init(
+        address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env=RUNTIME_ENV
+    )
     try:
-        cfg = parse_sweep(mini(
-            tmp_path, methods=[{"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2}}],
-            grid={"flops_targets": [0.7], "kd_weights": [0.0]}, teacher=None,
-            optuna={"sampler": "random", "samples_per_cell": 8, "seed": 0, "stage_prune": [[0.3, 0.8]] * 3},
-            resources={"cpu": 0.25, "gpu": 0.25}, device="cpu", finetune_front=False))
+        cfg = parse_sweep(
+            mini(
+                tmp_path,
+                methods=[{"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2}}],
+                grid={"flops_targets": [0.7], "kd_weights": [0.0]},
+                teacher=None,
+                optuna={"sampler": "random", "samples_per_cell": 8, "seed": 0, "stage_prune": [[0.3, 0.8]] * 3},
+                resources={"cpu": 0.25, "gpu": 0.25},
+                device="cpu",
+                finetune_front=False,
+            )
+        )
         Concurrency.seen = []
         out = io.StringIO()
         outcome = run_sweep(cfg, callbacks=[Concurrency()], out=out)
@@ -297,8 +338,9 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster, s3, mlflow_server, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
+    cluster, s3, mlflow_server, tmp_path, monkeypatch, capsys
+):
     from rayprune.cli import main
     from rayprune.tracking.lookup import connect, find_experiment, find_sweep_run, sweep_rows
 
@@ -311,8 +353,14 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     assert reference.complete and not reference.failed_trials
 
     # The same sweep through S3 and the server; a worker node dies mid-sweep.
-    cfg = parse_sweep(mini(tmp_path, tracking={"uri": server, "experiment": "mini"},
-                           storage_path=f"s3://{BUCKET}/results", max_failures=2))
+    cfg = parse_sweep(
+        mini(
+            tmp_path,
+            tracking={"uri": server, "experiment": "mini"},
+            storage_path=f"s3://{BUCKET}/results",
+            max_failures=2,
+        )
+    )
     out = io.StringIO()
     remover = RemoveWorkerOnce()
     outcome = run_sweep(cfg, address=cluster.address, callbacks=[remover], out=out)
@@ -338,7 +386,7 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     restored_from = lost[-1]["steps_done"]
     assert survived[0]["steps_done"] in (restored_from, restored_from + 1)  # from the last checkpoint, or re-run
     assert [r["steps_done"] for r in survived][-1] == 2 and [r[FINAL_KEY] for r in survived].count(True) == 1
-    assert all(a["steps_done"] <= b["steps_done"] for a, b in zip(moved, moved[1:]))  # never went backwards
+    assert all(a["steps_done"] <= b["steps_done"] for a, b in itertools.pairwise(moved))  # never went backwards
     assert all([r["steps_done"] for r in rs] == [1, 2, 2] for rs in results.values() if rs is not moved)
     # Teacher, checkpoints and the final-phase cache live on S3.
     fs, root = filesystem(outcome.experiment_path)
@@ -347,7 +395,9 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
 
     files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))]
     final_checkpoints = [p for p in files if p.endswith("/final/weights.pt") and "/checkpoint_" in p]
-    assert len({p.split("/checkpoint_")[0] for p in final_checkpoints}) == 4  # every trial's (the moved one's may be twice)
+    assert (
+        len({p.split("/checkpoint_")[0] for p in final_checkpoints}) == 4
+    )  # every trial's (the moved one's may be twice)
     assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 5
 
     # The records equal the undisturbed run's: parquet (as uploaded to the parent run, through
@@ -355,8 +405,10 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     client = connect(server)
     parent = find_sweep_run(client, find_experiment(client, "mini"), outcome.sweep_id)
     rows = sweep_rows(client, parent)
-    ref_rows = sweep_rows(connect(f"sqlite:///{tmp_path}/ref/mlflow.db"),
-                          MlflowClient(f"sqlite:///{tmp_path}/ref/mlflow.db").get_run(reference.parent_run_id))
+    ref_rows = sweep_rows(
+        connect(f"sqlite:///{tmp_path}/ref/mlflow.db"),
+        MlflowClient(f"sqlite:///{tmp_path}/ref/mlflow.db").get_run(reference.parent_run_id),
+    )
     assert len(rows) == len(ref_rows) and comparable_rows(rows) == comparable_rows(ref_rows)
     assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"subnets.parquet", "pareto", "sweep"}
@@ -372,18 +424,41 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(cluster,
     # --resume through S3: found by listing the bucket, nothing run or logged twice.
     again = run_sweep(cfg, address=cluster.address, resume="latest", out=io.StringIO())
     assert again.complete and (again.sweep_id, again.parent_run_id) == (outcome.sweep_id, outcome.parent_run_id)
-    assert comparable_rows(sweep_rows(client, find_sweep_run(client, parent.info.experiment_id,
-                                                             outcome.sweep_id))) == comparable_rows(rows)
+    assert comparable_rows(
+        sweep_rows(client, find_sweep_run(client, parent.info.experiment_id, outcome.sweep_id))
+    ) == comparable_rows(rows)
     assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
 
     # front and pick against the server (the subnet's weights come back through the proxy).
     capsys.readouterr()
     assert main(["front", "--experiment", "mini", "--mlflow-uri", server]) == 0
     assert "final front [kd0]" in capsys.readouterr().out
-    assert main(["pick", "--experiment", "mini", "--mlflow-uri", server, "--mode", "efficient", "--max-drop", "1",
-                 "--out", str(tmp_path / "eff"), "--onnx-exporter", "torchscript"]) == 0
-    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
-                                                                     "weights.pt"]
+    assert (
+        main(
+            [
+                "pick",
+                "--experiment",
+                "mini",
+                "--mlflow-uri",
+                server,
+                "--mode",
+                "efficient",
+                "--max-drop",
+                "1",
+                "--out",
+                str(tmp_path / "eff"),
+                "--onnx-exporter",
+                "torchscript",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == [
+        "model.onnx",
+        "model_card.md",
+        "spec.json",
+        "weights.pt",
+    ]
     assert client.get_model_version_by_alias("rayprune-mini", "efficient").version == "1"  # registered on the server
 
 
@@ -392,7 +467,10 @@ def test_a_missing_bucket_is_refused_before_ray_and_an_existing_one_passes(s3):
     from rayprune.orchestration.preflight import PreflightError, check_object_storage
 
     check_object_storage(f"s3://{BUCKET}/results")  # exists and answers: no error
-    with pytest.raises(PreflightError, match=r"^storage path s3://no-such-bucket/results \(storage_path / "
-                                             r"--storage-path\): bucket 'no-such-bucket' does not exist \(rayprune "
-                                             r"does not create buckets\); create it or check the bucket name"):
+    with pytest.raises(
+        PreflightError,
+        match=r"^storage path s3://no-such-bucket/results \(storage_path / "
+        r"--storage-path\): bucket 'no-such-bucket' does not exist \(rayprune "
+        r"does not create buckets\); create it or check the bucket name",
+    ):
         check_object_storage("s3://no-such-bucket/results")

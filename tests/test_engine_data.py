@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from rayprune.engine import data
-from rayprune.engine.data import (DataError, Dataset, holdout_per_class, load_dataset, make_loader,
-                                  random_crop_flip, sample_crop_flip, split_per_class,
-                                  synthetic_dataset)
+from rayprune.engine.data import (
+    DataError,
+    Dataset,
+    holdout_per_class,
+    load_dataset,
+    make_loader,
+    random_crop_flip,
+    sample_crop_flip,
+    split_per_class,
+    synthetic_dataset,
+)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -154,7 +162,7 @@ def candidates(img_hwc: torch.Tensor, p: int) -> list[torch.Tensor]:
     """Every crop of the zero-padded image, flipped or not (the reference for random_crop_flip)."""
     h, w, _ = img_hwc.shape
     padded = F.pad(img_hwc.permute(2, 0, 1), (p, p, p, p)).permute(1, 2, 0)
-    crops = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+    crops = [padded[dy : dy + h, dx : dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
     return crops + [c.flip(1) for c in crops]
 
 
@@ -164,7 +172,7 @@ def test_random_crop_flip_outputs_are_padded_crops_or_their_mirror_images():
     params = sample_crop_flip(64, 2, torch.Generator().manual_seed(0))
     out = random_crop_flip(images, params, 2)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    for img, aug, (dy, dx, flip) in zip(images, out, params.tolist()):
+    for img, aug, (dy, dx, flip) in zip(images, out, params.tolist(), strict=True):
         # candidates() lists the 25 shifts (row-major), then the same 25 mirrored
         assert torch.equal(aug, candidates(img, 2)[25 * flip + 5 * dy + dx])
     assert len({tuple(p) for p in params.tolist()}) > 20  # many distinct shifts, both flips
@@ -184,7 +192,7 @@ def test_train_loader_is_normalised_channels_last_shuffled_and_seeded():
     per_channel = x.permute(1, 0, 2, 3).flatten(1)
     assert (per_channel.min(1).values >= low - 1e-6).all() and (per_channel.max(1).values <= high + 1e-6).all()
     again = list(make_loader(ds, 5, train=True, seed=1))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     loader.set_epoch(1)
     assert not torch.equal(next(iter(loader))[0], x)  # a new epoch reshuffles and re-augments
 
@@ -192,7 +200,7 @@ def test_train_loader_is_normalised_channels_last_shuffled_and_seeded():
 def test_eval_loader_keeps_order_and_exact_pixels():
     ds = tiny_dataset(n=7)
     loader = make_loader(ds, 3, train=False, normalize=False)
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=True)
     assert [len(y) for y in ys] == [3, 3, 1]
     assert torch.equal(torch.cat(xs), ds.x.float() / 255) and torch.equal(torch.cat(ys), ds.y)
     norm = next(iter(make_loader(ds, 3, train=False)))[0]
@@ -222,7 +230,7 @@ def test_folder_dataset_reads_an_image_tree(tmp_path):
     assert x.shape == (3, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     assert sorted(y.tolist()) == [0, 1, 1]
     xs = torch.cat([b[0] for b in make_loader(val, 4, train=False, normalize=False)])
-    assert xs.shape == (6, 3, 32, 32) and 0 <= xs.min() and xs.max() <= 1
+    assert xs.shape == (6, 3, 32, 32) and xs.min() >= 0 and xs.max() <= 1
 
 
 class _FakeCIFAR10:

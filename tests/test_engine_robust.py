@@ -24,7 +24,7 @@ def test_each_corruption_changes_images_stays_in_range_and_is_seeded(name):
     assert a.shape == x.shape and a.dtype == x.dtype
     assert torch.equal(a, b)
     assert (a - x).abs().mean() > 0.01  # really changes the input
-    assert 0 <= a.min() and a.max() <= 1
+    assert a.min() >= 0 and a.max() <= 1
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])

@@ -16,8 +16,16 @@ from torch import nn
 from rayprune import models
 from rayprune.engine import checkpoint as ckpt
 from rayprune.engine.data import Dataset, load_dataset, make_loader, synthetic_dataset
-from rayprune.engine.train import (TrainConfig, evaluate, fit, kd_loss, make_optimizer, make_scheduler,
-                                  recalibrate_bn, recalibration_batches)
+from rayprune.engine.train import (
+    TrainConfig,
+    evaluate,
+    fit,
+    kd_loss,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_bn,
+    recalibration_batches,
+)
 from rayprune.engine.utils import resolve_device
 
 # -- KD -----------------------------------------------------------------------------------------
@@ -137,8 +145,16 @@ def test_resume_after_an_interruption_continues_bitwise(tmp_path):
     assert len(full) == 3 and all(math.isfinite(h["loss"]) for h in full)
 
     first, _, _ = tiny_setup()
-    stopped = fit(first, train, CFG, val=val, progress=False, seed=1, checkpoint_dir=tmp_path,
-                  on_epoch=lambda entry: entry["epoch"] == 1)  # "killed" after epoch 1
+    stopped = fit(
+        first,
+        train,
+        CFG,
+        val=val,
+        progress=False,
+        seed=1,
+        checkpoint_dir=tmp_path,
+        on_epoch=lambda entry: entry["epoch"] == 1,
+    )  # "killed" after epoch 1
     assert stopped == full[:2]
     fresh, _, _ = tiny_setup(seed=99)  # different init: everything must come from the checkpoint
     random.random(), np.random.rand(), torch.rand(1)  # the caller's streams move on after the checkpoint
@@ -147,7 +163,7 @@ def test_resume_after_an_interruption_continues_bitwise(tmp_path):
     assert random.getstate() == caller_rng[0] and (np.random.get_state()[1] == caller_rng[1]).all()
     assert torch.equal(torch.get_rng_state(), caller_rng[2])  # resuming leaves the caller's RNGs alone
     assert resumed == full  # includes epoch 2's loss, lr and val_top1, compared exactly
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True))
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary files left behind
     assert ckpt.load(tmp_path / "last.pt")["epoch"] == 3
 
@@ -234,7 +250,13 @@ def test_progress_bar_goes_to_stderr(capsys):
 def test_bn_layers_lists_every_batch_norm_in_module_order():
     from rayprune.engine import bn_layers
 
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                              torch.nn.LazyBatchNorm1d(), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.LazyBatchNorm1d(),
+        torch.nn.Linear(4, 2),
+        torch.nn.BatchNorm1d(2),
+    )
     assert bn_layers(net) == [net[1], net[3], net[5]]
     assert not bn_layers(torch.nn.Linear(2, 2))

@@ -39,8 +39,13 @@ def onnx_vs_torch(out_dir, batch=4, size=32):
 @pytest.mark.slow
 def test_default_export_writes_all_files_and_onnx_matches_torch(tmp_path):
     state = trained_like_state(PRUNED)
-    out = export_subnet(PRUNED, state, {"test_top1": 0.875, "robust_top1": 0.5},
-                        tmp_path / "efficient", info={"mode": "efficient", "sweep_id": "sw1", "source_run_id": "abc"})
+    out = export_subnet(
+        PRUNED,
+        state,
+        {"test_top1": 0.875, "robust_top1": 0.5},
+        tmp_path / "efficient",
+        info={"mode": "efficient", "sweep_id": "sw1", "source_run_id": "abc"},
+    )
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_card.md", "spec.json", "weights.pt"]
     assert json.loads((out / "spec.json").read_text()) == PRUNED
     loaded = torch.load(out / "weights.pt", weights_only=True)

@@ -99,7 +99,7 @@ def test_resnet_with_stride1_projections():
 def blocks_per_stage(model, counts, **options):
     """The full spec of ``model`` keeping the first ``counts[s]`` blocks (or convs) of stage s."""
     spec = models.full_spec(model, **options)
-    return {**spec, "stages": [stage[:n] for stage, n in zip(spec["stages"], counts)]}
+    return {**spec, "stages": [stage[:n] for stage, n in zip(spec["stages"], counts, strict=True)]}
 
 
 DEPTH_PRUNED = [

@@ -25,8 +25,14 @@ META_KEYS = ("meta_git_sha", "meta_code_hash", "meta_torch", "meta_device", "met
 def kit(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     # One OpenMP thread: on a loaded 2-core machine spinning threads made the smoke run 5-15x slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def finite(v) -> bool:
@@ -47,8 +53,18 @@ def write_fake_cifar(folder: Path, n: int = 20, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpukit")
-    res = kit("gpu/run.py", "--command", "all", "--smoke", "--out", str(base / "out"), "--kit", str(base / "kit"),
-              "--preflight-methods", "uniform,ast")
+    res = kit(
+        "gpu/run.py",
+        "--command",
+        "all",
+        "--smoke",
+        "--out",
+        str(base / "out"),
+        "--kit",
+        str(base / "kit"),
+        "--preflight-methods",
+        "uniform,ast",
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     rows = common.read_rows([base / "out" / "results.jsonl"])
     return rows, res.stdout, base
@@ -56,15 +72,20 @@ def smoke(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_runs_every_stage_and_records_meta(smoke):
-    rows, stdout, base = smoke
+    rows, stdout, _base = smoke
     assert {r["stage"] for r in rows} == {"preflight", "A", "calibrate", "B", "C"}
     for r in rows:
         for key in META_KEYS:
             assert key in r, (key, r["stage"])
         assert r["meta_device"] == "cpu" and r["meta_code_hash"]
     assert all(r["ok"] for r in rows if r["stage"] == "preflight"), [r for r in rows if not r.get("ok", True)]
-    assert {r["check"] for r in rows if r["stage"] == "preflight"} >= {"imports", "device", "engine", "method:ast",
-                                                                       "stage_b_config"}
+    assert {r["check"] for r in rows if r["stage"] == "preflight"} >= {
+        "imports",
+        "device",
+        "engine",
+        "method:ast",
+        "stage_b_config",
+    }
     assert not [r for r in rows if r.get("error")]
     # The printed summary is what the device tool's output tail shows.
     for table in ("| stage A phase | arm |", "| stage B arm |", "| stage C net |"):
@@ -74,15 +95,19 @@ def test_smoke_runs_every_stage_and_records_meta(smoke):
 def test_smoke_stage_a_interleaved_rows(smoke):
     rows, _, base = smoke
     arms = [r for r in rows if r["stage"] == "A" and r.get("kind") == "arm"]
-    assert {r["arm"] for r in arms} == {"reference/fp32/eager", "engine/fp32/eager", "reference/bf16_cl/eager",
-                                        "engine/bf16_cl/eager"}
+    assert {r["arm"] for r in arms} == {
+        "reference/fp32/eager",
+        "engine/fp32/eager",
+        "reference/bf16_cl/eager",
+        "engine/bf16_cl/eager",
+    }
     for r in arms:
         for key in ("img_s", "step_ms", "epoch_s", "tflops"):
             assert finite(r[key]) and r[key] > 0, (r["arm"], key, r[key])
         assert r["rounds"] == 2 and len(r["img_s_all"]) == 2
     ratios = [r for r in rows if r["stage"] == "A" and r.get("kind") == "ratio"]
     assert len(ratios) == 4 and all(finite(r["median_ratio"]) and r["median_ratio"] > 0 for r in ratios)
-    cal = [r for r in rows if r["stage"] == "calibrate"][0]
+    cal = next(r for r in rows if r["stage"] == "calibrate")
     assert finite(cal["epoch_s"]) and cal["epoch_s"] > 0
     saved = json.loads((base / "kit" / common.STATE / "calibration.json").read_text())
     assert saved["epoch_s"] == pytest.approx(cal["epoch_s"])
@@ -92,7 +117,7 @@ def test_smoke_stage_b_arms(smoke):
     rows, _, _ = smoke
     b = {r["arm"]: r for r in rows if r["stage"] == "B" and r.get("kind") == "arm"}
     assert list(b) == ["teacher"] + [a["arm"] for a in stage_b.ARMS]
-    plan = [r for r in rows if r["stage"] == "B" and r.get("kind") == "plan"][0]
+    plan = next(r for r in rows if r["stage"] == "B" and r.get("kind") == "plan")
     assert plan["epoch_source"].startswith("calibration")  # stage A's calibration sized stage B
     recipes = set()
     for name, r in b.items():
@@ -145,14 +170,25 @@ def test_stage_b_sizing_picks_what_fits():
     assert small[0] == next(iter(stage_b.SIZES))  # plenty of time: the largest
     tight = stage_b.choose_size(100.0, 10.0, stage_b.ARMS)
     assert tight[0] == list(stage_b.SIZES)[-1]  # nothing fits: the smallest
-    name, size, est = stage_b.choose_size(2.0, 400.0, stage_b.ARMS)
+    name, _size, est = stage_b.choose_size(2.0, 400.0, stage_b.ARMS)
     assert est <= 400.0 or name == list(stage_b.SIZES)[-1]
 
 
 def test_prepare_packs_checks_and_refuses_over_limit(tmp_path):
     cifar = write_fake_cifar(tmp_path / "cifar-10-batches-py")
-    args = ["--cifar-dir", str(cifar), "--kit", str(tmp_path / "kit"), "--no-wheels", "--tree-bytes", "1000",
-            "--preset", "0", "--jobs", "1"]
+    args = [
+        "--cifar-dir",
+        str(cifar),
+        "--kit",
+        str(tmp_path / "kit"),
+        "--no-wheels",
+        "--tree-bytes",
+        "1000",
+        "--preset",
+        "0",
+        "--jobs",
+        "1",
+    ]
     ok = kit("gpu/prepare.py", *args, "--json", str(tmp_path / "plan.json"))
     assert ok.returncode == 0, ok.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -184,8 +220,20 @@ def test_parts_round_trip_equals_load_cifar_and_survive_a_lost_part(tmp_path):
 
     cifar = write_fake_cifar(tmp_path / "cifar-10-batches-py", n=30, seed=1)
     kit_dir = tmp_path / "kit"
-    common_parts = kit("gpu/prepare.py", "--cifar-dir", str(cifar), "--kit", str(kit_dir), "--no-wheels",
-                       "--tree-bytes", "0", "--preset", "0", "--jobs", "1")
+    common_parts = kit(
+        "gpu/prepare.py",
+        "--cifar-dir",
+        str(cifar),
+        "--kit",
+        str(kit_dir),
+        "--no-wheels",
+        "--tree-bytes",
+        "0",
+        "--preset",
+        "0",
+        "--jobs",
+        "1",
+    )
     assert common_parts.returncode == 0, common_parts.stderr
     train, test, info = common.cifar_from_parts(kit_dir)
     ref_train, ref_test = load_cifar(cifar, "cifar10")
@@ -206,8 +254,17 @@ def test_parts_round_trip_equals_load_cifar_and_survive_a_lost_part(tmp_path):
 
 
 def test_run_without_parts_is_one_clear_line(tmp_path):
-    res = kit("gpu/run.py", "--stages", "B", "--device", "cpu", "--out", str(tmp_path / "out"), "--kit",
-              str(tmp_path / "empty"))
+    res = kit(
+        "gpu/run.py",
+        "--stages",
+        "B",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+        "--kit",
+        str(tmp_path / "empty"),
+    )
     assert res.returncode == 2
     assert "run: error: stage B: no CIFAR-10 training batch" in res.stdout
     row = common.read_rows([tmp_path / "out" / "results.jsonl"])[0]
@@ -215,7 +272,23 @@ def test_run_without_parts_is_one_clear_line(tmp_path):
 
 
 def test_train_throughput_interleaves(tmp_path):
-    res = kit("train_throughput.py", "--synthetic", "--model", "cifar_resnet:tiny", "--steps", "2", "--rounds", "2",
-              "--batch-size", "8", "--workers", "0", "--device", "cpu", "--threads", "1")
+    res = kit(
+        "train_throughput.py",
+        "--synthetic",
+        "--model",
+        "cifar_resnet:tiny",
+        "--steps",
+        "2",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ratio ") == 4 and "(min " in res.stdout and "2 rounds" in res.stdout

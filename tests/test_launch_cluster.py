@@ -18,7 +18,12 @@ from rayprune.orchestration import cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "launch" / "cluster.yaml"
-DOCS = [ROOT / "README.md", CLUSTER_YAML, ROOT / "launch" / "sweep.py", *sorted((ROOT / "search_spaces").glob("*.yaml"))]
+DOCS = [
+    ROOT / "README.md",
+    CLUSTER_YAML,
+    ROOT / "launch" / "sweep.py",
+    *sorted((ROOT / "search_spaces").glob("*.yaml")),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,12 +103,15 @@ def test_the_sweep_command_uses_the_fallback_and_says_so(monkeypatch, capsys):
     given = "/home/alice/rayprune/search_spaces/quickstart.yaml"
     assert main(["sweep", "--space", given]) == 0
     err = capsys.readouterr().err
-    assert err.startswith(f"rayprune: warning: --space {given}: no such file on this machine; using "
-                          f"{ROOT / 'search_spaces' / 'quickstart.yaml'} ")
+    assert err.startswith(
+        f"rayprune: warning: --space {given}: no such file on this machine; using "
+        f"{ROOT / 'search_spaces' / 'quickstart.yaml'} "
+    )
     assert seen["cfg"].name == "quickstart"
     assert main(["sweep", "--space", "/home/alice/elsewhere/quickstart.yaml"]) == 2  # no fallback: one line
-    assert capsys.readouterr().err == ("rayprune: error: /home/alice/elsewhere/quickstart.yaml: no such sweep file "
-                                       "(see search_spaces/ for examples)\n")
+    assert capsys.readouterr().err == (
+        "rayprune: error: /home/alice/elsewhere/quickstart.yaml: no such sweep file (see search_spaces/ for examples)\n"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,12 +154,17 @@ def test_a_joined_driver_logs_to_the_heads_server_instead_of_its_database(head_s
     own = f"sqlite:///{head_server}/mlflow.db"
     uri, note = cluster.tracking_uri_on_cluster(own, None, "auto")
     assert uri == "http://127.0.0.1:5999"
-    assert note == (f"rayprune: this cluster's head runs an MLflow server at http://127.0.0.1:5999; the sweep logs "
-                    f"there instead of its database {own} (pass --mlflow-uri to choose another store)")
+    assert note == (
+        f"rayprune: this cluster's head runs an MLflow server at http://127.0.0.1:5999; the sweep logs "
+        f"there instead of its database {own} (pass --mlflow-uri to choose another store)"
+    )
     assert cluster.tracking_uri_on_cluster("sqlite:///mlflow.db", None, "auto")[0] == "http://127.0.0.1:5999"
-    with pytest.raises(cluster.LaunchError, match=r"^--mlflow-uri sqlite:///mlflow.db is the database of the MLflow "
-                                                  r"server this cluster's head runs \(http://127.0.0.1:5999\); .* "
-                                                  r"pass --mlflow-uri http://127.0.0.1:5999 \(or another database\)$"):
+    with pytest.raises(
+        cluster.LaunchError,
+        match=r"^--mlflow-uri sqlite:///mlflow.db is the database of the MLflow "
+        r"server this cluster's head runs \(http://127.0.0.1:5999\); .* "
+        r"pass --mlflow-uri http://127.0.0.1:5999 \(or another database\)$",
+    ):
         cluster.tracking_uri_on_cluster(own, "sqlite:///mlflow.db", "auto")
     other = f"sqlite:///{head_server}/elsewhere.db"  # another file stays allowed, given or configured
     assert cluster.tracking_uri_on_cluster(other, other, "auto") == (other, None)
@@ -182,8 +195,12 @@ def test_the_sweep_command_refuses_the_heads_database_and_defaults_to_its_server
     assert seen["uri"] == "http://127.0.0.1:5999"
     assert "rayprune: this cluster's head runs an MLflow server at http://127.0.0.1:5999" in capsys.readouterr().err
     seen.clear()
-    assert main(["sweep", "--space", space, "--address", "auto", "--mlflow-uri",
-                 f"sqlite:///{head_server}/mlflow.db"]) == 2
-    assert capsys.readouterr().err.startswith(f"rayprune: error: --mlflow-uri sqlite:///{head_server}/mlflow.db is "
-                                              "the database of the MLflow server this cluster's head runs")
+    assert (
+        main(["sweep", "--space", space, "--address", "auto", "--mlflow-uri", f"sqlite:///{head_server}/mlflow.db"])
+        == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        f"rayprune: error: --mlflow-uri sqlite:///{head_server}/mlflow.db is "
+        "the database of the MLflow server this cluster's head runs"
+    )
     assert not seen and not (head_server / "mlflow.db").exists()

@@ -9,8 +9,10 @@ from rayprune.methods import MODULES, get_method
 from rayprune.testing import conformance
 
 SLOW_CHECKS = {conformance.check_finalize_reports_true_macs}  # a fine-tune, robust accuracy and latency
-CHECKS = [pytest.param(c, id=c.__name__.removeprefix("check_"), marks=[pytest.mark.slow] if c in SLOW_CHECKS else [])
-          for c in conformance.CHECKS]
+CHECKS = [
+    pytest.param(c, id=c.__name__.removeprefix("check_"), marks=[pytest.mark.slow] if c in SLOW_CHECKS else [])
+    for c in conformance.CHECKS
+]
 
 
 @pytest.mark.parametrize("check", CHECKS)

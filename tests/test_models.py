@@ -33,8 +33,11 @@ REFERENCES = [
 ]
 
 
-@pytest.mark.parametrize("model,classes,options,size,ref_macs,ref_params", REFERENCES,
-                         ids=[f"{r[0]}-{r[1]}-{'-'.join(r[2].values())}" for r in REFERENCES])
+@pytest.mark.parametrize(
+    "model,classes,options,size,ref_macs,ref_params",
+    REFERENCES,
+    ids=[f"{r[0]}-{r[1]}-{'-'.join(r[2].values())}" for r in REFERENCES],
+)
 def test_reference_counts(model, classes, options, size, ref_macs, ref_params):
     spec = models.full_spec(model, num_classes=classes, **options)
     assert models.macs(spec, size) == ref_macs
@@ -46,7 +49,7 @@ def test_ast_gap_is_two_shortcut_convs():
     """Option A and avgpool_conv differ by exactly the two stride-2 1x1 convs."""
     a = models.macs(models.full_spec("cifar_resnet:56", shortcut="option_a"))
     b = models.macs(models.full_spec("cifar_resnet:56", shortcut="avgpool_conv"))
-    assert b - a == 16 * 32 * 16 ** 2 + 32 * 64 * 8 ** 2
+    assert b - a == 16 * 32 * 16**2 + 32 * 64 * 8**2
 
 
 def test_mobilenet_width_multipliers_match_torchvision():
@@ -58,11 +61,14 @@ def test_mobilenet_width_multipliers_match_torchvision():
         assert models.params(spec) == sum(p.numel() for p in tv.parameters())
 
 
-@pytest.mark.parametrize("ours,theirs", [
-    ("resnet:18", lambda: torchvision.models.resnet18()),
-    ("resnet:50", lambda: torchvision.models.resnet50()),
-    ("mobilenet_v2:1.0", lambda: torchvision.models.mobilenet_v2()),
-])
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        ("resnet:18", lambda: torchvision.models.resnet18()),
+        ("resnet:50", lambda: torchvision.models.resnet50()),
+        ("mobilenet_v2:1.0", lambda: torchvision.models.mobilenet_v2()),
+    ],
+)
 def test_torchvision_weights_load_and_give_the_same_outputs(ours, theirs):
     spec = models.full_spec(ours, num_classes=1000)
     tv = theirs().eval()
@@ -74,11 +80,22 @@ def test_torchvision_weights_load_and_give_the_same_outputs(ours, theirs):
         torch.testing.assert_close(net(x), tv(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model,size", [
-    ("cifar_resnet:tiny", 32), ("cifar_resnet:20", 16), ("vgg:tiny", 32), ("vgg:tiny", 8), ("vgg:11", 32),
-    ("mobilenet_v2:tiny", 32), ("mobilenet_v2:cifar_0.5", 32), ("mobilenet_v2:0.35", 64),
-    ("resnet:tiny", 32), ("resnet:tiny_bottleneck", 32), ("resnet:18", 64),
-])
+@pytest.mark.parametrize(
+    "model,size",
+    [
+        ("cifar_resnet:tiny", 32),
+        ("cifar_resnet:20", 16),
+        ("vgg:tiny", 32),
+        ("vgg:tiny", 8),
+        ("vgg:11", 32),
+        ("mobilenet_v2:tiny", 32),
+        ("mobilenet_v2:cifar_0.5", 32),
+        ("mobilenet_v2:0.35", 64),
+        ("resnet:tiny", 32),
+        ("resnet:tiny_bottleneck", 32),
+        ("resnet:18", 64),
+    ],
+)
 def test_build_output_shape_and_state_keys(model, size):
     spec = models.full_spec(model, num_classes=7)
     net = models.build(spec).eval()
@@ -102,8 +119,12 @@ def test_layer_names_are_module_paths():
             assert layer.name in modules, layer.name
             m = modules[layer.name]
             assert (layer.in_channels, layer.out_channels) == (
-                (m.in_channels, m.out_channels) if layer.kind == "conv" else
-                (m.in_features, m.out_features) if layer.kind == "linear" else (m.num_features,) * 2)
+                (m.in_channels, m.out_channels)
+                if layer.kind == "conv"
+                else (m.in_features, m.out_features)
+                if layer.kind == "linear"
+                else (m.num_features,) * 2
+            )
 
 
 def test_default_variants_and_groups():
@@ -167,6 +188,7 @@ def test_cifar_mobilenet_removes_the_early_strides():
 # Validation: every error names the bad field
 # ---------------------------------------------------------------------------------------------
 
+
 def _mutate(model, change):
     spec = models.full_spec(model)
     change(spec)
@@ -213,13 +235,13 @@ def test_validation_names_the_field(model, change, field):
 
 
 def test_unknown_family_and_variant_list_known_names():
-    with pytest.raises(SpecError, match="known:.*cifar_resnet.*mobilenet_v2.*resnet.*vgg"):
+    with pytest.raises(SpecError, match=r"known:.*cifar_resnet.*mobilenet_v2.*resnet.*vgg"):
         models.full_spec("alexnet:1")
     with pytest.raises(SpecError, match="known: 11, 13, 16, 19, tiny"):
         models.full_spec("vgg:17")
     with pytest.raises(SpecError, match="known: 18, 34, 50, 101, 152, tiny, tiny_bottleneck"):
         models.full_spec("resnet:20")
-    with pytest.raises(SpecError, match="known: 1.4, 1.0, 0.75, 0.5, 0.35, cifar, cifar_0.75, cifar_0.5, tiny"):
+    with pytest.raises(SpecError, match=r"known: 1.4, 1.0, 0.75, 0.5, 0.35, cifar, cifar_0.75, cifar_0.5, tiny"):
         models.full_spec("mobilenet_v2:2.0")
     with pytest.raises(SpecError, match="variants of resnet: 18"):
         models.full_spec("resnet")
@@ -273,7 +295,7 @@ def test_with_widths_sets_every_member_and_keeps_the_original():
     assert vgg["stages"][4] == [512, 512, 10]
     assert models.build(vgg).fc.in_features == 10
 
-    with pytest.raises(SpecError, match="unknown channel group 's9.c0'"):
+    with pytest.raises(SpecError, match=r"unknown channel group 's9.c0'"):
         models.with_widths(models.full_spec("vgg:tiny"), {"s9.c0": 4})
     with pytest.raises(SpecError, match="width must be an integer >= 1"):
         models.with_widths(models.full_spec("vgg:tiny"), {"s0.c0": 0})

@@ -31,8 +31,9 @@ def test_round_trip_keeps_spec_weights_record_and_input_size(tmp_path, tiny_spec
 
 
 def test_old_folders_fall_back_to_the_spec_hint_then_the_dataset_default(tmp_path, tiny_spec):
-    old = subnet_io.save(tmp_path / "old", tiny_spec, models.build(tiny_spec).state_dict(),
-                         {"test_top1": 0.7, "macs": 1234})  # an old teacher's flat metrics.json
+    old = subnet_io.save(
+        tmp_path / "old", tiny_spec, models.build(tiny_spec).state_dict(), {"test_top1": 0.7, "macs": 1234}
+    )  # an old teacher's flat metrics.json
     saved = subnet_io.load(old)
     assert saved.input_size is None and saved.metrics == {"test_top1": 0.7, "macs": 1234}
     with pytest.raises(models.SpecError, match="records no input size"):
@@ -49,7 +50,7 @@ def test_missing_files_are_named(tmp_path, tiny_spec):
     assert subnet_io.is_saved(out)
     (out / "weights.pt").unlink()
     assert not subnet_io.is_saved(out)
-    with pytest.raises(subnet_io.NotASubnetError, match="lacks weights.pt"):
+    with pytest.raises(subnet_io.NotASubnetError, match=r"lacks weights.pt"):
         subnet_io.load(out)
     with pytest.raises(FileNotFoundError):
         load_subnet(out)
@@ -58,7 +59,7 @@ def test_missing_files_are_named(tmp_path, tiny_spec):
 def test_weights_are_never_unpickled(tmp_path, tiny_spec):
     out = subnet_io.save(tmp_path / "s", tiny_spec, models.build(tiny_spec).state_dict())
     torch.save({"net": models.build(tiny_spec)}, out / "weights.pt")  # a pickled module
-    with pytest.raises(UnreadableFileError, match="weights.pt': it holds pickled Python objects") as err:
+    with pytest.raises(UnreadableFileError, match=r"weights.pt': it holds pickled Python objects") as err:
         subnet_io.load(out)
     assert "weights_only" not in str(err.value)  # never the advice to load it unsafely
     assert json.loads((out / "spec.json").read_text()) == tiny_spec

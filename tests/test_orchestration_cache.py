@@ -14,10 +14,21 @@ pytestmark = pytest.mark.slow  # every test here runs a Ray sweep or Ray tasks
 
 
 def uniform(tmp_path, seed, rates, epochs=1):
-    cfg = TrialConfig(method="uniform", model="cifar_resnet:tiny", shortcut="avgpool_conv", dataset="synthetic",
-                      flops_target=0.5, max_stage_prune=rates, seed=seed, robust=False, measure_latency=False,
-                      finetune={"epochs": epochs, "batch_size": 64}, hparams={"eval_epochs": 1},
-                      train_subset=200, test_subset=100)
+    cfg = TrialConfig(
+        method="uniform",
+        model="cifar_resnet:tiny",
+        shortcut="avgpool_conv",
+        dataset="synthetic",
+        flops_target=0.5,
+        max_stage_prune=rates,
+        seed=seed,
+        robust=False,
+        measure_latency=False,
+        finetune={"epochs": epochs, "batch_size": 64},
+        hparams={"eval_epochs": 1},
+        train_subset=200,
+        test_subset=100,
+    )
     method = build_method(cfg, tmp_path / f"m{seed}")
     method.step()
     return method

@@ -33,11 +33,32 @@ def ray_head(tmp_path):
     port = free_port()
     # One auth mode for the head and every client (the `ray` CLI does not pick up a token file
     # by itself); a loopback-only test cluster needs none.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-                             "--include-dashboard", "false", "--node-ip-address", "127.0.0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    head = subprocess.Popen(
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--node-ip-address",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     address = f"127.0.0.1:{port}"
     try:
         _wait_until_up(address, head, env)
@@ -83,8 +104,14 @@ def test_sweep_joins_a_running_cluster_with_address_auto(ray_head, tmp_path):
     address, env = ray_head
     (tmp_path / "joined.yaml").write_text(yaml.safe_dump(one_cell_sweep(tmp_path)))
     env = {**env, "RAY_ADDRESS": address}
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--space", "joined.yaml",
-                          "--address", "auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "sweep.py"), "--space", "joined.yaml", "--address", "auto"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     port = address.rsplit(":", 1)[1]  # the head advertises the machine's IP, not the loopback one

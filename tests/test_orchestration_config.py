@@ -28,14 +28,20 @@ def quickstart() -> dict:
 def test_shipped_sweep_files_load(path):
     cfg = load_sweep(path)
     assert cfg.name == path.stem
-    assert cfg.num_trials() == len(cfg.methods) * len(cfg.grid.flops_targets) * len(cfg.grid.kd_weights) \
-        * cfg.optuna.samples_per_cell
+    assert (
+        cfg.num_trials()
+        == len(cfg.methods) * len(cfg.grid.flops_targets) * len(cfg.grid.kd_weights) * cfg.optuna.samples_per_cell
+    )
     assert Path(cfg.storage_path).is_absolute() or "://" in cfg.storage_path
 
 
 def test_the_required_files_are_shipped():
-    assert {p.name for p in SPACES} >= {"quickstart.yaml", "cifar10_resnet56.yaml", "cifar100_resnet56.yaml",
-                                        "imagenet_resnet50.yaml"}
+    assert {p.name for p in SPACES} >= {
+        "quickstart.yaml",
+        "cifar10_resnet56.yaml",
+        "cifar100_resnet56.yaml",
+        "imagenet_resnet50.yaml",
+    }
     paper = load_sweep(ROOT / "search_spaces" / "cifar10_resnet56.yaml")
     assert paper.model == "cifar_resnet:56" and paper.grid.kd_weights == [0.0, 0.9]
     assert 0.47 in paper.grid.flops_targets and paper.resources.gpu > 0
@@ -68,15 +74,22 @@ BAD = [
     ("optuna.sampler", "cmaes", "optuna.sampler: Input should be 'tpe', 'random', 'gp' or 'nsga2'"),
     ("optuna.stage_prune", [[0.1, 0.5]], "optuna.stage_prune: the model has 3 stages, so give 3 [low, high] ranges"),
     ("optuna.stage_prune", [[0.1, 0.2]] * 3, "optuna.stage_prune: FLOPs target 0.500 is impossible"),
-    ("optuna.stage_prune", [[0.5, 0.2]] * 3,
-     "optuna.stage_prune: range 0 must satisfy 0 <= low <= high < 1, got [0.5, 0.2]"),
+    (
+        "optuna.stage_prune",
+        [[0.5, 0.2]] * 3,
+        "optuna.stage_prune: range 0 must satisfy 0 <= low <= high < 1, got [0.5, 0.2]",
+    ),
     ("optuna.samples_per_cell", 0, "optuna.samples_per_cell: Input should be greater than or equal to 1"),
     ("grid.flops_targets", [0.5, 1.5], "grid.flops_targets: a FLOPs target must be in (0, 1], got 1.5"),
     ("grid.kd_weights", [0.9, 0.9], "grid.kd_weights: values must be unique"),
     ("teacher", None, "teacher: grid.kd_weights has a weight > 0, which needs a teacher"),
     ("teacher", {"checkpoint": "/nonexistent/teacher"}, "teacher.checkpoint: /nonexistent/teacher is not a saved"),
     ("teacher", {"checkpoint": "x", "recipe": {}}, "teacher: set exactly one of teacher.checkpoint"),
-    ("recipes.search", {"epochz": 1}, "recipes.search.epochz: unknown field; did you mean 'epochs'? allowed: epochs, batch_size,"),
+    (
+        "recipes.search",
+        {"epochz": 1},
+        "recipes.search.epochz: unknown field; did you mean 'epochs'? allowed: epochs, batch_size,",
+    ),
     ("recipes.finetune", {"schedule": "linear"}, "recipes.finetune.schedule: Input should be 'cosine', 'step'"),
     ("model", "cifar_resnet:57", "model: cifar_resnet: unknown variant '57'"),
     ("model", "alexnet:1", "model: unknown model family 'alexnet'"),
@@ -118,8 +131,9 @@ def test_paths_resolved_against_the_working_directory(tmp_path, monkeypatch):
     raw["dataset"]["data_dir"] = "data"
     raw["storage_path"] = "results"
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_sweep("sweep.yaml", {"tracking.uri": "sqlite:///sub/m.db", "tracking.experiment": "other",
-                                    "storage_path": None})
+    cfg = load_sweep(
+        "sweep.yaml", {"tracking.uri": "sqlite:///sub/m.db", "tracking.experiment": "other", "storage_path": None}
+    )
     assert cfg.dataset.data_dir == str(tmp_path / "data")
     assert cfg.storage_path == str(tmp_path / "results")
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/sub/m.db" and cfg.tracking.experiment == "other"
@@ -132,7 +146,11 @@ def test_cells_cover_the_grid_per_method():
     cells = cfg.cells()
     assert len(cells) == len(set(cells)) == 2 * 2 * 2
     assert {(c.flops_target, c.kd_weight) for c in cells if c.method == "l1"} == {
-        (0.5, 0.0), (0.5, 0.9), (0.7, 0.0), (0.7, 0.9)}
+        (0.5, 0.0),
+        (0.5, 0.9),
+        (0.7, 0.0),
+        (0.7, 0.9),
+    }
 
 
 def test_bad_file_stops_the_cli_before_anything_starts(tmp_path, monkeypatch, capsys):
@@ -147,8 +165,10 @@ def test_bad_file_stops_the_cli_before_anything_starts(tmp_path, monkeypatch, ca
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
     assert main(["--space", "x.yaml"]) == 2
     err = capsys.readouterr().err
-    assert err == "rayprune: error: x.yaml: methods[0].name: unknown method 'foo'; known: ast, tas, sp, uniform, " \
-                  "l1, fpgm, random\n"
+    assert (
+        err == "rayprune: error: x.yaml: methods[0].name: unknown method 'foo'; known: ast, tas, sp, uniform, "
+        "l1, fpgm, random\n"
+    )
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]
 
@@ -160,11 +180,17 @@ def test_launch_script_runs_alone_like_ray_submit_copies_it(tmp_path):
     raw = quickstart()
     raw["optuna"]["sampler"] = "cmaes"
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "sweep.py", "--space", "x.yaml", "--address", "auto"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "sweep.py", "--space", "x.yaml", "--address", "auto"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
-        "rayprune: error: x.yaml: optuna.sampler: Input should be 'tpe', 'random', 'gp' or 'nsga2', got 'cmaes'")
+        "rayprune: error: x.yaml: optuna.sampler: Input should be 'tpe', 'random', 'gp' or 'nsga2', got 'cmaes'"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.py", "x.yaml"]
 
 
@@ -202,8 +228,10 @@ def test_cluster_installs_the_package_and_runs_mlflow_on_the_head():
     head_start = "\n".join(cfg["head_start_ray_commands"])
     assert "ray start --head" in head_start and "mlflow server" in head_start and "--port 5000" in head_start
     assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
-    assert any("InstanceType" in t["node_config"] and t["node_config"]["InstanceType"].startswith("g")
-               for t in cfg["available_node_types"].values())
+    assert any(
+        "InstanceType" in t["node_config"] and t["node_config"]["InstanceType"].startswith("g")
+        for t in cfg["available_node_types"].values()
+    )
 
 
 def test_unreachable_tracking_server_stops_the_cli_before_ray(tmp_path, monkeypatch, capsys):
@@ -239,8 +267,11 @@ def test_search_spaces_readme_lists_every_key_of_the_schema():
     def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         out = []
         for name, field in model.model_fields.items():
-            options = () if typing.get_origin(field.annotation) is list else \
-                getattr(field.annotation, "__args__", (field.annotation,))
+            options = (
+                ()
+                if typing.get_origin(field.annotation) is list
+                else getattr(field.annotation, "__args__", (field.annotation,))
+            )
             nested = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
             if nested and name != "scheduler":  # scheduler's keys are listed in one row
                 out += keys(nested[0], f"{prefix}{name}.")

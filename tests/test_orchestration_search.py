@@ -65,7 +65,8 @@ def test_accuracy_is_the_value_and_macs_over_target_a_violated_constraint():
     assert trials[0].constraints["macs"] == pytest.approx(-0.1)
     assert trials[1].constraints["macs"] == pytest.approx(0.2)
     assert [trials[i].params for i in range(2)] == [
-        {f"max_prune_stage{s}": r for s, r in enumerate(c["max_stage_prune"])} for c in (first, second)]
+        {f"max_prune_stage{s}": r for s, r in enumerate(c["max_stage_prune"])} for c in (first, second)
+    ]
     assert [t.number for t in searcher.studies[0].best_trials] == [0]  # the more accurate one is infeasible
 
 
@@ -97,7 +98,9 @@ def test_unreachable_budgets_are_told_infeasible_and_never_run():
 
 
 def test_falls_back_to_the_loosest_budget_when_redraws_run_out():
-    always_bad = lambda target, rates: 0.0 if rates == [0.8, 0.6, 0.5] else 1.0
+    def always_bad(target, rates):
+        return 0.0 if rates == [0.8, 0.6, 0.5] else 1.0
+
     searcher = CellSearcher(CELLS[:1], 1, RANGES, seed=0, feasibility=always_bad, max_redraws=3)
     config = searcher.suggest("a")
     assert config["max_stage_prune"] == [0.8, 0.6, 0.5]
@@ -150,7 +153,10 @@ def test_asha_compares_trials_only_within_their_cell():
     high, low, low2 = fake_trial("h", 1), fake_trial("l", 0), fake_trial("l2", 0)
     for t in (high, low, low2):
         asha.on_trial_add(None, t)
-    result = lambda acc: {"training_iteration": 1, "val_top1": acc}
+
+    def result(acc):
+        return {"training_iteration": 1, "val_top1": acc}
+
     assert asha.on_trial_result(None, high, result(0.9)) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, low, result(0.3)) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, low2, result(0.1)) == TrialScheduler.STOP

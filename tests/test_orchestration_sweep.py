@@ -4,6 +4,7 @@ without losing or duplicating anything."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -19,9 +20,9 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
+from rayprune.cli import sweep_main as main
 from rayprune.orchestration.config import load_sweep, parse_sweep
 from rayprune.orchestration.search import FINAL_KEY
-from rayprune.cli import sweep_main as main
 from rayprune.orchestration.sweep import run_sweep
 from rayprune.testing.sweeps import mini_sweep
 from rayprune.tracking.pareto import compute_fronts
@@ -83,13 +84,14 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     for r in trials:  # named like Tune's trials: <method>_f<target>_kd<weight>_<trial id>
         p, trial_id = r.data.params, r.data.tags["rayprune.trial_id"]
         assert r.info.run_name == f"{p['method']}_f{float(p['flops_target']):g}_kd{float(p['kd_weight']):g}_{trial_id}"
-    assert sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials) \
-        == cells  # every cell, exactly once
+    assert (
+        sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials) == cells
+    )  # every cell, exactly once
     for run in trials:  # one metric point per reported step, even across a resume
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
         assert sorted(steps) == list(range(len(steps))) and steps
     assert {"subnets.parquet", "pareto"} <= {a.path for a in client.list_artifacts(parent)}
-    baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # measured once: test, robust, latency
+    baseline = next(r for r in rows if r["kind"] == "unpruned")  # measured once: test, robust, latency
     assert {"test_top1", "robust_top1", "latency_ms_b1_p50"} <= set(baseline["metrics"])
     assert baseline["robust_suite"] == 2 and all(r["robust_suite"] == 2 for r in rows if r["kind"] != "search")
     assert parents[0].data.metrics["unpruned_test_top1"] == baseline["metrics"]["test_top1"]
@@ -97,8 +99,11 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
         tuned = [r for r in rows if r["kind"] == "finetuned"]
         assert sorted((r["flops_target"], r["kd_weight"]) for r in tuned) == sorted(cells)
         for r in tuned:  # the chosen subnet: the best search-val accuracy among the cell's trial finals
-            cell_finals = [f for f in final_rows.values()
-                           if (f["flops_target"], f["kd_weight"]) == (r["flops_target"], r["kd_weight"])]
+            cell_finals = [
+                f
+                for f in final_rows.values()
+                if (f["flops_target"], f["kd_weight"]) == (r["flops_target"], r["kd_weight"])
+            ]
             assert r["spec_hash"] == max(cell_finals, key=lambda f: f["metrics"]["val_top1"])["spec_hash"]
             epochs = cfg.recipes.finetune["epochs"]
             assert r["recipe"] == f"e{epochs} cosine lr0.1 bs64 kd{r['kd_weight']:g}" and r["init"] == "scratch"
@@ -108,8 +113,9 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
                 assert len({m["recipe"] for m in members}) == 1 and {m["kind"] for m in members} == {"finetuned"}
         finetunes = [r for r in runs if r.data.tags.get("rayprune.role") == "finetune"]
         assert len(finetunes) == len(cells)
-        assert all({"macs", "macs_pct", "test_top1", "robust_top1", "latency_ms"} <= set(r.data.metrics)
-                   for r in finetunes)
+        assert all(
+            {"macs", "macs_pct", "test_top1", "robust_top1", "latency_ms"} <= set(r.data.metrics) for r in finetunes
+        )
 
 
 def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
@@ -128,11 +134,32 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
     # What the user does next: export the efficient point straight from the sweep's store.
     from rayprune.cli import main as cli_main
 
-    assert cli_main(["pick", "--experiment", cfg.tracking.experiment, "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                      "--mode", "efficient", "--max-drop", "1", "--out", str(tmp_path / "eff"),
-                      "--onnx-exporter", "torchscript"]) == 0
-    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == ["model.onnx", "model_card.md", "spec.json",
-                                                                     "weights.pt"]
+    assert (
+        cli_main(
+            [
+                "pick",
+                "--experiment",
+                cfg.tracking.experiment,
+                "--mlflow-uri",
+                f"sqlite:///{tmp_path}/mlflow.db",
+                "--mode",
+                "efficient",
+                "--max-drop",
+                "1",
+                "--out",
+                str(tmp_path / "eff"),
+                "--onnx-exporter",
+                "torchscript",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == [
+        "model.onnx",
+        "model_card.md",
+        "spec.json",
+        "weights.pt",
+    ]
 
 
 class InterruptOnce(tune.Callback):
@@ -180,9 +207,16 @@ class KillWorkerOnce(tune.Callback):
 
 
 def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path):
-    cfg = parse_sweep(mini_sweep(tmp_path, grid={"flops_targets": [0.6], "kd_weights": [0.0]}, teacher=None,
-                                 methods=[{"name": "random", "hparams": {"samples": 3, "eval_epochs": 1}}],
-                                 finetune_front=False, max_failures=1))
+    cfg = parse_sweep(
+        mini_sweep(
+            tmp_path,
+            grid={"flops_targets": [0.6], "kd_weights": [0.0]},
+            teacher=None,
+            methods=[{"name": "random", "hparams": {"samples": 3, "eval_epochs": 1}}],
+            finetune_front=False,
+            max_failures=1,
+        )
+    )
     outcome = run_sweep(cfg, callbacks=[KillWorkerOnce(str(tmp_path / "killed"))])
     assert (tmp_path / "killed").exists() and outcome.complete
     experiment_path = Path(outcome.experiment_path)
@@ -196,7 +230,7 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path
     assert [r["steps_done"] for r in before] in ([1], [1, 2], [1, 2, 3], [1, 2, 3, 3])
     assert after[0]["iterations_since_restore"] == 1  # ... restored, not started afresh ...
     assert after[0]["steps_done"] in (before[-1]["steps_done"], before[-1]["steps_done"] + 1)  # ... where it was
-    assert all(a["steps_done"] <= b["steps_done"] for a, b in zip(results, results[1:]))
+    assert all(a["steps_done"] <= b["steps_done"] for a, b in itertools.pairwise(results))
     assert after[-1]["steps_done"] == 3 and [r[FINAL_KEY] for r in after].count(True) == 1  # 3 steps, one final
     check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
 
@@ -226,9 +260,17 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cells = [0.5, 0.6, 0.7, 0.8]
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(
-        tmp_path, teacher=None, finetune_front=False, max_concurrent_trials=1,
-        grid={"flops_targets": cells, "kd_weights": [0.0]})))
+    (tmp_path / "mini.yaml").write_text(
+        yaml.safe_dump(
+            mini_sweep(
+                tmp_path,
+                teacher=None,
+                finetune_front=False,
+                max_concurrent_trials=1,
+                grid={"flops_targets": cells, "kd_weights": [0.0]},
+            )
+        )
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rayprune = [str(Path(sys.executable).with_name("rayprune")), "sweep", "--space", "mini.yaml", "--num-cpus", "2"]
     with open(tmp_path / "driver.log", "w") as log:
@@ -236,8 +278,11 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
         deadline = time.monotonic() + 240
         # Tune's first result comes after the driver created the MLflow database: reading it
         # while MLflow creates its tables can collide with that (both run its migrations).
-        while not list(tmp_path.glob("results/mini-*/*/result.json")) and driver.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not list(tmp_path.glob("results/mini-*/*/result.json"))
+            and driver.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         while not published_rows(uri) and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -266,8 +311,9 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
     # metrics measured the first time.)
     results = {rs[0]["trial_id"]: rs for rs in map(read_results, experiment_path.glob("*/result.json"))}
     assert len(results) == len(cells)
-    assert all([r["steps_done"] for r in rs if not r[FINAL_KEY]] == [1, 2] and rs[-1][FINAL_KEY]
-               for rs in results.values())
+    assert all(
+        [r["steps_done"] for r in rs if not r[FINAL_KEY]] == [1, 2] and rs[-1][FINAL_KEY] for rs in results.values()
+    )
     for trial, row in published.items():
         final = json.loads(results[trial][-1]["final_record"])
         assert final["source"]["trained_by"] == trial and final["metrics"] == row["metrics"]
@@ -285,23 +331,31 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
     assert sorted(r.data.tags["rayprune.trial_id"] for r in trials if r.info.status == "FINISHED") == sorted(results)
     # A trial the dead driver had started but Tune had not saved yet is closed as interrupted
     # (its cell ran again as a new trial), never left RUNNING.
-    assert all(r.info.status == "KILLED" and r.data.tags["rayprune.status"] == "interrupted"
-               for r in trials if r.data.tags["rayprune.trial_id"] not in results)
+    assert all(
+        r.info.status == "KILLED" and r.data.tags["rayprune.status"] == "interrupted"
+        for r in trials
+        if r.data.tags["rayprune.trial_id"] not in results
+    )
 
 
 def test_resume_without_a_sweep_to_resume_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
     assert main(["--space", str(tmp_path / "mini.yaml"), "--resume"]) == 2
-    assert capsys.readouterr().err == (f"rayprune: error: no sweep named mini-* to resume under "
-                                       f"{tmp_path}/results; run without --resume to start one\n")
+    assert capsys.readouterr().err == (
+        f"rayprune: error: no sweep named mini-* to resume under "
+        f"{tmp_path}/results; run without --resume to start one\n"
+    )
 
 
 def test_a_local_ray_without_gpus_refuses_gpu_trials(local_ray, tmp_path):
     from rayprune.orchestration.sweep import SweepError
 
     cfg = parse_sweep(mini_sweep(tmp_path, resources={"cpu": 1, "gpu": 0.5}))
-    with pytest.raises(SweepError, match=r"^resources.gpu: each trial asks for 0.5 GPUs but this machine's Ray "
-                                         r"has 0; lower resources.gpu or join a cluster with --address auto$"):
+    with pytest.raises(
+        SweepError,
+        match=r"^resources.gpu: each trial asks for 0.5 GPUs but this machine's Ray "
+        r"has 0; lower resources.gpu or join a cluster with --address auto$",
+    ):
         run_sweep(cfg)
     assert not (tmp_path / "results").exists()
 
@@ -317,8 +371,13 @@ def test_missing_cifar_is_one_line_before_ray_starts(tmp_path, capsys, monkeypat
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(raw))
     assert main(["--space", str(tmp_path / "mini.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"rayprune: error: cifar10 not found (looked in {tmp_path}/nodata/cifar-10-batches-py; "
-                          "download failed: OSError: offline)") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"rayprune: error: cifar10 not found (looked in {tmp_path}/nodata/cifar-10-batches-py; "
+            "download failed: OSError: offline)"
+        )
+        and err.count("\n") == 1
+    )
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -327,8 +386,9 @@ def test_bad_input_raised_in_a_ray_task_is_its_own_line(tmp_path, capsys, monkey
     from rayprune.orchestration import sweep
 
     def teacher_task_fails(*args, **kwargs):
-        raise ray.exceptions.RayTaskError("_train_teacher_task", "Traceback ...\n  File ...",
-                                          DataError("imagenet not found (looked in /x)")).as_instanceof_cause()
+        raise ray.exceptions.RayTaskError(
+            "_train_teacher_task", "Traceback ...\n  File ...", DataError("imagenet not found (looked in /x)")
+        ).as_instanceof_cause()
 
     monkeypatch.setattr(sweep, "run_sweep", teacher_task_fails)
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
@@ -346,17 +406,23 @@ def test_a_sweep_with_failed_trials_exits_non_zero_with_the_resume_command(tmp_p
     assert main(["--space", str(space)]) == 1
     assert capsys.readouterr().err == (
         f"rayprune: error: 1 of 4 trials failed (their error.txt is under {tmp_path}/results/mini-1); fix the "
-        f"cause, then retry them with: rayprune sweep --space {space} --resume mini-1\n")
+        f"cause, then retry them with: rayprune sweep --space {space} --resume mini-1\n"
+    )
 
 
 def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_ray, tmp_path, capsys):
     # uniform ignores budgets that do not bind: both trials of the cell choose one subnet
-    cfg = parse_sweep(mini_sweep(tmp_path, grid={"flops_targets": [0.5], "kd_weights": [0.0]}, teacher=None,
-                                 methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}}],
-                                 optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.7, 0.8]] * 3},
-                                 recipes={"search": {"epochs": 1, "batch_size": 64},
-                                          "finetune": {"epochs": 1, "batch_size": 64}},
-                                 max_concurrent_trials=1))
+    cfg = parse_sweep(
+        mini_sweep(
+            tmp_path,
+            grid={"flops_targets": [0.5], "kd_weights": [0.0]},
+            teacher=None,
+            methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}}],
+            optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.7, 0.8]] * 3},
+            recipes={"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
+            max_concurrent_trials=1,
+        )
+    )
     outcome = run_sweep(cfg)
     assert outcome.complete
     experiment_path = Path(outcome.experiment_path)
@@ -366,7 +432,9 @@ def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_
     trained = [r for r in finals if "reused_from" not in r["source"]]
     reused = [r for r in finals if r["source"].get("reused_from")]
     assert len(trained) == 1 and len(reused) == 1
-    assert reused[0]["source"]["reused_from"] == trained[0]["trial_id"] and reused[0]["metrics"] == trained[0]["metrics"]
+    assert (
+        reused[0]["source"]["reused_from"] == trained[0]["trial_id"] and reused[0]["metrics"] == trained[0]["metrics"]
+    )
     # the search recipe and the final recipe are equal here: the end-of-sweep fine-tune reuses it too,
     # and the no-teacher baseline is the unpruned net trained once with recipes.finetune
     (tuned,) = [r for r in rows if r["kind"] == "finetuned"]
@@ -385,14 +453,24 @@ def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_
 def test_final_front_covers_the_macs_axis(local_ray, tmp_path):
     # digits (learnable in a few epochs), two methods, targets far apart: the equally-treated
     # final front has a point at each target, and every reported subnet is in its window
-    cfg = parse_sweep(mini_sweep(
-        tmp_path, dataset={"name": "digits"}, input_size=8, teacher=None,
-        methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}},
-                 {"name": "random", "hparams": {"samples": 1, "eval_epochs": 1}}],
-        grid={"flops_targets": [0.3, 0.9], "kd_weights": [0.0]},
-        optuna={"samples_per_cell": 1, "seed": 0, "stage_prune": [[0.8, 0.9]] * 3},
-        recipes={"search": {"epochs": 1, "batch_size": 64, "lr": 0.05},
-                 "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.05}}))
+    cfg = parse_sweep(
+        mini_sweep(
+            tmp_path,
+            dataset={"name": "digits"},
+            input_size=8,
+            teacher=None,
+            methods=[
+                {"name": "uniform", "hparams": {"eval_epochs": 1}},
+                {"name": "random", "hparams": {"samples": 1, "eval_epochs": 1}},
+            ],
+            grid={"flops_targets": [0.3, 0.9], "kd_weights": [0.0]},
+            optuna={"samples_per_cell": 1, "seed": 0, "stage_prune": [[0.8, 0.9]] * 3},
+            recipes={
+                "search": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+                "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.05},
+            },
+        )
+    )
     outcome = run_sweep(cfg)
     front = outcome.fronts["final/kd0"]
     assert len(front) > 1 and {m["flops_target"] for m in front} == {0.3, 0.9}
@@ -400,7 +478,7 @@ def test_final_front_covers_the_macs_axis(local_ray, tmp_path):
     rows = store_of(Path(outcome.experiment_path)).rows()
     finals = [r for r in rows if r["kind"] == "final"]
     assert len(finals) == 4 and all(r["source"]["window"]["status"] == "in_window" for r in finals)
-    baseline = [r for r in rows if r["kind"] == "unpruned"][0]  # no teacher: trained once with recipes.finetune
+    baseline = next(r for r in rows if r["kind"] == "unpruned")  # no teacher: trained once with recipes.finetune
     assert baseline["source"]["recipe_tag"] == "e4 cosine lr0.05 bs64 kd0" and baseline["init"] == "scratch"
 
 
@@ -414,11 +492,11 @@ def test_the_tracking_callback_finds_only_its_own_live_tracker():
 
     callback = pickle.loads(pickle.dumps(sweep_module.TrackingCallback("s1")))
     with pytest.raises(RuntimeError, match="no live tracker"):
-        callback.tracker
+        _ = callback.tracker
     live = sweep_module._LIVE_TRACKER.set(SimpleNamespace(sweep_id="s2"))
     try:
         with pytest.raises(RuntimeError, match="no live tracker"):
-            callback.tracker
+            _ = callback.tracker
     finally:
         sweep_module._LIVE_TRACKER.reset(live)
     tracker = SimpleNamespace(sweep_id="s1")
@@ -429,18 +507,25 @@ def test_the_tracking_callback_finds_only_its_own_live_tracker():
         sweep_module._LIVE_TRACKER.reset(live)
 
 
-def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_members(local_ray, tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_members(
+    local_ray, tmp_path, monkeypatch, capsys
+):
     """Ctrl-C in the driver once the first cell's fine-tune is logged (each trial and fine-tune
     takes both CPUs, so the other is still running, and is cancelled): the resume fine-tunes only
     the missing cell, never the finished one again, and ends with the records of an undisturbed run."""
     from rayprune.orchestration import cell_finetune
     from rayprune.orchestration.cache import FinalCache
 
-    overrides = dict(grid={"flops_targets": [0.5, 0.7], "kd_weights": [0.0]}, teacher=None,
-                     resources={"cpu": 2}, max_concurrent_trials=1,  # a recipe unlike the trials' own finals:
-                     recipes={"search": {"epochs": 1, "batch_size": 64, "lr": 0.05},  # every fine-tune is a
-                              "finetune": {"epochs": 1, "batch_size": 64}})  # new training
+    overrides = dict(
+        grid={"flops_targets": [0.5, 0.7], "kd_weights": [0.0]},
+        teacher=None,
+        resources={"cpu": 2},
+        max_concurrent_trials=1,  # a recipe unlike the trials' own finals:
+        recipes={
+            "search": {"epochs": 1, "batch_size": 64, "lr": 0.05},  # every fine-tune is a
+            "finetune": {"epochs": 1, "batch_size": 64},
+        },
+    )  # new training
     cells = [(0.5, 0.0), (0.7, 0.0)]
     (tmp_path / "undisturbed").mkdir()
     reference = run_sweep(parse_sweep(mini_sweep(tmp_path / "undisturbed", **overrides)))
@@ -449,18 +534,24 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
 
     def finetunes(outcome) -> dict[str, tuple[str, dict]]:
         """cell -> (spec hash, metrics but latency) of its fine-tuned member in the subnet store."""
-        return {r["flops_target"]: (r["spec_hash"], {k: v for k, v in r["metrics"].items() if "latency" not in k})
-                for r in store_of(Path(outcome.experiment_path)).rows() if r["kind"] == "finetuned"}
+        return {
+            r["flops_target"]: (r["spec_hash"], {k: v for k, v in r["metrics"].items() if "latency" not in k})
+            for r in store_of(Path(outcome.experiment_path)).rows()
+            if r["kind"] == "finetuned"
+        }
 
     def trained_members(cache: FinalCache) -> dict[str, tuple[int, bytes, bytes]]:
         """The cache's fine-tune entries: key -> (metrics.json mtime, metrics.json, weights.pt)."""
         out = {}
-        for key in cache.keys():
+        for key in cache:
             folder = Path(cache.root) / key
             record = json.loads((folder / "metrics.json").read_text())
             if str(record["source"].get("trained_by", "")).startswith("finetune:"):
-                out[key] = ((folder / "metrics.json").stat().st_mtime_ns, (folder / "metrics.json").read_bytes(),
-                            (folder / "weights.pt").read_bytes())
+                out[key] = (
+                    (folder / "metrics.json").stat().st_mtime_ns,
+                    (folder / "metrics.json").read_bytes(),
+                    (folder / "weights.pt").read_bytes(),
+                )
         return out
 
     log_member, logged = cell_finetune._log_cell_finetune, []
@@ -482,16 +573,20 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "KILLED" and parent.data.tags["rayprune.status"] == "interrupted"
-    assert parent.data.tags["mlflow.note.content"] == "interrupted; resume with: rayprune sweep --space mini.yaml " \
-                                                      f"--resume {first.sweep_id}"
+    assert (
+        parent.data.tags["mlflow.note.content"] == "interrupted; resume with: rayprune sweep --space mini.yaml "
+        f"--resume {first.sweep_id}"
+    )
     assert len(finetunes(first)) == 1  # logged as it finished
     out = capsys.readouterr().out
     assert "Trials per grid cell" not in out and "final front" not in out and "Export an operating point" not in out
 
     second = run_sweep(cfg, resume="latest")
     assert second.complete and second.parent_run_id == first.parent_run_id
-    assert "Fine-tuning the chosen subnet of 1 grid cell(s) with recipes.finetune (1 already in the cache)" \
+    assert (
+        "Fine-tuning the chosen subnet of 1 grid cell(s) with recipes.finetune (1 already in the cache)"
         in capsys.readouterr().out
+    )
     after = trained_members(cache)
     assert len(after) == len(cells) and all(after[key] == kept[key] for key in kept)  # not trained again
     check_tracking(cfg, Path(second.experiment_path), cells=cells)

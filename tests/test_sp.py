@@ -12,8 +12,16 @@ from rayprune import models
 from rayprune.engine.data import make_loader, synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate, fit
 from rayprune.methods import Budget
-from rayprune.methods.sp import (SP, MaskedSupernet, SearchError, WidthSpace, kendall_tau_b,
-                                 proxy_rank_correlation, recalibrate_bn, stage_layout)
+from rayprune.methods.sp import (
+    SP,
+    MaskedSupernet,
+    SearchError,
+    WidthSpace,
+    kendall_tau_b,
+    proxy_rank_correlation,
+    recalibrate_bn,
+    stage_layout,
+)
 from rayprune.models.transfer import extract_subnet
 from rayprune.testing import tiny_context, tiny_spec
 
@@ -30,9 +38,16 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
             m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
 
 
-@pytest.mark.parametrize("spec", [tiny_spec("option_a"), tiny_spec("avgpool_conv"), tiny_spec("conv_bn"),
-                                  models.full_spec("mobilenet_v2:tiny", num_classes=4)],
-                         ids=["resnet_option_a", "resnet_avgpool_conv", "resnet_conv_bn", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        tiny_spec("option_a"),
+        tiny_spec("avgpool_conv"),
+        tiny_spec("conv_bn"),
+        models.full_spec("mobilenet_v2:tiny", num_classes=4),
+    ],
+    ids=["resnet_option_a", "resnet_avgpool_conv", "resnet_conv_bn", "mobilenet_v2"],
+)
 @pytest.mark.slow
 def test_masked_supernet_equals_extracted_subnet(spec):
     model = models.build(spec, seed=0)
@@ -93,16 +108,24 @@ def test_unreachable_window_fails_clearly():
 
 def make_ctx(tmp_path, teacher=True, budget=0.5, spec=None, **kw):
     spec = spec or tiny_spec()
-    return tiny_context(tmp_path, spec=spec, budget=budget, max_stage_prune=[0.7] * 3,
-                        teacher=models.build(spec, seed=5) if teacher else None, **kw)
+    return tiny_context(
+        tmp_path,
+        spec=spec,
+        budget=budget,
+        max_stage_prune=[0.7] * 3,
+        teacher=models.build(spec, seed=5) if teacher else None,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A finished smoke run with a larger population (shared by the tests below)."""
     ctx = make_ctx(tmp_path_factory.mktemp("sp"))
-    method = SP(ctx, {**SP.smoke, "population": 10, "generations": 3, "parents": 4, "mutation_children": 5,
-                      "crossover_children": 5})
+    method = SP(
+        ctx,
+        {**SP.smoke, "population": 10, "generations": 3, "parents": 4, "mutation_children": 5, "crossover_children": 5},
+    )
     results = method.run()
     return ctx, method, results
 
@@ -142,7 +165,6 @@ def test_proxy_rank_correlation_reports_tau_over_in_window_archs(searched):
     assert out["kendall_tau"] == expected or (math.isnan(expected) and math.isnan(out["kendall_tau"]))
 
 
-
 @pytest.mark.slow
 def test_rank_check_is_reported_with_the_last_step_only(tmp_path):
     method = SP(make_ctx(tmp_path), {**SP.smoke, "rank_archs": 3, "rank_epochs": 1})
@@ -150,6 +172,7 @@ def test_rank_check_is_reported_with_the_last_step_only(tmp_path):
     assert all("kendall_tau" not in r.metrics for r in results[:-1])
     last = results[-1].metrics
     assert last["rank_archs"] == 3 and (-1.0 <= last["kendall_tau"] <= 1.0 or math.isnan(last["kendall_tau"]))
+
 
 @pytest.mark.slow
 def test_bn_recalibration_beats_stale_statistics():
@@ -177,7 +200,7 @@ def test_bn_recalibration_beats_stale_statistics():
 def test_teacher_must_match_the_spec(tmp_path):
     ctx = make_ctx(tmp_path)
     ctx.teacher = models.build(models.full_spec("cifar_resnet:20", num_classes=4))
-    with pytest.raises(ValueError, match="unpruned network of ctx.spec"):
+    with pytest.raises(ValueError, match=r"unpruned network of ctx.spec"):
         SP(ctx, SP.smoke)
 
 

@@ -5,6 +5,7 @@ Reference numbers are computed with the TAS reference code (D-X-Y/AutoDL-Project
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,11 +17,18 @@ from rayprune import models
 from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig
 from rayprune.methods import Budget, RunContext, get_method, within_budget
-from rayprune.models import SpecError
 from rayprune.methods.tas import cost_loss, tau_at
-from rayprune.methods.tas_supernet import (DEPTH_RULES, SearchResNet, channel_interp, depth_candidates,
-                                           imagenet_depth_candidates, shrink_to_budget, width_candidates,
-                                           zero_pad_add)
+from rayprune.methods.tas_supernet import (
+    DEPTH_RULES,
+    SearchResNet,
+    channel_interp,
+    depth_candidates,
+    imagenet_depth_candidates,
+    shrink_to_budget,
+    width_candidates,
+    zero_pad_add,
+)
+from rayprune.models import SpecError
 from rayprune.models.base import get_path
 
 
@@ -41,16 +49,20 @@ def set_argmax(net: SearchResNet, width_idx: list[int], depth_idx: list[int]) ->
 
 # -- search space ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("channels, expected", [
-    (16, (4, 6, 8, 9, 11, 12, 14, 16)),
-    (32, (9, 12, 16, 19, 22, 25, 28, 32)),
-    (64, (19, 25, 32, 38, 44, 51, 57, 64)),
-    (128, (38, 51, 64, 76, 89, 102, 115, 128)),
-    (256, (76, 102, 128, 153, 179, 204, 230, 256)),
-    (512, (153, 204, 256, 307, 358, 409, 460, 512)),
-    (1024, (307, 409, 512, 614, 716, 819, 921, 1024)),
-    (2048, (614, 819, 1024, 1228, 1433, 1638, 1843, 2048)),
-])
+
+@pytest.mark.parametrize(
+    "channels, expected",
+    [
+        (16, (4, 6, 8, 9, 11, 12, 14, 16)),
+        (32, (9, 12, 16, 19, 22, 25, 28, 32)),
+        (64, (19, 25, 32, 38, 44, 51, 57, 64)),
+        (128, (38, 51, 64, 76, 89, 102, 115, 128)),
+        (256, (76, 102, 128, 153, 179, 204, 230, 256)),
+        (512, (153, 204, 256, 307, 358, 409, 460, 512)),
+        (1024, (307, 409, 512, 614, 716, 819, 921, 1024)),
+        (2048, (614, 819, 1024, 1228, 1433, 1638, 1843, 2048)),
+    ],
+)
 def test_width_candidates_match_tas_table(channels, expected):
     assert width_candidates(channels) == expected
 
@@ -83,16 +95,20 @@ def test_stage_rates_remove_width_candidates_below_the_floor():
     spec = models.full_spec("cifar_resnet:20")
     net = SearchResNet(spec, max_stage_prune=[0.0, 0.5, 0.25])
     stage_of_row = [0] + [info.stage for info in models.cifar_resnet.iter_blocks(spec) for _ in range(2)]
-    for row, stage in zip(net.width_rows, stage_of_row):
+    for row, stage in zip(net.width_rows, stage_of_row, strict=True):
         full = row[-1]
-        assert min(row) == min(c for c in width_candidates(full) if c >= math.ceil(full * (1 - [0.0, 0.5, 0.25][stage])))
+        assert min(row) == min(
+            c for c in width_candidates(full) if c >= math.ceil(full * (1 - [0.0, 0.5, 0.25][stage]))
+        )
     assert net.width_rows[0] == (16,)  # stage 0 may not be pruned at all
 
 
 # -- relaxation, schedules, losses -----------------------------------------------------------
 
-@pytest.mark.parametrize("variant, classes, expected", [("20", 10, 10.832545), ("32", 10, 16.548912),
-                                                        ("20", 100, 10.836257)])
+
+@pytest.mark.parametrize(
+    "variant, classes, expected", [("20", 10, 10.832545), ("32", 10, 16.548912), ("20", 100, 10.836257)]
+)
 def test_expected_macs_with_equal_logits_match_reference(variant, classes, expected):
     net = search_net(variant, classes)
     with torch.no_grad():
@@ -143,12 +159,13 @@ def test_cost_loss_moves_the_architecture_toward_the_target():
 
     set_argmax(net, [len(r) - 1 for r in net.width_rows], [len(d) - 1 for d in net.depth_rows])  # the full net
     down = arch_steps(0.3, lambda macs: macs <= 0.3 * full)
-    assert len(down) >= 2 and all(b < a for a, b in zip(down, down[1:]))
+    assert len(down) >= 2 and all(b < a for a, b in itertools.pairwise(down))
     up = arch_steps(0.9, lambda macs: macs >= 0.85 * full)  # now far below: the loss pushes back up
-    assert len(up) >= 2 and all(b > a for a, b in zip(up, up[1:]))
+    assert len(up) >= 2 and all(b > a for a, b in itertools.pairwise(up))
 
 
 # -- forward pieces --------------------------------------------------------------------------
+
 
 def test_channel_interp_is_adaptive_avg_pool_over_channels():
     x = torch.randn(2, 11, 3, 3)
@@ -165,11 +182,12 @@ def test_zero_pad_add_adds_the_narrow_tensor_onto_the_first_channels():
 
 
 def test_sample_mixes_two_valid_candidates_and_gradients_reach_every_logit_row():
-    net = SearchResNet(models.full_spec("cifar_resnet:tiny", num_classes=4), input_size=16,
-                       max_stage_prune=[0.0, 0.7, 0.7])
+    net = SearchResNet(
+        models.full_spec("cifar_resnet:tiny", num_classes=4), input_size=16, max_stage_prune=[0.0, 0.7, 0.7]
+    )
     gen = torch.Generator().manual_seed(0)
     sample = net.sample(1.0, gen)
-    for row, picks in zip(net.width_rows, sample.picks):
+    for row, picks in zip(net.width_rows, sample.picks, strict=True):
         assert len(picks) == min(2, len(row)) and all(0 <= i < len(row) for i in picks)
     assert torch.allclose(sample.weights.sum(dim=1), torch.ones(len(net.width_rows)))
     net(torch.randn(4, 3, 16, 16), sample).logsumexp(dim=1).sum().backward()
@@ -180,6 +198,7 @@ def test_sample_mixes_two_valid_candidates_and_gradients_reach_every_logit_row()
 
 
 # -- genotypes -------------------------------------------------------------------------------
+
 
 def counted_macs(net: torch.nn.Module, size: int) -> float:
     with FlopCounterMode(display=False) as counter:
@@ -233,9 +252,14 @@ def genotype_state(net: SearchResNet, spec: dict) -> dict[str, torch.Tensor]:
     candidate BN of the kept width). Any family: a conv's BN is the next entry of the walk."""
     built = models.build(spec).state_dict()
     walk = models.layers(spec, net.input_size)
-    bn_after = {a.name: b.name for a, b in zip(walk, walk[1:]) if a.kind == "conv" and b.kind == "bn"}
-    kept = [net.stem] + [conv for s, stage in enumerate(spec["stages"]) for b in range(len(stage))
-                         for conv in (*net.stages[s][b].convs, net.stages[s][b].shortcut) if conv is not None]
+    bn_after = {a.name: b.name for a, b in itertools.pairwise(walk) if a.kind == "conv" and b.kind == "bn"}
+    kept = [net.stem] + [
+        conv
+        for s, stage in enumerate(spec["stages"])
+        for b in range(len(stage))
+        for conv in (*net.stages[s][b].convs, net.stages[s][b].shortcut)
+        if conv is not None
+    ]
     state = {}
     for conv in kept:
         cout, cin = built[f"{conv.name}.weight"].shape[:2]
@@ -263,14 +287,25 @@ def test_shrink_to_budget_reaches_the_target_through_candidates_then_floors():
 
 # -- the method ------------------------------------------------------------------------------
 
+
 def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(make_ctx):
     # A budget below every all-candidate genotype forces the fallback.
     ctx = make_ctx(budget=0.03, n_train=96, n_test=32, finetune=TrainConfig(epochs=1, batch_size=32))
     cls = get_method("tas")
     method = cls(ctx, {**cls.smoke, "epochs": 1})
     result = method.step()
-    for key in ("macs", "expected_macs", "discrepancy", "tau", "train_loss", "arch_ce", "cost_loss",
-                "val_top1", "search_val_top1", "target_ratio"):
+    for key in (
+        "macs",
+        "expected_macs",
+        "discrepancy",
+        "tau",
+        "train_loss",
+        "arch_ce",
+        "cost_loss",
+        "val_top1",
+        "search_val_top1",
+        "target_ratio",
+    ):
         assert math.isfinite(result.metrics[key]), key
     assert result.metrics["tau"] == 5.0 and result.metrics["in_budget"] == 0.0
     assert result.subnets[0].macs == result.metrics["macs"] > method.target_macs
@@ -284,6 +319,7 @@ def test_step_logs_diagnostics_and_best_shrinks_an_over_budget_genotype(make_ctx
 
 
 # -- the ImageNet `resnet` family ------------------------------------------------------------
+
 
 def resnet_search_net(variant: str) -> SearchResNet:
     """A tiny `resnet` super-net (32x32 input, 10 classes) with two blocks per stage (depth (1, 2))."""
@@ -388,8 +424,16 @@ def test_resnet_single_path_of_the_super_net_equals_the_built_genotype(variant):
 def test_tas_searches_a_resnet_and_shrinks_its_genotype_into_the_budget(tmp_path):
     spec = resnet_search_net("tiny").spec
     train, test = synthetic_dataset(n_train=64, n_test=16, num_classes=10, size=32, seed=0)
-    ctx = RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=0.1), seed=0, workdir=tmp_path,
-                     finetune=TrainConfig(epochs=1, batch_size=32), progress=False)
+    ctx = RunContext(
+        spec=spec,
+        train=train,
+        test=test,
+        budget=Budget(flops_target=0.1),
+        seed=0,
+        workdir=tmp_path,
+        finetune=TrainConfig(epochs=1, batch_size=32),
+        progress=False,
+    )
     cls = get_method("tas")
     method = cls(ctx, {**cls.smoke, "epochs": 1, "bn_recalibration_batches": 1})
     result = method.step()

@@ -32,10 +32,11 @@ import torch
 from mlflow.entities import ViewType
 
 from rayprune import models
+from rayprune.cli import main as cli_main
 from rayprune.methods.base import SubnetRecord
 from rayprune.runner import save_subnet
 from rayprune.tracking import TrackingError
-from rayprune.cli import main as cli_main
+from rayprune.tracking.mlflow_tracker import SweepTracker
 
 
 def front_main(argv):
@@ -44,7 +45,7 @@ def front_main(argv):
 
 def pick_main(argv):
     return cli_main(["pick", *argv])
-from rayprune.tracking.mlflow_tracker import SweepTracker
+
 
 TINY = models.full_spec("cifar_resnet:tiny")
 WIDTH = {"A": 8, "B": 16, "C": 24, "D": 32}
@@ -67,10 +68,23 @@ RECIPE = {"epochs": 3, "schedule": "cosine", "lr": 0.1, "batch_size": 64, "kd_we
 def tuned(name, step=0, **metrics):
     """A record fine-tuned with the end-of-sweep recipe (what finetune_subnet writes in source)."""
     rec = record(name, step, **metrics)
-    rec["source"] = {"finetuned": True, "init": "scratch", "recipe": RECIPE, "recipe_tag": "e3 cosine lr0.1 bs64 kd0",
-                     "recipe_hash": "abc123abc123", "robust_suite": 2,
-                     "preprocessing": {"input_size": 32, "channels": 3, "layout": "NCHW", "channel_order": "RGB",
-                                       "scale": "pixel / 255", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    rec["source"] = {
+        "finetuned": True,
+        "init": "scratch",
+        "recipe": RECIPE,
+        "recipe_tag": "e3 cosine lr0.1 bs64 kd0",
+        "recipe_hash": "abc123abc123",
+        "robust_suite": 2,
+        "preprocessing": {
+            "input_size": 32,
+            "channels": 3,
+            "layout": "NCHW",
+            "channel_order": "RGB",
+            "scale": "pixel / 255",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+    }
     return rec
 
 
@@ -81,10 +95,14 @@ def saved(tmp, tag, name, rec, seed):
 
 def run_sweep(tracker, tmp):
     tracker.start_sweep("sweep-a", CONFIG, {"base_model": "cifar_resnet:tiny"})
-    tracker.log_unpruned(SubnetRecord.of(TINY, {"test_top1": 0.9, "robust_top1": 0.7, "latency_ms_b1_p50": 2.0},
-                                         "unpruned", 0).to_dict())
-    tracker.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0, "hparams": {"lr": 0.1}},
-                          run_name="uniform_f0.5_kd0_t1")
+    tracker.log_unpruned(
+        SubnetRecord.of(TINY, {"test_top1": 0.9, "robust_top1": 0.7, "latency_ms_b1_p50": 2.0}, "unpruned", 0).to_dict()
+    )
+    tracker.trial_started(
+        "t1",
+        {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0, "hparams": {"lr": 0.1}},
+        run_name="uniform_f0.5_kd0_t1",
+    )
     tracker.log_step("t1", 0, {"loss": 1.5}, [record("A", val_top1=0.50), record("B", val_top1=0.70)])
     tracker.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)])
     final_b = record("B", 1, val_top1=0.70, test_top1=0.85, robust_top1=0.50)
@@ -96,11 +114,23 @@ def run_sweep(tracker, tmp):
     tracker.log_step("t3", 0, {"loss": 3.0}, [record("C", val_top1=0.60)])  # never "started": auto-created
     tracker.trial_finished("t3", status="FAILED", refresh_front=False)
     tuned_a = tuned("A", 0, val_top1=0.50, test_top1=0.80, robust_top1=0.58, latency_ms_b1_p50=1.0)
-    tracker.log_finetuned(tuned_a, saved(tmp, "ft-a", "A", tuned_a, 3), trial_id="t1", cell="uniform_f0.5_kd0",
-                          flops_target=0.5, kd_weight=0.0)
+    tracker.log_finetuned(
+        tuned_a,
+        saved(tmp, "ft-a", "A", tuned_a, 3),
+        trial_id="t1",
+        cell="uniform_f0.5_kd0",
+        flops_target=0.5,
+        kd_weight=0.0,
+    )
     tuned_d = tuned("D", 0, val_top1=0.80, test_top1=0.88, robust_top1=0.62, latency_ms_b1_p50=1.5)
-    tracker.log_finetuned(tuned_d, saved(tmp, "ft-d", "D", tuned_d, 4), trial_id="t2", cell="uniform_f0.7_kd0",
-                          flops_target=0.7, kd_weight=0.0)
+    tracker.log_finetuned(
+        tuned_d,
+        saved(tmp, "ft-d", "D", tuned_d, 4),
+        trial_id="t2",
+        cell="uniform_f0.7_kd0",
+        flops_target=0.7,
+        kd_weight=0.0,
+    )
     fronts = tracker.update_front()
     tracker.finish()
     return fronts
@@ -128,11 +158,16 @@ def test_fronts_rank_only_like_with_like(sweep):
     assert list(fronts) == ["search/uniform", "final/kd0", "robust/kd0"]
     h = {k: models.spec_hash(spec(k)) for k in WIDTH}
     assert [(m["trial_id"], m["kind"], m["spec_hash"]) for m in fronts["search/uniform"]] == [
-        ("t1", "search", h["A"]), ("t2", "search", h["B"]), ("t2", "search", h["D"])]
+        ("t1", "search", h["A"]),
+        ("t2", "search", h["B"]),
+        ("t2", "search", h["D"]),
+    ]
     # only the end-of-sweep fine-tunes, all with one recipe tag: the trials' finals (search recipe) never rank
     for name in ("final/kd0", "robust/kd0"):
         assert [(m["trial_id"], m["kind"], m["spec_hash"]) for m in fronts[name]] == [
-            ("t1", "finetuned", h["A"]), ("t2", "finetuned", h["D"])]
+            ("t1", "finetuned", h["A"]),
+            ("t2", "finetuned", h["D"]),
+        ]
         assert {m["recipe"] for m in fronts[name]} == {"e3 cosine lr0.1 bs64 kd0"}
 
 
@@ -147,15 +182,15 @@ def test_parent_run_has_config_params_versions_and_front_artifacts(sweep, tmp_pa
     assert parent.data.tags["version.torch"] == metadata.version("torch")
     assert parent.data.tags["version.mlflow"] == metadata.version("mlflow")
     assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags.get("git_sha", "0" * 40))
-    resolved = json.loads(open(artifact(client, parent.info.run_id, "sweep/resolved_sweep.json", tmp_path)).read())
+    resolved = json.loads(Path(artifact(client, parent.info.run_id, "sweep/resolved_sweep.json", tmp_path)).read_text())
     assert resolved == CONFIG
     assert parent.data.metrics["front_size/search/uniform"] == 3 and parent.data.metrics["front_size/final/kd0"] == 2
     assert parent.data.metrics["front_size/robust/kd0"] == 2 and parent.data.metrics["unpruned_test_top1"] == 0.9
     assert parent.data.metrics["cells/uniform_f0.5_kd0/distinct_subnets"] == 1
-    png = open(artifact(client, parent.info.run_id, "pareto/pareto.png", tmp_path), "rb").read()
+    png = Path(artifact(client, parent.info.run_id, "pareto/pareto.png", tmp_path)).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    final = json.loads(open(artifact(client, parent.info.run_id, "pareto/front_final_kd0.json", tmp_path)).read())
-    keys = [dict(zip(final["columns"], row))["key"] for row in final["data"]]
+    final = json.loads(Path(artifact(client, parent.info.run_id, "pareto/front_final_kd0.json", tmp_path)).read_text())
+    keys = [dict(zip(final["columns"], row, strict=True))["key"] for row in final["data"]]
     assert keys == [f"t1/finetuned/0/{models.spec_hash(spec('A'))}", f"t2/finetuned/0/{models.spec_hash(spec('D'))}"]
     tables = {e["path"] for e in json.loads(parent.data.tags["mlflow.loggedArtifacts"])}
     assert tables == {"pareto/front_search_uniform.json", "pareto/front_final_kd0.json", "pareto/front_robust_kd0.json"}
@@ -172,9 +207,18 @@ def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
     assert [m.value for m in client.get_metric_history(trials["t1"].info.run_id, "loss")] == [1.5, 1.2]
     assert trials["t2"].data.metrics["test_top1"] == 0.88
     assert trials["t2"].data.metrics["macs"] == models.macs(spec("D"))
-    tags = {t: tuple(trials[t].data.tags[k] for k in ("rayprune.is_pareto", "rayprune.is_pareto_final",
-                                                    "rayprune.is_pareto_robust")) for t in trials}
-    assert tags == {"t1": ("true", "false", "false"), "t2": ("true", "false", "false"), "t3": ("false", "false", "false")}
+    tags = {
+        t: tuple(
+            trials[t].data.tags[k]
+            for k in ("rayprune.is_pareto", "rayprune.is_pareto_final", "rayprune.is_pareto_robust")
+        )
+        for t in trials
+    }
+    assert tags == {
+        "t1": ("true", "false", "false"),
+        "t2": ("true", "false", "false"),
+        "t3": ("false", "false", "false"),
+    }
     finetunes = {r.info.run_name: r for r in runs_of(client, tracker.experiment_id, "finetune")}
     assert sorted(finetunes) == ["finetune-uniform_f0.5_kd0", "finetune-uniform_f0.7_kd0"]
     a = finetunes["finetune-uniform_f0.5_kd0"]
@@ -183,7 +227,7 @@ def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
     assert a.data.metrics["macs"] == models.macs(spec("A")) and a.data.metrics["latency_ms"] == 1.0
     assert a.data.metrics["macs_pct"] == pytest.approx(100 * models.macs(spec("A")) / models.macs(TINY))
     assert a.data.params["recipe"] == "e3 cosine lr0.1 bs64 kd0" and a.data.params["init"] == "scratch"
-    table = json.loads(open(artifact(client, trials["t1"].info.run_id, "subnets.json", tmp_path)).read())
+    table = json.loads(Path(artifact(client, trials["t1"].info.run_id, "subnets.json", tmp_path)).read_text())
     assert len(table["data"]) == 4  # A, B, C searched + B final
     saved_files = sorted(f.path for f in client.list_artifacts(trials["t1"].info.run_id, "subnet"))
     assert saved_files == ["subnet/metrics.json", "subnet/spec.json", "subnet/weights.pt"]
@@ -192,16 +236,35 @@ def test_child_runs_record_every_subnet_once_and_front_tags(sweep, tmp_path):
 def test_parquet_rows_are_exactly_the_recorded_subnets(sweep):
     tracker = sweep["tracker"]
     table = pq.read_table(tracker.workdir / "subnets.parquet").to_pydict()
-    rows = sorted(zip(table["trial_id"], table["kind"], table["step"], table["spec_hash"]))
+    rows = sorted(zip(table["trial_id"], table["kind"], table["step"], table["spec_hash"], strict=True))
     h = {k: models.spec_hash(spec(k)) for k in WIDTH}
-    assert rows == sorted([
-        ("unpruned", "unpruned", 0, models.spec_hash(TINY)),
-        ("t1", "search", 0, h["A"]), ("t1", "search", 0, h["B"]), ("t1", "search", 1, h["C"]),
-        ("t1", "final", 1, h["B"]),
-        ("t2", "search", 0, h["B"]), ("t2", "search", 0, h["D"]), ("t2", "final", 0, h["D"]),
-        ("t3", "search", 0, h["C"]), ("t1", "finetuned", 0, h["A"]), ("t2", "finetuned", 0, h["D"])])
-    by_kind = {(t, k): (f, kd, r, i) for t, k, f, kd, r, i in zip(table["trial_id"], table["kind"], table["flops_target"],
-                                                                  table["kd_weight"], table["recipe"], table["init"])}
+    assert rows == sorted(
+        [
+            ("unpruned", "unpruned", 0, models.spec_hash(TINY)),
+            ("t1", "search", 0, h["A"]),
+            ("t1", "search", 0, h["B"]),
+            ("t1", "search", 1, h["C"]),
+            ("t1", "final", 1, h["B"]),
+            ("t2", "search", 0, h["B"]),
+            ("t2", "search", 0, h["D"]),
+            ("t2", "final", 0, h["D"]),
+            ("t3", "search", 0, h["C"]),
+            ("t1", "finetuned", 0, h["A"]),
+            ("t2", "finetuned", 0, h["D"]),
+        ]
+    )
+    by_kind = {
+        (t, k): (f, kd, r, i)
+        for t, k, f, kd, r, i in zip(
+            table["trial_id"],
+            table["kind"],
+            table["flops_target"],
+            table["kd_weight"],
+            table["recipe"],
+            table["init"],
+            strict=True,
+        )
+    }
     assert by_kind[("t1", "finetuned")] == (0.5, 0.0, "e3 cosine lr0.1 bs64 kd0", "scratch")
     assert by_kind[("t2", "final")][:2] == (0.7, 0.0) and by_kind[("t3", "search")][:2] == (None, None)
     assert table["robust_suite"][table["kind"].index("finetuned")] == 2
@@ -225,7 +288,7 @@ def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
     assert [m.value for m in client.get_metric_history(t1, "loss")] == [1.5, 1.2]
     assert len(client.get_metric_history(t1, "test_top1")) == 1
     assert len(again.store) == len(first.store) == 11
-    table = json.loads(open(artifact(client, t1, "subnets.json", tmp_path)).read())
+    table = json.loads(Path(artifact(client, t1, "subnets.json", tmp_path)).read_text())
     assert len(table["data"]) == 4
 
 
@@ -235,12 +298,17 @@ def test_front_prints_the_tables(sweep, capsys):
     assert "sweep sweep-a" in out and "11 subnet records" in out
     assert "unpruned baseline (trained once with recipes.finetune): " in out and "test_top1 0.9000" in out
     assert "search front of uniform: val_top1 vs MACs over its search-time subnets" in out and "-- 3 of 6" in out
-    assert "final front [kd0]: test_top1 vs MACs over the subnets fine-tuned with recipe e3 cosine lr0.1 bs64 kd0 " \
-           "-- 2 of 2" in out
+    assert (
+        "final front [kd0]: test_top1 vs MACs over the subnets fine-tuned with recipe e3 cosine lr0.1 bs64 kd0 "
+        "-- 2 of 2" in out
+    )
     macs_pct = f"{100 * models.macs(spec('A')) / models.macs(TINY):.1f}"
     # trial, kind, method, target, kd, init, MACs(M), MACs%, params(K), val, test, drop, robust, latency
-    assert re.search(rf"t1\s+finetuned\s+uniform\s+0.5\s+0\s+scratch\s+\S+\s+{re.escape(macs_pct)}\s+\S+\s+0.5000\s+"
-                     rf"0.8000\s+\+0.1000\s+0.5800\s+1.0000", out)
+    assert re.search(
+        rf"t1\s+finetuned\s+uniform\s+0.5\s+0\s+scratch\s+\S+\s+{re.escape(macs_pct)}\s+\S+\s+0.5000\s+"
+        rf"0.8000\s+\+0.1000\s+0.5800\s+1.0000",
+        out,
+    )
     assert re.search(r"unpruned\s+unpruned\s+unpruned\s+-\s+-\s+-\s+\S+\s+100.0\s+\S+\s+-\s+0.9000\s+-\s+0.7000", out)
     assert sweep["tracker"].front_table() in out  # the driver prints the same tables
     assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--init", "inherited"]) == 0
@@ -253,15 +321,19 @@ def load_export(out_dir):
     return net.eval()
 
 
-@pytest.mark.parametrize("argv, width, trial, seed", [
-    (["--mode", "efficient", "--max-drop", "0.05"], "D", "t2", 4),  # >= 0.85: only D (0.88)
-    (["--mode", "efficient", "--max-drop", "0.15"], "A", "t1", 3),  # >= 0.75: A (0.80) is the cheapest
-    (["--mode", "robust", "--max-drop", "0.15"], "D", "t2", 4),  # D's robust 0.62 beats A's 0.58
-    (["--mode", "robust", "--max-drop", "0.15", "--max-macs", "{macs_b}"], "A", "t1", 3),
-])
+@pytest.mark.parametrize(
+    "argv, width, trial, seed",
+    [
+        (["--mode", "efficient", "--max-drop", "0.05"], "D", "t2", 4),  # >= 0.85: only D (0.88)
+        (["--mode", "efficient", "--max-drop", "0.15"], "A", "t1", 3),  # >= 0.75: A (0.80) is the cheapest
+        (["--mode", "robust", "--max-drop", "0.15"], "D", "t2", 4),  # D's robust 0.62 beats A's 0.58
+        (["--mode", "robust", "--max-drop", "0.15", "--max-macs", "{macs_b}"], "A", "t1", 3),
+    ],
+)
 @pytest.mark.slow
-def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path, capsys, monkeypatch, argv, width,
-                                                                 trial, seed):
+def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(
+    sweep, tmp_path, capsys, monkeypatch, argv, width, trial, seed
+):
     import mlflow
 
     for name in URI_ENV:
@@ -269,8 +341,19 @@ def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(sweep, tmp_path,
     uri_env = {k: os.environ.get(k) for k in URI_ENV}
     argv = [a.format(macs_b=models.macs(spec("B"))) for a in argv]
     out = tmp_path / "picked"
-    code = pick_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--out", str(out),
-                      "--onnx-exporter", "torchscript", *argv])
+    code = pick_main(
+        [
+            "--experiment",
+            EXPERIMENT,
+            "--mlflow-uri",
+            sweep["uri"],
+            "--out",
+            str(out),
+            "--onnx-exporter",
+            "torchscript",
+            *argv,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     mode = argv[1]
     assert json.loads((out / "spec.json").read_text()) == spec(width)
@@ -309,8 +392,26 @@ def test_pick_no_register_writes_nothing_to_the_store(sweep, tmp_path, capsys):
     versions = len(client.search_model_versions())
     db = (sweep["tmp"] / "mlflow.db").read_bytes()
     out = tmp_path / "dry"
-    assert pick_main(["--experiment", EXPERIMENT, "--mlflow-uri", sweep["uri"], "--out", str(out), "--mode",
-                      "efficient", "--max-drop", "0.15", "--no-register", "--onnx-exporter", "torchscript"]) == 0
+    assert (
+        pick_main(
+            [
+                "--experiment",
+                EXPERIMENT,
+                "--mlflow-uri",
+                sweep["uri"],
+                "--out",
+                str(out),
+                "--mode",
+                "efficient",
+                "--max-drop",
+                "0.15",
+                "--no-register",
+                "--onnx-exporter",
+                "torchscript",
+            ]
+        )
+        == 0
+    )
     assert "not registered (--no-register)" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_card.md", "spec.json", "weights.pt"]
     assert len(client.search_runs([sweep["tracker"].experiment_id], "", ViewType.ALL)) == runs
@@ -338,20 +439,52 @@ def test_bad_input_fails_with_one_line(sweep, tmp_path, capsys):
     assert "experiment 'nope' does not exist" in err and EXPERIMENT in err  # the known ones are listed
     assert front_main(["--experiment", EXPERIMENT, *base, "--sweep-id", "nosuch"]) == 2
     assert f"experiment '{EXPERIMENT}' has no parent run of sweep 'nosuch'" in error_line(capsys)
-    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-macs", "1000",
-                      "--out", str(tmp_path / "x")]) == 2
+    assert (
+        pick_main(
+            ["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-macs", "1000", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "--max-macs 1,000 is impossible" in error_line(capsys)
     # the robust pick keeps to --max-drop of the baseline: A (0.80) is 0.10 below 0.90
-    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--max-drop", "0.05", "--max-macs",
-                      str(models.macs(spec("B"))), "--out", str(tmp_path / "x")]) == 2
-    assert ("--max-drop 0.05 is impossible: the unpruned baseline's test_top1 is 0.9000 and the best candidate "
-            "reaches 0.8000") in error_line(capsys)
-    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "robust", "--kd-weight", "0.9",
-                      "--out", str(tmp_path / "x")]) == 2
-    assert "--kd-weight 0.9: no fine-tuned subnet was trained with that KD weight; the sweep has 0" in error_line(capsys)
+    assert (
+        pick_main(
+            [
+                "--experiment",
+                EXPERIMENT,
+                *base,
+                "--mode",
+                "robust",
+                "--max-drop",
+                "0.05",
+                "--max-macs",
+                str(models.macs(spec("B"))),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "--max-drop 0.05 is impossible: the unpruned baseline's test_top1 is 0.9000 and the best candidate "
+        "reaches 0.8000"
+    ) in error_line(capsys)
+    assert (
+        pick_main(
+            ["--experiment", EXPERIMENT, *base, "--mode", "robust", "--kd-weight", "0.9", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    assert "--kd-weight 0.9: no fine-tuned subnet was trained with that KD weight; the sweep has 0" in error_line(
+        capsys
+    )
     assert not (tmp_path / "x").exists()
-    assert pick_main(["--experiment", EXPERIMENT, *base, "--mode", "efficient", "--min-acc", "92",
-                      "--out", str(tmp_path / "x")]) == 2
+    assert (
+        pick_main(
+            ["--experiment", EXPERIMENT, *base, "--mode", "efficient", "--min-acc", "92", "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "expected a fraction in [0, 1]" in error_line(capsys)
     assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", f"sqlite:///{tmp_path / 'missing.db'}"]) == 2
     assert "no MLflow database at" in error_line(capsys)
@@ -370,7 +503,7 @@ def not_mlflow_server():
     """A local HTTP server that answers every request with 503 (a proxy, a wrong port)."""
 
     class Unavailable(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server naming
+        def do_GET(self):
             self.send_response(503)
             self.end_headers()
 
@@ -434,12 +567,15 @@ def test_fail_marks_the_parent_run_failed(tmp_path):
 
 
 def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path):
-    code = ("import os, sys\n"
-            "before = dict(os.environ)\n"
-            "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.commands\n"
-            "assert dict(os.environ) == before\n"
-            f"rayprune.tracking.lookup.connect('sqlite:///{tmp_path / 'mlflow.db'}')\n"
-            "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'], os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])\n")
+    code = (
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.commands\n"
+        "assert dict(os.environ) == before\n"
+        f"rayprune.tracking.lookup.connect('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+        "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'],\n"
+        "      os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["false", "true"]

@@ -57,8 +57,17 @@ def test_reopening_restores_rows_exactly_and_keeps_deduplicating(tmp_path):
 def test_file_has_query_friendly_columns_and_no_temp_files_are_left(tmp_path):
     store = SubnetStore(tmp_path / "subnets.parquet")
     store.add(rows("t1", widths=(8,)))
-    store.add([record_row(record(16, test_top1=0.9, robust_top1=0.7), trial_id="t1", kind="final",
-                          run_id="abc", artifact_uri="runs:/abc/subnet")])
+    store.add(
+        [
+            record_row(
+                record(16, test_top1=0.9, robust_top1=0.7),
+                trial_id="t1",
+                kind="final",
+                run_id="abc",
+                artifact_uri="runs:/abc/subnet",
+            )
+        ]
+    )
     table = pq.read_table(store.path).to_pydict()
     assert table["val_top1"] == [0.08, None]
     assert table["test_top1"] == [None, 0.9] and table["robust_top1"] == [None, 0.7]

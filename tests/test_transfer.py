@@ -77,8 +77,9 @@ def test_zeroing_dropped_channels_equals_the_extracted_subnet(name):
         assert sub_spec == subnet_spec(spec, keep)
         masked = clone_state(state)
         zero_dropped(spec, masked, keep)
-        torch.testing.assert_close(outputs(spec, masked, size), outputs(sub_spec, sub_state, size),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            outputs(spec, masked, size), outputs(sub_spec, sub_state, size), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", list(NETS))

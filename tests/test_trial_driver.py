@@ -21,8 +21,9 @@ def test_each_step_is_checkpointed_before_it_is_reported_and_resumes_exactly(tmp
         assert saved.steps == state.steps and len(saved.subnets) == len(state.subnets)
         seen.append(result.step)
 
-    state = drive(method, TrialState(config={"k": 1}), report, max_steps=1,
-                  checkpoint_dir=lambda: nullcontext(tmp_path))
+    state = drive(
+        method, TrialState(config={"k": 1}), report, max_steps=1, checkpoint_dir=lambda: nullcontext(tmp_path)
+    )
     assert seen == [0] and state.steps == 1 and state.history[0]["step"] == 0
     again = cls(make_ctx(workdir=tmp_path / "b"), cls.smoke)
     resumed = restore(again, TrialState.load(tmp_path / STATE_FILE))
@@ -36,7 +37,9 @@ def test_older_state_files_still_load(tmp_path):
     atomic_save({"method": weights, "steps": 3}, tmp_path / "tune.pt")  # the old Tune checkpoint
     old_tune = TrialState.load(tmp_path / "tune.pt")
     assert old_tune.steps == 3 and old_tune.history == [] and old_tune.config is None
-    atomic_save({"method": weights, "subnets": [{"a": 1}], "history": [{"step": 0}, {"step": 1}],
-                 "config": {"seed": 0}}, tmp_path / "run.pt")  # the old `rayprune run` state
+    atomic_save(
+        {"method": weights, "subnets": [{"a": 1}], "history": [{"step": 0}, {"step": 1}], "config": {"seed": 0}},
+        tmp_path / "run.pt",
+    )  # the old `rayprune run` state
     old_run = TrialState.load(tmp_path / "run.pt")
     assert old_run.steps == 2 and old_run.subnets == [{"a": 1}] and old_run.config == {"seed": 0}

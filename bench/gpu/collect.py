@@ -19,7 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu.common import REPO, read_rows  # noqa: E402
+from bench.gpu.common import REPO, read_rows
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -39,53 +39,76 @@ def summary(rows: list[dict[str, Any]]) -> str:
         out.append(f"preflight: {len(pre) - len(bad)}/{len(pre)} OK" + ("".join(f"\n  FAIL {b}" for b in bad)))
     a_arms = [r for r in rows if r["stage"] == "A" and r.get("kind") == "arm"]
     if a_arms:
-        out.append("\n| stage A phase | arm | img/s | step ms | epoch s | TFLOP/s | compile s | rounds |\n"
-                   "|---|---|---|---|---|---|---|---|")
+        out.append(
+            "\n| stage A phase | arm | img/s | step ms | epoch s | TFLOP/s | compile s | rounds |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         for r in a_arms:
             if r.get("error"):
                 out.append(f"| {r.get('phase')} | {r['arm']} | error: {r['error'][:80]} | | | | | |")
                 continue
-            out.append(f"| {r.get('phase')} | {r['arm']} | {_f(r['img_s'], '.0f')} | {_f(r['step_ms'], '.2f')} | "
-                       f"{_f(r['epoch_s'], '.2f')} | {_f(r['tflops'], '.2f')} | {_f(r.get('compile_s'), '.0f')} | "
-                       f"{r['rounds']} |")
+            out.append(
+                f"| {r.get('phase')} | {r['arm']} | {_f(r['img_s'], '.0f')} | {_f(r['step_ms'], '.2f')} | "
+                f"{_f(r['epoch_s'], '.2f')} | {_f(r['tflops'], '.2f')} | {_f(r.get('compile_s'), '.0f')} | "
+                f"{r['rounds']} |"
+            )
     a_ratios = [r for r in rows if r["stage"] == "A" and r.get("kind") == "ratio"]
     if a_ratios:
         out.append("\n| stage A phase | ratio (img/s) | median | min | max | rounds |\n|---|---|---|---|---|---|")
         for r in a_ratios:
-            out.append(f"| {r.get('phase')} | {r['ratio']} | {_f(r['median_ratio'], '.2f')}x | "
-                       f"{_f(r['min_ratio'], '.2f')} | {_f(r['max_ratio'], '.2f')} | {r['rounds']} |")
+            out.append(
+                f"| {r.get('phase')} | {r['ratio']} | {_f(r['median_ratio'], '.2f')}x | "
+                f"{_f(r['min_ratio'], '.2f')} | {_f(r['max_ratio'], '.2f')} | {r['rounds']} |"
+            )
     for r in rows:
         if r["stage"] in ("calibrate",):
-            out.append(f"\ncalibration: {r.get('model')} {_f(r.get('epoch_s'), '.2f')} s/epoch "
-                       f"({_f(r.get('img_s'), '.0f')} img/s, batch {r.get('batch_size')})")
+            out.append(
+                f"\ncalibration: {r.get('model')} {_f(r.get('epoch_s'), '.2f')} s/epoch "
+                f"({_f(r.get('img_s'), '.0f')} img/s, batch {r.get('batch_size')})"
+            )
         if r["stage"] == "B" and r.get("kind") in ("plan", "replan"):
-            out.append(f"stage B {r['kind']}: size {r.get('size')} {r.get('sizes')} at {_f(r.get('epoch_s'), '.2f')} "
-                       f"s/epoch ({r.get('epoch_source')}), budget left {_f(r.get('budget_left_s'), '.0f')} s")
+            out.append(
+                f"stage B {r['kind']}: size {r.get('size')} {r.get('sizes')} at {_f(r.get('epoch_s'), '.2f')} "
+                f"s/epoch ({r.get('epoch_source')}), budget left {_f(r.get('budget_left_s'), '.0f')} s"
+            )
     b = [r for r in rows if r["stage"] == "B" and r.get("kind") in ("arm", "skipped")]
     if b:
-        out.append("\n| stage B arm | method | test top-1 | robust top-1 | MACs % | steps | wall s | fine-tune | note |\n"
-                   "|---|---|---|---|---|---|---|---|---|")
+        out.append(
+            "\n| stage B arm | method | test top-1 | robust top-1 | MACs % | steps | wall s | fine-tune | note |\n"
+            "|---|---|---|---|---|---|---|---|---|"
+        )
         for r in b:
-            note = r.get("error") or (r.get("reason") if r.get("kind") == "skipped" else "") or \
-                ("truncated" if r.get("truncated") else "")
+            note = (
+                r.get("error")
+                or (r.get("reason") if r.get("kind") == "skipped" else "")
+                or ("truncated" if r.get("truncated") else "")
+            )
             tag = r.get("recipe_tag") or (f"e{r.get('epochs')}" if r.get("arm") == "teacher" else "")
-            out.append(f"| {r.get('arm')} | {r.get('method')} | {_f(r.get('test_top1'), '.4f')} | "
-                       f"{_f(r.get('robust_top1'), '.4f')} | {_f(r.get('macs_pct'), '.1f')} | {_f(r.get('steps_run'))} | "
-                       f"{_f(r.get('wall_s'), '.0f')} | {tag} | {str(note)[:120]} |")
+            out.append(
+                f"| {r.get('arm')} | {r.get('method')} | {_f(r.get('test_top1'), '.4f')} | "
+                f"{_f(r.get('robust_top1'), '.4f')} | {_f(r.get('macs_pct'), '.1f')} | {_f(r.get('steps_run'))} | "
+                f"{_f(r.get('wall_s'), '.0f')} | {tag} | {str(note)[:120]} |"
+            )
     c = [r for r in rows if r["stage"] == "C" and r.get("kind") in ("net", "reference")]
     if c:
-        out.append("\n| stage C net | MACs % | MACs speed-up | b1 ms | b1 speed-up | b64 ms | b64 speed-up |\n"
-                   "|---|---|---|---|---|---|---|")
+        out.append(
+            "\n| stage C net | MACs % | MACs speed-up | b1 ms | b1 speed-up | b64 ms | b64 speed-up |\n"
+            "|---|---|---|---|---|---|---|"
+        )
         for r in c:
             ref = r.get("kind") == "reference"
-            out.append(f"| {r['net']}{' (reference)' if ref else ''} | {_f(r.get('macs_pct', 100.0), '.1f')} | "
-                       f"{_f(r.get('macs_speedup', 1.0), '.2f')} | {_f(r.get('latency_ms_b1_p50'), '.3f')} | "
-                       f"{_f(r.get('speedup_b1', 1.0), '.2f')} | {_f(r.get('latency_ms_b64_p50'), '.3f')} | "
-                       f"{_f(r.get('speedup_b64', 1.0), '.2f')} |")
+            out.append(
+                f"| {r['net']}{' (reference)' if ref else ''} | {_f(r.get('macs_pct', 100.0), '.1f')} | "
+                f"{_f(r.get('macs_speedup', 1.0), '.2f')} | {_f(r.get('latency_ms_b1_p50'), '.3f')} | "
+                f"{_f(r.get('speedup_b1', 1.0), '.2f')} | {_f(r.get('latency_ms_b64_p50'), '.3f')} | "
+                f"{_f(r.get('speedup_b64', 1.0), '.2f')} |"
+            )
     for r in rows:
         if r["stage"] == "C" and r.get("kind") == "drift":
-            out.append(f"stage C {r.get('group')}: reference re-timed at the end = "
-                       + ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in r.items() if k.startswith("drift_b")))
+            out.append(
+                f"stage C {r.get('group')}: reference re-timed at the end = "
+                + ", ".join(f"{k} {_f(v, '.2f')}x" for k, v in r.items() if k.startswith("drift_b"))
+            )
     errors = [r for r in rows if r.get("kind") == "error"]
     for r in errors:
         out.append(f"ERROR in stage {r['stage']}: {r.get('error')}")

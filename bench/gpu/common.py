@@ -15,8 +15,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -136,10 +137,17 @@ def code_hash(repo: Path = REPO) -> str:
 def git_info(repo: Path = REPO) -> dict[str, Any]:
     """SHA and dirty flag from git, or {} where there is no git."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             check=True, timeout=20).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "rayprune", "bench"],
-                               cwd=repo, capture_output=True, text=True, check=True, timeout=20).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "rayprune", "bench"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=20,
+        ).stdout.strip()
         return {"git_sha": sha, "git_dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -149,12 +157,18 @@ def run_meta(kit: Path, device: str, command: str) -> dict[str, Any]:
     """What every row records: git SHA (live, else the one prepare wrote), code hash, torch, GPU."""
     import torch
 
-    meta: dict[str, Any] = {"command": command, "device": device, "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "python": platform.python_version(),
-                            "host": platform.node(), "code_hash": code_hash(),
-                            # "fp32" convs/matmuls run as TF32 on Ampere+ when these are on (torch's defaults)
-                            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    meta: dict[str, Any] = {
+        "command": command,
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "code_hash": code_hash(),
+        # "fp32" convs/matmuls run as TF32 on Ampere+ when these are on (torch's defaults)
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
     live = git_info()
     prepared = {}
     meta_file = kit / COMMON / "meta.json"
@@ -223,8 +237,14 @@ def pack_batch(src: Path, dst_dir: Path, preset: int = 6) -> dict[str, Any]:
     tmp.write_bytes(blob)
     os.replace(tmp, dst_dir / f"{src.name}.img.xz")
     np.save(dst_dir / f"{src.name}.labels.npy", y.astype(np.uint8))
-    return {"n": int(len(x)), "sha256": sha256(x.tobytes()), "labels_sha256": sha256(y.astype(np.int64).tobytes()),
-            "format": FORMAT, "bytes": len(blob), "source_bytes": src.stat().st_size}
+    return {
+        "n": len(x),
+        "sha256": sha256(x.tobytes()),
+        "labels_sha256": sha256(y.astype(np.int64).tobytes()),
+        "format": FORMAT,
+        "bytes": len(blob),
+        "source_bytes": src.stat().st_size,
+    }
 
 
 def unpack_batch(part_dir: Path, name: str, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -262,8 +282,10 @@ def cifar_from_parts(kit: Path, need_test: bool = True) -> tuple[Any, Any, dict[
     batches = load_parts(kit)
     train_names = [b for b in TRAIN_BATCHES if b in batches]
     if not train_names:
-        raise FileNotFoundError(f"no CIFAR-10 training batch under {kit}/part*/ (run bench/gpu/prepare.py here and "
-                                f"carry the parts as bench/gpu/README.md says)")
+        raise FileNotFoundError(
+            f"no CIFAR-10 training batch under {kit}/part*/ (run bench/gpu/prepare.py here and "
+            f"carry the parts as bench/gpu/README.md says)"
+        )
     if need_test and "test_batch" not in batches:
         raise FileNotFoundError(f"test_batch not under {kit}/part*/ (it travels in part 3)")
     x = torch.from_numpy(np.concatenate([batches[b][0] for b in train_names]))
@@ -273,8 +295,13 @@ def cifar_from_parts(kit: Path, need_test: bool = True) -> tuple[Any, Any, dict[
     if "test_batch" in batches:
         tx, ty = batches["test_batch"]
         test = Dataset(torch.from_numpy(tx), torch.from_numpy(ty), 10, CIFAR10_MEAN, CIFAR10_STD, "cifar10")
-    info = {"train_batches": train_names, "train_n": len(train), "test_n": len(test) if test is not None else 0,
-            "partial": len(train_names) < len(TRAIN_BATCHES), "unpack_s": round(time.perf_counter() - t0, 2)}
+    info = {
+        "train_batches": train_names,
+        "train_n": len(train),
+        "test_n": len(test) if test is not None else 0,
+        "partial": len(train_names) < len(TRAIN_BATCHES),
+        "unpack_s": round(time.perf_counter() - t0, 2),
+    }
     return train, test, info
 
 

@@ -21,15 +21,33 @@ import importlib
 import math
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .stage_b import _one_line
 
-CORE_MODULES = ["rayprune", "rayprune.models", "rayprune.models.transfer", "rayprune.engine",
-                "rayprune.engine.data", "rayprune.engine.train", "rayprune.engine.robust", "rayprune.engine.latency",
-                "rayprune.engine.checkpoint", "rayprune.methods", "rayprune.methods.base", "rayprune.methods.finetune",
-                "torchvision", "torchvision.transforms", "PIL.Image", "pydantic", "numpy",
-                "bench.gpu.throughput", "bench.gpu.stage_b", "bench.gpu.stage_c"]
+CORE_MODULES = [
+    "rayprune",
+    "rayprune.models",
+    "rayprune.models.transfer",
+    "rayprune.engine",
+    "rayprune.engine.data",
+    "rayprune.engine.train",
+    "rayprune.engine.robust",
+    "rayprune.engine.latency",
+    "rayprune.engine.checkpoint",
+    "rayprune.methods",
+    "rayprune.methods.base",
+    "rayprune.methods.finetune",
+    "torchvision",
+    "torchvision.transforms",
+    "PIL.Image",
+    "pydantic",
+    "numpy",
+    "bench.gpu.throughput",
+    "bench.gpu.stage_b",
+    "bench.gpu.stage_c",
+]
 
 
 def _check(name: str, fn: Callable[[], dict[str, Any]], emit: Callable[..., Any]) -> bool:
@@ -67,8 +85,13 @@ def _imports() -> dict[str, Any]:
             failed.append(f"method {name}: {_one_line(e)}")
     if failed:
         raise ImportError("; ".join(failed))
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pydantic": pydantic.__version__,
-            "numpy": numpy.__version__, "methods": list(MODULES)}
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pydantic": pydantic.__version__,
+        "numpy": numpy.__version__,
+        "methods": list(MODULES),
+    }
 
 
 def _device(device: str) -> dict[str, Any]:
@@ -87,9 +110,14 @@ def _device(device: str) -> dict[str, Any]:
     if not math.isfinite(conv.weight.grad.abs().sum().item()):
         raise RuntimeError("non-finite gradient from a bf16 conv")
     props = torch.cuda.get_device_properties(0)
-    return {"gpu": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-            "memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count,
-            "bf16": torch.cuda.is_bf16_supported(), "cudnn": torch.backends.cudnn.version()}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "sms": props.multi_processor_count,
+        "bf16": torch.cuda.is_bf16_supported(),
+        "cudnn": torch.backends.cudnn.version(),
+    }
 
 
 def _tiny(seed: int = 0) -> tuple[dict, Any, Any]:
@@ -116,8 +144,12 @@ def _engine(device: str) -> dict[str, Any]:
     values = [hist[-1]["loss"], ev["top1"], rob["robust_top1"], *lat.values()]
     if not all(math.isfinite(v) for v in values):
         raise FloatingPointError(f"non-finite engine outputs: {values}")
-    return {"loss": round(hist[-1]["loss"], 4), "top1": ev["top1"], "robust_top1": rob["robust_top1"],
-            "latency_ms_b1_p50": round(lat["latency_ms_b1_p50"], 3)}
+    return {
+        "loss": round(hist[-1]["loss"], 4),
+        "top1": ev["top1"],
+        "robust_top1": rob["robust_top1"],
+        "latency_ms_b1_p50": round(lat["latency_ms_b1_p50"], 3),
+    }
 
 
 def _method(name: str, device: str) -> dict[str, Any]:
@@ -130,10 +162,23 @@ def _method(name: str, device: str) -> dict[str, Any]:
     cls = get_method(name)
     teacher = models.build(spec, seed=1)
     with tempfile.TemporaryDirectory(prefix=f"preflight-{name}-") as wd:
-        ctx = RunContext(spec=spec, train=train, test=test, budget=Budget(flops_target=0.5), kd_weight=0.9,
-                         teacher=teacher, device=device, seed=0, workdir=wd,
-                         finetune=TrainConfig(epochs=1, batch_size=32, lr=0.05), input_size=16, progress=False,
-                         latency_batch_sizes=(1,), latency_repeats=2, robust_max_samples=32)
+        ctx = RunContext(
+            spec=spec,
+            train=train,
+            test=test,
+            budget=Budget(flops_target=0.5),
+            kd_weight=0.9,
+            teacher=teacher,
+            device=device,
+            seed=0,
+            workdir=wd,
+            finetune=TrainConfig(epochs=1, batch_size=32, lr=0.05),
+            input_size=16,
+            progress=False,
+            latency_batch_sizes=(1,),
+            latency_repeats=2,
+            robust_max_samples=32,
+        )
         method = cls(ctx, cls.smoke)
         result = method.step()
         final = finalize(method, progress=False)
@@ -152,14 +197,17 @@ def _stage_b_config(smoke: bool) -> dict[str, Any]:
     return {"arms": [a["arm"] for a in ARMS]}
 
 
-def preflight(device: str, emit: Callable[..., Any], smoke: bool = False,
-              methods: list[str] | None = None) -> tuple[bool, int]:
+def preflight(
+    device: str, emit: Callable[..., Any], smoke: bool = False, methods: list[str] | None = None
+) -> tuple[bool, int]:
     """Run the checks; returns (may the stages run, number of failed checks)."""
     failed = 0
     for name, fn in (("imports", _imports), ("device", lambda: _device(device)), ("engine", lambda: _engine(device))):
         if not _check(name, fn, emit):
-            print(f"preflight: STOP: {name} failed on this machine; nothing else can run (see the FAIL line above)",
-                  flush=True)
+            print(
+                f"preflight: STOP: {name} failed on this machine; nothing else can run (see the FAIL line above)",
+                flush=True,
+            )
             return False, failed + 1
     from rayprune.methods import MODULES
 

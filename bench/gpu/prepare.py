@@ -30,16 +30,45 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench.gpu` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu.common import (COMMON, DEFAULT_CIFAR, DEFAULT_KIT, FORMAT, LIMIT_BYTES, PARTS, REPO, code_hash,
-                              git_info, mib, now, pack_batch, path_bytes, tree_bytes)
+from bench.gpu.common import (
+    COMMON,
+    DEFAULT_CIFAR,
+    DEFAULT_KIT,
+    FORMAT,
+    LIMIT_BYTES,
+    PARTS,
+    REPO,
+    code_hash,
+    git_info,
+    mib,
+    now,
+    pack_batch,
+    path_bytes,
+    tree_bytes,
+)
 
 # Packages the GPU machine lacks (pydantic) or may hold in too old a version for it.
 WHEEL_PACKAGES = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
-WHEEL_FALLBACK = {"pydantic": "2.14.3", "pydantic-core": "2.50.4", "annotated-types": "0.8.0",
-                  "typing-inspection": "0.4.5", "typing-extensions": "4.16.0"}
-PIP_PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-                "--platform", "manylinux2014_x86_64"]
+WHEEL_FALLBACK = {
+    "pydantic": "2.14.3",
+    "pydantic-core": "2.50.4",
+    "annotated-types": "0.8.0",
+    "typing-inspection": "0.4.5",
+    "typing-extensions": "4.16.0",
+}
+PIP_PLATFORM = [
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+]
 
 # Timeouts for the device tool (seconds) and what each command does; run.py holds the budgets.
 COMMANDS = {
@@ -106,16 +135,23 @@ def pack_parts(cifar: Path, kit: Path, preset: int, jobs: int) -> None:
             if not src.is_file():
                 raise PrepareError(f"{src} is missing (need the python-pickle CIFAR-10 folder; pass --cifar-dir)")
             entry = manifest["batches"].get(name)
-            fresh = (entry and entry.get("format") == FORMAT and entry.get("source_bytes") == src.stat().st_size
-                     and (part_dir / f"{name}.img.xz").is_file() and (part_dir / f"{name}.labels.npy").is_file())
+            fresh = (
+                entry
+                and entry.get("format") == FORMAT
+                and entry.get("source_bytes") == src.stat().st_size
+                and (part_dir / f"{name}.img.xz").is_file()
+                and (part_dir / f"{name}.labels.npy").is_file()
+            )
             if not fresh:
                 todo.append((part, str(src), str(part_dir), preset))
     if todo:
-        print(f"packing {len(todo)} batch(es) with {jobs} process(es) (xz preset {preset}; ~30 s per batch per core)...",
-              flush=True)
+        print(
+            f"packing {len(todo)} batch(es) with {jobs} process(es) (xz preset {preset}; ~30 s per batch per core)...",
+            flush=True,
+        )
         with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
             results = list(pool.map(_pack_job, [t[1:] for t in todo]))
-        for (part, *_), (name, entry) in zip(todo, results):
+        for (part, *_), (name, entry) in zip(todo, results, strict=True):
             manifests[part]["batches"][name] = entry
     for part, manifest in manifests.items():
         # Drop entries of batches that no longer belong to this part (PARTS changed).
@@ -148,8 +184,18 @@ def plan(kit: Path, tree: int, limit: int) -> list[dict]:
         carry = [kit / COMMON, kit / f"part{cmd}"]
         sizes = {carry_name(p): path_bytes(p) for p in carry}
         total = tree + sum(sizes.values())
-        rows.append({"command": cmd, "carry": list(sizes), "sizes": sizes, "tree": tree, "total": total,
-                     "limit": limit, "ok": total <= limit, **COMMANDS[cmd]})
+        rows.append(
+            {
+                "command": cmd,
+                "carry": list(sizes),
+                "sizes": sizes,
+                "tree": tree,
+                "total": total,
+                "limit": limit,
+                "ok": total <= limit,
+                **COMMANDS[cmd],
+            }
+        )
     return rows
 
 
@@ -178,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                 ensure_wheels(kit / COMMON / "wheels")
         # Always refreshed (cheap): the SHA and code hash the device rows will name.
         (kit / COMMON).mkdir(parents=True, exist_ok=True)
-        meta = {**git_info(), "code_hash": code_hash(), "prepared_at": now(),
-                "wheels": sorted(w.name for w in (kit / COMMON / "wheels").glob("*.whl"))}
+        meta = {
+            **git_info(),
+            "code_hash": code_hash(),
+            "prepared_at": now(),
+            "wheels": sorted(w.name for w in (kit / COMMON / "wheels").glob("*.whl")),
+        }
         (kit / COMMON / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         for part in PARTS:
             if not (kit / f"part{part}" / "manifest.json").is_file():
@@ -193,20 +243,26 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     meta_file = kit / COMMON / "meta.json"
     sha = json.loads(meta_file.read_text()).get("git_sha") if meta_file.is_file() else None
-    print(f"tree (tracked + untracked-not-ignored): {mib(tree)}; limit per command {mib(args.limit_bytes)}; "
-          f"git SHA recorded for the device: {sha}")
+    print(
+        f"tree (tracked + untracked-not-ignored): {mib(tree)}; limit per command {mib(args.limit_bytes)}; "
+        f"git SHA recorded for the device: {sha}"
+    )
     for r in rows:
         parts = " + ".join(f"{k} {mib(v)}" for k, v in r["sizes"].items())
-        print(f"command {r['command']}: total {mib(r['total'])} = tree {mib(r['tree'])} + {parts}; "
-              f"margin {mib(r['limit'] - r['total'])}; {'OK' if r['ok'] else 'OVER'}")
+        print(
+            f"command {r['command']}: total {mib(r['total'])} = tree {mib(r['tree'])} + {parts}; "
+            f"margin {mib(r['limit'] - r['total'])}; {'OK' if r['ok'] else 'OVER'}"
+        )
         print(f"  carry = {json.dumps(r['carry'])}   timeout_s = {r['timeout_s']}   ({r['does']})")
         print(f"  command: {device_command(r['command'])}")
     over = [r for r in rows if not r["ok"]]
     if over:
         r = over[0]
-        print(f"prepare: error: command {r['command']} would send {mib(r['total'])} (tree {mib(r['tree'])} + "
-              f"{' + '.join(f'{k} {mib(v)}' for k, v in r['sizes'].items())}) > {mib(r['limit'])} limit",
-              file=sys.stderr)
+        print(
+            f"prepare: error: command {r['command']} would send {mib(r['total'])} (tree {mib(r['tree'])} + "
+            f"{' + '.join(f'{k} {mib(v)}' for k, v in r['sizes'].items())}) > {mib(r['limit'])} limit",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -46,20 +46,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="results.jsonl goes here ($OUT on the device)")
     p.add_argument("--kit", type=Path, default=DEFAULT_KIT, help="the .gpukit folder (parts, wheels, state)")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU, synthetic data")
-    p.add_argument("--data", choices=["parts", "synthetic"], default=None,
-                   help="CIFAR-10 from the kit's parts (default) or synthetic (default with --smoke)")
+    p.add_argument(
+        "--data",
+        choices=["parts", "synthetic"],
+        default=None,
+        help="CIFAR-10 from the kit's parts (default) or synthetic (default with --smoke)",
+    )
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--budget-s", type=float, default=None, help="wall budget of this command (default per command)")
-    p.add_argument("--epoch-time-s", type=float, default=None,
-                   help="stage B: seconds per ResNet-20 epoch (default: stage A's calibration saved on this machine)")
-    p.add_argument("--compile-budget-s", type=float, default=90.0, help="stage A: total seconds for torch.compile phases")
+    p.add_argument(
+        "--epoch-time-s",
+        type=float,
+        default=None,
+        help="stage B: seconds per ResNet-20 epoch (default: stage A's calibration saved on this machine)",
+    )
+    p.add_argument(
+        "--compile-budget-s", type=float, default=90.0, help="stage A: total seconds for torch.compile phases"
+    )
     p.add_argument("--no-compile", action="store_true", help="stage A: skip the torch.compile phases")
     p.add_argument("--steps", type=int, default=None, help="stage A: steps per chunk (default 40; smoke 3)")
     p.add_argument("--rounds", type=int, default=None, help="stage A: interleaved rounds (default 7; smoke 2)")
     p.add_argument("--kd-weight", type=float, default=None, help="stage B: override KD_WEIGHT")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 with --smoke, which on a loaded CPU is "
-                        "several times faster than spinning OpenMP threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 with --smoke, which on a loaded CPU is "
+        "several times faster than spinning OpenMP threads)",
+    )
     p.add_argument("--preflight-methods", default=None, help="comma list of methods preflight steps (default: all)")
     args = p.parse_args(argv)
     if args.stages is None and args.command is None:
@@ -109,8 +123,11 @@ class Kit:
 
                     train = train.subset(torch.arange(min(512, len(train))))
                     test = test.subset(torch.arange(min(256, len(test)))) if test is not None else None
-                self._data = (train, test, {"source": "parts", **info, "train_n": len(train),
-                                            "test_n": len(test) if test is not None else 0})
+                self._data = (
+                    train,
+                    test,
+                    {"source": "parts", **info, "train_n": len(train), "test_n": len(test) if test is not None else 0},
+                )
         return self._data
 
     # -- stages ------------------------------------------------------------------------------
@@ -129,14 +146,22 @@ class Kit:
         train, _, info = self.data(need_test=False)
         a = self.args
         emit = lambda **r: self.emit("A", data=info["source"], **r)  # noqa: E731
-        compile_settings = () if a.no_compile or (self.smoke and self.device == "cpu") else \
-            ("bf16_cl_compile", "fp32_compile")
-        throughput.stage_a(train, torch.device(self.device), emit,
-                           model="cifar_resnet:tiny" if self.smoke else throughput.MODEL,
-                           steps=a.steps or (3 if self.smoke else 40), batch_size=16 if self.smoke else 128,
-                           rounds=a.rounds or (2 if self.smoke else 7), compile_settings=compile_settings,
-                           compile_budget_s=a.compile_budget_s, left=lambda: self.clock.left() - 20,
-                           workers=1 if self.smoke else None)
+        compile_settings = (
+            () if a.no_compile or (self.smoke and self.device == "cpu") else ("bf16_cl_compile", "fp32_compile")
+        )
+        throughput.stage_a(
+            train,
+            torch.device(self.device),
+            emit,
+            model="cifar_resnet:tiny" if self.smoke else throughput.MODEL,
+            steps=a.steps or (3 if self.smoke else 40),
+            batch_size=16 if self.smoke else 128,
+            rounds=a.rounds or (2 if self.smoke else 7),
+            compile_settings=compile_settings,
+            compile_budget_s=a.compile_budget_s,
+            left=lambda: self.clock.left() - 20,
+            workers=1 if self.smoke else None,
+        )
 
     def calibrate(self) -> None:
         import torch
@@ -145,8 +170,14 @@ class Kit:
 
         train, _, _ = self.data(need_test=False)
         model = "cifar_resnet:tiny" if self.smoke else stage_b.MODEL
-        cal = throughput.calibrate(train, torch.device(self.device), model, stage_b.SHORTCUT,
-                                   stage_b.FINETUNE_RECIPE["batch_size"], steps=3 if self.smoke else 60)
+        cal = throughput.calibrate(
+            train,
+            torch.device(self.device),
+            model,
+            stage_b.SHORTCUT,
+            stage_b.FINETUNE_RECIPE["batch_size"],
+            steps=3 if self.smoke else 60,
+        )
         row = self.emit("calibrate", **cal)
         state = self.kit / STATE
         state.mkdir(parents=True, exist_ok=True)
@@ -158,8 +189,11 @@ class Kit:
         f = self.kit / STATE / CALIBRATION
         if f.is_file():
             cal = json.loads(f.read_text())
-            if cal.get("model") == model and cal.get("device", "").split(":")[0] == self.device.split(":")[0] \
-                    and bool(cal.get("smoke")) == self.smoke:
+            if (
+                cal.get("model") == model
+                and cal.get("device", "").split(":")[0] == self.device.split(":")[0]
+                and bool(cal.get("smoke")) == self.smoke
+            ):
                 return float(cal["epoch_s"]), f"calibration ({cal.get('time')})"
         return None, "default (no calibration found)"
 
@@ -170,8 +204,15 @@ class Kit:
 
         emit = lambda **r: self.emit("C", **r)  # noqa: E731
         if self.smoke:
-            stage_c.stage_c_fixed(torch.device(self.device), emit, fixed_models=("cifar_resnet:tiny",), warmup=1,
-                                  repeats=3, left=self.clock.left, input_size=16)
+            stage_c.stage_c_fixed(
+                torch.device(self.device),
+                emit,
+                fixed_models=("cifar_resnet:tiny",),
+                warmup=1,
+                repeats=3,
+                left=self.clock.left,
+                input_size=16,
+            )
         else:
             stage_c.stage_c_fixed(torch.device(self.device), emit, left=self.clock.left)
 
@@ -181,9 +222,19 @@ class Kit:
         train, test, info = self.data(need_test=True)
         model = "cifar_resnet:tiny" if self.smoke else stage_b.MODEL
         epoch_s, source = self.saved_epoch_s(model)
-        self.b_rows = stage_b.stage_b(train, test, self.device, lambda **r: self.emit("B", **r),
-                                      left=self.clock.left, epoch_s=epoch_s, epoch_source=source, smoke=self.smoke,
-                                      model=model, data_info=info, kd_weight=self.args.kd_weight)
+        self.b_rows = stage_b.stage_b(
+            train,
+            test,
+            self.device,
+            lambda **r: self.emit("B", **r),
+            left=self.clock.left,
+            epoch_s=epoch_s,
+            epoch_source=source,
+            smoke=self.smoke,
+            model=model,
+            data_info=info,
+            kd_weight=self.args.kd_weight,
+        )
 
     def stage_c(self) -> None:
         import torch
@@ -197,14 +248,27 @@ class Kit:
             return
         nets = [(f"B:{r['arm']}", r["spec"]) for r in rows if r.get("arm") != "teacher"]
         train, _, _ = self.data(need_test=False)
-        stage_c.latency_table(("B:teacher", teacher[0]["spec"]), nets, torch.device(self.device),
-                              lambda **r: self.emit("C", **r), warmup=1 if self.smoke else 10,
-                              input_size=train.input_size,
-                              repeats=3 if self.smoke else 50, left=self.clock.left, group="stage_b")
+        stage_c.latency_table(
+            ("B:teacher", teacher[0]["spec"]),
+            nets,
+            torch.device(self.device),
+            lambda **r: self.emit("C", **r),
+            warmup=1 if self.smoke else 10,
+            input_size=train.input_size,
+            repeats=3 if self.smoke else 50,
+            left=self.clock.left,
+            group="stage_b",
+        )
 
 
-STAGE_FUNCS = {"preflight": Kit.preflight, "A": Kit.stage_a, "calibrate": Kit.calibrate, "C_fixed": Kit.stage_c_fixed,
-               "B": Kit.stage_b, "C": Kit.stage_c}
+STAGE_FUNCS = {
+    "preflight": Kit.preflight,
+    "A": Kit.stage_a,
+    "calibrate": Kit.calibrate,
+    "C_fixed": Kit.stage_c_fixed,
+    "B": Kit.stage_b,
+    "C": Kit.stage_c,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run: error: cannot start ({type(e).__name__}: {e})", flush=True)
         return 3
     m = kit.results.meta
-    print(f"run: command {args.command or 'custom'} stages {','.join(stages)} on {kit.device} "
-          f"({m.get('gpu') or 'no GPU'}), torch {m['torch']}, git {str(m.get('git_sha'))[:12]} "
-          f"({m.get('git_source')}), code {m['code_hash']}, budget {kit.clock.budget_s} s, "
-          f"results {kit.results.path}", flush=True)
+    print(
+        f"run: command {args.command or 'custom'} stages {','.join(stages)} on {kit.device} "
+        f"({m.get('gpu') or 'no GPU'}), torch {m['torch']}, git {str(m.get('git_sha'))[:12]} "
+        f"({m.get('git_source')}), code {m['code_hash']}, budget {kit.clock.budget_s} s, "
+        f"results {kit.results.path}",
+        flush=True,
+    )
     status = 0
     for stage in stages:
         t0 = time.perf_counter()
@@ -236,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             status = 2
             continue
         except Exception as e:
-            kit.emit(stage, kind="error", error=f"{type(e).__name__}: {e}"[:1000],
-                     traceback=traceback.format_exc()[-3000:])
+            kit.emit(
+                stage, kind="error", error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-3000:]
+            )
             print(f"run: stage {stage} FAILED: {type(e).__name__}: {e}", flush=True)
             continue
         finally:
@@ -248,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.gpu.collect import summary
 
     print(summary(kit.results.rows), flush=True)
-    print(f"run: done in {kit.clock.elapsed():.0f} s; {len(kit.results.rows)} rows, {kit.failed} failed; "
-          f"{kit.results.path}", flush=True)
+    print(
+        f"run: done in {kit.clock.elapsed():.0f} s; {len(kit.results.rows)} rows, {kit.failed} failed; "
+        f"{kit.results.path}",
+        flush=True,
+    )
     if status:
         return status
     return 1 if kit.failed else 0

@@ -22,8 +22,9 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,14 +53,27 @@ SIZES = {  # from largest to smallest; the first whose estimate fits the budget 
 }
 SMOKE_SIZE = {"teacher_epochs": 1, "finetune_epochs": 1, "ast_iterations": 2, "ast_epochs": 1, "tas_epochs": 1}
 
-AST_SCHEDULE = {"max_iterations": "$ast_iterations", "min_iterations": "$ast_iterations",
-                "epochs_schedule": [[0, "$ast_epochs"]], "noise_iterations": "$ast_iterations"}
+AST_SCHEDULE = {
+    "max_iterations": "$ast_iterations",
+    "min_iterations": "$ast_iterations",
+    "epochs_schedule": [[0, "$ast_epochs"]],
+    "noise_iterations": "$ast_iterations",
+}
 ARMS = [  # run in this order: most important first
     {"arm": "uniform", "method": "uniform", "hparams": {"eval_epochs": 1}},
     {"arm": "ast", "method": "ast", "hparams": {**AST_SCHEDULE}},
-    {"arm": "ast_random", "method": "ast",
-     "hparams": {**AST_SCHEDULE, "freeze_alpha": True, "threshnet": False, "stop_on_convergence": False,
-                 "max_iterations": "$ran:ast", "min_iterations": "$ran:ast"}},
+    {
+        "arm": "ast_random",
+        "method": "ast",
+        "hparams": {
+            **AST_SCHEDULE,
+            "freeze_alpha": True,
+            "threshnet": False,
+            "stop_on_convergence": False,
+            "max_iterations": "$ran:ast",
+            "min_iterations": "$ran:ast",
+        },
+    },
     {"arm": "l1", "method": "l1", "hparams": {}},
     {"arm": "tas", "method": "tas", "hparams": {"epochs": "$tas_epochs"}},
 ]
@@ -128,8 +142,11 @@ def validate_config(smoke: bool = False) -> list[str]:
             try:
                 cls = get_method(arm["method"])
                 cls.Hparams(**arm_hparams(arm, size, {}, smoke))
-                TrainConfig(**finetune_recipe(arm["method"], size["finetune_epochs"]), kd_weight=KD_WEIGHT,
-                            kd_temperature=KD_TEMPERATURE)
+                TrainConfig(
+                    **finetune_recipe(arm["method"], size["finetune_epochs"]),
+                    kd_weight=KD_WEIGHT,
+                    kd_temperature=KD_TEMPERATURE,
+                )
             except Exception as e:
                 problems.append(f"arm {arm['arm']} ({arm['method']}): {_one_line(e)}")
                 break
@@ -168,8 +185,9 @@ def plan_cost(size: dict[str, int], arms: list[dict[str, Any]], teacher: bool) -
     return total + sum(sum(arm_cost(a, size)) for a in arms)
 
 
-def choose_size(epoch_s: float, budget_s: float, arms: list[dict[str, Any]], teacher_epochs: int | None = None
-                ) -> tuple[str, dict[str, int], float]:
+def choose_size(
+    epoch_s: float, budget_s: float, arms: list[dict[str, Any]], teacher_epochs: int | None = None
+) -> tuple[str, dict[str, int], float]:
     """The largest SIZES entry whose estimate fits ``budget_s`` (the smallest when none does).
     With ``teacher_epochs`` (the teacher is done) only the arms are counted and it is kept."""
     name, size = list(SIZES.items())[-1]
@@ -193,8 +211,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, smoke: bool,
-                  max_s: float = float("inf")) -> tuple[Any, dict]:
+def train_teacher(
+    spec: dict, train: Any, test: Any, device: str, epochs: int, smoke: bool, max_s: float = float("inf")
+) -> tuple[Any, dict]:
     """Train the unpruned net; stops after the epoch that would run past ``max_s`` (``truncated``)."""
     from rayprune import models
     from rayprune.engine.latency import measure_latency
@@ -214,18 +233,34 @@ def train_teacher(spec: dict, train: Any, test: Any, device: str, epochs: int, s
     train_s = time.perf_counter() - t0
     test_m = evaluate(net, test, device=device)
     robust = robust_accuracy(net, test, device=device, seed=SEED, max_samples=64 if smoke else None)
-    lat = measure_latency(net, (test.channels, test.input_size, test.input_size), device=device,
-                          repeats=3 if smoke else 20)
+    lat = measure_latency(
+        net, (test.channels, test.input_size, test.input_size), device=device, repeats=3 if smoke else 20
+    )
     net.eval()
-    return net, {"test_top1": test_m["top1"], "test_top5": test_m["top5"], "robust_top1": robust["robust_top1"],
-                 "robust": {k: v for k, v in robust.items() if k != "robust_top1"}, **lat,
-                 "train_s": train_s, "epoch_s_measured": train_s / max(1, len(history)),
-                 "epochs_run": len(history), "truncated": len(history) < epochs, "final_loss": history[-1]["loss"],
-                 "recipe": cfg.model_dump()}
+    return net, {
+        "test_top1": test_m["top1"],
+        "test_top5": test_m["top5"],
+        "robust_top1": robust["robust_top1"],
+        "robust": {k: v for k, v in robust.items() if k != "robust_top1"},
+        **lat,
+        "train_s": train_s,
+        "epoch_s_measured": train_s / max(1, len(history)),
+        "epochs_run": len(history),
+        "truncated": len(history) < epochs,
+        "final_loss": history[-1]["loss"],
+        "recipe": cfg.model_dump(),
+    }
 
 
-def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], epoch_s: float,
-            size: dict[str, int], left: Callable[[], float], reserve_s: float) -> dict[str, Any]:
+def run_arm(
+    arm: dict[str, Any],
+    hp: dict[str, Any],
+    ctx_args: dict[str, Any],
+    epoch_s: float,
+    size: dict[str, int],
+    left: Callable[[], float],
+    reserve_s: float,
+) -> dict[str, Any]:
     """One arm through the public API; returns its row (``error`` set on failure)."""
     from rayprune import models
     from rayprune.engine.train import TrainConfig
@@ -240,8 +275,9 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
     row.update(est_search_s=search_est, est_finetune_s=ft_est)
     try:
         cls = get_method(arm["method"])
-        ctx = RunContext(**ctx_args, budget=Budget(flops_target=FLOPS_TARGET), workdir=workdir,
-                         finetune=TrainConfig(**recipe))
+        ctx = RunContext(
+            **ctx_args, budget=Budget(flops_target=FLOPS_TARGET), workdir=workdir, finetune=TrainConfig(**recipe)
+        )
         method = cls(ctx, hp)
         steps, truncated, last_metrics = 0, False, {}
         ts = time.perf_counter()
@@ -266,15 +302,28 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
         full_macs = models.macs(ctx.spec, ctx.input_size)
         m = rec.metrics
         row.update(
-            test_top1=m.get("test_top1"), test_top5=m.get("test_top5"), robust_top1=m.get("robust_top1"),
-            val_top1=m.get("val_top1"), macs=rec.macs, macs_pct=100.0 * rec.macs / full_macs, params=rec.params,
-            steps_run=steps, iterations=int(getattr(method, "iteration", steps)), truncated=truncated, search_s=search_s, finetune_s=finetune_s,
-            recipe=rec.source.get("recipe", recipe), recipe_tag=rec.source.get("recipe_tag"),
-            init=rec.source.get("init"), kd_weight=ctx.kd_weight, kd_temperature=ctx.kd_temperature,
+            test_top1=m.get("test_top1"),
+            test_top5=m.get("test_top5"),
+            robust_top1=m.get("robust_top1"),
+            val_top1=m.get("val_top1"),
+            macs=rec.macs,
+            macs_pct=100.0 * rec.macs / full_macs,
+            params=rec.params,
+            steps_run=steps,
+            iterations=int(getattr(method, "iteration", steps)),
+            truncated=truncated,
+            search_s=search_s,
+            finetune_s=finetune_s,
+            recipe=rec.source.get("recipe", recipe),
+            recipe_tag=rec.source.get("recipe_tag"),
+            init=rec.source.get("init"),
+            kd_weight=ctx.kd_weight,
+            kd_temperature=ctx.kd_temperature,
             latency={k: v for k, v in m.items() if k.startswith("latency_")},
             robust={k: v for k, v in m.items() if k.startswith("robust/")},
             last_step={k: v for k, v in last_metrics.items() if isinstance(v, (int, float))},
-            spec=rec.spec)
+            spec=rec.spec,
+        )
     except Exception as e:
         row.update(error=_one_line(e), traceback=traceback.format_exc()[-2000:])
     finally:
@@ -283,48 +332,115 @@ def run_arm(arm: dict[str, Any], hp: dict[str, Any], ctx_args: dict[str, Any], e
     return row
 
 
-def stage_b(train: Any, test: Any, device: str, emit: Callable[..., Any], *, left: Callable[[], float],
-            epoch_s: float | None, epoch_source: str, smoke: bool = False, reserve_s: float = 20.0,
-            model: str | None = None, data_info: dict[str, Any] | None = None,
-            kd_weight: float | None = None) -> list[dict[str, Any]]:
+def stage_b(
+    train: Any,
+    test: Any,
+    device: str,
+    emit: Callable[..., Any],
+    *,
+    left: Callable[[], float],
+    epoch_s: float | None,
+    epoch_source: str,
+    smoke: bool = False,
+    reserve_s: float = 20.0,
+    model: str | None = None,
+    data_info: dict[str, Any] | None = None,
+    kd_weight: float | None = None,
+) -> list[dict[str, Any]]:
     """Teacher, then ARMS in order. Returns the rows (teacher first) for stage C."""
     from rayprune import models
 
     model = model or MODEL
     kd = KD_WEIGHT if kd_weight is None else kd_weight
     spec = models.full_spec(model, num_classes=train.num_classes, shortcut=SHORTCUT)
-    common = {"model": model, "shortcut": SHORTCUT, "flops_target": FLOPS_TARGET, "seed": SEED,
-              **({"data": data_info} if data_info else {})}
+    common = {
+        "model": model,
+        "shortcut": SHORTCUT,
+        "flops_target": FLOPS_TARGET,
+        "seed": SEED,
+        **({"data": data_info} if data_info else {}),
+    }
     epoch_s = epoch_s or DEFAULT_EPOCH_S
     if smoke:
         size_name, size, est = "smoke", dict(SMOKE_SIZE), 0.0
     else:
         size_name, size, est = choose_size(epoch_s, left() - reserve_s, ARMS)
-    emit(kind="plan", size=size_name, sizes=size, epoch_s=epoch_s, epoch_source=epoch_source, est_total_s=est,
-         budget_left_s=left(), kd_weight=kd, kd_temperature=KD_TEMPERATURE, arms=[a["arm"] for a in ARMS], **common)
+    emit(
+        kind="plan",
+        size=size_name,
+        sizes=size,
+        epoch_s=epoch_s,
+        epoch_source=epoch_source,
+        est_total_s=est,
+        budget_left_s=left(),
+        kd_weight=kd,
+        kd_temperature=KD_TEMPERATURE,
+        arms=[a["arm"] for a in ARMS],
+        **common,
+    )
     # The teacher may overrun its estimate by half (+10 s) before it stops early.
     t_max = math.inf if smoke else 1.5 * size["teacher_epochs"] * COSTS["teacher_epoch"] * epoch_s + 10
     teacher, t_metrics = train_teacher(spec, train, test, device, size["teacher_epochs"], smoke, t_max)
     t_macs = models.macs(spec, train.input_size)
-    rows = [emit(kind="arm", arm="teacher", method="unpruned", macs=t_macs, macs_pct=100.0,
-                 params=models.params(spec), epochs=size["teacher_epochs"], spec=spec,
-                 wall_s=t_metrics["train_s"], **t_metrics, **common)]
+    rows = [
+        emit(
+            kind="arm",
+            arm="teacher",
+            method="unpruned",
+            macs=t_macs,
+            macs_pct=100.0,
+            params=models.params(spec),
+            epochs=size["teacher_epochs"],
+            spec=spec,
+            wall_s=t_metrics["train_s"],
+            **t_metrics,
+            **common,
+        )
+    ]
     if not smoke:  # re-size the arms from the measured epoch time
         epoch_s = t_metrics["epoch_s_measured"]
         size_name, size, est = choose_size(epoch_s, left() - reserve_s, ARMS, teacher_epochs=size["teacher_epochs"])
-        emit(kind="replan", size=size_name, sizes=size, epoch_s=epoch_s, epoch_source="teacher", est_arms_s=est,
-             budget_left_s=left(), **common)
-    ctx_args = {"spec": spec, "train": train, "test": test, "kd_weight": kd, "teacher": teacher, "device": device,
-                "seed": SEED, "kd_temperature": KD_TEMPERATURE, "input_size": train.input_size, "progress": False,
-                "measure_latency": True, "robust": True}
+        emit(
+            kind="replan",
+            size=size_name,
+            sizes=size,
+            epoch_s=epoch_s,
+            epoch_source="teacher",
+            est_arms_s=est,
+            budget_left_s=left(),
+            **common,
+        )
+    ctx_args = {
+        "spec": spec,
+        "train": train,
+        "test": test,
+        "kd_weight": kd,
+        "teacher": teacher,
+        "device": device,
+        "seed": SEED,
+        "kd_temperature": KD_TEMPERATURE,
+        "input_size": train.input_size,
+        "progress": False,
+        "measure_latency": True,
+        "robust": True,
+    }
     if smoke:
         ctx_args.update(latency_batch_sizes=(1,), latency_repeats=3, robust_max_samples=64)
     ran: dict[str, int] = {}
     for arm in ARMS:
         need = sum(arm_cost(arm, size)) * epoch_s
         if not smoke and left() - reserve_s < 0.6 * need:
-            rows.append(emit(kind="skipped", arm=arm["arm"], method=arm["method"], reason="budget",
-                             est_s=need, budget_left_s=left(), **common))
+            rows.append(
+                emit(
+                    kind="skipped",
+                    arm=arm["arm"],
+                    method=arm["method"],
+                    reason="budget",
+                    est_s=need,
+                    budget_left_s=left(),
+                    **common,
+                )
+            )
             continue
         try:
             hp = arm_hparams(arm, size, ran, smoke)

@@ -19,7 +19,8 @@ is timed again at the end (``kind="drift"``: after / before).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,8 +47,7 @@ def uniform_spec(full: dict, target: float, divisor: int = 1, input_size: int = 
     limit = target * models.macs(full, input_size)
 
     def at(t: float) -> dict:
-        return models.with_widths(full, {g.name: max(divisor, int(round(g.width * t / divisor)) * divisor)
-                                         for g in groups})
+        return models.with_widths(full, {g.name: max(divisor, round(g.width * t / divisor) * divisor) for g in groups})
 
     lo, hi = 0.0, 1.0
     for _ in range(30):
@@ -77,28 +77,48 @@ def fixed_specs(model: str, num_classes: int = 10) -> list[tuple[str, dict]]:
     return [(name, spec) for name, spec in nets if spec != full]
 
 
-def _lat(spec: dict, device: torch.device, batch_sizes: tuple[int, ...], warmup: int, repeats: int,
-         input_size: int) -> dict[str, float]:
+def _lat(
+    spec: dict, device: torch.device, batch_sizes: tuple[int, ...], warmup: int, repeats: int, input_size: int
+) -> dict[str, float]:
     from rayprune.engine.latency import measure_latency
 
     net = models.build(spec, seed=0)
-    out = measure_latency(net, (3, input_size, input_size), device=device, batch_sizes=batch_sizes, warmup=warmup,
-                          repeats=repeats)
+    out = measure_latency(
+        net, (3, input_size, input_size), device=device, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats
+    )
     del net
     return out
 
 
-def latency_table(reference: tuple[str, dict], nets: list[tuple[str, dict]], device: torch.device,
-                  emit: Callable[..., Any], *, batch_sizes: tuple[int, ...] = (1, 64), warmup: int = 10,
-                  repeats: int = 50, input_size: int = 32, round8: bool = True,
-                  left: Callable[[], float] = lambda: float("inf"), group: str = "") -> None:
+def latency_table(
+    reference: tuple[str, dict],
+    nets: list[tuple[str, dict]],
+    device: torch.device,
+    emit: Callable[..., Any],
+    *,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    warmup: int = 10,
+    repeats: int = 50,
+    input_size: int = 32,
+    round8: bool = True,
+    left: Callable[[], float] = lambda: float("inf"),
+    group: str = "",
+) -> None:
     """Emit one row per net (and per round8 variant) plus the reference's own row."""
     ref_name, ref_spec = reference
     ref_macs = models.macs(ref_spec, input_size)
     ceiling = {g.name: g.width for g in models.channel_groups(ref_spec)}
     ref = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
-    emit(kind="reference", group=group, net=ref_name, macs=ref_macs, params=models.params(ref_spec), **ref,
-         repeats=repeats, spec=ref_spec)
+    emit(
+        kind="reference",
+        group=group,
+        net=ref_name,
+        macs=ref_macs,
+        params=models.params(ref_spec),
+        **ref,
+        repeats=repeats,
+        spec=ref_spec,
+    )
     for name, spec in nets:
         variants = [(name, spec, False)]
         if round8:
@@ -116,22 +136,55 @@ def latency_table(reference: tuple[str, dict], nets: list[tuple[str, dict]], dev
                 continue
             macs = models.macs(vspec, input_size)
             speed = {f"speedup_b{b}": ref[f"latency_ms_b{b}_p50"] / lat[f"latency_ms_b{b}_p50"] for b in batch_sizes}
-            emit(kind="net", group=group, net=vname, reference=ref_name, round8=rounded, macs=macs,
-                 macs_pct=100 * macs / ref_macs, params=models.params(vspec), macs_speedup=ref_macs / macs, **speed,
-                 **lat, repeats=repeats, spec=vspec)
+            emit(
+                kind="net",
+                group=group,
+                net=vname,
+                reference=ref_name,
+                round8=rounded,
+                macs=macs,
+                macs_pct=100 * macs / ref_macs,
+                params=models.params(vspec),
+                macs_speedup=ref_macs / macs,
+                **speed,
+                **lat,
+                repeats=repeats,
+                spec=vspec,
+            )
     # The reference again at the end: how much the device drifted while the nets were timed.
     after = _lat(ref_spec, device, batch_sizes, warmup, repeats, input_size)
-    emit(kind="drift", group=group, net=ref_name,
-         **{f"drift_b{b}": after[f"latency_ms_b{b}_p50"] / ref[f"latency_ms_b{b}_p50"] for b in batch_sizes})
+    emit(
+        kind="drift",
+        group=group,
+        net=ref_name,
+        **{f"drift_b{b}": after[f"latency_ms_b{b}_p50"] / ref[f"latency_ms_b{b}_p50"] for b in batch_sizes},
+    )
 
 
-def stage_c_fixed(device: torch.device, emit: Callable[..., Any], *, fixed_models: tuple[str, ...] = FIXED_MODELS,
-                  num_classes: int = 10, input_size: int = 32, warmup: int = 10, repeats: int = 50,
-                  left: Callable[[], float] = lambda: float("inf")) -> None:
+def stage_c_fixed(
+    device: torch.device,
+    emit: Callable[..., Any],
+    *,
+    fixed_models: tuple[str, ...] = FIXED_MODELS,
+    num_classes: int = 10,
+    input_size: int = 32,
+    warmup: int = 10,
+    repeats: int = 50,
+    left: Callable[[], float] = lambda: float("inf"),
+) -> None:
     for model in fixed_models:
         if left() < 10:
             emit(kind="skipped", group=model, reason="budget")
             continue
         full = models.full_spec(model, num_classes=num_classes, shortcut="avgpool_conv")
-        latency_table((model, full), fixed_specs(model, num_classes), device, emit, warmup=warmup, repeats=repeats,
-                      input_size=input_size, left=left, group=f"fixed:{model}")
+        latency_table(
+            (model, full),
+            fixed_specs(model, num_classes),
+            device,
+            emit,
+            warmup=warmup,
+            repeats=repeats,
+            input_size=input_size,
+            left=left,
+            group=f"fixed:{model}",
+        )

@@ -30,8 +30,9 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,20 +119,33 @@ class ReferenceData(torch.utils.data.Dataset):
 def reference_transform(ds: Dataset) -> Callable:
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomCrop(ds.input_size, padding=ds.crop_padding), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(ds.mean, ds.std)])
+    return T.Compose(
+        [
+            T.RandomCrop(ds.input_size, padding=ds.crop_padding),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(ds.mean, ds.std),
+        ]
+    )
 
 
 def chunk_config(setting: Setting, batch_size: int) -> TrainConfig:
-    return TrainConfig(epochs=1, batch_size=batch_size, schedule="constant", amp=setting.amp,
-                       channels_last=setting.channels_last, compile=setting.compile)
+    return TrainConfig(
+        epochs=1,
+        batch_size=batch_size,
+        schedule="constant",
+        amp=setting.amp,
+        channels_last=setting.channels_last,
+        compile=setting.compile,
+    )
 
 
 class EngineArm:
     loop = "engine"
 
-    def __init__(self, train: Dataset, spec: dict, setting: Setting, steps: int, batch_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, train: Dataset, spec: dict, setting: Setting, steps: int, batch_size: int, device: torch.device
+    ) -> None:
         self.setting, self.steps, self.batch_size, self.device = setting, steps, batch_size, device
         n = steps * batch_size
         self.data = train.subset(torch.arange(n) % len(train))  # wraps around small (smoke) sets
@@ -157,15 +171,30 @@ class EngineArm:
 class ReferenceArm:
     loop = "reference"
 
-    def __init__(self, train: Dataset, spec: dict, setting: Setting, steps: int, batch_size: int,
-                 device: torch.device, workers: int | None = None, x_nhwc: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        train: Dataset,
+        spec: dict,
+        setting: Setting,
+        steps: int,
+        batch_size: int,
+        device: torch.device,
+        workers: int | None = None,
+        x_nhwc: np.ndarray | None = None,
+    ) -> None:
         self.setting, self.steps, self.batch_size, self.device = setting, steps, batch_size, device
         x = x_nhwc if x_nhwc is not None else train.x.permute(0, 2, 3, 1).contiguous().numpy()
         workers = min(8, os.cpu_count() or 1) if workers is None else workers
         data = ReferenceData(x, train.y.numpy(), reference_transform(train))
-        self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                                  num_workers=workers, pin_memory=device.type == "cuda",
-                                                  persistent_workers=workers > 0)
+        self.loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
         self.net = models.build(spec, seed=0).to(device).train()
         if setting.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -222,7 +251,7 @@ def interleave(arms: list[Any], rounds: int, left: Callable[[], float]) -> dict[
     times: dict[str, list[float]] = {a.name: [] for a in arms}
     for r in range(rounds):
         t0 = time.perf_counter()
-        for arm in (arms if r % 2 == 0 else arms[::-1]):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
             times[arm.name].append(arm.chunk())
         if r + 1 < rounds and left() < 1.2 * (time.perf_counter() - t0):
             break
@@ -233,12 +262,26 @@ def arm_row(arm: Any, secs: list[float], macs: int, warm: dict[str, Any], model:
     images = arm.steps * arm.batch_size
     rates = [images / s for s in secs]
     med = statistics.median(rates)
-    row = {"kind": "arm", "arm": arm.name, "loop": arm.loop, "model": model, "precision": arm.setting.precision,
-           "channels_last": arm.setting.channels_last, "compile": arm.setting.compile,
-           "amp_active": arm.setting.amp and arm.device.type == "cuda", "batch_size": arm.batch_size,
-           "steps_per_chunk": arm.steps, "rounds": len(secs), "img_s": med, "img_s_all": rates,
-           "step_ms": 1e3 * arm.batch_size / med, "epoch_s": IMAGES_PER_EPOCH / med,
-           "tflops": med * 3 * 2 * macs / 1e12, "macs_per_image": macs, **warm}
+    row = {
+        "kind": "arm",
+        "arm": arm.name,
+        "loop": arm.loop,
+        "model": model,
+        "precision": arm.setting.precision,
+        "channels_last": arm.setting.channels_last,
+        "compile": arm.setting.compile,
+        "amp_active": arm.setting.amp and arm.device.type == "cuda",
+        "batch_size": arm.batch_size,
+        "steps_per_chunk": arm.steps,
+        "rounds": len(secs),
+        "img_s": med,
+        "img_s_all": rates,
+        "step_ms": 1e3 * arm.batch_size / med,
+        "epoch_s": IMAGES_PER_EPOCH / med,
+        "tflops": med * 3 * 2 * macs / 1e12,
+        "macs_per_image": macs,
+        **warm,
+    }
     if arm.setting.compile and "warmup_s" in warm:
         row["compile_s"] = max(0.0, warm["warmup_s"] - statistics.median(secs))
     return row
@@ -247,14 +290,30 @@ def arm_row(arm: Any, secs: list[float], macs: int, warm: dict[str, Any], model:
 def ratio_row(num: Any, den: Any, times: dict[str, list[float]]) -> dict[str, Any]:
     # Per round: (images/s of num) / (images/s of den) = den seconds / num seconds (same images per chunk).
     a, b = times[num.name], times[den.name]
-    ratios = [(tb / (den.steps * den.batch_size)) / (ta / (num.steps * num.batch_size)) for ta, tb in zip(a, b)]
-    return {"kind": "ratio", "ratio": f"{num.name} / {den.name}", "median_ratio": statistics.median(ratios),
-            "ratios": ratios, "min_ratio": min(ratios), "max_ratio": max(ratios), "rounds": len(ratios)}
+    ratios = [
+        (tb / (den.steps * den.batch_size)) / (ta / (num.steps * num.batch_size)) for ta, tb in zip(a, b, strict=True)
+    ]
+    return {
+        "kind": "ratio",
+        "ratio": f"{num.name} / {den.name}",
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "rounds": len(ratios),
+    }
 
 
-def compare(arms: list[Any], ratios: list[tuple[Any, Any]], rounds: int, macs: int, model: str,
-            left: Callable[[], float], warm_limit: Callable[[Any], float | None],
-            emit: Callable[..., Any]) -> list[Any]:
+def compare(
+    arms: list[Any],
+    ratios: list[tuple[Any, Any]],
+    rounds: int,
+    macs: int,
+    model: str,
+    left: Callable[[], float],
+    warm_limit: Callable[[Any], float | None],
+    emit: Callable[..., Any],
+) -> list[Any]:
     """Warm up ``arms``, interleave them, emit one row per arm and per ratio. Returns the arms that ran."""
     warm = {}
     ok = []
@@ -281,11 +340,21 @@ def compare(arms: list[Any], ratios: list[tuple[Any, Any]], rounds: int, macs: i
     return ok
 
 
-def stage_a(train: Dataset, device: torch.device, emit: Callable[..., Any], *, model: str = MODEL,
-            shortcut: str | None = None, steps: int = 40, batch_size: int = 128, rounds: int = 5,
-            compile_settings: tuple[str, ...] = ("bf16_cl_compile", "fp32_compile"),
-            compile_budget_s: float = 120.0, left: Callable[[], float] = lambda: float("inf"),
-            workers: int | None = None) -> list[Any]:
+def stage_a(
+    train: Dataset,
+    device: torch.device,
+    emit: Callable[..., Any],
+    *,
+    model: str = MODEL,
+    shortcut: str | None = None,
+    steps: int = 40,
+    batch_size: int = 128,
+    rounds: int = 5,
+    compile_settings: tuple[str, ...] = ("bf16_cl_compile", "fp32_compile"),
+    compile_budget_s: float = 120.0,
+    left: Callable[[], float] = lambda: float("inf"),
+    workers: int | None = None,
+) -> list[Any]:
     """Eager phase (fp32 and bf16+channels_last, engine and reference, interleaved), then one
     phase per compiled setting (compiled engine and reference interleaved with their eager
     counterparts) while the compile budget lasts. Rows go to ``emit(**row)``."""
@@ -302,8 +371,12 @@ def stage_a(train: Dataset, device: torch.device, emit: Callable[..., Any], *, m
     eager = {(loop, s.name): make(loop, s) for s in (FP32, BF16_CL) for loop in ("reference", "engine")}
     e = lambda loop, s: eager[(loop, s.name)]  # noqa: E731
     arms = [e("reference", FP32), e("engine", FP32), e("reference", BF16_CL), e("engine", BF16_CL)]
-    ratios = [(e("engine", FP32), e("reference", FP32)), (e("engine", BF16_CL), e("reference", BF16_CL)),
-              (e("engine", BF16_CL), e("reference", FP32)), (e("reference", BF16_CL), e("reference", FP32))]
+    ratios = [
+        (e("engine", FP32), e("reference", FP32)),
+        (e("engine", BF16_CL), e("reference", BF16_CL)),
+        (e("engine", BF16_CL), e("reference", FP32)),
+        (e("reference", BF16_CL), e("reference", FP32)),
+    ]
     compare(arms, ratios, rounds, macs, model, left, lambda arm: None, lambda **r: emit(phase="eager", **r))
     spent = 0.0
     for name in compile_settings:
@@ -320,16 +393,21 @@ def stage_a(train: Dataset, device: torch.device, emit: Callable[..., Any], *, m
         arms = [eng_c, ref_c, e("engine", eager_s), e("reference", eager_s)]
         if eager_s != FP32:  # the plain research loop stays in every phase: the headline ratio's denominator
             arms.append(e("reference", FP32))
-        ratios = [(eng_c, ref_c), (eng_c, e("engine", eager_s)), (ref_c, e("reference", eager_s)),
-                  (eng_c, e("reference", FP32))]
+        ratios = [
+            (eng_c, ref_c),
+            (eng_c, e("engine", eager_s)),
+            (ref_c, e("reference", eager_s)),
+            (eng_c, e("reference", FP32)),
+        ]
         per_arm = lambda arm, t0=t0, budget=budget: max(1.0, budget - (time.perf_counter() - t0))  # noqa: E731
-        compare(arms, ratios, rounds, macs, model, left, per_arm, lambda **r: emit(phase=name, **r))
+        compare(arms, ratios, rounds, macs, model, left, per_arm, lambda name=name, **r: emit(phase=name, **r))
         spent += time.perf_counter() - t0
     return list(eager.values())
 
 
-def calibrate(train: Dataset, device: torch.device, model: str, shortcut: str | None, batch_size: int, steps: int,
-              chunks: int = 3) -> dict[str, Any]:
+def calibrate(
+    train: Dataset, device: torch.device, model: str, shortcut: str | None, batch_size: int, steps: int, chunks: int = 3
+) -> dict[str, Any]:
     """Seconds per 50,000-image epoch of ``model`` with the engine's default setting on this
     device (bf16 + channels_last, eager): what stage B sizes itself from."""
     options = {"shortcut": shortcut} if shortcut else {}
@@ -338,5 +416,11 @@ def calibrate(train: Dataset, device: torch.device, model: str, shortcut: str | 
     arm.chunk()
     secs = statistics.median(arm.chunk() for _ in range(chunks))
     img_s = steps * batch_size / secs
-    return {"model": model, "shortcut": shortcut, "batch_size": batch_size, "img_s": img_s,
-            "epoch_s": IMAGES_PER_EPOCH / img_s, "device": str(device)}
+    return {
+        "model": model,
+        "shortcut": shortcut,
+        "batch_size": batch_size,
+        "img_s": img_s,
+        "epoch_s": IMAGES_PER_EPOCH / img_s,
+        "device": str(device),
+    }

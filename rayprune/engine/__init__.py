@@ -10,17 +10,59 @@ Typical use::
 """
 
 from .checkpoint import atomic_save, capture_rng, load, restore_rng
-from .data import (DataError, Dataset, FolderDataset, Loader, holdout_per_class, load_dataset, make_loader,
-                   split_per_class, synthetic_dataset)
+from .data import (
+    DataError,
+    Dataset,
+    FolderDataset,
+    Loader,
+    holdout_per_class,
+    load_dataset,
+    make_loader,
+    split_per_class,
+    synthetic_dataset,
+)
 from .latency import measure_latency
 from .robust import CORRUPTIONS, robust_accuracy
-from .train import (TrainConfig, autocast, evaluate, fit, kd_loss, make_optimizer, make_scheduler, recalibrate_bn,
-                    recalibration_batches)
+from .train import (
+    TrainConfig,
+    autocast,
+    evaluate,
+    fit,
+    kd_loss,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_bn,
+    recalibration_batches,
+)
 from .utils import bn_layers, resolve_device, seed_everything
 
 __all__ = [
-    "CORRUPTIONS", "DataError", "Dataset", "FolderDataset", "Loader", "TrainConfig", "atomic_save", "autocast",
-    "bn_layers", "capture_rng", "evaluate", "fit", "holdout_per_class", "kd_loss", "load", "load_dataset", "make_loader",
-    "make_optimizer", "make_scheduler", "measure_latency", "recalibrate_bn", "recalibration_batches", "restore_rng", "resolve_device", "robust_accuracy",
-    "seed_everything", "split_per_class", "synthetic_dataset",
+    "CORRUPTIONS",
+    "DataError",
+    "Dataset",
+    "FolderDataset",
+    "Loader",
+    "TrainConfig",
+    "atomic_save",
+    "autocast",
+    "bn_layers",
+    "capture_rng",
+    "evaluate",
+    "fit",
+    "holdout_per_class",
+    "kd_loss",
+    "load",
+    "load_dataset",
+    "make_loader",
+    "make_optimizer",
+    "make_scheduler",
+    "measure_latency",
+    "recalibrate_bn",
+    "recalibration_batches",
+    "resolve_device",
+    "restore_rng",
+    "robust_accuracy",
+    "seed_everything",
+    "split_per_class",
+    "synthetic_dataset",
 ]

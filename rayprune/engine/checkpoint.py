@@ -47,8 +47,14 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def safe_load(path: str | Path, what: str = "checkpoint", fix: str | None = None, *,
-              map_location: str | torch.device = "cpu", expect: type | None = dict) -> Any:
+def safe_load(
+    path: str | Path,
+    what: str = "checkpoint",
+    fix: str | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+    expect: type | None = dict,
+) -> Any:
     """``torch.load(path, weights_only=True)``; any failure becomes one :class:`UnreadableFileError`.
 
     Args:
@@ -72,14 +78,18 @@ def safe_load(path: str | Path, what: str = "checkpoint", fix: str | None = None
         with warnings.catch_warnings():  # torch warns about pickle protocols: not the user's concern
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- anything torch raises means "this file is not ours"
+    except Exception as e:
         # Never repeat torch's text: it advises weights_only=False, which would run a hostile file.
-        reason = ("it holds pickled Python objects (a module or code), which rayprune never loads"
-                  if "GLOBAL" in str(e) else "it is damaged, truncated or not a torch file")
+        reason = (
+            "it holds pickled Python objects (a module or code), which rayprune never loads"
+            if "GLOBAL" in str(e)
+            else "it is damaged, truncated or not a torch file"
+        )
         raise UnreadableFileError(f"cannot read {what} {str(path)!r}: {reason}; {fix}") from None
     if expect is not None and not isinstance(obj, expect):
-        raise UnreadableFileError(f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, "
-                                  f"not what rayprune writes; {fix}")
+        raise UnreadableFileError(
+            f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, not what rayprune writes; {fix}"
+        )
     return obj
 
 
@@ -99,8 +109,13 @@ def capture_rng(torch_only: bool = False) -> dict[str, Any]:
         np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
         state["python"] = [version, list(mt_state), gauss]
         # NumPy's key array is stored as a tensor: weights_only loading refuses raw ndarrays.
-        state["numpy"] = [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                          float(np_gauss)]
+        state["numpy"] = [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ]
     return state
 
 

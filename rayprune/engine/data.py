@@ -26,12 +26,12 @@ download succeeds; otherwise :class:`DataError` says where it looked and how to 
 from __future__ import annotations
 
 import io
-
 import math
 import os
 import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,9 +40,26 @@ import torch.nn.functional as F
 from .utils import derive_seed, resolve_device
 
 __all__ = [
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DataError", "Dataset",
-    "FolderDataset", "Loader", "default_data_dirs", "digits_dataset", "holdout_per_class", "load_cifar",
-    "load_dataset", "make_loader", "random_crop_flip", "read_cifar_batch", "sample_crop_flip", "split_per_class", "synthetic_dataset",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "FolderDataset",
+    "Loader",
+    "default_data_dirs",
+    "digits_dataset",
+    "holdout_per_class",
+    "load_cifar",
+    "load_dataset",
+    "make_loader",
+    "random_crop_flip",
+    "read_cifar_batch",
+    "sample_crop_flip",
+    "split_per_class",
+    "synthetic_dataset",
 ]
 
 # TAS's reference code (AutoDL-Projects): pixel statistics on the 0..255 scale, divided by 255.
@@ -77,8 +94,15 @@ class Dataset:
         name: for messages and logs.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, mean: Sequence[float],
-                 std: Sequence[float], name: str = "dataset") -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        name: str = "dataset",
+    ) -> None:
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise DataError(f"{name}: images must be a uint8 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
         if y.shape != (x.shape[0],):
@@ -116,7 +140,7 @@ class Dataset:
         """Random-crop padding: 4 px at 32 px (the CIFAR recipe), scaled with the image size."""
         return max(1, self.input_size // 8)
 
-    def subset(self, indices: torch.Tensor | Sequence[int]) -> "Dataset":
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> Dataset:
         """A new dataset with the samples at ``indices`` (in that order)."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return Dataset(self.x[idx], self.y[idx], self.num_classes, self.mean, self.std, self.name)
@@ -159,7 +183,7 @@ def split_per_class(labels: torch.Tensor, fraction: float, seed: int) -> tuple[t
         raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
     a, b = [], []
     for idx in _class_indices(labels, seed):
-        k = int(round(fraction * len(idx)))
+        k = round(fraction * len(idx))
         a.append(idx[:k])
         b.append(idx[k:])
     return torch.sort(torch.cat(a)).values, torch.sort(torch.cat(b)).values
@@ -225,10 +249,13 @@ class _CifarUnpickler(pickle.Unpickler):
     numbers and plain numeric numpy arrays. Any other global (``os.system``, a class, a function)
     is refused before it is looked up, so a crafted batch file cannot run code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
-                ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
-                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
-                ("_codecs", "encode"): _latin1_bytes}
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _plain_dtype,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -244,33 +271,42 @@ def _unpickle(path: Path) -> Any:
     return _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
 
 
-def read_cifar_batch(path: Path, label_key: bytes = b"labels",
-                     num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(path: Path, label_key: bytes = b"labels", num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR batch as ``(uint8 [N, 3, 32, 32], int64 [N])``, checked by shape, dtype and range.
 
     Raises:
         DataError: the file is truncated, not a pickle, holds anything but the release's plain
             data (it is refused without running any of it), or has the wrong shapes or labels.
     """
-    fix = (f"delete the '{path.parent.name}' folder and download it again (or copy a fresh one from the "
-           "official release)")
+    fix = (
+        f"delete the '{path.parent.name}' folder and download it again (or copy a fresh one from the official release)"
+    )
     try:
         batch = _unpickle(path)
     except pickle.UnpicklingError as e:
-        why = (str(e) if "not allowed" in str(e) else "it is truncated" if "truncated" in str(e)
-               else "it is damaged or not a pickle")
+        why = (
+            str(e)
+            if "not allowed" in str(e)
+            else "it is truncated"
+            if "truncated" in str(e)
+            else "it is damaged or not a pickle"
+        )
         raise DataError(f"{path} is not a CIFAR batch file ({why}); {fix}") from None
     except (EOFError, MemoryError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError):
         raise DataError(f"{path} is not a CIFAR batch file (it is truncated or damaged); {fix}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataError(f"{path} is not a CIFAR batch file (expected a dict with keys {b'data'!r} and "
-                        f"{label_key!r}); {fix}")
+        raise DataError(
+            f"{path} is not a CIFAR batch file (expected a dict with keys {b'data'!r} and {label_key!r}); {fix}"
+        )
     data, labels = batch[b"data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         shape = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], got {shape}; {fix}")
-    if not (isinstance(labels, (list, np.ndarray)) and len(labels) == len(data)
-            and all(isinstance(y, (int, np.integer)) and not isinstance(y, bool) for y in labels)):
+    if not (
+        isinstance(labels, (list, np.ndarray))
+        and len(labels) == len(data)
+        and all(isinstance(y, (int, np.integer)) and not isinstance(y, bool) for y in labels)
+    ):
         raise DataError(f"{path}: {label_key.decode()!r} must be {len(data)} integer labels (one per image); {fix}")
     y = np.asarray(labels, dtype=np.int64)
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
@@ -278,8 +314,9 @@ def read_cifar_batch(path: Path, label_key: bytes = b"labels",
     return data.reshape(-1, 3, 32, 32), y
 
 
-def _read_cifar_batches(folder: Path, files: Sequence[str], label_key: bytes,
-                        num_classes: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_cifar_batches(
+    folder: Path, files: Sequence[str], label_key: bytes, num_classes: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for name in files:
         path = folder / name
@@ -349,7 +386,8 @@ def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -
     raise DataError(
         f"{name} not found (looked in {looked}; {failure}). Put the extracted '{folder}' folder in a "
         f"directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR, or run once with network access "
-        f"to download it into {candidates[0]}")
+        f"to download it into {candidates[0]}"
+    )
 
 
 def digits_dataset(seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -367,8 +405,9 @@ def digits_dataset(seed: int = 0) -> tuple[Dataset, Dataset]:
     return full.subset(train_idx), full.subset(test_idx)
 
 
-def synthetic_dataset(n_train: int = 256, n_test: int = 128, num_classes: int = 10, size: int = 32,
-                      channels: int = 3, seed: int = 0) -> tuple[Dataset, Dataset]:
+def synthetic_dataset(
+    n_train: int = 256, n_test: int = 128, num_classes: int = 10, size: int = 32, channels: int = 3, seed: int = 0
+) -> tuple[Dataset, Dataset]:
     """A learnable toy dataset: per-class smooth templates plus pixel noise.
 
     Templates are flip-symmetric and low-frequency, so the crop/flip augmentation keeps the
@@ -392,8 +431,7 @@ def synthetic_dataset(n_train: int = 256, n_test: int = 128, num_classes: int = 
     return train, test
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, *,
-                 download: bool | None = None) -> tuple[Any, Any]:
+def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool | None = None) -> tuple[Any, Any]:
     """``(train, test)`` for one of :data:`DATASETS`.
 
     Args:
@@ -459,8 +497,17 @@ class Loader:
     (for corruptions); :meth:`normalize` applies the dataset's normalisation afterwards.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, train: bool, device: torch.device,
-                 seed: int, drop_last: bool, normalize: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        drop_last: bool,
+        normalize: bool = True,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
@@ -513,8 +560,16 @@ class Loader:
         return self.normalize(x) if self.normalized else x
 
 
-def make_loader(ds: Any, batch_size: int, *, train: bool, device: str | torch.device = "cpu", seed: int = 0,
-                drop_last: bool | None = None, normalize: bool = True) -> Any:
+def make_loader(
+    ds: Any,
+    batch_size: int,
+    *,
+    train: bool,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    drop_last: bool | None = None,
+    normalize: bool = True,
+) -> Any:
     """A loader over ``ds`` that yields normalised ``channels_last`` batches on ``device``.
 
     Args:
@@ -531,8 +586,9 @@ def make_loader(ds: Any, batch_size: int, *, train: bool, device: str | torch.de
     if drop_last is None:
         drop_last = train and len(ds) >= batch_size
     if isinstance(ds, FolderDataset):
-        return FolderLoader(ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last,
-                            normalize=normalize)
+        return FolderLoader(
+            ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last, normalize=normalize
+        )
     if not isinstance(ds, Dataset):
         raise TypeError(f"make_loader needs an engine Dataset or FolderDataset, got {type(ds).__name__}")
     return Loader(ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last, normalize=normalize)
@@ -551,9 +607,18 @@ class FolderDataset:
     ``workers``: DataLoader worker processes (default ``min(8, cpus)``; 0 decodes in-process).
     """
 
-    def __init__(self, root: str | Path, *, train: bool, input_size: int = 224,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 name: str = "imagenet", indices: torch.Tensor | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        train: bool,
+        input_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        name: str = "imagenet",
+        indices: torch.Tensor | None = None,
+        workers: int | None = None,
+    ) -> None:
         from torchvision.datasets import ImageFolder
 
         self.root, self.train, self.input_size, self.name = Path(root), train, input_size, name
@@ -570,7 +635,7 @@ class FolderDataset:
 
         if self.train:
             return T.Compose([T.RandomResizedCrop(self.input_size), T.RandomHorizontalFlip(), T.PILToTensor()])
-        resize = int(round(self.input_size * 256 / 224))
+        resize = round(self.input_size * 256 / 224)
         return T.Compose([T.Resize(resize), T.CenterCrop(self.input_size), T.PILToTensor()])
 
     @property
@@ -580,10 +645,18 @@ class FolderDataset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def subset(self, indices: torch.Tensor | Sequence[int]) -> "FolderDataset":
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> FolderDataset:
         idx = self.indices[torch.as_tensor(indices, dtype=torch.int64)]
-        return FolderDataset(self.root, train=self.train, input_size=self.input_size, mean=self.mean,
-                             std=self.std, name=self.name, indices=idx, workers=self.workers)
+        return FolderDataset(
+            self.root,
+            train=self.train,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+            name=self.name,
+            indices=idx,
+            workers=self.workers,
+        )
 
     def torch_dataset(self) -> torch.utils.data.Dataset:
         return torch.utils.data.Subset(self.folder, self.indices.tolist())
@@ -596,9 +669,15 @@ class FolderLoader(Loader):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         workers = self.dataset.workers
         loader = torch.utils.data.DataLoader(
-            self.dataset.torch_dataset(), batch_size=self.batch_size, shuffle=self.train, drop_last=self.drop_last,
-            generator=gen, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            self.dataset.torch_dataset(),
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            drop_last=self.drop_last,
+            generator=gen,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
         for images, y in loader:  # uint8 [B, C, H, W]
             x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             x = x.float().div_(255.0)
@@ -609,8 +688,12 @@ def _load_imagenet(data_dir: str | Path | None) -> tuple[FolderDataset, FolderDa
     candidates = default_data_dirs(data_dir)
     for root in candidates:
         if (root / "imagenet" / "train").is_dir() and (root / "imagenet" / "val").is_dir():
-            return (FolderDataset(root / "imagenet" / "train", train=True),
-                    FolderDataset(root / "imagenet" / "val", train=False))
+            return (
+                FolderDataset(root / "imagenet" / "train", train=True),
+                FolderDataset(root / "imagenet" / "val", train=False),
+            )
     looked = ", ".join(str(r / "imagenet") for r in candidates)
-    raise DataError(f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
-                    f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR")
+    raise DataError(
+        f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
+        f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR"
+    )

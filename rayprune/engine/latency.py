@@ -8,7 +8,7 @@ events (GPU time of the call, excluding host-side queueing before it).
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,15 @@ def _time_call_ms(model: nn.Module, x: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_latency(model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "cpu",
-                    batch_sizes: Sequence[int] = (1, 64), warmup: int = 5, repeats: int = 20) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    device: str | torch.device = "cpu",
+    batch_sizes: Sequence[int] = (1, 64),
+    warmup: int = 5,
+    repeats: int = 20,
+) -> dict[str, float]:
     """Latency in milliseconds for each batch size.
 
     Args:

@@ -35,7 +35,8 @@ Version 1 was the suite without the two tiny-input rules.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +123,16 @@ def _top1_under(model: nn.Module, loader: Loader, name: str, gen: torch.Generato
     return correct.item() / max(1, n)
 
 
-def robust_accuracy(model: nn.Module, ds: Any, *, device: str | torch.device = "cpu", seed: int = 0,
-                    batch_size: int = 512, max_samples: int | None = None, amp: bool = True) -> dict[str, float]:
+def robust_accuracy(
+    model: nn.Module,
+    ds: Any,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    batch_size: int = 512,
+    max_samples: int | None = None,
+    amp: bool = True,
+) -> dict[str, float]:
     """Top-1 under each corruption of :data:`CORRUPTIONS` and their mean.
 
     Args:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from . import checkpoint as ckpt
-from .progress import label as progress_label
 from .data import Loader, make_loader
+from .progress import label as progress_label
 from .utils import bn_layers, resolve_device
 
-__all__ = ["TrainConfig", "autocast", "evaluate", "fit", "kd_loss", "make_optimizer", "make_scheduler",
-           "recalibrate_bn", "recalibration_batches"]
+__all__ = [
+    "TrainConfig",
+    "autocast",
+    "evaluate",
+    "fit",
+    "kd_loss",
+    "make_optimizer",
+    "make_scheduler",
+    "recalibrate_bn",
+    "recalibration_batches",
+]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,10 +76,11 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(512, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.epochs and self.warmup_epochs >= self.epochs and self.schedule == "cosine":
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}) "
-                             "for a cosine schedule")
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}) for a cosine schedule"
+            )
         if sorted(self.milestones) != self.milestones:
             raise ValueError(f"milestones must be increasing, got {self.milestones}")
         return self
@@ -80,8 +91,14 @@ class TrainConfig(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, weight: float,
-            temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: float,
+    temperature: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Hinton distillation: ``(1-w)*CE(s, y) + w*T^2*KL(softmax(t/T) || softmax(s/T))``, KL batch-mean.
 
     Computed in float32 whatever the autocast dtype of the logits.
@@ -90,8 +107,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     ce = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
     if weight == 0:
         return ce
-    kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
-                  reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=1),
+        F.log_softmax(t / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return (1 - weight) * ce + weight * temperature**2 * kl
 
 
@@ -114,13 +135,18 @@ def make_optimizer(model_or_params: nn.Module | Iterable[Any], cfg: TrainConfig)
         params: Any = _param_groups(model_or_params, cfg.weight_decay, cfg.no_decay_bn_bias)
     else:
         params = list(model_or_params)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """The learning-rate multiplier at iteration ``step`` (0-based) of the run."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "cosine":
@@ -132,8 +158,9 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     return 1.0
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule (call ``scheduler.step()`` after every optimizer step)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
 
@@ -154,8 +181,10 @@ def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.Abs
 def _as_loader(data: Any, batch_size: int, device: torch.device, train: bool, seed: int = 0) -> Loader:
     if isinstance(data, Loader):
         if data.device.type != device.type:
-            raise ValueError(f"the loader yields batches on {data.device} but the model runs on {device}; "
-                             f"build it with make_loader(..., device={str(device)!r})")
+            raise ValueError(
+                f"the loader yields batches on {data.device} but the model runs on {device}; "
+                f"build it with make_loader(..., device={str(device)!r})"
+            )
         return data
     return make_loader(data, batch_size, train=train, device=device, seed=seed)
 
@@ -170,8 +199,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def evaluate(model: nn.Module, data: Any, *, device: str | torch.device = "cpu", batch_size: int = 512,
-             amp: bool = True) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: Any, *, device: str | torch.device = "cpu", batch_size: int = 512, amp: bool = True
+) -> dict[str, float]:
     """Top-1, top-5 (``min(5, classes)``) accuracy as fractions and mean cross-entropy.
 
     ``data`` is a Dataset (evaluated in order, no augmentation) or a Loader. The model is put in
@@ -199,8 +229,9 @@ def evaluate(model: nn.Module, data: Any, *, device: str | torch.device = "cpu",
     return {"top1": correct1.item() / n, "top5": correctk.item() / n, "loss": loss_sum.item() / n}
 
 
-def recalibration_batches(data: Any, images: int, batch_size: int, *, device: str | torch.device,
-                          seed: int) -> Iterator[torch.Tensor]:
+def recalibration_batches(
+    data: Any, images: int, batch_size: int, *, device: str | torch.device, seed: int
+) -> Iterator[torch.Tensor]:
     """Un-augmented image batches of a seeded random subset of ``images`` samples of ``data``.
 
     Random, not the first samples: splits keep the dataset's order, and image-folder datasets
@@ -227,7 +258,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     model.train()
     for x in batches:
         model(x)
-    for m, momentum in zip(bns, momenta):
+    for m, momentum in zip(bns, momenta, strict=True):
         m.momentum = momentum
     model.eval()
 
@@ -268,15 +299,24 @@ class _Run:
         self.history: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.capture_rng(torch_only=True),
-                "loader": self.loader.state_dict(), "epoch": len(self.history), "history": self.history,
-                "config": self.cfg.model_dump(), "seed": self.seed}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.capture_rng(torch_only=True),
+            "loader": self.loader.state_dict(),
+            "epoch": len(self.history),
+            "history": self.history,
+            "config": self.cfg.model_dump(),
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         if state.get("config") != self.cfg.model_dump() or state.get("seed") != self.seed:
-            raise ValueError(f"checkpoint {path} was written by a run with a different TrainConfig or seed; "
-                             "use another checkpoint_dir or delete the file to start over")
+            raise ValueError(
+                f"checkpoint {path} was written by a run with a different TrainConfig or seed; "
+                "use another checkpoint_dir or delete the file to start over"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -306,11 +346,20 @@ def _train_epoch(run: _Run, step_model: nn.Module, loss: LossFn, device: torch.d
     return loss_sum.item() / max(1, n)
 
 
-def fit(model: nn.Module, train: Any, cfg: TrainConfig, *, device: str | torch.device = "cpu",
-        teacher: nn.Module | None = None, seed: int = 0, val: Any = None,
-        checkpoint_dir: str | Path | None = None, progress: bool | None = None,
-        loss_fn: LossFn | None = None,
-        on_epoch: Callable[[dict[str, float]], bool | None] | None = None) -> list[dict[str, float]]:
+def fit(
+    model: nn.Module,
+    train: Any,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device = "cpu",
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    val: Any = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool | None = None,
+    loss_fn: LossFn | None = None,
+    on_epoch: Callable[[dict[str, float]], bool | None] | None = None,
+) -> list[dict[str, float]]:
     """Train ``model`` in place and return the per-epoch history.
 
     Args:
@@ -351,21 +400,35 @@ def fit(model: nn.Module, train: Any, cfg: TrainConfig, *, device: str | torch.d
         torch.manual_seed(seed)
         run = _Run(model, loader, cfg, seed)
         if path is not None and path.exists():
-            run.load_state_dict(ckpt.safe_load(path, "training checkpoint", f"delete {path} to restart that training"),
-                                path)  # CPU: RNG states must stay CPU tensors
+            run.load_state_dict(
+                ckpt.safe_load(path, "training checkpoint", f"delete {path} to restart that training"), path
+            )  # CPU: RNG states must stay CPU tensors
         _epochs(run, step_model, loss, device, val, path, progress, on_epoch)
     return run.history
 
 
-def _epochs(run: _Run, step_model: nn.Module, loss: LossFn, device: torch.device, val: Any, path: Path | None,
-            progress: bool | None, on_epoch: Callable[[dict[str, float]], bool | None] | None) -> None:
+def _epochs(
+    run: _Run,
+    step_model: nn.Module,
+    loss: LossFn,
+    device: torch.device,
+    val: Any,
+    path: Path | None,
+    progress: bool | None,
+    on_epoch: Callable[[dict[str, float]], bool | None] | None,
+) -> None:
     cfg = run.cfg
     bar = None
     if _show_progress(progress):
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.epochs * len(run.loader), initial=len(run.history) * len(run.loader),
-                   desc=progress_label(), unit="step", leave=False)
+        bar = tqdm(
+            total=cfg.epochs * len(run.loader),
+            initial=len(run.history) * len(run.loader),
+            desc=progress_label(),
+            unit="step",
+            leave=False,
+        )
     try:
         for epoch in range(len(run.history), cfg.epochs):
             run.loader.set_epoch(epoch)

@@ -12,8 +12,15 @@ from torch import nn
 __all__ = ["BN_TYPES", "bn_layers", "derive_seed", "resolve_device", "seed_everything"]
 
 #: torch's batch-norm layers, by their public names.
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
-            nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+BN_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 
 
 def bn_layers(model: nn.Module) -> list[nn.Module]:
@@ -56,8 +63,9 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {str(name)!r}; use cpu, cuda or cuda:N (or leave it unset: cuda when "
-                         "available, else cpu)") from None
+        raise ValueError(
+            f"unknown device {str(name)!r}; use cpu, cuda or cuda:N (or leave it unset: cuda when available, else cpu)"
+        ) from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {str(name)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():

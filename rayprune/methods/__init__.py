@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib
 
 from ..registry import Registry, UnknownNameError, unknown_name
-from .base import (Budget, FinalResult, Method, MethodHparams, RunContext, StepResult, SubnetRecord,
-                   within_budget)
+from .base import Budget, FinalResult, Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 
 # name -> module in this package (the module registers its class under the name)
-MODULES = {"ast": "ast", "tas": "tas", "sp": "sp", "uniform": "uniform", "l1": "l1", "fpgm": "fpgm",
-           "random": "random"}
+MODULES = {"ast": "ast", "tas": "tas", "sp": "sp", "uniform": "uniform", "l1": "l1", "fpgm": "fpgm", "random": "random"}
 METHODS: Registry[type[Method]] = Registry("method")
 
 
@@ -37,5 +35,16 @@ def get_method(name: str) -> type[Method]:
     return METHODS.get(name)
 
 
-__all__ = ["Budget", "FinalResult", "METHODS", "Method", "MethodHparams", "RunContext", "StepResult",
-           "SubnetRecord", "get_method", "register", "within_budget"]
+__all__ = [
+    "METHODS",
+    "Budget",
+    "FinalResult",
+    "Method",
+    "MethodHparams",
+    "RunContext",
+    "StepResult",
+    "SubnetRecord",
+    "get_method",
+    "register",
+    "within_budget",
+]

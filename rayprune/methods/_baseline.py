@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -38,8 +39,9 @@ FilterScore = Callable[[torch.Tensor], torch.Tensor]  # [C_out, ...] weight -> [
 def search_config(ctx: RunContext, epochs: int) -> TrainConfig:
     """The fine-tune recipe shortened to ``epochs`` plain-CE epochs (search-time training)."""
     base = ctx.finetune or TrainConfig()
-    return base.model_copy(update={"epochs": epochs, "warmup_epochs": 0, "schedule": "cosine",
-                                   "milestones": [], "kd_weight": 0.0})
+    return base.model_copy(
+        update={"epochs": epochs, "warmup_epochs": 0, "schedule": "cosine", "milestones": [], "kd_weight": 0.0}
+    )
 
 
 def val_top1(model: nn.Module, data: Dataset, ctx: RunContext) -> float:
@@ -61,12 +63,12 @@ def train_and_score(spec: Spec, ctx: RunContext, split: tuple[Dataset, Dataset],
 def scaled_widths(groups: list[ChannelGroup], ceiling: Widths, mins: Widths, t: float) -> Widths:
     """Each group's ``ceiling`` width times ``t``, rounded to the group's divisor and clamped
     to [min width, ceiling]."""
-    return {g.name: min(ceiling[g.name], max(mins[g.name], round_to(ceiling[g.name] * t, g.divisor)))
-            for g in groups}
+    return {g.name: min(ceiling[g.name], max(mins[g.name], round_to(ceiling[g.name] * t, g.divisor))) for g in groups}
 
 
-def fit_multiplier(full_spec: Spec, ceiling: Widths, mins: Widths, target_macs: int,
-                   input_size: int | None = None, iters: int = 40) -> tuple[float, float, Widths]:
+def fit_multiplier(
+    full_spec: Spec, ceiling: Widths, mins: Widths, target_macs: int, input_size: int | None = None, iters: int = 40
+) -> tuple[float, float, Widths]:
     """Largest multiplier ``t`` in [0, 1] whose :func:`scaled_widths` meet ``target_macs``.
 
     Returns ``(t, t_over, widths)``: ``widths`` at ``t`` are within the target; ``t_over`` is
@@ -77,7 +79,10 @@ def fit_multiplier(full_spec: Spec, ceiling: Widths, mins: Widths, target_macs: 
     groups = models.channel_groups(full_spec)
 
     def fits(t: float) -> bool:
-        return models.macs(models.with_widths(full_spec, scaled_widths(groups, ceiling, mins, t)), input_size) <= target_macs
+        return (
+            models.macs(models.with_widths(full_spec, scaled_widths(groups, ceiling, mins, t)), input_size)
+            <= target_macs
+        )
 
     if fits(1.0):
         return 1.0, 1.0, scaled_widths(groups, ceiling, mins, 1.0)
@@ -88,8 +93,9 @@ def fit_multiplier(full_spec: Spec, ceiling: Widths, mins: Widths, target_macs: 
     return lo, hi, scaled_widths(groups, ceiling, mins, lo)
 
 
-def fill_to_window(full_spec: Spec, widths: Widths, ceiling: Widths, target_macs: int, low: float,
-                   input_size: int | None = None) -> Widths:
+def fill_to_window(
+    full_spec: Spec, widths: Widths, ceiling: Widths, target_macs: int, low: float, input_size: int | None = None
+) -> Widths:
     """Top ``widths`` up into the target window: while their MACs are below ``low``, widen by
     one divisor step the group whose step adds the fewest MACs and keeps the subnet within
     ``target_macs`` (never above its ``ceiling``). A multiplier shared by all groups moves in
@@ -131,8 +137,9 @@ def fpgm_scores(weight: torch.Tensor) -> torch.Tensor:
     return torch.cdist(flat, flat).sum(1)
 
 
-def filter_importance(state: Mapping[str, torch.Tensor], axes: Mapping[str, tuple], score: FilterScore
-                      ) -> dict[str, torch.Tensor]:
+def filter_importance(
+    state: Mapping[str, torch.Tensor], axes: Mapping[str, tuple], score: FilterScore
+) -> dict[str, torch.Tensor]:
     """Per channel group, the importance of each of its channels.
 
     The producers of group ``g`` are the conv/linear weights (ndim >= 2) whose output axis is
@@ -159,8 +166,9 @@ def filter_importance(state: Mapping[str, torch.Tensor], axes: Mapping[str, tupl
 def removal_order(importance: Mapping[str, torch.Tensor], mins: Widths) -> list[tuple[str, int]]:
     """All removable channels ``(group, index)``, least important first (ties: group order,
     then index), skipping those that would take a group below its minimum width."""
-    ranked = sorted(((float(v), gi, g, i) for gi, (g, imp) in enumerate(importance.items())
-                     for i, v in enumerate(imp.tolist())))
+    ranked = sorted(
+        ((float(v), gi, g, i) for gi, (g, imp) in enumerate(importance.items()) for i, v in enumerate(imp.tolist()))
+    )
     left = {g: imp.numel() for g, imp in importance.items()}
     order = []
     for _, _, g, i in ranked:
@@ -175,12 +183,15 @@ def keep_after(full_spec: Spec, order: list[tuple[str, int]], k: int) -> dict[st
     dropped: dict[str, set[int]] = {}
     for g, i in order[:k]:
         dropped.setdefault(g, set()).add(i)
-    return {g.name: torch.tensor([i for i in range(g.width) if i not in dropped.get(g.name, ())], dtype=torch.long)
-            for g in models.channel_groups(full_spec)}
+    return {
+        g.name: torch.tensor([i for i in range(g.width) if i not in dropped.get(g.name, ())], dtype=torch.long)
+        for g in models.channel_groups(full_spec)
+    }
 
 
-def fit_removals(full_spec: Spec, order: list[tuple[str, int]], target_macs: int,
-                 input_size: int | None = None) -> dict[str, torch.Tensor]:
+def fit_removals(
+    full_spec: Spec, order: list[tuple[str, int]], target_macs: int, input_size: int | None = None
+) -> dict[str, torch.Tensor]:
     """Keep-indices after removing the *fewest* leading channels of ``order`` that meet the target.
 
     MACs only fall as more channels go, so the count is found by bisection.
@@ -192,8 +203,10 @@ def fit_removals(full_spec: Spec, order: list[tuple[str, int]], target_macs: int
 
     lo, hi = 0, len(order)  # invariant: hi meets the target (all removable gone = the floor)
     if macs_after(hi) > target_macs:
-        raise ValueError("the FLOPs target is below the smallest subnet allowed by the per-stage limits; "
-                         "raise flops_target or max_stage_prune")
+        raise ValueError(
+            "the FLOPs target is below the smallest subnet allowed by the per-stage limits; "
+            "raise flops_target or max_stage_prune"
+        )
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if macs_after(mid) <= target_macs else (mid + 1, hi)
@@ -274,14 +287,23 @@ class RankedPruning(RecordsMixin):
             model = self.ctx.teacher
             expected = set(models.tensor_axes(self.ctx.spec))
             if set(model.state_dict()) != expected:
-                raise ValueError(f"{self.name}: ctx.teacher does not match the full spec's state_dict keys; "
-                                 "pass the unpruned network built from ctx.spec as the teacher")
+                raise ValueError(
+                    f"{self.name}: ctx.teacher does not match the full spec's state_dict keys; "
+                    "pass the unpruned network built from ctx.spec as the teacher"
+                )
         else:
             seed = derive_seed(self.ctx.seed, "pretrain")
             model = models.build(self.ctx.spec, seed=seed).to(self.ctx.device)
             workdir = self.ctx.workdir / "pretrain" if self.ctx.workdir is not None else None
-            fit(model, split[0], search_config(self.ctx, self.hp.pretrain_epochs), device=self.ctx.device,
-                seed=seed, checkpoint_dir=workdir, progress=self.ctx.progress)
+            fit(
+                model,
+                split[0],
+                search_config(self.ctx, self.hp.pretrain_epochs),
+                device=self.ctx.device,
+                seed=seed,
+                checkpoint_dir=workdir,
+                progress=self.ctx.progress,
+            )
         self.full_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {"pretrain_val_top1": val_top1(model, split[1], self.ctx)}
 
@@ -294,11 +316,25 @@ class RankedPruning(RecordsMixin):
         model = models.build(spec, seed=0).to(ctx.device)  # seeded: the init is overwritten anyway
         model.load_state_dict(state)
         batch = search_config(ctx, 1).batch_size
-        recalibrate_bn(model, recalibration_batches(split[0], self.hp.bn_recal_batches * batch, batch,
-                                                    device=ctx.device, seed=derive_seed(ctx.seed, "recalib")))
+        recalibrate_bn(
+            model,
+            recalibration_batches(
+                split[0],
+                self.hp.bn_recal_batches * batch,
+                batch,
+                device=ctx.device,
+                seed=derive_seed(ctx.seed, "recalib"),
+            ),
+        )
         if self.hp.eval_epochs:
-            fit(model, split[0], search_config(ctx, self.hp.eval_epochs), device=ctx.device,
-                seed=derive_seed(ctx.seed, "eval"), progress=ctx.progress)
+            fit(
+                model,
+                split[0],
+                search_config(ctx, self.hp.eval_epochs),
+                device=ctx.device,
+                seed=derive_seed(ctx.seed, "eval"),
+                progress=ctx.progress,
+            )
         metrics = {"val_top1": val_top1(model, split[1], ctx)}
         self.records.append(SubnetRecord.of(spec, metrics, self.name, 0, ctx.input_size, selection="global_rank"))
         return {**metrics, "macs_fraction": self.records[-1].macs / models.macs(ctx.spec, ctx.input_size)}

@@ -35,8 +35,9 @@ are listed, with their reasons, in the docstring of :class:`ASTHparams`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,10 @@ from .. import models
 from ..engine.checkpoint import safe_load
 from ..engine.data import make_loader
 from ..engine.train import TrainConfig, evaluate, fit
+from ..engine.utils import derive_seed
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, write_back
 from . import register
-from ..engine.utils import derive_seed
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)
@@ -114,8 +115,13 @@ class GroupRanking:
     probs: torch.Tensor  # in ``order``
 
 
-def rank_channels(alpha: Mapping[str, torch.Tensor], gen: torch.Generator | None, gumbel_scale: float,
-                  incumbent: Keep | None = None, margin: float = 0.0) -> dict[str, GroupRanking]:
+def rank_channels(
+    alpha: Mapping[str, torch.Tensor],
+    gen: torch.Generator | None,
+    gumbel_scale: float,
+    incumbent: Keep | None = None,
+    margin: float = 0.0,
+) -> dict[str, GroupRanking]:
     """Per group, the channel order by ``softmax(α + scale·Gumbel)``. Groups draw their noise in
     ``alpha``'s order, so the draw depends only on ``gen``'s state; scale 0 (or no generator)
     is the deterministic ranking by α.
@@ -150,9 +156,16 @@ class Calibrated:
     in_window: bool
 
 
-def calibrate_to_target(spec: Spec, ranking: Mapping[str, GroupRanking], taus: Mapping[str, float],
-                        floors: Mapping[str, int], divisors: Mapping[str, int], target_macs: int,
-                        window: float, input_size: int | None = None) -> Calibrated:
+def calibrate_to_target(
+    spec: Spec,
+    ranking: Mapping[str, GroupRanking],
+    taus: Mapping[str, float],
+    floors: Mapping[str, int],
+    divisors: Mapping[str, int],
+    target_macs: int,
+    window: float,
+    input_size: int | None = None,
+) -> Calibrated:
     """Each group's width is its mass-threshold count ``m_l`` (the channels whose
     ``softmax(α)`` mass reaches τ_l, :func:`soft_mass_count`) times one global scale ``c``,
     clamped to ``[floor_l, width_l]``; ``c`` is found by bisection as the largest scale whose
@@ -179,21 +192,28 @@ def calibrate_to_target(spec: Spec, ranking: Mapping[str, GroupRanking], taus: M
         return models.macs(models.with_widths(spec, dict(w)), input_size)
 
     if cost(widths(0.0)) > target_macs:
-        raise SpecError(f"cannot reach {target_macs} MACs even with every channel group at its floor; "
-                        f"raise flops_target or the per-stage pruning rates")
+        raise SpecError(
+            f"cannot reach {target_macs} MACs even with every channel group at its floor; "
+            f"raise flops_target or the per-stage pruning rates"
+        )
     lo, hi = 0.0, max(ranking[g].probs.numel() / max(m, 1e-9) for g, m in counts.items())
     for _ in range(CALIBRATION_STEPS):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(widths(mid)) <= target_macs else (lo, mid)
-    chosen = _fill_to_target(widths(lo), {g: lo * m for g, m in counts.items()}, ranking, divisors, target_macs,
-                             cost)
+    chosen = _fill_to_target(widths(lo), {g: lo * m for g, m in counts.items()}, ranking, divisors, target_macs, cost)
     macs = cost(chosen)
-    keep = {g: r.order[:chosen[g]].sort().values for g, r in ranking.items()}
+    keep = {g: r.order[: chosen[g]].sort().values for g, r in ranking.items()}
     return Calibrated(keep, macs, lo, macs >= window * target_macs)
 
 
-def _fill_to_target(widths: dict[str, int], ideal: Mapping[str, float], ranking: Mapping[str, GroupRanking],
-                    divisors: Mapping[str, int], target_macs: int, cost: Any) -> dict[str, int]:
+def _fill_to_target(
+    widths: dict[str, int],
+    ideal: Mapping[str, float],
+    ranking: Mapping[str, GroupRanking],
+    divisors: Mapping[str, int],
+    target_macs: int,
+    cost: Any,
+) -> dict[str, int]:
     """Grow ``widths`` one divisor step at a time, the group furthest below its ideal (scaled)
     count first, while the subnet fits ``target_macs``."""
     widths = dict(widths)
@@ -270,14 +290,16 @@ def attach_alpha(net: nn.Module, sites: Sequence[AlphaSite], alpha: Mapping[str,
     def hook_for(group: str):
         def scale(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
             return output * _channel_view(alpha[group].to(output.dtype), output.ndim)
+
         return scale
 
     return [modules[s.module].register_forward_hook(hook_for(s.group)) for s in sites]
 
 
 @torch.no_grad()
-def fold_alpha(state: Mapping[str, torch.Tensor], sites: Sequence[AlphaSite],
-               alpha: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_alpha(
+    state: Mapping[str, torch.Tensor], sites: Sequence[AlphaSite], alpha: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A copy of ``state`` with α folded into each site's weight and bias (scaling a BN's affine
     or a conv's filters scales its output), so the plain network computes what the hooked one
     does."""
@@ -315,8 +337,7 @@ class ThreshNet(nn.Module):
     def __init__(self, n_actions: int) -> None:
         super().__init__()
         self.depth = nn.Linear(1, POLICY_INPUT)
-        self.mlp = nn.Sequential(nn.Linear(POLICY_INPUT, POLICY_HIDDEN), nn.ReLU(),
-                                 nn.Linear(POLICY_HIDDEN, n_actions))
+        self.mlp = nn.Sequential(nn.Linear(POLICY_INPUT, POLICY_HIDDEN), nn.ReLU(), nn.Linear(POLICY_HIDDEN, n_actions))
 
     def forward(self, profiles: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
         return self.mlp(profiles + self.depth(depths.view(-1, 1)))
@@ -346,8 +367,14 @@ class MovingBaseline:
         return reward - self.value
 
 
-def reinforce_step(policy: ThreshNet, optimizer: torch.optim.Optimizer, profiles: torch.Tensor,
-                   depths: torch.Tensor, actions: torch.Tensor, advantage: float) -> float:
+def reinforce_step(
+    policy: ThreshNet,
+    optimizer: torch.optim.Optimizer,
+    profiles: torch.Tensor,
+    depths: torch.Tensor,
+    actions: torch.Tensor,
+    advantage: float,
+) -> float:
     """One policy-gradient step on ``−advantage · Σ_l log π(a_l)``; returns that loss."""
     log_probs = torch.log_softmax(policy(profiles, depths), dim=1)
     loss = -advantage * log_probs.gather(1, actions.view(-1, 1)).sum()
@@ -383,8 +410,14 @@ class ConvergenceTracker:
     ``min_iterations`` iterations have run.
     """
 
-    def __init__(self, weights: Mapping[str, float], divisors: Mapping[str, int], min_similarity: float = 0.9,
-                 patience: int = 3, min_iterations: int = 1) -> None:
+    def __init__(
+        self,
+        weights: Mapping[str, float],
+        divisors: Mapping[str, int],
+        min_similarity: float = 0.9,
+        patience: int = 3,
+        min_iterations: int = 1,
+    ) -> None:
         total = float(sum(weights.values())) or 1.0
         self.weights = {g: w / total for g, w in weights.items()}
         self.divisors = dict(divisors)
@@ -397,8 +430,9 @@ class ConvergenceTracker:
         """MACs-weighted similarity of ``keep`` to the previous deterministic subnet (0 before any)."""
         if self.prev_keep is None:
             return 0.0
-        return sum(w * group_similarity(keep[g], self.prev_keep[g], self.divisors.get(g, 1))
-                   for g, w in self.weights.items())
+        return sum(
+            w * group_similarity(keep[g], self.prev_keep[g], self.divisors.get(g, 1)) for g, w in self.weights.items()
+        )
 
     def update(self, keep: Keep) -> float:
         """Record one iteration's deterministic subnet; returns its similarity to the previous one."""
@@ -433,10 +467,20 @@ Schedule = list[tuple[int, float]]
 #: quick runs (digits, CIFAR subsets): 2 epochs per iteration, no stop before the noise is gone
 #: (iteration 10), at most 30 iterations (20 to 60 subnet epochs).
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"max_iterations": 30, "min_iterations": 10, "epochs_schedule": [(0, 2)],
-             "lr_schedule": [(0, 0.05), (10, 0.01), (20, 0.005)], "noise_iterations": 10},
-    "paper": {"max_iterations": 50, "min_iterations": 30, "epochs_schedule": [(0, 40), (20, 30), (50, 10)],
-              "lr_schedule": [(0, 0.05), (20, 0.01), (50, 0.005)], "noise_iterations": 30},
+    "fast": {
+        "max_iterations": 30,
+        "min_iterations": 10,
+        "epochs_schedule": [(0, 2)],
+        "lr_schedule": [(0, 0.05), (10, 0.01), (20, 0.005)],
+        "noise_iterations": 10,
+    },
+    "paper": {
+        "max_iterations": 50,
+        "min_iterations": 30,
+        "epochs_schedule": [(0, 40), (20, 30), (50, 10)],
+        "lr_schedule": [(0, 0.05), (20, 0.01), (50, 0.005)],
+        "noise_iterations": 30,
+    },
 }
 
 
@@ -474,20 +518,27 @@ class ASTHparams(MethodHparams):
     preset: Literal["fast", "paper"] = Field("fast", description="schedule preset: 'fast' or the reference 'paper'")
     max_iterations: int = Field(30, ge=1, description="T_max: search iterations unless converged earlier")
     min_iterations: int = Field(10, ge=1, description="no convergence stop before this many iterations")
-    epochs_schedule: Schedule = Field(default=[(0, 2)], description="[(first iteration, M)]: weight epochs per iteration")
+    epochs_schedule: Schedule = Field(
+        default=[(0, 2)], description="[(first iteration, M)]: weight epochs per iteration"
+    )
     lr_schedule: Schedule = Field(
         default=[(0, 0.05), (10, 0.01), (20, 0.005)],
-        description="[(first iteration, lr)]: the weight lr of an iteration (cosine within it)")
+        description="[(first iteration, lr)]: the weight lr of an iteration (cosine within it)",
+    )
     noise_iterations: int = Field(10, ge=0, description="the Gumbel scale anneals linearly to 0 over these iterations")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(3e-4, ge=0.0)
     batch_size: int = Field(128, ge=1)
-    alpha_lr: float = Field(0.02, gt=0.0, description="α Adam lr per pass over search-val, first lr phase (scaled with it)")
+    alpha_lr: float = Field(
+        0.02, gt=0.0, description="α Adam lr per pass over search-val, first lr phase (scaled with it)"
+    )
     alpha_passes: int = Field(5, ge=1, description="α passes over search-val per iteration, spread over its epochs")
     var_weight: float = Field(1.0, ge=0.0, description="weight of −Σ_l Var(α_l) in the α loss")
     freeze_alpha: bool = Field(False, description="ablation: α stays uniform and untrained")
     gumbel_scale: float = Field(0.05, ge=0.0)
-    swap_margin: float = Field(0.1, ge=0.0, description="α margin by which a channel must beat a kept one to displace it")
+    swap_margin: float = Field(
+        0.1, ge=0.0, description="α margin by which a channel must beat a kept one to displace it"
+    )
     actions: tuple[float, ...] = Field(ACTIONS, min_length=1, description="mass thresholds ThreshNet picks from")
     beta: float = Field(2.0, ge=0.0, description="weight of the MACs ratio in the ThreshNet reward")
     threshnet: bool = Field(True, description="False: the 'w/o ThreshNet' ablation (fixed_threshold everywhere)")
@@ -501,11 +552,17 @@ class ASTHparams(MethodHparams):
     convergence_similarity: float = Field(0.9, gt=0.0, le=1.0, description="see ConvergenceTracker")
     convergence_patience: int = Field(3, ge=1)
     select: Literal["deterministic", "best_sampled"] | None = Field(
-        None, description="the result: the converged deterministic subnet, or the best sample by search-val "
-                          "(default: best_sampled when freeze_alpha, else deterministic)")
-    warm_start: str | None = Field(None, description="None: cold start; 'teacher': ctx.teacher's weights; "
-                                                     "else a path to a state_dict of the full net")
-    search_kd_weight: float = Field(0.0, ge=0.0, le=1.0, description="KD weight when training subnets (needs a teacher)")
+        None,
+        description="the result: the converged deterministic subnet, or the best sample by search-val "
+        "(default: best_sampled when freeze_alpha, else deterministic)",
+    )
+    warm_start: str | None = Field(
+        None,
+        description="None: cold start; 'teacher': ctx.teacher's weights; else a path to a state_dict of the full net",
+    )
+    search_kd_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="KD weight when training subnets (needs a teacher)"
+    )
     top_k: int = Field(3, ge=1, description="sampled subnets (by search-val accuracy) whose weights are kept")
 
     @model_validator(mode="before")
@@ -528,9 +585,11 @@ class ASTHparams(MethodHparams):
     @classmethod
     def _coupled_only(cls, v: str) -> str:
         if v != "coupled":
-            raise ValueError("residual_mode='independent' (the reference code's per-conv index sets, which misalign "
-                             "residual adds) is not supported: rayprune prunes residual-tied channels as one group; "
-                             "use residual_mode='coupled'")
+            raise ValueError(
+                "residual_mode='independent' (the reference code's per-conv index sets, which misalign "
+                "residual adds) is not supported: rayprune prunes residual-tied channels as one group; "
+                "use residual_mode='coupled'"
+            )
         return v
 
     @field_validator("lr_schedule", "epochs_schedule")
@@ -538,8 +597,10 @@ class ASTHparams(MethodHparams):
     def _schedule_starts_at_zero(cls, v: Schedule, info: Any) -> Schedule:
         starts = [s for s, _ in v]
         if not v or starts[0] != 0 or starts != sorted(set(starts)) or any(x <= 0 for _, x in v):
-            raise ValueError(f"{info.field_name} must be [(0, value), (later iteration, value), ...] with "
-                             f"increasing iterations and positive values, got {v}")
+            raise ValueError(
+                f"{info.field_name} must be [(0, value), (later iteration, value), ...] with "
+                f"increasing iterations and positive values, got {v}"
+            )
         if info.field_name == "epochs_schedule" and any(int(x) != x for _, x in v):
             raise ValueError(f"epochs_schedule needs whole epoch counts, got {v}")
         return v
@@ -602,14 +663,22 @@ class AST(Method):
     # (its script: 1e-4 over 800 epochs, likely experiment-specific); 0.01 with cosine and no
     # warm-up is the usual inherited-weights fine-tune on CIFAR.
     finetune_defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "warmup_epochs": 0, "weight_decay": 5e-4}
-    smoke: ClassVar[dict] = {"max_iterations": 3, "min_iterations": 1, "epochs_schedule": [(0, 1)],
-                             "batch_size": 64, "top_k": 2, "alpha_passes": 1}
+    smoke: ClassVar[dict] = {
+        "max_iterations": 3,
+        "min_iterations": 1,
+        "epochs_schedule": [(0, 1)],
+        "batch_size": 64,
+        "top_k": 2,
+        "alpha_passes": 1,
+    }
 
     def __init__(self, ctx: RunContext, hparams: ASTHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
         hp: ASTHparams = self.hp
         if hp.search_kd_weight > 0 and ctx.teacher is None:
-            raise ValueError("ast: search_kd_weight > 0 needs a teacher (ctx.teacher); set it or use search_kd_weight=0")
+            raise ValueError(
+                "ast: search_kd_weight > 0 needs a teacher (ctx.teacher); set it or use search_kd_weight=0"
+            )
         self.spec, self.input_size = ctx.spec, ctx.input_size
         self.groups = models.channel_groups(self.spec)
         self.floors = ctx.budget.min_widths(self.spec)
@@ -627,8 +696,13 @@ class AST(Method):
             self.policy = ThreshNet(len(hp.actions))
         self.policy_opt = torch.optim.Adam(self.policy.parameters(), lr=hp.policy_lr)
         self.baseline = MovingBaseline()
-        self.convergence = ConvergenceTracker(group_macs(self.spec, self.input_size), self.divisors,
-                                              hp.convergence_similarity, hp.convergence_patience, hp.min_iterations)
+        self.convergence = ConvergenceTracker(
+            group_macs(self.spec, self.input_size),
+            self.divisors,
+            hp.convergence_similarity,
+            hp.convergence_patience,
+            hp.min_iterations,
+        )
         self.iteration = 0
         self.top: list[Trained] = []  # the best sampled subnets, best first
         self.final: Trained | None = None
@@ -645,14 +719,17 @@ class AST(Method):
                 raise ValueError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
             loaded = self.ctx.teacher.state_dict()
         else:
-            loaded = safe_load(source, "warm_start weights", "point warm_start at a state_dict of the unpruned net",
-                               expect=None)
+            loaded = safe_load(
+                source, "warm_start weights", "point warm_start at a state_dict of the unpruned net", expect=None
+            )
             loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         missing = sorted(set(state) ^ set(loaded))
         if missing or any(loaded[k].shape != v.shape for k, v in state.items()):
-            raise SpecError(f"ast: warm_start {source!r} does not match the full spec "
-                            f"(first differing key: {missing[0] if missing else 'a tensor shape'}); "
-                            f"warm-start from weights of the unpruned {self.spec['family']} spec")
+            raise SpecError(
+                f"ast: warm_start {source!r} does not match the full spec "
+                f"(first differing key: {missing[0] if missing else 'a tensor shape'}); "
+                f"warm-start from weights of the unpruned {self.spec['family']} spec"
+            )
         return {k: loaded[k].detach().cpu().clone() for k in state}
 
     @property
@@ -686,20 +763,35 @@ class AST(Method):
         advantage = self.baseline.update(reward)
         if hp.threshnet:
             reinforce_step(self.policy, self.policy_opt, profiles, depths, actions, advantage)
-        trained.record.source.update(iteration=t, mean_tau=sum(taus.values()) / len(taus), width_scale=drawn.scale,
-                                     in_window=drawn.in_window, gumbel_scale=hp.noise_at(t))
+        trained.record.source.update(
+            iteration=t,
+            mean_tau=sum(taus.values()) / len(taus),
+            width_scale=drawn.scale,
+            in_window=drawn.in_window,
+            gumbel_scale=hp.noise_at(t),
+        )
         self._remember(trained)
         deterministic = self.deterministic_subnet()
         similarity = self.convergence.update(deterministic.keep)
         self.iteration = self.steps_done = t + 1
-        metrics = {"iteration": float(t), "macs": float(trained.record.macs),
-                   "macs_ratio": trained.record.macs / self.full_macs, "target_ratio": self.target_macs / self.full_macs,
-                   "val_top1": val["top1"], "val_loss": val["loss"], "train_loss": train_loss, "reward": reward,
-                   "baseline": float(self.baseline.value), "mean_tau": trained.record.source["mean_tau"],
-                   "gumbel_scale": hp.noise_at(t), "alpha_entropy": mean_alpha_entropy(self.alpha),
-                   "policy_entropy": self.policy_entropy(), "det_similarity": similarity,
-                   "det_macs_ratio": deterministic.macs / self.full_macs,
-                   "converged": float(self.convergence.converged)}
+        metrics = {
+            "iteration": float(t),
+            "macs": float(trained.record.macs),
+            "macs_ratio": trained.record.macs / self.full_macs,
+            "target_ratio": self.target_macs / self.full_macs,
+            "val_top1": val["top1"],
+            "val_loss": val["loss"],
+            "train_loss": train_loss,
+            "reward": reward,
+            "baseline": float(self.baseline.value),
+            "mean_tau": trained.record.source["mean_tau"],
+            "gumbel_scale": hp.noise_at(t),
+            "alpha_entropy": mean_alpha_entropy(self.alpha),
+            "policy_entropy": self.policy_entropy(),
+            "det_similarity": similarity,
+            "det_macs_ratio": deterministic.macs / self.full_macs,
+            "converged": float(self.convergence.converged),
+        }
         return StepResult(step=t, metrics=metrics, subnets=[trained.record], done=self.done)
 
     def _train_deterministic(self) -> StepResult:
@@ -707,14 +799,26 @@ class AST(Method):
         t = self.iteration
         drawn = self.deterministic_subnet()
         trained, val, train_loss = self._train_and_score(drawn.keep, t, update_alpha=False)
-        trained.record.source.update(iteration=t, deterministic=True, in_window=drawn.in_window,
-                                     converged=bool(self.convergence.converged), search_iterations=t)
+        trained.record.source.update(
+            iteration=t,
+            deterministic=True,
+            in_window=drawn.in_window,
+            converged=bool(self.convergence.converged),
+            search_iterations=t,
+        )
         self.final = trained
         self.steps_done = t + 1
-        metrics = {"iteration": float(t), "macs": float(trained.record.macs),
-                   "macs_ratio": trained.record.macs / self.full_macs, "val_top1": val["top1"],
-                   "val_loss": val["loss"], "train_loss": train_loss, "final": 1.0,
-                   "converged": float(self.convergence.converged), "search_iterations": float(t)}
+        metrics = {
+            "iteration": float(t),
+            "macs": float(trained.record.macs),
+            "macs_ratio": trained.record.macs / self.full_macs,
+            "val_top1": val["top1"],
+            "val_loss": val["loss"],
+            "train_loss": train_loss,
+            "final": 1.0,
+            "converged": float(self.convergence.converged),
+            "search_iterations": float(t),
+        }
         return StepResult(step=t, metrics=metrics, subnets=[trained.record], done=True)
 
     def deterministic_subnet(self) -> Calibrated:
@@ -724,8 +828,16 @@ class AST(Method):
 
     def _draw(self, taus: Mapping[str, float], gumbel_scale: float) -> Calibrated:
         ranking = rank_channels(self.alpha, self.gen, gumbel_scale, self.convergence.prev_keep, self.hp.swap_margin)
-        return calibrate_to_target(self.spec, ranking, taus, self.floors, self.divisors, self.target_macs,
-                                   self.hp.target_window, self.input_size)
+        return calibrate_to_target(
+            self.spec,
+            ranking,
+            taus,
+            self.floors,
+            self.divisors,
+            self.target_macs,
+            self.hp.target_window,
+            self.input_size,
+        )
 
     def _choose_thresholds(self, greedy: bool) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-group τ from ThreshNet (sampled from its policy, or its most likely action) or the
@@ -737,7 +849,7 @@ class AST(Method):
         with torch.no_grad():
             probs = torch.softmax(self.policy(profiles, depths), dim=1)
         actions = probs.argmax(dim=1) if greedy else torch.multinomial(probs, 1, generator=self.gen).view(-1)
-        taus = {g: float(self.hp.actions[a]) for g, a in zip(self.alpha, actions.tolist())}
+        taus = {g: float(self.hp.actions[a]) for g, a in zip(self.alpha, actions.tolist(), strict=True)}
         return taus, profiles, depths, actions
 
     def policy_entropy(self) -> float:
@@ -759,13 +871,21 @@ class AST(Method):
         state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
         sub_alpha = {g: a.detach().cpu() for g, a in sub_alpha.items()}
         map_back(self.spec, self.target, self.alpha, keep, state, sub_alpha)
-        record = SubnetRecord.of(sub_spec, {"val_top1": val["top1"], "val_loss": val["loss"]}, self.name, t,
-                                 self.input_size)
+        record = SubnetRecord.of(
+            sub_spec, {"val_top1": val["top1"], "val_loss": val["loss"]}, self.name, t, self.input_size
+        )
         folded = fold_alpha(state, alpha_sites(sub_spec, hp.alpha_position, self.input_size), sub_alpha)
         return Trained(record, folded), {"top1": float(val["top1"]), "loss": float(val["loss"])}, train_loss
 
-    def _train_subnet(self, sub_spec: Spec, sub_state: dict[str, torch.Tensor], sub_alpha: Alpha, keep: Keep,
-                      t: int, update_alpha: bool) -> tuple[nn.Module, float]:
+    def _train_subnet(
+        self,
+        sub_spec: Spec,
+        sub_state: dict[str, torch.Tensor],
+        sub_alpha: Alpha,
+        keep: Keep,
+        t: int,
+        update_alpha: bool,
+    ) -> tuple[nn.Module, float]:
         """``epochs_at(t)`` weight epochs on search-train, with ``alpha_passes`` α passes on
         search-val spread over them. ``sub_alpha`` is updated in place; returns the trained net
         (α hooks attached) and its last training loss."""
@@ -778,9 +898,17 @@ class AST(Method):
         # The hooks read sub_alpha at call time, so they follow the α passes' updates.
         attach_alpha(net, alpha_sites(sub_spec, hp.alpha_position, self.input_size), sub_alpha)
         epochs = hp.epochs_at(t)
-        cfg = TrainConfig(epochs=epochs, batch_size=hp.batch_size, lr=hp.lr_at(t), momentum=hp.momentum,
-                          nesterov=False, weight_decay=hp.weight_decay, schedule="cosine",
-                          kd_weight=hp.search_kd_weight, kd_temperature=self.ctx.kd_temperature)
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=hp.batch_size,
+            lr=hp.lr_at(t),
+            momentum=hp.momentum,
+            nesterov=False,
+            weight_decay=hp.weight_decay,
+            schedule="cosine",
+            kd_weight=hp.search_kd_weight,
+            kd_temperature=self.ctx.kd_temperature,
+        )
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen))
         passes = alpha_pass_counts(epochs, hp.alpha_passes) if update_alpha else [0] * epochs
         batches = math.ceil(len(self.search_val) / hp.batch_size)
@@ -790,13 +918,21 @@ class AST(Method):
             for i in range(passes[int(entry["epoch"])]):
                 self._alpha_pass(net, alpha_opt, seed + 7919 * (int(entry["epoch"]) + 1) + i)
 
-        history = fit(net, self.search_train, cfg, device=device, seed=seed, progress=self.ctx.progress,
-                      on_epoch=after_epoch, teacher=self.ctx.teacher if hp.search_kd_weight > 0 else None)
+        history = fit(
+            net,
+            self.search_train,
+            cfg,
+            device=device,
+            seed=seed,
+            progress=self.ctx.progress,
+            on_epoch=after_epoch,
+            teacher=self.ctx.teacher if hp.search_kd_weight > 0 else None,
+        )
         if alpha_opt is not None:
             alpha_opt.write_to(sub_alpha)
         return net, float(history[-1]["loss"]) if history else float("nan")
 
-    def _alpha_pass(self, net: nn.Module, alpha_opt: "AlphaOptimizer", seed: int) -> None:
+    def _alpha_pass(self, net: nn.Module, alpha_opt: AlphaOptimizer, seed: int) -> None:
         """One pass over search-val updating only α with ``CE − var_weight·Σ_l Var(α_l)``.
         BN running statistics are restored afterwards so they only ever see search-train."""
         buffers = {k: v.clone() for k, v in net.named_buffers()}
@@ -805,8 +941,9 @@ class AST(Method):
             p.requires_grad_(False)
         was_training = net.training
         net.train()
-        for x, y in make_loader(self.search_val, self.hp.batch_size, train=True, device=self.ctx.device, seed=seed,
-                                drop_last=False):
+        for x, y in make_loader(
+            self.search_val, self.hp.batch_size, train=True, device=self.ctx.device, seed=seed, drop_last=False
+        ):
             loss = F.cross_entropy(net(x).float(), y) - self.hp.var_weight * alpha_variance(alpha_opt.whole_groups())
             alpha_opt.step(loss)
         net.train(was_training)
@@ -820,7 +957,7 @@ class AST(Method):
         """Keep the top-k samples (search-val top-1, then lower loss, then earlier) with weights."""
         self.top.append(trained)
         self.top.sort(key=lambda s: (-s.record.metrics["val_top1"], s.record.metrics["val_loss"], s.record.step))
-        del self.top[self.hp.top_k:]
+        del self.top[self.hp.top_k :]
 
     # -- results -------------------------------------------------------------------------------
     def best(self) -> SubnetRecord:
@@ -894,8 +1031,12 @@ class AlphaOptimizer:
         sub_alpha.update(self.leaves)  # the forward hooks now read the leaves
         self.full = {g: full_alpha[g].detach().to(a.device, a.dtype) for g, a in self.leaves.items()}
         self.keep = {g: keep[g].to(a.device) for g, a in self.leaves.items()}
-        self.opt = torch.optim.Adam(list(self.leaves.values()), lr=lr / max(1, batches_per_pass),
-                                    betas=ALPHA_BETAS, weight_decay=ALPHA_WEIGHT_DECAY)
+        self.opt = torch.optim.Adam(
+            list(self.leaves.values()),
+            lr=lr / max(1, batches_per_pass),
+            betas=ALPHA_BETAS,
+            weight_decay=ALPHA_WEIGHT_DECAY,
+        )
 
     def whole_groups(self) -> Alpha:
         """Each group's full α vector with the subnet's (trainable) α at the kept indices."""
@@ -936,8 +1077,14 @@ def initial_alpha(width: int, gen: torch.Generator, uniform: bool = False) -> to
 
 
 @torch.no_grad()
-def map_back(spec: Spec, target: dict[str, torch.Tensor], alpha: Alpha, keep: Keep,
-             sub_state: Mapping[str, torch.Tensor], sub_alpha: Mapping[str, torch.Tensor]) -> None:
+def map_back(
+    spec: Spec,
+    target: dict[str, torch.Tensor],
+    alpha: Alpha,
+    keep: Keep,
+    sub_state: Mapping[str, torch.Tensor],
+    sub_alpha: Mapping[str, torch.Tensor],
+) -> None:
     """Write a trained subnet's weights, BN statistics and α into the target net at ``keep``."""
     write_back(spec, target, keep, sub_state)
     for g, idx in keep.items():

@@ -67,8 +67,10 @@ class Budget(BaseModel):
         if self.max_stage_prune is None:
             return 1.0 - 1e-9  # effectively unconstrained (a group keeps >= 1 channel)
         if stage >= len(self.max_stage_prune):
-            raise SpecError(f"max_stage_prune needs an entry for every stage of the model (stage {stage} has "
-                            f"none), got {len(self.max_stage_prune)}: {self.max_stage_prune}")
+            raise SpecError(
+                f"max_stage_prune needs an entry for every stage of the model (stage {stage} has "
+                f"none), got {len(self.max_stage_prune)}: {self.max_stage_prune}"
+            )
         return self.max_stage_prune[stage]
 
     def min_widths(self, full_spec: Spec) -> dict[str, int]:
@@ -78,8 +80,10 @@ class Budget(BaseModel):
         groups = models.channel_groups(full_spec)
         stages = 1 + max(g.stage for g in groups)
         if self.max_stage_prune is not None and len(self.max_stage_prune) != stages:
-            raise SpecError(f"max_stage_prune needs {stages} entries (one rate per stage of the model), "
-                            f"got {len(self.max_stage_prune)}: {self.max_stage_prune}")
+            raise SpecError(
+                f"max_stage_prune needs {stages} entries (one rate per stage of the model), "
+                f"got {len(self.max_stage_prune)}: {self.max_stage_prune}"
+            )
         for g in groups:
             by_stage = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
             by_fraction = math.ceil(g.width * self.min_keep - 1e-9)
@@ -98,11 +102,13 @@ class Budget(BaseModel):
             raise SpecError(
                 f"FLOPs target {self.flops_target:.3f} is impossible: with max_stage_prune="
                 f"{self.max_stage_prune} the smallest width-pruned subnet still has {smallest / full:.3f} "
-                f"of the unpruned MACs; raise flops_target or the per-stage pruning rates")
+                f"of the unpruned MACs; raise flops_target or the per-stage pruning rates"
+            )
 
 
-def within_budget(spec: Spec, full_spec: Spec, budget: Budget, input_size: int | None = None,
-                  widths: dict[str, int] | None = None) -> bool:
+def within_budget(
+    spec: Spec, full_spec: Spec, budget: Budget, input_size: int | None = None, widths: dict[str, int] | None = None
+) -> bool:
     """True when ``spec`` meets the FLOPs target. ``widths`` (group -> width in the *full*
     spec's group naming) additionally checks the per-stage limits for width-only subnets."""
     if models.macs(spec, input_size) > budget.target_macs(full_spec, input_size):
@@ -136,10 +142,18 @@ class SubnetRecord:
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, spec: Spec, metrics: dict[str, float], method: str, step: int,
-           input_size: int | None = None, **source: Any) -> "SubnetRecord":
-        return cls(spec=spec, macs=models.macs(spec, input_size), params=models.params(spec),
-                   metrics={k: float(v) for k, v in metrics.items()}, method=method, step=step, source=source)
+    def of(
+        cls, spec: Spec, metrics: dict[str, float], method: str, step: int, input_size: int | None = None, **source: Any
+    ) -> SubnetRecord:
+        return cls(
+            spec=spec,
+            macs=models.macs(spec, input_size),
+            params=models.params(spec),
+            metrics={k: float(v) for k, v in metrics.items()},
+            method=method,
+            step=step,
+            source=source,
+        )
 
     @property
     def key(self) -> str:
@@ -149,7 +163,7 @@ class SubnetRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SubnetRecord":
+    def from_dict(cls, d: dict[str, Any]) -> SubnetRecord:
         return cls(**d)
 
 
@@ -259,9 +273,11 @@ class Method(abc.ABC):
         would silently be mis-wired.
         """
         if cls.inherits_weights and spec.get("shortcut") == "option_a":
-            raise SpecError(f"{cls.name} inherits weights, which option_a shortcuts cannot keep aligned "
-                            f"after pruning; use --shortcut avgpool_conv or --shortcut conv_bn "
-                            f"(sweep files: shortcut: avgpool_conv)")
+            raise SpecError(
+                f"{cls.name} inherits weights, which option_a shortcuts cannot keep aligned "
+                f"after pruning; use --shortcut avgpool_conv or --shortcut conv_bn "
+                f"(sweep files: shortcut: avgpool_conv)"
+            )
 
     # -- required ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -277,8 +293,7 @@ class Method(abc.ABC):
         """Everything needed to resume exactly (weights, optimizers, RNG, counters)."""
 
     @abc.abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     @property
     @abc.abstractmethod

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from .. import models
-from ..models.base import spec_hash
 from ..engine import latency as latency_mod
 from ..engine.robust import ROBUST_SUITE_VERSION, robust_accuracy
 from ..engine.train import TrainConfig, evaluate, fit
+from ..models.base import spec_hash
 from .base import FinalResult, Method, RunContext, SubnetRecord
 
 
@@ -45,8 +45,10 @@ def recipe_tag(recipe: dict[str, Any]) -> str:
     sched = recipe.get("schedule", "cosine")
     if sched == "step" and recipe.get("milestones"):
         sched += "@" + ",".join(str(m) for m in recipe["milestones"])
-    return (f"e{recipe.get('epochs')} {sched} lr{recipe.get('lr'):g} bs{recipe.get('batch_size')} "
-            f"kd{recipe.get('kd_weight', 0.0):g}")
+    return (
+        f"e{recipe.get('epochs')} {sched} lr{recipe.get('lr'):g} bs{recipe.get('batch_size')} "
+        f"kd{recipe.get('kd_weight', 0.0):g}"
+    )
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -57,9 +59,15 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 def preprocessing(ds: Any) -> dict[str, Any]:
     """The exact input a model trained on ``ds`` expects: uint8 pixels / 255, then per channel
     ``(x - mean) / std``, NCHW, RGB channel order (grey images repeated over the channels)."""
-    return {"input_size": int(ds.input_size), "channels": int(ds.channels), "layout": "NCHW",
-            "channel_order": "RGB", "scale": "pixel / 255", "mean": [float(m) for m in ds.mean],
-            "std": [float(s) for s in ds.std]}
+    return {
+        "input_size": int(ds.input_size),
+        "channels": int(ds.channels),
+        "layout": "NCHW",
+        "channel_order": "RGB",
+        "scale": "pixel / 255",
+        "mean": [float(m) for m in ds.mean],
+        "std": [float(s) for s in ds.std],
+    }
 
 
 def measure(model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512) -> dict[str, float]:
@@ -68,17 +76,25 @@ def measure(model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512)
     test = evaluate(model, ctx.test, device=ctx.device, batch_size=eval_batch_size)
     metrics = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
     if ctx.robust:
-        metrics.update(robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed,
-                                       max_samples=ctx.robust_max_samples))
+        metrics.update(
+            robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed, max_samples=ctx.robust_max_samples)
+        )
     if ctx.measure_latency:
         shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
-        metrics.update(latency_mod.measure_latency(model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes,
-                                                   repeats=ctx.latency_repeats))
+        metrics.update(
+            latency_mod.measure_latency(
+                model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes, repeats=ctx.latency_repeats
+            )
+        )
     return {k: float(v) for k, v in metrics.items()}
 
 
-def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str, torch.Tensor] | None = None,
-                    progress: bool | None = None) -> FinalResult:
+def finetune_subnet(
+    record: SubnetRecord,
+    ctx: RunContext,
+    init_state: dict[str, torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> FinalResult:
     """Build ``record.spec`` (from ``init_state`` or from scratch), train it with the shared engine
     (KD from ``ctx.teacher`` when ``ctx.kd_weight > 0``) and report test top-1/top-5, robust
     accuracy, MACs, params and latency."""
@@ -91,19 +107,35 @@ def finetune_subnet(record: SubnetRecord, ctx: RunContext, init_state: dict[str,
     teacher = ctx.teacher if ctx.kd_weight > 0 else None
     # Keyed by the subnet: a resumed run that chose another subnet must not load this one's state.
     ckpt = ctx.workdir / "finetune" / spec_hash(record.spec) if ctx.workdir is not None else None
-    history = fit(model, ctx.train, cfg, device=ctx.device, teacher=teacher, seed=ctx.seed, checkpoint_dir=ckpt,
-                  progress=progress if progress is not None else ctx.progress)
+    history = fit(
+        model,
+        ctx.train,
+        cfg,
+        device=ctx.device,
+        teacher=teacher,
+        seed=ctx.seed,
+        checkpoint_dir=ckpt,
+        progress=progress if progress is not None else ctx.progress,
+    )
     metrics = dict(record.metrics)
     if history:
         metrics["finetune_loss"] = float(history[-1]["loss"])
     metrics.update(measure(model, ctx, cfg.eval_batch_size))
     recipe = recipe_of(cfg)
-    final = replace(record, metrics={k: float(v) for k, v in metrics.items()},
-                    source={**record.source, "finetuned": True,
-                            "init": "inherited" if init_state is not None else "scratch",
-                            "recipe": recipe, "recipe_tag": recipe_tag(recipe), "recipe_hash": recipe_hash(recipe),
-                            "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None,
-                            "preprocessing": preprocessing(ctx.test)})
+    final = replace(
+        record,
+        metrics={k: float(v) for k, v in metrics.items()},
+        source={
+            **record.source,
+            "finetuned": True,
+            "init": "inherited" if init_state is not None else "scratch",
+            "recipe": recipe,
+            "recipe_tag": recipe_tag(recipe),
+            "recipe_hash": recipe_hash(recipe),
+            "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None,
+            "preprocessing": preprocessing(ctx.test),
+        },
+    )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return FinalResult(record=final, state_dict=state)
 

@@ -22,9 +22,9 @@ import torch
 from pydantic import Field
 
 from .. import models
+from ..engine.utils import derive_seed
 from ..models.base import ChannelGroup, Spec, round_to
 from . import register
-from ..engine.utils import derive_seed
 from ._baseline import RecordsMixin, Widths, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
@@ -41,8 +41,15 @@ def draw_widths(groups: list[ChannelGroup], mins: Widths, gen: torch.Generator) 
 WINDOW_LOW = 0.9  # a sample's MACs must be at least this fraction of the target
 
 
-def sample_feasible(full_spec: Spec, mins: Widths, target_macs: int, gen: torch.Generator, max_tries: int,
-                    input_size: int | None = None, window_low: float = WINDOW_LOW) -> tuple[Widths, int, bool]:
+def sample_feasible(
+    full_spec: Spec,
+    mins: Widths,
+    target_macs: int,
+    gen: torch.Generator,
+    max_tries: int,
+    input_size: int | None = None,
+    window_low: float = WINDOW_LOW,
+) -> tuple[Widths, int, bool]:
     """A random width assignment with MACs in ``[window_low * target_macs, target_macs]``:
     ``(widths, tries, shrunk)``."""
     groups = models.channel_groups(full_spec)
@@ -84,14 +91,20 @@ class RandomSearch(RecordsMixin):
     def step(self) -> StepResult:
         ctx, k = self.ctx, self.steps_done
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "random", k))
-        widths, tries, shrunk = sample_feasible(ctx.spec, ctx.budget.min_widths(ctx.spec),
-                                                ctx.budget.target_macs(ctx.spec, ctx.input_size), gen,
-                                                self.hp.max_tries, ctx.input_size)
+        widths, tries, shrunk = sample_feasible(
+            ctx.spec,
+            ctx.budget.min_widths(ctx.spec),
+            ctx.budget.target_macs(ctx.spec, ctx.input_size),
+            gen,
+            self.hp.max_tries,
+            ctx.input_size,
+        )
         spec = models.with_widths(ctx.spec, widths)
         split = ctx.search_split(self.hp.val_fraction)
         score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "random-train", k))
-        record = SubnetRecord.of(spec, {"val_top1": score}, self.name, k, ctx.input_size,
-                                 sample=k, tries=tries, shrunk=shrunk)
+        record = SubnetRecord.of(
+            spec, {"val_top1": score}, self.name, k, ctx.input_size, sample=k, tries=tries, shrunk=shrunk
+        )
         self.records.append(record)
         self.steps_done += 1
         metrics = {"val_top1": score, "best_val_top1": self.best().metrics["val_top1"], "tries": float(tries)}

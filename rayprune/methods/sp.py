@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,8 +45,16 @@ from torch import nn
 
 from .. import models
 from ..engine.data import holdout_per_class, make_loader
-from ..engine.train import (TrainConfig, autocast, evaluate, fit, lr_factor, make_optimizer, recalibrate_bn,
-                            recalibration_batches)
+from ..engine.train import (
+    TrainConfig,
+    autocast,
+    evaluate,
+    fit,
+    lr_factor,
+    make_optimizer,
+    recalibrate_bn,
+    recalibration_batches,
+)
 from ..engine.utils import bn_layers, derive_seed, resolve_device
 from ..models.base import Fixup, Spec, SpecError, StageSplit, round_to
 from . import register
@@ -64,14 +73,17 @@ class SPHparams(MethodHparams):
     wd: float = Field(5e-5, ge=0, description="weight decay (none on BN and biases)")
     n_random: int = Field(2, ge=0, description="random configs per batch besides the full and tiny ones")
     teacher_mode: Literal["inplace", "external"] = Field(
-        "inplace", description="sub-nets learn the detached full path (inplace) or the teacher (external)")
+        "inplace", description="sub-nets learn the detached full path (inplace) or the teacher (external)"
+    )
     init_from_teacher: bool = Field(True, description="start the super-net from the teacher's weights")
     pretrain_epochs: int = Field(30, ge=1, description="full-net epochs when ctx.teacher is None")
     pretrain_lr: float = Field(0.1, gt=0)
     teacher_cache_mb: float = Field(512.0, ge=0, description="cache teacher features when they fit, else per batch")
     # search space and proxy
-    ratios: tuple[float, ...] = Field((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-                                      description="width ratios of each channel group (genes index them)")
+    ratios: tuple[float, ...] = Field(
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        description="width ratios of each channel group (genes index them)",
+    )
     recalib_images: int = Field(2000, ge=1, description="training images for BN recalibration")
     proxy_per_class: int = Field(200, ge=1, description="held-out training images per class for the proxy")
     eval_batch_size: int = Field(500, ge=1)
@@ -84,8 +96,12 @@ class SPHparams(MethodHparams):
     mutation_prob: float = Field(0.1, ge=0, le=1)
     flops_window_low: float = Field(0.97, gt=0, le=1, description="candidates need MACs >= this * target")
     sample_retries: int = Field(200, ge=1, description="restarts when sampling into the FLOPs window")
-    rank_archs: int = Field(0, ge=0, description="after the search, Kendall tau of proxy vs real accuracy on this "
-                                                 "many random in-window archs (0: off; SP's central claim)")
+    rank_archs: int = Field(
+        0,
+        ge=0,
+        description="after the search, Kendall tau of proxy vs real accuracy on this "
+        "many random in-window archs (0: off; SP's central claim)",
+    )
     rank_epochs: int = Field(5, ge=1, description="training epochs of each arch of the Kendall tau check")
 
     @field_validator("ratios")
@@ -96,7 +112,7 @@ class SPHparams(MethodHparams):
         return v
 
     @model_validator(mode="after")
-    def _parents_fit(self) -> "SPHparams":
+    def _parents_fit(self) -> SPHparams:
         if self.parents > self.population:
             raise ValueError(f"parents ({self.parents}) must be <= population ({self.population})")
         return self
@@ -144,8 +160,11 @@ def stage_layout(spec: Spec, model: nn.Module) -> StageSplit:
 
 def producers(spec: Spec) -> dict[str, str]:
     """Module name -> channel group it produces: every ``X.weight`` whose axis 0 is a group."""
-    return {key[: -len(".weight")]: axes[0] for key, axes in models.tensor_axes(spec).items()
-            if key.endswith(".weight") and axes and axes[0] is not None}
+    return {
+        key[: -len(".weight")]: axes[0]
+        for key, axes in models.tensor_axes(spec).items()
+        if key.endswith(".weight") and axes and axes[0] is not None
+    }
 
 
 class MaskedSupernet:
@@ -214,12 +233,14 @@ class WidthSpace:
     that clip to the same widths are the same candidate (:meth:`key`).
     """
 
-    def __init__(self, spec: Spec, ratios: Sequence[float], mins: Widths, window: tuple[float, float],
-                 input_size: int | None) -> None:
+    def __init__(
+        self, spec: Spec, ratios: Sequence[float], mins: Widths, window: tuple[float, float], input_size: int | None
+    ) -> None:
         self.spec, self.window, self.input_size = spec, window, input_size
         self.groups = models.channel_groups(spec)
-        self.table = [[min(g.width, max(mins[g.name], round_to(r * g.width, g.divisor))) for r in ratios]
-                      for g in self.groups]
+        self.table = [
+            [min(g.width, max(mins[g.name], round_to(r * g.width, g.divisor))) for r in ratios] for g in self.groups
+        ]
         self.full: Widths = {g.name: g.width for g in self.groups}
 
     @property
@@ -227,10 +248,10 @@ class WidthSpace:
         return len(self.table[0])
 
     def widths(self, genes: Sequence[int]) -> Widths:
-        return {g.name: row[i] for g, row, i in zip(self.groups, self.table, genes)}
+        return {g.name: row[i] for g, row, i in zip(self.groups, self.table, genes, strict=True)}
 
     def key(self, genes: Sequence[int]) -> tuple[int, ...]:
-        return tuple(row[i] for row, i in zip(self.table, genes))
+        return tuple(row[i] for row, i in zip(self.table, genes, strict=True))
 
     def macs(self, genes: Sequence[int]) -> int:
         return models.macs(models.with_widths(self.spec, self.widths(genes)), self.input_size)
@@ -261,18 +282,20 @@ class WidthSpace:
                 i = movable[int(torch.randint(len(movable), (1,), generator=gen))]
                 genes[i] += -1 if shrink else 1
         lo, hi = self.window
-        raise SearchError(f"sp: no candidate with MACs in [{lo:.0f}, {hi:.0f}] found after {retries} restarts; "
-                          "lower flops_window_low, use a finer ratio set or raise sample_retries")
+        raise SearchError(
+            f"sp: no candidate with MACs in [{lo:.0f}, {hi:.0f}] found after {retries} restarts; "
+            "lower flops_window_low, use a finer ratio set or raise sample_retries"
+        )
 
     def mutate(self, parent: Sequence[int], prob: float, gen: torch.Generator) -> Genes:
         flip = torch.rand(len(parent), generator=gen) < prob
         fresh = self.random(gen)
-        return [f if m else p for p, f, m in zip(parent, fresh, flip.tolist())]
+        return [f if m else p for p, f, m in zip(parent, fresh, flip.tolist(), strict=True)]
 
     @staticmethod
     def crossover(a: Sequence[int], b: Sequence[int], gen: torch.Generator) -> Genes:
         pick = torch.rand(len(a), generator=gen) < 0.5
-        return [x if m else y for x, y, m in zip(a, b, pick.tolist())]
+        return [x if m else y for x, y, m in zip(a, b, pick.tolist(), strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,10 +312,20 @@ class SP(Method):
     """Stage-wise super-nets supervised by the full net, then an evolutionary search."""
 
     Hparams: ClassVar[type[MethodHparams]] = SPHparams
-    smoke: ClassVar[dict] = {"stage_epochs": 1, "batch_size": 32, "pretrain_epochs": 1, "recalib_images": 32,
-                             "proxy_per_class": 8, "eval_batch_size": 64, "population": 6, "generations": 2,
-                             "parents": 3, "mutation_children": 3, "crossover_children": 3,
-                             "sample_retries": 20}
+    smoke: ClassVar[dict] = {
+        "stage_epochs": 1,
+        "batch_size": 32,
+        "pretrain_epochs": 1,
+        "recalib_images": 32,
+        "proxy_per_class": 8,
+        "eval_batch_size": 64,
+        "population": 6,
+        "generations": 2,
+        "parents": 3,
+        "mutation_children": 3,
+        "crossover_children": 3,
+        "sample_retries": 20,
+    }
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
@@ -301,8 +334,13 @@ class SP(Method):
         rest, held = holdout_per_class(ctx.train.labels, hp.proxy_per_class, ctx.seed)
         self.search_train, self.holdout = ctx.train.subset(rest), ctx.train.subset(held)
         self.target = ctx.budget.target_macs(ctx.spec, ctx.input_size)
-        self.space = WidthSpace(ctx.spec, hp.ratios, ctx.budget.min_widths(ctx.spec),
-                                (hp.flops_window_low * self.target, self.target), ctx.input_size)
+        self.space = WidthSpace(
+            ctx.spec,
+            hp.ratios,
+            ctx.budget.min_widths(ctx.spec),
+            (hp.flops_window_low * self.target, self.target),
+            ctx.input_size,
+        )
         self.gen = torch.Generator().manual_seed(ctx.seed)
         model = models.build(ctx.spec, seed=derive_seed(ctx.seed, "supernet")).to(self.device)
         self.net = MaskedSupernet(ctx.spec, model, stage_layout(ctx.spec, model))
@@ -310,9 +348,11 @@ class SP(Method):
         if ctx.teacher is not None:
             self._set_teacher(ctx.teacher.state_dict())
         n_stages = len(self.net.layout.stages)
-        self.plan: list[tuple[str, int, int]] = ([("pretrain", 0, 0)] if ctx.teacher is None else []) + [
-            ("train", s, e) for s in range(n_stages) for e in range(hp.stage_epochs)] + [
-            ("search", g, 0) for g in range(hp.generations)]
+        self.plan: list[tuple[str, int, int]] = (
+            ([("pretrain", 0, 0)] if ctx.teacher is None else [])
+            + [("train", s, e) for s in range(n_stages) for e in range(hp.stage_epochs)]
+            + [("search", g, 0) for g in range(hp.generations)]
+        )
         self.evaluated: dict[tuple[int, ...], dict[str, Any]] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._cache: dict[Any, Any] = {}
@@ -323,8 +363,10 @@ class SP(Method):
         try:
             teacher.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError("sp: the teacher must be the unpruned network of ctx.spec (its stage features "
-                             f"supervise the stage super-nets), but its weights do not fit: {e}") from None
+            raise ValueError(
+                "sp: the teacher must be the unpruned network of ctx.spec (its stage features "
+                f"supervise the stage super-nets), but its weights do not fit: {e}"
+            ) from None
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_layout = stage_layout(self.ctx.spec, self.teacher)
         if init_supernet and self.hp.init_from_teacher:
@@ -336,8 +378,15 @@ class SP(Method):
         model = models.build(ctx.spec, seed=seed).to(self.device)
         cfg = TrainConfig(epochs=hp.pretrain_epochs, batch_size=hp.batch_size, lr=hp.pretrain_lr)
         ckpt = ctx.workdir / "sp_pretrain" if ctx.workdir is not None else None
-        history = fit(model, self.search_train, cfg, device=self.device, seed=seed, checkpoint_dir=ckpt,
-                      progress=self.ctx.progress)
+        history = fit(
+            model,
+            self.search_train,
+            cfg,
+            device=self.device,
+            seed=seed,
+            checkpoint_dir=ckpt,
+            progress=self.ctx.progress,
+        )
         self._set_teacher(model.state_dict())
         return {"pretrain_loss": history[-1]["loss"]}
 
@@ -375,7 +424,7 @@ class SP(Method):
             order = order.to(self.device)
             n_batches = len(y) // bs if len(y) >= bs else 1
             for i in range(n_batches):
-                idx = order[i * bs:(i + 1) * bs]
+                idx = order[i * bs : (i + 1) * bs]
                 yield x_in[idx], out[idx], y[idx]
             return
         loader = make_loader(self.search_train, bs, train=True, device=self.device, seed=seed)
@@ -399,8 +448,9 @@ class SP(Method):
         randoms = [("random", self.space.widths(self.space.random(self.gen))) for _ in range(self.hp.n_random)]
         return [("full", self.space.full), ("tiny", self.space.tiny()), *randoms]
 
-    def _batch_losses(self, s: int, x_in: torch.Tensor, target: torch.Tensor,
-                      y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _batch_losses(
+        self, s: int, x_in: torch.Tensor, target: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Sandwich forward/backward on one batch (gradients accumulate). Returns the summed
         objective (``loss``) and the mean loss of each config kind (``loss_full``, ...), as
         detached 0-d tensors on the device (no host sync per batch)."""
@@ -414,7 +464,9 @@ class SP(Method):
             mask = self.net.input_mask(s, widths, x_in.device)
             with autocast(self.device):
                 out = layout.stages[s](x_in if mask is None else x_in * mask)
-                feat_t, logits_t = (target, teacher_logits) if kind == "full" or self.hp.teacher_mode == "external" else ref
+                feat_t, logits_t = (
+                    (target, teacher_logits) if kind == "full" or self.hp.teacher_mode == "external" else ref
+                )
                 k = widths[layout.boundary[s]]
                 loss = F.mse_loss(out[:, :k].float(), feat_t[:, :k].float())
                 logits = layout.head(out).float() if last else None
@@ -425,7 +477,9 @@ class SP(Method):
                 ref = (out.detach(), None if logits is None else logits.detach())
             value = loss.detach()
             losses["loss"] = losses["loss"] + value
-            losses[f"loss_{kind}"] = losses.get(f"loss_{kind}", 0.0) + value / (self.hp.n_random if kind == "random" else 1)
+            losses[f"loss_{kind}"] = losses.get(f"loss_{kind}", 0.0) + value / (
+                self.hp.n_random if kind == "random" else 1
+            )
         self.net.set_widths(None)
         return losses
 
@@ -477,9 +531,16 @@ class SP(Method):
         saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
         self.net.set_widths(widths)
         try:
-            recalibrate_bn(model, recalibration_batches(self.search_train, self.hp.recalib_images,
-                                                        self.hp.eval_batch_size, device=self.device,
-                                                        seed=derive_seed(self.ctx.seed, "recalib")))
+            recalibrate_bn(
+                model,
+                recalibration_batches(
+                    self.search_train,
+                    self.hp.recalib_images,
+                    self.hp.eval_batch_size,
+                    device=self.device,
+                    seed=derive_seed(self.ctx.seed, "recalib"),
+                ),
+            )
             correct, loss, n = 0, 0.0, 0
             for x, y, feats in self._holdout_batches():
                 correct += int((model(x).argmax(1) == y).sum())
@@ -487,7 +548,7 @@ class SP(Method):
                 n += len(y)
         finally:
             self.net.set_widths(None)
-            for m, state in zip(bns, saved):
+            for m, state in zip(bns, saved, strict=True):
                 m.load_state_dict(state)
         return {"val_top1": correct / n, "proxy_loss": loss / n}
 
@@ -510,8 +571,9 @@ class SP(Method):
         key = self.space.key(genes)
         return key not in self.evaluated and key not in taken and self.space.in_window(genes)
 
-    def _children(self, n: int, make: Callable[[], Genes], taken: set[tuple[int, ...]], origin: str,
-                  out: list[tuple[Genes, str]]) -> None:
+    def _children(
+        self, n: int, make: Callable[[], Genes], taken: set[tuple[int, ...]], origin: str, out: list[tuple[Genes, str]]
+    ) -> None:
         """Up to ``n`` novel in-window children from ``make`` (at most 10n tries, as SPOS)."""
         made = 0
         for _ in range(10 * n):
@@ -529,11 +591,21 @@ class SP(Method):
         taken: set[tuple[int, ...]] = set()
         parents = [e["genes"] for e in self._ranked()[: hp.parents]]
         if generation > 0 and parents:
-            self._children(hp.mutation_children, lambda: space.mutate(parents[_pick(len(parents), gen)],
-                                                                     hp.mutation_prob, gen), taken, "mutation", out)
+            self._children(
+                hp.mutation_children,
+                lambda: space.mutate(parents[_pick(len(parents), gen)], hp.mutation_prob, gen),
+                taken,
+                "mutation",
+                out,
+            )
             if len(parents) > 1:
-                self._children(hp.crossover_children, lambda: space.crossover(
-                    parents[_pick(len(parents), gen)], parents[_pick(len(parents), gen)], gen), taken, "crossover", out)
+                self._children(
+                    hp.crossover_children,
+                    lambda: space.crossover(parents[_pick(len(parents), gen)], parents[_pick(len(parents), gen)], gen),
+                    taken,
+                    "crossover",
+                    out,
+                )
         for _ in range(hp.population * hp.sample_retries):  # fill up with random candidates
             if len(out) >= hp.population:
                 break
@@ -545,22 +617,39 @@ class SP(Method):
 
     def _record(self, entry: dict[str, Any]) -> SubnetRecord:
         spec = models.with_widths(self.ctx.spec, self.space.widths(entry["genes"]))
-        return SubnetRecord.of(spec, {"val_top1": entry["val_top1"], "proxy_loss": entry["proxy_loss"]},
-                               self.name, entry["step"], self.ctx.input_size, generation=entry["generation"],
-                               origin=entry["origin"])
+        return SubnetRecord.of(
+            spec,
+            {"val_top1": entry["val_top1"], "proxy_loss": entry["proxy_loss"]},
+            self.name,
+            entry["step"],
+            self.ctx.input_size,
+            generation=entry["generation"],
+            origin=entry["origin"],
+        )
 
     def _search_generation(self, generation: int) -> tuple[dict[str, float], list[SubnetRecord]]:
         records = []
         for genes, origin in self._next_population(generation):
-            entry = {"genes": genes, "key": list(self.space.key(genes)), "generation": generation,
-                     "origin": origin, "step": self.steps_done,
-                     **self.evaluate_widths(self.space.widths(genes))}
+            entry = {
+                "genes": genes,
+                "key": list(self.space.key(genes)),
+                "generation": generation,
+                "origin": origin,
+                "step": self.steps_done,
+                **self.evaluate_widths(self.space.widths(genes)),
+            }
             self.evaluated[self.space.key(genes)] = entry
             records.append(self._record(entry))
         best = self._ranked()[0]
-        metrics = {"generation": generation, "new_candidates": len(records), "evaluated": len(self.evaluated),
-                   "best_val_top1": best["val_top1"], "best_proxy_loss": best["proxy_loss"],
-                   "target_macs": self.target, "flops_window_low": self.hp.flops_window_low}
+        metrics = {
+            "generation": generation,
+            "new_candidates": len(records),
+            "evaluated": len(self.evaluated),
+            "best_val_top1": best["val_top1"],
+            "best_proxy_loss": best["proxy_loss"],
+            "target_macs": self.target,
+            "flops_window_low": self.hp.flops_window_low,
+        }
         if records:
             metrics["mean_val_top1"] = sum(r.metrics["val_top1"] for r in records) / len(records)
         return metrics, records
@@ -593,15 +682,19 @@ class SP(Method):
         self.steps_done += 1
         if self.done and self.hp.rank_archs > 0:
             metrics.update(self._rank_check())
-        return StepResult(step=self.steps_done - 1, metrics={k: float(v) for k, v in metrics.items()},
-                          subnets=records, done=self.done)
+        return StepResult(
+            step=self.steps_done - 1, metrics={k: float(v) for k, v in metrics.items()}, subnets=records, done=self.done
+        )
 
     def _rank_check(self) -> dict[str, float]:
         """Kendall tau of the proxies against short real trainings (reported with the last step)."""
         cfg = (self.ctx.finetune or TrainConfig()).model_copy(update={"kd_weight": 0.0, "epochs": self.hp.rank_epochs})
         rank = proxy_rank_correlation(self, self.hp.rank_archs, cfg, seed=derive_seed(self.ctx.seed, "rank"))
-        return {"kendall_tau": rank["kendall_tau"], "kendall_tau_loss": rank["kendall_tau_loss"],
-                "rank_archs": rank["n_archs"]}
+        return {
+            "kendall_tau": rank["kendall_tau"],
+            "kendall_tau_loss": rank["kendall_tau_loss"],
+            "rank_archs": rank["n_archs"],
+        }
 
     def best(self) -> SubnetRecord:
         """The candidate with the best proxy top-1 (ties: lower proxy loss). Before the search
@@ -609,18 +702,24 @@ class SP(Method):
         if self.evaluated:
             return self._record(self._ranked()[0])
         ctx = self.ctx
-        _, _, widths = fit_multiplier(ctx.spec, self.space.full, ctx.budget.min_widths(ctx.spec), self.target,
-                                      ctx.input_size)
-        return SubnetRecord.of(models.with_widths(ctx.spec, widths), {}, self.name, self.steps_done,
-                               ctx.input_size, fallback="uniform")
+        _, _, widths = fit_multiplier(
+            ctx.spec, self.space.full, ctx.budget.min_widths(ctx.spec), self.target, ctx.input_size
+        )
+        return SubnetRecord.of(
+            models.with_widths(ctx.spec, widths), {}, self.name, self.steps_done, ctx.input_size, fallback="uniform"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         own_teacher = self.ctx.teacher is None and self.teacher is not None
-        return {"hparams": self.hp.model_dump(mode="json"), "steps_done": self.steps_done,
-                "supernet": self.net.model.state_dict(),
-                "teacher": self.teacher.state_dict() if own_teacher else None,
-                "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
-                "rng": self.gen.get_state(), "evaluated": list(self.evaluated.values())}
+        return {
+            "hparams": self.hp.model_dump(mode="json"),
+            "steps_done": self.steps_done,
+            "supernet": self.net.model.state_dict(),
+            "teacher": self.teacher.state_dict() if own_teacher else None,
+            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "rng": self.gen.get_state(),
+            "evaluated": list(self.evaluated.values()),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["hparams"] != self.hp.model_dump(mode="json"):
@@ -641,8 +740,12 @@ class SP(Method):
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)), batch mean, T = 1."""
-    return F.kl_div(F.log_softmax(student_logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
-                    reduction="batchmean", log_target=True)
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), 1),
+        F.log_softmax(teacher_logits.float(), 1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,8 +753,9 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
-def proxy_rank_correlation(method: SP, n_archs: int = 5, train_cfg: TrainConfig | None = None,
-                           seed: int = 0) -> dict[str, Any]:
+def proxy_rank_correlation(
+    method: SP, n_archs: int = 5, train_cfg: TrainConfig | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Kendall tau between SP's proxies and real accuracy on ``n_archs`` random in-window archs.
 
     Each arch is scored by :meth:`SP.evaluate_widths` and, separately, trained from scratch on
@@ -678,11 +782,20 @@ def proxy_rank_correlation(method: SP, n_archs: int = 5, train_cfg: TrainConfig 
         net = models.build(spec, seed=net_seed).to(method.device)
         fit(net, method.search_train, cfg, device=method.device, seed=net_seed, progress=method.ctx.progress)
         real = evaluate(net, method.holdout, device=method.device, batch_size=cfg.eval_batch_size)["top1"]
-        archs.append({"widths": widths, "macs": models.macs(spec, ctx.input_size), "real_top1": real,
-                      **method.evaluate_widths(widths)})
+        archs.append(
+            {
+                "widths": widths,
+                "macs": models.macs(spec, ctx.input_size),
+                "real_top1": real,
+                **method.evaluate_widths(widths),
+            }
+        )
     if len(archs) < 2:
         raise SearchError(f"proxy_rank_correlation: found only {len(archs)} distinct in-window archs")
     real = [a["real_top1"] for a in archs]
-    return {"kendall_tau": kendall_tau_b([a["val_top1"] for a in archs], real),
-            "kendall_tau_loss": kendall_tau_b([-a["proxy_loss"] for a in archs], real),
-            "n_archs": len(archs), "archs": archs}
+    return {
+        "kendall_tau": kendall_tau_b([a["val_top1"] for a in archs], real),
+        "kendall_tau_loss": kendall_tau_b([-a["proxy_loss"] for a in archs], real),
+        "n_archs": len(archs),
+        "archs": archs,
+    }

@@ -46,7 +46,8 @@ import contextlib
 import copy
 import itertools
 import math
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +56,22 @@ from torch import nn
 
 from .. import models
 from ..engine.data import Dataset, make_loader, split_per_class
-from ..engine.train import (TrainConfig, autocast, evaluate, make_optimizer, make_scheduler, recalibrate_bn,
-                            recalibration_batches)
+from ..engine.train import (
+    TrainConfig,
+    autocast,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    recalibrate_bn,
+    recalibration_batches,
+)
 from ..engine.utils import derive_seed
 from ..models.base import Spec, spec_hash
 from . import register
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 from .tas_supernet import WIDTH_RATIOS, FixedPath, SearchResNet, grow_to_window, shrink_to_budget
 
-__all__ = ["TAS", "TASHparams", "WINDOW_LOW", "cost_loss", "tau_at"]
+__all__ = ["TAS", "WINDOW_LOW", "TASHparams", "cost_loss", "tau_at"]
 
 WINDOW_LOW = 0.9  # the reported subnet should have at least this fraction of the target MACs
 
@@ -72,8 +80,13 @@ WINDOW_LOW = 0.9  # the reported subnet should have at least this fraction of th
 # --------------------------------------------------------------------------------------------
 
 
-def tau_at(epoch: int, epochs: int, tau_max: float = 5.0, tau_min: float = 0.1,
-           schedule: Literal["cosine", "linear"] = "cosine") -> float:
+def tau_at(
+    epoch: int,
+    epochs: int,
+    tau_max: float = 5.0,
+    tau_min: float = 0.1,
+    schedule: Literal["cosine", "linear"] = "cosine",
+) -> float:
     """Gumbel temperature for 0-based ``epoch`` of ``epochs`` (set once per epoch, as TAS).
 
     cosine (reference code): ``tau_min + (tau_max - tau_min) * (1 + cos(pi * e / E)) / 2``;
@@ -85,8 +98,14 @@ def tau_at(epoch: int, epochs: int, tau_max: float = 5.0, tau_min: float = 0.1,
     return tau_max - (tau_max - tau_min) * ratio
 
 
-def cost_loss(expected_macs: torch.Tensor, current_macs: int, target_macs: float, max_macs: int,
-              tolerance: float = 0.05, mode: Literal["code", "paper"] = "code") -> torch.Tensor:
+def cost_loss(
+    expected_macs: torch.Tensor,
+    current_macs: int,
+    target_macs: float,
+    max_macs: int,
+    tolerance: float = 0.05,
+    mode: Literal["code", "paper"] = "code",
+) -> torch.Tensor:
     """TAS's FLOPs loss on the expected MACs (millions), decided by the argmax genotype's MACs.
 
     * ``code`` (released code): +log E above the target; -log E below ``target - tolerance * max``;
@@ -150,7 +169,7 @@ class TASHparams(MethodHparams):
     amp: bool = Field(True, description="bf16 autocast on CUDA (no effect on CPU)")
 
     @model_validator(mode="after")
-    def _check(self) -> "TASHparams":
+    def _check(self) -> TASHparams:
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
         if not self.width_ratios or not all(0 < r <= 1 for r in self.width_ratios):
@@ -182,22 +201,38 @@ class TAS(Method):
         rates = ctx.budget.max_stage_prune
         with torch.random.fork_rng(devices=[]):  # weight/arch init depends on the run seed only
             torch.manual_seed(derive_seed(ctx.seed, 0))
-            self.net = SearchResNet(ctx.spec, ctx.input_size, hp.width_ratios, rates, hp.search_width,
-                                    hp.search_depth, hp.num_sampled_widths).to(self.device)
+            self.net = SearchResNet(
+                ctx.spec,
+                ctx.input_size,
+                hp.width_ratios,
+                rates,
+                hp.search_width,
+                hp.search_depth,
+                hp.num_sampled_widths,
+            ).to(self.device)
         self.gen = torch.Generator().manual_seed(derive_seed(ctx.seed, 1))
         self.max_macs = models.macs(ctx.spec, ctx.input_size)
         self.target_macs = ctx.budget.target_macs(ctx.spec, ctx.input_size)
         self.search_train, self.search_val = self._split()
-        self.train_loader = make_loader(self.search_train, hp.batch_size, train=True, device=self.device,
-                                        seed=derive_seed(ctx.seed, 2))
-        self.arch_loader = make_loader(self.search_val, hp.batch_size, train=True, device=self.device,
-                                       seed=derive_seed(ctx.seed, 3))
-        cfg = TrainConfig(epochs=hp.epochs, lr=hp.w_lr, momentum=hp.w_momentum, nesterov=hp.nesterov,
-                          weight_decay=hp.w_wd, schedule="cosine")
+        self.train_loader = make_loader(
+            self.search_train, hp.batch_size, train=True, device=self.device, seed=derive_seed(ctx.seed, 2)
+        )
+        self.arch_loader = make_loader(
+            self.search_val, hp.batch_size, train=True, device=self.device, seed=derive_seed(ctx.seed, 3)
+        )
+        cfg = TrainConfig(
+            epochs=hp.epochs,
+            lr=hp.w_lr,
+            momentum=hp.w_momentum,
+            nesterov=hp.nesterov,
+            weight_decay=hp.w_wd,
+            schedule="cosine",
+        )
         self.w_opt = make_optimizer(self.net.weight_parameters(), cfg)  # decay on all weights, as TAS
         self.w_sched = make_scheduler(self.w_opt, cfg, len(self.train_loader))
-        self.a_opt = torch.optim.Adam(self.net.arch_parameters(), lr=hp.arch_lr, betas=hp.arch_betas,
-                                      weight_decay=hp.arch_wd)
+        self.a_opt = torch.optim.Adam(
+            self.net.arch_parameters(), lr=hp.arch_lr, betas=hp.arch_betas, weight_decay=hp.arch_wd
+        )
         self.seen: dict[str, SubnetRecord] = {}
         self.last_key = ""
         self._macs_cache: dict[str, int] = {}
@@ -207,8 +242,10 @@ class TAS(Method):
         labels = self.ctx.train.labels
         val_idx, train_idx = split_per_class(labels, self.hp.val_fraction, self.ctx.seed)
         if len(train_idx) == 0 or len(val_idx) == 0:
-            raise ValueError(f"tas: val_fraction={self.hp.val_fraction} leaves an empty search half "
-                             f"({len(labels)} training samples); use more data or a fraction nearer 0.5")
+            raise ValueError(
+                f"tas: val_fraction={self.hp.val_fraction} leaves an empty search half "
+                f"({len(labels)} training samples); use more data or a fraction nearer 0.5"
+            )
         return self.ctx.train.subset(train_idx), self.ctx.train.subset(val_idx)
 
     @property
@@ -232,12 +269,20 @@ class TAS(Method):
         self.steps_done += 1
         with torch.no_grad():
             expected = float(self.net.expected_macs())
-        metrics.update(tau=tau, w_lr=self.w_opt.param_groups[0]["lr"], val_top1=record.metrics["val_top1"],
-                       macs=float(record.macs), macs_ratio=record.macs / self.max_macs,
-                       target_ratio=self.target_macs / self.max_macs, expected_macs=expected,
-                       expected_ratio=expected / self.max_macs, discrepancy=self.net.discrepancy(),
-                       in_budget=float(record.source["in_budget"]), params=float(record.params),
-                       **{f"depth_{s}": float(d) for s, d in enumerate(self.net.depths(record.spec))})
+        metrics.update(
+            tau=tau,
+            w_lr=self.w_opt.param_groups[0]["lr"],
+            val_top1=record.metrics["val_top1"],
+            macs=float(record.macs),
+            macs_ratio=record.macs / self.max_macs,
+            target_ratio=self.target_macs / self.max_macs,
+            expected_macs=expected,
+            expected_ratio=expected / self.max_macs,
+            discrepancy=self.net.discrepancy(),
+            in_budget=float(record.source["in_budget"]),
+            params=float(record.params),
+            **{f"depth_{s}": float(d) for s, d in enumerate(self.net.depths(record.spec))},
+        )
         return StepResult(step=epoch, metrics=metrics, subnets=[record] if is_new else [], done=self.done)
 
     def _val_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -249,14 +294,21 @@ class TAS(Method):
     def _search_epoch(self, epoch: int, tau: float) -> dict[str, float]:
         self.net.train()
         self.train_loader.set_epoch(epoch)
-        sums = {k: torch.zeros((), device=self.device) for k in ("train_loss", "train_top1", "arch_ce",
-                                                                 "cost_loss", "search_val_top1")}
+        sums = {
+            k: torch.zeros((), device=self.device)
+            for k in ("train_loss", "train_top1", "arch_ce", "cost_loss", "search_val_top1")
+        }
         n = 0
-        for (x, y), (xv, yv) in zip(self.train_loader, self._val_batches(epoch)):
+        for (x, y), (xv, yv) in zip(self.train_loader, self._val_batches(epoch), strict=False):
             loss, hits = self._weight_step(x, y, tau)
             ce, cost, val_hits = self._arch_step(xv, yv, tau)
-            for key, value in (("train_loss", loss), ("train_top1", hits), ("arch_ce", ce), ("cost_loss", cost),
-                               ("search_val_top1", val_hits)):
+            for key, value in (
+                ("train_loss", loss),
+                ("train_top1", hits),
+                ("arch_ce", ce),
+                ("cost_loss", cost),
+                ("search_val_top1", val_hits),
+            ):
                 sums[key] += value
             n += 1
         out = {k: float(v) / max(1, n) for k, v in sums.items()}  # means of per-batch values
@@ -281,8 +333,9 @@ class TAS(Method):
                 logits = self.net(x, self.net.sample(tau, self.gen)).float()
             ce = F.cross_entropy(logits, y)
             current = self._macs(self.net.genotype())
-            cost = cost_loss(self.net.expected_macs(), current, self.target_macs, self.max_macs,
-                             hp.flop_tolerance, hp.tolerance_mode)
+            cost = cost_loss(
+                self.net.expected_macs(), current, self.target_macs, self.max_macs, hp.flop_tolerance, hp.tolerance_mode
+            )
             loss = ce + hp.flop_weight * cost
             self.a_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -315,22 +368,27 @@ class TAS(Method):
         path = FixedPath(copy.deepcopy(self.net), sample)
         if self.hp.bn_recalibration_batches:
             self._recalibrate_bn(path)
-        result = evaluate(path, self.search_val, device=self.device, batch_size=self.hp.eval_batch_size,
-                          amp=self.hp.amp)
+        result = evaluate(
+            path, self.search_val, device=self.device, batch_size=self.hp.eval_batch_size, amp=self.hp.amp
+        )
         return float(result["top1"])
 
     def _recalibrate_bn(self, path: nn.Module) -> None:
         hp = self.hp
-        batches = recalibration_batches(self.search_train, hp.bn_recalibration_batches * hp.batch_size,
-                                        hp.batch_size, device=self.device, seed=derive_seed(self.ctx.seed, "recalib"))
+        batches = recalibration_batches(
+            self.search_train,
+            hp.bn_recalibration_batches * hp.batch_size,
+            hp.batch_size,
+            device=self.device,
+            seed=derive_seed(self.ctx.seed, "recalib"),
+        )
         with autocast(self.device, hp.amp):
             recalibrate_bn(path, batches)
 
     def _record(self, spec: Spec, val: float, step: int, **source: Any) -> SubnetRecord:
         ctx = self.ctx
         in_budget = within_budget(spec, ctx.spec, ctx.budget, ctx.input_size)
-        return SubnetRecord.of(spec, {"val_top1": val}, self.name, step, ctx.input_size, in_budget=in_budget,
-                               **source)
+        return SubnetRecord.of(spec, {"val_top1": val}, self.name, step, ctx.input_size, in_budget=in_budget, **source)
 
     def _observe(self, epoch: int) -> tuple[SubnetRecord, bool]:
         """Evaluate the current genotype; remember it (keeping its best val_top1)."""
@@ -368,8 +426,9 @@ class TAS(Method):
         if record.key not in self._grown:
             spec = grow_to_window(self.net, record.spec, self.target_macs, low, self.ctx.input_size)
             val = self._val_top1(spec) if spec != record.spec else None
-            self._grown[record.key] = record if val is None else self._record(spec, val, record.step,
-                                                                               grown_from=record.key)
+            self._grown[record.key] = (
+                record if val is None else self._record(spec, val, record.step, grown_from=record.key)
+            )
         return self._grown[record.key]
 
     def _shrunk(self, record: SubnetRecord) -> SubnetRecord:
@@ -401,9 +460,16 @@ class TAS(Method):
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "w_opt": self.w_opt.state_dict(), "w_sched": self.w_sched.state_dict(),
-                "a_opt": self.a_opt.state_dict(), "gen": self.gen.get_state(), "steps_done": self.steps_done,
-                "seen": [r.to_dict() for r in self.seen.values()], "last_key": self.last_key}
+        return {
+            "net": self.net.state_dict(),
+            "w_opt": self.w_opt.state_dict(),
+            "w_sched": self.w_sched.state_dict(),
+            "a_opt": self.a_opt.state_dict(),
+            "gen": self.gen.get_state(),
+            "steps_done": self.steps_done,
+            "seen": [r.to_dict() for r in self.seen.values()],
+            "last_key": self.last_key,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])

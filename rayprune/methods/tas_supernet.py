@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,20 @@ from torch import nn
 from .. import models
 from ..models.base import Layer, Spec, SpecError, WidthSlot, get_path, init_weights, set_path
 
-__all__ = ["DEPTH_RULES", "WIDTH_RATIOS", "FixedPath", "Sample", "SearchResNet", "channel_interp",
-           "depth_candidates", "grow_to_window", "imagenet_depth_candidates", "shrink_to_budget", "width_candidates",
-           "zero_pad_add"]
+__all__ = [
+    "DEPTH_RULES",
+    "WIDTH_RATIOS",
+    "FixedPath",
+    "Sample",
+    "SearchResNet",
+    "channel_interp",
+    "depth_candidates",
+    "grow_to_window",
+    "imagenet_depth_candidates",
+    "shrink_to_budget",
+    "width_candidates",
+    "zero_pad_add",
+]
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -114,6 +126,7 @@ def _gumbel(shape: torch.Size, gen: torch.Generator, device: torch.device) -> to
 def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, float("-inf")).log_softmax(dim=1)
 
+
 # --------------------------------------------------------------------------------------------
 # The search super-net
 # --------------------------------------------------------------------------------------------
@@ -146,11 +159,20 @@ class SearchConv(nn.Module):
         pool: AvgPool2d(2) before the conv (the stride-2 shortcut).
     """
 
-    def __init__(self, layer: Layer, row: int, candidates: tuple[int, ...], *, bn: bool = True,
-                 relu: bool = False, pool: bool = False) -> None:
+    def __init__(
+        self,
+        layer: Layer,
+        row: int,
+        candidates: tuple[int, ...],
+        *,
+        bn: bool = True,
+        relu: bool = False,
+        pool: bool = False,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel, layer.stride,
-                              layer.kernel // 2, bias=False)
+        self.conv = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel, layer.stride, layer.kernel // 2, bias=False
+        )
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in candidates) if bn else None
         self.pool = nn.AvgPool2d(2) if pool else None
         self.row, self.candidates, self.relu = row, candidates, relu
@@ -164,11 +186,8 @@ class SearchConv(nn.Module):
         top = max(widths)
         # Input channels beyond the incoming width would multiply zero padding: slice them off.
         y = F.conv2d(x, self.conv.weight[:top, : x.shape[1]], None, self.conv.stride, self.conv.padding)
-        outs = [y[:, :c] if self.bns is None else self.bns[i](y[:, :c]) for i, c in zip(picks, widths)]
-        if len(outs) == 1:
-            out = outs[0]
-        else:
-            out = sum(w * channel_interp(o, top) for w, o in zip(weights, outs))
+        outs = [y[:, :c] if self.bns is None else self.bns[i](y[:, :c]) for i, c in zip(picks, widths, strict=True)]
+        out = outs[0] if len(outs) == 1 else sum(w * channel_interp(o, top) for w, o in zip(weights, outs, strict=True))
         return F.relu(out) if self.relu else out
 
 
@@ -224,26 +243,37 @@ class SearchResNet(nn.Module):
         num_sampled: candidates mixed per conv (TAS's I = 2).
     """
 
-    def __init__(self, spec: Spec, input_size: int | None = None, ratios: Sequence[float] = WIDTH_RATIOS,
-                 max_stage_prune: Sequence[float] | None = None, search_width: bool = True,
-                 search_depth: bool = True, num_sampled: int = 2) -> None:
+    def __init__(
+        self,
+        spec: Spec,
+        input_size: int | None = None,
+        ratios: Sequence[float] = WIDTH_RATIOS,
+        max_stage_prune: Sequence[float] | None = None,
+        search_width: bool = True,
+        search_depth: bool = True,
+        num_sampled: int = 2,
+    ) -> None:
         super().__init__()
         family = models.family_of(spec)
         if not family.implements("residual_net"):
             supported = [n for n in models.FAMILIES if models.FAMILIES.get(n).implements("residual_net")]
-            raise SpecError(f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
-                            f"got family {spec.get('family')!r}; use e.g. --model cifar_resnet:56 or resnet:50")
+            raise SpecError(
+                f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
+                f"got family {spec.get('family')!r}; use e.g. --model cifar_resnet:56 or resnet:50"
+            )
         plan = family.residual_net(spec)
         n_stages = 1 + max(block.stage for block in plan.blocks)
         if max_stage_prune is not None and len(max_stage_prune) < n_stages:
-            raise SpecError(f"tas: max_stage_prune has {len(max_stage_prune)} rates but the model has "
-                            f"{n_stages} stages; give one rate per stage")
+            raise SpecError(
+                f"tas: max_stage_prune has {len(max_stage_prune)} rates but the model has "
+                f"{n_stages} stages; give one rate per stage"
+            )
         self.spec = plan.spec
         self.input_size = models.input_size_of(self.spec, input_size)
         self.num_sampled = num_sampled
         walk = models.layers(self.spec, self.input_size)
-        convs = {l.name: l for l in walk if l.kind == "conv"}
-        fc = [l for l in walk if l.kind == "linear"][-1]
+        convs = {layer.name: layer for layer in walk if layer.kind == "conv"}
+        fc = [layer for layer in walk if layer.kind == "linear"][-1]
         rows: list[tuple[int, ...]] = []
 
         def new_conv(name: str, stage: int, **kw: Any) -> SearchConv:
@@ -262,8 +292,9 @@ class SearchResNet(nn.Module):
             shortcut = None
             if block.shortcut is not None:  # its output width follows the block's last conv (same row)
                 last = block_convs[-1]
-                shortcut = SearchConv(convs[block.shortcut], last.row, last.candidates, bn=block.shortcut_bn,
-                                      pool=block.shortcut_pool)
+                shortcut = SearchConv(
+                    convs[block.shortcut], last.row, last.candidates, bn=block.shortcut_bn, pool=block.shortcut_pool
+                )
             stages[block.stage].append(SearchBlock(block_convs, shortcut))
         self.stages = nn.ModuleList(nn.ModuleList(s) for s in stages)
         self.fc = nn.Linear(fc.in_channels, fc.out_channels)
@@ -306,7 +337,9 @@ class SearchResNet(nn.Module):
         order = (z.detach() + _gumbel(z.shape, gen, dev)).topk(k, dim=1).indices
         weights = z.gather(1, order).softmax(dim=1)
         valid = self.width_mask.gather(1, order)
-        picks = [[i for i, v in zip(o, m) if v] for o, m in zip(order.tolist(), valid.tolist())]
+        picks = [
+            [i for i, v in zip(o, m, strict=True) if v] for o, m in zip(order.tolist(), valid.tolist(), strict=True)
+        ]
         zd = _masked_log_softmax(self.depth_logits, self.depth_mask) + _gumbel(self.depth_logits.shape, gen, dev)
         return Sample(picks, weights, depth_weights=(zd / tau).softmax(dim=1))
 
@@ -341,7 +374,7 @@ class SearchResNet(nn.Module):
         if len(candidates) == 1:
             return candidates[0]
         top = max(t.shape[1] for t in candidates)
-        return sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates))
+        return sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates, strict=True))
 
     # -- expected MACs -------------------------------------------------------------------------
     def expected_macs(self) -> torch.Tensor:
@@ -417,8 +450,9 @@ class SearchResNet(nn.Module):
         return float(torch.cat(gaps).mean()) if gaps else 1.0
 
 
-def shrink_to_budget(net: SearchResNet, spec: Spec, floors: Sequence[int], target_macs: int,
-                     input_size: int | None = None) -> Spec:
+def shrink_to_budget(
+    net: SearchResNet, spec: Spec, floors: Sequence[int], target_macs: int, input_size: int | None = None
+) -> Spec:
     """Shrink a genotype until ``macs <= target_macs`` (the budget fallback of :meth:`TAS.best`).
 
     Each round steps the conv with the most MACs among those that can still shrink one notch
@@ -444,15 +478,16 @@ def shrink_to_budget(net: SearchResNet, spec: Spec, floors: Sequence[int], targe
         depths = net.depths(spec)
         deepest = max(range(len(depths)), key=lambda s: depths[s])
         if depths[deepest] == 1:
-            raise SpecError(f"tas: no genotype fits {target_macs} MACs even at the narrowest widths and "
-                            "one block per stage; raise flops_target")
+            raise SpecError(
+                f"tas: no genotype fits {target_macs} MACs even at the narrowest widths and "
+                "one block per stage; raise flops_target"
+            )
         depths[deepest] -= 1
         spec = net.family.with_depths(spec, depths)
     return spec
 
 
-def grow_to_window(net: SearchResNet, spec: Spec, target_macs: int, low: float,
-                   input_size: int | None = None) -> Spec:
+def grow_to_window(net: SearchResNet, spec: Spec, target_macs: int, low: float, input_size: int | None = None) -> Spec:
     """Widen a genotype that settled below ``low`` MACs (the other end of :func:`shrink_to_budget`):
     each round steps one conv one notch up its candidate list, the one that adds the fewest MACs
     while the genotype stays within ``target_macs``, until it reaches ``low`` or no step fits."""
@@ -484,5 +519,3 @@ class FixedPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, self.sample)
-
-

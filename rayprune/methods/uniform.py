@@ -4,8 +4,9 @@ Every channel group gets the same width multiplier ``t`` (rounded to the group's
 clamped to the budget's per-stage minimum widths); ``t`` is the largest value whose subnet meets
 the FLOPs target, found by bisection. On narrow nets the rounded widths move in coarse steps, so
 when the result is below the target window (``WINDOW_LOW`` of the target) the cheapest single-group
-steps top it up (:func:`fill_to_window`): every method reports a subnet in ``[0.9, 1] x target``. Nothing is learned about *which* channels matter, so the
-subnet is trained from scratch (``initial_weights`` is None) by the shared fine-tune.
+steps top it up (:func:`fill_to_window`): every method reports a subnet in ``[0.9, 1] x target``.
+Nothing is learned about *which* channels matter, so the subnet is trained from scratch
+(``initial_weights`` is None) by the shared fine-tune.
 
 One step: fit the multiplier, train the subnet ``eval_epochs`` from a seeded init on
 search-train and report its search-val top-1 (a cheap proxy; the comparable number is the final
@@ -19,8 +20,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from .. import models
-from . import register
 from ..engine.utils import derive_seed
+from . import register
 from ._baseline import RecordsMixin, fill_to_window, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 

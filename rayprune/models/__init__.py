@@ -19,8 +19,21 @@ import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
-from .base import (Axes, ChannelGroup, Family, Layer, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit,
-                   WidthSlot, canonical_json, round_to, spec_hash)
+from .base import (
+    Axes,
+    ChannelGroup,
+    Family,
+    Layer,
+    ResidualBlock,
+    ResidualNet,
+    Spec,
+    SpecError,
+    StageSplit,
+    WidthSlot,
+    canonical_json,
+    round_to,
+    spec_hash,
+)
 from .cifar_resnet import CifarResNetFamily
 from .mobilenet_v2 import MobileNetV2Family
 from .resnet import ResNetFamily
@@ -32,10 +45,33 @@ for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFam
 del _family
 
 __all__ = [
-    "Axes", "ChannelGroup", "Family", "Layer", "ResidualBlock", "ResidualNet", "Spec", "SpecError", "StageSplit",
-    "WidthSlot", "FAMILIES", "build", "canonical_json",
-    "channel_groups", "family_of", "full_spec", "input_size_of", "layers", "load_spec", "macs", "params",
-    "parse_model", "round_to", "save_spec", "spec_hash", "tensor_axes", "validate",
+    "FAMILIES",
+    "Axes",
+    "ChannelGroup",
+    "Family",
+    "Layer",
+    "ResidualBlock",
+    "ResidualNet",
+    "Spec",
+    "SpecError",
+    "StageSplit",
+    "WidthSlot",
+    "build",
+    "canonical_json",
+    "channel_groups",
+    "family_of",
+    "full_spec",
+    "input_size_of",
+    "layers",
+    "load_spec",
+    "macs",
+    "params",
+    "parse_model",
+    "round_to",
+    "save_spec",
+    "spec_hash",
+    "tensor_axes",
+    "validate",
     "with_widths",
 ]
 
@@ -78,8 +114,10 @@ def validate(spec: Spec) -> Spec:
     except SpecError:
         raise
     except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:  # a shape no check foresaw
-        raise SpecError(f"malformed {family.name} spec ({e}); compare it with the format in the README or "
-                        f"`rayprune inspect` a full spec") from None
+        raise SpecError(
+            f"malformed {family.name} spec ({e}); compare it with the format in the README or "
+            f"`rayprune inspect` a full spec"
+        ) from None
     return spec
 
 
@@ -148,8 +186,10 @@ def load_spec(path: str | Path) -> Spec:
         hint = " (a saved subnet folder: pass its spec.json)" if (path / "spec.json").is_file() else ""
         raise SpecError(f"spec file {str(path)!r} is a directory{hint}; give the path of a spec JSON file") from None
     except UnicodeDecodeError:
-        raise SpecError(f"spec file {str(path)!r} is not text (a binary file such as weights.pt?); give the path "
-                        "of a spec JSON file (a saved subnet's spec.json)") from None
+        raise SpecError(
+            f"spec file {str(path)!r} is not text (a binary file such as weights.pt?); give the path "
+            "of a spec JSON file (a saved subnet's spec.json)"
+        ) from None
     except json.JSONDecodeError as e:
         raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno}") from None
     except OSError as e:

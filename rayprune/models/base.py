@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,8 +65,17 @@ class ChannelGroup:
     members: tuple[str, ...] = field(default_factory=tuple)  # spec field paths it sets
 
 
-def conv_layer(name: str, cin: int, cout: int, k: int, stride: int, hw: tuple[int, int],
-               groups: int = 1, bias: bool = False, padding: int | None = None) -> Layer:
+def conv_layer(
+    name: str,
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int,
+    hw: tuple[int, int],
+    groups: int = 1,
+    bias: bool = False,
+    padding: int | None = None,
+) -> Layer:
     """A conv's analytic entry: k*k*(cin/groups)*cout*H_out*W_out (+ cout*H_out*W_out bias)."""
     pad = k // 2 if padding is None else padding
     h = (hw[0] + 2 * pad - k) // stride + 1
@@ -79,8 +89,16 @@ def conv_layer(name: str, cin: int, cout: int, k: int, stride: int, hw: tuple[in
 def linear_layer(name: str, cin: int, cout: int, bias: bool = True) -> Layer:
     """A linear layer's entry: in*out (+ out for the bias)."""
     bias_macs = cout if bias else 0
-    return Layer(name, "linear", cin, cout, bias=bias, macs=cin * cout + bias_macs,
-                 params=cin * cout + bias_macs, bias_macs=bias_macs)
+    return Layer(
+        name,
+        "linear",
+        cin,
+        cout,
+        bias=bias,
+        macs=cin * cout + bias_macs,
+        params=cin * cout + bias_macs,
+        bias_macs=bias_macs,
+    )
 
 
 def bn_layer(name: str, c: int, hw: tuple[int, int]) -> Layer:
@@ -95,7 +113,7 @@ def round_to(channels: float, divisor: int = 1, min_value: int | None = None) ->
     below the request. With ``divisor=1`` this is ``max(1, round(channels))``.
     """
     if divisor <= 1:
-        return max(min_value or 1, int(round(channels)))
+        return max(min_value or 1, round(channels))
     min_value = divisor if min_value is None else min_value
     new = max(min_value, int(channels + divisor / 2) // divisor * divisor)
     if new < 0.9 * channels:
@@ -123,8 +141,9 @@ def require_choice(value: Any, choices: Iterable[str], field_name: str) -> None:
     choices = list(choices)
     if isinstance(value, str) and value in choices:
         return
-    require(False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
-                               f"{hint(value, choices)}")
+    require(
+        False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint(value, choices)}"
+    )
 
 
 def require_int(value: Any, field_name: str, minimum: int = 1) -> None:
@@ -245,7 +264,6 @@ def set_path(spec: Spec, path: str, value: int) -> None:
         node[last] = value
 
 
-
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan_out) convs, BN gamma=1 beta=0, small normal linear (as in TAS)."""
     for m in model.modules():
@@ -334,13 +352,15 @@ def residual_width_slots(blocks: Iterator[Any], stem: str) -> list[WidthSlot]:
     block is ``<prefix>.conv<j+1>``)."""
     slots = [WidthSlot("stem", stem, 0)]
     for info in blocks:
-        slots += [WidthSlot(f"stages.{info.stage}.{info.index}.{j}", f"{info.prefix}.conv{j + 1}", info.stage,
-                            info.index, j) for j in range(len(info.widths))]
+        slots += [
+            WidthSlot(f"stages.{info.stage}.{info.index}.{j}", f"{info.prefix}.conv{j + 1}", info.stage, info.index, j)
+            for j in range(len(info.widths))
+        ]
     return slots
 
 
 def keep_first_blocks(spec: Spec, depths: Sequence[int]) -> Spec:
     """:meth:`Family.with_depths` for specs whose ``stages`` are lists of blocks."""
     out = json.loads(json.dumps(spec))
-    out["stages"] = [stage[:d] for stage, d in zip(out["stages"], depths)]
+    out["stages"] = [stage[:d] for stage, d in zip(out["stages"], depths, strict=True)]
     return out

@@ -19,16 +19,38 @@ Post-activation blocks: relu(bn(conv)) ... bn(conv_last), add the shortcut, then
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Fixup, Layer, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit,
-                   WidthSlot, bn_axes, bn_layer, check_fields, conv_layer, init_weights, keep_first_blocks,
-                   linear_layer, require, require_choice, require_int, residual_width_slots)
+from .base import (
+    Axes,
+    ChannelGroup,
+    Family,
+    Fixup,
+    Layer,
+    ResidualBlock,
+    ResidualNet,
+    Spec,
+    SpecError,
+    StageSplit,
+    WidthSlot,
+    bn_axes,
+    bn_layer,
+    check_fields,
+    conv_layer,
+    init_weights,
+    keep_first_blocks,
+    linear_layer,
+    require,
+    require_choice,
+    require_int,
+    residual_width_slots,
+)
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
 BLOCKS = {"basic": 2, "bottleneck": 3}
@@ -85,13 +107,19 @@ def validate_block_stages(spec: Spec) -> None:
     require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
     per_block = BLOCKS[spec["block"]]
     for s, stage in enumerate(stages):
-        require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
-                "must be a non-empty list of blocks (a stage keeps at least one block)")
+        require(
+            isinstance(stage, list) and len(stage) >= 1,
+            f"stages[{s}]",
+            "must be a non-empty list of blocks (a stage keeps at least one block)",
+        )
         for b, widths in enumerate(stage):
             where = f"stages[{s}][{b}]"
-            require(isinstance(widths, list) and len(widths) == per_block, where,
-                    f"a {spec['block']} block is a list of {per_block} widths "
-                    f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}")
+            require(
+                isinstance(widths, list) and len(widths) == per_block,
+                where,
+                f"a {spec['block']} block is a list of {per_block} widths "
+                f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}",
+            )
             for j, w in enumerate(widths):
                 require_int(w, f"{where}[{j}]")
 
@@ -232,14 +260,23 @@ class CifarResNetFamily(Family):
             block = "bottleneck"
         else:
             raise SpecError(f"cifar_resnet: unknown variant {variant!r}; known: {', '.join(self.variants())}")
-        spec = {"family": "cifar_resnet", "block": block, "num_classes": num_classes, "shortcut": shortcut,
-                "stem": 16 if variant != "tiny" else TINY["widths"][0], "stages": stages}
+        spec = {
+            "family": "cifar_resnet",
+            "block": block,
+            "num_classes": num_classes,
+            "shortcut": shortcut,
+            "stem": 16 if variant != "tiny" else TINY["widths"][0],
+            "stages": stages,
+        }
         self.validate(spec)
         return spec
 
     def validate(self, spec: Spec) -> None:
-        check_fields(spec, {"family", "block", "num_classes", "shortcut", "stem", "stages"},
-                     ("block", "num_classes", "shortcut", "stem", "stages"))
+        check_fields(
+            spec,
+            {"family", "block", "num_classes", "shortcut", "stem", "stages"},
+            ("block", "num_classes", "shortcut", "stem", "stages"),
+        )
         require_choice(spec["shortcut"], SHORTCUTS, "shortcut")
         validate_block_stages(spec)
 
@@ -264,8 +301,14 @@ class CifarResNetFamily(Family):
                 c1 = conv_layer(f"{p}.conv1", info.cin, m1, 1, 1, hw)
                 c2 = conv_layer(f"{p}.conv2", m1, m2, 3, info.stride, hw)
                 c3 = conv_layer(f"{p}.conv3", m2, cout, 1, 1, c2.out_hw)
-                out += [c1, bn_layer(f"{p}.bn1", m1, hw), c2, bn_layer(f"{p}.bn2", m2, c2.out_hw),
-                        c3, bn_layer(f"{p}.bn3", cout, c3.out_hw)]
+                out += [
+                    c1,
+                    bn_layer(f"{p}.bn1", m1, hw),
+                    c2,
+                    bn_layer(f"{p}.bn2", m2, c2.out_hw),
+                    c3,
+                    bn_layer(f"{p}.bn3", cout, c3.out_hw),
+                ]
                 new_hw = c3.out_hw
             if info.shortcut == "avgpool_conv":
                 if hw[0] % 2 or hw[1] % 2:
@@ -314,8 +357,10 @@ class CifarResNetFamily(Family):
             root = uf.find(t)
             members.setdefault(root, []).append(paths[t])
             first.setdefault(root, (t, stage, kind, width))
-        return [ChannelGroup(name=t, width=w, stage=st, kind=k, members=tuple(members[t]))
-                for t, st, k, w in (first[r] for r in members)]
+        return [
+            ChannelGroup(name=t, width=w, stage=st, kind=k, members=tuple(members[t]))
+            for t, st, k, w in (first[r] for r in members)
+        ]
 
     def group_of(self, spec: Spec) -> dict[str, str]:
         """Tensor name (e.g. "s0.b1.out", "s2.b0.mid") -> the name of its channel group."""
@@ -391,7 +436,8 @@ class CifarResNetFamily(Family):
             head=lambda x: model.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
             modules=modules,
             boundary=[group_of[f"s{s}.b{len(spec['stages'][s]) - 1}.out"] for s in range(n)],
-            fixups=fixups)
+            fixups=fixups,
+        )
 
 
 def _option_a_fixup(in_group: str, out_group: str) -> Fixup:

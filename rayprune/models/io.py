@@ -27,15 +27,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import build, load_spec, save_spec
 from ..engine.checkpoint import safe_load
+from . import build, load_spec, save_spec
 from .base import Spec, SpecError
 
 SPEC_FILE, WEIGHTS_FILE, METRICS_FILE = "spec.json", "weights.pt", "metrics.json"
 REQUIRED_FILES = (SPEC_FILE, WEIGHTS_FILE)
 
-__all__ = ["METRICS_FILE", "NotASubnetError", "SPEC_FILE", "SavedSubnet", "WEIGHTS_FILE", "is_saved", "load",
-           "save", "write_files"]
+__all__ = [
+    "METRICS_FILE",
+    "SPEC_FILE",
+    "WEIGHTS_FILE",
+    "NotASubnetError",
+    "SavedSubnet",
+    "is_saved",
+    "load",
+    "save",
+    "write_files",
+]
 
 
 class NotASubnetError(FileNotFoundError):
@@ -57,13 +66,18 @@ class SavedSubnet:
     def metrics(self) -> dict[str, float]:
         """The numeric metrics (a record's ``metrics``, or an old flat file's numbers)."""
         saved = self.record.get("metrics") if isinstance(self.record.get("metrics"), dict) else self.record
-        return {k: v for k, v in saved.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "input_size"}
+        return {
+            k: v
+            for k, v in saved.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "input_size"
+        }
 
     def require_input_size(self) -> int:
         if self.input_size is None:
-            raise SpecError(f"saved subnet {str(self.path)!r} records no input size and its spec has no "
-                            "'input_size' hint; give the input size (or the dataset) explicitly")
+            raise SpecError(
+                f"saved subnet {str(self.path)!r} records no input size and its spec has no "
+                "'input_size' hint; give the input size (or the dataset) explicitly"
+            )
         return self.input_size
 
     def build(self) -> nn.Module:
@@ -75,8 +89,10 @@ class SavedSubnet:
             expected, got = set(net.state_dict()), set(self.state_dict)
             differ = sorted(expected ^ got)
             detail = f"first differing key: {differ[0]!r}" if differ else "a tensor has the wrong shape or type"
-            raise SpecError(f"{str(self.path / WEIGHTS_FILE)!r} does not fit {str(self.path / SPEC_FILE)!r} "
-                            f"({detail}); save the subnet again or point at another folder") from None
+            raise SpecError(
+                f"{str(self.path / WEIGHTS_FILE)!r} does not fit {str(self.path / SPEC_FILE)!r} "
+                f"({detail}); save the subnet again or point at another folder"
+            ) from None
         return net
 
 
@@ -85,8 +101,14 @@ def is_saved(path: str | Path) -> bool:
     return all((Path(path) / name).is_file() for name in REQUIRED_FILES)
 
 
-def save(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
-         record: dict[str, Any] | None = None, *, input_size: int | None = None) -> Path:
+def save(
+    out_dir: str | Path,
+    spec: Spec,
+    state_dict: dict[str, torch.Tensor],
+    record: dict[str, Any] | None = None,
+    *,
+    input_size: int | None = None,
+) -> Path:
     """Write ``out_dir`` atomically (a half-written folder never appears): spec.json,
     weights.pt and, when ``record`` or ``input_size`` is given, metrics.json (``record`` with
     ``input_size`` added). An existing ``out_dir`` is replaced."""
@@ -104,8 +126,14 @@ def save(out_dir: str | Path, spec: Spec, state_dict: dict[str, torch.Tensor],
     return out_dir
 
 
-def write_files(folder: Path, spec: Spec, state_dict: dict[str, torch.Tensor], record: dict[str, Any] | None = None,
-                *, input_size: int | None = None) -> None:
+def write_files(
+    folder: Path,
+    spec: Spec,
+    state_dict: dict[str, torch.Tensor],
+    record: dict[str, Any] | None = None,
+    *,
+    input_size: int | None = None,
+) -> None:
     """The files of :func:`save`, written into the existing ``folder`` (not atomically)."""
     save_spec(spec, folder / SPEC_FILE)
     torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS_FILE)
@@ -132,11 +160,16 @@ def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSub
         raise NotASubnetError(f"{str(path)!r} is a file, not a saved subnet folder; {fix}")
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
-        raise NotASubnetError(f"{str(path)!r} is not a saved subnet: it lacks {', '.join(missing)} "
-                              f"(a saved subnet holds {' and '.join(REQUIRED_FILES)}); {fix}")
+        raise NotASubnetError(
+            f"{str(path)!r} is not a saved subnet: it lacks {', '.join(missing)} "
+            f"(a saved subnet holds {' and '.join(REQUIRED_FILES)}); {fix}"
+        )
     spec = load_spec(path / SPEC_FILE)
-    state = safe_load(path / WEIGHTS_FILE, "weights",
-                      "save the subnet again (rayprune teacher/run write it) or point at another folder")
+    state = safe_load(
+        path / WEIGHTS_FILE,
+        "weights",
+        "save the subnet again (rayprune teacher/run write it) or point at another folder",
+    )
     record = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else {}
     size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
     return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)

@@ -36,20 +36,46 @@ The group's stage is the inverted-residual stage index (stem: 0, last: the last 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, StageSplit, bn_axes, bn_layer, check_fields,
-                   conv_layer, init_weights, linear_layer, require, require_int, round_to, validate_input_size)
+from .base import (
+    Axes,
+    ChannelGroup,
+    Family,
+    Layer,
+    Spec,
+    SpecError,
+    StageSplit,
+    bn_axes,
+    bn_layer,
+    check_fields,
+    conv_layer,
+    init_weights,
+    linear_layer,
+    require,
+    require_int,
+    round_to,
+    validate_input_size,
+)
 
 DIVISOR = 8
 # torchvision's inverted-residual settings: (expansion t, channels c, blocks n, stride s).
-IMAGENET_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                     (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+IMAGENET_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 CIFAR_SETTINGS = tuple((t, c, n, 1 if i == 1 else s) for i, (t, c, n, s) in enumerate(IMAGENET_SETTINGS))
 TINY_SETTINGS = ((1, 8, 1, 1), (3, 16, 2, 2), (3, 24, 2, 2))
 MULTIPLIERS = ("1.4", "1.0", "0.75", "0.5", "0.35")
@@ -87,8 +113,9 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
 
 def conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """torchvision's Conv2dNormActivation with ReLU6: keys ``.0`` (conv) and ``.1`` (BN)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(inplace=True)
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -98,8 +125,11 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if info.hidden is not None:
             layers.append(conv_bn_act(info.cin, hidden, 1))
-        layers += [conv_bn_act(hidden, hidden, 3, info.stride, groups=hidden),
-                   nn.Conv2d(hidden, info.cout, 1, bias=False), nn.BatchNorm2d(info.cout)]
+        layers += [
+            conv_bn_act(hidden, hidden, 3, info.stride, groups=hidden),
+            nn.Conv2d(hidden, info.cout, 1, bias=False),
+            nn.BatchNorm2d(info.cout),
+        ]
         self.conv = nn.Sequential(*layers)
         self.residual = info.residual
 
@@ -115,8 +145,9 @@ class MobileNetV2(nn.Module):
         features += [InvertedResidual(info) for info in iter_blocks(spec)]
         features.append(conv_bn_act(spec["stages"][-1]["out"], spec["last"], 1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(spec.get("dropout", 0.2)),
-                                        nn.Linear(spec["last"], spec["num_classes"]))
+        self.classifier = nn.Sequential(
+            nn.Dropout(spec.get("dropout", 0.2)), nn.Linear(spec["last"], spec["num_classes"])
+        )
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,18 +155,32 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def spec_from_settings(settings: tuple[tuple[int, int, int, int], ...], mult: float, *, num_classes: int,
-                       input_size: int, stem: int, stem_stride: int, last: int) -> Spec:
+def spec_from_settings(
+    settings: tuple[tuple[int, int, int, int], ...],
+    mult: float,
+    *,
+    num_classes: int,
+    input_size: int,
+    stem: int,
+    stem_stride: int,
+    last: int,
+) -> Spec:
     """torchvision's width rule: round every width (times ``mult``) to a multiple of 8; a block's
     hidden width is ``round(input width * t)``."""
     cin = round_to(stem * mult, DIVISOR)
-    spec: Spec = {"family": "mobilenet_v2", "num_classes": num_classes, "input_size": input_size,
-                  "stem": cin, "stem_stride": stem_stride, "stages": []}
+    spec: Spec = {
+        "family": "mobilenet_v2",
+        "num_classes": num_classes,
+        "input_size": input_size,
+        "stem": cin,
+        "stem_stride": stem_stride,
+        "stages": [],
+    }
     for t, c, n, s in settings:
         out = round_to(c * mult, DIVISOR)
         hidden = []
         for _ in range(n):
-            hidden.append(None if t == 1 else int(round(cin * t)))
+            hidden.append(None if t == 1 else round(cin * t))
             cin = out
         spec["stages"].append({"out": out, "stride": s, "hidden": hidden})
     spec["last"] = round_to(last * max(1.0, mult), DIVISOR)
@@ -157,11 +202,11 @@ class MobileNetV2Family(Family):
         if variant in MULTIPLIERS:
             spec = spec_from_settings(IMAGENET_SETTINGS, float(variant), input_size=224, stem_stride=2, **common)
         elif variant in CIFAR_VARIANTS:
-            spec = spec_from_settings(CIFAR_SETTINGS, CIFAR_VARIANTS[variant], input_size=32, stem_stride=1,
-                                      **common)
+            spec = spec_from_settings(CIFAR_SETTINGS, CIFAR_VARIANTS[variant], input_size=32, stem_stride=1, **common)
         elif variant == "tiny":
-            spec = spec_from_settings(TINY_SETTINGS, 1.0, num_classes=num_classes, input_size=32, stem=8,
-                                      stem_stride=1, last=64)
+            spec = spec_from_settings(
+                TINY_SETTINGS, 1.0, num_classes=num_classes, input_size=32, stem=8, stem_stride=1, last=64
+            )
         else:
             raise SpecError(f"mobilenet_v2: unknown variant {variant!r}; known: {', '.join(self.variants())}")
         self.validate(spec)
@@ -175,8 +220,11 @@ class MobileNetV2Family(Family):
         validate_input_size(spec)
         if "dropout" in spec:
             p = spec["dropout"]
-            require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1, "dropout",
-                    f"must be a number in [0, 1), got {p!r}")
+            require(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1,
+                "dropout",
+                f"must be a number in [0, 1), got {p!r}",
+            )
         stages = spec["stages"]
         require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
         for s, stage in enumerate(stages):
@@ -189,8 +237,11 @@ class MobileNetV2Family(Family):
         require_int(stage["out"], f"{where}.out")
         require_stride(stage["stride"], f"{where}.stride")
         hidden = stage["hidden"]
-        require(isinstance(hidden, list) and len(hidden) >= 1, f"{where}.hidden",
-                "must be a non-empty list of hidden widths (null = no expansion conv); a stage keeps >= 1 block")
+        require(
+            isinstance(hidden, list) and len(hidden) >= 1,
+            f"{where}.hidden",
+            "must be a non-empty list of hidden widths (null = no expansion conv); a stage keeps >= 1 block",
+        )
         for b, h in enumerate(hidden):
             if h is not None:
                 require_int(h, f"{where}.hidden[{b}]")
@@ -209,16 +260,26 @@ class MobileNetV2Family(Family):
             hw = out[-1].out_hw
         n = len(list(iter_blocks(spec))) + 1
         last = conv_layer(f"features.{n}.0", spec["stages"][-1]["out"], spec["last"], 1, 1, hw)
-        out += [last, bn_layer(f"features.{n}.1", spec["last"], hw),
-                linear_layer("classifier.1", spec["last"], spec["num_classes"])]
+        out += [
+            last,
+            bn_layer(f"features.{n}.1", spec["last"], hw),
+            linear_layer("classifier.1", spec["last"], spec["num_classes"]),
+        ]
         return out
 
     def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
         self.validate(spec)
 
         def group(name: str, width: int, stage: int, kind: str, path: str) -> ChannelGroup:
-            return ChannelGroup(name=name, width=width, stage=stage, kind=kind, min_width=min(DIVISOR, width),
-                                divisor=DIVISOR, members=(path,))
+            return ChannelGroup(
+                name=name,
+                width=width,
+                stage=stage,
+                kind=kind,
+                min_width=min(DIVISOR, width),
+                divisor=DIVISOR,
+                members=(path,),
+            )
 
         groups = [group("stem", spec["stem"], 0, "inner", "stem")]
         for s, stage in enumerate(spec["stages"]):
@@ -231,8 +292,7 @@ class MobileNetV2Family(Family):
 
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         self.validate(spec)
-        axes: dict[str, Axes] = {"features.0.0.weight": ("stem", None, None, None),
-                                 **bn_axes("features.0.1", "stem")}
+        axes: dict[str, Axes] = {"features.0.0.weight": ("stem", None, None, None), **bn_axes("features.0.1", "stem")}
         prev, n = "stem", 0
         for info in iter_blocks(spec):
             out_g = f"s{info.stage}.out"
@@ -265,14 +325,15 @@ class MobileNetV2Family(Family):
         head_at = len(model.features) - 1
         starts = [0, *[b.feature for b in blocks if b.index == 0 and b.stage in strided], head_at]
         out_group = {0: "stem", **{b.feature: f"s{b.stage}.out" for b in blocks}}
-        modules = [[model.features[a:b]] for a, b in zip(starts, starts[1:])]
+        modules = [[model.features[a:b]] for a, b in itertools.pairwise(starts)]
         modules.append([model.features[head_at:], model.classifier])
         return StageSplit(
             stages=[m[0] for m in modules],
             head=lambda x: model.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)),
             modules=modules,
             boundary=[out_group[b - 1] for b in starts[1:]] + ["last"],
-            fixups={})
+            fixups={},
+        )
 
 
 def require_stride(value: Any, field_name: str) -> None:
@@ -289,5 +350,10 @@ def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:
         out += [expand, bn_layer(f"{p}.0.1", hidden, hw)]
     dw = conv_layer(f"{p}.{j}.0", hidden, hidden, 3, info.stride, hw, groups=hidden)
     project = conv_layer(f"{p}.{j + 1}", hidden, info.cout, 1, 1, dw.out_hw)
-    return out + [dw, bn_layer(f"{p}.{j}.1", hidden, dw.out_hw), project,
-                  bn_layer(f"{p}.{j + 2}", info.cout, dw.out_hw)]
+    return [
+        *out,
+        dw,
+        bn_layer(f"{p}.{j}.1", hidden, dw.out_hw),
+        project,
+        bn_layer(f"{p}.{j + 2}", info.cout, dw.out_hw),
+    ]

@@ -31,20 +31,43 @@ projections only occur in searched genotypes, which are trained from scratch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, ResidualBlock, ResidualNet, Spec, SpecError, WidthSlot, bn_axes,
-                   bn_layer, check_fields, conv_layer, init_weights, keep_first_blocks, linear_layer,
-                   residual_width_slots, validate_input_size)
+from .base import (
+    Axes,
+    ChannelGroup,
+    Family,
+    Layer,
+    ResidualBlock,
+    ResidualNet,
+    Spec,
+    SpecError,
+    WidthSlot,
+    bn_axes,
+    bn_layer,
+    check_fields,
+    conv_layer,
+    init_weights,
+    keep_first_blocks,
+    linear_layer,
+    residual_width_slots,
+    validate_input_size,
+)
 from .cifar_resnet import validate_block_stages
 
-DEPTHS = {"18": ("basic", (2, 2, 2, 2)), "34": ("basic", (3, 4, 6, 3)), "50": ("bottleneck", (3, 4, 6, 3)),
-          "101": ("bottleneck", (3, 4, 23, 3)), "152": ("bottleneck", (3, 8, 36, 3))}
+DEPTHS = {
+    "18": ("basic", (2, 2, 2, 2)),
+    "34": ("basic", (3, 4, 6, 3)),
+    "50": ("bottleneck", (3, 4, 6, 3)),
+    "101": ("bottleneck", (3, 4, 23, 3)),
+    "152": ("bottleneck", (3, 8, 36, 3)),
+}
 PLANES = (64, 128, 256, 512)
 # Tiny presets for fast tests: one block per stage, natural input 32.
 TINY = {"tiny": ("basic", (8, 16, 16, 32)), "tiny_bottleneck": ("bottleneck", (4, 8, 8, 16))}
@@ -85,8 +108,7 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
             # The structural downsample (torchvision's) exists whatever the widths, so pruning a
             # standard net never removes it; elsewhere a width change needs a projection.
             structural = b == 0 and (s > 0 or bottleneck)
-            yield BlockInfo(s, b, 2 if (b == 0 and s > 0) else 1, cin, tuple(widths),
-                            structural or cin != widths[-1])
+            yield BlockInfo(s, b, 2 if (b == 0 and s > 0) else 1, cin, tuple(widths), structural or cin != widths[-1])
             cin = widths[-1]
 
 
@@ -108,8 +130,9 @@ class Block(nn.Module):
         self.convs = len(w)
         self.downsample = None
         if info.downsample:
-            self.downsample = nn.Sequential(nn.Conv2d(info.cin, info.cout, 1, info.stride, bias=False),
-                                            nn.BatchNorm2d(info.cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(info.cin, info.cout, 1, info.stride, bias=False), nn.BatchNorm2d(info.cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
@@ -160,10 +183,11 @@ class ResNetFamily(Family):
             counts, stem, extra = (1,) * len(planes), planes[0], {"input_size": 32}
         else:
             raise SpecError(f"resnet: unknown variant {variant!r}; known: {', '.join(self.variants())}")
-        stages = [[[p, p, 4 * p] if block == "bottleneck" else [p, p] for _ in range(n)]
-                  for p, n in zip(planes, counts)]
-        spec = {"family": "resnet", "block": block, "num_classes": num_classes, "stem": stem, "stages": stages,
-                **extra}
+        stages = [
+            [[p, p, 4 * p] if block == "bottleneck" else [p, p] for _ in range(n)]
+            for p, n in zip(planes, counts, strict=True)
+        ]
+        spec = {"family": "resnet", "block": block, "num_classes": num_classes, "stem": stem, "stages": stages, **extra}
         self.validate(spec)
         return spec
 
@@ -209,8 +233,10 @@ class ResNetFamily(Family):
         for _, group, stage, kind, width, path in self._tensor_groups(spec):
             members.setdefault(group, []).append(path)
             first.setdefault(group, (stage, kind, width))
-        return [ChannelGroup(name=g, width=first[g][2], stage=first[g][0], kind=first[g][1],
-                             members=tuple(paths)) for g, paths in members.items()]
+        return [
+            ChannelGroup(name=g, width=first[g][2], stage=first[g][0], kind=first[g][1], members=tuple(paths))
+            for g, paths in members.items()
+        ]
 
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         self.validate(spec)
@@ -233,9 +259,14 @@ class ResNetFamily(Family):
     # -- super-net hooks -------------------------------------------------------------------------
     def residual_net(self, spec: Spec) -> ResidualNet:
         """7x7 stride-2 stem + max-pool; torchvision's 1x1 conv + BN downsample; ImageNet depths."""
-        blocks = tuple(ResidualBlock(info.stage, tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths))),
-                                     f"{info.prefix}.downsample.0" if info.downsample else None)
-                       for info in iter_blocks(spec))
+        blocks = tuple(
+            ResidualBlock(
+                info.stage,
+                tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths))),
+                f"{info.prefix}.downsample.0" if info.downsample else None,
+            )
+            for info in iter_blocks(spec)
+        )
         return ResidualNet(dict(spec), "conv1", True, blocks, "imagenet")
 
     def width_slots(self, spec: Spec) -> list[WidthSlot]:
@@ -255,7 +286,7 @@ def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:
         kernels, strides = (1, 3, 1), (1, info.stride, 1)
     out: list[Layer] = []
     cin, in_hw = info.cin, hw
-    for j, (k, stride, width) in enumerate(zip(kernels, strides, w)):
+    for j, (k, stride, width) in enumerate(zip(kernels, strides, w, strict=True)):
         conv = conv_layer(f"{p}.conv{j + 1}", cin, width, k, stride, hw)
         out += [conv, bn_layer(f"{p}.bn{j + 1}", width, conv.out_hw)]
         hw, cin = conv.out_hw, width

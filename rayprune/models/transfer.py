@@ -13,12 +13,12 @@ for it a transfer is exact everywhere except through the stride-2 shortcuts.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from .base import Spec, SpecError
 from . import channel_groups, tensor_axes, with_widths
+from .base import Spec, SpecError
 
 Keep = Mapping[str, torch.Tensor]
 
@@ -57,8 +57,10 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
     if tensor_axes(sub).keys() != axes_by_key.keys():
         # Only possible for specs whose projection shortcuts depend on unequal widths (e.g. a
         # TAS genotype) when pruning makes the widths equal: the subnet has other modules.
-        raise SpecError("these kept channels change the network's structure (a width-dependent projection "
-                        "shortcut appears or disappears); keep the widths on both sides of it unequal")
+        raise SpecError(
+            "these kept channels change the network's structure (a width-dependent projection "
+            "shortcut appears or disappears); keep the widths on both sides of it unequal"
+        )
     out: dict[str, torch.Tensor] = {}
     for key, axes in axes_by_key.items():
         t = state[key]
@@ -70,8 +72,9 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
 
 
 @torch.no_grad()
-def write_back(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep,
-               sub_state: Mapping[str, torch.Tensor]) -> None:
+def write_back(
+    spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep, sub_state: Mapping[str, torch.Tensor]
+) -> None:
     """Write a subnet's tensors into the full network's state (in place) at the kept indices."""
     keep = _checked_keep(spec, keep)
     for key, axes in tensor_axes(spec).items():

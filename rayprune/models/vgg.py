@@ -23,8 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Axes, ChannelGroup, Family, Layer, Spec, SpecError, bn_axes, bn_layer, check_fields, conv_layer,
-                   linear_layer, require, require_int, validate_input_size)
+from .base import (
+    Axes,
+    ChannelGroup,
+    Family,
+    Layer,
+    Spec,
+    SpecError,
+    bn_axes,
+    bn_layer,
+    check_fields,
+    conv_layer,
+    linear_layer,
+    require,
+    require_int,
+    validate_input_size,
+)
 from .cifar_resnet import ConvBN, init_weights
 
 CONFIGS = {
@@ -74,10 +88,6 @@ class VGG(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-
-
-
-
 class VGGFamily(Family):
     name = "vgg"
     default_input_size = 32
@@ -91,7 +101,7 @@ class VGGFamily(Family):
         if variant == "tiny":
             stages = [[w] for w in TINY_WIDTHS]
         elif variant in CONFIGS:
-            stages = [[w] * n for w, n in zip(WIDTHS, CONFIGS[variant])]
+            stages = [[w] * n for w, n in zip(WIDTHS, CONFIGS[variant], strict=True)]
         else:
             raise SpecError(f"vgg: unknown variant {variant!r}; known: {', '.join(self.variants())}")
         spec = {"family": "vgg", "num_classes": num_classes, "stages": stages}
@@ -105,8 +115,11 @@ class VGGFamily(Family):
         stages = spec["stages"]
         require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
         for s, stage in enumerate(stages):
-            require(isinstance(stage, list) and len(stage) >= 1, f"stages[{s}]",
-                    f"must be a non-empty list of conv widths (a stage keeps at least one conv), got {stage!r}")
+            require(
+                isinstance(stage, list) and len(stage) >= 1,
+                f"stages[{s}]",
+                f"must be a non-empty list of conv widths (a stage keeps at least one conv), got {stage!r}",
+            )
             for c, w in enumerate(stage):
                 require_int(w, f"stages[{s}][{c}]")
 
@@ -128,8 +141,11 @@ class VGGFamily(Family):
 
     def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
         self.validate(spec)
-        return [ChannelGroup(name=group_name(s, c), width=w, stage=s, kind="inner", members=(f"stages.{s}.{c}",))
-                for s, widths in enumerate(spec["stages"]) for c, w in enumerate(widths)]
+        return [
+            ChannelGroup(name=group_name(s, c), width=w, stage=s, kind="inner", members=(f"stages.{s}.{c}",))
+            for s, widths in enumerate(spec["stages"])
+            for c, w in enumerate(widths)
+        ]
 
     def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
         self.validate(spec)
@@ -144,5 +160,3 @@ class VGGFamily(Family):
         axes["fc.weight"] = (None, prev)
         axes["fc.bias"] = (None,)
         return axes
-
-

@@ -39,8 +39,9 @@ def prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
     target = join(experiment_path, "teacher")
     if file_exists(join(target, "weights.pt")):
         return target
-    print(f"Training the teacher once for the whole sweep ({cfg.model or 'spec'} on {cfg.dataset.name}) ...",
-          flush=True)
+    print(
+        f"Training the teacher once for the whole sweep ({cfg.model or 'spec'} on {cfg.dataset.name}) ...", flush=True
+    )
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_train_teacher_task)
     spec, state, record = ray.get(task.remote(cfg.model_dump(mode="json")))
     input_size = record.pop("input_size", None)
@@ -55,8 +56,9 @@ def prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:
 
 def _baseline_recipe(cfg: SweepConfig) -> dict[str, Any]:
     """The recipe the unpruned baseline is trained with when the sweep has no teacher."""
-    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(update={"kd_weight": 0.0,
-                                                                            "kd_temperature": cfg.kd_temperature}))
+    return recipe_of(
+        TrainConfig(**cfg.recipes.finetune).model_copy(update={"kd_weight": 0.0, "kd_temperature": cfg.kd_temperature})
+    )
 
 
 def start_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> tuple[str, Any]:
@@ -91,17 +93,34 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
     from ..methods.finetune import finetune_subnet, measure, preprocessing
 
     cfg = SweepConfig.model_validate(cfg_dump)
-    tc = TrialConfig(method="uniform", model=cfg.model, spec=spec_or_none(cfg), shortcut=cfg.shortcut,
-                     dataset=cfg.dataset.name, data_dir=cfg.dataset.data_dir, flops_target=1.0, seed=cfg.seed,
-                     device=cfg.device, finetune=dict(cfg.recipes.finetune), kd_temperature=cfg.kd_temperature,
-                     input_size=cfg.input_size)
+    tc = TrialConfig(
+        method="uniform",
+        model=cfg.model,
+        spec=spec_or_none(cfg),
+        shortcut=cfg.shortcut,
+        dataset=cfg.dataset.name,
+        data_dir=cfg.dataset.data_dir,
+        flops_target=1.0,
+        seed=cfg.seed,
+        device=cfg.device,
+        finetune=dict(cfg.recipes.finetune),
+        kd_temperature=cfg.kd_temperature,
+        input_size=cfg.input_size,
+    )
     with tempfile.TemporaryDirectory() as work:
         ctx = build_method(tc, Path(work) / "method").ctx
         if teacher is not None:
             spec, net = load_subnet(localize(teacher, Path(work) / "teacher"))
-            record = SubnetRecord.of(spec, measure(net.to(ctx.device), ctx), "unpruned", 0, ctx.input_size,
-                                     init="teacher", preprocessing=preprocessing(ctx.test),
-                                     robust_suite=ROBUST_SUITE_VERSION)
+            record = SubnetRecord.of(
+                spec,
+                measure(net.to(ctx.device), ctx),
+                "unpruned",
+                0,
+                ctx.input_size,
+                init="teacher",
+                preprocessing=preprocessing(ctx.test),
+                robust_suite=ROBUST_SUITE_VERSION,
+            )
             state = net.state_dict()
         else:
             full = SubnetRecord.of(ctx.spec, {}, "unpruned", 0, ctx.input_size)
@@ -116,9 +135,18 @@ def _train_teacher_task(cfg_dump: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Ray task body: train the unpruned net with ``teacher.recipe``; return spec, weights, metrics."""
     cfg = SweepConfig.model_validate(cfg_dump)
     with tempfile.TemporaryDirectory() as d:
-        out = train_teacher(cfg.model, cfg.dataset.name, Path(d) / "teacher", spec=spec_or_none(cfg),
-                            shortcut=cfg.shortcut, data_dir=cfg.dataset.data_dir, seed=cfg.seed, device=cfg.device,
-                            recipe=cfg.teacher.recipe, progress=False)
+        out = train_teacher(
+            cfg.model,
+            cfg.dataset.name,
+            Path(d) / "teacher",
+            spec=spec_or_none(cfg),
+            shortcut=cfg.shortcut,
+            data_dir=cfg.dataset.data_dir,
+            seed=cfg.seed,
+            device=cfg.device,
+            recipe=cfg.teacher.recipe,
+            progress=False,
+        )
         saved = subnet_io.load(out)
         return saved.spec, saved.state_dict, {**saved.record, "input_size": saved.input_size}
 

@@ -50,7 +50,7 @@ class FinalCache:
         self.root = root.rstrip("/")
 
     @classmethod
-    def of_experiment(cls, experiment_path: str) -> "FinalCache":
+    def of_experiment(cls, experiment_path: str) -> FinalCache:
         return cls(f"{experiment_path.rstrip('/')}/{CACHE_DIR}")
 
     def _fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -97,8 +97,11 @@ class FinalCache:
         fs, root = self._fs()
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
         suffix = "/metrics.json"
-        return sorted(i.path[len(root) + 1:-len(suffix)] for i in infos
-                      if i.type == pyarrow.fs.FileType.File and i.path.endswith(suffix) and "/." not in i.path)
+        return sorted(
+            i.path[len(root) + 1 : -len(suffix)]
+            for i in infos
+            if i.type == pyarrow.fs.FileType.File and i.path.endswith(suffix) and "/." not in i.path
+        )
 
 
 __all__ = ["BASELINE_CELL", "CACHE_DIR", "FinalCache", "cache_key", "cell_slug"]

@@ -65,8 +65,11 @@ def choose_per_cell(results) -> list[CellChoice]:
 
 def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
     """``recipes.finetune`` with a cell's KD weight: the recipe of the end-of-sweep fine-tunes."""
-    return recipe_of(TrainConfig(**cfg.recipes.finetune).model_copy(
-        update={"kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature}))
+    return recipe_of(
+        TrainConfig(**cfg.recipes.finetune).model_copy(
+            update={"kd_weight": kd_weight, "kd_temperature": cfg.kd_temperature}
+        )
+    )
 
 
 def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, driver_dir: Path) -> None:
@@ -80,13 +83,18 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
         key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
         (done if key in cache else todo).append((choice, key))
     if todo:
-        print(f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
-              f"({len(done)} already in the cache) ...", flush=True)
+        print(
+            f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
+            f"({len(done)} already in the cache) ...",
+            flush=True,
+        )
     for choice, key in done:
         _log_cell_finetune(tracker, cache, driver_dir, choice, key, cached=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
-    pending = {task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
-               for c, k in todo}
+    pending = {
+        task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
+        for c, k in todo
+    }
     try:
         while pending:  # log each as it finishes: an interruption keeps (cache) and shows (MLflow) the done ones
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -98,22 +106,30 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
         raise
 
 
-def _log_cell_finetune(tracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str,
-                       cached: bool) -> None:
+def _log_cell_finetune(
+    tracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str, cached: bool
+) -> None:
     record, state = cache.get(key)
     if cached and "reused_from" not in record["source"]:
         record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
     target = save_subnet(driver_dir / "finetuned" / choice.cell, record["spec"], state, record)
-    tracker.log_finetuned(record, target, trial_id=str(choice.result.metrics.get("trial_id")), cell=choice.cell,
-                          flops_target=float(choice.config["flops_target"]), kd_weight=float(choice.config["kd_weight"]))
+    tracker.log_finetuned(
+        record,
+        target,
+        trial_id=str(choice.result.metrics.get("trial_id")),
+        cell=choice.cell,
+        flops_target=float(choice.config["flops_target"]),
+        kd_weight=float(choice.config["kd_weight"]),
+    )
 
 
 def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
     return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
 
 
-def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None,
-                          cache_root: str, cell: str) -> None:
+def _finetune_member_task(
+    trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None, cache_root: str, cell: str
+) -> None:
     """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
     fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
     fine-tune and measure it (test, robust accuracy, latency) into the cache."""
@@ -121,12 +137,30 @@ def _finetune_member_task(trial_cfg: dict[str, Any], record: dict[str, Any], che
 
     tc = TrialConfig(**trial_cfg)
     member = SubnetRecord.from_dict(record)
-    member = SubnetRecord(spec=member.spec, macs=member.macs, params=member.params,
-                          metrics={k: v for k, v in member.metrics.items() if k == METRIC},
-                          method=member.method, step=member.step,
-                          source={k: v for k, v in member.source.items()
-                                  if k not in ("recipe", "recipe_tag", "recipe_hash", "init", "trained_by",
-                                               "reused_from", "cache_key", "finetuned", "robust_suite")})
+    member = SubnetRecord(
+        spec=member.spec,
+        macs=member.macs,
+        params=member.params,
+        metrics={k: v for k, v in member.metrics.items() if k == METRIC},
+        method=member.method,
+        step=member.step,
+        source={
+            k: v
+            for k, v in member.source.items()
+            if k
+            not in (
+                "recipe",
+                "recipe_tag",
+                "recipe_hash",
+                "init",
+                "trained_by",
+                "reused_from",
+                "cache_key",
+                "finetuned",
+                "robust_suite",
+            )
+        },
+    )
     with tempfile.TemporaryDirectory() as work:
         if tc.teacher is not None:
             tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})

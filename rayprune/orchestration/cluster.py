@@ -78,11 +78,15 @@ def tracking_uri_on_cluster(file_uri: str, cli_uri: str | None, address: str | N
     if own is None or mine is None or own.resolve() != mine.resolve():
         return uri, None
     if cli_uri is not None:
-        raise LaunchError(f"--mlflow-uri {cli_uri} is the database of the MLflow server this cluster's head runs "
-                          f"({server['uri']}); writing it directly puts artifacts on the head's disk: pass "
-                          f"--mlflow-uri {server['uri']} (or another database)")
-    return server["uri"], (f"rayprune: this cluster's head runs an MLflow server at {server['uri']}; the sweep logs "
-                           f"there instead of its database {file_uri} (pass --mlflow-uri to choose another store)")
+        raise LaunchError(
+            f"--mlflow-uri {cli_uri} is the database of the MLflow server this cluster's head runs "
+            f"({server['uri']}); writing it directly puts artifacts on the head's disk: pass "
+            f"--mlflow-uri {server['uri']} (or another database)"
+        )
+    return server["uri"], (
+        f"rayprune: this cluster's head runs an MLflow server at {server['uri']}; the sweep logs "
+        f"there instead of its database {file_uri} (pass --mlflow-uri to choose another store)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,13 +109,15 @@ def resolve_space(path: str | os.PathLike) -> tuple[Path, str | None]:
     parts = given.parts
     if SPACES_DIR not in parts[:-1]:
         return given, None
-    tail = parts[len(parts) - 1 - parts[::-1].index(SPACES_DIR):]  # from the last search_spaces/ on
+    tail = parts[len(parts) - 1 - parts[::-1].index(SPACES_DIR) :]  # from the last search_spaces/ on
     candidate = package_repository().joinpath(*tail)
     if not candidate.is_file():
         return given, None
-    return candidate, (f"rayprune: warning: --space {path}: no such file on this machine; using {candidate} (the "
-                       "installed package's copy). A path your own shell expanded (~) names your home, not the "
-                       "head's: pass it relative to the head's home, quoted")
+    return candidate, (
+        f"rayprune: warning: --space {path}: no such file on this machine; using {candidate} (the "
+        "installed package's copy). A path your own shell expanded (~) names your home, not the "
+        "head's: pass it relative to the head's home, quoted"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +136,10 @@ def browse_hint(tracking_uri: str, experiment_id: str) -> str:
     """What to run and open to browse a sweep's runs (several lines, no trailing newline)."""
     base = ui_base(tracking_uri)
     runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    candidates = (f"{runs}&searchFilter={quote('tags.`rayprune.role` = ' + repr('finetune'))}"
-                  f"&orderByKey={quote('metrics.`macs`')}&orderByAsc=true")
+    candidates = (
+        f"{runs}&searchFilter={quote('tags.`rayprune.role` = ' + repr('finetune'))}"
+        f"&orderByKey={quote('metrics.`macs`')}&orderByAsc=true"
+    )
     parsed = urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
         lines = [f"Browse the runs: the MLflow server at {base}"]
@@ -142,10 +150,21 @@ def browse_hint(tracking_uri: str, experiment_id: str) -> str:
         # MLflow 3.17's UI opens experiments in its GenAI view unless the workflow switch says
         # "machine_learning" (a URL parameter, then remembered): the links go straight to the runs.
         lines = [f"Browse the runs: mlflow ui --backend-store-uri {tracking_uri}"]
-    lines.append(f"  then open {runs}\n  the fine-tuned candidates (one run per cell; Columns adds macs_pct, "
-                 f"test_top1, robust_top1, latency_ms): {candidates}")
+    lines.append(
+        f"  then open {runs}\n  the fine-tuned candidates (one run per cell; Columns adds macs_pct, "
+        f"test_top1, robust_top1, latency_ms): {candidates}"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["HEAD_MLFLOW_ENV", "HEAD_MLFLOW_FILE", "LaunchError", "browse_hint", "head_mlflow_server",
-           "package_repository", "resolve_space", "tracking_uri_on_cluster", "ui_base"]
+__all__ = [
+    "HEAD_MLFLOW_ENV",
+    "HEAD_MLFLOW_FILE",
+    "LaunchError",
+    "browse_hint",
+    "head_mlflow_server",
+    "package_repository",
+    "resolve_space",
+    "tracking_uri_on_cluster",
+    "ui_base",
+]

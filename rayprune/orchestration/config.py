@@ -24,9 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import models
+from ..errors import describe
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
-from ..errors import describe
 from ..registry import UnknownNameError, unknown_name
 from ..tracking import SQLITE_PREFIX, sqlite_file
 from .storage import is_uri
@@ -120,10 +120,12 @@ class TeacherConfig(_Strict):
     recipe: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TeacherConfig":
+    def _one_source(self) -> TeacherConfig:
         if (self.checkpoint is None) == (self.recipe is None):
-            raise ValueError("set exactly one of teacher.checkpoint (a saved subnet dir: spec.json + "
-                             "weights.pt) and teacher.recipe (train the unpruned net once per sweep)")
+            raise ValueError(
+                "set exactly one of teacher.checkpoint (a saved subnet dir: spec.json + "
+                "weights.pt) and teacher.recipe (train the unpruned net once per sweep)"
+            )
         return self
 
 
@@ -185,10 +187,12 @@ class SweepConfig(_Strict):
     finetune_front: bool = True
 
     @model_validator(mode="after")
-    def _model_or_spec(self) -> "SweepConfig":
+    def _model_or_spec(self) -> SweepConfig:
         if (self.model is None) == (self.spec is None):
-            raise ValueError("set exactly one of model (FAMILY:VARIANT, e.g. cifar_resnet:56) and spec "
-                             "(a spec JSON file or an inline spec)")
+            raise ValueError(
+                "set exactly one of model (FAMILY:VARIANT, e.g. cifar_resnet:56) and spec "
+                "(a spec JSON file or an inline spec)"
+            )
         return self
 
     # -- derived -------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ class SweepConfig(_Strict):
         options = {"shortcut": self.shortcut} if self.shortcut else {}
         return models.full_spec(self.model, num_classes=NUM_CLASSES[self.dataset.name], **options)
 
-    def cells(self) -> list["Cell"]:
+    def cells(self) -> list[Cell]:
         """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
         return [Cell(m.name, f, w) for m in self.methods for f in self.grid.flops_targets for w in self.grid.kd_weights]
 
@@ -276,8 +280,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         line = f" at line {where.line + 1}" if where is not None else ""
         raise SweepConfigError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
     if raw is None:
-        raise SweepConfigError(f"{path}: the file is empty; a sweep file is a YAML mapping (see search_spaces/ "
-                               "for examples)")
+        raise SweepConfigError(
+            f"{path}: the file is empty; a sweep file is a YAML mapping (see search_spaces/ for examples)"
+        )
     if not isinstance(raw, dict):
         raise SweepConfigError(f"{path}: a sweep file must be a YAML mapping (key: value), got {type(raw).__name__}")
     return raw
@@ -285,8 +290,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def resolve_paths(cfg: SweepConfig) -> SweepConfig:
     """Make every local path absolute (against the current directory) and inline a spec file."""
-    update: dict[str, Any] = {"storage_path": _abs_storage(cfg.storage_path),
-                              "tracking": cfg.tracking.model_copy(update={"uri": _abs_tracking_uri(cfg.tracking.uri)})}
+    update: dict[str, Any] = {
+        "storage_path": _abs_storage(cfg.storage_path),
+        "tracking": cfg.tracking.model_copy(update={"uri": _abs_tracking_uri(cfg.tracking.uri)}),
+    }
     if cfg.dataset.data_dir is not None:
         update["dataset"] = cfg.dataset.model_copy(update={"data_dir": _abs(cfg.dataset.data_dir)})
     if isinstance(cfg.spec, str):
@@ -332,8 +339,11 @@ def _check_semantics(cfg: SweepConfig) -> None:
             raise _FieldError(f"methods[{i}].name", str(e)) from None
     _check_budgets(cfg, full)
     if any(w > 0 for w in cfg.grid.kd_weights) and cfg.teacher is None:
-        raise _FieldError("teacher", "grid.kd_weights has a weight > 0, which needs a teacher: set "
-                                     "teacher.checkpoint (a saved subnet dir) or teacher.recipe (train once per sweep)")
+        raise _FieldError(
+            "teacher",
+            "grid.kd_weights has a weight > 0, which needs a teacher: set "
+            "teacher.checkpoint (a saved subnet dir) or teacher.recipe (train once per sweep)",
+        )
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
         _check_teacher_checkpoint(Path(_abs(cfg.teacher.checkpoint)), full, cfg.dataset.name)
     names = [m.name for m in cfg.methods]
@@ -355,8 +365,10 @@ def _check_teacher_checkpoint(ckpt: Path, full: Spec, dataset: str) -> None:
     except (FileNotFoundError, ValueError, SpecError) as e:  # missing weights, a refused or mismatched file
         raise _FieldError("teacher.checkpoint", str(e)) from None
     if dataset != "imagenet" and saved.spec.get("num_classes") != full.get("num_classes"):  # folders vary
-        raise _FieldError("teacher.checkpoint", f"{ckpt} predicts {saved.spec.get('num_classes')} classes, the "
-                                                f"model {full.get('num_classes')}; {fix}")
+        raise _FieldError(
+            "teacher.checkpoint",
+            f"{ckpt} predicts {saved.spec.get('num_classes')} classes, the model {full.get('num_classes')}; {fix}",
+        )
 
 
 def _check_methods(cfg: SweepConfig) -> None:
@@ -395,8 +407,11 @@ def _check_model(cfg: SweepConfig) -> Spec:
         try:
             models.layers(spec, cfg.input_size)
         except SpecError as e:
-            raise _FieldError("input_size", f"the {field} cannot run at {cfg.input_size}x{cfg.input_size}: "
-                                            f"{str(e).removeprefix(f'input_size {cfg.input_size}: ')}") from None
+            raise _FieldError(
+                "input_size",
+                f"the {field} cannot run at {cfg.input_size}x{cfg.input_size}: "
+                f"{str(e).removeprefix(f'input_size {cfg.input_size}: ')}",
+            ) from None
     return spec
 
 
@@ -405,8 +420,10 @@ def _check_budgets(cfg: SweepConfig, full: Spec) -> None:
     stages = 1 + max(g.stage for g in models.channel_groups(full))
     ranges = cfg.optuna.stage_prune
     if len(ranges) != stages:
-        raise _FieldError("optuna.stage_prune", f"the model has {stages} stages, so give {stages} [low, high] "
-                                                f"ranges (one per stage), got {len(ranges)}")
+        raise _FieldError(
+            "optuna.stage_prune",
+            f"the model has {stages} stages, so give {stages} [low, high] ranges (one per stage), got {len(ranges)}",
+        )
     loosest = [high for _, high in ranges]
     for target in cfg.grid.flops_targets:
         try:

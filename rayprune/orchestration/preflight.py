@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .storage import is_uri
 
@@ -41,21 +41,23 @@ def check_storage_path(storage_path: str) -> None:
     path = Path(storage_path)
     where = f"storage path {path} (storage_path / --storage-path)"
     if path.exists() and not path.is_dir():
-        raise PreflightError(f"{where} is a regular file, not a directory; pass a directory (it is created if "
-                             "missing)")
+        raise PreflightError(f"{where} is a regular file, not a directory; pass a directory (it is created if missing)")
     ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise PreflightError(f"{where}: {ancestor} is a regular file, so the folder cannot be created; pass "
-                             "another directory")
+        raise PreflightError(
+            f"{where}: {ancestor} is a regular file, so the folder cannot be created; pass another directory"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PreflightError(f"{where}: {ancestor} is not writable by this user; pass a directory you can write")
 
 
-OBJECT_STORAGE_FIX = ("check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                      "AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible server; for GCS: "
-                      "GOOGLE_APPLICATION_CREDENTIALS)")
+OBJECT_STORAGE_FIX = (
+    "check the bucket name and the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+    "AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 for an S3-compatible server; for GCS: "
+    "GOOGLE_APPLICATION_CREDENTIALS)"
+)
 
 
 def check_object_storage(uri: str) -> None:
@@ -68,16 +70,19 @@ def check_object_storage(uri: str) -> None:
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError: an unknown scheme, a bad URI
-        raise PreflightError(f"{where}: {_first_line(e)}; use a local folder or an s3://BUCKET/PREFIX or "
-                             "gs://BUCKET/PREFIX URI") from None
+        raise PreflightError(
+            f"{where}: {_first_line(e)}; use a local folder or an s3://BUCKET/PREFIX or gs://BUCKET/PREFIX URI"
+        ) from None
     bucket = path.split("/", 1)[0]
     try:
         kind = fs.get_file_info(bucket).type
     except OSError as e:  # unreachable endpoint, bad credentials, access denied
         raise PreflightError(f"{where}: cannot reach it ({_first_line(e)}); {OBJECT_STORAGE_FIX}") from None
     if kind != pyarrow.fs.FileType.Directory:
-        raise PreflightError(f"{where}: bucket {bucket!r} does not exist (rayprune does not create buckets); create "
-                             f"it or {OBJECT_STORAGE_FIX}")
+        raise PreflightError(
+            f"{where}: bucket {bucket!r} does not exist (rayprune does not create buckets); create "
+            f"it or {OBJECT_STORAGE_FIX}"
+        )
 
 
 def _first_line(error: Exception) -> str:
@@ -91,7 +96,7 @@ def resolve_ray_address(address: str) -> tuple[str, str]:
     on this machine), and as Ray connects to it (a loopback host becomes this node's IP)."""
     text = address.strip()
     if text.startswith("ray://"):  # Ray Client: the client server's port
-        hostport = text[len("ray://"):].split("/", 1)[0]
+        hostport = text[len("ray://") :].split("/", 1)[0]
         return hostport, hostport
     from ray._private import services
 
@@ -101,14 +106,16 @@ def resolve_ray_address(address: str) -> tuple[str, str]:
         except ConnectionError:
             text = None
         if not text:
-            raise PreflightError("--address auto: no running Ray cluster found on this machine (no RAY_ADDRESS and "
-                                 "no address file of a `ray start`); start one with `ray start --head`, pass "
-                                 "--address HOST:PORT, or drop --address to run on a local Ray")
+            raise PreflightError(
+                "--address auto: no running Ray cluster found on this machine (no RAY_ADDRESS and "
+                "no address file of a `ray start`); start one with `ray start --head`, pass "
+                "--address HOST:PORT, or drop --address to run on a local Ray"
+            )
     if _split(text) is None:
         raise PreflightError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
     try:
         probed = services.canonicalize_bootstrap_address(text) or text
-    except Exception:  # noqa: BLE001 - an unresolvable host: the probe says so
+    except Exception:
         probed = text
     return text, probed
 
@@ -133,8 +140,10 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e) or type(e).__name__)
         where = shown if shown == address.strip() else f"{shown} (--address {address})"
-        raise PreflightError(f"cannot join the Ray cluster at {where}: nothing accepted a connection within "
-                             f"{timeout:g} s ({reason}); {fix}") from None
+        raise PreflightError(
+            f"cannot join the Ray cluster at {where}: nothing accepted a connection within "
+            f"{timeout:g} s ({reason}); {fix}"
+        ) from None
 
 
 def local_gpus() -> int:
@@ -153,20 +162,39 @@ def local_cpus() -> int:
 
 def check_local_resources(cpu: float, gpu: float, num_cpus: int | None = None) -> None:
     """A trial's ``resources`` against what a local Ray would have (``num_cpus``: --num-cpus)."""
-    have = {"CPU": float(num_cpus if num_cpus is not None else local_cpus()), "GPU": float(local_gpus()) if gpu else 0.0}
+    have = {
+        "CPU": float(num_cpus if num_cpus is not None else local_cpus()),
+        "GPU": float(local_gpus()) if gpu else 0.0,
+    }
     check_trial_fits(cpu, gpu, have, "this machine", cpu_note=" (--num-cpus)" if num_cpus is not None else "")
 
 
-def check_trial_fits(cpu: float, gpu: float, have: Mapping[str, float], where: str,
-                     error: type[Exception] = PreflightError, cpu_note: str = "") -> None:
+def check_trial_fits(
+    cpu: float,
+    gpu: float,
+    have: Mapping[str, float],
+    where: str,
+    error: type[Exception] = PreflightError,
+    cpu_note: str = "",
+) -> None:
     """Raise ``error`` when one trial asks for more CPUs or GPUs than ``have`` (what ``where``,
     a local machine or its Ray, has): a local Ray cannot grow, so such a trial would wait forever."""
     for key, name, need in (("CPU", "cpu", cpu), ("GPU", "gpu", gpu)):
         if need > have.get(key, 0.0):
             note = cpu_note if key == "CPU" else ""
-            raise error(f"resources.{name}: each trial asks for {need:g} {key}s but {where} has "
-                        f"{have.get(key, 0.0):g}{note}; lower resources.{name} or join a cluster with --address auto")
+            raise error(
+                f"resources.{name}: each trial asks for {need:g} {key}s but {where} has "
+                f"{have.get(key, 0.0):g}{note}; lower resources.{name} or join a cluster with --address auto"
+            )
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "PreflightError", "check_local_resources", "check_ray_address",
-           "check_object_storage", "check_storage_path", "check_trial_fits", "resolve_ray_address"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "PreflightError",
+    "check_local_resources",
+    "check_object_storage",
+    "check_ray_address",
+    "check_storage_path",
+    "check_trial_fits",
+    "resolve_ray_address",
+]

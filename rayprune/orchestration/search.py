@@ -64,9 +64,18 @@ class CellSearcher(_PickledState, Searcher):
         max_redraws: draws per suggestion before falling back to the loosest budget.
     """
 
-    def __init__(self, cells: Sequence[Cell], samples_per_cell: int, stage_ranges: Sequence[tuple[float, float]],
-                 *, sampler: str = "tpe", seed: int = 0, n_startup_trials: int = 4,
-                 feasibility: Feasibility | None = None, max_redraws: int = 20) -> None:
+    def __init__(
+        self,
+        cells: Sequence[Cell],
+        samples_per_cell: int,
+        stage_ranges: Sequence[tuple[float, float]],
+        *,
+        sampler: str = "tpe",
+        seed: int = 0,
+        n_startup_trials: int = 4,
+        feasibility: Feasibility | None = None,
+        max_redraws: int = 20,
+    ) -> None:
         super().__init__(metric=METRIC, mode="max")
         if samples_per_cell < 1:
             raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
@@ -91,8 +100,14 @@ class CellSearcher(_PickledState, Searcher):
         trial, rates = self._draw(index, cell)
         self.suggested[index] += 1
         self.pending[trial_id] = (index, trial)
-        return {"cell": index, "method": cell.method, "flops_target": cell.flops_target,
-                "kd_weight": cell.kd_weight, "max_stage_prune": rates, "optuna_number": trial.number}
+        return {
+            "cell": index,
+            "method": cell.method,
+            "flops_target": cell.flops_target,
+            "kd_weight": cell.kd_weight,
+            "max_stage_prune": rates,
+            "optuna_number": trial.number,
+        }
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         entry = self.pending.pop(trial_id, None)
@@ -191,8 +206,15 @@ class PerCellASHA(_PickledState, FIFOScheduler):
 
     def __init__(self, *, grace_period: int = 1, reduction_factor: float = 4.0, max_t: int = 10_000) -> None:
         super().__init__()
-        self._kwargs = dict(time_attr="training_iteration", metric=METRIC, mode="max", max_t=max_t,
-                            grace_period=grace_period, reduction_factor=reduction_factor, stop_last_trials=False)
+        self._kwargs = dict(
+            time_attr="training_iteration",
+            metric=METRIC,
+            mode="max",
+            max_t=max_t,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            stop_last_trials=False,
+        )
         self._by_cell: dict[int, AsyncHyperBandScheduler] = {}
         self._cell_of: dict[str, int] = {}  # trial id -> the cell whose ASHA has it registered
         self._stopped = 0

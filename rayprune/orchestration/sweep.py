@@ -43,9 +43,9 @@ from ray import tune
 from ..engine.data import load_dataset
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
-from .cluster import browse_hint
-from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
 from .cache import FinalCache
+from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
+from .cluster import browse_hint
 from .config import SweepConfig
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
@@ -77,9 +77,16 @@ class SweepOutcome:
 # --------------------------------------------------------------------------------------------
 
 
-def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | None = None,
-              num_cpus: int | None = None, callbacks: Sequence[tune.Callback] = (),
-              out: TextIO | None = None, space: str | None = None) -> SweepOutcome:
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    address: str | None = None,
+    resume: str | None = None,
+    num_cpus: int | None = None,
+    callbacks: Sequence[tune.Callback] = (),
+    out: TextIO | None = None,
+    space: str | None = None,
+) -> SweepOutcome:
     """Run (or resume) a validated sweep; see the module docstring for the steps.
 
     Args:
@@ -110,9 +117,11 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
         if address is None:
             _check_local_resources(cfg)
         if 0 < cfg.resources.gpu < 1:
-            print(f"rayprune: resources.gpu {cfg.resources.gpu:g}: up to {int(1 // cfg.resources.gpu)} trials share "
-                  "each GPU, so the latency they measure is skewed (their records say so: source.latency_shared_gpu)",
-                  flush=True)
+            print(
+                f"rayprune: resources.gpu {cfg.resources.gpu:g}: up to {int(1 // cfg.resources.gpu)} trials share "
+                "each GPU, so the latency they measure is skewed (their records say so: source.latency_shared_gpu)",
+                flush=True,
+            )
         tracker = _make_tracker(cfg, sweep_id)
         live = _LIVE_TRACKER.set(tracker)
         pending = _pending_trials(cfg)
@@ -127,15 +136,25 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, resume: str | Non
             ray.shutdown()
 
 
-def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Sequence[tune.Callback],
-           out: TextIO, space: str | None = None) -> SweepOutcome:
+def _drive(
+    cfg: SweepConfig,
+    sweep_id: str,
+    tracker,
+    resume: bool,
+    callbacks: Sequence[tune.Callback],
+    out: TextIO,
+    space: str | None = None,
+) -> SweepOutcome:
     """Parent run, teacher, baseline, Tune, cell fine-tunes, output; the parent run is FAILED on an
     error, KILLED on Ctrl-C after Tune (e.g. during the fine-tunes: an incomplete outcome)."""
     from ..tracking.liveness import SPACE_TAG
 
     experiment_path = join(cfg.storage_path, sweep_id)
-    tags = {"rayprune.sweep_id": sweep_id, "rayprune.sweep_file": cfg.name,
-            **({SPACE_TAG: str(space)} if space else {})}
+    tags = {
+        "rayprune.sweep_id": sweep_id,
+        "rayprune.sweep_file": cfg.name,
+        **({SPACE_TAG: str(space)} if space else {}),
+    }
     parent = tracker.start_sweep(sweep_id, _resolved(cfg), tags)
     results = None
     try:
@@ -166,8 +185,9 @@ def _drive(cfg: SweepConfig, sweep_id: str, tracker, resume: bool, callbacks: Se
     tracker.finish("FINISHED" if complete else "KILLED")  # also writes the fronts, plot and parquet
     if complete:  # an interrupted sweep's partial fronts must not read as its result
         print_front(tracker, cfg, out)
-    return SweepOutcome(sweep_id, experiment_path, parent, complete, len(results), failed,
-                        compute_fronts(tracker.store.rows()))
+    return SweepOutcome(
+        sweep_id, experiment_path, parent, complete, len(results), failed, compute_fronts(tracker.store.rows())
+    )
 
 
 def _quiet_env() -> None:
@@ -213,11 +233,16 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         else:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
-        raise SweepError(f"cannot join the Ray cluster at {address!r} ({e}); start one with `ray start --head` "
-                         f"or `ray up launch/cluster.yaml`, or drop --address to run on a local Ray") from None
+        raise SweepError(
+            f"cannot join the Ray cluster at {address!r} ({e}); start one with `ray start --head` "
+            f"or `ray up launch/cluster.yaml`, or drop --address to run on a local Ray"
+        ) from None
     resources = ray.cluster_resources()
-    print(f"Ray cluster at {ray.get_runtime_context().gcs_address} ({'joined' if address else 'local'}): "
-          f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    print(
+        f"Ray cluster at {ray.get_runtime_context().gcs_address} ({'joined' if address else 'local'}): "
+        f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs",
+        flush=True,
+    )
     return True
 
 
@@ -262,8 +287,9 @@ def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
     candidates = _restorable(cfg)
     if resume == LATEST:
         if not candidates:
-            raise SweepError(f"no sweep named {cfg.name}-* to resume under {cfg.storage_path}; "
-                             "run without --resume to start one")
+            raise SweepError(
+                f"no sweep named {cfg.name}-* to resume under {cfg.storage_path}; run without --resume to start one"
+            )
         return candidates[-1]
     if resume not in candidates:
         known = ", ".join(candidates) or "none"
@@ -336,8 +362,10 @@ class TrackingCallback(tune.Callback):
     def tracker(self):
         tracker = _LIVE_TRACKER.get(None)
         if tracker is None or tracker.sweep_id != self.sweep_id:
-            raise RuntimeError(f"TrackingCallback: sweep {self.sweep_id!r} has no live tracker in this driver "
-                               "(run it through run_sweep)")
+            raise RuntimeError(
+                f"TrackingCallback: sweep {self.sweep_id!r} has no live tracker in this driver "
+                "(run it through run_sweep)"
+            )
         return tracker
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -359,13 +387,17 @@ class TrackingCallback(tune.Callback):
             return
         final = json.loads(last["final_record"])
         with _final_dir(trial.checkpoint) as final_dir:
-            self.tracker.trial_finished(trial.trial_id, final, final_dir, "FINISHED", refresh_front=False,
-                                        cell=_cell(trial.config))
+            self.tracker.trial_finished(
+                trial.trial_id, final, final_dir, "FINISHED", refresh_front=False, cell=_cell(trial.config)
+            )
         window = final["source"].get("window") or {}
         if window.get("status", "in_window") != "in_window":
-            print(f"rayprune: trial {_trial_name(trial)}: its subnet has {window['fraction_of_target']:.3f} of the "
-                  f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
-                  "record and in the per-cell counts)", flush=True)
+            print(
+                f"rayprune: trial {_trial_name(trial)}: its subnet has {window['fraction_of_target']:.3f} of the "
+                f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
+                "record and in the per-cell counts)",
+                flush=True,
+            )
         self.tracker.note_cell(trial.config["method"], trial.config["flops_target"], trial.config["kd_weight"])
         self.tracker.publish_if_due()
 
@@ -394,8 +426,13 @@ def _replay_reported_steps(tracker, experiment_path: str) -> None:
             lines = f.readall().decode().splitlines()
         for result in map(json.loads, filter(None, lines)):
             if not result.get(FINAL_KEY):
-                tracker.log_step(result["trial_id"], int(result["step"]), _scalars(result),
-                                 json.loads(result.get("subnets") or "[]"), cell=_cell(result))
+                tracker.log_step(
+                    result["trial_id"],
+                    int(result["step"]),
+                    _scalars(result),
+                    json.loads(result.get("subnets") or "[]"),
+                    cell=_cell(result),
+                )
 
 
 def _trial_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -434,18 +471,38 @@ def _final_dir(checkpoint: tune.Checkpoint | None) -> Iterator[Path | None]:
 def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None = None) -> dict[str, Any]:
     """The fixed part of every trial's config (the searcher adds the cell and budget);
     ``final_cache`` is the root of the sweep's :class:`~.cache.FinalCache`."""
-    base = {"model": cfg.model, "spec": spec_or_none(cfg), "shortcut": cfg.shortcut, "dataset": cfg.dataset.name,
-            "data_dir": cfg.dataset.data_dir, "kd_temperature": cfg.kd_temperature, "seed": cfg.seed,
-            "device": cfg.device, "finetune": dict(cfg.recipes.search), "teacher": teacher,
-            "input_size": cfg.input_size, "max_steps": cfg.max_steps}
-    return {"base": base, "hparams": {m.name: dict(m.hparams) for m in cfg.methods},
-            "cpus_per_trial": cfg.resources.cpu, "final_cache": final_cache}
+    base = {
+        "model": cfg.model,
+        "spec": spec_or_none(cfg),
+        "shortcut": cfg.shortcut,
+        "dataset": cfg.dataset.name,
+        "data_dir": cfg.dataset.data_dir,
+        "kd_temperature": cfg.kd_temperature,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "finetune": dict(cfg.recipes.search),
+        "teacher": teacher,
+        "input_size": cfg.input_size,
+        "max_steps": cfg.max_steps,
+    }
+    return {
+        "base": base,
+        "hparams": {m.name: dict(m.hparams) for m in cfg.methods},
+        "cpus_per_trial": cfg.resources.cpu,
+        "final_cache": final_cache,
+    }
 
 
 def make_searcher(cfg: SweepConfig) -> CellSearcher:
-    return CellSearcher(cfg.cells(), cfg.optuna.samples_per_cell, cfg.optuna.stage_prune,
-                        sampler=cfg.optuna.sampler, seed=cfg.optuna.seed, n_startup_trials=cfg.optuna.n_startup_trials,
-                        feasibility=Reachability(cfg.full_spec(), cfg.input_size))
+    return CellSearcher(
+        cfg.cells(),
+        cfg.optuna.samples_per_cell,
+        cfg.optuna.stage_prune,
+        sampler=cfg.optuna.sampler,
+        seed=cfg.optuna.seed,
+        n_startup_trials=cfg.optuna.n_startup_trials,
+        feasibility=Reachability(cfg.full_spec(), cfg.input_size),
+    )
 
 
 def _trial_name(trial) -> str:
@@ -455,34 +512,51 @@ def _trial_name(trial) -> str:
     return f"{c['method']}_f{c['flops_target']:g}_kd{c['kd_weight']:g}_{trial.trial_id}"
 
 
-def _make_tuner(cfg: SweepConfig, sweep_id: str, experiment_path: str, teacher: str | None, resume: bool,
-                callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+def _make_tuner(
+    cfg: SweepConfig,
+    sweep_id: str,
+    experiment_path: str,
+    teacher: str | None,
+    resume: bool,
+    callbacks: Sequence[tune.Callback],
+) -> tune.Tuner:
     trainable = tune.with_resources(run_tune_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     if resume:
         # Finished trials stay finished; unfinished and errored ones continue from their checkpoints.
         return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
     if cfg.scheduler is not None:
-        scheduler = PerCellASHA(grace_period=cfg.scheduler.grace_period,
-                                reduction_factor=cfg.scheduler.reduction_factor, max_t=cfg.scheduler.max_t)
+        scheduler = PerCellASHA(
+            grace_period=cfg.scheduler.grace_period,
+            reduction_factor=cfg.scheduler.reduction_factor,
+            max_t=cfg.scheduler.max_t,
+        )
     from ray.tune.logger import JsonLoggerCallback
 
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg, teacher, FinalCache.of_experiment(experiment_path).root),
         # No metric/mode here: a "best trial" across cells of different FLOPs targets means nothing.
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg), scheduler=scheduler,
-                                    num_samples=cfg.num_trials(), max_concurrent_trials=cfg.max_concurrent_trials,
-                                    # CPU trials reuse their worker (imports, data): seconds per short trial.
-                                    # GPU trials do not, so no trial inherits another's CUDA memory cache.
-                                    reuse_actors=cfg.resources.gpu == 0,
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg),
+            scheduler=scheduler,
+            num_samples=cfg.num_trials(),
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            # CPU trials reuse their worker (imports, data): seconds per short trial.
+            # GPU trials do not, so no trial inherits another's CUDA memory cache.
+            reuse_actors=cfg.resources.gpu == 0,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
         run_config=tune.RunConfig(
-            name=sweep_id, storage_path=cfg.storage_path,
+            name=sweep_id,
+            storage_path=cfg.storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[TrackingCallback(sweep_id), JsonLoggerCallback(), *callbacks],
-            progress_reporter=progress_table(), verbose=1),
+            progress_reporter=progress_table(),
+            verbose=1,
+        ),
     )
 
 
@@ -490,9 +564,16 @@ def progress_table() -> tune.CLIReporter:
     """The live trial table: cell, budget progress and the key metrics."""
     return tune.CLIReporter(
         parameter_columns={"method": "method", "flops_target": "flops", "kd_weight": "kd"},
-        metric_columns={"training_iteration": "iter", METRIC: "val_top1", "flops_fraction": "macs/full",
-                        "test_top1": "test_top1", "robust_top1": "robust_top1"},
-        max_report_frequency=10, sort_by_metric=False)
+        metric_columns={
+            "training_iteration": "iter",
+            METRIC: "val_top1",
+            "flops_fraction": "macs/full",
+            "test_top1": "test_top1",
+            "robust_top1": "robust_top1",
+        },
+        max_report_frequency=10,
+        sort_by_metric=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,16 +586,26 @@ def print_cell_stats(tracker, out: TextIO) -> None:
     stats = tracker.cell_stats()
     if not stats:
         return
-    print("\nTrials per grid cell (distinct: different chosen subnets; reused: trials whose chosen subnet was "
-          "already trained with the recipe, so it was not trained again; outside: subnets not within [0.9, 1] x "
-          "the target MACs):", file=out)
+    print(
+        "\nTrials per grid cell (distinct: different chosen subnets; reused: trials whose chosen subnet was "
+        "already trained with the recipe, so it was not trained again; outside: subnets not within [0.9, 1] x "
+        "the target MACs):",
+        file=out,
+    )
     width = max(len(s["cell"]) for s in stats)
     for s in stats:
-        print(f"  {s['cell']:<{width}}  trials {s['trials']}  distinct {s['distinct']}  reused {s['reused']}  "
-              f"outside {s['outside_window']}", file=out)
+        print(
+            f"  {s['cell']:<{width}}  trials {s['trials']}  distinct {s['distinct']}  reused {s['reused']}  "
+            f"outside {s['outside_window']}",
+            file=out,
+        )
     total = {k: sum(s[k] for s in stats) for k in ("trials", "distinct", "reused", "outside_window")}
-    print(f"  {'all cells':<{width}}  trials {total['trials']}  distinct {total['distinct']}  "
-          f"reused {total['reused']}  outside {total['outside_window']}", file=out, flush=True)
+    print(
+        f"  {'all cells':<{width}}  trials {total['trials']}  distinct {total['distinct']}  "
+        f"reused {total['reused']}  outside {total['outside_window']}",
+        file=out,
+        flush=True,
+    )
 
 
 def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
@@ -524,9 +615,24 @@ def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
     pick = f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri {cfg.tracking.uri}"
     drop = suggested_max_drop(tracker.store.rows())
     option = "" if drop in (None, DEFAULT_MAX_DROP) else f" --max-drop {drop:g}"
-    print(f"Export an operating point: {pick} --mode efficient{option} --out export/efficient\n"
-          f"                       or: {pick} --mode robust{option} --out export/robust", file=out, flush=True)
+    print(
+        f"Export an operating point: {pick} --mode efficient{option} --out export/efficient\n"
+        f"                       or: {pick} --mode robust{option} --out export/robust",
+        file=out,
+        flush=True,
+    )
 
 
-__all__ = ["CellChoice", "SweepError", "SweepOutcome", "TrackingCallback", "choose_per_cell", "finetune_recipe",
-           "make_searcher", "param_space", "print_cell_stats", "print_front", "run_sweep"]
+__all__ = [
+    "CellChoice",
+    "SweepError",
+    "SweepOutcome",
+    "TrackingCallback",
+    "choose_per_cell",
+    "finetune_recipe",
+    "make_searcher",
+    "param_space",
+    "print_cell_stats",
+    "print_front",
+    "run_sweep",
+]

@@ -44,9 +44,15 @@ def trial_config(config: dict[str, Any]) -> TrialConfig:
     base = dict(config["base"])
     seed = int(base.pop("seed", 0)) + int(config["optuna_number"])
     method = config["method"]
-    return TrialConfig(**base, method=method, hparams=dict(config["hparams"].get(method, {})),
-                       flops_target=config["flops_target"], kd_weight=config["kd_weight"],
-                       max_stage_prune=list(config["max_stage_prune"]), seed=seed)
+    return TrialConfig(
+        **base,
+        method=method,
+        hparams=dict(config["hparams"].get(method, {})),
+        flops_target=config["flops_target"],
+        kd_weight=config["kd_weight"],
+        max_stage_prune=list(config["max_stage_prune"]),
+        seed=seed,
+    )
 
 
 def run_tune_trial(config: dict[str, Any]) -> None:
@@ -83,8 +89,14 @@ def target_window(macs: int, target_macs: float) -> dict[str, Any]:
     return {"low": int(low), "high": int(target_macs), "fraction_of_target": macs / target_macs, "status": status}
 
 
-def final_phase(method: Method, cache: FinalCache | None, cell: str, owner: str, record: SubnetRecord | None = None,
-                progress: bool = False) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
+def final_phase(
+    method: Method,
+    cache: FinalCache | None,
+    cell: str,
+    owner: str,
+    record: SubnetRecord | None = None,
+    progress: bool = False,
+) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
     """Train ``record`` (default: the method's chosen subnet) with the context's fine-tune
     recipe, as :func:`~rayprune.methods.finetune.finalize` does, unless ``cache`` already holds that training for
     this cell (same spec, recipe and KD weight): then return the cached record, marked
@@ -133,27 +145,53 @@ def shared_gpu_share() -> float | None:
 
 
 def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict[str, Any]:
-    return {METRIC: float(record.metrics.get(METRIC, float("nan"))), "macs": record.macs, "params": record.params,
-            "flops_fraction": record.macs / unpruned, "unpruned_macs": unpruned, "cell": config["cell"],
-            "flops_target": config["flops_target"], "kd_weight": config["kd_weight"],
-            "best": json.dumps(record.to_dict()),
-            "node_id": ray.get_runtime_context().get_node_id()}  # which node ran the step (multi-node checks)
+    return {
+        METRIC: float(record.metrics.get(METRIC, float("nan"))),
+        "macs": record.macs,
+        "params": record.params,
+        "flops_fraction": record.macs / unpruned,
+        "unpruned_macs": unpruned,
+        "cell": config["cell"],
+        "flops_target": config["flops_target"],
+        "kd_weight": config["kd_weight"],
+        "best": json.dumps(record.to_dict()),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }  # which node ran the step (multi-node checks)
 
 
-def _report_step(method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any],
-                 checkpoint_dir: Path) -> None:
-    metrics = {**_common(method.best(), unpruned, config), "step": result.step, "steps_done": steps,
-               FINAL_KEY: False, "method_metrics": {k: float(v) for k, v in result.metrics.items()},
-               "subnets": json.dumps([s.to_dict() for s in result.subnets])}
+def _report_step(
+    method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any], checkpoint_dir: Path
+) -> None:
+    metrics = {
+        **_common(method.best(), unpruned, config),
+        "step": result.step,
+        "steps_done": steps,
+        FINAL_KEY: False,
+        "method_metrics": {k: float(v) for k, v in result.metrics.items()},
+        "subnets": json.dumps([s.to_dict() for s in result.subnets]),
+    }
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
 
-def _report_final(method: Method, record: SubnetRecord, state_dict: dict[str, torch.Tensor], state: TrialState,
-                  unpruned: int, config: dict[str, Any]) -> None:
+def _report_final(
+    method: Method,
+    record: SubnetRecord,
+    state_dict: dict[str, torch.Tensor],
+    state: TrialState,
+    unpruned: int,
+    config: dict[str, Any],
+) -> None:
     """The final report, with a checkpoint holding the trial state and the final subnet under ``final/``."""
     scalars = {k: float(v) for k, v in record.metrics.items() if k != METRIC}
-    metrics = {**_common(record, unpruned, config), **scalars, "step": record.step, "steps_done": state.steps,
-               FINAL_KEY: True, "final_record": json.dumps(record.to_dict()), "subnets": "[]"}
+    metrics = {
+        **_common(record, unpruned, config),
+        **scalars,
+        "step": record.step,
+        "steps_done": state.steps,
+        FINAL_KEY: True,
+        "final_record": json.dumps(record.to_dict()),
+        "subnets": "[]",
+    }
     with tempfile.TemporaryDirectory() as d:
         state.save(Path(d) / STATE_FILE)
         save_subnet(Path(d) / FINAL_DIR, record.spec, state_dict, record.to_dict(), input_size=method.ctx.input_size)

@@ -20,8 +20,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
     out = {}
     for p in sorted(root.rglob("*")):
         small = p.is_file() and p.stat().st_size < 1 << 20
-        out[str(p.relative_to(root))] = (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns,
-                                         p.read_bytes() if small else b"")
+        out[str(p.relative_to(root))] = (
+            p.stat().st_size if p.is_file() else -1,
+            p.stat().st_mtime_ns,
+            p.read_bytes() if small else b"",
+        )
     return out
 
 

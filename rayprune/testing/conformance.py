@@ -22,13 +22,28 @@ from .context import tiny_context, tiny_spec
 MethodClass = type[Method]
 
 
-def conformance_context(workdir: str | Path, budget: float = 0.5, kd_weight: float = 0.0, seed: int = 0,
-                        max_stage_prune: list[float] | None = None) -> RunContext:
+def conformance_context(
+    workdir: str | Path,
+    budget: float = 0.5,
+    kd_weight: float = 0.0,
+    seed: int = 0,
+    max_stage_prune: list[float] | None = None,
+) -> RunContext:
     """The tiny context with latency and robust accuracy on (at their cheapest settings)."""
     teacher = models.build(tiny_spec()) if kd_weight > 0 else None
-    return tiny_context(workdir, budget=budget, max_stage_prune=max_stage_prune, kd_weight=kd_weight,
-                        teacher=teacher, seed=seed, measure_latency=True, robust=True, latency_batch_sizes=(1,),
-                        latency_repeats=3, robust_max_samples=32)
+    return tiny_context(
+        workdir,
+        budget=budget,
+        max_stage_prune=max_stage_prune,
+        kd_weight=kd_weight,
+        teacher=teacher,
+        seed=seed,
+        measure_latency=True,
+        robust=True,
+        latency_batch_sizes=(1,),
+        latency_repeats=3,
+        robust_max_samples=32,
+    )
 
 
 def run_steps(method: Method, n: int = 2) -> list[StepResult]:
@@ -67,8 +82,7 @@ def check_same_seed_same_result(cls: MethodClass, workdir: Path) -> None:
         torch.manual_seed(1234 + i)  # global RNG state must not leak into the method
         method = cls(conformance_context(workdir / str(i), seed=7), cls.smoke)
         results = run_steps(method, 2)
-        outs.append(([r.metrics for r in results], [[s.spec for s in r.subnets] for r in results],
-                     method.best().spec))
+        outs.append(([r.metrics for r in results], [[s.spec for s in r.subnets] for r in results], method.best().spec))
     assert outs[0] == outs[1]
 
 
@@ -109,8 +123,12 @@ def check_finalize_reports_true_macs(cls: MethodClass, workdir: Path) -> None:
     net.load_state_dict(final.state_dict)  # strict: the weights match the spec exactly
 
 
-CHECKS = (check_specs_valid_finite_and_in_budget, check_same_seed_same_result,
-          check_state_dict_round_trip_resumes_exactly, check_finalize_reports_true_macs)
+CHECKS = (
+    check_specs_valid_finite_and_in_budget,
+    check_same_seed_same_result,
+    check_state_dict_round_trip_resumes_exactly,
+    check_finalize_reports_true_macs,
+)
 
 
 def check_method(cls: MethodClass, workdir: str | Path) -> None:

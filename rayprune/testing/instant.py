@@ -24,7 +24,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from .. import models
-from ..methods import METHODS, MethodHparams, StepResult, SubnetRecord, register as _register_method
+from ..methods import METHODS, MethodHparams, StepResult, SubnetRecord
+from ..methods import register as _register_method
 from ..methods._baseline import RecordsMixin, fit_multiplier
 
 NAME = "instant"
@@ -74,9 +75,12 @@ class Instant(RecordsMixin):
             records.append(SubnetRecord.of(spec, {"val_top1": score}, self.name, step, ctx.input_size, variant=k))
         self.records.extend(records)
         self.steps_done += 1
-        return StepResult(step=step, metrics={"val_top1": records[0].metrics["val_top1"],
-                                              "subnets": float(len(records))},
-                          subnets=records, done=self.done)
+        return StepResult(
+            step=step,
+            metrics={"val_top1": records[0].metrics["val_top1"], "subnets": float(len(records))},
+            subnets=records,
+            done=self.done,
+        )
 
 
 def register() -> None:
@@ -87,4 +91,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["Instant", "InstantHparams", "NAME", "RUNTIME_ENV", "register"]
+__all__ = ["NAME", "RUNTIME_ENV", "Instant", "InstantHparams", "register"]

@@ -29,7 +29,7 @@ def sqlite_file(uri: str) -> Path | None:
     working directory, as MLflow opens it; ``~`` expanded), or None for any other URI."""
     if not uri.startswith(SQLITE_PREFIX):
         return None
-    path = Path(os.path.expanduser(uri[len(SQLITE_PREFIX):]))
+    path = Path(os.path.expanduser(uri[len(SQLITE_PREFIX) :]))
     return path if path.is_absolute() else Path.cwd() / path
 
 
@@ -42,7 +42,7 @@ from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402
 
 _LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker"}
 
-__all__ = ["TrackingError", "SubnetStore", "SweepTracker", "hypervolume_2d", "pareto_front", "pareto_ranks"]
+__all__ = ["SubnetStore", "SweepTracker", "TrackingError", "hypervolume_2d", "pareto_front", "pareto_ranks"]
 
 
 def __getattr__(name: str) -> Any:

@@ -44,9 +44,12 @@ def _open_sweep(args: argparse.Namespace, write: bool = False) -> tuple[Any, Any
     run = find_sweep_run(client, experiment_id, args.sweep_id)
     for item in interrupted_sweeps(client, experiment_id, mark=write):
         if item.run_id == run.info.run_id:
-            print(f"rayprune: note: sweep {item.sweep_id} was interrupted (its driver {item.driver} stopped without "
-                  f"closing its runs{'; they are now marked KILLED' if write else ''}); its fronts are partial; "
-                  f"resume it with: {item.resume}", file=sys.stderr)
+            print(
+                f"rayprune: note: sweep {item.sweep_id} was interrupted (its driver {item.driver} stopped without "
+                f"closing its runs{'; they are now marked KILLED' if write else ''}); its fronts are partial; "
+                f"resume it with: {item.resume}",
+                file=sys.stderr,
+            )
     return client, run, sweep_rows(client, run)
 
 
@@ -68,12 +71,20 @@ def pick(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise TrackingError(f"--out {str(out)!r} is a file, not a directory; pass a new directory")
     if out.exists() and any(out.iterdir()):
-        raise TrackingError(f"output directory {str(out)!r} already exists and is not empty; pass a new --out "
-                            "or remove it")
+        raise TrackingError(
+            f"output directory {str(out)!r} already exists and is not empty; pass a new --out or remove it"
+        )
     client, parent, rows = _open_sweep(args, write=args.register)
     max_drop = None if args.max_drop >= 1.0 else args.max_drop
-    row, why = choose_operating_point(rows, args.mode, max_macs=args.max_macs, min_acc=args.min_acc,
-                                      max_drop=max_drop, kd_weight=args.kd_weight, init=args.init)
+    row, why = choose_operating_point(
+        rows,
+        args.mode,
+        max_macs=args.max_macs,
+        min_acc=args.min_acc,
+        max_drop=max_drop,
+        kd_weight=args.kd_weight,
+        init=args.init,
+    )
     model_name = args.model_name or default_model_name(args.experiment)
     base = baseline_row(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,17 +92,36 @@ def pick(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         saved = _load_download(download_subnet(client, row["artifact_uri"], Path(tmp) / "download"), row)
         source = row.get("source") or {}
-        info = {"mode": args.mode, "selection": why, "method": row["method"], "dataset": _dataset(parent),
-                "flops_target": row.get("flops_target"), "kd_weight": row.get("kd_weight"),
-                "recipe": row.get("recipe") or source.get("recipe_tag"), "init": row.get("init") or source.get("init"),
-                "robust_suite": row.get("robust_suite"), "experiment": args.experiment,
-                "sweep_id": parent.data.tags.get("rayprune.sweep_id"), "parent_run_id": parent.info.run_id,
-                "source_run_id": row.get("run_id"), "trial_id": row["trial_id"],
-                "record": f"{row['kind']} step {row['step']}", "weights": row["artifact_uri"],
-                "registered_model": f"{model_name}@{args.mode}" if args.register else None}
-        staged = export_subnet(saved.spec, saved.state_dict, {**saved.metrics, **row["metrics"]}, Path(tmp) / "export",
-                               input_size=saved.input_size, info=info, exporter=args.onnx_exporter,
-                               baseline=base, preprocessing=_preprocessing(row, base))
+        info = {
+            "mode": args.mode,
+            "selection": why,
+            "method": row["method"],
+            "dataset": _dataset(parent),
+            "flops_target": row.get("flops_target"),
+            "kd_weight": row.get("kd_weight"),
+            "recipe": row.get("recipe") or source.get("recipe_tag"),
+            "init": row.get("init") or source.get("init"),
+            "robust_suite": row.get("robust_suite"),
+            "experiment": args.experiment,
+            "sweep_id": parent.data.tags.get("rayprune.sweep_id"),
+            "parent_run_id": parent.info.run_id,
+            "source_run_id": row.get("run_id"),
+            "trial_id": row["trial_id"],
+            "record": f"{row['kind']} step {row['step']}",
+            "weights": row["artifact_uri"],
+            "registered_model": f"{model_name}@{args.mode}" if args.register else None,
+        }
+        staged = export_subnet(
+            saved.spec,
+            saved.state_dict,
+            {**saved.metrics, **row["metrics"]},
+            Path(tmp) / "export",
+            input_size=saved.input_size,
+            info=info,
+            exporter=args.onnx_exporter,
+            baseline=base,
+            preprocessing=_preprocessing(row, base),
+        )
         version = register_choice(client, parent, model_name, args.mode, staged, row, why) if args.register else None
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -109,8 +139,9 @@ def _load_download(folder: Path, row: dict[str, Any]) -> subnet_io.SavedSubnet:
     except subnet_io.NotASubnetError as e:
         raise TrackingError(f"the picked record's artifacts are incomplete: {e}") from None
     if saved.input_size is None:
-        return subnet_io.SavedSubnet(saved.path, saved.spec, saved.state_dict, saved.record,
-                                     models.input_size_of(saved.spec))
+        return subnet_io.SavedSubnet(
+            saved.path, saved.spec, saved.state_dict, saved.record, models.input_size_of(saved.spec)
+        )
     return saved
 
 
@@ -123,20 +154,33 @@ def _preprocessing(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str
     return (row.get("source") or {}).get("preprocessing") or ((base or {}).get("source") or {}).get("preprocessing")
 
 
-def _print_choice(mode: str, row: dict[str, Any], why: str, out: Path, model_name: str, version: str | None,
-                  base: dict[str, Any] | None = None) -> None:
+def _print_choice(
+    mode: str,
+    row: dict[str, Any],
+    why: str,
+    out: Path,
+    model_name: str,
+    version: str | None,
+    base: dict[str, Any] | None = None,
+) -> None:
     metrics = ", ".join(f"{k} {row['metrics'][k]:.4f}" for k in ("test_top1", "robust_top1") if k in row["metrics"])
     vs = ""
     if base is not None and base["metrics"].get("test_top1") is not None and "test_top1" in row["metrics"]:
-        vs = (f" (baseline test_top1 {base['metrics']['test_top1']:.4f}, drop "
-              f"{base['metrics']['test_top1'] - row['metrics']['test_top1']:+.4f}; "
-              f"{100.0 * row['macs'] / base['macs']:.1f}% of its MACs)")
-    print(f"picked {mode}: {row['method']} (trial {row['trial_id']}, {row['kind']}), {row['macs']:,} MACs, "
-          f"{row['params']:,} params, {metrics}{vs}")
+        vs = (
+            f" (baseline test_top1 {base['metrics']['test_top1']:.4f}, drop "
+            f"{base['metrics']['test_top1'] - row['metrics']['test_top1']:+.4f}; "
+            f"{100.0 * row['macs'] / base['macs']:.1f}% of its MACs)"
+        )
+    print(
+        f"picked {mode}: {row['method']} (trial {row['trial_id']}, {row['kind']}), {row['macs']:,} MACs, "
+        f"{row['params']:,} params, {metrics}{vs}"
+    )
     print(f"  selection: {why}")
     print(f"exported to {out} (spec.json, weights.pt, model.onnx, model_card.md)")
     if version is None:
         print("not registered (--no-register): nothing was written to the tracking store")
     else:
-        print(f"registered {model_name} version {version} as @{mode} (ONNX flavor): "
-              f"mlflow.pyfunc.load_model('models:/{model_name}@{mode}')")
+        print(
+            f"registered {model_name} version {version} as @{mode} (ONNX flavor): "
+            f"mlflow.pyfunc.load_model('models:/{model_name}@{mode}')"
+        )

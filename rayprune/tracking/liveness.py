@@ -14,6 +14,7 @@ which never write, only say so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -45,16 +46,21 @@ class Interrupted:
 
 def driver_tags(space: str | None = None) -> dict[str, str]:
     """The tags a driver puts on its parent run when it opens (or reopens) it."""
-    tags = {DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}", HEARTBEAT_TAG: str(int(time.time())),
-            STATUS_TAG: "running"}
+    tags = {
+        DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}",
+        HEARTBEAT_TAG: str(int(time.time())),
+        STATUS_TAG: "running",
+    }
     if space:
         tags[SPACE_TAG] = str(space)
     return tags
 
 
 def resume_command(tags: dict[str, str]) -> str:
-    return (f"rayprune sweep --space {tags.get(SPACE_TAG) or '<its sweep file>'} --resume "
-            f"{tags.get(SWEEP_TAG, '<sweep id>')}")
+    return (
+        f"rayprune sweep --space {tags.get(SPACE_TAG) or '<its sweep file>'} --resume "
+        f"{tags.get(SWEEP_TAG, '<sweep id>')}"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -103,17 +109,23 @@ def interrupted_sweeps(client, experiment_id: str, *, mark: bool = False) -> lis
         tags = run.data.tags
         if not driver_is_dead(tags):
             continue
-        item = Interrupted(tags.get(SWEEP_TAG, run.info.run_id), run.info.run_id, tags.get(DRIVER_TAG, "?"),
-                           resume_command(tags))
+        item = Interrupted(
+            tags.get(SWEEP_TAG, run.info.run_id), run.info.run_id, tags.get(DRIVER_TAG, "?"), resume_command(tags)
+        )
         found.append(item)
         if not mark:
             continue
-        for child in _search_all(client, experiment_id,
-                                 f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"):
+        for child in _search_all(
+            client, experiment_id, f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+        ):
             client.set_tag(child.info.run_id, STATUS_TAG, "interrupted")
             client.set_terminated(child.info.run_id, status="KILLED")
-        mark_parent(client, run.info.run_id, "interrupted",
-                    f"interrupted (its driver {item.driver} stopped without closing it); resume with: {item.resume}")
+        mark_parent(
+            client,
+            run.info.run_id,
+            "interrupted",
+            f"interrupted (its driver {item.driver} stopped without closing it); resume with: {item.resume}",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
     return found
 
@@ -148,15 +160,26 @@ class Heartbeat:
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
         while not self._stop.wait(self.every_s):
-            try:
+            with contextlib.suppress(Exception):
                 client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
-            except Exception:  # noqa: BLE001 - a busy or unreachable store: try again next time
-                pass
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
 
-__all__ = ["DRIVER_TAG", "HEARTBEAT_TAG", "Heartbeat", "Interrupted", "NOTE_TAG", "SPACE_TAG", "STATUS_TAG",
-           "clear_note", "driver_is_dead", "driver_tags", "interrupted_sweeps", "mark_parent", "resume_command"]
+__all__ = [
+    "DRIVER_TAG",
+    "HEARTBEAT_TAG",
+    "NOTE_TAG",
+    "SPACE_TAG",
+    "STATUS_TAG",
+    "Heartbeat",
+    "Interrupted",
+    "clear_note",
+    "driver_is_dead",
+    "driver_tags",
+    "interrupted_sweeps",
+    "mark_parent",
+    "resume_command",
+]

@@ -14,8 +14,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
@@ -67,16 +68,21 @@ def check_reachable(uri: str, *, must_exist: bool = False, timeout: float = _PRO
             socket.create_connection((parsed.hostname, port), timeout=timeout).close()
         except OSError as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
-                                "(mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000) or pass a "
-                                "reachable --mlflow-uri / MLFLOW_TRACKING_URI") from None
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+                "(mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000) or pass a "
+                "reachable --mlflow-uri / MLFLOW_TRACKING_URI"
+            ) from None
     elif (path := sqlite_file(uri)) is not None:
         if must_exist and not path.is_file():
-            raise TrackingError(f"no MLflow database at {path}; run a sweep in that directory first or pass "
-                                "--mlflow-uri (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)")
+            raise TrackingError(
+                f"no MLflow database at {path}; run a sweep in that directory first or pass "
+                "--mlflow-uri (e.g. sqlite:////abs/path/mlflow.db or http://host:5000)"
+            )
         if not path.parent.is_dir():
-            raise TrackingError(f"the directory of the MLflow database {path} does not exist; create it or "
-                                "pass another --mlflow-uri")
+            raise TrackingError(
+                f"the directory of the MLflow database {path} does not exist; create it or pass another --mlflow-uri"
+            )
         check_sqlite_file(path, must_exist=must_exist)
 
 
@@ -90,8 +96,10 @@ def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
     without MLflow's tables, unless it is empty and the caller writes (``must_exist`` False: a
     sweep creates the schema). A reader (``front``, ``pick``) never creates MLflow's schema in an
     empty file. Opens the file read-only."""
-    fix = ("pass --mlflow-uri with the sweep's database (e.g. sqlite:////abs/path/mlflow.db) or its server "
-           "(http://host:5000)")
+    fix = (
+        "pass --mlflow-uri with the sweep's database (e.g. sqlite:////abs/path/mlflow.db) or its server "
+        "(http://host:5000)"
+    )
     if not path.exists():
         return
     if not path.is_file():
@@ -99,14 +107,17 @@ def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
     size = path.stat().st_size
     if size == 0:
         if must_exist:
-            raise TrackingError(f"the MLflow database {path} is empty (0 bytes), so no sweep was logged there; "
-                                f"delete it or run a sweep there first, or {fix}")
+            raise TrackingError(
+                f"the MLflow database {path} is empty (0 bytes), so no sweep was logged there; "
+                f"delete it or run a sweep there first, or {fix}"
+            )
         return
     with open(path, "rb") as f:
         header = f.read(len(SQLITE_HEADER))
     if header != SQLITE_HEADER:
-        raise TrackingError(f"{path} is not an SQLite database (tracking URI sqlite:///{path}); pass a new file "
-                            f"name or {fix}")
+        raise TrackingError(
+            f"{path} is not an SQLite database (tracking URI sqlite:///{path}); pass a new file name or {fix}"
+        )
     import sqlite3
 
     try:
@@ -114,7 +125,7 @@ def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.Error as e:
         raise TrackingError(f"cannot read the SQLite database {path} ({e}); {fix}") from None
-    if MLFLOW_TABLES <= tables or (not tables and not must_exist):
+    if tables >= MLFLOW_TABLES or (not tables and not must_exist):
         return
     names = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
     what = "has no tables" if not tables else f"holds other tables ({names})"
@@ -149,9 +160,11 @@ def _open_client(uri: str) -> MlflowClient:
         except OperationalError as e:
             if time.monotonic() >= deadline:
                 detail = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
-                raise TrackingError(f"the MLflow database {sqlite_file(uri) or uri} stayed busy for {BUSY_WAIT_S:g} s "
-                                    f"({detail}): another process is creating or writing it; try again when it "
-                                    "is done") from None
+                raise TrackingError(
+                    f"the MLflow database {sqlite_file(uri) or uri} stayed busy for {BUSY_WAIT_S:g} s "
+                    f"({detail}): another process is creating or writing it; try again when it "
+                    "is done"
+                ) from None
             time.sleep(0.5)
 
 
@@ -175,10 +188,12 @@ def _check_answers(client: MlflowClient) -> None:
     try:
         with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
             client.search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - MlflowException, requests errors: same advice
+    except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"the tracking server at {client.tracking_uri} did not answer as an MLflow server "
-                            f"({detail}); check --mlflow-uri / MLFLOW_TRACKING_URI and credentials") from None
+        raise TrackingError(
+            f"the tracking server at {client.tracking_uri} did not answer as an MLflow server "
+            f"({detail}); check --mlflow-uri / MLFLOW_TRACKING_URI and credentials"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +207,10 @@ def find_experiment(client: MlflowClient, name: str) -> str:
     if experiment is None or experiment.lifecycle_stage != "active":
         known = sorted(e.name for e in client.search_experiments(max_results=50))
         state = "is deleted" if experiment is not None else "does not exist"
-        raise TrackingError(f"experiment {name!r} {state} at {client.tracking_uri}; known experiments: "
-                            f"{', '.join(known) or '(none)'}; pass --experiment NAME (and --mlflow-uri)")
+        raise TrackingError(
+            f"experiment {name!r} {state} at {client.tracking_uri}; known experiments: "
+            f"{', '.join(known) or '(none)'}; pass --experiment NAME (and --mlflow-uri)"
+        )
     return experiment.experiment_id
 
 
@@ -202,13 +219,20 @@ def find_sweep_run(client: MlflowClient, experiment_id: str, sweep_id: str | Non
     query = f"tags.`{ROLE_TAG}` = 'sweep'"
     if sweep_id is not None:
         query += f" and tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}'"
-    runs = client.search_runs([experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
-                              max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=query,
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if not runs:
         which = f"sweep {sweep_id!r}" if sweep_id is not None else "any sweep"
         name = client.get_experiment(experiment_id).name
-        raise TrackingError(f"experiment {name!r} has no parent run of {which}; run `rayprune sweep` "
-                            "first (or check --experiment / --sweep-id)")
+        raise TrackingError(
+            f"experiment {name!r} has no parent run of {which}; run `rayprune sweep` "
+            "first (or check --experiment / --sweep-id)"
+        )
     return runs[0]
 
 
@@ -217,8 +241,10 @@ def sweep_rows(client: MlflowClient, run: Any) -> list[dict[str, Any]]:
     names = {f.path for f in client.list_artifacts(run.info.run_id)}
     sweep = run.data.tags.get(SWEEP_TAG, run.info.run_id)
     if SUBNETS_ARTIFACT not in names:
-        raise TrackingError(f"sweep {sweep!r} has no Pareto front yet (no trial has finished); wait for a "
-                            "trial to finish or resume the sweep")
+        raise TrackingError(
+            f"sweep {sweep!r} has no Pareto front yet (no trial has finished); wait for a "
+            "trial to finish or resume the sweep"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run.info.run_id, SUBNETS_ARTIFACT, tmp)
         return SubnetStore(local).rows()
@@ -229,8 +255,10 @@ def download_subnet(client: MlflowClient, artifact_uri: str, dst: str | Path) ->
     try:
         return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=client.tracking_uri))
     except (MlflowException, OSError) as e:
-        raise TrackingError(f"cannot download the subnet weights at {artifact_uri}: {str(e).splitlines()[0]}; "
-                            "was the artifact store moved or deleted?") from None
+        raise TrackingError(
+            f"cannot download the subnet weights at {artifact_uri}: {str(e).splitlines()[0]}; "
+            "was the artifact store moved or deleted?"
+        ) from None
 
 
 def _quoted(value: str) -> str:

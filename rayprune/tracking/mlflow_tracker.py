@@ -31,9 +31,10 @@ import posixpath
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
@@ -50,12 +51,22 @@ LAST_STEP_TAG = "rayprune.last_step"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: the UI's table viewer
 # MLflow 3's UI opens an experiment without this tag in GenAI (traces) mode; ours holds model runs.
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-FRONT_TAGS = {"search": "rayprune.is_pareto", "final": "rayprune.is_pareto_final",
-              "robust": "rayprune.is_pareto_robust"}  # by front kind (pareto.FRONT_KINDS)
+FRONT_TAGS = {
+    "search": "rayprune.is_pareto",
+    "final": "rayprune.is_pareto_final",
+    "robust": "rayprune.is_pareto_robust",
+}  # by front kind (pareto.FRONT_KINDS)
 SUBNET_DIR = "subnet"  # artifact path of a run's saved subnet (spec.json, weights.pt, metrics.json)
 VERSIONED = ("torch", "ray", "optuna", "mlflow", "rayprune")
-RUN_STATUSES = {"FINISHED": "FINISHED", "COMPLETED": "FINISHED", "TERMINATED": "FINISHED",
-                "FAILED": "FAILED", "ERROR": "FAILED", "KILLED": "KILLED", "STOPPED": "KILLED"}
+RUN_STATUSES = {
+    "FINISHED": "FINISHED",
+    "COMPLETED": "FINISHED",
+    "TERMINATED": "FINISHED",
+    "FAILED": "FAILED",
+    "ERROR": "FAILED",
+    "KILLED": "KILLED",
+    "STOPPED": "KILLED",
+}
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 COMPACT_EVERY_S = 30.0  # how often at most the driver rewrites subnets.parquet from its journal
 #: How stale, at most, a running (or killed) sweep's fronts and ``subnets.parquet`` in MLflow may
@@ -82,8 +93,9 @@ def library_versions() -> dict[str, str]:
 def git_sha() -> str | None:
     """The commit of the rayprune checkout, when it is a git working tree."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     sha = out.stdout.strip()
@@ -116,8 +128,24 @@ def _run_status(status: str) -> str:
 
 def _table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A store row flattened for an MLflow table (metrics as columns, spec as JSON text)."""
-    flat = {"key": row_key(row), **{k: row.get(k) for k in ("trial_id", "kind", "step", "method", "flops_target",
-                                                           "kd_weight", "recipe", "init", "macs", "params")}}
+    flat = {
+        "key": row_key(row),
+        **{
+            k: row.get(k)
+            for k in (
+                "trial_id",
+                "kind",
+                "step",
+                "method",
+                "flops_target",
+                "kd_weight",
+                "recipe",
+                "init",
+                "macs",
+                "params",
+            )
+        },
+    }
     flat.update(row["metrics"])
     flat.update(spec_hash=row["spec_hash"], artifact_uri=row.get("artifact_uri"), spec=json.dumps(row["spec"]))
     return flat
@@ -136,8 +164,9 @@ class SweepTracker:
     :class:`TrackingError` within seconds.
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "rayprune",
-                 workdir: str | Path = ".") -> None:
+    def __init__(
+        self, tracking_uri: str | None = None, experiment: str = "rayprune", workdir: str | Path = "."
+    ) -> None:
         self.client = connect(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
         self.experiment = experiment
@@ -164,18 +193,20 @@ class SweepTracker:
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return self.client.create_experiment(name, artifact_location=self._artifact_location(),
-                                                 tags=EXPERIMENT_KIND_TAGS)
+            return self.client.create_experiment(
+                name, artifact_location=self._artifact_location(), tags=EXPERIMENT_KIND_TAGS
+            )
         if experiment.lifecycle_stage != "active":
-            raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or "
-                                "pass another --experiment")
+            raise TrackingError(
+                f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or pass another --experiment"
+            )
         return experiment.experiment_id
 
     def _artifact_location(self) -> str | None:
         # For SQLite, MLflow's default artifact root is ./mlruns of whatever directory the
         # process runs in; pin it beside the database so every process finds the files.
         if self.tracking_uri.startswith("sqlite:///"):
-            return str(Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts")
+            return str(Path(self.tracking_uri[len("sqlite:///") :]).parent / "mlartifacts")
         return None  # a server decides (--artifacts-destination)
 
     # -- sweep ------------------------------------------------------------------------------------
@@ -187,15 +218,18 @@ class SweepTracker:
         interrupted_sweeps(self.client, self.experiment_id, mark=True)
         parent = self._existing_parent(sweep_id)
         if parent is None:
-            run = self.client.create_run(self.experiment_id, run_name=sweep_id,
-                                         tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep_id})
+            run = self.client.create_run(
+                self.experiment_id, run_name=sweep_id, tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep_id}
+            )
             self.parent_run_id, logged = run.info.run_id, {}
         else:
             self.parent_run_id, logged = parent.info.run_id, parent.data.params
             self.client.update_run(self.parent_run_id, status="RUNNING")
             clear_note(self.client, parent)
-        params = {"sweep_id": sweep_id, **{k: v for k, v in resolved_config.items()
-                                           if isinstance(v, (str, int, float, bool)) or v is None}}
+        params = {
+            "sweep_id": sweep_id,
+            **{k: v for k, v in resolved_config.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        }
         for section in ("dataset", "grid"):  # small sections the UI and `pick` want as params (dataset.name)
             if isinstance(resolved_config.get(section), dict):
                 params[section] = resolved_config[section]
@@ -206,8 +240,9 @@ class SweepTracker:
         if sha:
             run_tags["git_sha"] = sha
         self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
-        self.client.log_dict(self.parent_run_id, json.loads(json.dumps(resolved_config, default=str)),
-                             "sweep/resolved_sweep.json")
+        self.client.log_dict(
+            self.parent_run_id, json.loads(json.dumps(resolved_config, default=str)), "sweep/resolved_sweep.json"
+        )
         if parent is not None:
             self._reattach_children()
             self._restore_store()
@@ -224,8 +259,12 @@ class SweepTracker:
         """Rebuild the trial/fine-tune run maps of a resumed sweep from the runs' tags."""
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                max_results=1000,
+                page_token=token,
+            )
             for run in page:
                 tags, run_id = run.data.tags, run.info.run_id
                 if tags.get(ROLE_TAG) == "trial":
@@ -256,8 +295,11 @@ class SweepTracker:
         self._require_sweep()
         row = record_row(record, trial_id="unpruned", kind="unpruned", sweep_id=self.sweep_id, step=0)
         if self.store.add([row]):
-            metrics = {"unpruned_macs": row["macs"], "unpruned_params": row["params"],
-                       **{f"unpruned_{k}": v for k, v in row["metrics"].items()}}
+            metrics = {
+                "unpruned_macs": row["macs"],
+                "unpruned_params": row["params"],
+                **{f"unpruned_{k}": v for k, v in row["metrics"].items()},
+            }
             self._log_metrics(self.parent_run_id, metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -280,8 +322,12 @@ class SweepTracker:
             self._heartbeat.stop()
             self._heartbeat = None
         word = {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")
-        mark_parent(self.client, self.parent_run_id, word,
-                    None if status == "FINISHED" else f"{word}; resume with: {self._resume}")
+        mark_parent(
+            self.client,
+            self.parent_run_id,
+            word,
+            None if status == "FINISHED" else f"{word}; resume with: {self._resume}",
+        )
         self.client.set_terminated(self.parent_run_id, status=status)
 
     def _require_sweep(self) -> None:
@@ -298,8 +344,11 @@ class SweepTracker:
         flat = flatten_params(params or {})
         run_id = self._trial_runs.get(trial_id)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags={
-                PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_id})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name or trial_id,
+                tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep_id},
+            )
             run_id = self._trial_runs[trial_id] = run.info.run_id
             self._reattached.add(run_id)
             self._created.add(run_id)
@@ -318,8 +367,10 @@ class SweepTracker:
         if cell is not None:
             self._cells[trial_id] = dict(cell)
         elif "flops_target" in params and "kd_weight" in params:
-            self._cells[trial_id] = {"flops_target": float(params["flops_target"]),
-                                     "kd_weight": float(params["kd_weight"])}
+            self._cells[trial_id] = {
+                "flops_target": float(params["flops_target"]),
+                "kd_weight": float(params["kd_weight"]),
+            }
 
     def _cell_of(self, trial_id: str) -> dict[str, float]:
         return self._cells.get(trial_id, {})
@@ -328,16 +379,32 @@ class SweepTracker:
         run_id = self._trial_runs.get(trial_id)
         return run_id if run_id in self._reattached else self.trial_started(trial_id)
 
-    def log_step(self, trial_id: str, step: int, metrics: dict[str, Any], subnets: Iterable[dict[str, Any]],
-                 cell: dict[str, float] | None = None) -> int:
+    def log_step(
+        self,
+        trial_id: str,
+        step: int,
+        metrics: dict[str, Any],
+        subnets: Iterable[dict[str, Any]],
+        cell: dict[str, float] | None = None,
+    ) -> int:
         """Record one reported step: its metrics on the trial run (once per step) and its
         subnet records (``SubnetRecord.to_dict()``) in the registry. ``cell`` (flops_target,
         kd_weight) defaults to what the trial's params said. Returns how many records were new."""
         trial_id = str(trial_id)
         self._remember_cell(trial_id, {}, cell)
         run_id = self._trial_run(trial_id)
-        rows = [record_row(s, trial_id=trial_id, kind="search", sweep_id=self.sweep_id, run_id=run_id, step=step,
-                           **self._cell_of(trial_id)) for s in subnets]
+        rows = [
+            record_row(
+                s,
+                trial_id=trial_id,
+                kind="search",
+                sweep_id=self.sweep_id,
+                run_id=run_id,
+                step=step,
+                **self._cell_of(trial_id),
+            )
+            for s in subnets
+        ]
         added = self.store.add(rows)
         if step > self._last_step.get(trial_id, -1):
             values = {**_numeric_metrics(metrics), "subnets_in_step": len(rows)}
@@ -345,9 +412,16 @@ class SweepTracker:
             self._last_step[trial_id] = step
         return added
 
-    def trial_finished(self, trial_id: str, final: dict[str, Any] | None = None,
-                       artifacts_dir: str | Path | None = None, status: str = "FINISHED", *,
-                       refresh_front: bool = True, cell: dict[str, float] | None = None) -> None:
+    def trial_finished(
+        self,
+        trial_id: str,
+        final: dict[str, Any] | None = None,
+        artifacts_dir: str | Path | None = None,
+        status: str = "FINISHED",
+        *,
+        refresh_front: bool = True,
+        cell: dict[str, float] | None = None,
+    ) -> None:
         """Close a trial: its final record (``SubnetRecord.to_dict()`` with test metrics) and
         saved subnet directory (spec.json, weights.pt, metrics.json) on the trial run, its
         subnet table, and the run status (FINISHED / FAILED / KILLED). Then, unless
@@ -359,8 +433,15 @@ class SweepTracker:
         own = self.store.rows(("search", "final"), trial_id)  # fine-tunes have their own runs
         metrics, tags = {}, self._table_tag(run_id, "subnets.json")
         if final is not None:
-            row = record_row(final, trial_id=trial_id, kind="final", sweep_id=self.sweep_id, run_id=run_id,
-                             artifact_uri=artifact_uri, **self._cell_of(trial_id))
+            row = record_row(
+                final,
+                trial_id=trial_id,
+                kind="final",
+                sweep_id=self.sweep_id,
+                run_id=run_id,
+                artifact_uri=artifact_uri,
+                **self._cell_of(trial_id),
+            )
             if self.store.add([row]):
                 own.append(row)
                 metrics = {"macs": row["macs"], "params": row["params"], **row["metrics"]}
@@ -372,8 +453,16 @@ class SweepTracker:
         if refresh_front:
             self.update_front()
 
-    def log_finetuned(self, record: dict[str, Any], artifacts_dir: str | Path | None = None, *, trial_id: str,
-                      cell: str, flops_target: float | None = None, kd_weight: float | None = None) -> str:
+    def log_finetuned(
+        self,
+        record: dict[str, Any],
+        artifacts_dir: str | Path | None = None,
+        *,
+        trial_id: str,
+        cell: str,
+        flops_target: float | None = None,
+        kd_weight: float | None = None,
+    ) -> str:
         """Record a grid cell's chosen subnet fine-tuned with the sweep's final recipe:
         ``record`` is its ``SubnetRecord.to_dict()`` (test and robust accuracy, latency, the
         recipe in its source), ``artifacts_dir`` its saved subnet, ``trial_id`` the trial that
@@ -384,18 +473,38 @@ class SweepTracker:
         run_id = self._member_runs.get(cell)
         if run_id is None:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"finetune-{cell}",
-                tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "finetune", MEMBER_TAG: cell,
-                      TRIAL_TAG: str(trial_id), SWEEP_TAG: self.sweep_id})
+                self.experiment_id,
+                run_name=f"finetune-{cell}",
+                tags={
+                    PARENT_TAG: self.parent_run_id,
+                    ROLE_TAG: "finetune",
+                    MEMBER_TAG: cell,
+                    TRIAL_TAG: str(trial_id),
+                    SWEEP_TAG: self.sweep_id,
+                },
+            )
             run_id = self._member_runs[cell] = run.info.run_id
-            params = {"cell": cell, "trial_id": str(trial_id), "method": record.get("method", ""),
-                      "flops_target": flops_target, "kd_weight": kd_weight,
-                      "recipe": (record.get("source") or {}).get("recipe_tag"),
-                      "init": (record.get("source") or {}).get("init")}
+            params = {
+                "cell": cell,
+                "trial_id": str(trial_id),
+                "method": record.get("method", ""),
+                "flops_target": flops_target,
+                "kd_weight": kd_weight,
+                "recipe": (record.get("source") or {}).get("recipe_tag"),
+                "init": (record.get("source") or {}).get("init"),
+            }
             self._log_new_params(run_id, flatten_params({k: v for k, v in params.items() if v is not None}), {})
         artifact_uri = self._log_subnet_dir(run_id, artifacts_dir)
-        row = record_row(record, trial_id=str(trial_id), kind="finetuned", sweep_id=self.sweep_id, run_id=run_id,
-                         artifact_uri=artifact_uri, flops_target=flops_target, kd_weight=kd_weight)
+        row = record_row(
+            record,
+            trial_id=str(trial_id),
+            kind="finetuned",
+            sweep_id=self.sweep_id,
+            run_id=run_id,
+            artifact_uri=artifact_uri,
+            flops_target=flops_target,
+            kd_weight=kd_weight,
+        )
         if self.store.add([row]):
             self._log_metrics(run_id, self.candidate_metrics(row))
         self.client.set_terminated(run_id, status="FINISHED")
@@ -428,8 +537,15 @@ class SweepTracker:
         out = []
         for (method, target, kd), entry in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
             name = method if target is None else f"{method}_f{target:g}_kd{(kd or 0):g}"
-            out.append({"cell": name, "trials": entry["trials"], "distinct": len(entry["specs"]),
-                        "reused": entry["reused"], "outside_window": entry["outside"]})
+            out.append(
+                {
+                    "cell": name,
+                    "trials": entry["trials"],
+                    "distinct": len(entry["specs"]),
+                    "reused": entry["reused"],
+                    "outside_window": entry["outside"],
+                }
+            )
         return out
 
     def note_cell(self, method: str, flops_target: float, kd_weight: float) -> bool:
@@ -443,10 +559,12 @@ class SweepTracker:
         if stats is None or stats["trials"] < 2 or stats["distinct"] != 1:
             return False
         self._noted.add(name)
-        print(f"rayprune: cell {name}: its {stats['trials']} trials all chose the same subnet under different "
-              f"Optuna budgets: the per-stage budgets do not bind there ({stats['reused']} trial(s) reused the "
-              "cached training instead of repeating it); narrow optuna.stage_prune or lower samples_per_cell",
-              flush=True)
+        print(
+            f"rayprune: cell {name}: its {stats['trials']} trials all chose the same subnet under different "
+            f"Optuna budgets: the per-stage budgets do not bind there ({stats['reused']} trial(s) reused the "
+            "cached training instead of repeating it); narrow optuna.stage_prune or lower samples_per_cell",
+            flush=True,
+        )
         self.client.set_tag(self.parent_run_id, f"rayprune.budgets_do_not_bind.{name}", "true")
         return True
 
@@ -455,14 +573,16 @@ class SweepTracker:
         """Recompute the fronts over every record so far; tag the runs owning members; log
         the front tables, the plot, ``subnets.parquet`` and the per-cell counts to the parent
         run. Called at the end of a sweep, on resume, and by :meth:`publish_if_due` as trials
-        finish (not per trial: every call uploads the whole registry). Returns the fronts (:func:`~.pareto.compute_fronts`)."""
+        finish (not per trial: every call uploads the whole registry). Returns the fronts
+        (:func:`~.pareto.compute_fronts`)."""
         self._require_sweep()
         rows = self.store.rows()
         fronts = compute_fronts(rows)
         self._tag_front_members(fronts)
         for name, members in fronts.items():
-            self._log_table(self.parent_run_id, [_table_row(r) for r in members],
-                            f"pareto/front_{name.replace('/', '_')}.json")
+            self._log_table(
+                self.parent_run_id, [_table_row(r) for r in members], f"pareto/front_{name.replace('/', '_')}.json"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             plot = Path(tmp) / "pareto.png"
             plot_fronts(rows, fronts, plot)
@@ -516,26 +636,31 @@ class SweepTracker:
         return format_fronts(self.store.rows())
 
     # -- MLflow plumbing ---------------------------------------------------------------------------
-    def _log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0,
-                     tags: dict[str, str] | None = None) -> None:
+    def _log_metrics(
+        self, run_id: str, metrics: dict[str, Any], step: int = 0, tags: dict[str, str] | None = None
+    ) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+        )
 
     def _log_new_params(self, run_id: str, params: dict[str, str], logged: dict[str, str]) -> None:
         # MLflow params are write-once: re-logging a changed value raises, so a resume only
         # adds the keys the run does not have yet.
         new = [Param(k, v) for k, v in params.items() if k not in logged]
         for start in range(0, len(new), 100):  # log_batch takes at most 100 params
-            self.client.log_batch(run_id, params=new[start:start + 100])
+            self.client.log_batch(run_id, params=new[start : start + 100])
 
     def _log_subnet_dir(self, run_id: str, artifacts_dir: str | Path | None) -> str | None:
         if artifacts_dir is None:
             return None
         artifacts_dir = Path(artifacts_dir)
         if not (artifacts_dir / "spec.json").is_file() or not (artifacts_dir / "weights.pt").is_file():
-            raise ValueError(f"artifacts_dir {str(artifacts_dir)!r} must hold spec.json and weights.pt "
-                             "(runner.save_subnet)")
+            raise ValueError(
+                f"artifacts_dir {str(artifacts_dir)!r} must hold spec.json and weights.pt (runner.save_subnet)"
+            )
         self.client.log_artifacts(run_id, str(artifacts_dir), SUBNET_DIR)
         return f"runs:/{run_id}/{SUBNET_DIR}"
 
@@ -562,7 +687,10 @@ class SweepTracker:
         if (run_id, artifact_file) in self._tables:
             return {}
         self._tables.add((run_id, artifact_file))
-        entries = [] if run_id in self._created else \
-            json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        entries = (
+            []
+            if run_id in self._created
+            else json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        )
         entry = {"path": artifact_file, "type": "table"}
-        return {} if entry in entries else {LOGGED_ARTIFACTS_TAG: json.dumps(entries + [entry])}
+        return {} if entry in entries else {LOGGED_ARTIFACTS_TAG: json.dumps([*entries, entry])}

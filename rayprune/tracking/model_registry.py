@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -18,8 +19,15 @@ from .store import row_key
 TRACKING_ENV, REGISTRY_ENV = "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"
 
 
-def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: str, export_dir: str | Path,
-                    row: dict[str, Any], description: str) -> Any:
+def register_choice(
+    client: MlflowClient,
+    parent: Any,
+    model_name: str,
+    alias: str,
+    export_dir: str | Path,
+    row: dict[str, Any],
+    description: str,
+) -> Any:
     """Register an exported subnet as an MLflow model that ``mlflow.pyfunc`` loads and serves.
 
     A ``pick`` child run of the sweep's ``parent`` run gets the export's files (spec.json,
@@ -35,14 +43,27 @@ def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: s
     from mlflow.models import infer_signature
 
     export_dir = Path(export_dir)
-    run = client.create_run(parent.info.experiment_id, run_name=f"pick-{alias}", tags={
-        PARENT_TAG: parent.info.run_id, ROLE_TAG: "pick", SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, ""),
-        "rayprune.mode": alias, "rayprune.source_key": row_key(row)})
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=f"pick-{alias}",
+        tags={
+            PARENT_TAG: parent.info.run_id,
+            ROLE_TAG: "pick",
+            SWEEP_TAG: parent.data.tags.get(SWEEP_TAG, ""),
+            "rayprune.mode": alias,
+            "rayprune.source_key": row_key(row),
+        },
+    )
     run_id = run.info.run_id
     try:
         client.log_artifacts(run_id, str(export_dir), "export")
-        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in
-                                          {"macs": row["macs"], "params": row["params"], **row["metrics"]}.items()])
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), int(time.time() * 1000), 0)
+                for k, v in {"macs": row["macs"], "params": row["params"], **row["metrics"]}.items()
+            ],
+        )
         session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
         example = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -50,18 +71,27 @@ def register_choice(client: MlflowClient, parent: Any, model_name: str, alias: s
         # The registry resolves the logged model through the fluent tracking URI: all inside.
         with _fluent(client):
             with mlflow.start_run(run_id=run_id, nested=True):
-                info = mlflow.onnx.log_model(onnx.load(str(export_dir / "model.onnx")), name="model",
-                                             signature=signature, input_example=example,
-                                             onnx_execution_providers=["CPUExecutionProvider"],
-                                             save_as_external_data=False)
+                info = mlflow.onnx.log_model(
+                    onnx.load(str(export_dir / "model.onnx")),
+                    name="model",
+                    signature=signature,
+                    input_example=example,
+                    onnx_execution_providers=["CPUExecutionProvider"],
+                    save_as_external_data=False,
+                )
             try:
                 client.create_registered_model(model_name, description="rayprune operating points (pick)")
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id,
-                                                  description=description, model_id=info.model_id,
-                                                  tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)})
+            version = client.create_model_version(
+                model_name,
+                source=info.model_uri,
+                run_id=run_id,
+                description=description,
+                model_id=info.model_id,
+                tags={"rayprune.mode": alias, "rayprune.source_key": row_key(row)},
+            )
             client.set_registered_model_alias(model_name, alias, version.version)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")

@@ -21,7 +21,8 @@ The fronts of a sweep's rows print as titled text tables (:func:`format_fronts`)
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from ..tables import aligned
 _CHUNK = 1024  # rows compared at once: bounds the (chunk x n x objectives) boolean temporaries
 
 
-def objective_matrix(points: Sequence[Mapping[str, Any]], maximize: Sequence[str],
-                     minimize: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def objective_matrix(
+    points: Sequence[Mapping[str, Any]], maximize: Sequence[str], minimize: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Points as an (n, k) float matrix where smaller is better (maximised columns negated),
     plus a boolean mask of the points whose objectives are all present and finite."""
     keys = [(k, -1.0) for k in maximize] + [(k, 1.0) for k in minimize]
@@ -50,15 +52,16 @@ def _non_dominated(values: np.ndarray) -> np.ndarray:
     """Boolean mask of rows not dominated by any other row (all rows valid, minimisation)."""
     keep = np.ones(len(values), dtype=bool)
     for start in range(0, len(values), _CHUNK):
-        rows = values[start:start + _CHUNK, None, :]  # (c, 1, k) against (1, n, k)
+        rows = values[start : start + _CHUNK, None, :]  # (c, 1, k) against (1, n, k)
         no_worse = (values[None, :, :] <= rows).all(axis=2)
         better = (values[None, :, :] < rows).any(axis=2)
-        keep[start:start + _CHUNK] = ~(no_worse & better).any(axis=1)
+        keep[start : start + _CHUNK] = ~(no_worse & better).any(axis=1)
     return keep
 
 
-def pareto_ranks(points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = ("acc",),
-                 minimize: Sequence[str] = ("macs",)) -> list[int]:
+def pareto_ranks(
+    points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = ("acc",), minimize: Sequence[str] = ("macs",)
+) -> list[int]:
     """Non-dominated sorting: rank 0 is the front, rank 1 the front once rank 0 is removed,
     and so on. Duplicates share a rank; points with a missing objective get ``-1``."""
     values, valid = objective_matrix(points, maximize, minimize)
@@ -73,8 +76,9 @@ def pareto_ranks(points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = 
     return ranks.tolist()
 
 
-def pareto_front(points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = ("acc",),
-                 minimize: Sequence[str] = ("macs",)) -> list[int]:
+def pareto_front(
+    points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = ("acc",), minimize: Sequence[str] = ("macs",)
+) -> list[int]:
     """Indices (ascending) of the non-dominated points, one per distinct objective vector
     (the lowest index among duplicates). Points with a missing objective are skipped."""
     values, valid = objective_matrix(points, maximize, minimize)
@@ -87,8 +91,13 @@ def pareto_front(points: Sequence[Mapping[str, Any]], maximize: Sequence[str] = 
     return sorted(int(i) for i in front[first])
 
 
-def hypervolume_2d(points: Sequence[Mapping[str, Any]], acc_key: str = "acc", cost_key: str = "macs",
-                   ref_cost: float | None = None, ref_acc: float = 0.0) -> float:
+def hypervolume_2d(
+    points: Sequence[Mapping[str, Any]],
+    acc_key: str = "acc",
+    cost_key: str = "macs",
+    ref_cost: float | None = None,
+    ref_acc: float = 0.0,
+) -> float:
     """Area dominated by the (acc up, cost down) front and bounded by the reference point
     (``ref_cost``, ``ref_acc``); ``ref_cost`` defaults to the largest cost among the points.
     Grows as the front improves, so it tracks sweep progress in one number."""
@@ -152,8 +161,10 @@ def recipe_groups(pool: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
         by_hash.setdefault(_recipe_hash(row), []).append(dict(row))
     kd_of = {h: _kd(members[0]) for h, members in by_hash.items()}
     kd_label = {h: ("kd?" if kd is None else f"kd{kd:g}") for h, kd in kd_of.items()}
-    labels = {h: (kd_label[h] if list(kd_label.values()).count(kd_label[h]) == 1 else f"{kd_label[h]}-{h[:6]}")
-              for h in by_hash}
+    labels = {
+        h: (kd_label[h] if list(kd_label.values()).count(kd_label[h]) == 1 else f"{kd_label[h]}-{h[:6]}")
+        for h in by_hash
+    }
     order = sorted(by_hash, key=lambda h: (kd_of[h] if kd_of[h] is not None else -1.0, labels[h]))
     return {labels[h]: by_hash[h] for h in order}
 
@@ -170,8 +181,11 @@ def filter_init(rows: Sequence[Mapping[str, Any]], init: str | None) -> list[dic
     """Finalized rows that started from ``init`` (``inherited``/``scratch``); other kinds stay."""
     if init is None:
         return [dict(r) for r in rows]
-    return [dict(r) for r in rows if r["kind"] not in FINALIZED_KINDS or r.get("init") == init
-            or (r.get("source") or {}).get("init") == init]
+    return [
+        dict(r)
+        for r in rows
+        if r["kind"] not in FINALIZED_KINDS or r.get("init") == init or (r.get("source") or {}).get("init") == init
+    ]
 
 
 def compute_fronts(rows: Sequence[Mapping[str, Any]], init: str | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -182,8 +196,9 @@ def compute_fronts(rows: Sequence[Mapping[str, Any]], init: str | None = None) -
     rows = filter_init(rows, init)
     fronts: dict[str, list[dict[str, Any]]] = {}
     for method in sorted({r["method"] for r in rows if r["kind"] == "search"}):
-        fronts[f"search/{method}"] = front_rows([r for r in rows if r["kind"] == "search" and r["method"] == method],
-                                                ("search",), "val_top1")
+        fronts[f"search/{method}"] = front_rows(
+            [r for r in rows if r["kind"] == "search" and r["method"] == method], ("search",), "val_top1"
+        )
     for label, group in recipe_groups(finalized_pool(rows)).items():
         fronts[f"final/{label}"] = front_rows(group, FINALIZED_KINDS, "test_top1")
         fronts[f"robust/{label}"] = front_rows(group, FINALIZED_KINDS, "robust_top1")
@@ -208,8 +223,10 @@ def front_title(name: str, members: Sequence[Mapping[str, Any]]) -> str:
     """A front's heading: what it ranks and over which rows."""
     kind, _, label = name.partition("/")
     if kind == "search":
-        return (f"search front of {label}: val_top1 vs MACs over its search-time subnets (val_top1 is measured "
-                f"where {label} measures it; not comparable across methods)")
+        return (
+            f"search front of {label}: val_top1 vs MACs over its search-time subnets (val_top1 is measured "
+            f"where {label} measures it; not comparable across methods)"
+        )
     recipe = next((m.get("recipe") or (m.get("source") or {}).get("recipe_tag") for m in members), None)
     what = "test_top1" if kind == "final" else "robust_top1"
     return f"{kind} front [{label}]: {what} vs MACs over the subnets fine-tuned with recipe {recipe or label}"
@@ -228,11 +245,14 @@ def _finite(value: Any) -> float | None:
 
 
 _TABLE_COLUMNS = (  # header, how to format a row's value
-    ("trial", lambda r, b: r["trial_id"]), ("kind", lambda r, b: r["kind"]), ("method", lambda r, b: r["method"]),
+    ("trial", lambda r, b: r["trial_id"]),
+    ("kind", lambda r, b: r["kind"]),
+    ("method", lambda r, b: r["method"]),
     ("target", lambda r, b: "-" if r.get("flops_target") is None else f"{r['flops_target']:g}"),
     ("kd", lambda r, b: "-" if r.get("kd_weight") is None else f"{r['kd_weight']:g}"),
     ("init", lambda r, b: r.get("init") or (r.get("source") or {}).get("init") or "-"),
-    ("MACs(M)", lambda r, b: f"{r['macs'] / 1e6:.3f}"), ("params(K)", lambda r, b: f"{r['params'] / 1e3:.1f}"),
+    ("MACs(M)", lambda r, b: f"{r['macs'] / 1e6:.3f}"),
+    ("params(K)", lambda r, b: f"{r['params'] / 1e3:.1f}"),
 )
 _METRIC_COLUMNS = ("val_top1", "test_top1", "robust_top1", "latency_ms_b1_p50")
 
@@ -243,8 +263,9 @@ def _drop_cell(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> st
     return "-" if ref is None or acc is None or row["kind"] == "unpruned" else f"{ref - acc:+.4f}"
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], reference_macs: int | None = None,
-                 baseline: Mapping[str, Any] | None = None) -> str:
+def format_table(
+    rows: Sequence[Mapping[str, Any]], reference_macs: int | None = None, baseline: Mapping[str, Any] | None = None
+) -> str:
     """Rows as an aligned text table. With ``reference_macs`` (the unpruned model's) a
     ``MACs%`` column shows each subnet's fraction of it; with ``baseline`` (the unpruned row)
     the baseline is the first line and a ``drop`` column shows its test_top1 minus the row's."""
@@ -302,9 +323,16 @@ def format_fronts(rows: Sequence[dict[str, Any]], init: str | None = None) -> st
     return "\n\n".join(blocks)
 
 
-def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_macs: float | None = None,
-                           min_acc: float | None = None, max_drop: float | None = DEFAULT_MAX_DROP,
-                           kd_weight: float | None = None, init: str | None = None) -> tuple[dict[str, Any], str]:
+def choose_operating_point(
+    rows: Sequence[Mapping[str, Any]],
+    mode: str,
+    *,
+    max_macs: float | None = None,
+    min_acc: float | None = None,
+    max_drop: float | None = DEFAULT_MAX_DROP,
+    kd_weight: float | None = None,
+    init: str | None = None,
+) -> tuple[dict[str, Any], str]:
     """Pick one exportable, equally-treated subnet and say why, as ``(row, selection sentence)``.
 
     The candidates are one recipe group of :func:`finalized_pool` (rows with saved weights and
@@ -325,22 +353,34 @@ def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_
     if mode not in MODES:
         raise TrackingError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     metric = "robust_top1" if mode == "robust" else "test_top1"
-    usable = [r for r in filter_init(finalized_pool(rows), init) if r.get("artifact_uri")
-              and _finite(r["metrics"].get("test_top1")) is not None and _finite(r["metrics"].get(metric)) is not None]
+    usable = [
+        r
+        for r in filter_init(finalized_pool(rows), init)
+        if r.get("artifact_uri")
+        and _finite(r["metrics"].get("test_top1")) is not None
+        and _finite(r["metrics"].get(metric)) is not None
+    ]
     if not usable:
-        raise TrackingError(f"no fine-tuned subnet with saved weights and {metric} yet"
-                            f"{f' that started {init}' if init else ''}: let the sweep finish (its end fine-tunes "
-                            "every cell's chosen subnet) before picking")
+        raise TrackingError(
+            f"no fine-tuned subnet with saved weights and {metric} yet"
+            f"{f' that started {init}' if init else ''}: let the sweep finish (its end fine-tunes "
+            "every cell's chosen subnet) before picking"
+        )
     groups = recipe_groups(usable)
     if kd_weight is None:
         label = max(groups, key=lambda g: (_kd(groups[g][0]) or 0.0, len(groups[g])))
     else:
-        matching = [g for g, members in groups.items() if _kd(members[0]) is not None
-                    and abs(_kd(members[0]) - kd_weight) < 1e-9]
+        matching = [
+            g
+            for g, members in groups.items()
+            if _kd(members[0]) is not None and abs(_kd(members[0]) - kd_weight) < 1e-9
+        ]
         if not matching:
             known = ", ".join(f"{_kd(m[0]):g}" for m in groups.values() if _kd(m[0]) is not None)
-            raise TrackingError(f"--kd-weight {kd_weight:g}: no fine-tuned subnet was trained with that KD weight; "
-                                f"the sweep has {known or 'none'}")
+            raise TrackingError(
+                f"--kd-weight {kd_weight:g}: no fine-tuned subnet was trained with that KD weight; "
+                f"the sweep has {known or 'none'}"
+            )
         label = max(matching, key=lambda g: len(groups[g]))
     pool = groups[label]
     recipe = pool[0].get("recipe") or (pool[0].get("source") or {}).get("recipe_tag") or label
@@ -348,26 +388,35 @@ def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_
         cheapest = min(r["macs"] for r in pool)
         pool = [r for r in pool if r["macs"] <= max_macs]
         if not pool:
-            raise TrackingError(f"--max-macs {max_macs:,.0f} is impossible: the cheapest fine-tuned subnet has "
-                                f"{cheapest:,} MACs; raise --max-macs")
+            raise TrackingError(
+                f"--max-macs {max_macs:,.0f} is impossible: the cheapest fine-tuned subnet has "
+                f"{cheapest:,} MACs; raise --max-macs"
+            )
     if min_acc is not None:
         best = max(r["metrics"]["test_top1"] for r in pool)
         pool = [r for r in pool if r["metrics"]["test_top1"] >= min_acc]
         if not pool:
-            raise TrackingError(f"--min-acc {min_acc:g} is impossible: the best test_top1 among the candidates is "
-                                f"{best:.4f}; lower --min-acc (a fraction in [0, 1])")
+            raise TrackingError(
+                f"--min-acc {min_acc:g} is impossible: the best test_top1 among the candidates is "
+                f"{best:.4f}; lower --min-acc (a fraction in [0, 1])"
+            )
     base = baseline_row(rows)
     reference = _finite((base or {}).get("metrics", {}).get("test_top1"))
     ref_name = "the unpruned baseline's test_top1"
     if reference is None:
-        reference, ref_name = max(r["metrics"]["test_top1"] for r in pool), "the best candidate's test_top1 (no baseline)"
+        reference, ref_name = (
+            max(r["metrics"]["test_top1"] for r in pool),
+            "the best candidate's test_top1 (no baseline)",
+        )
     n_candidates = len(pool)
     if max_drop is not None:
         best = max(r["metrics"]["test_top1"] for r in pool)
         pool = [r for r in pool if r["metrics"]["test_top1"] >= reference - max_drop - 1e-12]
         if not pool:
-            raise TrackingError(f"--max-drop {max_drop:g} is impossible: {ref_name} is {reference:.4f} and the best "
-                                f"candidate reaches {best:.4f} (a drop of {reference - best:.4f}); raise --max-drop")
+            raise TrackingError(
+                f"--max-drop {max_drop:g} is impossible: {ref_name} is {reference:.4f} and the best "
+                f"candidate reaches {best:.4f} (a drop of {reference - best:.4f}); raise --max-drop"
+            )
     if mode == "robust":
         chosen = min(pool, key=lambda r: (-r["metrics"]["robust_top1"], r["macs"], _row_id(r)))
         why = "highest robust_top1"
@@ -383,8 +432,10 @@ def choose_operating_point(rows: Sequence[Mapping[str, Any]], mode: str, *, max_
         limits.append(f"test_top1 >= {min_acc:g}")
     scope = f" with {' and '.join(limits)}" if limits else ""
     started = f", started {init}" if init else ""
-    return dict(chosen), (f"{why} among the subnets fine-tuned with recipe {recipe}{started}{scope} "
-                          f"({len(pool)} of {n_candidates} candidates)")
+    return dict(chosen), (
+        f"{why} among the subnets fine-tuned with recipe {recipe}{started}{scope} "
+        f"({len(pool)} of {n_candidates} candidates)"
+    )
 
 
 def _row_id(row: Mapping[str, Any]) -> tuple:
@@ -399,17 +450,22 @@ def suggested_max_drop(rows: Sequence[Mapping[str, Any]]) -> float | None:
     try:
         choose_operating_point(rows, "efficient")
         return DEFAULT_MAX_DROP
-    except Exception:  # noqa: BLE001 - TrackingError: nothing within the default drop (or at all)
+    except Exception:
         pass
     try:
         chosen, _ = choose_operating_point(rows, "efficient", max_drop=None)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     base = baseline_row(rows)
     reference = _finite((base or {}).get("metrics", {}).get("test_top1"))
     if reference is None:
         return None
-    group = [r for r in finalized_pool(rows) if _recipe_hash(r) == _recipe_hash(chosen) and r.get("artifact_uri")
-             and _finite(r["metrics"].get("test_top1")) is not None]
+    group = [
+        r
+        for r in finalized_pool(rows)
+        if _recipe_hash(r) == _recipe_hash(chosen)
+        and r.get("artifact_uri")
+        and _finite(r["metrics"].get("test_top1")) is not None
+    ]
     best = max(r["metrics"]["test_top1"] for r in group)
     return max(DEFAULT_MAX_DROP, math.ceil((reference - best) * 100 - 1e-9) / 100)

@@ -6,12 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .pareto import (FRONT_METRIC, MODES, baseline_row, choose_operating_point, finalized_pool, front_kind,
-                     suggested_max_drop)
+from .pareto import (
+    FRONT_METRIC,
+    MODES,
+    baseline_row,
+    choose_operating_point,
+    finalized_pool,
+    front_kind,
+    suggested_max_drop,
+)
 
 
-def plot_fronts(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], path: str | Path,
-                picks: dict[str, dict[str, Any]] | None = None) -> Path:
+def plot_fronts(
+    rows: list[dict[str, Any]],
+    fronts: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    picks: dict[str, dict[str, Any]] | None = None,
+) -> Path:
     """The fronts as a PNG (see :func:`front_figure`)."""
     front_figure(rows, fronts, picks).savefig(path, dpi=110)
     return Path(path)
@@ -32,13 +43,14 @@ def default_picks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for mode in MODES:
         try:
             picks[f"{mode} pick (max-drop {drop:g})"] = choose_operating_point(rows, mode, max_drop=drop)[0]
-        except Exception:  # noqa: BLE001 - TrackingError: nothing qualifies
+        except Exception:
             continue
     return picks
 
 
-def front_figure(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]],
-                 picks: dict[str, dict[str, Any]] | None = None) -> Any:
+def front_figure(
+    rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, Any]]], picks: dict[str, dict[str, Any]] | None = None
+) -> Any:
     """Three panels against MACs (% of the unpruned baseline; MACs in millions on top):
 
     ``picks`` maps a label to a picked row (default :func:`default_picks`).
@@ -72,45 +84,108 @@ def front_figure(rows: list[dict[str, Any]], fronts: dict[str, list[dict[str, An
         metric = FRONT_METRIC[kind]
         for method in methods:
             for kd in kds or [None]:
-                group = [r for r in pool if r["method"] == method and (kd is None or r.get("kd_weight") == kd)
-                         and r["metrics"].get(metric) is not None]
+                group = [
+                    r
+                    for r in pool
+                    if r["method"] == method
+                    and (kd is None or r.get("kd_weight") == kd)
+                    and r["metrics"].get(metric) is not None
+                ]
                 if group:
-                    ax.scatter([pct(r) for r in group], [r["metrics"][metric] for r in group], s=42,
-                               color=colors[method], marker=markers.get(kd, "o"), zorder=3,
-                               label=f"{method}" + ("" if kd is None else f" kd {kd:g}"), gid="finalized")
+                    ax.scatter(
+                        [pct(r) for r in group],
+                        [r["metrics"][metric] for r in group],
+                        s=42,
+                        color=colors[method],
+                        marker=markers.get(kd, "o"),
+                        zorder=3,
+                        label=f"{method}" + ("" if kd is None else f" kd {kd:g}"),
+                        gid="finalized",
+                    )
         hollow = [r for r in trial_finals if r["metrics"].get(metric) is not None]
         if hollow:
-            ax.scatter([pct(r) for r in hollow], [r["metrics"][metric] for r in hollow], s=22, facecolors="none",
-                       edgecolors=[colors[r["method"]] for r in hollow], linewidths=0.8, zorder=2, alpha=0.7,
-                       label="trials' own finals (search recipe, not ranked)", gid="trial_finals")
+            ax.scatter(
+                [pct(r) for r in hollow],
+                [r["metrics"][metric] for r in hollow],
+                s=22,
+                facecolors="none",
+                edgecolors=[colors[r["method"]] for r in hollow],
+                linewidths=0.8,
+                zorder=2,
+                alpha=0.7,
+                label="trials' own finals (search recipe, not ranked)",
+                gid="trial_finals",
+            )
         for i, (name, members) in enumerate(n for n in fronts.items() if front_kind(n[0]) == kind):
             if members:
-                ax.step([pct(r) for r in members], [r["metrics"][metric] for r in members], where="post",
-                        color="black", linestyle=_GROUP_STYLES[i % len(_GROUP_STYLES)], linewidth=1.2, zorder=4,
-                        label=f"{kind} front [{name.split('/', 1)[1]}]", gid="front")
+                ax.step(
+                    [pct(r) for r in members],
+                    [r["metrics"][metric] for r in members],
+                    where="post",
+                    color="black",
+                    linestyle=_GROUP_STYLES[i % len(_GROUP_STYLES)],
+                    linewidth=1.2,
+                    zorder=4,
+                    label=f"{kind} front [{name.split('/', 1)[1]}]",
+                    gid="front",
+                )
         value = None if base is None else base["metrics"].get(metric)
         if value is not None and value == value:
-            ax.axhline(value, color="tab:red", linestyle="--", linewidth=1,
-                       label=f"unpruned baseline ({value:.3f})", gid="baseline")
+            ax.axhline(
+                value,
+                color="tab:red",
+                linestyle="--",
+                linewidth=1,
+                label=f"unpruned baseline ({value:.3f})",
+                gid="baseline",
+            )
         ax.axvline(100.0, color="tab:red", linestyle=":", linewidth=0.8)
         for mode, row in picks.items():
             if row.get("metrics", {}).get(metric) is not None:
-                ax.scatter([pct(row)], [row["metrics"][metric]], s=220, facecolors="none", edgecolors="black",
-                           linewidths=2, marker="o" if mode.startswith("efficient") else "s", zorder=5,
-                           label=mode, gid="pick")
+                ax.scatter(
+                    [pct(row)],
+                    [row["metrics"][metric]],
+                    s=220,
+                    facecolors="none",
+                    edgecolors="black",
+                    linewidths=2,
+                    marker="o" if mode.startswith("efficient") else "s",
+                    zorder=5,
+                    label=mode,
+                    gid="pick",
+                )
     for method in methods:
-        searched = [r for r in rows if r["kind"] == "search" and r["method"] == method
-                    and r["metrics"].get("val_top1") is not None]
+        searched = [
+            r
+            for r in rows
+            if r["kind"] == "search" and r["method"] == method and r["metrics"].get("val_top1") is not None
+        ]
         if searched:
-            search_ax.scatter([pct(r) for r in searched], [r["metrics"]["val_top1"] for r in searched], s=10,
-                              color=colors[method], alpha=0.35, label=f"{method} subnets", gid="search")
+            search_ax.scatter(
+                [pct(r) for r in searched],
+                [r["metrics"]["val_top1"] for r in searched],
+                s=10,
+                color=colors[method],
+                alpha=0.35,
+                label=f"{method} subnets",
+                gid="search",
+            )
         members = fronts.get(f"search/{method}", [])
         if members:
-            search_ax.step([pct(r) for r in members], [r["metrics"]["val_top1"] for r in members], where="post",
-                           color=colors[method], linewidth=1.5, label=f"{method} search front", gid="front")
-    titles = ((test_ax, "test top-1 of fine-tuned subnets", "test top-1"),
-              (robust_ax, "robust top-1 (corruption suite)", "robust top-1"),
-              (search_ax, "search-val top-1, per method (search time)", "val_top1 (method's search split)"))
+            search_ax.step(
+                [pct(r) for r in members],
+                [r["metrics"]["val_top1"] for r in members],
+                where="post",
+                color=colors[method],
+                linewidth=1.5,
+                label=f"{method} search front",
+                gid="front",
+            )
+    titles = (
+        (test_ax, "test top-1 of fine-tuned subnets", "test top-1"),
+        (robust_ax, "robust top-1 (corruption suite)", "robust top-1"),
+        (search_ax, "search-val top-1, per method (search time)", "val_top1 (method's search split)"),
+    )
     for ax, title, ylabel in titles:
         for target in targets:
             ax.axvline(100.0 * target, color="0.6", linestyle=":", linewidth=1, gid="target")

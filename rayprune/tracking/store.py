@@ -34,8 +34,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,13 +53,28 @@ _JSON_FIELDS = ("spec", "metrics", "source")
 TRAINING_COLUMNS = (("recipe", "recipe_tag"), ("recipe_hash", "recipe_hash"), ("init", "init"))
 
 SCHEMA = pa.schema(
-    [("sweep_id", pa.string()), ("trial_id", pa.string()), ("kind", pa.string()), ("step", pa.int64()),
-     ("spec_hash", pa.string()), ("method", pa.string()), ("flops_target", pa.float64()),
-     ("kd_weight", pa.float64()), ("macs", pa.int64()), ("params", pa.int64())]
+    [
+        ("sweep_id", pa.string()),
+        ("trial_id", pa.string()),
+        ("kind", pa.string()),
+        ("step", pa.int64()),
+        ("spec_hash", pa.string()),
+        ("method", pa.string()),
+        ("flops_target", pa.float64()),
+        ("kd_weight", pa.float64()),
+        ("macs", pa.int64()),
+        ("params", pa.int64()),
+    ]
     + [(name, pa.float64()) for name in PROMOTED_METRICS]
     + [("recipe", pa.string()), ("recipe_hash", pa.string()), ("init", pa.string()), ("robust_suite", pa.int64())]
-    + [("spec", pa.string()), ("metrics", pa.string()), ("source", pa.string()),
-       ("run_id", pa.string()), ("artifact_uri", pa.string())])
+    + [
+        ("spec", pa.string()),
+        ("metrics", pa.string()),
+        ("source", pa.string()),
+        ("run_id", pa.string()),
+        ("artifact_uri", pa.string()),
+    ]
+)
 
 
 def row_key(row: dict[str, Any]) -> str:
@@ -66,10 +82,18 @@ def row_key(row: dict[str, Any]) -> str:
     return "/".join(str(row[f]) for f in KEY_FIELDS)
 
 
-def record_row(record: dict[str, Any], *, trial_id: str, kind: str, sweep_id: str = "",
-               run_id: str | None = None, artifact_uri: str | None = None,
-               step: int | None = None, flops_target: float | None = None,
-               kd_weight: float | None = None) -> dict[str, Any]:
+def record_row(
+    record: dict[str, Any],
+    *,
+    trial_id: str,
+    kind: str,
+    sweep_id: str = "",
+    run_id: str | None = None,
+    artifact_uri: str | None = None,
+    step: int | None = None,
+    flops_target: float | None = None,
+    kd_weight: float | None = None,
+) -> dict[str, Any]:
     """A store row from a ``SubnetRecord.to_dict()`` (spec, macs, params, metrics, method,
     step, source). ``step`` overrides the record's own step (fine-tunes keep the member's);
     ``flops_target``/``kd_weight`` name the grid cell the record belongs to."""
@@ -81,16 +105,23 @@ def record_row(record: dict[str, Any], *, trial_id: str, kind: str, sweep_id: st
     source = dict(record.get("source") or {})
     suite = source.get("robust_suite")
     return {
-        "sweep_id": sweep_id, "trial_id": str(trial_id), "kind": kind,
-        "step": int(record.get("step", 0) if step is None else step), "spec_hash": spec_hash(record["spec"]),
+        "sweep_id": sweep_id,
+        "trial_id": str(trial_id),
+        "kind": kind,
+        "step": int(record.get("step", 0) if step is None else step),
+        "spec_hash": spec_hash(record["spec"]),
         "method": str(record.get("method", "")),
         "flops_target": None if flops_target is None else float(flops_target),
         "kd_weight": None if kd_weight is None else float(kd_weight),
-        "macs": int(record["macs"]), "params": int(record["params"]),
+        "macs": int(record["macs"]),
+        "params": int(record["params"]),
         **{column: source.get(key) for column, key in TRAINING_COLUMNS},
         "robust_suite": None if suite is None else int(suite),
-        "spec": record["spec"], "metrics": {k: float(v) for k, v in record["metrics"].items()},
-        "source": source, "run_id": run_id, "artifact_uri": artifact_uri,
+        "spec": record["spec"],
+        "metrics": {k: float(v) for k, v in record["metrics"].items()},
+        "source": source,
+        "run_id": run_id,
+        "artifact_uri": artifact_uri,
     }
 
 
@@ -131,7 +162,9 @@ class SubnetStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.journal, "a+b") as f:
             torn = f.tell() > 0 and (f.seek(f.tell() - 1), f.read(1))[1] != b"\n"  # a crash cut the last line
-            f.write((("\n" if torn else "") + "".join(json.dumps(_encode(r)) + "\n" for r in self._rows[start:])).encode())
+            f.write(
+                (("\n" if torn else "") + "".join(json.dumps(_encode(r)) + "\n" for r in self._rows[start:])).encode()
+            )
         self._journaled += added
         if time.monotonic() - self._compacted >= self.compact_every_s:
             self.flush()
@@ -162,8 +195,11 @@ class SubnetStore:
         """Rows in insertion order (``spec``/``metrics``/``source`` as dicts), optionally only
         some kinds and/or one trial."""
         wanted = None if kinds is None else set(kinds)
-        return [r for r in self._rows
-                if (wanted is None or r["kind"] in wanted) and (trial_id is None or r["trial_id"] == trial_id)]
+        return [
+            r
+            for r in self._rows
+            if (wanted is None or r["kind"] in wanted) and (trial_id is None or r["trial_id"] == trial_id)
+        ]
 
     def to_table(self) -> pa.Table:
         """All rows as an Arrow table with :data:`SCHEMA` (JSON columns as strings)."""

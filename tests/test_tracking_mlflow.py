@@ -277,13 +277,13 @@ def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
     again = SweepTracker(sweep["uri"], EXPERIMENT, tmp_path / "elsewhere")
     assert again.start_sweep("sweep-a", CONFIG, {}) == first.parent_run_id
     assert len(again.store) == len(first.store)  # restored from the parent's subnets.parquet
-    assert again.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}) == first._trial_runs["t1"]
+    assert again.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}) == first.runs.trial_runs["t1"]
     assert again.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)]) == 0
     final_b = record("B", 1, val_top1=0.70, test_top1=0.85, robust_top1=0.50)
     again.trial_finished("t1", final_b, sweep["tmp"] / "saved" / "t1", refresh_front=False)
     again.update_front()
     again.finish()
-    t1 = first._trial_runs["t1"]
+    t1 = first.runs.trial_runs["t1"]
     assert len(client.search_runs([first.experiment_id], "", ViewType.ALL)) == before
     assert [m.value for m in client.get_metric_history(t1, "loss")] == [1.5, 1.2]
     assert len(client.get_metric_history(t1, "test_top1")) == 1

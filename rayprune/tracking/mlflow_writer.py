@@ -1,8 +1,9 @@
 """The sweep's MLflow runs: one parent run, a child run per trial and per fine-tuned grid cell.
 
-:class:`RunWriter` knows the runs' layout and how to write to them, not what the records mean
-(that is :mod:`.mlflow_tracker`'s). Only the sweep *driver* writes (trials never touch MLflow), so
-the default SQLite store has a single writer and never locks. The runs:
+:class:`RunWriter` knows the runs' layout and how to write to them; what is recorded on them
+comes from :mod:`.mlflow_tracker` (the records) and :mod:`.publisher` (the fronts). Only the sweep
+*driver* writes (trials never touch MLflow), so the default SQLite store has a single writer and
+never locks. The runs:
 
 * **parent run** (tags ``rayprune.role=sweep``, ``rayprune.sweep_id``): the resolved sweep file
   (``sweep/resolved_sweep.json``), the sweep id, seed and top-level config values (and the small

@@ -10,11 +10,14 @@
 * :class:`~.publisher.FrontsPublisher` -- the fronts, plot, registry and per-cell counts on the
   parent run, and the note when a cell's budgets do not bind.
 
-It remains one object because the driver, its Tune callback and the cell fine-tunes record into
-one sweep: each record goes to the store (keyed, so never twice) and to its run, with the grid
-cell its trial belongs to. Its methods only route a record to those parts; it never prints (the
-driver passes ``say`` for its notes). Subnets are *not* runs: a sweep evaluates thousands and the
-UI pages runs by about a hundred; a trial run holds its subnet records as one table.
+It remains one object because the driver, its Tune callback (which finds it by sweep id) and the
+cell fine-tunes record into one sweep: each record goes to the store (keyed, so never twice) and
+to its run, with the grid cell its trial belongs to. Its methods only route a record to those
+parts, and its fronts methods (:meth:`~SweepTracker.update_front`, ``publish_if_due``,
+``note_cell``, ``cell_stats``, ``front_table``) hand over to the publisher. It never prints: the
+driver passes ``say`` for its notes. Subnets are *not* runs: a sweep evaluates thousands and the
+UI pages runs by about a hundred; a trial run holds its subnet records as one table. Where each
+record goes:
 
 * the unpruned baseline (:meth:`SweepTracker.log_unpruned`): a store row and ``unpruned_*``
   metrics on the parent run;

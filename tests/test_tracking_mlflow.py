@@ -524,6 +524,32 @@ def test_a_server_that_is_not_mlflow_fails_without_retrying(not_mlflow_server, c
     assert f"the tracking server at {not_mlflow_server} did not answer as an MLflow server" in error_line(capsys)
 
 
+def test_a_cell_whose_budgets_do_not_bind_is_noted_once_through_say_not_stdout(sweep, tmp_path, capsys):
+    notes = []
+    tracker = SweepTracker(sweep["uri"], "budgets", tmp_path, say=notes.append)
+    parent = tracker.start_sweep("sweep-c", {"seed": 0}, {})
+    cell = {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0}
+    for trial, reused in (("t1", None), ("t2", "t1")):
+        tracker.trial_started(trial, cell)
+        final = record("B", 0, val_top1=0.7, test_top1=0.85)
+        final["source"] = {"reused_from": reused, "window": {"status": "below_window"}}
+        tracker.trial_finished(trial, final, refresh_front=False)
+    assert tracker.note_cell("uniform", 0.5, 0.0) and not tracker.note_cell("uniform", 0.5, 0.0)
+    assert notes == [
+        "rayprune: cell uniform_f0.5_kd0: its 2 trials all chose the same subnet under different Optuna budgets: "
+        "the per-stage budgets do not bind there (1 trial(s) reused the cached training instead of repeating it); "
+        "narrow optuna.stage_prune or lower samples_per_cell"
+    ]
+    assert tracker.cell_stats() == [
+        {"cell": "uniform_f0.5_kd0", "trials": 2, "distinct": 1, "reused": 1, "outside_window": 2}
+    ]
+    tracker.finish()
+    assert capsys.readouterr().out == ""  # the tracker itself never prints
+    run = tracker.client.get_run(parent)
+    assert run.data.tags["rayprune.budgets_do_not_bind.uniform_f0.5_kd0"] == "true"
+    assert run.data.metrics["cells/uniform_f0.5_kd0/outside_window"] == 2
+
+
 def test_sweep_without_finished_trials_has_no_front_yet(sweep, tmp_path, capsys):
     tracker = SweepTracker(sweep["uri"], "fresh", tmp_path)
     tracker.start_sweep("sweep-b", {"seed": 0}, {})

@@ -348,7 +348,7 @@ def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_pa
     trial = tracker.trial_started("t1", {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0})
     tracker.update_front()
     # The driver is SIGKILLed: nothing closes its runs; its process is gone.
-    tracker._heartbeat.stop()
+    tracker.liveness.heartbeat.stop()
     client.log_batch(parent, tags=[RunTag(liveness.DRIVER_TAG, f"{socket.gethostname()}:{dead_pid()}")])
     assert client.get_run(parent).info.status == "RUNNING" and client.get_run(trial).info.status == "RUNNING"
 

@@ -277,13 +277,13 @@ def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
     again = SweepTracker(sweep["uri"], EXPERIMENT, tmp_path / "elsewhere")
     assert again.start_sweep("sweep-a", CONFIG, {}) == first.parent_run_id
     assert len(again.store) == len(first.store)  # restored from the parent's subnets.parquet
-    assert again.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}) == first._trial_runs["t1"]
+    assert again.trial_started("t1", {"method": "uniform", "hparams": {"lr": 0.1}}) == first.runs.trial_runs["t1"]
     assert again.log_step("t1", 1, {"loss": 1.2}, [record("C", 1, val_top1=0.65)]) == 0
     final_b = record("B", 1, val_top1=0.70, test_top1=0.85, robust_top1=0.50)
     again.trial_finished("t1", final_b, sweep["tmp"] / "saved" / "t1", refresh_front=False)
     again.update_front()
     again.finish()
-    t1 = first._trial_runs["t1"]
+    t1 = first.runs.trial_runs["t1"]
     assert len(client.search_runs([first.experiment_id], "", ViewType.ALL)) == before
     assert [m.value for m in client.get_metric_history(t1, "loss")] == [1.5, 1.2]
     assert len(client.get_metric_history(t1, "test_top1")) == 1
@@ -522,6 +522,32 @@ def test_a_server_that_is_not_mlflow_fails_without_retrying(not_mlflow_server, c
     # MLflow would retry a 503 with back-off for minutes; the first contact must not
     assert front_main(["--experiment", EXPERIMENT, "--mlflow-uri", not_mlflow_server]) == 2
     assert f"the tracking server at {not_mlflow_server} did not answer as an MLflow server" in error_line(capsys)
+
+
+def test_a_cell_whose_budgets_do_not_bind_is_noted_once_through_say_not_stdout(sweep, tmp_path, capsys):
+    notes = []
+    tracker = SweepTracker(sweep["uri"], "budgets", tmp_path, say=notes.append)
+    parent = tracker.start_sweep("sweep-c", {"seed": 0}, {})
+    cell = {"method": "uniform", "flops_target": 0.5, "kd_weight": 0.0}
+    for trial, reused in (("t1", None), ("t2", "t1")):
+        tracker.trial_started(trial, cell)
+        final = record("B", 0, val_top1=0.7, test_top1=0.85)
+        final["source"] = {"reused_from": reused, "window": {"status": "below_window"}}
+        tracker.trial_finished(trial, final, refresh_front=False)
+    assert tracker.note_cell("uniform", 0.5, 0.0) and not tracker.note_cell("uniform", 0.5, 0.0)
+    assert notes == [
+        "rayprune: cell uniform_f0.5_kd0: its 2 trials all chose the same subnet under different Optuna budgets: "
+        "the per-stage budgets do not bind there (1 trial(s) reused the cached training instead of repeating it); "
+        "narrow optuna.stage_prune or lower samples_per_cell"
+    ]
+    assert tracker.cell_stats() == [
+        {"cell": "uniform_f0.5_kd0", "trials": 2, "distinct": 1, "reused": 1, "outside_window": 2}
+    ]
+    tracker.finish()
+    assert capsys.readouterr().out == ""  # the tracker itself never prints
+    run = tracker.client.get_run(parent)
+    assert run.data.tags["rayprune.budgets_do_not_bind.uniform_f0.5_kd0"] == "true"
+    assert run.data.metrics["cells/uniform_f0.5_kd0/outside_window"] == 2
 
 
 def test_sweep_without_finished_trials_has_no_front_yet(sweep, tmp_path, capsys):

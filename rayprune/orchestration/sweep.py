@@ -338,9 +338,14 @@ def _make_tracker(cfg: SweepConfig, sweep_id: str):
     from ..tracking.mlflow_tracker import SweepTracker
 
     try:
-        return SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, _driver_dir(cfg, sweep_id))
+        return SweepTracker(cfg.tracking.uri, cfg.tracking.experiment, _driver_dir(cfg, sweep_id), say=_say)
     except TrackingError as e:
         raise SweepError(str(e)) from None
+
+
+def _say(line: str) -> None:
+    """Where the tracker's notes go: stdout, with the driver's other progress lines."""
+    print(line, flush=True)
 
 
 def _driver_dir(cfg: SweepConfig, sweep_id: str) -> Path:

@@ -3,14 +3,18 @@
 * :mod:`.pareto` -- pure Python/numpy fronts and their text tables (no MLflow), usable anywhere.
 * :mod:`.store` -- ``subnets.parquet`` (pyarrow), one row per evaluated subnet.
 * :mod:`.lookup` -- connecting to MLflow; finding an experiment, a sweep's parent run, its rows.
-* :mod:`.mlflow_tracker` -- :class:`SweepTracker`, the sweep driver's only writer to MLflow.
+* :mod:`.mlflow_tracker` -- :class:`SweepTracker`, the sweep driver's only writer to MLflow and
+  the store; it composes the parts below.
+* :mod:`.mlflow_writer` -- the sweep's MLflow runs (parent, trials, fine-tunes) and every write to them.
+* :mod:`.liveness` -- a driver's heartbeat on its parent run; finding and closing dead drivers' runs.
+* :mod:`.publisher` -- the fronts, plot, registry and per-cell counts published to the parent run.
 * :mod:`.plots` -- the fronts as a figure (matplotlib).
 * :mod:`.model_registry` -- a picked subnet registered as an ONNX model under an alias.
 * :mod:`.commands` -- what ``rayprune front`` / ``rayprune pick`` do (their parsers are in
   :mod:`rayprune.cli`; the export itself is :mod:`rayprune.export`).
 
-This is the only package that imports mlflow: ``lookup``, ``mlflow_tracker``,
-``model_registry`` and ``commands``.
+This is the only package that imports mlflow: ``lookup``, ``mlflow_writer``, ``liveness`` and
+``model_registry`` do, and ``mlflow_tracker``, ``publisher`` and ``commands`` through them.
 Everything but the numpy-only Pareto functions is imported lazily here (mlflow, pyarrow and
 torch take seconds to import).
 """

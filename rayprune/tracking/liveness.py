@@ -9,7 +9,8 @@ driver when that process is gone from this host, or when its heartbeat is older 
 with ``mark=True`` it closes them as KILLED, tagged ``rayprune.status=interrupted`` with the
 resume command as the run's note (``--resume`` reopens the parent as usual). The next sweep in
 the experiment and a registering ``pick`` mark them; ``front`` and ``pick --no-register``,
-which never write, only say so.
+which never write, only say so. :class:`DriverLiveness` is a live driver's side of this: it
+closes dead drivers' sweeps, keeps the heartbeat of its own parent run, and marks how it ended.
 """
 
 from __future__ import annotations
@@ -168,12 +169,56 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+class DriverLiveness:
+    """This driver's liveness on the parent run it holds open.
+
+    Before the driver opens its parent run, :meth:`close_dead_drivers` closes, as interrupted,
+    the sweeps of drivers that died in the experiment. Once it is open, :meth:`hold` starts the
+    heartbeat (the run's driver tags come from :func:`driver_tags`); :meth:`release` stops it and
+    records how the sweep ended: ``rayprune.status``, and the resume command as the run's note
+    unless it finished.
+    """
+
+    def __init__(self, client: Any, tracking_uri: str) -> None:
+        self.client, self.tracking_uri = client, tracking_uri
+        self.heartbeat: Heartbeat | None = None  # while a parent run is held
+        self._run_id: str | None = None
+        self._resume = ""
+
+    def close_dead_drivers(self, experiment_id: str) -> None:
+        """Close, as interrupted, the runs that dead drivers left RUNNING in the experiment."""
+        interrupted_sweeps(self.client, experiment_id, mark=True)
+
+    def hold(self, run_id: str, tags: dict[str, str], reopened: Any | None = None) -> None:
+        """Start the heartbeat of parent run ``run_id``, whose ``tags`` (the sweep id, the sweep
+        file) make its resume command. A ``reopened`` run (as it was found) loses the
+        "interrupted ..."/"failed ..." note rayprune wrote when it ended."""
+        if reopened is not None:
+            clear_note(self.client, reopened)
+        self._run_id, self._resume = run_id, resume_command(tags)
+        self.heartbeat = Heartbeat(self.tracking_uri, run_id)
+
+    def release(self, status: str) -> None:
+        """Stop the heartbeat; set ``rayprune.status`` for the run's MLflow ``status``
+        (FINISHED / FAILED / KILLED) and, unless it finished, the resume command as its note."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self._run_id is None:
+            raise RuntimeError("DriverLiveness: call hold(...) first")
+        word = {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")
+        mark_parent(
+            self.client, self._run_id, word, None if status == "FINISHED" else f"{word}; resume with: {self._resume}"
+        )
+
+
 __all__ = [
     "DRIVER_TAG",
     "HEARTBEAT_TAG",
     "NOTE_TAG",
     "SPACE_TAG",
     "STATUS_TAG",
+    "DriverLiveness",
     "Heartbeat",
     "Interrupted",
     "clear_note",

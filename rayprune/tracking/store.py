@@ -82,6 +82,19 @@ def row_key(row: dict[str, Any]) -> str:
     return "/".join(str(row[f]) for f in KEY_FIELDS)
 
 
+#: The columns of a row flattened for a table (:func:`table_row`), besides its metrics and spec.
+TABLE_COLUMNS = ("trial_id", "kind", "step", "method", "flops_target", "kd_weight", "recipe", "init", "macs", "params")
+
+
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row flattened for a table (an MLflow table artifact): its key, the columns of
+    :data:`TABLE_COLUMNS`, one column per metric, the spec hash, the artifact URI, the spec as JSON."""
+    flat = {"key": row_key(row), **{k: row.get(k) for k in TABLE_COLUMNS}}
+    flat.update(row["metrics"])
+    flat.update(spec_hash=row["spec_hash"], artifact_uri=row.get("artifact_uri"), spec=json.dumps(row["spec"]))
+    return flat
+
+
 def record_row(
     record: dict[str, Any],
     *,

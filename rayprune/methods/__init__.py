@@ -12,7 +12,15 @@ from ..registry import Registry, UnknownNameError, unknown_name
 from .base import Budget, FinalResult, Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 
 # name -> module in this package (the module registers its class under the name)
-MODULES = {"ast": "ast", "tas": "tas", "sp": "sp", "uniform": "uniform", "l1": "l1", "fpgm": "fpgm", "random": "random"}
+MODULES = {
+    "ast": "ast",
+    "tas": "tas",
+    "sp": "sp",
+    "uniform": "uniform",
+    "l1": "l1",
+    "fpgm": "fpgm",
+    "random": "random_search",
+}
 METHODS: Registry[type[Method]] = Registry("method")
 
 

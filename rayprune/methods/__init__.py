@@ -13,7 +13,7 @@ from .base import Budget, FinalResult, Method, MethodHparams, RunContext, StepRe
 
 # name -> module in this package (the module registers its class under the name)
 MODULES = {
-    "ast": "ast",
+    "ast": "ast_search",
     "tas": "tas",
     "sp": "sp",
     "uniform": "uniform",

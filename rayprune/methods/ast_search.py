@@ -43,7 +43,6 @@ from ..engine.train import TrainConfig, evaluate, fit
 from ..engine.utils import derive_seed
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, write_back
-from . import register
 from .ast_alpha import (
     Alpha,
     AlphaOptimizer,
@@ -73,7 +72,6 @@ class Trained:
     state: dict[str, torch.Tensor]
 
 
-@register("ast")
 class AST(Method):
     """Adaptive search-and-training with ThreshNet.
 
@@ -81,6 +79,7 @@ class AST(Method):
     trains the deterministic subnet (``select='deterministic'``) and the search is done.
     """
 
+    name = "ast"
     Hparams: ClassVar[type[MethodHparams]] = ASTHparams
     hp: ASTHparams
     inherits_weights: ClassVar[bool] = True

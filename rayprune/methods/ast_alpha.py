@@ -154,11 +154,13 @@ class AlphaOptimizer:
         return {g: self.full[g].index_put((self.keep[g],), leaf) for g, leaf in self.leaves.items()}
 
     def step(self, loss: torch.Tensor) -> None:
+        """One Adam step of α on ``loss``."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
 
     def write_to(self, sub_alpha: Alpha) -> None:
+        """Put the trained α (detached) into ``sub_alpha``."""
         for g, a in self.leaves.items():
             sub_alpha[g] = a.detach()
 

@@ -267,9 +267,11 @@ class ConvergenceTracker:
 
     @property
     def converged(self) -> bool:
+        """The stop rule holds: ``patience`` similar iterations in a row, after ``min_iterations``."""
         return self.streak >= self.patience and self.seen >= self.min_iterations
 
     def state_dict(self) -> dict[str, Any]:
+        """The previous deterministic subnet, the streak and the iterations seen (for an exact resume)."""
         return {"prev_keep": self.prev_keep, "streak": self.streak, "seen": self.seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -10,26 +10,26 @@ from rayprune import models
 from rayprune.engine.data import synthetic_dataset
 from rayprune.engine.train import TrainConfig, evaluate
 from rayprune.methods import Budget, RunContext, get_method, within_budget
-from rayprune.methods.ast import (
-    AST,
-    PRESETS,
-    ASTHparams,
-    ConvergenceTracker,
+from rayprune.methods.ast_alpha import (
     MovingBaseline,
     ThreshNet,
     alpha_pass_counts,
     alpha_sites,
     attach_alpha,
-    calibrate_to_target,
     fold_alpha,
-    group_similarity,
-    map_back,
-    mass_threshold_keep,
     mean_alpha_entropy,
     policy_inputs,
-    rank_channels,
     reinforce_step,
 )
+from rayprune.methods.ast_convergence import (
+    ConvergenceTracker,
+    calibrate_to_target,
+    group_similarity,
+    mass_threshold_keep,
+    rank_channels,
+)
+from rayprune.methods.ast_hparams import PRESETS, ASTHparams
+from rayprune.methods.ast_search import AST, map_back
 from rayprune.models.transfer import extract_subnet, subnet_spec
 
 TINY = {

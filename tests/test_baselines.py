@@ -18,7 +18,7 @@ from rayprune.methods._baseline import (
     removal_order,
     scaled_widths,
 )
-from rayprune.methods.random import sample_feasible
+from rayprune.methods.random_search import sample_feasible
 from rayprune.testing import tiny_context
 
 

@@ -10,12 +10,11 @@ inherited weights. See :class:`rayprune.methods._baseline.RankedPruning`.
 
 from __future__ import annotations
 
-from . import register
 from ._baseline import RankedPruning, fpgm_scores
 
 
-@register("fpgm")
 class FPGMPruning(RankedPruning):
     """Global geometric-median channel ranking under the FLOPs budget, weights inherited."""
 
+    name = "fpgm"
     score = staticmethod(fpgm_scores)

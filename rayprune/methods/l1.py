@@ -10,12 +10,11 @@ inherits the surviving weights and is fine-tuned by the shared engine. See
 
 from __future__ import annotations
 
-from . import register
 from ._baseline import RankedPruning, l1_scores
 
 
-@register("l1")
 class L1Pruning(RankedPruning):
     """Global L1-norm channel ranking under the FLOPs budget, weights inherited."""
 
+    name = "l1"
     score = staticmethod(l1_scores)

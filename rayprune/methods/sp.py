@@ -57,7 +57,6 @@ from ..engine.train import (
 )
 from ..engine.utils import bn_layers, derive_seed, resolve_device
 from ..models.base import Fixup, Spec, SpecError, StageSplit, round_to
-from . import register
 from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
@@ -307,10 +306,10 @@ def _pick(n: int, gen: torch.Generator) -> int:
     return int(torch.randint(n, (1,), generator=gen))
 
 
-@register("sp")
 class SP(Method):
     """Stage-wise super-nets supervised by the full net, then an evolutionary search."""
 
+    name = "sp"
     Hparams: ClassVar[type[MethodHparams]] = SPHparams
     smoke: ClassVar[dict] = {
         "stage_epochs": 1,

@@ -67,7 +67,6 @@ from ..engine.train import (
 )
 from ..engine.utils import derive_seed
 from ..models.base import Spec, spec_hash
-from . import register
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 from .tas_supernet import WIDTH_RATIOS, FixedPath, SearchResNet, grow_to_window, shrink_to_budget
 
@@ -177,7 +176,6 @@ class TASHparams(MethodHparams):
         return self
 
 
-@register("tas")
 class TAS(Method):
     """Transformable architecture search over per-conv widths and per-stage depths.
 
@@ -191,6 +189,7 @@ class TAS(Method):
     scratch (``initial_weights`` is None).
     """
 
+    name = "tas"
     Hparams: ClassVar[type[MethodHparams]] = TASHparams
     smoke: ClassVar[dict] = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64}
     hp: TASHparams

@@ -21,7 +21,6 @@ from pydantic import Field
 
 from .. import models
 from ..engine.utils import derive_seed
-from . import register
 from ._baseline import RecordsMixin, fill_to_window, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
@@ -33,10 +32,10 @@ class UniformHparams(MethodHparams):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="per-class search-val share of the training set")
 
 
-@register("uniform")
 class Uniform(RecordsMixin):
     """One multiplier for all channel groups, bisected to the FLOPs target."""
 
+    name = "uniform"
     Hparams: ClassVar[type[MethodHparams]] = UniformHparams
     smoke: ClassVar[dict] = {"eval_epochs": 1}
 

@@ -24,7 +24,6 @@ from pydantic import Field
 from .. import models
 from ..engine.utils import derive_seed
 from ..models.base import ChannelGroup, Spec, round_to
-from . import register
 from ._baseline import RecordsMixin, Widths, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
 
@@ -73,10 +72,10 @@ class RandomHparams(MethodHparams):
     max_tries: int = Field(50, ge=1, description="rejection-sampling draws before shrinking the last one")
 
 
-@register("random")
 class RandomSearch(RecordsMixin):
     """Seeded random feasible widths; one sample per step; best by search-val top-1."""
 
+    name = "random"
     Hparams: ClassVar[type[MethodHparams]] = RandomHparams
     smoke: ClassVar[dict] = {"samples": 2, "eval_epochs": 1}
 

@@ -49,6 +49,7 @@ from ..engine.checkpoint import safe_load
 from ..engine.data import make_loader
 from ..engine.train import TrainConfig, evaluate, fit
 from ..engine.utils import derive_seed
+from ..grid import WINDOW_LOW
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, write_back
 from . import register
@@ -547,7 +548,7 @@ class ASTHparams(MethodHparams):
     alpha_position: Literal["post_bn", "pre_bn"] = "post_bn"
     residual_mode: Literal["coupled", "independent"] = "coupled"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the train set used as search-val")
-    target_window: float = Field(0.9, gt=0.0, le=1.0, description="subnets land in [window·target, target] MACs")
+    target_window: float = Field(WINDOW_LOW, gt=0.0, le=1.0, description="subnets land in [window·target, target] MACs")
     stop_on_convergence: bool = True
     convergence_similarity: float = Field(0.9, gt=0.0, le=1.0, description="see ConvergenceTracker")
     convergence_patience: int = Field(3, ge=1)

@@ -41,6 +41,7 @@ import ray
 from ray import tune
 
 from ..engine.data import load_dataset
+from ..grid import TargetWindow
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
 from .cache import FinalCache
@@ -394,7 +395,7 @@ class TrackingCallback(tune.Callback):
         if window.get("status", "in_window") != "in_window":
             print(
                 f"rayprune: trial {_trial_name(trial)}: its subnet has {window['fraction_of_target']:.3f} of the "
-                f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
+                f"target MACs, {window['status'].replace('_', ' ')} {TargetWindow.describe()} (recorded in its final "
                 "record and in the per-cell counts)",
                 flush=True,
             )
@@ -588,8 +589,8 @@ def print_cell_stats(tracker, out: TextIO) -> None:
         return
     print(
         "\nTrials per grid cell (distinct: different chosen subnets; reused: trials whose chosen subnet was "
-        "already trained with the recipe, so it was not trained again; outside: subnets not within [0.9, 1] x "
-        "the target MACs):",
+        "already trained with the recipe, so it was not trained again; outside: subnets not within "
+        f"{TargetWindow.describe('the target MACs')}):",
         file=out,
     )
     width = max(len(s["cell"]) for s in stats)

@@ -28,6 +28,7 @@ import torch
 from ray import tune
 
 from .. import models
+from ..grid import TargetWindow
 from ..methods import Method, StepResult, SubnetRecord
 from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, recipe_of
 from ..runner import STATE_FILE, TrialConfig, TrialState, build_method, drive, restore, save_subnet
@@ -73,20 +74,8 @@ def run_tune_trial(config: dict[str, Any]) -> None:
     cache = FinalCache(config["final_cache"]) if config.get("final_cache") else None
     cell = cell_slug(config["method"], config["flops_target"], config["kd_weight"])
     record, weights = final_phase(method, cache, cell, tune.get_context().get_trial_id())
-    record.source["window"] = target_window(record.macs, config["flops_target"] * unpruned)
+    record.source["window"] = TargetWindow(config["flops_target"] * unpruned).record(record.macs)
     _report_final(method, record, weights, state, unpruned, config)
-
-
-WINDOW_LOW = 0.9  # a reported subnet should have at least this fraction of its target's MACs
-
-
-def target_window(macs: int, target_macs: float) -> dict[str, Any]:
-    """Where a reported subnet lands against its target window ``[0.9, 1] x target`` MACs:
-    ``status`` is ``in_window``, ``below_window`` (the method settled on a smaller subnet; the
-    record says so instead of silently missing the window) or ``over_target``."""
-    low = WINDOW_LOW * target_macs
-    status = "in_window" if low <= macs <= target_macs else ("over_target" if macs > target_macs else "below_window")
-    return {"low": int(low), "high": int(target_macs), "fraction_of_target": macs / target_macs, "status": status}
 
 
 def final_phase(

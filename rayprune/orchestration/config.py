@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .. import models
 from ..errors import describe
+from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError, unknown_name
@@ -215,15 +216,17 @@ class SweepConfig(_Strict):
 
 
 class Cell(typing.NamedTuple):
-    """One grid cell; Optuna keeps one study per cell."""
+    """One grid cell; Optuna keeps one study per cell. (A NamedTuple: a sweep's searcher state
+    pickles its cells, and a resumed sweep unpickles them.)"""
 
     method: str
     flops_target: float
     kd_weight: float
 
     @property
-    def key(self) -> str:
-        return f"{self.method}|f={self.flops_target:g}|kd={self.kd_weight:g}"
+    def key(self) -> CellKey:
+        """The cell's key (its string form names the cell's trials, cache folder and runs)."""
+        return CellKey(self.method, self.flops_target, self.kd_weight)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import pyarrow.fs
 import ray
 from ray import tune
 
-from ..engine.data import load_dataset
+from ..engine.data import DATASETS, load_dataset
 from ..grid import TargetWindow
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
@@ -269,10 +269,11 @@ def _pending_trials(cfg: SweepConfig) -> str | None:
 
 
 def _check_local_data(cfg: SweepConfig) -> None:
-    """A local sweep's tasks read CIFAR from this machine: load it once here, so missing data
-    is one :class:`DataError` line before Ray starts, and a download happens once, not per trial.
-    (On a cluster each node has its own data; ImageNet folders are only scanned by the tasks.)"""
-    if cfg.dataset.name in ("cifar10", "cifar100"):
+    """A local sweep's tasks read a downloadable dataset (CIFAR) from this machine: load it once
+    here, so missing data is one :class:`DataError` line before Ray starts, and a download happens
+    once, not per trial. (On a cluster each node has its own data; ImageNet folders are only
+    scanned by the tasks.)"""
+    if DATASETS.get(cfg.dataset.name).downloads:
         load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
 
 

@@ -483,9 +483,11 @@ def _add_inspect(sub) -> None:
 
 
 def _add_training_args(q: argparse.ArgumentParser) -> None:
+    from .engine.data import DATASETS
+
     q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
     q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
-    q.add_argument("--dataset", default="cifar10", help="cifar10|cifar100|imagenet|digits|synthetic")
+    q.add_argument("--dataset", default="cifar10", help="|".join(DATASETS))
     q.add_argument(
         "--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)"
     )
@@ -515,8 +517,10 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
 
 
 def _add_run(sub) -> None:
+    from .methods import MODULES
+
     r = sub.add_parser("run", help="run one method as a plain-torch trial (no Ray)")
-    r.add_argument("--method", required=True, help="ast|tas|sp|uniform|l1|fpgm|random")
+    r.add_argument("--method", required=True, help="|".join(MODULES))
     _add_training_args(r)
     r.add_argument("--flops-target", type=float, required=True, help="target MACs as a fraction of the unpruned net")
     r.add_argument("--kd-weight", type=float, default=0.0, help="distillation weight (0 = efficient mode)")

@@ -74,6 +74,6 @@ class TargetWindow:
         }
 
     @staticmethod
-    def describe() -> str:
-        """The window in words, for messages: ``[0.9, 1] x target``."""
-        return f"[{WINDOW_LOW:g}, 1] x target"
+    def describe(target: str = "target") -> str:
+        """The window in words, for messages: ``[0.9, 1] x target`` (``target`` names the target)."""
+        return f"[{WINDOW_LOW:g}, 1] x {target}"

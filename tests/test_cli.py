@@ -243,3 +243,15 @@ def test_an_unexpected_error_is_one_line_saying_it_is_a_bug(tmp_path, monkeypatc
     monkeypatch.setenv("RAYPRUNE_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["inspect", "x.json"])
+
+
+@pytest.mark.parametrize("command", ["run", "teacher"])
+def test_the_help_lists_the_registered_methods_and_datasets(capsys, command):
+    from rayprune.engine.data import DATASETS
+    from rayprune.methods import MODULES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "|".join(DATASETS) in help_text
+    assert ("|".join(MODULES) in help_text) == (command == "run")

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 
 from rayprune.engine import data
 from rayprune.engine.data import (
+    DATASETS,
     DataError,
     Dataset,
     holdout_per_class,
     load_dataset,
     make_loader,
     random_crop_flip,
+    register_dataset,
     sample_crop_flip,
     split_per_class,
     synthetic_dataset,
@@ -91,6 +93,19 @@ def test_missing_dataset_offline_says_where_it_looked_and_how_to_fix(tmp_path, m
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet, synthetic"):
         load_dataset("mnist")
+
+
+def test_the_registry_knows_each_dataset_before_loading_it():
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "imagenet", "synthetic"]
+    assert [DATASETS.get(n).num_classes for n in DATASETS] == [10, 100, 10, 1000, 10]
+    assert [n for n in DATASETS if DATASETS.get(n).downloads] == ["cifar10", "cifar100"]
+    assert [n for n in DATASETS if DATASETS.get(n).from_folder] == ["imagenet"]
+    for name in ("digits", "synthetic"):  # the offline ones: what the registry says is what loads
+        info, (train, test) = DATASETS.get(name), load_dataset(name)
+        assert (train.num_classes, train.input_size) == (info.num_classes, info.input_size)
+        assert (test.num_classes, test.input_size) == (info.num_classes, info.input_size)
+    with pytest.raises(ValueError, match="dataset 'digits' is already registered"):
+        register_dataset(DATASETS.get("digits"))
 
 
 @pytest.mark.skipif(not (SHARED_CIFAR / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not present")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rayprune.grid import CellKey
 from rayprune.methods.finetune import finetune_config, recipe_hash, recipe_of
 from rayprune.orchestration import trainable
-from rayprune.orchestration.cache import FinalCache, cache_key, cell_slug
+from rayprune.orchestration.cache import FinalCache, cache_key
 from rayprune.runner import TrialConfig, build_method
 
 pytestmark = pytest.mark.slow  # every test here runs a Ray sweep or Ray tasks
@@ -49,7 +50,7 @@ def counted(monkeypatch):
 
 def test_duplicate_specs_in_a_cell_are_trained_once(tmp_path, counted):
     cache = FinalCache(str(tmp_path / "cache"))
-    cell = cell_slug("uniform", 0.5, 0.0)
+    cell = CellKey("uniform", 0.5, 0.0)
     # three trials of one cell under different budgets; the budgets do not bind, so one subnet
     methods = [uniform(tmp_path, seed, rates) for seed, rates in enumerate([[0.7] * 3, [0.75] * 3, [0.8] * 3])]
     assert len({m.best().key for m in methods}) == 1
@@ -71,7 +72,7 @@ def test_another_recipe_or_cell_is_another_training(tmp_path, counted):
     cache = FinalCache(str(tmp_path / "cache"))
     a = uniform(tmp_path, 0, [0.7] * 3)
     longer = uniform(tmp_path, 1, [0.7] * 3, epochs=2)
-    trainable.final_phase(a, cache, cell_slug("uniform", 0.5, 0.0), "t0")
-    trainable.final_phase(longer, cache, cell_slug("uniform", 0.5, 0.0), "t1")  # other recipe
-    trainable.final_phase(a, cache, cell_slug("uniform", 0.6, 0.0), "t2")  # other cell
+    trainable.final_phase(a, cache, CellKey("uniform", 0.5, 0.0), "t0")
+    trainable.final_phase(longer, cache, CellKey("uniform", 0.5, 0.0), "t1")  # other recipe
+    trainable.final_phase(a, cache, CellKey("uniform", 0.6, 0.0), "t2")  # other cell
     assert len(counted) == 3 and len(cache.keys()) == 3

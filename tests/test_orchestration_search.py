@@ -13,6 +13,7 @@ from ray.tune.search import Searcher
 from rayprune import models
 from rayprune.orchestration.config import Cell
 from rayprune.orchestration.search import FINAL_KEY, CellSearcher, PerCellASHA, Reachability
+from rayprune.orchestration.trial_spec import sample_config, shared_config
 
 CELLS = [Cell("uniform", 0.5, 0.0), Cell("uniform", 0.5, 0.9), Cell("l1", 0.7, 0.0)]
 RANGES = [(0.1, 0.8), (0.2, 0.6), (0.0, 0.5)]
@@ -143,7 +144,9 @@ def test_unknown_sampler_is_refused():
 
 
 def fake_trial(trial_id: str, cell: int):
-    return SimpleNamespace(trial_id=trial_id, config={"cell": cell})
+    """A trial as the scheduler sees it: the Tune config of one trial of grid cell ``cell``."""
+    config = {**shared_config({}, {}, 1.0, None), **sample_config(cell, CELLS[cell].key, [0.5] * 3, 0)}
+    return SimpleNamespace(trial_id=trial_id, config=config)
 
 
 def test_asha_compares_trials_only_within_their_cell():

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from rayprune import models
+from rayprune.grid import TargetWindow
 from rayprune.methods import Budget
 from rayprune.methods._baseline import fill_to_window, fit_multiplier
 from rayprune.methods.tas_supernet import SearchResNet, grow_to_window
-from rayprune.orchestration.trainable import target_window
 
 TINY = models.full_spec("cifar_resnet:tiny", shortcut="avgpool_conv")
 
@@ -43,6 +43,6 @@ def test_tas_genotype_below_the_window_is_widened_into_it():
 
 
 def test_a_window_that_is_missed_is_recorded_not_hidden():
-    assert target_window(95, 100)["status"] == "in_window"
-    assert target_window(80, 100) == {"low": 90, "high": 100, "fraction_of_target": 0.8, "status": "below_window"}
-    assert target_window(101, 100)["status"] == "over_target"
+    assert TargetWindow(100).record(95)["status"] == "in_window"
+    assert TargetWindow(100).record(80) == {"low": 90, "high": 100, "fraction_of_target": 0.8, "status": "below_window"}
+    assert TargetWindow(100).record(101)["status"] == "over_target"

@@ -7,7 +7,7 @@ device, in ``channels_last``. There are no worker processes, and the same code r
 CUDA. Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch
 is reproducible from those two numbers alone; that is what makes resumed training exact.
 
-Datasets (:func:`load_dataset`):
+Datasets (:data:`DATASETS`, a registry of :class:`DatasetInfo`; :func:`load_dataset` loads one):
 
 * ``cifar10`` / ``cifar100``: the python-pickle releases (``cifar-10-batches-py``,
   ``cifar-100-python``), normalised with TAS's mean/std.
@@ -29,7 +29,8 @@ import io
 import math
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..registry import Registry
 from .utils import derive_seed, resolve_device
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "DatasetInfo",
     "FolderDataset",
     "Loader",
     "default_data_dirs",
@@ -57,6 +60,7 @@ __all__ = [
     "make_loader",
     "random_crop_flip",
     "read_cifar_batch",
+    "register_dataset",
     "sample_crop_flip",
     "split_per_class",
     "synthetic_dataset",
@@ -70,12 +74,36 @@ CIFAR100_STD = tuple(v / 255 for v in (68.2, 65.4, 70.4))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASETS = ("cifar10", "cifar100", "digits", "imagenet", "synthetic")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 class DataError(RuntimeError):
     """Data is missing or malformed. The message says where we looked and how to fix it."""
+
+
+#: ``(data_dir, download) -> (train, test)``; ``download`` is None (when missing) or False (never).
+DatasetLoader = Callable[[str | Path | None, bool | None], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset the engine loads by name, and what is known about it before loading it."""
+
+    name: str
+    load: DatasetLoader
+    num_classes: int  # the usual number of classes (a folder dataset has those of its folder)
+    input_size: int  # the images' side in pixels, the models' default input resolution
+    from_folder: bool = False  # an ImageFolder tree: its classes are those of the folder
+    downloads: bool = False  # fetched on first use when missing (so a sweep driver loads it once, up front)
+
+
+#: Every dataset :func:`load_dataset` knows, by name (the CLI help and sweep files read it too).
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Add a dataset to :data:`DATASETS` under its name."""
+    return DATASETS.add(info.name, info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +463,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     """``(train, test)`` for one of :data:`DATASETS`.
 
     Args:
-        name: ``cifar10``, ``cifar100``, ``digits``, ``imagenet`` or ``synthetic``.
+        name: a registered dataset: ``cifar10``, ``cifar100``, ``digits``, ``imagenet``, ``synthetic``, ...
         data_dir: where the data lives (default ``$RAYPRUNE_DATA_DIR``, then ``~/.cache/rayprune/data``).
         download: CIFAR only. ``None`` tries to download when missing, ``False`` never does.
 
@@ -443,15 +471,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         DataError: the data is missing and cannot be downloaded (the message says how to fix it).
         ValueError: unknown dataset name.
     """
-    if name in _CIFAR_FOLDERS:
-        return load_cifar(_find_cifar(name, data_dir, download), name)
-    if name == "digits":
-        return digits_dataset()
-    if name == "synthetic":
-        return synthetic_dataset()
-    if name == "imagenet":
-        return _load_imagenet(data_dir)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS.get(name).load(data_dir, download)
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,3 +719,35 @@ def _load_imagenet(data_dir: str | Path | None) -> tuple[FolderDataset, FolderDa
         f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
         f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _load_cifar10(data_dir: str | Path | None, download: bool | None) -> tuple[Dataset, Dataset]:
+    return load_cifar(_find_cifar("cifar10", data_dir, download), "cifar10")
+
+
+def _load_cifar100(data_dir: str | Path | None, download: bool | None) -> tuple[Dataset, Dataset]:
+    return load_cifar(_find_cifar("cifar100", data_dir, download), "cifar100")
+
+
+def _load_digits(data_dir: str | Path | None, download: bool | None) -> tuple[Dataset, Dataset]:
+    return digits_dataset()  # bundled with scikit-learn: no folder, no download
+
+
+def _load_imagenet_folders(data_dir: str | Path | None, download: bool | None) -> tuple[FolderDataset, FolderDataset]:
+    return _load_imagenet(data_dir)  # never downloaded: the folders are the user's
+
+
+def _load_synthetic(data_dir: str | Path | None, download: bool | None) -> tuple[Dataset, Dataset]:
+    return synthetic_dataset()
+
+
+register_dataset(DatasetInfo("cifar10", _load_cifar10, num_classes=10, input_size=32, downloads=True))
+register_dataset(DatasetInfo("cifar100", _load_cifar100, num_classes=100, input_size=32, downloads=True))
+register_dataset(DatasetInfo("digits", _load_digits, num_classes=10, input_size=8))
+register_dataset(DatasetInfo("imagenet", _load_imagenet_folders, num_classes=1000, input_size=224, from_folder=True))
+register_dataset(DatasetInfo("synthetic", _load_synthetic, num_classes=10, input_size=32))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..grid import WINDOW_LOW
 from .ast_alpha import ACTIONS
 from .base import MethodHparams
 
@@ -103,7 +104,7 @@ class ASTHparams(MethodHparams):
     alpha_position: Literal["post_bn", "pre_bn"] = "post_bn"
     residual_mode: Literal["coupled", "independent"] = "coupled"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the train set used as search-val")
-    target_window: float = Field(0.9, gt=0.0, le=1.0, description="subnets land in [window·target, target] MACs")
+    target_window: float = Field(WINDOW_LOW, gt=0.0, le=1.0, description="subnets land in [window·target, target] MACs")
     stop_on_convergence: bool = True
     convergence_similarity: float = Field(0.9, gt=0.0, le=1.0, description="see ConvergenceTracker")
     convergence_patience: int = Field(3, ge=1)

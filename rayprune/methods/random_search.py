@@ -2,7 +2,7 @@
 
 Each step draws one width per channel group uniformly between the group's minimum width (from
 the budget's per-stage limits) and its full width, rounded to the group's divisor. Draws outside
-the target window ``[WINDOW_LOW * target, target]`` MACs are rejected, so every sample is
+the target window (:class:`~rayprune.grid.TargetWindow`) are rejected, so every sample is
 comparable with the other methods' subnets at that target; after ``max_tries`` rejections the
 last draw over the target (else the full widths) is shrunk by the largest common multiplier
 that fits (:func:`fit_multiplier`), which lands just under the target.
@@ -23,6 +23,7 @@ from pydantic import Field
 
 from .. import models
 from ..engine.utils import derive_seed
+from ..grid import WINDOW_LOW, TargetWindow
 from ..models.base import ChannelGroup, Spec, round_to
 from ._baseline import RecordsMixin, Widths, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
@@ -37,9 +38,6 @@ def draw_widths(groups: list[ChannelGroup], mins: Widths, gen: torch.Generator) 
     return out
 
 
-WINDOW_LOW = 0.9  # a sample's MACs must be at least this fraction of the target
-
-
 def sample_feasible(
     full_spec: Spec,
     mins: Widths,
@@ -52,11 +50,12 @@ def sample_feasible(
     """A random width assignment with MACs in ``[window_low * target_macs, target_macs]``:
     ``(widths, tries, shrunk)``."""
     groups = models.channel_groups(full_spec)
+    window = TargetWindow(target_macs, window_low)
     over = None
     for tries in range(1, max_tries + 1):
         widths = draw_widths(groups, mins, gen)
         macs = models.macs(models.with_widths(full_spec, widths), input_size)
-        if window_low * target_macs <= macs <= target_macs:
+        if window.contains(macs):
             return widths, tries, False
         if macs > target_macs:
             over = widths

@@ -66,13 +66,12 @@ from ..engine.train import (
     recalibration_batches,
 )
 from ..engine.utils import derive_seed
+from ..grid import TargetWindow
 from ..models.base import Spec, spec_hash
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
 from .tas_supernet import WIDTH_RATIOS, FixedPath, SearchResNet, grow_to_window, shrink_to_budget
 
-__all__ = ["TAS", "WINDOW_LOW", "TASHparams", "cost_loss", "tau_at"]
-
-WINDOW_LOW = 0.9  # the reported subnet should have at least this fraction of the target MACs
+__all__ = ["TAS", "TASHparams", "cost_loss", "tau_at"]
 
 # --------------------------------------------------------------------------------------------
 # Schedules and the cost loss
@@ -184,8 +183,8 @@ class TAS(Method):
     with ``select="last"`` the last genotype if it meets the budget; otherwise (or with
     ``select="best"``) the in-budget genotype with the highest ``val_top1``, preferring those
     within ``flop_tolerance`` of the target; if none is in budget, the last genotype shrunk
-    greedily until it fits. A choice below ``WINDOW_LOW`` (0.9) of the target MACs is widened
-    into the window (:func:`grow_to_window`) and re-scored. The final net is trained from
+    greedily until it fits. A choice below the target window (``[0.9, 1] x target`` MACs) is widened
+    into it (:func:`grow_to_window`) and re-scored. The final net is trained from
     scratch (``initial_weights`` is None).
     """
 
@@ -416,10 +415,10 @@ class TAS(Method):
         return self._in_window(self._shrunk(last))
 
     def _in_window(self, record: SubnetRecord) -> SubnetRecord:
-        """The reported subnet lands in the target window ``[WINDOW_LOW, 1] x target`` MACs: a
+        """The reported subnet lands in its :class:`~rayprune.grid.TargetWindow`: a
         genotype that settled below it is widened (:func:`grow_to_window`) and re-scored on
         search-val; one that cannot reach the window stays as it is (orchestrators record that)."""
-        low = WINDOW_LOW * self.target_macs
+        low = TargetWindow(self.target_macs).low_macs
         if record.macs >= low:
             return record
         if record.key not in self._grown:

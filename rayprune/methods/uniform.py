@@ -3,7 +3,7 @@
 Every channel group gets the same width multiplier ``t`` (rounded to the group's divisor,
 clamped to the budget's per-stage minimum widths); ``t`` is the largest value whose subnet meets
 the FLOPs target, found by bisection. On narrow nets the rounded widths move in coarse steps, so
-when the result is below the target window (``WINDOW_LOW`` of the target) the cheapest single-group
+when the result is below the target window (:class:`~rayprune.grid.TargetWindow`) the cheapest single-group
 steps top it up (:func:`fill_to_window`): every method reports a subnet in ``[0.9, 1] x target``.
 Nothing is learned about *which* channels matter, so the subnet is trained from scratch
 (``initial_weights`` is None) by the shared fine-tune.
@@ -21,10 +21,9 @@ from pydantic import Field
 
 from .. import models
 from ..engine.utils import derive_seed
+from ..grid import TargetWindow
 from ._baseline import RecordsMixin, fill_to_window, fit_multiplier, train_and_score
 from .base import MethodHparams, StepResult, SubnetRecord
-
-WINDOW_LOW = 0.9  # the reported subnet should have at least this fraction of the target MACs
 
 
 class UniformHparams(MethodHparams):
@@ -50,7 +49,7 @@ class Uniform(RecordsMixin):
         full = {g.name: g.width for g in models.channel_groups(ctx.spec)}
         target = ctx.budget.target_macs(ctx.spec, ctx.input_size)
         t, _, widths = fit_multiplier(ctx.spec, full, ctx.budget.min_widths(ctx.spec), target, ctx.input_size)
-        widths = fill_to_window(ctx.spec, widths, full, target, WINDOW_LOW * target, ctx.input_size)
+        widths = fill_to_window(ctx.spec, widths, full, target, TargetWindow(target).low_macs, ctx.input_size)
         spec = models.with_widths(ctx.spec, widths)
         split = ctx.search_split(self.hp.val_fraction)
         score = train_and_score(spec, ctx, split, self.hp.eval_epochs, derive_seed(ctx.seed, "uniform"))

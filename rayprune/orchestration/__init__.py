@@ -6,6 +6,8 @@ ray and optuna).
   choosing the per-stage pruning budgets) and ``PerCellASHA``.
 * :mod:`.trainable` -- ``run_tune_trial``: one method run as a Tune trial (reports and
   checkpoints after every step; never touches MLflow).
+* :mod:`.trial_spec` -- ``TrialSpec``: what the driver hands a trial (Tune's config dict),
+  parsed once at each entry point and read by attribute.
 * :mod:`.sweep` -- the driver: ``main(argv)`` for ``rayprune sweep`` / ``launch/sweep.py``,
   ``run_sweep(cfg)``; its Tune callback is the only writer to the tracking store.
 

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.fs
 import torch
 
+from ..grid import CellKey
 from ..models import io as subnet_io
 from ..runner import save_subnet
 from .storage import filesystem, is_uri
@@ -32,14 +33,10 @@ CACHE_DIR = "final_cache"
 BASELINE_CELL = "baseline"
 
 
-def cell_slug(method: str, flops_target: float, kd_weight: float) -> str:
-    """A grid cell as a path- and MLflow-safe name: ``ast_f0.5_kd0.9``."""
-    return f"{method}_f{flops_target:g}_kd{kd_weight:g}"
-
-
-def cache_key(cell: str, spec_hash: str, recipe_hash: str, kd_weight: float) -> str:
-    """The cache key (a relative path) of one final-phase training."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cell)
+def cache_key(cell: CellKey | str, spec_hash: str, recipe_hash: str, kd_weight: float) -> str:
+    """The cache key (a relative path) of one final-phase training in ``cell`` (a grid cell's
+    key, or :data:`BASELINE_CELL`)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(cell))
     return f"{safe}/{spec_hash}-{recipe_hash}-kd{kd_weight:g}"
 
 
@@ -104,4 +101,4 @@ class FinalCache:
         )
 
 
-__all__ = ["BASELINE_CELL", "CACHE_DIR", "FinalCache", "cache_key", "cell_slug"]
+__all__ = ["BASELINE_CELL", "CACHE_DIR", "FinalCache", "cache_key"]

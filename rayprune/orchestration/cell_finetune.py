@@ -23,24 +23,26 @@ from .. import models
 from ..engine.train import TrainConfig
 from ..methods.finetune import recipe_hash, recipe_of
 from ..runner import TrialConfig, TrialState, build_method, restore, save_subnet
-from .cache import FinalCache, cache_key, cell_slug
+from .cache import FinalCache, cache_key
 from .config import SweepConfig
 from .search import FINAL_KEY, METRIC
 from .storage import localize
-from .trainable import STATE_FILE, final_phase, trial_config
+from .trainable import STATE_FILE, final_phase
+from .trial_spec import TrialSpec
 
 
 @dataclass
 class CellChoice:
     """A grid cell's chosen subnet: the best trial final by search-val accuracy."""
 
-    cell: str
+    spec: TrialSpec  # the chosen trial's, parsed from its config
     result: Any  # the trial's tune.Result
     record: dict[str, Any]  # its final SubnetRecord dict
 
     @property
-    def config(self) -> dict[str, Any]:
-        return self.result.config
+    def cell(self) -> str:
+        """The cell's name (its key's string form): its cache folder, fine-tune folder and runs."""
+        return str(self.spec.cell)
 
 
 def choose_per_cell(results) -> list[CellChoice]:
@@ -55,11 +57,11 @@ def choose_per_cell(results) -> list[CellChoice]:
         record = json.loads(metrics["final_record"])
         val = record["metrics"].get(METRIC)
         val = float("-inf") if val is None or val != val else float(val)
-        rank = (-val, int(r.config["optuna_number"]), str(metrics.get("trial_id")))
-        cell = int(r.config["cell"])
-        choice = CellChoice(cell_slug(r.config["method"], r.config["flops_target"], r.config["kd_weight"]), r, record)
+        spec = TrialSpec.from_config(r.config)
+        rank = (-val, spec.optuna_number, str(metrics.get("trial_id")))
+        cell = spec.cell_index
         if cell not in best or rank < best[cell][0]:
-            best[cell] = (rank, choice)
+            best[cell] = (rank, CellChoice(spec, r, record))
     return [best[c][1] for c in sorted(best)]
 
 
@@ -79,7 +81,7 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
     cache = FinalCache.of_experiment(experiment_path)
     todo, done = [], []
     for choice in choose_per_cell(results):
-        kd = float(choice.config["kd_weight"])
+        kd = choice.spec.kd_weight
         key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
         (done if key in cache else todo).append((choice, key))
     if todo:
@@ -92,7 +94,7 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
         _log_cell_finetune(tracker, cache, driver_dir, choice, key, cached=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
     pending = {
-        task.remote(_member_config(cfg, c.config), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
+        task.remote(_member_config(cfg, c.spec), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
         for c, k in todo
     }
     try:
@@ -118,13 +120,13 @@ def _log_cell_finetune(
         target,
         trial_id=str(choice.result.metrics.get("trial_id")),
         cell=choice.cell,
-        flops_target=float(choice.config["flops_target"]),
-        kd_weight=float(choice.config["kd_weight"]),
+        flops_target=choice.spec.flops_target,
+        kd_weight=choice.spec.kd_weight,
     )
 
 
-def _member_config(cfg: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
-    return trial_config(config).model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
+def _member_config(cfg: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
+    return spec.trial_config().model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
 
 
 def _finetune_member_task(

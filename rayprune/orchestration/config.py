@@ -18,13 +18,15 @@ from __future__ import annotations
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import models
+from ..engine.data import DATASETS
 from ..errors import describe
+from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError, unknown_name
@@ -32,7 +34,11 @@ from ..tracking import SQLITE_PREFIX, sqlite_file
 from .storage import is_uri
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000, "synthetic": 10}
+
+if TYPE_CHECKING:
+    DatasetName = str
+else:  # the registry's names as a Literal: pydantic then names the allowed ones in its error
+    DatasetName = Literal[tuple(DATASETS.names())]
 
 
 class SweepConfigError(ValueError):
@@ -46,7 +52,7 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """Which data the trials use (``data_dir``: where it lives; None: the engine's default)."""
 
-    name: Literal["cifar10", "cifar100", "digits", "imagenet", "synthetic"]
+    name: DatasetName  # one of engine.data.DATASETS
     data_dir: str | None = None
 
 
@@ -204,7 +210,8 @@ class SweepConfig(_Strict):
         if self.spec is not None:
             return models.load_spec(self.spec)
         options = {"shortcut": self.shortcut} if self.shortcut else {}
-        return models.full_spec(self.model, num_classes=NUM_CLASSES[self.dataset.name], **options)
+        num_classes = DATASETS.get(self.dataset.name).num_classes
+        return models.full_spec(self.model, num_classes=num_classes, **options)
 
     def cells(self) -> list[Cell]:
         """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
@@ -215,15 +222,17 @@ class SweepConfig(_Strict):
 
 
 class Cell(typing.NamedTuple):
-    """One grid cell; Optuna keeps one study per cell."""
+    """One grid cell; Optuna keeps one study per cell. (A NamedTuple: a sweep's searcher state
+    pickles its cells, and a resumed sweep unpickles them.)"""
 
     method: str
     flops_target: float
     kd_weight: float
 
     @property
-    def key(self) -> str:
-        return f"{self.method}|f={self.flops_target:g}|kd={self.kd_weight:g}"
+    def key(self) -> CellKey:
+        """The cell's key (its string form names the cell's trials, cache folder and runs)."""
+        return CellKey(self.method, self.flops_target, self.kd_weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +373,7 @@ def _check_teacher_checkpoint(ckpt: Path, full: Spec, dataset: str) -> None:
         saved.build()
     except (FileNotFoundError, ValueError, SpecError) as e:  # missing weights, a refused or mismatched file
         raise _FieldError("teacher.checkpoint", str(e)) from None
-    if dataset != "imagenet" and saved.spec.get("num_classes") != full.get("num_classes"):  # folders vary
+    if not DATASETS.get(dataset).from_folder and saved.spec.get("num_classes") != full.get("num_classes"):
         raise _FieldError(
             "teacher.checkpoint",
             f"{ckpt} predicts {saved.spec.get('num_classes')} classes, the model {full.get('num_classes')}; {fix}",

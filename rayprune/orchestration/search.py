@@ -31,6 +31,7 @@ from .. import models
 from ..methods import Budget
 from ..models.base import Spec
 from .config import Cell
+from .trial_spec import TrialSpec, sample_config
 
 FINAL_KEY = "final"  # present (truthy) only in a trial's last, post-finalize report
 METRIC = "val_top1"  # what Optuna maximises and ASHA compares: search-val accuracy, never test
@@ -100,14 +101,7 @@ class CellSearcher(_PickledState, Searcher):
         trial, rates = self._draw(index, cell)
         self.suggested[index] += 1
         self.pending[trial_id] = (index, trial)
-        return {
-            "cell": index,
-            "method": cell.method,
-            "flops_target": cell.flops_target,
-            "kd_weight": cell.kd_weight,
-            "max_stage_prune": rates,
-            "optuna_number": trial.number,
-        }
+        return sample_config(index, cell.key, rates, trial.number)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         entry = self.pending.pop(trial_id, None)
@@ -196,7 +190,7 @@ class Reachability:
 
 
 class PerCellASHA(_PickledState, FIFOScheduler):
-    """ASHA early stopping on ``val_top1`` with one bracket per grid cell (``trial.config["cell"]``).
+    """ASHA early stopping on ``val_top1`` with one bracket per grid cell (:attr:`.TrialSpec.cell_index`).
 
     Trials are only ever compared with trials of the same cell. ``stop_last_trials`` is off: a
     trial that reaches ``max_t`` still finishes and reports its final (fine-tuned) result.
@@ -232,7 +226,7 @@ class PerCellASHA(_PickledState, FIFOScheduler):
 
     def _asha(self, tune_controller, trial) -> AsyncHyperBandScheduler:
         """The trial's cell's ASHA, with the trial registered (restored trials may not be yet)."""
-        cell = int(trial.config["cell"])
+        cell = TrialSpec.from_config(trial.config).cell_index
         if cell not in self._by_cell:
             self._by_cell[cell] = AsyncHyperBandScheduler(**self._kwargs)
         asha = self._by_cell[cell]

@@ -40,7 +40,8 @@ import pyarrow.fs
 import ray
 from ray import tune
 
-from ..engine.data import load_dataset
+from ..engine.data import DATASETS, load_dataset
+from ..grid import TargetWindow
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
 from .cache import FinalCache
@@ -49,7 +50,8 @@ from .cluster import browse_hint
 from .config import SweepConfig
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
-from .trainable import FINAL_DIR, run_tune_trial, trial_config
+from .trainable import FINAL_DIR, run_tune_trial
+from .trial_spec import TrialSpec, shared_config
 
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
 
@@ -267,10 +269,11 @@ def _pending_trials(cfg: SweepConfig) -> str | None:
 
 
 def _check_local_data(cfg: SweepConfig) -> None:
-    """A local sweep's tasks read CIFAR from this machine: load it once here, so missing data
-    is one :class:`DataError` line before Ray starts, and a download happens once, not per trial.
-    (On a cluster each node has its own data; ImageNet folders are only scanned by the tasks.)"""
-    if cfg.dataset.name in ("cifar10", "cifar100"):
+    """A local sweep's tasks read a downloadable dataset (CIFAR) from this machine: load it once
+    here, so missing data is one :class:`DataError` line before Ray starts, and a download happens
+    once, not per trial. (On a cluster each node has its own data; ImageNet folders are only
+    scanned by the tasks.)"""
+    if DATASETS.get(cfg.dataset.name).downloads:
         load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
 
 
@@ -374,13 +377,16 @@ class TrackingCallback(tune.Callback):
         return tracker
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.tracker.trial_started(trial.trial_id, _trial_params(trial.config), run_name=_trial_name(trial))
+        spec = TrialSpec.from_config(trial.config)
+        self.tracker.trial_started(trial.trial_id, _trial_params(spec), run_name=_trial_label(spec, trial.trial_id))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         if result.get(FINAL_KEY):
             return  # logged with its artifacts when the trial completes
+        spec = TrialSpec.from_config(trial.config)
         subnets = json.loads(result.get("subnets") or "[]")
-        self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets, cell=_cell(trial.config))
+        cell = _cell(spec.flops_target, spec.kd_weight)
+        self.tracker.log_step(trial.trial_id, int(result["step"]), _scalars(result), subnets, cell=cell)
 
     # The fronts, plot and parquet are written at the end of the sweep, on resume, and as trials
     # finish at most every PUBLISH_EVERY_S (tracker.publish_if_due): refreshing them on every
@@ -390,28 +396,29 @@ class TrackingCallback(tune.Callback):
         if not last.get(FINAL_KEY):  # stopped early by the scheduler
             self.tracker.trial_finished(trial.trial_id, None, None, "KILLED", refresh_front=False)
             return
+        spec = TrialSpec.from_config(trial.config)
         final = json.loads(last["final_record"])
         with _final_dir(trial.checkpoint) as final_dir:
-            self.tracker.trial_finished(
-                trial.trial_id, final, final_dir, "FINISHED", refresh_front=False, cell=_cell(trial.config)
-            )
+            cell = _cell(spec.flops_target, spec.kd_weight)
+            self.tracker.trial_finished(trial.trial_id, final, final_dir, "FINISHED", refresh_front=False, cell=cell)
         window = final["source"].get("window") or {}
         if window.get("status", "in_window") != "in_window":
             print(
-                f"rayprune: trial {_trial_name(trial)}: its subnet has {window['fraction_of_target']:.3f} of the "
-                f"target MACs, {window['status'].replace('_', ' ')} [0.9, 1] x target (recorded in its final "
-                "record and in the per-cell counts)",
+                f"rayprune: trial {_trial_label(spec, trial.trial_id)}: its subnet has "
+                f"{window['fraction_of_target']:.3f} of the target MACs, {window['status'].replace('_', ' ')} "
+                f"{TargetWindow.describe()} (recorded in its final record and in the per-cell counts)",
                 flush=True,
             )
-        self.tracker.note_cell(trial.config["method"], trial.config["flops_target"], trial.config["kd_weight"])
+        self.tracker.note_cell(spec.method, spec.flops_target, spec.kd_weight)
         self.tracker.publish_if_due()
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.tracker.trial_finished(trial.trial_id, None, None, "FAILED", refresh_front=False)
 
 
-def _cell(config: dict[str, Any]) -> dict[str, float]:
-    return {"flops_target": float(config["flops_target"]), "kd_weight": float(config["kd_weight"])}
+def _cell(flops_target: float, kd_weight: float) -> dict[str, float]:
+    """A trial's cell as the tracker takes it with its records."""
+    return {"flops_target": float(flops_target), "kd_weight": float(kd_weight)}
 
 
 def _replay_reported_steps(tracker, experiment_path: str) -> None:
@@ -436,16 +443,22 @@ def _replay_reported_steps(tracker, experiment_path: str) -> None:
                     int(result["step"]),
                     _scalars(result),
                     json.loads(result.get("subnets") or "[]"),
-                    cell=_cell(result),
+                    cell=_cell(result["flops_target"], result["kd_weight"]),
                 )
 
 
-def _trial_params(config: dict[str, Any]) -> dict[str, Any]:
+def _trial_params(spec: TrialSpec) -> dict[str, Any]:
     """Flat MLflow params of a trial: the cell, the budget and the method's hyperparameters."""
-    params = {k: config[k] for k in ("method", "flops_target", "kd_weight", "cell", "optuna_number")}
-    params.update({f"max_prune_stage{i}": r for i, r in enumerate(config["max_stage_prune"])})
-    params.update({f"hp.{k}": v for k, v in config["hparams"].get(config["method"], {}).items()})
-    params["seed"] = trial_config(config).seed
+    params: dict[str, Any] = {
+        "method": spec.method,
+        "flops_target": spec.flops_target,
+        "kd_weight": spec.kd_weight,
+        "cell": spec.cell_index,
+        "optuna_number": spec.optuna_number,
+    }
+    params.update({f"max_prune_stage{i}": r for i, r in enumerate(spec.max_stage_prune)})
+    params.update({f"hp.{k}": v for k, v in spec.method_hparams.items()})
+    params["seed"] = spec.seed
     return params
 
 
@@ -490,12 +503,7 @@ def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None =
         "input_size": cfg.input_size,
         "max_steps": cfg.max_steps,
     }
-    return {
-        "base": base,
-        "hparams": {m.name: dict(m.hparams) for m in cfg.methods},
-        "cpus_per_trial": cfg.resources.cpu,
-        "final_cache": final_cache,
-    }
+    return shared_config(base, {m.name: dict(m.hparams) for m in cfg.methods}, cfg.resources.cpu, final_cache)
 
 
 def make_searcher(cfg: SweepConfig) -> CellSearcher:
@@ -511,10 +519,14 @@ def make_searcher(cfg: SweepConfig) -> CellSearcher:
 
 
 def _trial_name(trial) -> str:
-    """``<method>_f<FLOPs target>_kd<KD weight>_<trial id>``: Tune's trial and dir name and the
-    MLflow child run's name, so a trial reads the same in the console, on disk and in the UI."""
-    c = trial.config
-    return f"{c['method']}_f{c['flops_target']:g}_kd{c['kd_weight']:g}_{trial.trial_id}"
+    """``<cell>_<trial id>`` (``ast_f0.5_kd0.9_<id>``): Tune's trial and dir name and the MLflow
+    child run's name, so a trial reads the same in the console, on disk and in the UI."""
+    return _trial_label(TrialSpec.from_config(trial.config), trial.trial_id)
+
+
+def _trial_label(spec: TrialSpec, trial_id: str) -> str:
+    """What :func:`_trial_name` names a trial, from its parsed spec."""
+    return f"{spec.cell}_{trial_id}"
 
 
 def _make_tuner(
@@ -593,8 +605,8 @@ def print_cell_stats(tracker, out: TextIO) -> None:
         return
     print(
         "\nTrials per grid cell (distinct: different chosen subnets; reused: trials whose chosen subnet was "
-        "already trained with the recipe, so it was not trained again; outside: subnets not within [0.9, 1] x "
-        "the target MACs):",
+        "already trained with the recipe, so it was not trained again; outside: subnets not within "
+        f"{TargetWindow.describe('the target MACs')}):",
         file=out,
     )
     width = max(len(s["cell"]) for s in stats)

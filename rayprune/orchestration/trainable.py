@@ -28,37 +28,24 @@ import torch
 from ray import tune
 
 from .. import models
+from ..grid import CellKey, TargetWindow
 from ..methods import Method, StepResult, SubnetRecord
 from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, recipe_of
-from ..runner import STATE_FILE, TrialConfig, TrialState, build_method, drive, restore, save_subnet
-from .cache import FinalCache, cache_key, cell_slug
+from ..runner import STATE_FILE, TrialState, build_method, drive, restore, save_subnet
+from .cache import FinalCache, cache_key
 from .search import FINAL_KEY, METRIC
 from .storage import localize
+from .trial_spec import TrialSpec
 
 FINAL_DIR = "final"
 
 
-def trial_config(config: dict[str, Any]) -> TrialConfig:
-    """The :class:`TrialConfig` of a Tune trial config: ``base`` (shared by all trials), the
-    method's ``hparams`` and the searcher's cell and budget. The seed differs per Optuna trial."""
-    base = dict(config["base"])
-    seed = int(base.pop("seed", 0)) + int(config["optuna_number"])
-    method = config["method"]
-    return TrialConfig(
-        **base,
-        method=method,
-        hparams=dict(config["hparams"].get(method, {})),
-        flops_target=config["flops_target"],
-        kd_weight=config["kd_weight"],
-        max_stage_prune=list(config["max_stage_prune"]),
-        seed=seed,
-    )
-
-
 def run_tune_trial(config: dict[str, Any]) -> None:
-    """The function Tune runs for each trial (see the module docstring)."""
-    torch.set_num_threads(max(1, int(config.get("cpus_per_trial", 1))))
-    cfg = trial_config(config)
+    """The function Tune runs for each trial (see the module docstring); ``config`` is parsed
+    into a :class:`~.trial_spec.TrialSpec` once, here."""
+    spec = TrialSpec.from_config(config)
+    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+    cfg = spec.trial_config()
     workdir = Path(tune.get_context().get_trial_dir()) / "work"
     if cfg.teacher is not None:
         cfg = cfg.model_copy(update={"teacher": localize(cfg.teacher, workdir / "teacher")})
@@ -67,39 +54,26 @@ def run_tune_trial(config: dict[str, Any]) -> None:
     state = _restore(method)
 
     def report(result: StepResult, state: TrialState, checkpoint_dir: Path) -> None:
-        _report_step(method, result, state.steps, unpruned, config, checkpoint_dir)
+        _report_step(method, result, state.steps, unpruned, spec, checkpoint_dir)
 
     drive(method, state, report, max_steps=cfg.max_steps, checkpoint_dir=tempfile.TemporaryDirectory)
-    cache = FinalCache(config["final_cache"]) if config.get("final_cache") else None
-    cell = cell_slug(config["method"], config["flops_target"], config["kd_weight"])
-    record, weights = final_phase(method, cache, cell, tune.get_context().get_trial_id())
-    record.source["window"] = target_window(record.macs, config["flops_target"] * unpruned)
-    _report_final(method, record, weights, state, unpruned, config)
-
-
-WINDOW_LOW = 0.9  # a reported subnet should have at least this fraction of its target's MACs
-
-
-def target_window(macs: int, target_macs: float) -> dict[str, Any]:
-    """Where a reported subnet lands against its target window ``[0.9, 1] x target`` MACs:
-    ``status`` is ``in_window``, ``below_window`` (the method settled on a smaller subnet; the
-    record says so instead of silently missing the window) or ``over_target``."""
-    low = WINDOW_LOW * target_macs
-    status = "in_window" if low <= macs <= target_macs else ("over_target" if macs > target_macs else "below_window")
-    return {"low": int(low), "high": int(target_macs), "fraction_of_target": macs / target_macs, "status": status}
+    cache = FinalCache(spec.final_cache) if spec.final_cache else None
+    record, weights = final_phase(method, cache, spec.cell, tune.get_context().get_trial_id())
+    record.source["window"] = TargetWindow(spec.flops_target * unpruned).record(record.macs)
+    _report_final(method, record, weights, state, unpruned, spec)
 
 
 def final_phase(
     method: Method,
     cache: FinalCache | None,
-    cell: str,
+    cell: CellKey | str,
     owner: str,
     record: SubnetRecord | None = None,
     progress: bool = False,
 ) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
     """Train ``record`` (default: the method's chosen subnet) with the context's fine-tune
     recipe, as :func:`~rayprune.methods.finetune.finalize` does, unless ``cache`` already holds that training for
-    this cell (same spec, recipe and KD weight): then return the cached record, marked
+    ``cell`` (same spec, recipe and KD weight): then return the cached record, marked
     ``source["reused_from"]`` (the trial or task that trained it), and its weights. A new
     training is stored in the cache, marked ``source["trained_by"] = owner``."""
     record = record if record is not None else method.best()
@@ -144,26 +118,26 @@ def shared_gpu_share() -> float | None:
     return float(share) if 0.0 < share < 1.0 else None
 
 
-def _common(record: SubnetRecord, unpruned: int, config: dict[str, Any]) -> dict[str, Any]:
+def _common(record: SubnetRecord, unpruned: int, spec: TrialSpec) -> dict[str, Any]:
     return {
         METRIC: float(record.metrics.get(METRIC, float("nan"))),
         "macs": record.macs,
         "params": record.params,
         "flops_fraction": record.macs / unpruned,
         "unpruned_macs": unpruned,
-        "cell": config["cell"],
-        "flops_target": config["flops_target"],
-        "kd_weight": config["kd_weight"],
+        "cell": spec.cell_index,
+        "flops_target": spec.flops_target,
+        "kd_weight": spec.kd_weight,
         "best": json.dumps(record.to_dict()),
         "node_id": ray.get_runtime_context().get_node_id(),
     }  # which node ran the step (multi-node checks)
 
 
 def _report_step(
-    method: Method, result: StepResult, steps: int, unpruned: int, config: dict[str, Any], checkpoint_dir: Path
+    method: Method, result: StepResult, steps: int, unpruned: int, spec: TrialSpec, checkpoint_dir: Path
 ) -> None:
     metrics = {
-        **_common(method.best(), unpruned, config),
+        **_common(method.best(), unpruned, spec),
         "step": result.step,
         "steps_done": steps,
         FINAL_KEY: False,
@@ -179,12 +153,12 @@ def _report_final(
     state_dict: dict[str, torch.Tensor],
     state: TrialState,
     unpruned: int,
-    config: dict[str, Any],
+    spec: TrialSpec,
 ) -> None:
     """The final report, with a checkpoint holding the trial state and the final subnet under ``final/``."""
     scalars = {k: float(v) for k, v in record.metrics.items() if k != METRIC}
     metrics = {
-        **_common(record, unpruned, config),
+        **_common(record, unpruned, spec),
         **scalars,
         "step": record.step,
         "steps_done": state.steps,

@@ -7,6 +7,7 @@ loaded when it is asked for.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from ..registry import Registry, UnknownNameError, unknown_name
 from .base import Budget, FinalResult, Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
@@ -16,7 +17,7 @@ MODULES = {"ast": "ast", "tas": "tas", "sp": "sp", "uniform": "uniform", "l1": "
 METHODS: Registry[type[Method]] = Registry("method")
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator used by each method module: ``@register("tas")``."""
 
     def deco(cls: type[Method]) -> type[Method]:

@@ -39,6 +39,7 @@ class Uniform(RecordsMixin):
 
     Hparams: ClassVar[type[MethodHparams]] = UniformHparams
     smoke: ClassVar[dict] = {"eval_epochs": 1}
+    hp: UniformHparams
 
     planned_steps = 1
 

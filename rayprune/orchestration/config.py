@@ -204,6 +204,7 @@ class SweepConfig(_Strict):
         if self.spec is not None:
             return models.load_spec(self.spec)
         options = {"shortcut": self.shortcut} if self.shortcut else {}
+        assert self.model is not None  # the validator requires exactly one of model and spec
         return models.full_spec(self.model, num_classes=NUM_CLASSES[self.dataset.name], **options)
 
     def cells(self) -> list[Cell]:

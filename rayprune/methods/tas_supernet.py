@@ -191,7 +191,8 @@ class SearchConv(nn.Module):
             out = outs[0]
         else:
             assert weights is not None  # several picks come with their mixture weights
-            out = cast(torch.Tensor, sum(w * channel_interp(o, top) for w, o in zip(weights, outs, strict=True)))
+            # strict=False: masked picks (ranked last by the Gumbel top-k) were dropped from outs, not from weights
+            out = cast(torch.Tensor, sum(w * channel_interp(o, top) for w, o in zip(weights, outs, strict=False)))
         return F.relu(out) if self.relu else out
 
 
@@ -384,7 +385,8 @@ class SearchResNet(nn.Module):
             return candidates[0]
         top = max(t.shape[1] for t in candidates)
         assert sample.depth_weights is not None  # a sample without fixed depths mixes the stage ends
-        mixed = sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates, strict=True))
+        # strict=False: the row is padded to the longest stage's candidates; the padding's weights are 0
+        mixed = sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates, strict=False))
         return cast(torch.Tensor, mixed)
 
     # -- expected MACs -------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def front_figure(
     picks = default_picks(rows) if picks is None else picks
     base = baseline_row(rows)
     ref = base["macs"] if base else max((r["macs"] for r in rows), default=1)
-    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731  # a formula, read where it is used
+    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731  # a one-line formula over ref
     methods = sorted({r["method"] for r in rows if r["kind"] != "unpruned"})
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     kds: list[float | None] = list(sorted({float(r["kd_weight"]) for r in rows if r.get("kd_weight") is not None}))

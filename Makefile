@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart lint test bench clean
 
 # Re-running is cheap: the install only repeats when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -18,11 +18,17 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/rayprune sweep --space search_spaces/quickstart.yaml
 
-test: $(STAMP)
+# ruff (rules and format) over the whole tree, then mypy on rayprune/ (settings in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -33,7 +33,7 @@ class CliError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one ``rayprune: error:`` line, not a usage block."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see {self.prog} --help)")
 
 
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_inspect(sub) -> None:
+def _add_inspect(sub: argparse._SubParsersAction[Parser]) -> None:
     i = sub.add_parser("inspect", help="MACs, params, channel groups and per-layer table of a spec")
     i.add_argument("spec", help="path to a spec JSON file")
     i.add_argument(
@@ -516,7 +516,7 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--json", action="store_true", help="machine-readable JSON lines on stdout instead of tables")
 
 
-def _add_run(sub) -> None:
+def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     from .methods import MODULES
 
     r = sub.add_parser("run", help="run one method as a plain-torch trial (no Ray)")
@@ -538,7 +538,7 @@ def _add_run(sub) -> None:
     r.set_defaults(func=cmd_run)
 
 
-def _add_teacher(sub) -> None:
+def _add_teacher(sub: argparse._SubParsersAction[Parser]) -> None:
     t = sub.add_parser("teacher", help="train the unpruned network once and save it as a teacher")
     _add_training_args(t)
     t.add_argument("--epochs", type=_positive_int, required=True)
@@ -546,7 +546,7 @@ def _add_teacher(sub) -> None:
     t.set_defaults(func=cmd_teacher)
 
 
-def _add_sweep(sub) -> None:
+def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
     s = sub.add_parser(
         "sweep",
         help="run a sweep on Ray (same as python launch/sweep.py)",
@@ -587,7 +587,7 @@ def _add_sweep_lookup(q: argparse.ArgumentParser) -> None:
     q.add_argument("--sweep-id", default=None, help="which sweep of the experiment (default: the newest)")
 
 
-def _add_front(sub) -> None:
+def _add_front(sub: argparse._SubParsersAction[Parser]) -> None:
     f = sub.add_parser(
         "front",
         help="print the Pareto fronts of a sweep tracked in MLflow",
@@ -604,7 +604,7 @@ def _add_front(sub) -> None:
     f.set_defaults(func=cmd_front)
 
 
-def _add_pick(sub) -> None:
+def _add_pick(sub: argparse._SubParsersAction[Parser]) -> None:
     from .tracking.pareto import DEFAULT_MAX_DROP, MODES
 
     k = sub.add_parser(

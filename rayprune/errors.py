@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from .registry import did_you_mean, hint
 
@@ -102,7 +103,7 @@ def explain(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pick(errors: list[dict[str, Any]], root: type[BaseModel] | None) -> tuple[dict[str, Any], int]:
+def _pick(errors: list[ErrorDetails], root: type[BaseModel] | None) -> tuple[ErrorDetails, int]:
     """A misspelt key (an unknown key close to a missing one) first, else the first error; and
     how many other errors are the same problem (the missing key the misspelling stands for)."""
     missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}

@@ -112,7 +112,7 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
     return models.full_spec(model, num_classes=num_classes, **({"shortcut": shortcut} if shortcut else {}))
 
 
-def load_teacher(path: str | Path, spec: Spec, device: str) -> nn.Module:
+def load_teacher(path: str | Path, spec: Spec, device: str | torch.device) -> nn.Module:
     saved = subnet_io.load(path)
     if saved.spec.get("num_classes") != spec.get("num_classes"):
         raise ValueError(
@@ -379,6 +379,7 @@ def run_trial(
             "(a saved subnet) or --teacher-epochs N to train one first"
         )
     if train_first:
+        assert teacher_recipe is not None  # refused above
         TrainConfig(**teacher_recipe)  # a bad recipe fails now, not after the data is loaded
         cfg = cfg.model_copy(update={"teacher": str(out / TEACHER_DIR)})
         train_first = not subnet_io.is_saved(out / TEACHER_DIR)  # a resumed run reuses its teacher
@@ -387,11 +388,12 @@ def run_trial(
     # method is built (and so validated) before anything is written.
     stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
-    state = TrialState(config=cfg.model_dump(exclude=RESUMABLE_CHANGES))
+    config = cfg.model_dump(exclude=RESUMABLE_CHANGES)
+    state = TrialState(config=config)
     saved = None
     if resume and (out / STATE_FILE).exists():
         saved = TrialState.load(out / STATE_FILE)
-        saved.check_config(state.config, out / STATE_FILE)
+        saved.check_config(config, out / STATE_FILE)
     out.mkdir(parents=True, exist_ok=True)  # everything checked: from here on, work is kept
     if train_first:
         with phase("teacher"):
@@ -459,7 +461,7 @@ def train_teacher(
     shortcut: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     recipe: dict[str, Any] | None = None,
     progress: bool | None = None,
     train_subset: int | None = None,

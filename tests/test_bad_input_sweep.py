@@ -442,7 +442,10 @@ def test_a_running_sweep_publishes_its_fronts_at_the_first_finished_trial_then_a
 
     tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "work")
     parent = tracker.start_sweep("mini-1", {"seed": 0})
-    published = lambda: SUBNETS_ARTIFACT in {f.path for f in tracker.client.list_artifacts(parent)}  # noqa: E731
+
+    def published() -> bool:
+        return SUBNETS_ARTIFACT in {f.path for f in tracker.client.list_artifacts(parent)}
+
     tracker.log_unpruned(
         SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned", 0).to_dict()
     )

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu import common, stage_b  # noqa: E402
+from bench.gpu import common, stage_b  # noqa: E402  # importable once REPO is on sys.path
 
 META_KEYS = ("meta_git_sha", "meta_code_hash", "meta_torch", "meta_device", "meta_command", "time")
 

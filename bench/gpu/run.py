@@ -26,7 +26,14 @@ T_START = time.perf_counter()
 if __package__ in (None, ""):  # run as a script: make `bench.gpu` and `rayprune` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gpu.common import DEFAULT_KIT, STATE, Clock, Results, cifar_from_parts, run_meta  # noqa: E402
+from bench.gpu.common import (  # noqa: E402  # importable once the repo is on sys.path (above)
+    DEFAULT_KIT,
+    STATE,
+    Clock,
+    Results,
+    cifar_from_parts,
+    run_meta,
+)
 
 COMMANDS = {
     "1": ["preflight", "A", "calibrate"],
@@ -145,7 +152,7 @@ class Kit:
 
         train, _, info = self.data(need_test=False)
         a = self.args
-        emit = lambda **r: self.emit("A", data=info["source"], **r)  # noqa: E731
+        emit = lambda **r: self.emit("A", data=info["source"], **r)  # noqa: E731  # a partial of self.emit
         compile_settings = (
             () if a.no_compile or (self.smoke and self.device == "cpu") else ("bf16_cl_compile", "fp32_compile")
         )
@@ -202,7 +209,7 @@ class Kit:
 
         from bench.gpu import stage_c
 
-        emit = lambda **r: self.emit("C", **r)  # noqa: E731
+        emit = lambda **r: self.emit("C", **r)  # noqa: E731  # a partial of self.emit
         if self.smoke:
             stage_c.stage_c_fixed(
                 torch.device(self.device),

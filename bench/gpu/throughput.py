@@ -369,7 +369,7 @@ def stage_a(
         return ReferenceArm(train, spec, setting, steps, batch_size, device, workers, x_nhwc)
 
     eager = {(loop, s.name): make(loop, s) for s in (FP32, BF16_CL) for loop in ("reference", "engine")}
-    e = lambda loop, s: eager[(loop, s.name)]  # noqa: E731
+    e = lambda loop, s: eager[(loop, s.name)]  # noqa: E731  # a short lookup for the lists below
     arms = [e("reference", FP32), e("engine", FP32), e("reference", BF16_CL), e("engine", BF16_CL)]
     ratios = [
         (e("engine", FP32), e("reference", FP32)),
@@ -399,7 +399,10 @@ def stage_a(
             (ref_c, e("reference", eager_s)),
             (eng_c, e("reference", FP32)),
         ]
-        per_arm = lambda arm, t0=t0, budget=budget: max(1.0, budget - (time.perf_counter() - t0))  # noqa: E731
+
+        def per_arm(arm: Any, t0: float = t0, budget: float = budget) -> float:
+            return max(1.0, budget - (time.perf_counter() - t0))
+
         compare(arms, ratios, rounds, macs, model, left, per_arm, lambda name=name, **r: emit(phase=name, **r))
         spent += time.perf_counter() - t0
     return list(eager.values())

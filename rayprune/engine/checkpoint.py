@@ -14,7 +14,7 @@ import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -106,7 +106,8 @@ def capture_rng(torch_only: bool = False) -> dict[str, Any]:
         state["cuda"] = torch.cuda.get_rng_state_all()
     if not torch_only:
         version, mt_state, gauss = random.getstate()
-        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the global MT19937
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
         state["python"] = [version, list(mt_state), gauss]
         # NumPy's key array is stored as a tensor: weights_only loading refuses raw ndarrays.
         state["numpy"] = [

@@ -32,7 +32,7 @@ import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -609,7 +609,13 @@ def make_loader(
         drop_last = train and len(ds) >= batch_size
     if isinstance(ds, FolderDataset):
         return FolderLoader(
-            ds, batch_size, train=train, device=device, seed=seed, drop_last=drop_last, normalize=normalize
+            ds,  # type: ignore[arg-type]  # it has all that Loader.__init__ reads: channels, mean, std, len
+            batch_size,
+            train=train,
+            device=device,
+            seed=seed,
+            drop_last=drop_last,
+            normalize=normalize,
         )
     if not isinstance(ds, Dataset):
         raise TypeError(f"make_loader needs an engine Dataset or FolderDataset, got {type(ds).__name__}")
@@ -689,9 +695,10 @@ class FolderLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        workers = self.dataset.workers
+        dataset = cast(FolderDataset, self.dataset)  # make_loader gives a FolderLoader a FolderDataset only
+        workers = dataset.workers
         loader = torch.utils.data.DataLoader(
-            self.dataset.torch_dataset(),
+            dataset.torch_dataset(),
             batch_size=self.batch_size,
             shuffle=self.train,
             drop_last=self.drop_last,

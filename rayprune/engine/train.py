@@ -19,7 +19,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -391,7 +391,7 @@ def fit(
     loader = _as_loader(train, cfg.batch_size, device, train=True, seed=seed)
     if len(loader) == 0:
         raise ValueError(f"fit: no training batches ({len(loader.dataset)} samples, batch_size {loader.batch_size})")
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model  # compiling a Module gives one
     loss = _make_loss(cfg, teacher, loss_fn)
     path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     # Fork the global RNGs: training is reproducible from `seed` and the caller's streams are untouched.
@@ -444,7 +444,7 @@ def _epochs(
                 ckpt.atomic_save(run.state_dict(), path)
             if bar is not None:
                 val_text = {"val": f"{entry['val_top1']:.3f}"} if val is not None else {}
-                bar.set_postfix(loss=f"{mean_loss:.3f}", **val_text)
+                bar.set_postfix({"loss": f"{mean_loss:.3f}", **val_text})
             if on_epoch is not None and on_epoch(dict(entry)):
                 break
     finally:

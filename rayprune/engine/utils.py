@@ -8,6 +8,7 @@ import random
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["BN_TYPES", "bn_layers", "derive_seed", "resolve_device", "seed_everything"]
 
@@ -23,7 +24,7 @@ BN_TYPES = (
 )
 
 
-def bn_layers(model: nn.Module) -> list[nn.Module]:
+def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     """Every batch-norm layer of ``model`` (with running statistics to re-estimate), in module order."""
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]
 

@@ -262,8 +262,9 @@ class RankedPruning(RecordsMixin):
 
     Hparams: ClassVar[type[MethodHparams]] = RankedHparams
     inherits_weights: ClassVar[bool] = True
-    score: ClassVar[FilterScore]
+    score: ClassVar[staticmethod[[torch.Tensor], torch.Tensor]]  # a subclass sets score = staticmethod(fn)
     smoke: ClassVar[dict] = {"pretrain_epochs": 1, "bn_recal_batches": 2}
+    hp: RankedHparams
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
@@ -309,6 +310,7 @@ class RankedPruning(RecordsMixin):
 
     def _prune(self, split: tuple[Dataset, Dataset]) -> dict[str, float]:
         ctx = self.ctx
+        assert self.full_state is not None  # step() trains the full net first
         importance = filter_importance(self.full_state, models.tensor_axes(ctx.spec), type(self).score)
         order = removal_order(importance, ctx.budget.min_widths(ctx.spec))
         self.keep = fit_removals(ctx.spec, order, ctx.budget.target_macs(ctx.spec, ctx.input_size), ctx.input_size)
@@ -341,6 +343,7 @@ class RankedPruning(RecordsMixin):
 
     def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:
         """The full net's weights sliced to the kept channels (before any search-time tuning)."""
+        assert self.full_state is not None and self.keep is not None  # set by the one step
         return extract_subnet(self.ctx.spec, self.full_state, self.keep)[1]
 
     def state_dict(self) -> dict[str, Any]:

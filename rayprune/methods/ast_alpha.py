@@ -205,7 +205,7 @@ def alpha_pass(
     alpha_opt: AlphaOptimizer,
     data: Any,
     batch_size: int,
-    device: str,
+    device: str | torch.device,
     var_weight: float,
     seed: int,
 ) -> None:

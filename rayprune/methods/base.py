@@ -202,7 +202,7 @@ class RunContext:
     budget: Budget
     kd_weight: float = 0.0
     teacher: nn.Module | None = None
-    device: str = "cpu"
+    device: str | torch.device = "cpu"
     seed: int = 0
     workdir: Path | None = None
     finetune: Any = None  # engine.train.TrainConfig; None -> engine defaults
@@ -250,6 +250,8 @@ class Method(abc.ABC):
     #: The fine-tune recipe fields a method prefers when the user gives none (``rayprune run``
     #: only; a sweep's ``recipes.finetune`` applies to every method alike).
     finetune_defaults: ClassVar[dict[str, Any]] = {}
+    #: Hyperparameters for a seconds-long run (the conformance suite, ``rayprune run --smoke``).
+    smoke: ClassVar[dict[str, Any]]
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         self.ctx = ctx
@@ -314,7 +316,7 @@ class Method(abc.ABC):
     def run(self, max_steps: int | None = None) -> list[StepResult]:
         """Convenience: step until done (or ``max_steps``), no checkpoints. A trial is driven by
         :func:`rayprune.runner.drive` (step -> checkpoint -> report)."""
-        results = []
+        results: list[StepResult] = []
         while not self.done and (max_steps is None or len(results) < max_steps):
             results.append(self.step())
         return results

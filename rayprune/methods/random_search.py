@@ -77,6 +77,7 @@ class RandomSearch(RecordsMixin):
     name = "random"
     Hparams: ClassVar[type[MethodHparams]] = RandomHparams
     smoke: ClassVar[dict] = {"samples": 2, "eval_epochs": 1}
+    hp: RandomHparams
 
     @property
     def planned_steps(self) -> int:

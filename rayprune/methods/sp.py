@@ -325,6 +325,7 @@ class SP(Method):
         "crossover_children": 3,
         "sample_retries": 20,
     }
+    hp: SPHparams
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         super().__init__(ctx, hparams)
@@ -470,6 +471,7 @@ class SP(Method):
                 loss = F.mse_loss(out[:, :k].float(), feat_t[:, :k].float())
                 logits = layout.head(out).float() if last else None
                 if last:
+                    assert logits is not None and logits_t is not None  # the last stage ran both heads
                     loss = loss + (F.cross_entropy(logits, y) if kind == "full" else _kl(logits, logits_t))
             loss.backward()
             if kind == "full":
@@ -709,12 +711,12 @@ class SP(Method):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        own_teacher = self.ctx.teacher is None and self.teacher is not None
+        own_teacher = self.teacher if self.ctx.teacher is None else None
         return {
             "hparams": self.hp.model_dump(mode="json"),
             "steps_done": self.steps_done,
             "supernet": self.net.model.state_dict(),
-            "teacher": self.teacher.state_dict() if own_teacher else None,
+            "teacher": None if own_teacher is None else own_teacher.state_dict(),
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
             "rng": self.gen.get_state(),
             "evaluated": list(self.evaluated.values()),
@@ -791,10 +793,10 @@ def proxy_rank_correlation(
         )
     if len(archs) < 2:
         raise SearchError(f"proxy_rank_correlation: found only {len(archs)} distinct in-window archs")
-    real = [a["real_top1"] for a in archs]
+    real_top1s = [a["real_top1"] for a in archs]
     return {
-        "kendall_tau": kendall_tau_b([a["val_top1"] for a in archs], real),
-        "kendall_tau_loss": kendall_tau_b([-a["proxy_loss"] for a in archs], real),
+        "kendall_tau": kendall_tau_b([a["val_top1"] for a in archs], real_top1s),
+        "kendall_tau_loss": kendall_tau_b([-a["proxy_loss"] for a in archs], real_top1s),
         "n_archs": len(archs),
         "archs": archs,
     }

@@ -46,8 +46,8 @@ import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,15 @@ from ..engine.utils import derive_seed
 from ..grid import TargetWindow
 from ..models.base import Spec, spec_hash
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
-from .tas_supernet import WIDTH_RATIOS, FixedPath, SearchResNet, grow_to_window, shrink_to_budget
+from .tas_supernet import (
+    WIDTH_RATIOS,
+    FixedPath,
+    SearchBlock,
+    SearchConv,
+    SearchResNet,
+    grow_to_window,
+    shrink_to_budget,
+)
 
 __all__ = ["TAS", "TASHparams", "cost_loss", "tau_at"]
 
@@ -451,9 +459,9 @@ class TAS(Method):
     def _row_convs(self) -> list[tuple[int, int]]:
         """(full width, stage) per width row."""
         out = [(self.net.stem.conv.out_channels, 0)]
-        for s, stage in enumerate(self.net.stages):
-            for block in stage:
-                out += [(c.conv.out_channels, s) for c in block.convs]
+        for s, stage in enumerate(cast("Iterable[nn.ModuleList]", self.net.stages)):
+            for block in cast("Iterable[SearchBlock]", stage):
+                out += [(c.conv.out_channels, s) for c in cast("Iterable[SearchConv]", block.convs)]
         return out
 
     # -- checkpointing -------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,12 @@ class SearchConv(nn.Module):
         # Input channels beyond the incoming width would multiply zero padding: slice them off.
         y = F.conv2d(x, self.conv.weight[:top, : x.shape[1]], None, self.conv.stride, self.conv.padding)
         outs = [y[:, :c] if self.bns is None else self.bns[i](y[:, :c]) for i, c in zip(picks, widths, strict=True)]
-        out = outs[0] if len(outs) == 1 else sum(w * channel_interp(o, top) for w, o in zip(weights, outs, strict=True))
+        if len(outs) == 1:
+            out = outs[0]
+        else:
+            assert weights is not None  # several picks come with their mixture weights
+            # strict=False: masked picks (ranked last by the Gumbel top-k) were dropped from outs, not from weights
+            out = cast(torch.Tensor, sum(w * channel_interp(o, top) for w, o in zip(weights, outs, strict=False)))
         return F.relu(out) if self.relu else out
 
 
@@ -201,7 +206,7 @@ class SearchBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sample: Sample) -> torch.Tensor:
         y = x
-        for conv in self.convs:
+        for conv in cast("Iterable[SearchConv]", self.convs):
             y = conv(y, *sample.row(conv.row))
         s = x if self.shortcut is None else self.shortcut(x, *sample.row(self.shortcut.row))
         return F.relu(zero_pad_add(y, s))  # the 2020 fix: ReLU after the add in search mode too
@@ -209,7 +214,7 @@ class SearchBlock(nn.Module):
     def expected_macs(self, e_in: torch.Tensor, e_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected MACs, expected output width) given expected widths ``e_out`` per row."""
         macs, e = e_in.new_zeros(()), e_in
-        for conv in self.convs:
+        for conv in cast("Iterable[SearchConv]", self.convs):
             macs = macs + conv.macs_per_channel_pair * e * e_out[conv.row]
             e = e_out[conv.row]
         if self.shortcut is not None:
@@ -242,6 +247,11 @@ class SearchResNet(nn.Module):
         search_width, search_depth: False fixes widths (TAS (D)) or depths (TAS (W)) to the spec's.
         num_sampled: candidates mixed per conv (TAS's I = 2).
     """
+
+    width_table: torch.Tensor
+    width_mask: torch.Tensor
+    depth_table: torch.Tensor
+    depth_mask: torch.Tensor
 
     def __init__(
         self,
@@ -354,7 +364,7 @@ class SearchResNet(nn.Module):
         x = self.stem(x, *sample.row(self.stem.row))
         if self.stem_pool:
             x = F.max_pool2d(x, 3, 2, 1)
-        for s, stage in enumerate(self.stages):
+        for s, stage in enumerate(cast("Iterable[nn.ModuleList]", self.stages)):
             if sample.depths is not None:
                 for block in stage[: sample.depths[s]]:
                     x = block(x, sample)
@@ -374,7 +384,10 @@ class SearchResNet(nn.Module):
         if len(candidates) == 1:
             return candidates[0]
         top = max(t.shape[1] for t in candidates)
-        return sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates, strict=True))
+        assert sample.depth_weights is not None  # a sample without fixed depths mixes the stage ends
+        # strict=False: the row is padded to the longest stage's candidates; the padding's weights are 0
+        mixed = sum(w * channel_interp(t, top) for w, t in zip(sample.depth_weights[s], candidates, strict=False))
+        return cast(torch.Tensor, mixed)
 
     # -- expected MACs -------------------------------------------------------------------------
     def expected_macs(self) -> torch.Tensor:
@@ -388,8 +401,8 @@ class SearchResNet(nn.Module):
         e_in = e_out.new_tensor(3.0)
         total = self.stem.macs_per_channel_pair * e_in * e_out[self.stem.row]
         e_in = e_out[self.stem.row]
-        for s, stage in enumerate(self.stages):
-            for b, block in enumerate(stage):
+        for s, stage in enumerate(cast("Iterable[nn.ModuleList]", self.stages)):
+            for b, block in enumerate(cast("Iterable[SearchBlock]", stage)):
                 ends_before = sum(1 for d in self.depth_rows[s] if d <= b)  # candidate ends strictly before b
                 macs, e_in = block.expected_macs(e_in, e_out)
                 total = total + keep[s, ends_before] * macs
@@ -414,8 +427,10 @@ class SearchResNet(nn.Module):
         """For each conv width of a genotype ``spec``: (slot, layer name, super-net width row)."""
         slots = []
         for slot in self.family.width_slots(spec):
-            # block b of a genotype's stage is block b here
-            conv = self.stem if slot.block is None else self.stages[slot.stage][slot.block].convs[slot.conv]
+            conv = self.stem
+            if slot.block is not None:  # block b of a genotype's stage is block b here
+                block = cast(SearchBlock, cast(nn.ModuleList, self.stages[slot.stage])[slot.block])
+                conv = cast(SearchConv, block.convs[slot.conv])
             slots.append((slot, conv.name, conv.row))
         return slots
 

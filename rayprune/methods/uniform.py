@@ -37,6 +37,7 @@ class Uniform(RecordsMixin):
     name = "uniform"
     Hparams: ClassVar[type[MethodHparams]] = UniformHparams
     smoke: ClassVar[dict] = {"eval_epochs": 1}
+    hp: UniformHparams
 
     planned_steps = 1
 

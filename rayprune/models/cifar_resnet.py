@@ -19,9 +19,9 @@ Post-activation blocks: relu(bn(conv)) ... bn(conv_last), add the shortcut, then
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ BLOCKS = {"basic": 2, "bottleneck": 3}
 DEPTHS = {"20": 3, "32": 5, "44": 7, "56": 9, "110": 18}  # basic blocks per stage
 BOTTLENECK_DEPTHS = {"164": 18}
 # The tiny preset used by tests everywhere: 2 basic blocks per stage, widths 8/16/32.
-TINY = {"blocks": 2, "widths": (8, 16, 32)}
+TINY: dict[str, Any] = {"blocks": 2, "widths": (8, 16, 32)}
 
 
 @dataclass(frozen=True)
@@ -412,15 +412,16 @@ class CifarResNetFamily(Family):
     def width_slots(self, spec: Spec) -> list[WidthSlot]:
         return residual_width_slots(iter_blocks(spec), "stem.conv")
 
-    def with_depths(self, spec: Spec, depths: list[int]) -> Spec:
+    def with_depths(self, spec: Spec, depths: Sequence[int]) -> Spec:
         return keep_first_blocks(spec, depths)
 
     def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
         """One stage per resolution (the stem goes with the first); the classifier with the last."""
+        model = cast(CifarResNet, model)  # built from this family's spec
         group_of = self.group_of(spec)
         n = len(spec["stages"])
 
-        def stage(s: int):
+        def stage(s: int) -> Callable[[torch.Tensor], torch.Tensor]:
             return (lambda x: model.stages[0](F.relu(model.stem(x)))) if s == 0 else model.stages[s]
 
         fixups, prev = {}, "stem"

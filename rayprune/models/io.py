@@ -65,7 +65,8 @@ class SavedSubnet:
     @property
     def metrics(self) -> dict[str, float]:
         """The numeric metrics (a record's ``metrics``, or an old flat file's numbers)."""
-        saved = self.record.get("metrics") if isinstance(self.record.get("metrics"), dict) else self.record
+        nested = self.record.get("metrics")
+        saved = nested if isinstance(nested, dict) else self.record
         return {
             k: v
             for k, v in saved.items()

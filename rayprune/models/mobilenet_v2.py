@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -319,13 +319,14 @@ class MobileNetV2Family(Family):
         stem already downsamples, so stride 2 and 4 share a stage, as SP's split at resolution
         changes has it); the last 1x1 conv is a stage of its own (the head group); pooling and
         the classifier go with it."""
+        model = cast(MobileNetV2, model)  # built from this family's spec
         blocks = list(iter_blocks(spec))
         strided = [s for s, stage in enumerate(spec["stages"]) if stage["stride"] == 2]
         strided = strided[1:] if spec["stem_stride"] == 2 else strided
         head_at = len(model.features) - 1
         starts = [0, *[b.feature for b in blocks if b.index == 0 and b.stage in strided], head_at]
         out_group = {0: "stem", **{b.feature: f"s{b.stage}.out" for b in blocks}}
-        modules = [[model.features[a:b]] for a, b in itertools.pairwise(starts)]
+        modules: list[list[nn.Module]] = [[model.features[a:b]] for a, b in itertools.pairwise(starts)]
         modules.append([model.features[head_at:], model.classifier])
         return StageSplit(
             stages=[m[0] for m in modules],

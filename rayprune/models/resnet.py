@@ -31,7 +31,7 @@ projections only occur in searched genotypes, which are trained from scratch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +61,7 @@ from .base import (
 )
 from .cifar_resnet import validate_block_stages
 
-DEPTHS = {
+DEPTHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "18": ("basic", (2, 2, 2, 2)),
     "34": ("basic", (3, 4, 6, 3)),
     "50": ("bottleneck", (3, 4, 6, 3)),
@@ -204,7 +204,8 @@ class ResNetFamily(Family):
         self.validate(spec)
         stem = conv_layer("conv1", 3, spec["stem"], 7, 2, (input_size, input_size))
         out = [stem, bn_layer("bn1", spec["stem"], stem.out_hw)]
-        hw = tuple((x + 2 - 3) // 2 + 1 for x in stem.out_hw)  # 3x3 stride-2 max-pool, padding 1
+        h, w = ((x + 2 - 3) // 2 + 1 for x in stem.out_hw)  # 3x3 stride-2 max-pool, padding 1
+        hw = (h, w)
         for info in iter_blocks(spec):
             out += block_layers(info, hw)
             hw = out[-1].out_hw
@@ -272,7 +273,7 @@ class ResNetFamily(Family):
     def width_slots(self, spec: Spec) -> list[WidthSlot]:
         return residual_width_slots(iter_blocks(spec), "conv1")
 
-    def with_depths(self, spec: Spec, depths: list[int]) -> Spec:
+    def with_depths(self, spec: Spec, depths: Sequence[int]) -> Spec:
         return keep_first_blocks(spec, depths)
 
 
@@ -280,6 +281,8 @@ def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:
     """Analytic entries of one block (convs, BNs, then the downsample); the last entry's
     ``out_hw`` is the block's output resolution."""
     p, w = info.prefix, info.widths
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
     if len(w) == 2:
         kernels, strides = (3, 3), (info.stride, 1)
     else:

@@ -17,7 +17,8 @@ stage is the index of the max-pool block it belongs to).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ class VGG(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
+        for stage in cast("Iterable[nn.Sequential]", self.stages):
             for block in stage:
                 x = F.relu(block(x))
             x = F.max_pool2d(x, 2, ceil_mode=True)

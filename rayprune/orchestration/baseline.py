@@ -82,7 +82,9 @@ def finish_baseline(experiment_path: str, teacher: str | None, key: str, ref: An
     """The baseline's record once its task (if any) is done."""
     if ref is not None:
         ray.get(ref)
-    record = FinalCache.of_experiment(experiment_path).get(key)[0]
+    cached = FinalCache.of_experiment(experiment_path).get(key)
+    assert cached is not None  # the baseline task (or an earlier run) put it there
+    record = cached[0]
     return {**record, "method": "unpruned", "step": 0, "source": {**record.get("source", {}), "teacher": teacher}}
 
 
@@ -134,6 +136,7 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
 def _train_teacher_task(cfg_dump: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Ray task body: train the unpruned net with ``teacher.recipe``; return spec, weights, metrics."""
     cfg = SweepConfig.model_validate(cfg_dump)
+    assert cfg.teacher is not None  # prepare_teacher starts this task for a configured teacher only
     with tempfile.TemporaryDirectory() as d:
         out = train_teacher(
             cfg.model,

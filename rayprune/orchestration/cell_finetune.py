@@ -14,7 +14,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
@@ -29,6 +29,11 @@ from .search import FINAL_KEY, METRIC
 from .storage import localize
 from .trainable import STATE_FILE, final_phase
 from .trial_spec import TrialSpec
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+
+    from ..tracking import SweepTracker
 
 
 @dataclass
@@ -45,12 +50,12 @@ class CellChoice:
         return str(self.spec.cell)
 
 
-def choose_per_cell(results) -> list[CellChoice]:
+def choose_per_cell(results: ResultGrid) -> list[CellChoice]:
     """Per grid cell, the finished trial whose chosen subnet has the highest search-val
     accuracy (val_top1 as the method measured it: comparable inside a cell, one method);
     ties go to the earlier Optuna trial. Cells in grid order."""
     best: dict[int, tuple[tuple, CellChoice]] = {}
-    for r in results:
+    for r in results:  # type: ignore[attr-defined]  # ResultGrid iterates through __getitem__
         metrics = r.metrics or {}
         if not metrics.get(FINAL_KEY) or not metrics.get("final_record"):
             continue
@@ -74,12 +79,15 @@ def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
     )
 
 
-def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, driver_dir: Path) -> None:
+def finetune_cells(
+    cfg: SweepConfig, tracker: SweepTracker, results: ResultGrid, experiment_path: str, driver_dir: Path
+) -> None:
     """Fine-tune every cell's chosen subnet with ``recipes.finetune`` (parallel Ray tasks with
     the trial resources), through the final-phase cache: trainings already there (done before an
     interruption, or equal to a trial's own final when the recipes are equal) are reused."""
     cache = FinalCache.of_experiment(experiment_path)
-    todo, done = [], []
+    todo: list[tuple[CellChoice, str]] = []
+    done: list[tuple[CellChoice, str]] = []
     for choice in choose_per_cell(results):
         kd = choice.spec.kd_weight
         key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
@@ -109,9 +117,11 @@ def finetune_cells(cfg: SweepConfig, tracker, results, experiment_path: str, dri
 
 
 def _log_cell_finetune(
-    tracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str, cached: bool
+    tracker: SweepTracker, cache: FinalCache, driver_dir: Path, choice: CellChoice, key: str, cached: bool
 ) -> None:
-    record, state = cache.get(key)
+    entry = cache.get(key)
+    assert entry is not None  # finetune_cells logs a key once the cache has it
+    record, state = entry
     if cached and "reused_from" not in record["source"]:
         record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
     target = save_subnet(driver_dir / "finetuned" / choice.cell, record["spec"], state, record)

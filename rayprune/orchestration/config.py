@@ -210,6 +210,7 @@ class SweepConfig(_Strict):
         if self.spec is not None:
             return models.load_spec(self.spec)
         options = {"shortcut": self.shortcut} if self.shortcut else {}
+        assert self.model is not None  # the validator requires exactly one of model and spec
         num_classes = DATASETS.get(self.dataset.name).num_classes
         return models.full_spec(self.model, num_classes=num_classes, **options)
 

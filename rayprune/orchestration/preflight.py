@@ -104,7 +104,7 @@ def resolve_ray_address(address: str) -> tuple[str, str]:
         try:
             text = services.get_ray_address_from_environment("auto", None)
         except ConnectionError:
-            text = None
+            text = ""
         if not text:
             raise PreflightError(
                 "--address auto: no running Ray cluster found on this machine (no RAY_ADDRESS and "
@@ -134,6 +134,7 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
         return
     shown, probed = resolve_ray_address(address)
     parsed = _split(probed) or _split(shown)
+    assert parsed is not None  # resolve_ray_address refuses an address that does not parse
     fix = "start it with `ray start --head` or check the address (or drop --address to run on a local Ray)"
     try:
         socket.create_connection(parsed, timeout=timeout).close()

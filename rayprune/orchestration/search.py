@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
@@ -32,6 +32,10 @@ from ..methods import Budget
 from ..models.base import Spec
 from .config import Cell
 from .trial_spec import TrialSpec, sample_config
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
 
 FINAL_KEY = "final"  # present (truthy) only in a trial's last, post-finalize report
 METRIC = "val_top1"  # what Optuna maximises and ASHA compares: search-val accuracy, never test
@@ -93,7 +97,9 @@ class CellSearcher(_PickledState, Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the metric is fixed (METRIC, max); the space is ours
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str:
+    def suggest(  # type: ignore[override]  # Ray's hint omits the str Searcher.FINISHED it documents
+        self, trial_id: str
+    ) -> dict[str, Any] | str:
         index = self._next_cell()
         if index is None:
             return Searcher.FINISHED
@@ -200,7 +206,7 @@ class PerCellASHA(_PickledState, FIFOScheduler):
 
     def __init__(self, *, grace_period: int = 1, reduction_factor: float = 4.0, max_t: int = 10_000) -> None:
         super().__init__()
-        self._kwargs = dict(
+        self._kwargs: dict[str, Any] = dict(
             time_attr="training_iteration",
             metric=METRIC,
             mode="max",
@@ -224,7 +230,7 @@ class PerCellASHA(_PickledState, FIFOScheduler):
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True
 
-    def _asha(self, tune_controller, trial) -> AsyncHyperBandScheduler:
+    def _asha(self, tune_controller: TuneController, trial: Trial) -> AsyncHyperBandScheduler:
         """The trial's cell's ASHA, with the trial registered (restored trials may not be yet)."""
         cell = TrialSpec.from_config(trial.config).cell_index
         if cell not in self._by_cell:
@@ -235,21 +241,21 @@ class PerCellASHA(_PickledState, FIFOScheduler):
             self._cell_of[trial.trial_id] = cell
         return asha
 
-    def on_trial_add(self, tune_controller, trial) -> None:
+    def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
         self._asha(tune_controller, trial)
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         if result.get(FINAL_KEY):
             return TrialScheduler.CONTINUE  # the final report is never a reason to stop
         decision = self._asha(tune_controller, trial).on_trial_result(tune_controller, trial, result)
         self._stopped += decision == TrialScheduler.STOP
         return decision
 
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)
         self._cell_of.pop(trial.trial_id, None)  # done: no result or removal follows
 
-    def on_trial_remove(self, tune_controller, trial) -> None:
+    def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         cell = self._cell_of.pop(trial.trial_id, None)
         if cell is not None:
             self._by_cell[cell].on_trial_remove(tune_controller, trial)

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow.fs
 import ray
@@ -52,6 +52,11 @@ from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
 from .trainable import FINAL_DIR, run_tune_trial
 from .trial_spec import TrialSpec, shared_config
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+    from ..tracking import SweepTracker
 
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
 
@@ -141,7 +146,7 @@ def run_sweep(
 def _drive(
     cfg: SweepConfig,
     sweep_id: str,
-    tracker,
+    tracker: SweepTracker,
     resume: bool,
     callbacks: Sequence[tune.Callback],
     out: TextIO,
@@ -336,7 +341,7 @@ def _check_tracking_reachable(cfg: SweepConfig) -> None:
         raise SweepError(str(e)) from None
 
 
-def _make_tracker(cfg: SweepConfig, sweep_id: str):
+def _make_tracker(cfg: SweepConfig, sweep_id: str) -> SweepTracker:
     from ..tracking import TrackingError
     from ..tracking.mlflow_tracker import SweepTracker
 
@@ -367,7 +372,7 @@ class TrackingCallback(tune.Callback):
         self.sweep_id = sweep_id
 
     @property
-    def tracker(self):
+    def tracker(self) -> SweepTracker:
         tracker = _LIVE_TRACKER.get(None)
         if tracker is None or tracker.sweep_id != self.sweep_id:
             raise RuntimeError(
@@ -376,11 +381,11 @@ class TrackingCallback(tune.Callback):
             )
         return tracker
 
-    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         spec = TrialSpec.from_config(trial.config)
         self.tracker.trial_started(trial.trial_id, _trial_params(spec), run_name=_trial_label(spec, trial.trial_id))
 
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info: Any) -> None:
         if result.get(FINAL_KEY):
             return  # logged with its artifacts when the trial completes
         spec = TrialSpec.from_config(trial.config)
@@ -391,7 +396,7 @@ class TrackingCallback(tune.Callback):
     # The fronts, plot and parquet are written at the end of the sweep, on resume, and as trials
     # finish at most every PUBLISH_EVERY_S (tracker.publish_if_due): refreshing them on every
     # trial completion would cost O(trials^2) uploads.
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         last = trial.last_result or {}
         if not last.get(FINAL_KEY):  # stopped early by the scheduler
             self.tracker.trial_finished(trial.trial_id, None, None, "KILLED", refresh_front=False)
@@ -412,7 +417,7 @@ class TrackingCallback(tune.Callback):
         self.tracker.note_cell(spec.method, spec.flops_target, spec.kd_weight)
         self.tracker.publish_if_due()
 
-    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
         self.tracker.trial_finished(trial.trial_id, None, None, "FAILED", refresh_front=False)
 
 
@@ -421,7 +426,7 @@ def _cell(flops_target: float, kd_weight: float) -> dict[str, float]:
     return {"flops_target": float(flops_target), "kd_weight": float(kd_weight)}
 
 
-def _replay_reported_steps(tracker, experiment_path: str) -> None:
+def _replay_reported_steps(tracker: SweepTracker, experiment_path: str) -> None:
     """On resume, log again every step result Tune saved (each trial's ``result.json``).
 
     The store ignores rows it already has. A driver on another machine starts from the copy of
@@ -518,7 +523,7 @@ def make_searcher(cfg: SweepConfig) -> CellSearcher:
     )
 
 
-def _trial_name(trial) -> str:
+def _trial_name(trial: Trial) -> str:
     """``<cell>_<trial id>`` (``ast_f0.5_kd0.9_<id>``): Tune's trial and dir name and the MLflow
     child run's name, so a trial reads the same in the console, on disk and in the UI."""
     return _trial_label(TrialSpec.from_config(trial.config), trial.trial_id)
@@ -598,7 +603,7 @@ def progress_table() -> tune.CLIReporter:
 # --------------------------------------------------------------------------------------------
 
 
-def print_cell_stats(tracker, out: TextIO) -> None:
+def print_cell_stats(tracker: SweepTracker, out: TextIO) -> None:
     """Per grid cell: trials, distinct subnets among their chosen ones, trials that reused one."""
     stats = tracker.cell_stats()
     if not stats:
@@ -625,7 +630,7 @@ def print_cell_stats(tracker, out: TextIO) -> None:
     )
 
 
-def print_front(tracker, cfg: SweepConfig, out: TextIO) -> None:
+def print_front(tracker: SweepTracker, cfg: SweepConfig, out: TextIO) -> None:
     """The fronts as tables (what ``rayprune front`` shows), then how to browse the runs."""
     print("\n" + tracker.front_table(), file=out)
     print("\n" + browse_hint(cfg.tracking.uri, tracker.experiment_id), file=out)

@@ -43,7 +43,7 @@ def tiny_context(
         spec=spec,
         train=train,
         test=test,
-        workdir=workdir,
+        workdir=Path(workdir),
         budget=Budget(flops_target=budget, max_stage_prune=max_stage_prune),
         **fields,
     )

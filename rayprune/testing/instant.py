@@ -44,6 +44,7 @@ class Instant(RecordsMixin):
 
     Hparams: ClassVar[type[MethodHparams]] = InstantHparams
     smoke: ClassVar[dict] = {}
+    hp: InstantHparams
 
     @property
     def done(self) -> bool:
@@ -58,7 +59,8 @@ class Instant(RecordsMixin):
         target = ctx.budget.target_macs(ctx.spec, ctx.input_size)
         mins = ctx.budget.min_widths(ctx.spec)
         _, _, fit = fit_multiplier(ctx.spec, full, mins, target, ctx.input_size)
-        records, seen = [], set()
+        records: list[SubnetRecord] = []
+        seen: set[str] = set()
         for k in range(self.hp.subnets * 4):  # narrowed variants; a clamped one may repeat a spec
             if len(records) == self.hp.subnets:
                 break

@@ -42,7 +42,7 @@ class TrackingError(RuntimeError):
     CLIs print it as one ``rayprune: error: ...`` line and exit non-zero."""
 
 
-from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402
+from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402  # submodules import TrackingError (above)
 
 _LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker"}
 

@@ -21,9 +21,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 DRIVER_TAG = "rayprune.driver"
 HEARTBEAT_TAG = "rayprune.heartbeat"
@@ -91,8 +94,9 @@ def driver_is_dead(tags: dict[str, str], now: float | None = None) -> bool:
     return (time.time() if now is None else now) - beat > STALE_AFTER_S
 
 
-def _search_all(client, experiment_id: str, query: str) -> list[Any]:
-    runs, token = [], None
+def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
     while True:
         page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
         runs.extend(page)
@@ -101,7 +105,7 @@ def _search_all(client, experiment_id: str, query: str) -> list[Any]:
             return runs
 
 
-def interrupted_sweeps(client, experiment_id: str, *, mark: bool = False) -> list[Interrupted]:
+def interrupted_sweeps(client: MlflowClient, experiment_id: str, *, mark: bool = False) -> list[Interrupted]:
     """The experiment's sweeps whose parent run is RUNNING but whose driver is dead; with
     ``mark``, close each (and its RUNNING children) as KILLED, tagged ``rayprune.status=interrupted``
     with the resume command as the parent's note."""
@@ -131,7 +135,7 @@ def interrupted_sweeps(client, experiment_id: str, *, mark: bool = False) -> lis
     return found
 
 
-def mark_parent(client, run_id: str, status: str, note: str | None = None) -> None:
+def mark_parent(client: MlflowClient, run_id: str, status: str, note: str | None = None) -> None:
     """Set the parent run's ``rayprune.status`` and (when given) its note."""
     from mlflow.entities import RunTag
 
@@ -139,7 +143,7 @@ def mark_parent(client, run_id: str, status: str, note: str | None = None) -> No
     client.log_batch(run_id, tags=tags)
 
 
-def clear_note(client, run: Any) -> None:
+def clear_note(client: MlflowClient, run: Any) -> None:
     """On reopening a parent run: drop an "interrupted ..."/"failed ..." note rayprune wrote."""
     note = run.data.tags.get(NOTE_TAG, "")
     if note.startswith(_NOTE_PREFIXES):

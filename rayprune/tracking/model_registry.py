@@ -116,8 +116,8 @@ def _fluent(client: MlflowClient) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[TRACKING_ENV])
-        mlflow.set_registry_uri(before[REGISTRY_ENV])
+        mlflow.set_tracking_uri(before[TRACKING_ENV])  # type: ignore[arg-type]  # MLflow takes None: unset
+        mlflow.set_registry_uri(before[REGISTRY_ENV])  # type: ignore[arg-type]  # MLflow takes None: unset
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -21,7 +21,7 @@ The fronts of a sweep's rows print as titled text tables (:func:`format_fronts`)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ def _non_dominated(values: np.ndarray) -> np.ndarray:
         rows = values[start : start + _CHUNK, None, :]  # (c, 1, k) against (1, n, k)
         no_worse = (values[None, :, :] <= rows).all(axis=2)
         better = (values[None, :, :] < rows).any(axis=2)
-        keep[start : start + _CHUNK] = ~(no_worse & better).any(axis=1)
+        keep[start : start + _CHUNK] = ~np.any(no_worse & better, axis=1)
     return keep
 
 
@@ -169,7 +169,7 @@ def recipe_groups(pool: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str,
     return {labels[h]: by_hash[h] for h in order}
 
 
-def front_rows(rows: Sequence[Mapping[str, Any]], kinds: Sequence[str], metric: str) -> list[dict[str, Any]]:
+def front_rows(rows: Sequence[dict[str, Any]], kinds: Sequence[str], metric: str) -> list[dict[str, Any]]:
     """The rows of ``kinds`` on the (``metric`` up, MACs down) front, cheapest first."""
     candidates = [r for r in rows if r["kind"] in kinds]
     points = [{"acc": r["metrics"].get(metric), "macs": r["macs"]} for r in candidates]
@@ -244,6 +244,7 @@ def _finite(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
+_Cell = Callable[[Mapping[str, Any], Mapping[str, Any] | None], str]  # (row, baseline) -> table cell
 _TABLE_COLUMNS = (  # header, how to format a row's value
     ("trial", lambda r, b: r["trial_id"]),
     ("kind", lambda r, b: r["kind"]),
@@ -269,17 +270,21 @@ def format_table(
     """Rows as an aligned text table. With ``reference_macs`` (the unpruned model's) a
     ``MACs%`` column shows each subnet's fraction of it; with ``baseline`` (the unpruned row)
     the baseline is the first line and a ``drop`` column shows its test_top1 minus the row's."""
-    columns = list(_TABLE_COLUMNS)
+    columns: list[tuple[str, _Cell]] = list(_TABLE_COLUMNS)
     if baseline is not None and reference_macs is None:
         reference_macs = baseline["macs"]
     if reference_macs:
         columns.insert(7, ("MACs%", lambda r, b: f"{100.0 * r['macs'] / reference_macs:.1f}"))
-    columns += [(m, lambda r, b, m=m: _metric_cell(r["metrics"].get(m))) for m in _METRIC_COLUMNS]
+    columns += [(m, _metric_column(m)) for m in _METRIC_COLUMNS]
     if baseline is not None:
         columns.insert(len(columns) - 2, ("drop", _drop_cell))
     shown = ([baseline] if baseline is not None else []) + list(rows)
     cells = [[header for header, _ in columns]] + [[fmt(r, baseline) for _, fmt in columns] for r in shown]
     return aligned(cells)
+
+
+def _metric_column(metric: str) -> _Cell:
+    return lambda r, b: _metric_cell(r["metrics"].get(metric))
 
 
 def _metric_cell(value: Any) -> str:
@@ -371,9 +376,7 @@ def choose_operating_point(
         label = max(groups, key=lambda g: (_kd(groups[g][0]) or 0.0, len(groups[g])))
     else:
         matching = [
-            g
-            for g, members in groups.items()
-            if _kd(members[0]) is not None and abs(_kd(members[0]) - kd_weight) < 1e-9
+            g for g, members in groups.items() if (kd := _kd(members[0])) is not None and abs(kd - kd_weight) < 1e-9
         ]
         if not matching:
             known = ", ".join(f"{_kd(m[0]):g}" for m in groups.values() if _kd(m[0]) is not None)

@@ -37,7 +37,7 @@ def default_picks(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     :func:`~.pareto.suggested_max_drop` the sweep prints when nothing is within the default
     drop, per mode (labelled ``"<mode> pick (max-drop D)"``)."""
     drop = suggested_max_drop(rows)
-    picks = {}
+    picks: dict[str, dict[str, Any]] = {}
     if drop is None:
         return picks
     for mode in MODES:
@@ -69,10 +69,10 @@ def front_figure(
     picks = default_picks(rows) if picks is None else picks
     base = baseline_row(rows)
     ref = base["macs"] if base else max((r["macs"] for r in rows), default=1)
-    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731
+    pct = lambda r: 100.0 * r["macs"] / ref  # noqa: E731  # a one-line formula over ref
     methods = sorted({r["method"] for r in rows if r["kind"] != "unpruned"})
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    kds = sorted({float(r["kd_weight"]) for r in rows if r.get("kd_weight") is not None})
+    kds: list[float | None] = list(sorted({float(r["kd_weight"]) for r in rows if r.get("kd_weight") is not None}))
     markers = {kd: _MARKERS[i % len(_MARKERS)] for i, kd in enumerate(kds)}
     pool = finalized_pool(rows)
     trial_finals = [r for r in rows if r["kind"] == "final"] if pool and pool[0]["kind"] == "finetuned" else []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,10 @@ class FinalCache:
                 with fs.open_output_stream(f"{root}/{key}/{name}") as f:
                     f.write((local / name).read_bytes())
         return self.path(key)
+
+    def __iter__(self) -> Iterator[str]:
+        """Every complete entry's key, sorted (as :meth:`keys`)."""
+        return iter(self.keys())
 
     def keys(self) -> list[str]:
         """Every complete entry's key, sorted."""

@@ -543,7 +543,7 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     def trained_members(cache: FinalCache) -> dict[str, tuple[int, bytes, bytes]]:
         """The cache's fine-tune entries: key -> (metrics.json mtime, metrics.json, weights.pt)."""
         out = {}
-        for key in cache.keys():  # noqa: SIM118 -- FinalCache is not a dict: it has keys(), no __iter__
+        for key in cache:
             folder = Path(cache.root) / key
             record = json.loads((folder / "metrics.json").read_text())
             if str(record["source"].get("trained_by", "")).startswith("finetune:"):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.checkpoint import safe_load
+from ..errors import RaypruneError
 from . import build, load_spec, save_spec
 from .base import Spec, SpecError
 
@@ -47,7 +48,8 @@ __all__ = [
 ]
 
 
-class NotASubnetError(FileNotFoundError):
+# A FileNotFoundError too: callers catch a folder that lacks a file of a saved subnet as one.
+class NotASubnetError(RaypruneError, FileNotFoundError):
     """A folder that is not a saved subnet (spec.json or weights.pt missing)."""
 
 

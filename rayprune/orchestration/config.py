@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import models
-from ..errors import describe
+from ..errors import RaypruneError, describe
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError, unknown_name
@@ -35,7 +35,7 @@ SAMPLERS = ("tpe", "random", "gp", "nsga2")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000, "synthetic": 10}
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(RaypruneError):
     """A sweep file is invalid; the message names the file, the field and the fix."""
 
 
@@ -322,7 +322,7 @@ def _abs_tracking_uri(uri: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _FieldError(Exception):
+class _FieldError(RaypruneError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, RaypruneError
 from .utils import derive_seed, resolve_device
 
 __all__ = [
@@ -74,7 +75,7 @@ DATASETS = ("cifar10", "cifar100", "digits", "imagenet", "synthetic")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-class DataError(RuntimeError):
+class DataError(RaypruneError):
     """Data is missing or malformed. The message says where we looked and how to fix it."""
 
 
@@ -385,8 +386,9 @@ def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -
     looked = ", ".join(str(root / folder) for root in candidates)
     raise DataError(
         f"{name} not found (looked in {looked}; {failure}). Put the extracted '{folder}' folder in a "
-        f"directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR, or run once with network access "
-        f"to download it into {candidates[0]}"
+        f"directory, or run once with network access to download it into {candidates[0]}",
+        fix="give that directory as data_dir or in RAYPRUNE_DATA_DIR",
+        hint="data_dir",
     )
 
 
@@ -441,7 +443,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
 
     Raises:
         DataError: the data is missing and cannot be downloaded (the message says how to fix it).
-        ValueError: unknown dataset name.
+        InputError: unknown dataset name.
     """
     if name in _CIFAR_FOLDERS:
         return load_cifar(_find_cifar(name, data_dir, download), name)
@@ -451,7 +453,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         return synthetic_dataset()
     if name == "imagenet":
         return _load_imagenet(data_dir)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,5 +697,7 @@ def _load_imagenet(data_dir: str | Path | None) -> tuple[FolderDataset, FolderDa
     looked = ", ".join(str(r / "imagenet") for r in candidates)
     raise DataError(
         f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
-        f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR"
+        f"imagenet/val under a directory",
+        fix="give that directory as data_dir or in RAYPRUNE_DATA_DIR",
+        hint="data_dir",
     )

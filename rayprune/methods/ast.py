@@ -676,7 +676,9 @@ class AST(Method):
         super().__init__(ctx, hparams)
         hp: ASTHparams = self.hp
         if hp.search_kd_weight > 0 and ctx.teacher is None:
-            raise ValueError(
+            from ..errors import InputError
+
+            raise InputError(
                 "ast: search_kd_weight > 0 needs a teacher (ctx.teacher); set it or use search_kd_weight=0"
             )
         self.spec, self.input_size = ctx.spec, ctx.input_size
@@ -716,7 +718,9 @@ class AST(Method):
             return state
         if source == "teacher":
             if self.ctx.teacher is None:
-                raise ValueError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
+                from ..errors import InputError
+
+                raise InputError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
             loaded = self.ctx.teacher.state_dict()
         else:
             loaded = safe_load(

@@ -226,7 +226,7 @@ def evaluate(
             correctk += hits.any(dim=1).sum()
             n += y.numel()
     if n == 0:
-        raise ValueError("evaluate: the dataset is empty")
+        raise InputError("evaluate: the dataset is empty")
     return {"top1": correct1.item() / n, "top5": correctk.item() / n, "loss": loss_sum.item() / n}
 
 

@@ -273,6 +273,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise SweepConfigError(f"{path}: no such sweep file (see search_spaces/ for examples)") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable or a binary file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a UTF-8 text file"
+        raise SweepConfigError(f"{path}: cannot read it as a sweep file ({reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

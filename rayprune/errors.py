@@ -2,8 +2,9 @@
 
 :class:`RaypruneError` is the base of every error meant for the user: bad input, missing data, a
 refused file. Its message is one line naming the problem and the fix in the library's terms
-(settings, files), never a command-line flag; ``option`` and ``hint`` let the command line add
-its flags (:mod:`rayprune.cli`). Anything else that escapes a command is a bug.
+(settings, files), never a command-line flag; its ``fix``, ``option`` and ``hint`` let the
+command line word it with its flags (:mod:`rayprune.cli`). Anything else that escapes a command
+is a bug.
 
 A :class:`pydantic.ValidationError` names internal classes (``TrialConfig``, ``RankedHparams``,
 ``Budget``), prefixes "Value error,", and says "Field required" where the user misspelt a key.
@@ -38,7 +39,7 @@ __all__ = [
     "validated",
 ]
 
-M = TypeVar("M", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class RaypruneError(Exception):
@@ -70,7 +71,7 @@ class InputError(RaypruneError, ValueError):
     """
 
 
-def validated(model: type[M], data: Any) -> M:
+def validated(model: type[ModelT], data: Any) -> ModelT:
     """``model.model_validate(data)``; pydantic's error becomes an :class:`InputError` with
     :func:`explain`'s line (and the ValidationError as its cause)."""
     try:

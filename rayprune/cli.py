@@ -2,9 +2,11 @@
 
 This module holds every argparse parser and the one error boundary of every command; the work
 is done by the layers below (:mod:`rayprune.runner`, :mod:`rayprune.orchestration.sweep`,
-:mod:`rayprune.tracking.commands`). Bad input, argparse's errors included, exits 2 with one
-line ``rayprune: error: <what> -- <fix>``. An unexpected error prints one line saying it is a
-bug, with ``RAYPRUNE_DEBUG=1`` as the way to see the traceback.
+:mod:`rayprune.tracking.commands`). Bad input raises a :class:`~rayprune.errors.RaypruneError`
+(argparse's errors a :class:`CliError`) in any layer, a Ray task's included: it exits 2 with one
+line ``rayprune: error: <what>; <fix>``, where this module names its flags (:data:`HINTS`,
+:data:`OPTION_FLAGS`). Any other error is a bug: one line says so, with ``RAYPRUNE_DEBUG=1`` as
+the way to see the traceback.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from .registry import UnknownNameError
+from .errors import InputError, RaypruneError, explain, field_path, validated
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 _SUFFIXES = {"K": 1e3, "M": 1e6, "G": 1e9}
 
 
-class CliError(Exception):
+class CliError(RaypruneError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
@@ -35,53 +37,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see {self.prog} --help)")
-
-
-def one_line(err: BaseException) -> str:
-    """Condense an exception (pydantic's multi-line ones included) into one readable line."""
-    if isinstance(err, ValidationError):
-        from .errors import for_command_line
-
-        return for_command_line(err)  # field path or flag, allowed keys/values, "did you mean"
-    text = str(err).strip().replace("\n", " ")
-    return text or type(err).__name__
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What bad input raises, in every layer: one line and exit 2, never a traceback. Layers
-    that were never imported cannot have raised, so they are not imported here."""
-    from .engine.data import DataError
-    from .models.base import SpecError
-
-    errors: list[type[BaseException]] = [
-        CliError,
-        SpecError,
-        DataError,
-        UnknownNameError,
-        ValidationError,
-        FileNotFoundError,
-        NotADirectoryError,
-        IsADirectoryError,
-        ValueError,
-    ]
-    optional = {
-        "rayprune.tracking": "TrackingError",
-        "rayprune.export": "ExportError",
-        "rayprune.orchestration.config": "SweepConfigError",
-        "rayprune.orchestration.sweep": "SweepError",
-        "mlflow.exceptions": "MlflowException",
-    }
-    errors += [getattr(sys.modules[m], name) for m, name in optional.items() if m in sys.modules]
-    return tuple(errors)
-
-
-def _task_cause(err: BaseException) -> BaseException | None:
-    """The user error inside a Ray task's error (a teacher or fine-tune task given bad input)."""
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError):
-        cause = getattr(err, "cause", None)
-        return cause if isinstance(cause, _user_errors()) else None
-    return None
 
 
 def fail(msg: str, status: int = EXIT_USAGE) -> int:
@@ -300,7 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
     out = Path(args.out)
-    cfg = TrialConfig(
+    options = dict(
         method=args.method,
         hparams=hparams,
         model=args.model,
@@ -319,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         train_subset=args.train_subset,
         test_subset=args.test_subset,
     )
+    cfg = validated(TrialConfig, options)
     # With --kd-weight > 0 and no --teacher, run_trial trains one into OUT/teacher, after validating everything.
     teacher_recipe = {**user_finetune, "epochs": args.teacher_epochs} if args.teacher_epochs > 0 else None
 
@@ -674,6 +630,108 @@ def _add_pick(sub: argparse._SubParsersAction[Parser]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def one_line(err: BaseException, command: str | None = None) -> str:
+    """Condense an exception (pydantic's multi-line ones included) into one readable line; a
+    :class:`RaypruneError` with the flags of ``command`` (:func:`with_flags`)."""
+    if isinstance(err, ValidationError):  # only in the bug line: user input is validated into an InputError
+        return for_command_line(err) or explain(err)
+    if isinstance(err, InputError) and isinstance(err.__cause__, ValidationError):
+        flagged = for_command_line(err.__cause__)  # field path or flag, allowed keys/values, "did you mean"
+        if flagged is not None:
+            return flagged
+    text = with_flags(err, command) if isinstance(err, RaypruneError) else str(err)
+    return text.strip().replace("\n", " ") or type(err).__name__
+
+
+#: The flag of the setting a :class:`RaypruneError` starts with (its ``option``), per command.
+OPTION_FLAGS = {
+    "out_dir": {"run": "--out", "teacher": "--out", "pick": "--out"},
+    "kd_weight": {"run": "--kd-weight"},
+}
+#: The fix of a :class:`RaypruneError` (by its ``hint``) in the flags of each command that has them.
+HINTS = {
+    "fresh_start": {"run": "delete it (or pass --no-resume) to start that run afresh"},
+    "other_settings": {"run": "resume with the same settings, use another --out, or pass --no-resume"},
+    "teacher": {"run": "pass --teacher DIR (a saved subnet) or --teacher-epochs N to train one first"},
+    "shortcut": {"run": "use --shortcut avgpool_conv or --shortcut conv_bn"},
+    "model": {"run": "use e.g. --model cifar_resnet:56 or resnet:50"},
+    "data_dir": {
+        "run": "give that directory with --data-dir DIR or in RAYPRUNE_DATA_DIR",
+        "teacher": "give that directory with --data-dir DIR or in RAYPRUNE_DATA_DIR",
+        "sweep": "give that directory as dataset.data_dir in the sweep file or in RAYPRUNE_DATA_DIR",
+    },
+    "new_out": {"pick": "pass a new --out or remove it"},
+    "local_ray": {
+        "sweep": "start one with `ray start --head` or `ray up launch/cluster.yaml`, or drop --address to run on a "
+        "local Ray"
+    },
+    "no_resume": {"sweep": "run without --resume to start one"},
+}
+
+
+def with_flags(err: RaypruneError, command: str | None) -> str:
+    """``err``'s line as ``command`` shows it: its option named by its flag, its fix by
+    :data:`HINTS` (the line as it is where the command has no such flag)."""
+    text = str(err)
+    fix = HINTS.get(err.hint or "", {}).get(command or "")
+    if fix is not None and err.fix:
+        text = f"{err.problem}; {fix}"
+    flag = OPTION_FLAGS.get(err.option or "", {}).get(command or "")
+    if flag is not None and err.option is not None and text.startswith(err.option):
+        text = flag + text[len(err.option) :]
+    return text
+
+
+def for_command_line(error: ValidationError) -> str | None:
+    """:func:`~rayprune.errors.explain` for the models the ``run``/``teacher`` options fill,
+    naming the flags (``--kd-weight``, ``--set KEY``, ``--finetune KEY``) instead of the internal
+    models; None for another model."""
+    from .engine.train import TrainConfig
+    from .methods import MODULES, Budget, get_method
+    from .runner import TrialConfig
+
+    if error.title in (TrialConfig.__name__, Budget.__name__):
+        root = TrialConfig if error.title == TrialConfig.__name__ else Budget
+        return explain(error, root, name=_flag)
+    if error.title == TrainConfig.__name__:
+        return explain(error, TrainConfig, name=_option_flag("--finetune"))
+    if error.title.endswith("Hparams"):
+        for method in MODULES:
+            try:
+                hparams = get_method(method).Hparams
+            except Exception:  # a method whose module cannot be imported here
+                continue
+            if hparams.__name__ == error.title:
+                return explain(error, hparams, name=_option_flag("--set"))
+    return None
+
+
+def _option_flag(flag: str) -> Callable[[tuple], str]:
+    """A location inside a ``KEY=VALUE`` option as ``--set KEY`` (the flag alone when empty)."""
+    return lambda loc: f"{flag} {field_path(loc)}" if loc else flag
+
+
+def _flag(loc: tuple) -> str:
+    """A TrialConfig/Budget location as the ``rayprune run`` flag that sets it."""
+    if not loc:
+        return ""
+    head, rest = loc[0], loc[1:]
+    if head == "hparams":
+        return _option_flag("--set")(rest)
+    if head == "finetune":
+        return _option_flag("--finetune")(rest)
+    return "--" + str(head).replace("_", "-")
+
+
+def _task_cause(err: BaseException) -> BaseException | None:
+    """The user error inside a Ray task's error (a teacher or fine-tune task given bad input)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(err, ray_exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        return cause if isinstance(cause, RaypruneError) else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``rayprune`` command; returns its exit status (bad input: one line, 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -685,11 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("RAYPRUNE_DEBUG"):
             raise
+        command = argv[0] if argv else None
         cause = _task_cause(e)
         if cause is not None:
-            return fail(one_line(cause))
-        if isinstance(e, _user_errors()):
-            return fail(one_line(e))
+            return fail(one_line(cause, command))
+        if isinstance(e, RaypruneError):
+            return fail(one_line(e, command))
         return fail(
             f"internal error, a bug in rayprune ({type(e).__name__}: {one_line(e)}); rerun with "
             "RAYPRUNE_DEBUG=1 to see the traceback, and report it",

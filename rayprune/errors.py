@@ -1,28 +1,115 @@
-"""pydantic validation errors as one line a user can act on.
+"""The root of rayprune's errors, and their wording for users.
+
+:class:`RaypruneError` is the base of every error meant for the user: bad input, missing data, a
+refused file. Its message is one line naming the problem and the fix in the library's terms
+(settings, files), never a command-line flag; its ``fix``, ``option`` and ``hint`` let the
+command line word it with its flags (:mod:`rayprune.cli`). Anything else that escapes a command
+is a bug.
 
 A :class:`pydantic.ValidationError` names internal classes (``TrialConfig``, ``RankedHparams``,
 ``Budget``), prefixes "Value error,", and says "Field required" where the user misspelt a key.
 :func:`describe` turns its most useful error into ``(field path, message)``: the path as the
-user wrote it (``grid.flops_targets[1]``, or a command-line flag such as ``--kd-weight`` or
-``--set epochs``), the allowed keys or values, and "did you mean ..." for a misspelt key or
-value (:mod:`difflib`). :func:`explain` is the whole line, for the command line's error boundary.
+user wrote it (``grid.flops_targets[1]``, or, through ``name``, a command-line flag), the
+allowed keys or values, and "did you mean ..." for a misspelt key or value (:mod:`difflib`).
+:func:`explain` is the whole line; :func:`validated` raises it as an :class:`InputError`.
 
 Pure Python + pydantic: the algorithm core may import it.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import typing
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from .registry import did_you_mean, hint
+__all__ = [
+    "InputError",
+    "RaypruneError",
+    "allowed_keys",
+    "describe",
+    "did_you_mean",
+    "explain",
+    "field_path",
+    "hint",
+    "unknown_name",
+    "validated",
+]
 
-__all__ = ["allowed_keys", "describe", "explain", "for_command_line"]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class RaypruneError(Exception):
+    """The base of every error meant for the user: one line naming the problem and the fix, in
+    the library's terms (settings, files), never a command-line flag.
+
+    Args:
+        message: the problem (and the fix, unless ``fix`` is given).
+        fix: what to do about it, in the library's terms; the line is ``message; fix``.
+        option: the setting at fault, by its keyword (``"out_dir"``), when the line starts with
+            that name; the command line names its flag there instead.
+        hint: the key of the command line's wording of ``fix``, which names its flags
+            (``rayprune.cli.HINTS``); other callers see ``fix``.
+    """
+
+    def __init__(self, message: str = "", *, fix: str = "", option: str | None = None, hint: str | None = None) -> None:
+        super().__init__(f"{message}; {fix}" if fix else message)
+        self.problem = message
+        self.fix = fix
+        self.option = option
+        self.hint = hint
+
+
+class InputError(RaypruneError, ValueError):
+    """A value the user gave cannot work: a setting, a hyperparameter, a recipe, a device. When
+    pydantic refused it, ``__cause__`` is its ValidationError (the command line names its flags).
+
+    A ValueError too: the engine's callers and tests catch invalid values as ValueError.
+    """
+
+
+def validated(model: type[ModelT], data: Any) -> ModelT:
+    """``model.model_validate(data)``; pydantic's error becomes an :class:`InputError` with
+    :func:`explain`'s line (and the ValidationError as its cause)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InputError(explain(e, model)) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: "did you mean ...", "unknown ... known: ..."
+# ---------------------------------------------------------------------------------------------
+
+
+def did_you_mean(word: Any, candidates: Iterable[str]) -> str | None:
+    """The closest of ``candidates`` to ``word`` (a misspelling), or None (also for a non-string)."""
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def hint(word: Any, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for a close candidate, else ``""``."""
+    guess = did_you_mean(word, candidates)
+    return f"; did you mean {guess!r}?" if guess else ""
+
+
+def unknown_name(kind: str, name: Any, known: Iterable[str]) -> str:
+    """``unknown <kind> 'x'; did you mean 'y'? known: a, b`` (the hint only when one is close)."""
+    known = list(known)
+    guess = hint(name, known)
+    return f"unknown {kind} {name!r}{guess}{' ' if guess else '; '}known: {', '.join(known) or '(none)'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pydantic's errors as one line
+# ---------------------------------------------------------------------------------------------
 
 #: Union-member and validator tags pydantic puts into an error's location (not field names).
 _TAG = re.compile(r"^(str|int|float|bool|none|dict|list|tuple|set|literal|function-\w+|[\w-]*\[.*\])$")
@@ -84,7 +171,7 @@ def describe(
     more = len(errors) - 1 - same
     if more > 0:
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
-    field = name(loc) if name is not None else _path(loc, prefix)
+    field = name(loc) if name is not None else field_path(loc, prefix)
     return field, message
 
 
@@ -116,7 +203,8 @@ def _pick(errors: list[ErrorDetails], root: type[BaseModel] | None) -> tuple[Err
     return errors[0], 0
 
 
-def _path(loc: tuple, prefix: str = "") -> str:
+def field_path(loc: tuple, prefix: str = "") -> str:
+    """``loc`` (field names and list indices) as the user writes it: ``grid.flops_targets[1]``."""
     out = prefix
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -141,38 +229,3 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
-
-
-def for_command_line(error: ValidationError) -> str:
-    """:func:`explain` for the models the ``run``/``teacher`` options fill, naming the flags
-    (``--kd-weight``, ``--set KEY``, ``--finetune KEY``) instead of the internal models."""
-    from .engine.train import TrainConfig
-    from .methods import MODULES, Budget, get_method
-    from .runner import TrialConfig
-
-    if error.title in (TrialConfig.__name__, Budget.__name__):
-        root = TrialConfig if error.title == TrialConfig.__name__ else Budget
-        return explain(error, root, name=_flag)
-    if error.title == TrainConfig.__name__:
-        return explain(error, TrainConfig, name=lambda loc: "--finetune " + _path(loc) if loc else "--finetune")
-    if error.title.endswith("Hparams"):
-        for method in MODULES:
-            try:
-                hparams = get_method(method).Hparams
-            except Exception:
-                continue
-            if hparams.__name__ == error.title:
-                return explain(error, hparams, name=lambda loc: "--set " + _path(loc) if loc else "--set")
-    return explain(error)
-
-
-def _flag(loc: tuple) -> str:
-    """A TrialConfig/Budget location as the ``rayprune run`` flag that sets it."""
-    if not loc:
-        return ""
-    head, rest = loc[0], loc[1:]
-    if head == "hparams":
-        return "--set " + _path(rest) if rest else "--set"
-    if head == "finetune":
-        return "--finetune " + _path(rest) if rest else "--finetune"
-    return "--" + str(head).replace("_", "-")

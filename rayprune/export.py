@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import models
+from .errors import RaypruneError
 from .models import Spec, SpecError
 from .models import io as subnet_io
 
@@ -28,7 +29,7 @@ ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-3
 
 
-class ExportError(RuntimeError):
+class ExportError(RaypruneError):
     """An export that cannot be done (occupied output folder, weights that do not fit the spec,
     an ONNX graph that disagrees with torch); the message names the problem and the fix."""
 
@@ -134,7 +135,9 @@ def export_subnet(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(
-            f"output directory {str(out_dir)!r} already exists and is not empty; pass a new --out or remove it"
+            f"output directory {str(out_dir)!r} already exists and is not empty",
+            fix="give a new output directory or remove it",
+            hint="new_out",
         )
     try:
         models.validate(spec)

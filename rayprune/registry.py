@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from .errors import RaypruneError, did_you_mean, hint, unknown_name
+
+# The name helpers live in errors.py (they word errors); importers of this module find them here too.
+__all__ = ["Registry", "UnknownNameError", "did_you_mean", "hint", "unknown_name"]
 
 T = TypeVar("T")
 
 
-def did_you_mean(word: Any, candidates: Iterable[str]) -> str | None:
-    """The closest of ``candidates`` to ``word`` (a misspelling), or None (also for a non-string)."""
-    if not isinstance(word, str):
-        return None
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def hint(word: Any, candidates: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for a close candidate, else ``""``."""
-    guess = did_you_mean(word, candidates)
-    return f"; did you mean {guess!r}?" if guess else ""
-
-
-def unknown_name(kind: str, name: Any, known: Iterable[str]) -> str:
-    """``unknown <kind> 'x'; did you mean 'y'? known: a, b`` (the hint only when one is close)."""
-    known = list(known)
-    guess = hint(name, known)
-    return f"unknown {kind} {name!r}{guess}{' ' if guess else '; '}known: {', '.join(known) or '(none)'}"
-
-
-class UnknownNameError(KeyError):
+# A KeyError too: a registry is a mapping, and callers of ``get`` may catch a missing name as one.
+class UnknownNameError(RaypruneError, KeyError):
     """Raised for a name that is not registered; the message lists the known names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

@@ -25,6 +25,7 @@ from .engine.data import holdout_per_class, load_dataset
 from .engine.progress import phase
 from .engine.train import TrainConfig, evaluate, fit
 from .engine.utils import resolve_device
+from .errors import InputError, validated
 from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
 from .methods.finetune import finalize
 from .models import io as subnet_io
@@ -115,7 +116,7 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
 def load_teacher(path: str | Path, spec: Spec, device: str | torch.device) -> nn.Module:
     saved = subnet_io.load(path)
     if saved.spec.get("num_classes") != spec.get("num_classes"):
-        raise ValueError(
+        raise InputError(
             f"teacher at {path} predicts {saved.spec.get('num_classes')} classes, "
             f"the run needs {spec.get('num_classes')}"
         )
@@ -162,9 +163,9 @@ def build_method(
     ``progress``: the training bars (None: only on a terminal).
     """
     cls = get_method(cfg.method)
-    hparams = cls.Hparams(**cfg.hparams)
+    hparams = validated(cls.Hparams, cfg.hparams)
     device = resolve_device(cfg.device)
-    finetune = TrainConfig(**cfg.finetune)
+    finetune = validated(TrainConfig, cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
     train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
     spec = resolve_spec(cfg, train.num_classes)
@@ -174,7 +175,7 @@ def build_method(
         spec=spec,
         train=train,
         test=test,
-        budget=Budget(flops_target=cfg.flops_target, max_stage_prune=cfg.max_stage_prune),
+        budget=validated(Budget, {"flops_target": cfg.flops_target, "max_stage_prune": cfg.max_stage_prune}),
         kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature,
         teacher=teacher,
@@ -233,11 +234,12 @@ class TrialState:
     @classmethod
     def load(cls, path: str | Path) -> TrialState:
         """Read ``path`` (``weights_only``); older files lack some fields (their defaults apply)."""
-        saved = safe_load(path, "run state", "delete it (or pass --no-resume) to start that run afresh")
+        saved = safe_load(path, "run state", "delete it to start that run afresh", hint="fresh_start")
         if not isinstance(saved.get("method"), dict) or not isinstance(saved.get("history", []), list):
             raise UnreadableFileError(
-                f"cannot read run state {str(path)!r}: it is not a state file rayprune "
-                "wrote; delete it (or pass --no-resume) to start that run afresh"
+                f"cannot read run state {str(path)!r}: it is not a state file rayprune wrote",
+                fix="delete it to start that run afresh",
+                hint="fresh_start",
             )
         history = saved.get("history", [])
         return cls(
@@ -249,12 +251,13 @@ class TrialState:
         )
 
     def check_config(self, config: dict[str, Any], path: Path) -> None:
-        """Raise ValueError when this state was written with other search-shaping settings."""
+        """Raise InputError when this state was written with other search-shaping settings."""
         if self.config is not None and self.config != config:
             changed = sorted(k for k in config if self.config.get(k) != config[k])
-            raise ValueError(
-                f"{path} was written by a run with other settings ({', '.join(changed)}); "
-                "resume with the same settings, use another --out, or pass --no-resume"
+            raise InputError(
+                f"{path} was written by a run with other settings ({', '.join(changed)})",
+                fix="resume with the same settings, or start afresh in another folder or over this one",
+                hint="other_settings",
             )
 
 
@@ -302,28 +305,33 @@ def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+def check_out_dir(path: str | Path, option: str = "out_dir") -> Path:
     """``path`` is a folder, or can be created as one; nothing is created.
 
     Raises:
-        ValueError: ``path`` is an existing file, or an ancestor is a file or not writable.
+        InputError: ``path`` (the setting ``option``) is an existing file, or an ancestor is a
+            file or not writable.
     """
     path = Path(path)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(
-                f"{flag} {str(path)!r} is an existing file, not a folder; give a folder path "
-                "(a new one, or a previous run's to resume it)"
+            raise InputError(
+                f"{option} {str(path)!r} is an existing file, not a folder; give a folder path "
+                "(a new one, or a previous run's to resume it)",
+                option=option,
             )
         return path
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(
-                    f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; give a path inside a folder"
+                raise InputError(
+                    f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file; give a path inside a folder",
+                    option=option,
                 )
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
+                raise InputError(
+                    f"{option} {str(path)!r} cannot be created: {str(parent)!r} is not writable", option=option
+                )
             break
     return path
 
@@ -367,20 +375,22 @@ def run_trial(
     network with this recipe into ``out_dir``/teacher first (after validation; reused on resume).
 
     Raises:
-        ValueError: ``out_dir`` is a file; KD without a teacher; or state.pt was written with
+        InputError: ``out_dir`` is a file; KD without a teacher; or state.pt was written with
             settings that shape the search (method, hparams, data, budget, seed, ...) other than
             ``cfg``'s (only :data:`RESUMABLE_CHANGES` may differ).
     """
     out = check_out_dir(out_dir)
     train_first = cfg.kd_weight > 0 and cfg.teacher is None
     if train_first and teacher_recipe is None:
-        raise ValueError(
-            "--kd-weight > 0 (robust mode) needs a teacher: pass --teacher DIR "
-            "(a saved subnet) or --teacher-epochs N to train one first"
+        raise InputError(
+            "kd_weight > 0 (robust mode) needs a teacher",
+            fix="give a saved subnet as the teacher, or a recipe to train one first",
+            option="kd_weight",
+            hint="teacher",
         )
     if train_first:
         assert teacher_recipe is not None  # refused above
-        TrainConfig(**teacher_recipe)  # a bad recipe fails now, not after the data is loaded
+        validated(TrainConfig, teacher_recipe)  # a bad recipe fails now, not after the data is loaded
         cfg = cfg.model_copy(update={"teacher": str(out / TEACHER_DIR)})
         train_first = not subnet_io.is_saved(out / TEACHER_DIR)  # a resumed run reuses its teacher
     data = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
@@ -476,18 +486,19 @@ def train_teacher(
     it, in ``.<name>.ckpt``, until then). ``data``: ``(train, test)`` already loaded.
 
     Raises:
-        ValueError: ``out_dir`` is a file, or a folder holding something other than a saved subnet.
+        InputError: ``out_dir`` is a file, or a folder holding something other than a saved subnet.
     """
     out_dir = check_out_dir(out_dir)
     if subnet_io.is_saved(out_dir):
         return out_dir
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ValueError(
-            f"--out {str(out_dir)!r} is a folder that holds files but no saved teacher "
-            f"(a saved subnet has {' and '.join(subnet_io.REQUIRED_FILES)}); give a new folder"
+        raise InputError(
+            f"out_dir {str(out_dir)!r} is a folder that holds files but no saved teacher "
+            f"(a saved subnet has {' and '.join(subnet_io.REQUIRED_FILES)}); give a new folder",
+            option="out_dir",
         )
     device = resolve_device(device)
-    train_cfg = TrainConfig(**(recipe or {}))
+    train_cfg = validated(TrainConfig, recipe or {})
     train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
     full = network_spec(model, spec, shortcut, dataset, train.num_classes)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process

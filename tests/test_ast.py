@@ -446,7 +446,7 @@ def test_alpha_passes_are_spread_over_the_epochs():
 def test_weight_inheriting_methods_refuse_option_a_before_any_work(method, tmp_path):
     spec = models.full_spec("cifar_resnet:tiny", num_classes=4)  # option_a by default
     assert get_method(method).inherits_weights
-    with pytest.raises(models.SpecError, match="--shortcut avgpool_conv"):
+    with pytest.raises(models.SpecError, match="use the shortcut avgpool_conv or conv_bn"):
         get_method(method).check_spec(spec)
     with pytest.raises(models.SpecError, match="option_a"):
         get_method(method)(make_ctx(tmp_path, spec=spec))

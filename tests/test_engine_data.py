@@ -85,7 +85,7 @@ def test_missing_dataset_offline_says_where_it_looked_and_how_to_fix(tmp_path, m
     msg = str(err.value)
     assert str(tmp_path / "env" / "cifar-100-python") in msg
     assert str(tmp_path / "home" / ".cache" / "rayprune" / "data" / "cifar-100-python") in msg
-    assert "name resolution" in msg and "RAYPRUNE_DATA_DIR" in msg and "--data-dir" in msg
+    assert "name resolution" in msg and "RAYPRUNE_DATA_DIR" in msg and "data_dir" in msg
     with pytest.raises(DataError, match="download=False"):
         load_dataset("cifar10", tmp_path / "nowhere", download=False)
 

@@ -85,6 +85,6 @@ def test_failed_export_leaves_nothing_and_existing_output_is_never_touched(tmp_p
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists and is not empty; pass a new --out"):
+    with pytest.raises(ExportError, match="already exists and is not empty; give a new output directory"):
         export_subnet(PRUNED, trained_like_state(PRUNED), {}, busy)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]

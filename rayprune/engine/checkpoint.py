@@ -19,12 +19,20 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-__all__ = ["UnreadableFileError", "atomic_save", "capture_rng", "load", "restore_rng", "safe_load"]
+from ..errors import RaypruneError
+
+__all__ = ["MissingFileError", "UnreadableFileError", "atomic_save", "capture_rng", "load", "restore_rng", "safe_load"]
 
 
-class UnreadableFileError(ValueError):
+# A ValueError too: loaders of user files (a sweep's teacher check) catch a refused file as one.
+class UnreadableFileError(RaypruneError, ValueError):
     """A torch file rayprune reads is refused: damaged, truncated, or holding more than tensors
     and plain containers. The message names the file and the fix (never ``weights_only=False``)."""
+
+
+# A FileNotFoundError too: loaders of user files (a sweep's teacher check) catch a missing one as one.
+class MissingFileError(RaypruneError, FileNotFoundError):
+    """A file rayprune was asked to read does not exist; the message names it and the fix."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -54,6 +62,7 @@ def safe_load(
     *,
     map_location: str | torch.device = "cpu",
     expect: type | None = dict,
+    hint: str | None = None,
 ) -> Any:
     """``torch.load(path, weights_only=True)``; any failure becomes one :class:`UnreadableFileError`.
 
@@ -61,9 +70,10 @@ def safe_load(
         what: what the file is, for the message ("run state", "teacher weights", ...).
         fix: what the user should do (default: delete the file and re-run).
         expect: the type the file must hold (``None``: anything weights_only allows).
+        hint: the key of the command line's wording of ``fix`` (:class:`~rayprune.errors.RaypruneError`).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingFileError: ``path`` does not exist.
         UnreadableFileError: ``path`` is a folder, damaged, truncated, not a torch file, holds
             pickled objects other than tensors and plain containers (no code from it runs), or
             does not hold an ``expect``.
@@ -71,9 +81,9 @@ def safe_load(
     path = Path(path)
     fix = fix or "delete it and re-run"
     if not path.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist; {fix}")
+        raise MissingFileError(f"{what} {str(path)!r} does not exist", fix=fix, hint=hint)
     if not path.is_file():
-        raise UnreadableFileError(f"{what} {str(path)!r} is not a file; {fix}")
+        raise UnreadableFileError(f"{what} {str(path)!r} is not a file", fix=fix, hint=hint)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols: not the user's concern
             warnings.simplefilter("ignore")
@@ -85,10 +95,12 @@ def safe_load(
             if "GLOBAL" in str(e)
             else "it is damaged, truncated or not a torch file"
         )
-        raise UnreadableFileError(f"cannot read {what} {str(path)!r}: {reason}; {fix}") from None
+        raise UnreadableFileError(f"cannot read {what} {str(path)!r}: {reason}", fix=fix, hint=hint) from None
     if expect is not None and not isinstance(obj, expect):
         raise UnreadableFileError(
-            f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, not what rayprune writes; {fix}"
+            f"cannot read {what} {str(path)!r}: it holds a {type(obj).__name__}, not what rayprune writes",
+            fix=fix,
+            hint=hint,
         )
     return obj
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, RaypruneError
 from ..registry import Registry
 from .utils import derive_seed, resolve_device
 
@@ -77,7 +78,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-class DataError(RuntimeError):
+class DataError(RaypruneError):
     """Data is missing or malformed. The message says where we looked and how to fix it."""
 
 
@@ -413,8 +414,9 @@ def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -
     looked = ", ".join(str(root / folder) for root in candidates)
     raise DataError(
         f"{name} not found (looked in {looked}; {failure}). Put the extracted '{folder}' folder in a "
-        f"directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR, or run once with network access "
-        f"to download it into {candidates[0]}"
+        f"directory, or run once with network access to download it into {candidates[0]}",
+        fix="give that directory as data_dir or in RAYPRUNE_DATA_DIR",
+        hint="data_dir",
     )
 
 
@@ -469,10 +471,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
 
     Raises:
         DataError: the data is missing and cannot be downloaded (the message says how to fix it).
-        ValueError: unknown dataset name.
+        InputError: unknown dataset name.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS.get(name).load(data_dir, download)
 
 
@@ -724,7 +726,9 @@ def _load_imagenet(data_dir: str | Path | None) -> tuple[FolderDataset, FolderDa
     looked = ", ".join(str(r / "imagenet") for r in candidates)
     raise DataError(
         f"imagenet not found (looked in {looked}). Provide ImageFolder trees imagenet/train and "
-        f"imagenet/val under a directory and pass --data-dir DIR or set RAYPRUNE_DATA_DIR=DIR"
+        f"imagenet/val under a directory",
+        fix="give that directory as data_dir or in RAYPRUNE_DATA_DIR",
+        hint="data_dir",
     )
 
 

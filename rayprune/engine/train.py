@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..errors import InputError
 from . import checkpoint as ckpt
 from .data import Loader, make_loader
 from .progress import label as progress_label
@@ -225,7 +226,7 @@ def evaluate(
             correctk += hits.any(dim=1).sum()
             n += y.numel()
     if n == 0:
-        raise ValueError("evaluate: the dataset is empty")
+        raise InputError("evaluate: the dataset is empty")
     return {"top1": correct1.item() / n, "top5": correctk.item() / n, "loss": loss_sum.item() / n}
 
 
@@ -276,7 +277,7 @@ def _make_loss(cfg: TrainConfig, teacher: nn.Module | None, loss_fn: LossFn | No
     if loss_fn is not None:
         return loss_fn
     if cfg.kd_weight > 0 and teacher is None:
-        raise ValueError("TrainConfig.kd_weight > 0 needs a teacher: pass fit(..., teacher=model)")
+        raise InputError("TrainConfig.kd_weight > 0 needs a teacher: pass fit(..., teacher=model)")
 
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
@@ -313,7 +314,7 @@ class _Run:
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         if state.get("config") != self.cfg.model_dump() or state.get("seed") != self.seed:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {path} was written by a run with a different TrainConfig or seed; "
                 "use another checkpoint_dir or delete the file to start over"
             )
@@ -390,7 +391,7 @@ def fit(
         teacher.to(device).eval()
     loader = _as_loader(train, cfg.batch_size, device, train=True, seed=seed)
     if len(loader) == 0:
-        raise ValueError(f"fit: no training batches ({len(loader.dataset)} samples, batch_size {loader.batch_size})")
+        raise InputError(f"fit: no training batches ({len(loader.dataset)} samples, batch_size {loader.batch_size})")
     step_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model  # compiling a Module gives one
     loss = _make_loss(cfg, teacher, loss_fn)
     path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None

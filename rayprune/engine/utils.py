@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import InputError
+
 __all__ = ["BN_TYPES", "bn_layers", "derive_seed", "resolve_device", "seed_everything"]
 
 #: torch's batch-norm layers, by their public names.
@@ -57,20 +59,20 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when available, else CPU; otherwise check the name is usable.
 
     Raises:
-        ValueError: a CUDA device was asked for on a machine without one.
+        InputError: an unknown device, or a CUDA device this machine does not have.
     """
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"unknown device {str(name)!r}; use cpu, cuda or cuda:N (or leave it unset: cuda when available, else cpu)"
         ) from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {str(name)!r} is not supported; use cpu, cuda or cuda:N")
+        raise InputError(f"device {str(name)!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(name)!r} requested but CUDA is not available here; use device='cpu'")
+        raise InputError(f"device {str(name)!r} requested but CUDA is not available here; use device='cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(name)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise InputError(f"device {str(name)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device

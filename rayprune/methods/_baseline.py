@@ -23,6 +23,7 @@ from .. import models
 from ..engine.data import Dataset
 from ..engine.train import TrainConfig, evaluate, fit, recalibrate_bn, recalibration_batches
 from ..engine.utils import derive_seed
+from ..errors import InputError
 from ..models.base import ChannelGroup, Spec, round_to
 from ..models.transfer import extract_subnet
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
@@ -203,7 +204,7 @@ def fit_removals(
 
     lo, hi = 0, len(order)  # invariant: hi meets the target (all removable gone = the floor)
     if macs_after(hi) > target_macs:
-        raise ValueError(
+        raise InputError(
             "the FLOPs target is below the smallest subnet allowed by the per-stage limits; "
             "raise flops_target or max_stage_prune"
         )
@@ -288,7 +289,7 @@ class RankedPruning(RecordsMixin):
             model = self.ctx.teacher
             expected = set(models.tensor_axes(self.ctx.spec))
             if set(model.state_dict()) != expected:
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: ctx.teacher does not match the full spec's state_dict keys; "
                     "pass the unpruned network built from ctx.spec as the teacher"
                 )

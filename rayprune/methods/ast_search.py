@@ -41,6 +41,7 @@ from .. import models
 from ..engine.checkpoint import safe_load
 from ..engine.train import TrainConfig, evaluate, fit
 from ..engine.utils import derive_seed
+from ..errors import InputError
 from ..models.base import Spec, SpecError
 from ..models.transfer import extract_subnet, write_back
 from .ast_alpha import (
@@ -100,7 +101,7 @@ class AST(Method):
         super().__init__(ctx, hparams)
         hp = self.hp
         if hp.search_kd_weight > 0 and ctx.teacher is None:
-            raise ValueError(
+            raise InputError(
                 "ast: search_kd_weight > 0 needs a teacher (ctx.teacher); set it or use search_kd_weight=0"
             )
         self.spec, self.input_size = ctx.spec, ctx.input_size
@@ -140,7 +141,7 @@ class AST(Method):
             return state
         if source == "teacher":
             if self.ctx.teacher is None:
-                raise ValueError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
+                raise InputError("ast: warm_start='teacher' needs ctx.teacher; pass a teacher or a checkpoint path")
             loaded = self.ctx.teacher.state_dict()
         else:
             loaded = safe_load(

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .. import models
+from ..errors import InputError
 from ..models.base import Spec, SpecError, spec_hash
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +219,9 @@ class RunContext:
     def __post_init__(self) -> None:
         models.validate(self.spec)
         if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+            raise InputError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_weight > 0 and self.teacher is None:
-            raise ValueError("kd_weight > 0 (robust mode) needs a teacher")
+            raise InputError("kd_weight > 0 (robust mode) needs a teacher")
         self.budget.check_reachable(self.spec, self.input_size)
         if self.workdir is not None:
             self.workdir = Path(self.workdir)
@@ -276,9 +277,9 @@ class Method(abc.ABC):
         """
         if cls.inherits_weights and spec.get("shortcut") == "option_a":
             raise SpecError(
-                f"{cls.name} inherits weights, which option_a shortcuts cannot keep aligned "
-                f"after pruning; use --shortcut avgpool_conv or --shortcut conv_bn "
-                f"(sweep files: shortcut: avgpool_conv)"
+                f"{cls.name} inherits weights, which option_a shortcuts cannot keep aligned after pruning",
+                fix="use the shortcut avgpool_conv or conv_bn (sweep files: shortcut: avgpool_conv)",
+                hint="shortcut",
             )
 
     # -- required ------------------------------------------------------------------------------

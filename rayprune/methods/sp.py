@@ -56,6 +56,7 @@ from ..engine.train import (
     recalibration_batches,
 )
 from ..engine.utils import bn_layers, derive_seed, resolve_device
+from ..errors import InputError, RaypruneError
 from ..models.base import Fixup, Spec, SpecError, StageSplit, round_to
 from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
@@ -221,7 +222,7 @@ class MaskedSupernet:
 # --------------------------------------------------------------------------------------------
 
 
-class SearchError(RuntimeError):
+class SearchError(RaypruneError):
     """The FLOPs window cannot be reached by the candidate generator."""
 
 
@@ -363,7 +364,7 @@ class SP(Method):
         try:
             teacher.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(
+            raise InputError(
                 "sp: the teacher must be the unpruned network of ctx.spec (its stage features "
                 f"supervise the stage super-nets), but its weights do not fit: {e}"
             ) from None
@@ -724,7 +725,7 @@ class SP(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["hparams"] != self.hp.model_dump(mode="json"):
-            raise ValueError("sp: this state was written with different hyperparameters; resume with the same ones")
+            raise InputError("sp: this state was written with different hyperparameters; resume with the same ones")
         self.steps_done = int(state["steps_done"])
         if state["teacher"] is not None:
             self._set_teacher(state["teacher"], init_supernet=False)

@@ -66,6 +66,7 @@ from ..engine.train import (
     recalibration_batches,
 )
 from ..engine.utils import derive_seed
+from ..errors import InputError
 from ..grid import TargetWindow
 from ..models.base import Spec, spec_hash
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord, within_budget
@@ -248,7 +249,7 @@ class TAS(Method):
         labels = self.ctx.train.labels
         val_idx, train_idx = split_per_class(labels, self.hp.val_fraction, self.ctx.seed)
         if len(train_idx) == 0 or len(val_idx) == 0:
-            raise ValueError(
+            raise InputError(
                 f"tas: val_fraction={self.hp.val_fraction} leaves an empty search half "
                 f"({len(labels)} training samples); use more data or a fraction nearer 0.5"
             )

@@ -269,7 +269,9 @@ class SearchResNet(nn.Module):
             supported = [n for n in models.FAMILIES if models.FAMILIES.get(n).implements("residual_net")]
             raise SpecError(
                 f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
-                f"got family {spec.get('family')!r}; use e.g. --model cifar_resnet:56 or resnet:50"
+                f"got family {spec.get('family')!r}",
+                fix="use e.g. the model cifar_resnet:56 or resnet:50",
+                hint="model",
             )
         plan = family.residual_net(spec)
         n_stages = 1 + max(block.stage for block in plan.blocks)

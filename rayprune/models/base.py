@@ -19,13 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RaypruneError
 from ..registry import hint
 
 Spec = dict[str, Any]
 Axes = tuple[str | None, ...]
 
 
-class SpecError(ValueError):
+# A ValueError too: raised inside pydantic validators it must become their validation error, and
+# loaders catch a bad spec among other bad values.
+class SpecError(RaypruneError, ValueError):
     """A spec is malformed. The message names the bad field and why."""
 
 

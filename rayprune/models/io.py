@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.checkpoint import safe_load
+from ..engine.checkpoint import UnreadableFileError, safe_load
+from ..errors import RaypruneError
 from . import build, load_spec, save_spec
 from .base import Spec, SpecError
 
@@ -47,7 +48,8 @@ __all__ = [
 ]
 
 
-class NotASubnetError(FileNotFoundError):
+# A FileNotFoundError too: callers catch a folder that lacks a file of a saved subnet as one.
+class NotASubnetError(RaypruneError, FileNotFoundError):
     """A folder that is not a saved subnet (spec.json or weights.pt missing)."""
 
 
@@ -171,6 +173,22 @@ def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSub
         "weights",
         "save the subnet again (rayprune teacher/run write it) or point at another folder",
     )
-    record = json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else {}
+    record = _read_record(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
     size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
     return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A saved subnet's metrics.json; :class:`UnreadableFileError` when it is not a JSON object."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not text"
+    else:
+        if isinstance(record, dict):
+            return record
+        reason = f"it holds a {type(record).__name__}"
+    raise UnreadableFileError(
+        f"cannot read {str(path)!r}: not a JSON object ({reason})",
+        fix="save the subnet again (rayprune teacher/run write it) or point at another folder",
+    )

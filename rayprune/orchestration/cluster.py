@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from ..errors import RaypruneError
 from ..tracking import sqlite_file
 
 #: Where ``launch/cluster.yaml``'s head start commands describe the head's MLflow server.
@@ -39,7 +40,7 @@ SPACES_DIR = "search_spaces"
 PORT_FORWARD = "ray attach launch/cluster.yaml -p {port}   (or: ssh -N -L {port}:127.0.0.1:{port} HEAD)"
 
 
-class LaunchError(ValueError):
+class LaunchError(RaypruneError):
     """A launch-path input that cannot work (exit status 2, one line)."""
 
 

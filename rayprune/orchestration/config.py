@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .. import models
 from ..engine.data import DATASETS
-from ..errors import describe
+from ..errors import RaypruneError, describe
 from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..models.base import Spec, SpecError
@@ -41,7 +41,7 @@ else:  # the registry's names as a Literal: pydantic then names the allowed ones
     DatasetName = Literal[tuple(DATASETS.names())]
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(RaypruneError):
     """A sweep file is invalid; the message names the file, the field and the fix."""
 
 
@@ -283,6 +283,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise SweepConfigError(f"{path}: no such sweep file (see search_spaces/ for examples)") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable or a binary file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a UTF-8 text file"
+        raise SweepConfigError(f"{path}: cannot read it as a sweep file ({reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -332,7 +335,7 @@ def _abs_tracking_uri(uri: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _FieldError(Exception):
+class _FieldError(RaypruneError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message

@@ -22,13 +22,14 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..errors import RaypruneError
 from .storage import is_uri
 
 #: Seconds to wait for the Ray GCS port to accept a connection.
 CONNECT_TIMEOUT_S = 3.0
 
 
-class PreflightError(ValueError):
+class PreflightError(RaypruneError):
     """A sweep input that cannot work; one line naming it and the fix (exit status 2)."""
 
 

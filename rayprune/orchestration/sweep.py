@@ -41,7 +41,9 @@ import ray
 from ray import tune
 
 from ..engine.data import DATASETS, load_dataset
+from ..errors import RaypruneError
 from ..grid import TargetWindow
+from ..tracking import mlflow_errors
 from ..tracking.pareto import DEFAULT_MAX_DROP, compute_fronts, suggested_max_drop
 from .baseline import finish_baseline, prepare_teacher, spec_or_none, start_baseline
 from .cache import FinalCache
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
 LATEST = "latest"  # --resume without an id: the newest restorable sweep of this file
 
 
-class SweepError(RuntimeError):
+class SweepError(RaypruneError):
     """A sweep cannot start or continue (no Ray cluster, nothing to resume, ...)."""
 
 
@@ -84,6 +86,7 @@ class SweepOutcome:
 # --------------------------------------------------------------------------------------------
 
 
+@mlflow_errors()  # the tracking boundary of the sweep driver
 def run_sweep(
     cfg: SweepConfig,
     *,
@@ -241,8 +244,9 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
         raise SweepError(
-            f"cannot join the Ray cluster at {address!r} ({e}); start one with `ray start --head` "
-            f"or `ray up launch/cluster.yaml`, or drop --address to run on a local Ray"
+            f"cannot join the Ray cluster at {address!r} ({e})",
+            fix="start one with `ray start --head` or `ray up launch/cluster.yaml`, or run on a local Ray",
+            hint="local_ray",
         ) from None
     resources = ray.cluster_resources()
     print(
@@ -296,7 +300,9 @@ def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
     if resume == LATEST:
         if not candidates:
             raise SweepError(
-                f"no sweep named {cfg.name}-* to resume under {cfg.storage_path}; run without --resume to start one"
+                f"no sweep named {cfg.name}-* to resume under {cfg.storage_path}",
+                fix="start a new one",
+                hint="no_resume",
             )
         return candidates[-1]
     if resume not in candidates:

@@ -21,9 +21,13 @@ torch take seconds to import).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..errors import RaypruneError
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -37,16 +41,37 @@ def sqlite_file(uri: str) -> Path | None:
     return path if path.is_absolute() else Path.cwd() / path
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RaypruneError):
     """A tracking/export problem the user can fix; the message names it and the fix.
     CLIs print it as one ``rayprune: error: ...`` line and exit non-zero."""
+
+
+@contextlib.contextmanager
+def mlflow_errors() -> Iterator[None]:
+    """The tracking boundary of a command: an error MLflow raises (a store or server that refuses
+    a request, a name it does not know) becomes a :class:`TrackingError` with MLflow's message.
+    Also a decorator."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise TrackingError(str(e)) from e
 
 
 from .pareto import hypervolume_2d, pareto_front, pareto_ranks  # noqa: E402  # submodules import TrackingError (above)
 
 _LAZY = {"SubnetStore": "store", "SweepTracker": "mlflow_tracker"}
 
-__all__ = ["SubnetStore", "SweepTracker", "TrackingError", "hypervolume_2d", "pareto_front", "pareto_ranks"]
+__all__ = [
+    "SubnetStore",
+    "SweepTracker",
+    "TrackingError",
+    "hypervolume_2d",
+    "mlflow_errors",
+    "pareto_front",
+    "pareto_ranks",
+]
 
 
 def __getattr__(name: str) -> Any:

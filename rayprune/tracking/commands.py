@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import io as subnet_io
-from . import TrackingError
+from . import TrackingError, mlflow_errors
 from .pareto import baseline_row, choose_operating_point, format_fronts
 
 
@@ -53,6 +53,7 @@ def _open_sweep(args: argparse.Namespace, write: bool = False) -> tuple[Any, Any
     return client, run, sweep_rows(client, run)
 
 
+@mlflow_errors()
 def front(args: argparse.Namespace) -> None:
     """Print the fronts of the sweep ``args`` names (experiment, mlflow_uri, sweep_id, init)."""
     _, run, rows = _open_sweep(args)
@@ -61,6 +62,7 @@ def front(args: argparse.Namespace) -> None:
     print(format_fronts(rows, args.init))
 
 
+@mlflow_errors()
 def pick(args: argparse.Namespace) -> None:
     """Choose, export and (unless ``args.register`` is false) register an operating point."""
     from ..export import export_subnet

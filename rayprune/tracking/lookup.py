@@ -263,5 +263,5 @@ def download_subnet(client: MlflowClient, artifact_uri: str, dst: str | Path) ->
 
 def _quoted(value: str) -> str:
     if "'" in value or "`" in value:
-        raise ValueError(f"ids may not contain quotes or backticks: {value!r}")
+        raise TrackingError(f"ids may not contain quotes or backticks: {value!r}")
     return value

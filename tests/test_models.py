@@ -11,7 +11,7 @@ import torchvision
 from rayprune import models
 from rayprune.models import SpecError, round_to
 
-# (model, num_classes, shortcut option, input size, MACs, params or None): the README's reference values.
+# (model, num_classes, shortcut option, input size, MACs, params or None): the reference values of docs/specs.md.
 REFERENCES = [
     ("cifar_resnet:20", 10, {"shortcut": "option_a"}, 32, 40_551_050, 269_722),
     ("cifar_resnet:32", 10, {"shortcut": "option_a"}, 32, 68_862_602, 464_154),

@@ -25,9 +25,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RaypruneError
+
+if TYPE_CHECKING:  # the real classes for the type checker; at run time they load lazily (__getattr__)
+    from .mlflow_tracker import SweepTracker
+    from .store import SubnetStore
 
 SQLITE_PREFIX = "sqlite:///"
 

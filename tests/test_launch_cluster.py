@@ -125,13 +125,21 @@ def test_the_browse_hint_of_a_server_is_its_url_and_the_port_forward():
     assert "mlflow ui" not in hint and "--backend-store-uri" not in hint
     assert hint.splitlines()[0] == "Browse the runs: the MLflow server at http://127.0.0.1:5000"
     assert "ray attach launch/cluster.yaml -p 5000" in hint and "ssh -N -L 5000:127.0.0.1:5000 HEAD" in hint
-    assert "then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in hint
+    assert hint.splitlines()[2:] == [
+        "  then open the fine-tuned candidates with their metrics, sorted by MACs: http://127.0.0.1:5000/#/experiments/7/"
+        "runs?workflowType=machine_learning&viewStateShareKey=rayprune-candidates",
+        "  every run of the experiment: http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning",
+    ]
     remote = cluster.browse_hint("https://mlflow.example.org/", "7")
     assert remote.splitlines()[0] == "Browse the runs: the MLflow server at https://mlflow.example.org"
     assert "port" not in remote and "https://mlflow.example.org/#/experiments/7/runs" in remote
     local = cluster.browse_hint("sqlite:////data/mlflow.db", "3")
     assert local.splitlines()[0] == "Browse the runs: mlflow ui --backend-store-uri sqlite:////data/mlflow.db"
-    assert "then open http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in local
+    assert local.splitlines()[1:] == [
+        "  then open the fine-tuned candidates with their metrics, sorted by MACs: http://127.0.0.1:5000/#/experiments/3/"
+        "runs?workflowType=machine_learning&viewStateShareKey=rayprune-candidates",
+        "  every run of the experiment: http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning",
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
         finetunes = [r for r in runs if r.data.tags.get("rayprune.role") == "finetune"]
         assert len(finetunes) == len(cells)
         assert all(
-            {"macs", "macs_pct", "test_top1", "robust_top1", "latency_ms"} <= set(r.data.metrics) for r in finetunes
+            {"macs", "macs_pct", "test_top1", "test_top1_drop", "robust_top1", "latency_ms"} <= set(r.data.metrics)
+            for r in finetunes
         )
 
 
@@ -128,7 +129,11 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
     assert "final front [kd0]: test_top1 vs MACs" in out and "robust front [kd0.9]" in out
     assert "unpruned baseline (the teacher): " in out and "Trials per grid cell" in out
     assert f"Browse the runs: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
-    assert re.search(r"then open http://127.0.0.1:5000/#/experiments/\d+/runs", out)
+    assert re.search(
+        r"then open the fine-tuned candidates with their metrics, sorted by MACs: http://127.0.0.1:5000/#/experiments/"
+        r"\d+/runs\?workflowType=machine_learning&viewStateShareKey=rayprune-candidates\n",
+        out,
+    )
     assert f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert (experiment_path / "teacher" / "weights.pt").is_file()
     # What the user does next: export the efficient point straight from the sweep's store.

@@ -15,7 +15,7 @@ A driver that joins the cluster (``--address``) on the head reads that file:
   back, with a warning, to the same ``search_spaces/...`` file of the installed package's
   repository.
 * :func:`browse_hint`: how to look at the runs: ``mlflow ui`` on a SQLite store; the server's URL
-  and the port-forward command for an HTTP one.
+  and the port-forward command for an HTTP one; the links (:mod:`rayprune.tracking.mlflow_ui`).
 
 No Ray and no MLflow imports: the CLI calls these before Ray starts.
 """
@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 from ..errors import RaypruneError
 from ..tracking import sqlite_file
+from ..tracking.mlflow_ui import candidates_link, runs_link, ui_base
 
 #: Where ``launch/cluster.yaml``'s head start commands describe the head's MLflow server.
 HEAD_MLFLOW_FILE = "~/.rayprune/mlflow_server.json"
@@ -126,35 +127,22 @@ def resolve_space(path: str | os.PathLike) -> tuple[Path, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def ui_base(tracking_uri: str) -> str:
-    """The web UI's address for a tracking URI: the server itself, or ``mlflow ui``'s default."""
-    if urlparse(tracking_uri).scheme in ("http", "https"):
-        return tracking_uri.rstrip("/")
-    return "http://127.0.0.1:5000"
-
-
 def browse_hint(tracking_uri: str, experiment_id: str) -> str:
-    """What to run and open to browse a sweep's runs (several lines, no trailing newline)."""
-    base = ui_base(tracking_uri)
-    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    candidates = (
-        f"{runs}&searchFilter={quote('tags.`rayprune.role` = ' + repr('finetune'))}"
-        f"&orderByKey={quote('metrics.`macs`')}&orderByAsc=true"
-    )
+    """What to run and open to browse a sweep's runs (several lines, no trailing newline): the
+    fine-tuned candidates' saved view and every run, both in MLflow's model-training mode."""
     parsed = urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
-        lines = [f"Browse the runs: the MLflow server at {base}"]
+        lines = [f"Browse the runs: the MLflow server at {ui_base(tracking_uri)}"]
         if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
             lines.append(f"  from another machine, forward its port first: {PORT_FORWARD.format(port=port)}")
     else:
-        # MLflow 3.17's UI opens experiments in its GenAI view unless the workflow switch says
-        # "machine_learning" (a URL parameter, then remembered): the links go straight to the runs.
         lines = [f"Browse the runs: mlflow ui --backend-store-uri {tracking_uri}"]
     lines.append(
-        f"  then open {runs}\n  the fine-tuned candidates (one run per cell; Columns adds macs_pct, "
-        f"test_top1, robust_top1, latency_ms): {candidates}"
+        f"  then open the fine-tuned candidates with their metrics, sorted by MACs: "
+        f"{candidates_link(tracking_uri, experiment_id)}"
     )
+    lines.append(f"  every run of the experiment: {runs_link(tracking_uri, experiment_id)}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@
 * :mod:`.liveness` -- a driver's heartbeat on its parent run; finding and closing dead drivers' runs.
 * :mod:`.publisher` -- the fronts, plot, registry and per-cell counts published to the parent run.
 * :mod:`.plots` -- the fronts as a figure (matplotlib).
+* :mod:`.mlflow_ui` -- the experiment tags and links that open MLflow's UI on the candidates (no MLflow import).
 * :mod:`.model_registry` -- a picked subnet registered as an ONNX model under an alias.
 * :mod:`.commands` -- what ``rayprune front`` / ``rayprune pick`` do (their parsers are in
   :mod:`rayprune.cli`; the export itself is :mod:`rayprune.export`).

@@ -21,9 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ..models import io as subnet_io
 from . import TrackingError, mlflow_errors
+from .mlflow_ui import candidates_link, has_candidates_view, runs_link
 from .pareto import baseline_row, choose_operating_point, format_fronts
 
 
@@ -56,10 +58,21 @@ def _open_sweep(args: argparse.Namespace, write: bool = False) -> tuple[Any, Any
 @mlflow_errors()
 def front(args: argparse.Namespace) -> None:
     """Print the fronts of the sweep ``args`` names (experiment, mlflow_uri, sweep_id, init)."""
-    _, run, rows = _open_sweep(args)
+    client, run, rows = _open_sweep(args)
     sweep = run.data.tags.get("rayprune.sweep_id", "?")
     print(f"experiment {args.experiment}, sweep {sweep} (parent run {run.info.run_id}): {len(rows)} subnet records\n")
     print(format_fronts(rows, args.init))
+    print("\n" + _browse_line(client, run.info.experiment_id))
+
+
+def _browse_line(client: Any, experiment_id: str) -> str:
+    """Where to see the candidates in MLflow's UI: the sweep's printed link (the saved view), or
+    the runs page when no sweep has added the view to this experiment yet."""
+    uri = client.tracking_uri
+    serve = "" if urlparse(uri).scheme in ("http", "https") else f" (serve it: mlflow ui --backend-store-uri {uri})"
+    if has_candidates_view(client.get_experiment(experiment_id).tags):
+        return f"the fine-tuned candidates in MLflow's UI{serve}: {candidates_link(uri, experiment_id)}"
+    return f"the runs in MLflow's UI{serve}: {runs_link(uri, experiment_id)}"
 
 
 @mlflow_errors()

@@ -26,8 +26,8 @@ record goes:
 * a trial's end (:meth:`SweepTracker.trial_finished`): its ``final`` row, its saved subnet, its
   final metrics and status on the trial run;
 * a cell's fine-tune (:meth:`SweepTracker.log_finetuned`): a ``finetuned`` row and a run
-  ``finetune-<cell>`` with ``macs``, ``macs_pct``, ``test_top1``, ``robust_top1`` and
-  ``latency_ms`` as metrics: the equally-treated candidates, so MLflow's own table and chart
+  ``finetune-<cell>`` with ``macs``, ``macs_pct``, ``test_top1``, ``test_top1_drop``,
+  ``robust_top1`` and ``latency_ms`` as metrics: the equally-treated candidates, so MLflow's own table and chart
   views show the final front.
 
 A resumed driver reopens the parent and the child runs, and a store that is empty here (a driver
@@ -60,10 +60,14 @@ def cell_of(params: dict[str, Any]) -> dict[str, float] | None:
 
 def candidate_metrics(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float]:
     """A finalized row's metrics for its run: every metric plus ``macs``, ``params``,
-    ``macs_pct`` (of the ``base`` row's, the unpruned baseline) and ``latency_ms`` (batch 1, median)."""
+    ``macs_pct`` and ``test_top1_drop`` (relative to the ``base`` row, the unpruned baseline) and
+    ``latency_ms`` (batch 1, median)."""
     metrics = {"macs": row["macs"], "params": row["params"], **row["metrics"]}
     if base is not None and base["macs"]:
         metrics["macs_pct"] = 100.0 * row["macs"] / base["macs"]
+    if base is not None and "test_top1" in base["metrics"] and "test_top1" in row["metrics"]:
+        # Rounded: a difference of two accuracies would show float noise (0.09999999999999998) in the UI.
+        metrics["test_top1_drop"] = round(base["metrics"]["test_top1"] - row["metrics"]["test_top1"], 9)
     if "latency_ms_b1_p50" in row["metrics"]:
         metrics["latency_ms"] = row["metrics"]["latency_ms_b1_p50"]
     return metrics

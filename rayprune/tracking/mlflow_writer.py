@@ -14,7 +14,10 @@ never locks. The runs:
 * **fine-tune runs** (``rayprune.role=finetune``, ``rayprune.member_key`` = the cell, named
   ``finetune-<cell>``): one per grid cell.
 
-Tags ``rayprune.is_pareto[_final|_robust]`` mark the child runs owning a member of a front.
+Tags ``rayprune.is_pareto[_final|_robust]`` mark the child runs owning a member of a front. The
+experiment carries the tags that make MLflow's UI open on the fine-tuned candidates
+(:func:`.mlflow_ui.experiment_ui_tags`: the experiment kind and a saved view), set when the writer
+creates it and when it opens one that lacks them.
 
 Everything is idempotent on resume: the parent is found by its sweep-id tag and the child runs
 by their tags (:meth:`RunWriter.reattach_children`); params are write-once in MLflow, so only
@@ -41,14 +44,13 @@ from mlflow.entities import Metric, Param, RunTag
 from . import TrackingError
 from .liveness import STATUS_TAG
 from .lookup import PARENT_TAG, ROLE_TAG, SUBNETS_ARTIFACT, SWEEP_TAG, connect, find_sweep_run
+from .mlflow_ui import experiment_ui_tags
 from .store import SubnetStore
 
 TRIAL_TAG = "rayprune.trial_id"
 MEMBER_TAG = "rayprune.member_key"
 LAST_STEP_TAG = "rayprune.last_step"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: the UI's table viewer
-# MLflow 3's UI opens an experiment without this tag in GenAI (traces) mode; ours holds model runs.
-EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 FRONT_TAGS = {
     "search": "rayprune.is_pareto",
     "final": "rayprune.is_pareto_final",
@@ -155,17 +157,20 @@ class RunWriter:
         self._created: set[str] = set()  # runs this writer created (their tags are known: none yet)
 
     def _experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created when missing, with the tags that make MLflow's UI
+        open on the candidates (:func:`.mlflow_ui.experiment_ui_tags`): an experiment created by
+        another tool or an older rayprune gets them when a sweep starts or resumes in it."""
+        now_ms = int(time.time() * 1000)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return str(
-                self.client.create_experiment(
-                    name, artifact_location=self._artifact_location(), tags=EXPERIMENT_KIND_TAGS
-                )
-            )
+            tags = experiment_ui_tags({}, now_ms)
+            return str(self.client.create_experiment(name, artifact_location=self._artifact_location(), tags=tags))
         if experiment.lifecycle_stage != "active":
             raise TrackingError(
                 f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or pass another --experiment"
             )
+        for key, value in experiment_ui_tags(experiment.tags, now_ms).items():
+            self.client.set_experiment_tag(experiment.experiment_id, key, value)
         return str(experiment.experiment_id)
 
     def _artifact_location(self) -> str | None:

@@ -287,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from .models import io as subnet_io
+    from .models import subnet_io
     from .runner import train_teacher
 
     recipe = {**parse_assignments(args.finetune, "--finetune"), "epochs": args.epochs}

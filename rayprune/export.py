@@ -22,8 +22,7 @@ from torch import nn
 
 from . import models
 from .errors import RaypruneError
-from .models import Spec, SpecError
-from .models import io as subnet_io
+from .models import Spec, SpecError, subnet_io
 
 ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-3

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..models import io as subnet_io
+from ..models import subnet_io
 from . import TrackingError, mlflow_errors
 from .pareto import baseline_row, choose_operating_point, format_fronts
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -347,23 +347,3 @@ class StageSplit:
     modules: list[list[nn.Module]]
     boundary: list[str]
     fixups: dict[str, Fixup]
-
-
-def residual_width_slots(blocks: Iterator[Any], stem: str) -> list[WidthSlot]:
-    """Width slots of the ``{"stem": w, "stages": [[[w, ...], ...], ...]}`` spec layout, from a
-    family's block walk (items with ``stage``, ``index``, ``widths`` and ``prefix``; conv j of a
-    block is ``<prefix>.conv<j+1>``)."""
-    slots = [WidthSlot("stem", stem, 0)]
-    for info in blocks:
-        slots += [
-            WidthSlot(f"stages.{info.stage}.{info.index}.{j}", f"{info.prefix}.conv{j + 1}", info.stage, info.index, j)
-            for j in range(len(info.widths))
-        ]
-    return slots
-
-
-def keep_first_blocks(spec: Spec, depths: Sequence[int]) -> Spec:
-    """:meth:`Family.with_depths` for specs whose ``stages`` are lists of blocks."""
-    out = json.loads(json.dumps(spec))
-    out["stages"] = [stage[:d] for stage, d in zip(out["stages"], depths, strict=True)]
-    return out

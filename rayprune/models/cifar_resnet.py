@@ -27,22 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    Fixup,
-    Layer,
-    ResidualBlock,
-    ResidualNet,
-    Spec,
-    SpecError,
-    StageSplit,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    init_weights,
-    require_choice,
-)
+from .analytic import Layer, bn_layer, conv_layer
+from .base import Axes, Fixup, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit, bn_axes, init_weights
+from .checks import check_fields, require_choice
 from .residual import ResidualFamily, StageBlock, validate_block_stages
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")

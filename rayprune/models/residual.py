@@ -16,21 +16,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .base import (
-    Axes,
-    ChannelGroup,
-    Family,
-    Layer,
-    Spec,
-    WidthSlot,
-    bn_axes,
-    bn_layer,
-    conv_layer,
-    linear_layer,
-    require,
-    require_choice,
-    require_int,
-)
+from .analytic import Layer, bn_layer, conv_layer, linear_layer
+from .base import Axes, ChannelGroup, Family, Spec, WidthSlot, bn_axes
+from .checks import require, require_choice, require_int
 
 BLOCKS = {"basic": 2, "bottleneck": 3}
 

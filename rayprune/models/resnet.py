@@ -39,20 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    Layer,
-    ResidualBlock,
-    ResidualNet,
-    Spec,
-    SpecError,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    init_weights,
-    validate_input_size,
-)
+from .analytic import Layer, bn_layer, conv_layer
+from .base import Axes, ResidualBlock, ResidualNet, Spec, SpecError, bn_axes, init_weights
+from .checks import check_fields, validate_input_size
 from .residual import ResidualFamily, StageBlock, validate_block_stages
 
 DEPTHS: dict[str, tuple[str, tuple[int, ...]]] = {

@@ -239,6 +239,14 @@ class RunPrinter:
         print(text, file=self.stream, flush=True)
 
 
+#: What :func:`_add_training_args` adds that ``run`` and ``teacher`` pass on as it is, under its own name.
+TRAINING_OPTIONS = ("model", "shortcut", "dataset", "data_dir", "seed", "device", "train_subset", "test_subset")
+
+
+def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in TRAINING_OPTIONS}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .methods import get_method
     from .runner import TrialConfig, run_trial
@@ -258,21 +266,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = dict(
         method=args.method,
         hparams=hparams,
-        model=args.model,
-        shortcut=args.shortcut,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
         flops_target=args.flops_target,
         kd_weight=args.kd_weight,
         max_stage_prune=parse_rates(args.max_stage_prune),
-        seed=args.seed,
-        device=args.device,
         finetune=finetune,
         teacher=args.teacher,
         max_steps=args.max_steps,
         input_size=args.input_size,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
+        **_training_options(args),
     )
     cfg = validated(TrialConfig, options)
     # With --kd-weight > 0 and no --teacher, run_trial trains one into OUT/teacher, after validating everything.
@@ -287,23 +288,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from .models import io as subnet_io
+    from .models import subnet_io
     from .runner import train_teacher
 
     recipe = {**parse_assignments(args.finetune, "--finetune"), "epochs": args.epochs}
-    out = train_teacher(
-        args.model,
-        args.dataset,
-        args.out,
-        shortcut=args.shortcut,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        device=args.device,
-        recipe=recipe,
-        progress=args.progress,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-    )
+    out = train_teacher(out_dir=args.out, recipe=recipe, progress=args.progress, **_training_options(args))
     saved = subnet_io.load(out)
     row = {
         "event": "teacher",
@@ -424,8 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command(
+    sub: argparse._SubParsersAction[Parser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str | None = None,
+) -> Parser:
+    """The parser of subcommand ``name``, which ``func`` runs."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _add_inspect(sub: argparse._SubParsersAction[Parser]) -> None:
-    i = sub.add_parser("inspect", help="MACs, params, channel groups and per-layer table of a spec")
+    i = _command(sub, "inspect", cmd_inspect, "MACs, params, channel groups and per-layer table of a spec")
     i.add_argument("spec", help="path to a spec JSON file")
     i.add_argument(
         "--input-size", type=_positive_int, default=None, help="input resolution (family default if omitted)"
@@ -435,7 +437,6 @@ def _add_inspect(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     i.add_argument("--json", action="store_true", help="the whole record as JSON instead of tables")
     i.add_argument("--compact", action="store_true", help="with --json: one-line JSON")
-    i.set_defaults(func=cmd_inspect)
 
 
 def _add_training_args(q: argparse.ArgumentParser) -> None:
@@ -475,7 +476,7 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
 def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     from .methods import MODULES
 
-    r = sub.add_parser("run", help="run one method as a plain-torch trial (no Ray)")
+    r = _command(sub, "run", cmd_run, "run one method as a plain-torch trial (no Ray)")
     r.add_argument("--method", required=True, help="|".join(MODULES))
     _add_training_args(r)
     r.add_argument("--flops-target", type=float, required=True, help="target MACs as a fraction of the unpruned net")
@@ -491,22 +492,22 @@ def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
     r.add_argument("--input-size", type=_positive_int, default=None)
     r.add_argument("--no-resume", action="store_true", help="ignore a previous state in --out")
     r.add_argument("--out", required=True, help="output directory (resumed if it holds a previous run)")
-    r.set_defaults(func=cmd_run)
 
 
 def _add_teacher(sub: argparse._SubParsersAction[Parser]) -> None:
-    t = sub.add_parser("teacher", help="train the unpruned network once and save it as a teacher")
+    t = _command(sub, "teacher", cmd_teacher, "train the unpruned network once and save it as a teacher")
     _add_training_args(t)
     t.add_argument("--epochs", type=_positive_int, required=True)
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_teacher)
 
 
 def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "sweep",
-        help="run a sweep on Ray (same as python launch/sweep.py)",
-        description="Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its "
+        cmd_sweep,
+        "run a sweep on Ray (same as python launch/sweep.py)",
+        "Run a sweep file on Ray Tune: every FLOPs target x KD weight cell gets its "
         "trials, Optuna picks the per-stage pruning budgets, MLflow records every subnet "
         "and the Pareto fronts. Same as python launch/sweep.py.",
     )
@@ -530,7 +531,6 @@ def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
         help="Tune storage path, local/NFS dir or s3://... (shared by all nodes on a cluster; overrides storage_path)",
     )
     s.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
-    s.set_defaults(func=cmd_sweep)
 
 
 def _add_sweep_lookup(q: argparse.ArgumentParser) -> None:
@@ -544,10 +544,12 @@ def _add_sweep_lookup(q: argparse.ArgumentParser) -> None:
 
 
 def _add_front(sub: argparse._SubParsersAction[Parser]) -> None:
-    f = sub.add_parser(
+    f = _command(
+        sub,
         "front",
-        help="print the Pareto fronts of a sweep tracked in MLflow",
-        description="Print the Pareto fronts of a sweep tracked in MLflow.",
+        cmd_front,
+        "print the Pareto fronts of a sweep tracked in MLflow",
+        "Print the Pareto fronts of a sweep tracked in MLflow.",
     )
     _add_sweep_lookup(f)
     f.add_argument(
@@ -557,16 +559,17 @@ def _add_front(sub: argparse._SubParsersAction[Parser]) -> None:
         help="only fine-tuned subnets that started from inherited weights (ast, l1, fpgm) or from "
         "scratch (uniform, tas, sp, random)",
     )
-    f.set_defaults(func=cmd_front)
 
 
 def _add_pick(sub: argparse._SubParsersAction[Parser]) -> None:
     from .tracking.pareto import DEFAULT_MAX_DROP, MODES
 
-    k = sub.add_parser(
+    k = _command(
+        sub,
         "pick",
-        help="export the efficient or robust operating point",
-        description="Export the efficient or robust operating point of a sweep and register it in "
+        cmd_pick,
+        "export the efficient or robust operating point",
+        "Export the efficient or robust operating point of a sweep and register it in "
         "the MLflow Model Registry under that alias.",
     )
     _add_sweep_lookup(k)
@@ -622,7 +625,6 @@ def _add_pick(sub: argparse._SubParsersAction[Parser]) -> None:
         default="auto",
         help="auto: torch's dynamo exporter, falling back to the legacy TorchScript one",
     )
-    k.set_defaults(func=cmd_pick)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ complete, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,7 @@ from torch import nn
 
 from . import models
 from .errors import RaypruneError
-from .models import Spec, SpecError
-from .models import io as subnet_io
+from .models import Spec, SpecError, subnet_io
 
 ONNX_ATOL = 1e-4
 ONNX_RTOL = 1e-3
@@ -145,17 +142,9 @@ def export_subnet(
         raise ExportError(f"cannot export: invalid spec: {e}") from None
     model = build_loaded(spec, state_dict)
     size = input_size or models.input_size_of(spec)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with subnet_io.staged_folder(out_dir) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the export is meant to be shared
         _write_export(tmp, spec, model, metrics, size, info or {}, exporter, baseline, preprocessing)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

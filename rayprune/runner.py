@@ -1,6 +1,6 @@
 """One method run as a plain-torch trial (no Ray): what `rayprune run` does, and the trial
 driver (step -> checkpoint -> report, one state-file schema) that the Ray trainable shares. Also
-teacher training; the saved-subnet format is :mod:`rayprune.models.io`."""
+teacher training; the saved-subnet format is :mod:`rayprune.models.subnet_io`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .engine.utils import resolve_device
 from .errors import InputError, validated
 from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_method
 from .methods.finetune import finalize
-from .models import io as subnet_io
+from .models import subnet_io
 from .models.base import Spec
 
 
@@ -79,7 +79,7 @@ def save_subnet(
     *,
     input_size: int | None = None,
 ) -> Path:
-    """Write a saved subnet folder (see :mod:`rayprune.models.io`)."""
+    """Write a saved subnet folder (see :mod:`rayprune.models.subnet_io`)."""
     return subnet_io.save(out_dir, spec, state_dict, metrics, input_size=input_size)
 
 

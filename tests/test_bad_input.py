@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from rayprune import models
-from rayprune.models import io as subnet_io
+from rayprune.models import subnet_io
 from rayprune.testing.bad_input import refused
 
 ROOT = Path(__file__).resolve().parents[1]

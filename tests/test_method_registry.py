@@ -13,9 +13,6 @@ import rayprune
 from rayprune.methods import MODULES, Method, get_method, register
 
 PACKAGE = Path(rayprune.__file__).parent
-#: Modules still named like a standard-library module: models/io.py (the saved-subnet format) is not
-#: renamed yet; issue 19 asked for methods/ast.py and methods/random.py, which are.
-STDLIB_NAMES_ALLOWED = {"models/io.py"}
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -60,4 +57,4 @@ def test_no_module_is_named_like_a_standard_library_module():
         for p in PACKAGE.rglob("*.py")
         if (p.parent.name if p.stem == "__init__" else p.stem) in sys.stdlib_module_names
     }
-    assert shadowing == STDLIB_NAMES_ALLOWED
+    assert shadowing == set()

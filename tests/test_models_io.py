@@ -1,4 +1,4 @@
-"""models.io: the one saved-subnet format (spec.json, weights.pt, metrics.json with the input size)."""
+"""models.subnet_io: the one saved-subnet format (spec.json, weights.pt, metrics.json with the input size)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from rayprune import models
 from rayprune.engine.checkpoint import UnreadableFileError
 from rayprune.methods import SubnetRecord
-from rayprune.models import io as subnet_io
+from rayprune.models import subnet_io
 from rayprune.runner import load_subnet, load_teacher
 
 

@@ -112,7 +112,7 @@ def alpha_variance(alpha: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``Σ_l Var(α_l)`` (population variance, so 1-channel groups count as 0), differentiable.
 
     Summed, not averaged, over the groups: each group's α then gets the same spreading force
-    whatever the depth of the net (averaged over ResNet-56's 30 groups it was inert)."""
+    whatever the depth of the net (averaged, it is inert over ResNet-56's 30 groups)."""
     return torch.stack([a.var(correction=0) for a in alpha.values()]).sum()
 
 

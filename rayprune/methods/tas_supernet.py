@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from ..models.base import Layer, Spec, SpecError, WidthSlot, get_path, init_weights, set_path
+from ..models.analytic import Layer
+from ..models.base import Spec, SpecError, WidthSlot, get_path, init_weights, set_path
 
 __all__ = [
     "DEPTH_RULES",

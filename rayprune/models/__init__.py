@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from ..registry import Registry, UnknownNameError
+from .analytic import Layer
 from .base import (
     Axes,
     ChannelGroup,
     Family,
-    Layer,
     ResidualBlock,
     ResidualNet,
     Spec,

@@ -12,15 +12,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import RaypruneError
-from ..registry import hint
+from .analytic import Layer
 
 Spec = dict[str, Any]
 Axes = tuple[str | None, ...]
@@ -30,29 +30,6 @@ Axes = tuple[str | None, ...]
 # loaders catch a bad spec among other bad values.
 class SpecError(RaypruneError, ValueError):
     """A spec is malformed. The message names the bad field and why."""
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One analytically counted layer (conv, linear or bn)."""
-
-    name: str  # module path in the built model, e.g. "stages.1.0.conv1"
-    kind: str  # "conv" | "linear" | "bn"
-    in_channels: int
-    out_channels: int
-    kernel: int = 1
-    stride: int = 1
-    groups: int = 1
-    bias: bool = False
-    out_hw: tuple[int, int] = (1, 1)
-    macs: int = 0
-    params: int = 0
-    bias_macs: int = 0  # part of ``macs`` that FlopCounterMode does not see
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["out_hw"] = list(self.out_hw)
-        return d
 
 
 @dataclass(frozen=True)
@@ -66,47 +43,6 @@ class ChannelGroup:
     min_width: int = 1
     divisor: int = 1  # widths should stay multiples of this (MobileNet-style rounding)
     members: tuple[str, ...] = field(default_factory=tuple)  # spec field paths it sets
-
-
-def conv_layer(
-    name: str,
-    cin: int,
-    cout: int,
-    k: int,
-    stride: int,
-    hw: tuple[int, int],
-    groups: int = 1,
-    bias: bool = False,
-    padding: int | None = None,
-) -> Layer:
-    """A conv's analytic entry: k*k*(cin/groups)*cout*H_out*W_out (+ cout*H_out*W_out bias)."""
-    pad = k // 2 if padding is None else padding
-    h = (hw[0] + 2 * pad - k) // stride + 1
-    w = (hw[1] + 2 * pad - k) // stride + 1
-    core = k * k * (cin // groups) * cout * h * w
-    bias_macs = cout * h * w if bias else 0
-    params = k * k * (cin // groups) * cout + (cout if bias else 0)
-    return Layer(name, "conv", cin, cout, k, stride, groups, bias, (h, w), core + bias_macs, params, bias_macs)
-
-
-def linear_layer(name: str, cin: int, cout: int, bias: bool = True) -> Layer:
-    """A linear layer's entry: in*out (+ out for the bias)."""
-    bias_macs = cout if bias else 0
-    return Layer(
-        name,
-        "linear",
-        cin,
-        cout,
-        bias=bias,
-        macs=cin * cout + bias_macs,
-        params=cin * cout + bias_macs,
-        bias_macs=bias_macs,
-    )
-
-
-def bn_layer(name: str, c: int, hw: tuple[int, int]) -> Layer:
-    """BatchNorm: no MACs (convention), 2*C learnable params."""
-    return Layer(name, "bn", c, c, out_hw=hw, params=2 * c)
 
 
 def round_to(channels: float, divisor: int = 1, min_value: int | None = None) -> int:
@@ -131,42 +67,6 @@ def canonical_json(spec: Spec) -> str:
 def spec_hash(spec: Spec) -> str:
     """A short stable hash of a spec (used as part of a subnet's key)."""
     return hashlib.sha1(canonical_json(spec).encode()).hexdigest()[:16]
-
-
-def require(cond: bool, field_name: str, why: str) -> None:
-    """Validation helper: raise a SpecError naming ``field_name`` unless ``cond``."""
-    if not cond:
-        raise SpecError(f"spec field {field_name!r}: {why}")
-
-
-def require_choice(value: Any, choices: Iterable[str], field_name: str) -> None:
-    """``value`` is one of ``choices`` (a string: a list or number is refused, not looked up)."""
-    choices = list(choices)
-    if isinstance(value, str) and value in choices:
-        return
-    require(
-        False, field_name, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint(value, choices)}"
-    )
-
-
-def require_int(value: Any, field_name: str, minimum: int = 1) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    require(ok, field_name, f"must be an integer >= {minimum}, got {value!r}")
-
-
-def validate_input_size(spec: Spec) -> None:
-    """The optional ``input_size`` hint shared by the ImageNet-style families."""
-    if "input_size" in spec:
-        require_int(spec["input_size"], "input_size")
-
-
-def check_fields(obj: dict[str, Any], known: set[str], required: tuple[str, ...], where: str = "") -> None:
-    """Reject unknown fields and require the mandatory ones, naming the field (``where`` prefixes
-    the names of a nested object's fields, e.g. "stages[1].")."""
-    extra = sorted(set(obj) - known)
-    require(not extra, where + (extra[0] if extra else ""), f"unknown field; known: {', '.join(sorted(known))}")
-    for key in required:
-        require(key in obj, where + key, "is required")
 
 
 def bn_axes(prefix: str, group: str | None) -> dict[str, Axes]:
@@ -347,23 +247,3 @@ class StageSplit:
     modules: list[list[nn.Module]]
     boundary: list[str]
     fixups: dict[str, Fixup]
-
-
-def residual_width_slots(blocks: Iterator[Any], stem: str) -> list[WidthSlot]:
-    """Width slots of the ``{"stem": w, "stages": [[[w, ...], ...], ...]}`` spec layout, from a
-    family's block walk (items with ``stage``, ``index``, ``widths`` and ``prefix``; conv j of a
-    block is ``<prefix>.conv<j+1>``)."""
-    slots = [WidthSlot("stem", stem, 0)]
-    for info in blocks:
-        slots += [
-            WidthSlot(f"stages.{info.stage}.{info.index}.{j}", f"{info.prefix}.conv{j + 1}", info.stage, info.index, j)
-            for j in range(len(info.widths))
-        ]
-    return slots
-
-
-def keep_first_blocks(spec: Spec, depths: Sequence[int]) -> Spec:
-    """:meth:`Family.with_depths` for specs whose ``stages`` are lists of blocks."""
-    out = json.loads(json.dumps(spec))
-    out["stages"] = [stage[:d] for stage, d in zip(out["stages"], depths, strict=True)]
-    return out

@@ -19,7 +19,7 @@ Post-activation blocks: relu(bn(conv)) ... bn(conv_last), add the shortcut, then
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,33 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    ChannelGroup,
-    Family,
-    Fixup,
-    Layer,
-    ResidualBlock,
-    ResidualNet,
-    Spec,
-    SpecError,
-    StageSplit,
-    WidthSlot,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    init_weights,
-    keep_first_blocks,
-    linear_layer,
-    require,
-    require_choice,
-    require_int,
-    residual_width_slots,
-)
+from .analytic import Layer, bn_layer, conv_layer
+from .base import Axes, Fixup, ResidualBlock, ResidualNet, Spec, SpecError, StageSplit, bn_axes, init_weights
+from .checks import check_fields, require_choice
+from .residual import ResidualFamily, StageBlock, validate_block_stages
 
 SHORTCUTS = ("option_a", "avgpool_conv", "conv_bn")
-BLOCKS = {"basic": 2, "bottleneck": 3}
 DEPTHS = {"20": 3, "32": 5, "44": 7, "56": 9, "110": 18}  # basic blocks per stage
 BOTTLENECK_DEPTHS = {"164": 18}
 # The tiny preset used by tests everywhere: 2 basic blocks per stage, widths 8/16/32.
@@ -61,21 +40,16 @@ TINY: dict[str, Any] = {"blocks": 2, "widths": (8, 16, 32)}
 
 
 @dataclass(frozen=True)
-class BlockInfo:
-    stage: int
-    index: int
-    stride: int
-    cin: int
-    widths: tuple[int, ...]  # [mid, out] or [mid1, mid2, out]
+class BlockInfo(StageBlock):
     shortcut: str  # "identity" | "option_a" | "avgpool_conv" | "conv_bn" | "conv_bn_s1"
-
-    @property
-    def cout(self) -> int:
-        return self.widths[-1]
 
     @property
     def prefix(self) -> str:
         return f"stages.{self.stage}.{self.index}"
+
+    @property
+    def identity(self) -> bool:
+        return self.shortcut == "identity"
 
 
 def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
@@ -95,33 +69,6 @@ def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
                 kind = "identity"
             yield BlockInfo(s, b, stride, cin, tuple(widths), kind)
             cin = cout
-
-
-def validate_block_stages(spec: Spec) -> None:
-    """The checks shared by the ResNet-shaped families: block kind, classes, stem and the
-    ``stages`` list of per-block width lists (each error names the field)."""
-    require_choice(spec["block"], BLOCKS, "block")
-    require_int(spec["num_classes"], "num_classes")
-    require_int(spec["stem"], "stem")
-    stages = spec["stages"]
-    require(isinstance(stages, list) and len(stages) >= 1, "stages", "must be a non-empty list of stages")
-    per_block = BLOCKS[spec["block"]]
-    for s, stage in enumerate(stages):
-        require(
-            isinstance(stage, list) and len(stage) >= 1,
-            f"stages[{s}]",
-            "must be a non-empty list of blocks (a stage keeps at least one block)",
-        )
-        for b, widths in enumerate(stage):
-            where = f"stages[{s}][{b}]"
-            require(
-                isinstance(widths, list) and len(widths) == per_block,
-                where,
-                f"a {spec['block']} block is a list of {per_block} widths "
-                f"({'[mid, out]' if per_block == 2 else '[mid1, mid2, out]'}), got {widths!r}",
-            )
-            for j, w in enumerate(widths):
-                require_int(w, f"{where}[{j}]")
 
 
 class OptionA(nn.Module):
@@ -221,28 +168,10 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def add(self, x: str) -> None:
-        self.parent.setdefault(x, x)
-
-    def find(self, x: str) -> str:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:  # keep the earlier tensor as the root so groups are named by their first tensor
-            self.parent[rb] = ra
-
-
-class CifarResNetFamily(Family):
+class CifarResNetFamily(ResidualFamily[BlockInfo]):
     name = "cifar_resnet"
     default_input_size = 32
+    stem = ("stem.conv", "stem.bn")
 
     def variants(self) -> list[str]:
         return [*DEPTHS, *BOTTLENECK_DEPTHS, "tiny"]
@@ -284,114 +213,31 @@ class CifarResNetFamily(Family):
         self.validate(spec)
         return CifarResNet(spec)
 
-    def layers(self, spec: Spec, input_size: int) -> list[Layer]:
-        self.validate(spec)
+    def stem_layers(self, spec: Spec, input_size: int) -> tuple[list[Layer], tuple[int, int]]:
+        conv, bn = self.stem
         hw = (input_size, input_size)
-        out = [conv_layer("stem.conv", 3, spec["stem"], 3, 1, hw), bn_layer("stem.bn", spec["stem"], hw)]
-        for info in iter_blocks(spec):
-            p = info.prefix
-            if len(info.widths) == 2:
-                mid, cout = info.widths
-                c1 = conv_layer(f"{p}.conv1", info.cin, mid, 3, info.stride, hw)
-                c2 = conv_layer(f"{p}.conv2", mid, cout, 3, 1, c1.out_hw)
-                out += [c1, bn_layer(f"{p}.bn1", mid, c1.out_hw), c2, bn_layer(f"{p}.bn2", cout, c2.out_hw)]
-                new_hw = c2.out_hw
-            else:
-                m1, m2, cout = info.widths
-                c1 = conv_layer(f"{p}.conv1", info.cin, m1, 1, 1, hw)
-                c2 = conv_layer(f"{p}.conv2", m1, m2, 3, info.stride, hw)
-                c3 = conv_layer(f"{p}.conv3", m2, cout, 1, 1, c2.out_hw)
-                out += [
-                    c1,
-                    bn_layer(f"{p}.bn1", m1, hw),
-                    c2,
-                    bn_layer(f"{p}.bn2", m2, c2.out_hw),
-                    c3,
-                    bn_layer(f"{p}.bn3", cout, c3.out_hw),
-                ]
-                new_hw = c3.out_hw
-            if info.shortcut == "avgpool_conv":
-                if hw[0] % 2 or hw[1] % 2:
-                    raise SpecError(f"input_size {input_size}: avgpool_conv shortcuts need even feature maps")
-                out.append(conv_layer(f"{p}.shortcut.conv", info.cin, cout, 1, 1, (hw[0] // 2, hw[1] // 2)))
-            elif info.shortcut in ("conv_bn", "conv_bn_s1"):
-                sc = conv_layer(f"{p}.shortcut.conv", info.cin, cout, 1, info.stride, hw, padding=0)
-                out += [sc, bn_layer(f"{p}.shortcut.bn", cout, sc.out_hw)]
-            hw = new_hw
-        out.append(linear_layer("fc", spec["stages"][-1][-1][-1], spec["num_classes"]))
-        return out
+        return [conv_layer(conv, 3, spec["stem"], 3, 1, hw), bn_layer(bn, spec["stem"], hw)], hw
 
-    # -- channel groups -------------------------------------------------------------------------
-    def _tensor_names(self, spec: Spec) -> tuple[_UnionFind, dict[str, str], list[tuple[str, int, str, int]]]:
-        """Union-find over activation tensors; identity shortcuts tie a block's input and output.
+    def blocks(self, spec: Spec) -> Iterator[BlockInfo]:
+        return iter_blocks(spec)
 
-        Returns (uf, field path of each tensor, [(tensor, stage, kind, width)] in forward order).
-        """
-        uf = _UnionFind()
-        paths: dict[str, str] = {"stem": "stem"}
-        order: list[tuple[str, int, str, int]] = [("stem", 0, "residual", spec["stem"])]
-        uf.add("stem")
-        prev = "stem"
-        for info in iter_blocks(spec):
-            n = len(info.widths)
-            for j in range(n - 1):
-                t = f"s{info.stage}.b{info.index}.mid" + (str(j + 1) if n == 3 else "")
-                uf.add(t)
-                paths[t] = f"stages.{info.stage}.{info.index}.{j}"
-                order.append((t, info.stage, "inner", info.widths[j]))
-            t = f"s{info.stage}.b{info.index}.out"
-            uf.add(t)
-            paths[t] = f"stages.{info.stage}.{info.index}.{n - 1}"
-            order.append((t, info.stage, "residual", info.cout))
-            if info.shortcut == "identity":
-                uf.union(prev, t)
-            prev = t
-        return uf, paths, order
+    def shortcut_layers(self, info: BlockInfo, hw: tuple[int, int], input_size: int) -> list[Layer]:
+        p = info.prefix
+        if info.shortcut == "avgpool_conv":
+            if hw[0] % 2 or hw[1] % 2:
+                raise SpecError(f"input_size {input_size}: avgpool_conv shortcuts need even feature maps")
+            return [conv_layer(f"{p}.shortcut.conv", info.cin, info.cout, 1, 1, (hw[0] // 2, hw[1] // 2))]
+        if info.shortcut in ("conv_bn", "conv_bn_s1"):
+            sc = conv_layer(f"{p}.shortcut.conv", info.cin, info.cout, 1, info.stride, hw, padding=0)
+            return [sc, bn_layer(f"{p}.shortcut.bn", info.cout, sc.out_hw)]
+        return []
 
-    def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
-        self.validate(spec)
-        uf, paths, order = self._tensor_names(spec)
-        members: dict[str, list[str]] = {}
-        first: dict[str, tuple[str, int, str, int]] = {}
-        for t, stage, kind, width in order:
-            root = uf.find(t)
-            members.setdefault(root, []).append(paths[t])
-            first.setdefault(root, (t, stage, kind, width))
-        return [
-            ChannelGroup(name=t, width=w, stage=st, kind=k, members=tuple(members[t]))
-            for t, st, k, w in (first[r] for r in members)
-        ]
-
-    def group_of(self, spec: Spec) -> dict[str, str]:
-        """Tensor name (e.g. "s0.b1.out", "s2.b0.mid") -> the name of its channel group."""
-        uf, _, order = self._tensor_names(spec)
-        return {t: uf.find(t) for t, *_ in order}
-
-    def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
-        g = self.group_of(spec)
+    def shortcut_axes(self, info: BlockInfo, in_group: str, out_group: str) -> dict[str, Axes]:
         axes: dict[str, Axes] = {}
-
-        def conv_bn(conv: str, bn: str | None, out_g: str | None, in_g: str | None) -> None:
-            axes[f"{conv}.weight"] = (out_g, in_g, None, None)
-            if bn:
-                axes.update(bn_axes(bn, out_g))
-
-        conv_bn("stem.conv", "stem.bn", g["stem"], None)
-        prev = g["stem"]
-        for info in iter_blocks(spec):
-            p, n = info.prefix, len(info.widths)
-            mids = [g[f"s{info.stage}.b{info.index}.mid" + (str(j + 1) if n == 3 else "")] for j in range(n - 1)]
-            out_g = g[f"s{info.stage}.b{info.index}.out"]
-            chain = [prev, *mids, out_g]
-            for j in range(n):
-                conv_bn(f"{p}.conv{j + 1}", f"{p}.bn{j + 1}", chain[j + 1], chain[j])
-            if info.shortcut == "avgpool_conv":
-                conv_bn(f"{p}.shortcut.conv", None, out_g, prev)
-            elif info.shortcut in ("conv_bn", "conv_bn_s1"):
-                conv_bn(f"{p}.shortcut.conv", f"{p}.shortcut.bn", out_g, prev)
-            prev = out_g
-        axes["fc.weight"] = (None, prev)
-        axes["fc.bias"] = (None,)
+        if info.shortcut in ("avgpool_conv", "conv_bn", "conv_bn_s1"):
+            axes[f"{info.prefix}.shortcut.conv.weight"] = (out_group, in_group, None, None)
+        if info.shortcut in ("conv_bn", "conv_bn_s1"):
+            axes.update(bn_axes(f"{info.prefix}.shortcut.bn", out_group))
         return axes
 
     # -- super-net hooks -------------------------------------------------------------------------
@@ -401,19 +247,13 @@ class CifarResNetFamily(Family):
         spec = {**spec, "shortcut": "avgpool_conv"}
         blocks = []
         for info in iter_blocks(spec):
-            convs = tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths)))
+            convs = info.conv_names()
             if info.shortcut == "identity":
                 blocks.append(ResidualBlock(info.stage, convs))
             else:  # avgpool_conv (stride 2) or conv_bn_s1 (only where the unpruned net has one)
                 pooled = info.shortcut == "avgpool_conv"
                 blocks.append(ResidualBlock(info.stage, convs, f"{info.prefix}.shortcut.conv", pooled, not pooled))
-        return ResidualNet(spec, "stem.conv", False, tuple(blocks), "per_block")
-
-    def width_slots(self, spec: Spec) -> list[WidthSlot]:
-        return residual_width_slots(iter_blocks(spec), "stem.conv")
-
-    def with_depths(self, spec: Spec, depths: Sequence[int]) -> Spec:
-        return keep_first_blocks(spec, depths)
+        return ResidualNet(spec, self.stem[0], False, tuple(blocks), "per_block")
 
     def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
         """One stage per resolution (the stem goes with the first); the classifier with the last."""

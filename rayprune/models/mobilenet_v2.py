@@ -45,25 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    ChannelGroup,
-    Family,
-    Layer,
-    Spec,
-    SpecError,
-    StageSplit,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    init_weights,
-    linear_layer,
-    require,
-    require_int,
-    round_to,
-    validate_input_size,
-)
+from .analytic import Layer, bn_layer, conv_layer, linear_layer
+from .base import Axes, ChannelGroup, Family, Spec, SpecError, StageSplit, bn_axes, init_weights, round_to
+from .checks import check_fields, require, require_int, validate_input_size
 
 DIVISOR = 8
 # torchvision's inverted-residual settings: (expansion t, channels c, blocks n, stride s).

@@ -31,7 +31,7 @@ projections only occur in searched genotypes, which are trained from scratch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    ChannelGroup,
-    Family,
-    Layer,
-    ResidualBlock,
-    ResidualNet,
-    Spec,
-    SpecError,
-    WidthSlot,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    init_weights,
-    keep_first_blocks,
-    linear_layer,
-    residual_width_slots,
-    validate_input_size,
-)
-from .cifar_resnet import validate_block_stages
+from .analytic import Layer, bn_layer, conv_layer
+from .base import Axes, ResidualBlock, ResidualNet, Spec, SpecError, bn_axes, init_weights
+from .checks import check_fields, validate_input_size
+from .residual import ResidualFamily, StageBlock, validate_block_stages
 
 DEPTHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "18": ("basic", (2, 2, 2, 2)),
@@ -75,28 +58,16 @@ FIELDS = {"family", "block", "num_classes", "stem", "stages", "input_size"}
 
 
 @dataclass(frozen=True)
-class BlockInfo:
-    stage: int
-    index: int
-    stride: int
-    cin: int
-    widths: tuple[int, ...]  # [mid, out] or [mid1, mid2, out]
+class BlockInfo(StageBlock):
     downsample: bool  # a 1x1 conv + BN shortcut (else the identity)
-
-    @property
-    def cout(self) -> int:
-        return self.widths[-1]
 
     @property
     def prefix(self) -> str:
         return f"layer{self.stage + 1}.{self.index}"
 
-    def tensor(self, j: int) -> str:
-        """Name of the activation after conv ``j`` (0-based) of this block."""
-        n = len(self.widths)
-        if j == n - 1:
-            return f"s{self.stage}.b{self.index}.out"
-        return f"s{self.stage}.b{self.index}.mid" + (str(j + 1) if n == 3 else "")
+    @property
+    def identity(self) -> bool:
+        return not self.downsample
 
 
 def iter_blocks(spec: Spec) -> Iterator[BlockInfo]:
@@ -165,9 +136,10 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class ResNetFamily(Family):
+class ResNetFamily(ResidualFamily[BlockInfo]):
     name = "resnet"
     default_input_size = 224
+    stem = ("conv1", "bn1")
 
     def variants(self) -> list[str]:
         return [*DEPTHS, *TINY]
@@ -200,62 +172,28 @@ class ResNetFamily(Family):
         self.validate(spec)
         return ResNet(spec)
 
-    def layers(self, spec: Spec, input_size: int) -> list[Layer]:
-        self.validate(spec)
-        stem = conv_layer("conv1", 3, spec["stem"], 7, 2, (input_size, input_size))
-        out = [stem, bn_layer("bn1", spec["stem"], stem.out_hw)]
+    def stem_layers(self, spec: Spec, input_size: int) -> tuple[list[Layer], tuple[int, int]]:
+        conv, bn = self.stem
+        stem = conv_layer(conv, 3, spec["stem"], 7, 2, (input_size, input_size))
         h, w = ((x + 2 - 3) // 2 + 1 for x in stem.out_hw)  # 3x3 stride-2 max-pool, padding 1
-        hw = (h, w)
-        for info in iter_blocks(spec):
-            out += block_layers(info, hw)
-            hw = out[-1].out_hw
-        out.append(linear_layer("fc", spec["stages"][-1][-1][-1], spec["num_classes"]))
-        return out
+        return [stem, bn_layer(bn, spec["stem"], stem.out_hw)], (h, w)
 
-    # -- channel groups -------------------------------------------------------------------------
-    def _tensor_groups(self, spec: Spec) -> list[tuple[str, str, int, str, int, str]]:
-        """Every activation tensor in forward order as (tensor, group, stage, kind, width, spec path)."""
-        out = [("stem", "stem", 0, "residual", spec["stem"], "stem")]
-        residual = "stem"  # the group of the current block input
-        for info in iter_blocks(spec):
-            if info.downsample:  # an identity shortcut ties the output to the input; a projection does not
-                residual = info.tensor(len(info.widths) - 1)
-            for j, width in enumerate(info.widths):
-                t = info.tensor(j)
-                last = j == len(info.widths) - 1
-                group, kind = (residual, "residual") if last else (t, "inner")
-                out.append((t, group, info.stage, kind, width, f"stages.{info.stage}.{info.index}.{j}"))
-        return out
+    def blocks(self, spec: Spec) -> Iterator[BlockInfo]:
+        return iter_blocks(spec)
 
-    def channel_groups(self, spec: Spec) -> list[ChannelGroup]:
-        self.validate(spec)
-        members: dict[str, list[str]] = {}
-        first: dict[str, tuple[int, str, int]] = {}
-        for _, group, stage, kind, width, path in self._tensor_groups(spec):
-            members.setdefault(group, []).append(path)
-            first.setdefault(group, (stage, kind, width))
-        return [
-            ChannelGroup(name=g, width=first[g][2], stage=first[g][0], kind=first[g][1], members=tuple(paths))
-            for g, paths in members.items()
-        ]
+    def shortcut_layers(self, info: BlockInfo, hw: tuple[int, int], input_size: int) -> list[Layer]:
+        if not info.downsample:
+            return []
+        ds = conv_layer(f"{info.prefix}.downsample.0", info.cin, info.cout, 1, info.stride, hw, padding=0)
+        return [ds, bn_layer(f"{info.prefix}.downsample.1", info.cout, ds.out_hw)]
 
-    def tensor_axes(self, spec: Spec) -> dict[str, Axes]:
-        self.validate(spec)
-        group = {t: g for t, g, *_ in self._tensor_groups(spec)}
-        axes: dict[str, Axes] = {"conv1.weight": ("stem", None, None, None), **bn_axes("bn1", "stem")}
-        prev = "stem"
-        for info in iter_blocks(spec):
-            chain = [prev] + [group[info.tensor(j)] for j in range(len(info.widths))]
-            for j in range(len(info.widths)):
-                axes[f"{info.prefix}.conv{j + 1}.weight"] = (chain[j + 1], chain[j], None, None)
-                axes.update(bn_axes(f"{info.prefix}.bn{j + 1}", chain[j + 1]))
-            if info.downsample:
-                axes[f"{info.prefix}.downsample.0.weight"] = (chain[-1], prev, None, None)
-                axes.update(bn_axes(f"{info.prefix}.downsample.1", chain[-1]))
-            prev = chain[-1]
-        axes["fc.weight"] = (None, prev)
-        axes["fc.bias"] = (None,)
-        return axes
+    def shortcut_axes(self, info: BlockInfo, in_group: str, out_group: str) -> dict[str, Axes]:
+        if not info.downsample:
+            return {}
+        return {
+            f"{info.prefix}.downsample.0.weight": (out_group, in_group, None, None),
+            **bn_axes(f"{info.prefix}.downsample.1", out_group),
+        }
 
     # -- super-net hooks -------------------------------------------------------------------------
     def residual_net(self, spec: Spec) -> ResidualNet:
@@ -263,37 +201,9 @@ class ResNetFamily(Family):
         blocks = tuple(
             ResidualBlock(
                 info.stage,
-                tuple(f"{info.prefix}.conv{j + 1}" for j in range(len(info.widths))),
+                info.conv_names(),
                 f"{info.prefix}.downsample.0" if info.downsample else None,
             )
             for info in iter_blocks(spec)
         )
-        return ResidualNet(dict(spec), "conv1", True, blocks, "imagenet")
-
-    def width_slots(self, spec: Spec) -> list[WidthSlot]:
-        return residual_width_slots(iter_blocks(spec), "conv1")
-
-    def with_depths(self, spec: Spec, depths: Sequence[int]) -> Spec:
-        return keep_first_blocks(spec, depths)
-
-
-def block_layers(info: BlockInfo, hw: tuple[int, int]) -> list[Layer]:
-    """Analytic entries of one block (convs, BNs, then the downsample); the last entry's
-    ``out_hw`` is the block's output resolution."""
-    p, w = info.prefix, info.widths
-    kernels: tuple[int, ...]
-    strides: tuple[int, ...]
-    if len(w) == 2:
-        kernels, strides = (3, 3), (info.stride, 1)
-    else:
-        kernels, strides = (1, 3, 1), (1, info.stride, 1)
-    out: list[Layer] = []
-    cin, in_hw = info.cin, hw
-    for j, (k, stride, width) in enumerate(zip(kernels, strides, w, strict=True)):
-        conv = conv_layer(f"{p}.conv{j + 1}", cin, width, k, stride, hw)
-        out += [conv, bn_layer(f"{p}.bn{j + 1}", width, conv.out_hw)]
-        hw, cin = conv.out_hw, width
-    if info.downsample:
-        ds = conv_layer(f"{p}.downsample.0", info.cin, info.cout, 1, info.stride, in_hw, padding=0)
-        out += [ds, bn_layer(f"{p}.downsample.1", info.cout, ds.out_hw)]
-    return out
+        return ResidualNet(dict(spec), self.stem[0], True, blocks, "imagenet")

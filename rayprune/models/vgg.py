@@ -24,23 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    Axes,
-    ChannelGroup,
-    Family,
-    Layer,
-    Spec,
-    SpecError,
-    bn_axes,
-    bn_layer,
-    check_fields,
-    conv_layer,
-    linear_layer,
-    require,
-    require_int,
-    validate_input_size,
-)
-from .cifar_resnet import ConvBN, init_weights
+from .analytic import Layer, bn_layer, conv_layer, linear_layer
+from .base import Axes, ChannelGroup, Family, Spec, SpecError, bn_axes, init_weights
+from .checks import check_fields, require, require_int, validate_input_size
+from .cifar_resnet import ConvBN
 
 CONFIGS = {
     "11": (1, 1, 2, 2, 2),

@@ -20,7 +20,7 @@ import ray
 from .. import models
 from ..engine.train import TrainConfig
 from ..methods.finetune import recipe_hash, recipe_of
-from ..models import io as subnet_io
+from ..models import subnet_io
 from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
 from .cache import BASELINE_CELL, FinalCache, cache_key
 from .config import SweepConfig

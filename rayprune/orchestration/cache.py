@@ -26,7 +26,7 @@ import pyarrow.fs
 import torch
 
 from ..grid import CellKey
-from ..models import io as subnet_io
+from ..models import subnet_io
 from ..runner import save_subnet
 from .storage import filesystem, is_uri
 

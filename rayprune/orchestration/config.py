@@ -367,7 +367,7 @@ def _check_semantics(cfg: SweepConfig) -> None:
 def _check_teacher_checkpoint(ckpt: Path, full: Spec, dataset: str) -> None:
     """The teacher folder is a whole saved subnet whose weights load (safely) and fit its spec,
     with the model's number of classes: checked here, before Ray starts, not in a trial."""
-    from ..models import io as subnet_io
+    from ..models import subnet_io
 
     fix = "point it at a dir written by `rayprune run` (final/) or `rayprune teacher`, or use teacher.recipe"
     if not (ckpt / "spec.json").is_file():

@@ -220,7 +220,7 @@ class PerCellASHA(_PickledState, FIFOScheduler):
         self._stopped = 0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A scheduler pickled by rayprune 0.1 (an interrupted sweep resumed now) has neither field.
+        # A scheduler pickled by rayprune 0.1 (a sweep interrupted under that version) has neither field.
         self.__dict__.update({"_cell_of": {}, "_stopped": 0, **state})
 
     @property

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..models import io as subnet_io
+from ..models import subnet_io
 from . import TrackingError, mlflow_errors
 from .mlflow_ui import candidates_link, has_candidates_view, runs_link
 from .pareto import baseline_row, choose_operating_point, format_fronts

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "is_saved",
     "load",
     "save",
+    "staged_folder",
     "write_files",
 ]
 
@@ -116,17 +119,26 @@ def save(
     weights.pt and, when ``record`` or ``input_size`` is given, metrics.json (``record`` with
     ``input_size`` added). An existing ``out_dir`` is replaced."""
     out_dir = Path(out_dir)
+    with staged_folder(out_dir) as tmp:
+        write_files(tmp, spec, state_dict, record, input_size=input_size)
+    return out_dir
+
+
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A new temporary folder next to ``out_dir`` to write into. When the block ends it replaces
+    ``out_dir`` (and whatever that held); on an error it is removed instead, so a half-written
+    folder never appears."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        write_files(tmp, spec, state_dict, record, input_size=input_size)
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def write_files(

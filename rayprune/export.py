@@ -115,7 +115,7 @@ def export_subnet(
     metrics: dict[str, Any],
     out_dir: str | Path,
     *,
-    input_size: int | None = None,
+    input_size: int,
     info: dict[str, Any] | None = None,
     exporter: str = "auto",
     baseline: dict[str, Any] | None = None,
@@ -125,6 +125,11 @@ def export_subnet(
     torch with onnxruntime) and model_card.md (metrics against the unpruned ``baseline`` row,
     the input ``preprocessing``, spec summary, provenance from ``info``: e.g. method, dataset,
     flops_target, kd_weight, recipe, experiment, sweep_id, trial_id, mode, selection).
+
+    ``input_size`` is the side the subnet was trained and measured at (a saved subnet's
+    :attr:`~rayprune.models.subnet_io.SavedSubnet.input_size`): the ONNX input is ``[batch, C, input_size,
+    input_size]`` and the card's MACs are counted at it. It is required, never the family default,
+    so a net trained on 8x8 digits is not exported for 32x32 images.
 
     ``exporter`` is passed to :func:`export_onnx`. ``out_dir`` must not exist or be empty.
     Returns ``out_dir``.
@@ -141,11 +146,23 @@ def export_subnet(
     except SpecError as e:
         raise ExportError(f"cannot export: invalid spec: {e}") from None
     model = build_loaded(spec, state_dict)
-    size = input_size or models.input_size_of(spec)
+    size = _checked_input_size(spec, input_size)
     with subnet_io.staged_folder(out_dir) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the export is meant to be shared
         _write_export(tmp, spec, model, metrics, size, info or {}, exporter, baseline, preprocessing)
     return out_dir
+
+
+def _checked_input_size(spec: Spec, input_size: int) -> int:
+    """``input_size`` when the spec runs at it (e.g. avgpool shortcuts need even maps)."""
+    try:
+        models.layers(spec, input_size)
+    except SpecError as e:
+        raise ExportError(
+            f"cannot export at input size {input_size!r}: {e}",
+            fix="give the input size the subnet was trained at",
+        ) from None
+    return input_size
 
 
 def _write_export(
@@ -244,12 +261,12 @@ def model_card(
         "",
     ]
     shape = f"{input_channels(spec)}x{input_size}x{input_size}"
+    tensor = f"[batch, {input_channels(spec)}, {input_size}, {input_size}]"  # what model.onnx takes
     lines += ["## Input preprocessing", ""]
     if preprocessing:
         p = preprocessing
-        channels, side = p.get("channels", input_channels(spec)), p.get("input_size", input_size)
         lines += [
-            f"* input: float32 tensor [batch, {channels}, {side}, {side}], layout {p.get('layout', 'NCHW')}, "
+            f"* input: float32 tensor {tensor}, layout {p.get('layout', 'NCHW')}, "
             f"channel order {p.get('channel_order', 'RGB')}",
             f"* scale: {p.get('scale', 'pixel / 255')} (values in [0, 1]), then per channel (x - mean) / std",
             f"* mean: `{[round(m, 6) for m in p['mean']]}`",
@@ -279,7 +296,7 @@ def model_card(
         "",
         "* `spec.json` -- the architecture (rayprune spec)",
         "* `weights.pt` -- a plain state_dict (no pickled module)",
-        "* `model.onnx` -- input `input` [batch, C, H, W] preprocessed as above, output `logits`",
+        f"* `model.onnx` -- input `input` {tensor} preprocessed as above, output `logits`",
         "",
         "```python",
         "import json, torch",
@@ -299,7 +316,7 @@ def model_card(
             "```python",
             "import mlflow",
             f'model = mlflow.pyfunc.load_model("models:/{info["registered_model"]}")',
-            'logits = model.predict(x)["logits"]   # x: float32 numpy array [batch, C, H, W]',
+            f'logits = model.predict(x)["logits"]   # x: float32 numpy array {tensor}',
             "```",
             "",
         ]

@@ -79,7 +79,9 @@ def save_subnet(
     *,
     input_size: int | None = None,
 ) -> Path:
-    """Write a saved subnet folder (see :mod:`rayprune.models.subnet_io`)."""
+    """Write a saved subnet folder (see :mod:`rayprune.models.subnet_io`). ``input_size``, the side the
+    subnet was trained and measured at, goes into its metrics.json: export, the ONNX input and the
+    MLflow signature read it from there. Give it for every subnet a user may export."""
     return subnet_io.save(out_dir, spec, state_dict, metrics, input_size=input_size)
 
 

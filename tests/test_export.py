@@ -44,6 +44,7 @@ def test_default_export_writes_all_files_and_onnx_matches_torch(tmp_path):
         state,
         {"test_top1": 0.875, "robust_top1": 0.5},
         tmp_path / "efficient",
+        input_size=32,
         info={"mode": "efficient", "sweep_id": "sw1", "source_run_id": "abc"},
     )
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_card.md", "spec.json", "weights.pt"]
@@ -80,11 +81,35 @@ def test_auto_falls_back_to_the_legacy_exporter_when_dynamo_fails(tmp_path, monk
 def test_failed_export_leaves_nothing_and_existing_output_is_never_touched(tmp_path):
     wrong = trained_like_state(models.full_spec("cifar_resnet:tiny"))  # weights of the unpruned net
     with pytest.raises(ExportError, match="weights do not match the spec"):
-        export_subnet(PRUNED, wrong, {}, tmp_path / "out")
+        export_subnet(PRUNED, wrong, {}, tmp_path / "out", input_size=32)
     assert list(tmp_path.iterdir()) == []
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists and is not empty; give a new output directory"):
-        export_subnet(PRUNED, trained_like_state(PRUNED), {}, busy)
+        export_subnet(PRUNED, trained_like_state(PRUNED), {}, busy, input_size=32)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+def test_export_takes_the_size_the_subnet_was_trained_at_not_the_family_default(tmp_path):
+    preprocessing = {"input_size": 8, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    out = export_subnet(
+        PRUNED,
+        trained_like_state(PRUNED),
+        {},
+        tmp_path / "e",
+        input_size=8,
+        exporter="torchscript",
+        preprocessing=preprocessing,
+    )
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 8, 8]
+    got, want = onnx_vs_torch(out, batch=5, size=8)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+    card = (out / "model_card.md").read_text()
+    assert "* family: `cifar_resnet`, input 3x8x8, 10 classes" in card
+    assert "* input: float32 tensor [batch, 3, 8, 8], layout NCHW" in card
+    assert f"| MACs | {models.macs(PRUNED, 8):,} |" in card and "x32" not in card
+    with pytest.raises(ExportError, match="cannot export at input size 0: input_size must be an integer >= 1"):
+        export_subnet(PRUNED, trained_like_state(PRUNED), {}, tmp_path / "zero", input_size=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

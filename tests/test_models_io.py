@@ -30,7 +30,7 @@ def test_round_trip_keeps_spec_weights_record_and_input_size(tmp_path, tiny_spec
     assert not load_teacher(out, tiny_spec, "cpu").training
 
 
-def test_old_folders_fall_back_to_the_spec_hint_then_the_dataset_default(tmp_path, tiny_spec):
+def test_old_folders_fall_back_to_the_callers_size_then_the_spec_hint(tmp_path, tiny_spec):
     old = subnet_io.save(
         tmp_path / "old", tiny_spec, models.build(tiny_spec).state_dict(), {"test_top1": 0.7, "macs": 1234}
     )  # an old teacher's flat metrics.json
@@ -42,7 +42,11 @@ def test_old_folders_fall_back_to_the_spec_hint_then_the_dataset_default(tmp_pat
     hinted = models.full_spec("mobilenet_v2:tiny", num_classes=4)
     assert hinted["input_size"] == 32
     bare = subnet_io.save(tmp_path / "bare", hinted, models.build(hinted).state_dict())
-    assert not (bare / "metrics.json").exists() and subnet_io.load(bare, default_input_size=8).input_size == 32
+    assert not (bare / "metrics.json").exists() and subnet_io.load(bare).input_size == 32
+    # a run trains at its own or its dataset's size, never at the hint: the caller's size wins
+    assert subnet_io.load(bare, default_input_size=8).input_size == 8
+    sized = subnet_io.save(tmp_path / "sized", hinted, models.build(hinted).state_dict(), input_size=16)
+    assert subnet_io.load(sized, default_input_size=8).input_size == 16  # the saved size beats both
 
 
 def test_missing_files_are_named(tmp_path, tiny_spec):

@@ -426,6 +426,30 @@ def test_default_model_name_is_not_doubled():
     assert default_model_name("tiny-sweep") == "rayprune-tiny-sweep"
 
 
+def test_pick_takes_the_saved_input_size_else_the_sweeps_else_refuses(tmp_path):
+    """A subnet saved with its input size is exported at it; one saved before sizes were falls
+    back to its sweep's input_size, else its dataset's (the record's preprocessing, else the
+    registry's), and is refused when none is known: never the family default (32 here)."""
+    from types import SimpleNamespace
+
+    from rayprune.tracking.commands import _load_download
+
+    def sweep(**params):
+        return SimpleNamespace(data=SimpleNamespace(params=params))
+
+    row = {"trial_id": "t1", "kind": "finetuned", "source": {"preprocessing": {"input_size": 16}}}
+    weights = models.build(spec("A")).state_dict()
+    sized = save_subnet(tmp_path / "sized", spec("A"), weights, record("A"), input_size=12)
+    old = save_subnet(tmp_path / "old", spec("A"), weights, record("A"))
+    assert _load_download(sized, row, sweep(input_size="8")).input_size == 12
+    assert _load_download(old, row, sweep(input_size="8", **{"dataset.name": "cifar10"})).input_size == 8
+    assert _load_download(old, row, sweep(input_size="null", **{"dataset.name": "cifar10"})).input_size == 16
+    bare = {**row, "source": {}}
+    assert _load_download(old, bare, sweep(input_size="null", **{"dataset.name": "digits"})).input_size == 8
+    with pytest.raises(TrackingError, match=r"^the picked subnet \(trial t1, finetuned\) records no input size"):
+        _load_download(old, bare, sweep(input_size="null"))
+
+
 def error_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rayprune: error: ")

@@ -10,8 +10,9 @@ A saved subnet is a folder with
   resolution the subnet was trained and measured at.
 
 Folders written before the input size was saved (and teachers' old flat ``metrics.json``) still
-load: the input size then falls back to the spec's ``input_size`` hint, else to the dataset
-default the caller passes, else :meth:`SavedSubnet.require_input_size` raises a clear error.
+load: the input size then falls back to the one the caller knows the subnet was trained at (its
+run's or sweep's, else its dataset's), else to the spec's ``input_size`` hint, else
+:meth:`SavedSubnet.require_input_size` raises a clear error. It is never the family default.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class SavedSubnet:
         }
 
     def require_input_size(self) -> int:
+        """The input size; :class:`SpecError` when it is unknown (an old folder, no hint, no default)."""
         if self.input_size is None:
             raise SpecError(
                 f"saved subnet {str(self.path)!r} records no input size and its spec has no "
@@ -160,8 +162,10 @@ def write_files(
 def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSubnet:
     """Read a saved subnet folder without unpickling anything.
 
-    The input size is the saved one, else the spec's ``input_size`` hint, else
-    ``default_input_size`` (the dataset's, when the caller knows it), else ``None``.
+    The input size is the saved one, else ``default_input_size`` (the size its run or sweep
+    trained at, else its dataset's, when the caller knows it), else the spec's ``input_size``
+    hint, else ``None``. The caller's size comes before the hint because runs train at their
+    own or their dataset's size, never at the hint.
 
     Raises:
         NotASubnetError: spec.json or weights.pt is missing.
@@ -186,7 +190,7 @@ def load(path: str | Path, *, default_input_size: int | None = None) -> SavedSub
         "save the subnet again (rayprune teacher/run write it) or point at another folder",
     )
     record = _read_record(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
-    size = record.pop("input_size", None) or spec.get("input_size") or default_input_size
+    size = record.pop("input_size", None) or default_input_size or spec.get("input_size")
     return SavedSubnet(path=path, spec=spec, state_dict=state, record=record, input_size=size)
 
 

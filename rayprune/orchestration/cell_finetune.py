@@ -20,6 +20,7 @@ import ray
 from ray import tune
 
 from .. import models
+from ..engine.data import DATASETS
 from ..engine.train import TrainConfig
 from ..methods.finetune import recipe_hash, recipe_of
 from ..runner import TrialConfig, TrialState, build_method, restore, save_subnet
@@ -124,7 +125,13 @@ def _log_cell_finetune(
     record, state = entry
     if cached and "reused_from" not in record["source"]:
         record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
-    target = save_subnet(driver_dir / "finetuned" / choice.cell, record["spec"], state, record)
+    target = save_subnet(
+        driver_dir / "finetuned" / choice.cell,
+        record["spec"],
+        state,
+        record,
+        input_size=trained_input_size(choice.spec),
+    )
     tracker.log_finetuned(
         record,
         target,
@@ -133,6 +140,12 @@ def _log_cell_finetune(
         flops_target=choice.spec.flops_target,
         kd_weight=choice.spec.kd_weight,
     )
+
+
+def trained_input_size(spec: TrialSpec) -> int:
+    """The input size a trial's subnets are trained and measured at: the sweep's ``input_size``,
+    else the dataset's (what :func:`~rayprune.runner.build_method` gives the method's context)."""
+    return int(spec.base.get("input_size") or DATASETS.get(str(spec.base["dataset"])).input_size)
 
 
 def _member_config(cfg: SweepConfig, spec: TrialSpec) -> dict[str, Any]:

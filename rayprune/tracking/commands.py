@@ -6,8 +6,10 @@ chooses one fine-tuned subnet (see :func:`~rayprune.tracking.pareto.choose_opera
 exports it (spec.json, weights.pt, model.onnx, model_card.md) and registers it as
 ``<model-name>@<mode>`` in the MLflow Model Registry as an ONNX model (``mlflow.onnx``:
 signature, input example; loads with ``mlflow.pyfunc.load_model``); ``register=False`` only
-exports. Both read ``subnets.parquet`` from the sweep's parent run, so they work from any
-machine that reaches the tracking server. Their parsers live in :mod:`rayprune.cli`.
+exports. The export, its signature and its card take the input size the subnet was trained at,
+saved with it (see :func:`_load_download`). Both read ``subnets.parquet`` from the sweep's parent
+run, so they work from any machine that reaches the tracking server. Their parsers live in
+:mod:`rayprune.cli`.
 
 Bad input (unknown experiment, no front yet, unreachable server, impossible limits) raises a
 :class:`~rayprune.tracking.TrackingError` naming the problem and the fix.
@@ -105,7 +107,8 @@ def pick(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Stage beside --out so the final rename is atomic: --out appears complete or not at all.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        saved = _load_download(download_subnet(client, row["artifact_uri"], Path(tmp) / "download"), row)
+        saved = _load_download(download_subnet(client, row["artifact_uri"], Path(tmp) / "download"), row, parent)
+        input_size = saved.require_input_size()
         source = row.get("source") or {}
         info = {
             "mode": args.mode,
@@ -131,33 +134,53 @@ def pick(args: argparse.Namespace) -> None:
             saved.state_dict,
             {**saved.metrics, **row["metrics"]},
             Path(tmp) / "export",
-            input_size=saved.input_size,
+            input_size=input_size,
             info=info,
             exporter=args.onnx_exporter,
             baseline=base,
             preprocessing=_preprocessing(row, base),
         )
-        version = register_choice(client, parent, model_name, args.mode, staged, row, why) if args.register else None
+        version = (
+            register_choice(client, parent, model_name, args.mode, staged, row, why, input_size)
+            if args.register
+            else None
+        )
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(staged, out)
     _print_choice(args.mode, row, why, out, model_name, None if version is None else version.version, base)
 
 
-def _load_download(folder: Path, row: dict[str, Any]) -> subnet_io.SavedSubnet:
-    """The downloaded subnet; its input size is the saved one, else the record's, else the spec's
-    family default (records from before input sizes were saved)."""
-    from .. import models
-
+def _load_download(folder: Path, row: dict[str, Any], parent: Any) -> subnet_io.SavedSubnet:
+    """The downloaded subnet with the input size it was trained at: the saved one, else (a
+    subnet saved before sizes were) its sweep's (:func:`_sweep_input_size`), else its spec's hint;
+    refused when none is known, never guessed from the family."""
     try:
-        saved = subnet_io.load(folder, default_input_size=row.get("input_size"))
+        saved = subnet_io.load(folder, default_input_size=_sweep_input_size(row, parent))
     except subnet_io.NotASubnetError as e:
         raise TrackingError(f"the picked record's artifacts are incomplete: {e}") from None
     if saved.input_size is None:
-        return subnet_io.SavedSubnet(
-            saved.path, saved.spec, saved.state_dict, saved.record, models.input_size_of(saved.spec)
+        raise TrackingError(
+            f"the picked subnet (trial {row['trial_id']}, {row['kind']}) records no input size and its sweep names "
+            "neither an input_size nor a known dataset; run the sweep again with this rayprune, whose saved "
+            "subnets record the size they were trained at"
         )
     return saved
+
+
+def _sweep_input_size(row: dict[str, Any], parent: Any) -> int | None:
+    """The size a sweep trains and measures at: its ``input_size`` setting, else its dataset's
+    (as the record's preprocessing measured it, else as the dataset registry has it)."""
+    from ..engine.data import DATASETS
+
+    setting = parent.data.params.get("input_size")
+    if setting is not None and setting.isdigit():
+        return int(setting)
+    measured = ((row.get("source") or {}).get("preprocessing") or {}).get("input_size")
+    if measured:
+        return int(measured)
+    dataset = _dataset(parent)
+    return DATASETS.get(dataset).input_size if dataset is not None and dataset in DATASETS else None
 
 
 def _dataset(parent: Any) -> str | None:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,20 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from . import TrackingError
 from .lookup import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 from .store import row_key
 
 TRACKING_ENV, REGISTRY_ENV = "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"
+#: What the logged ONNX model imports to serve (MLflow adds itself): the packages MLflow's own
+#: inference finds, which costs a subprocess that loads the model (over ten seconds on a busy CPU).
+SERVING_PACKAGES = ("numpy", "onnx", "onnxruntime")
+
+
+def serving_requirements() -> list[str]:
+    """:data:`SERVING_PACKAGES` pinned to the installed versions, local labels (``+cpu``) dropped
+    to stay installable from PyPI, as MLflow pins them."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 def register_choice(
@@ -27,14 +38,16 @@ def register_choice(
     export_dir: str | Path,
     row: dict[str, Any],
     description: str,
+    input_size: int,
 ) -> Any:
     """Register an exported subnet as an MLflow model that ``mlflow.pyfunc`` loads and serves.
 
     A ``pick`` child run of the sweep's ``parent`` run gets the export's files (spec.json,
     weights.pt, model.onnx, model_card.md) under ``export/`` and the row's metrics; the ONNX
     graph is logged with ``mlflow.onnx.log_model`` (no pickled code), with a signature (float32
-    ``[-1, C, H, W]`` -> logits) and an input example; a model version is created from it and
-    ``model_name@alias`` points at it. Returns the ModelVersion."""
+    ``[-1, C, input_size, input_size]`` -> logits, ``input_size`` the side the subnet was trained
+    at, which the export's ONNX input must have) and an input example of that shape; a model
+    version is created from it and ``model_name@alias`` points at it. Returns the ModelVersion."""
     import mlflow
     import mlflow.onnx
     import numpy as np
@@ -65,7 +78,7 @@ def register_choice(
             ],
         )
         session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-        shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+        shape = example_shape(session.get_inputs()[0].shape, input_size)
         example = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         signature = infer_signature(example, {"logits": session.run(None, {session.get_inputs()[0].name: example})[0]})
         # The registry resolves the logged model through the fluent tracking URI: all inside.
@@ -78,6 +91,7 @@ def register_choice(
                     input_example=example,
                     onnx_execution_providers=["CPUExecutionProvider"],
                     save_as_external_data=False,
+                    pip_requirements=serving_requirements(),
                 )
             try:
                 client.create_registered_model(model_name, description="rayprune operating points (pick)")
@@ -98,6 +112,18 @@ def register_choice(
         raise
     client.set_terminated(run_id, status="FINISHED")
     return version
+
+
+def example_shape(onnx_shape: list[Any], input_size: int) -> list[int]:
+    """``[1, C, input_size, input_size]`` for an ONNX input ``[batch, C, H, W]`` (a named dim is
+    dynamic); an export whose fixed H or W is not ``input_size`` is refused."""
+    channels, height, width = onnx_shape[1:]
+    if any(isinstance(d, int) and d != input_size for d in (height, width)):
+        raise TrackingError(
+            f"the exported ONNX input is {height}x{width}, not the {input_size}x{input_size} the subnet was "
+            "trained at; export it again at its input size"
+        )
+    return [1, int(channels), input_size, input_size]
 
 
 @contextlib.contextmanager

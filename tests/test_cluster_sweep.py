@@ -60,7 +60,7 @@ def wait_for(check, what: str, timeout: float = 90.0) -> None:
         if check():
             return
         time.sleep(0.3)
-    raise RuntimeError(f"{what} did not come up within {timeout:g} s")
+    raise RuntimeError(f"{what}: not seen within {timeout:g} s")
 
 
 def answers(url: str) -> bool:
@@ -72,11 +72,16 @@ def answers(url: str) -> bool:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed process that nobody has reaped yet (a zombie) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +164,9 @@ def mlflow_server(s3, tmp_path_factory):
         yield f"http://127.0.0.1:{port}", home
     finally:
         subprocess.run(["bash", "-c", commands[0]], env=env, timeout=60)  # the stop command alone
-    assert not alive(second) and not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")
+    # The stop command ends with SIGKILL; its delivery is asynchronous, so wait for it (bounded).
+    wait_for(lambda: not alive(second), "the stopped server's exit", timeout=15)
+    assert not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")
 
 
 class Nodes:

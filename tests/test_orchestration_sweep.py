@@ -574,7 +574,7 @@ def test_the_digits_pick_predicts_8x8_batches_through_pyfunc_and_rest(digits_swe
 
     from rayprune import models
     from rayprune.cli import main as cli_main
-    from rayprune.models import io as subnet_io
+    from rayprune.models import subnet_io
 
     cfg, outcome = digits_sweep
     tuned = sorted((Path(outcome.experiment_path) / "rayprune" / "finetuned").iterdir())  # what MLflow got

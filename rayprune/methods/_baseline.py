@@ -190,7 +190,7 @@ Channel = tuple[str, int]  # (channel group, channel index)
 Keep = dict[str, torch.Tensor]  # channel group -> the indices of its kept channels
 
 
-def keep_without(full_spec: Spec, removed: Sequence[Channel]) -> dict[str, torch.Tensor]:
+def keep_without(full_spec: Spec, removed: Sequence[Channel]) -> Keep:
     """Kept channel indices per group after removing the channels ``removed``."""
     dropped: dict[str, set[int]] = {}
     for g, i in removed:
@@ -277,7 +277,7 @@ def fit_into_window(
     target_macs: int,
     low_macs: float,
     input_size: int | None = None,
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> tuple[Keep, float]:
     """Keep-indices and scale ``k`` of the subnet that removes ``merged``'s channels in order
     until it meets ``target_macs``: the smallest ``k`` (the fewest leading channels, by
     bisection on the exact MACs). One channel can weigh more than the window on a narrow net;

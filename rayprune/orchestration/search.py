@@ -1,17 +1,17 @@
 """Which trials a sweep runs: one seeded Optuna study per grid cell, and per-cell ASHA.
 
 :class:`CellSearcher` is a Ray Tune ``Searcher``. A sweep's grid has one *cell* per (method,
-FLOPs target, KD weight); each cell gets exactly ``samples_per_cell`` trials, handed out round
-robin so every cell progresses together. Inside a cell an Optuna study picks the trial's budget
-from the cell's earlier results: it maximises the search-val accuracy of the trial's chosen
-subnet, with the achieved MACs as a constraint (``macs / target - 1 <= 0``, Optuna 5
-``Trial.set_constraint``). What it picks follows the method's
-:attr:`~rayprune.methods.base.Method.budget_use`:
+FLOPs target, KD weight); each cell gets exactly its quota of trials (``samples_per_cell``, or
+one: see below), handed out round robin so every cell progresses together. Inside a cell an
+Optuna study picks the trial's budget from the cell's earlier results: it maximises the
+search-val accuracy of the trial's chosen subnet, with the achieved MACs as a constraint
+(``macs / target - 1 <= 0``, Optuna 5 ``Trial.set_constraint``). What it picks follows the
+method's :attr:`~rayprune.methods.base.Method.budget_use`:
 
 * ``max_rates`` (AST, TAS, SP): the per-stage maximum pruning rates (``max_prune_stage{i}``);
 * ``allocation`` (l1, fpgm, random): those, and the per-stage allocation (``alloc_stage{i}`` in
   [0, 1], normalised to shares): with a global ranking the maximum rates rarely bind, so trials
-  under different rates would choose one subnet; the allocation always moves it;
+  under different rates would mostly choose one subnet; the allocation moves it;
 * ``target`` (uniform): nothing. The FLOPs target alone fixes its subnet, so its cell runs one
   trial (not ``samples_per_cell``), with the loosest maximum rates.
 

@@ -48,6 +48,7 @@ class TrialConfig(BaseModel):
     kd_weight: float = Field(default=0.0, ge=0.0, le=1.0)
     kd_temperature: float = Field(default=4.0, gt=0.0)
     max_stage_prune: list[float] | None = None
+    allocation: list[float] | None = None  # per-stage shares of the pruning (methods whose budget_use is "allocation")
     seed: int = 0
     device: str | None = None
     finetune: dict[str, Any] = Field(default_factory=dict)
@@ -177,7 +178,10 @@ def build_method(
         spec=spec,
         train=train,
         test=test,
-        budget=validated(Budget, {"flops_target": cfg.flops_target, "max_stage_prune": cfg.max_stage_prune}),
+        budget=validated(
+            Budget,
+            {"flops_target": cfg.flops_target, "max_stage_prune": cfg.max_stage_prune, "allocation": cfg.allocation},
+        ),
         kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature,
         teacher=teacher,
@@ -400,7 +404,8 @@ def run_trial(
     # method is built (and so validated) before anything is written.
     stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
-    config = cfg.model_dump(exclude=RESUMABLE_CHANGES)
+    # Without an allocation the key is left out, so state files that predate the field still match.
+    config = cfg.model_dump(exclude=RESUMABLE_CHANGES | ({"allocation"} if cfg.allocation is None else set()))
     state = TrialState(config=config)
     saved = None
     if resume and (out / STATE_FILE).exists():

@@ -127,10 +127,57 @@ def test_save_and_restore_continue_exactly(tmp_path):
     assert b.trials_per_cell() == [3, 3, 3]
 
 
+USES = {"uniform": "target", "l1": "allocation"}
+
+
+def test_allocation_methods_get_shares_and_target_methods_one_trial_at_the_loosest_rates():
+    searcher = CellSearcher(CELLS, 3, RANGES, seed=0, budget_use=USES)
+    configs = run_all(searcher)
+    assert [c["cell"] for c in configs] == [0, 1, 2, 2, 2]  # the uniform cells run once
+    assert searcher.trials_per_cell() == [1, 1, 3]
+    for c in configs[:2]:
+        assert c["max_stage_prune"] == [0.8, 0.6, 0.5] and "allocation" not in c
+    study = searcher.studies[2]
+    for c, trial in zip(configs[2:], study.trials, strict=True):
+        raw = [trial.params[f"alloc_stage{s}"] for s in range(3)]
+        assert c["allocation"] == [a / sum(raw) for a in raw] and sum(c["allocation"]) == pytest.approx(1.0)
+        assert c["max_stage_prune"] == [trial.params[f"max_prune_stage{s}"] for s in range(3)]
+    assert len({tuple(c["allocation"]) for c in configs[2:]}) == 3
+
+
+def test_allocations_are_seeded_and_restored_exactly(tmp_path):
+    a, b = (run_all(CellSearcher(CELLS, 4, RANGES, seed=5, n_startup_trials=2, budget_use=USES)) for _ in "ab")
+    assert a == b
+    first = CellSearcher(CELLS, 4, RANGES, seed=5, n_startup_trials=2, budget_use=USES)
+    for i in range(3):
+        c = first.suggest(f"t{i}")
+        first.on_trial_complete(f"t{i}", final(0.5 + 0.01 * i, c["flops_target"]))
+    first.save(str(tmp_path / "s.pkl"))
+    second = CellSearcher(CELLS, 4, RANGES, seed=99)  # the budget uses come from the saved state too
+    second.restore(str(tmp_path / "s.pkl"))
+    assert run_all(first) == run_all(second)
+
+
+def test_a_searcher_pickled_without_budget_uses_keeps_choosing_the_maximum_rates():
+    old = CellSearcher(CELLS, 2, RANGES, seed=0)
+    del old.__dict__["budget_use"]  # as a searcher of an interrupted sweep saved before they existed
+    restored = pickle.loads(pickle.dumps(old))
+    configs = run_all(restored)
+    assert len(configs) == 6 and not any("allocation" in c for c in configs)
+
+
+def test_a_failed_redraw_falls_back_to_the_loosest_rates_and_equal_shares():
+    searcher = CellSearcher(CELLS[2:], 1, RANGES, seed=0, feasibility=lambda *_: 1.0, max_redraws=2, budget_use=USES)
+    config = searcher.suggest("a")
+    assert config["max_stage_prune"] == [0.8, 0.6, 0.5] and config["allocation"] == [1 / 3] * 3
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "nsga2"])
 def test_every_sampler_runs(sampler):
     configs = run_all(CellSearcher(CELLS[:1], 3, RANGES, sampler=sampler, seed=0, n_startup_trials=2))
     assert len(configs) == 3
+    configs = run_all(CellSearcher(CELLS[2:], 3, RANGES, sampler=sampler, seed=0, n_startup_trials=2, budget_use=USES))
+    assert len(configs) == 3 and all(len(c["allocation"]) == 3 for c in configs)
 
 
 def test_unknown_sampler_is_refused():

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from rayprune.cli import sweep_main as main
+from rayprune.methods.base import stage_rates
 from rayprune.orchestration.config import load_sweep, parse_sweep
 from rayprune.orchestration.search import FINAL_KEY
 from rayprune.orchestration.sweep import run_sweep
@@ -93,6 +94,17 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
     assert (
         sorted((float(r.data.params["flops_target"]), float(r.data.params["kd_weight"])) for r in trials) == cells
     )  # every cell, exactly once
+    for r in trials:  # the proposed allocation and the realised per-stage rates: params and parquet
+        params, final = r.data.params, final_rows[r.data.tags["rayprune.trial_id"]]
+        rates = final["source"]["stage_rates"]
+        assert rates == stage_rates(cfg.full_spec(), final["spec"]) and len(rates) == len(cfg.optuna.stage_prune)
+        assert [float(params[f"rate_stage{i}"]) for i in range(len(rates))] == rates
+        allocation = final["source"].get("allocation")
+        if cfg.budget_use()[params["method"]] == "allocation":
+            assert [float(params[f"alloc_stage{i}"]) for i in range(len(rates))] == allocation
+            assert sum(allocation) == pytest.approx(1.0)
+        else:
+            assert allocation is None and "alloc_stage0" not in params
     for run in trials:  # one metric point per reported step, even across a resume
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "steps_done")]
         assert sorted(steps) == list(range(len(steps))) and steps
@@ -429,14 +441,15 @@ def test_a_sweep_with_failed_trials_exits_non_zero_with_the_resume_command(tmp_p
 
 
 def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_ray, tmp_path, capsys):
-    # uniform ignores budgets that do not bind: both trials of the cell choose one subnet
+    # uniform ignores maximum rates that do not bind: with Optuna choosing them only (allocation off,
+    # so the cell runs 2 trials), both trials of the cell choose one subnet
     cfg = parse_sweep(
         mini_sweep(
             tmp_path,
             grid={"flops_targets": [0.5], "kd_weights": [0.0]},
             teacher=None,
             methods=[{"name": "uniform", "hparams": {"eval_epochs": 1}}],
-            optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.7, 0.8]] * 3},
+            optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.7, 0.8]] * 3, "allocation": False},
             recipes={"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
             max_concurrent_trials=1,
         )
@@ -466,6 +479,31 @@ def test_duplicate_specs_in_a_cell_are_trained_once_and_the_sweep_says_so(local_
     parent = MlflowClient(cfg.tracking.uri).get_run(outcome.parent_run_id)
     assert parent.data.tags["rayprune.budgets_do_not_bind.uniform_f0.5_kd0"] == "true"
     assert parent.data.metrics["cells/uniform_f0.5_kd0/reused_trials"] == 1
+
+
+def test_l1_trials_under_different_allocations_choose_different_subnets(local_ray, tmp_path, capsys):
+    # a quickstart l1 cell (digits, cifar_resnet:tiny at 8x8, its stage ranges): maximum rates alone
+    # rarely bind l1's global ranking (issue 20: 3 of the quickstart's 4 l1 cells chose one subnet);
+    # the allocation Optuna proposes moves it
+    cfg = parse_sweep(
+        mini_sweep(
+            tmp_path,
+            dataset={"name": "digits"},
+            input_size=8,
+            teacher=None,
+            methods=[{"name": "l1", "hparams": {"pretrain_epochs": 1, "bn_recal_batches": 1}}],
+            grid={"flops_targets": [0.5], "kd_weights": [0.0]},
+            optuna={"samples_per_cell": 2, "seed": 0, "stage_prune": [[0.2, 0.8]] * 3},
+            recipes={"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
+            finetune_front=False,
+        )
+    )
+    outcome = run_sweep(cfg)
+    assert outcome.complete
+    check_tracking(cfg, Path(outcome.experiment_path), cells=[(0.5, 0.0)] * 2)
+    out = capsys.readouterr().out
+    assert re.search(r"l1_f0.5_kd0\s+trials 2\s+distinct 2\s+reused 0\s+outside 0", out)
+    assert "all chose the same subnet" not in out
 
 
 @pytest.fixture(scope="module")

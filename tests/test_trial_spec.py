@@ -52,6 +52,15 @@ def test_the_trial_config_is_the_method_run():
     assert other.hparams == {}
 
 
+def test_an_allocation_travels_to_the_method_run():
+    wire = config(cell=CellKey("l1", 0.5, 0.0), allocation=[0.5, 0.25, 0.25])
+    assert wire["allocation"] == [0.5, 0.25, 0.25] and "allocation" not in config()
+    spec = TrialSpec.from_config(wire)
+    assert spec.allocation == (0.5, 0.25, 0.25) and spec.trial_config().allocation == [0.5, 0.25, 0.25]
+    assert TrialSpec.from_config(config()).allocation is None  # a config without one: the old behaviour
+    assert TrialSpec.from_config(config()).trial_config().allocation is None
+
+
 def test_a_config_saved_without_the_optional_keys_still_parses():
     old = {k: v for k, v in config().items() if k not in ("cpus_per_trial", "final_cache")}
     spec = TrialSpec.from_config(old)

@@ -7,12 +7,18 @@
 * Global ranking: :func:`filter_importance` scores every channel of every group from the trained
   full net's weights, :func:`removal_order` ranks them globally under the per-stage minimum
   widths, and :func:`fit_removals` bisects how many to drop to meet the target (l1, fpgm).
+* Allocated removal (a budget with an ``allocation``): each stage (l1, fpgm) or group (random)
+  gives up its channels in its own order at its own pace (:class:`RemovalQueue`);
+  :func:`merge_queues` interleaves them as one scalar ``k`` grows, and :func:`fit_into_window`
+  finds ``k`` by bisection on the exact MACs so the subnet lands in the target window.
 * :class:`RankedPruning`: the l1/fpgm method itself; a subclass only supplies the filter score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,9 +30,10 @@ from ..engine.data import Dataset
 from ..engine.train import TrainConfig, evaluate, fit, recalibrate_bn, recalibration_batches
 from ..engine.utils import derive_seed
 from ..errors import InputError
+from ..grid import TargetWindow
 from ..models.base import ChannelGroup, Spec, round_to
 from ..models.transfer import extract_subnet
-from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
+from .base import BudgetUse, Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
 Widths = dict[str, int]
 FilterScore = Callable[[torch.Tensor], torch.Tensor]  # [C_out, ...] weight -> [C_out] scores
@@ -179,10 +186,14 @@ def removal_order(importance: Mapping[str, torch.Tensor], mins: Widths) -> list[
     return order
 
 
-def keep_after(full_spec: Spec, order: list[tuple[str, int]], k: int) -> dict[str, torch.Tensor]:
-    """Kept channel indices per group after removing the first ``k`` channels of ``order``."""
+Channel = tuple[str, int]  # (channel group, channel index)
+Keep = dict[str, torch.Tensor]  # channel group -> the indices of its kept channels
+
+
+def keep_without(full_spec: Spec, removed: Sequence[Channel]) -> Keep:
+    """Kept channel indices per group after removing the channels ``removed``."""
     dropped: dict[str, set[int]] = {}
-    for g, i in order[:k]:
+    for g, i in removed:
         dropped.setdefault(g, set()).add(i)
     return {
         g.name: torch.tensor([i for i in range(g.width) if i not in dropped.get(g.name, ())], dtype=torch.long)
@@ -190,28 +201,121 @@ def keep_after(full_spec: Spec, order: list[tuple[str, int]], k: int) -> dict[st
     }
 
 
-def fit_removals(
-    full_spec: Spec, order: list[tuple[str, int]], target_macs: int, input_size: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Keep-indices after removing the *fewest* leading channels of ``order`` that meet the target.
+def keep_after(full_spec: Spec, order: list[Channel], k: int) -> dict[str, torch.Tensor]:
+    """Kept channel indices per group after removing the first ``k`` channels of ``order``."""
+    return keep_without(full_spec, order[:k])
+
+
+def widths_of(keep: Mapping[str, torch.Tensor]) -> Widths:
+    """Each group's width from its kept channel indices."""
+    return {g: int(idx.numel()) for g, idx in keep.items()}
+
+
+def macs_without(full_spec: Spec, removed: Sequence[Channel], input_size: int | None = None) -> int:
+    """The exact MACs of ``full_spec`` with the channels ``removed`` gone."""
+    widths = widths_of(keep_without(full_spec, removed))
+    return models.macs(models.with_widths(full_spec, widths), input_size)
+
+
+def fewest_removals(full_spec: Spec, order: list[Channel], target_macs: int, input_size: int | None = None) -> int:
+    """The fewest leading channels of ``order`` whose removal meets ``target_macs``.
 
     MACs only fall as more channels go, so the count is found by bisection.
     """
-
-    def macs_after(k: int) -> int:
-        widths = {g: int(idx.numel()) for g, idx in keep_after(full_spec, order, k).items()}
-        return models.macs(models.with_widths(full_spec, widths), input_size)
-
     lo, hi = 0, len(order)  # invariant: hi meets the target (all removable gone = the floor)
-    if macs_after(hi) > target_macs:
+    if macs_without(full_spec, order, input_size) > target_macs:
         raise InputError(
             "the FLOPs target is below the smallest subnet allowed by the per-stage limits; "
             "raise flops_target or max_stage_prune"
         )
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if macs_after(mid) <= target_macs else (mid + 1, hi)
-    return keep_after(full_spec, order, lo)
+        lo, hi = (lo, mid) if macs_without(full_spec, order[:mid], input_size) <= target_macs else (mid + 1, hi)
+    return lo
+
+
+def fit_removals(
+    full_spec: Spec, order: list[Channel], target_macs: int, input_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Keep-indices after removing the *fewest* leading channels of ``order`` that meet the target."""
+    return keep_after(full_spec, order, fewest_removals(full_spec, order, target_macs, input_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Allocated removal: per-stage (or per-group) rates scaled by one scalar
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemovalQueue:
+    """Channels one part of the net (a stage, or a channel group) gives up, first removed first,
+    at its own pace: its ``j``-th channel goes once the scale ``k`` reaches
+    ``j / (total * speed)``, i.e. when the part's rate ``j / total`` reaches ``k * speed``."""
+
+    channels: list[Channel]
+    total: int  # the part's full channel count: the denominator of its rate
+    speed: float  # its rate per unit of scale; 0: only once every part with a speed is done
+
+
+def merge_queues(queues: Sequence[RemovalQueue]) -> list[tuple[Channel, float]]:
+    """Every channel of ``queues`` in the order a growing scale ``k`` removes them, each with the
+    ``k`` at which it goes (inf for a queue without speed: those follow, by rate). Ties go to the
+    earlier queue, so the order is deterministic."""
+    keyed = []
+    for q_index, queue in enumerate(queues):
+        for j, channel in enumerate(queue.channels, start=1):
+            rate = j / queue.total
+            key = (0, rate / queue.speed) if queue.speed > 0 else (1, rate)
+            keyed.append((key, q_index, j, channel))
+    keyed.sort()
+    return [(channel, key[1] if key[0] == 0 else math.inf) for key, _, _, channel in keyed]
+
+
+def fit_into_window(
+    full_spec: Spec,
+    merged: list[tuple[Channel, float]],
+    target_macs: int,
+    low_macs: float,
+    input_size: int | None = None,
+) -> tuple[Keep, float]:
+    """Keep-indices and scale ``k`` of the subnet that removes ``merged``'s channels in order
+    until it meets ``target_macs``: the smallest ``k`` (the fewest leading channels, by
+    bisection on the exact MACs). One channel can weigh more than the window on a narrow net;
+    when the last one lands the subnet below ``low_macs`` it is kept, and the next channels in
+    order are removed instead, skipping any that would land below the window. When no such walk
+    reaches the window, the fewest leading channels stand (the record says where they landed)."""
+    order = [channel for channel, _ in merged]
+    n = fewest_removals(full_spec, order, target_macs, input_size)
+    if n == 0 or macs_without(full_spec, order[:n], input_size) >= low_macs:
+        return keep_after(full_spec, order, n), (merged[n - 1][1] if n else 0.0)
+    removed, scale = order[: n - 1], merged[n - 2][1] if n > 1 else 0.0
+    for channel, k in merged[n - 1 :]:
+        macs = macs_without(full_spec, [*removed, channel], input_size)
+        if macs < low_macs:
+            continue
+        removed.append(channel)
+        scale = k
+        if macs <= target_macs:
+            return keep_without(full_spec, removed), scale
+    return keep_after(full_spec, order, n), merged[n - 1][1]
+
+
+def stage_queues(
+    importance: Mapping[str, torch.Tensor], groups: list[ChannelGroup], mins: Widths, shares: list[float]
+) -> list[RemovalQueue]:
+    """One queue per stage: its channels in the method's own ranking (:func:`removal_order`
+    within the stage), at the pace ``S * share`` (``S`` stages)."""
+    queues = []
+    for stage, share in enumerate(shares):
+        members = [g for g in groups if g.stage == stage and g.name in importance]
+        order = removal_order({g.name: importance[g.name] for g in members}, mins)
+        queues.append(RemovalQueue(order, sum(g.width for g in members) or 1, len(shares) * share))
+    return queues
+
+
+def rounded_scale(scale: float) -> float | None:
+    """The fitted scale as a record stores it (None for inf: only zero-share stages were cut)."""
+    return None if math.isinf(scale) else round(scale, 6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,14 +359,22 @@ class RankedHparams(MethodHparams):
 class RankedPruning(RecordsMixin):
     """One step: take the trained full net (ctx.teacher's weights, else ``pretrain_epochs`` on
     search-train, checkpointed per epoch under ``workdir/pretrain`` so an interrupted step
-    resumes), score its filters, drop the globally least important channels until the FLOPs
-    target is met, slice the weights (:func:`extract_subnet`) and report the subnet's search-val
-    top-1 after BN recalibration. ``finalize`` fine-tunes from the sliced weights.
+    resumes), score its filters, drop the least important channels until the FLOPs target is
+    met, slice the weights (:func:`extract_subnet`) and report the subnet's search-val top-1
+    after BN recalibration. ``finalize`` fine-tunes from the sliced weights.
+
+    The budget: the per-stage maximum rates are hard floors. Without an ``allocation`` the
+    channels are ranked globally, and on most targets the floors never bind, so the budget does
+    not change the subnet. With one, the allocation decides how much each stage is pruned (its
+    rate ``k * S * share``, one scalar ``k`` fitted on the exact MACs into the target window,
+    :func:`fit_into_window`) and the score decides which channels of the stage go. The record's
+    ``alloc_scale`` is that ``k``.
 
     One step rather than two because orchestrators report ``best()`` after every step."""
 
     Hparams: ClassVar[type[MethodHparams]] = RankedHparams
     inherits_weights: ClassVar[bool] = True
+    budget_use: ClassVar[BudgetUse] = "allocation"
     score: ClassVar[staticmethod[[torch.Tensor], torch.Tensor]]  # a subclass sets score = staticmethod(fn)
     smoke: ClassVar[dict] = {"pretrain_epochs": 1, "bn_recal_batches": 2}
     hp: RankedHparams
@@ -313,8 +425,7 @@ class RankedPruning(RecordsMixin):
         ctx = self.ctx
         assert self.full_state is not None  # step() trains the full net first
         importance = filter_importance(self.full_state, models.tensor_axes(ctx.spec), type(self).score)
-        order = removal_order(importance, ctx.budget.min_widths(ctx.spec))
-        self.keep = fit_removals(ctx.spec, order, ctx.budget.target_macs(ctx.spec, ctx.input_size), ctx.input_size)
+        self.keep, source = self._choose_channels(importance)
         spec, state = extract_subnet(ctx.spec, self.full_state, self.keep)
         model = models.build(spec, seed=0).to(ctx.device)  # seeded: the init is overwritten anyway
         model.load_state_dict(state)
@@ -339,8 +450,22 @@ class RankedPruning(RecordsMixin):
                 progress=ctx.progress,
             )
         metrics = {"val_top1": val_top1(model, split[1], ctx)}
-        self.records.append(SubnetRecord.of(spec, metrics, self.name, 0, ctx.input_size, selection="global_rank"))
+        self.records.append(SubnetRecord.of(spec, metrics, self.name, 0, ctx.input_size, **source))
         return {**metrics, "macs_fraction": self.records[-1].macs / models.macs(ctx.spec, ctx.input_size)}
+
+    def _choose_channels(self, importance: Mapping[str, torch.Tensor]) -> tuple[Keep, dict[str, Any]]:
+        """Kept channels per group under the budget (see the class docstring), and what the
+        record says about the choice."""
+        ctx = self.ctx
+        mins, target = ctx.budget.min_widths(ctx.spec), ctx.budget.target_macs(ctx.spec, ctx.input_size)
+        shares = ctx.budget.stage_shares(ctx.spec)
+        if shares is None:
+            order = removal_order(importance, mins)
+            return fit_removals(ctx.spec, order, target, ctx.input_size), {"selection": "global_rank"}
+        queues = stage_queues(importance, models.channel_groups(ctx.spec), mins, shares)
+        low = TargetWindow(target).low_macs
+        keep, scale = fit_into_window(ctx.spec, merge_queues(queues), target, low, ctx.input_size)
+        return keep, {"selection": "stage_rank", "alloc_scale": rounded_scale(scale)}
 
     def initial_weights(self, record: SubnetRecord) -> dict[str, torch.Tensor] | None:
         """The full net's weights sliced to the kept channels (before any search-time tuning)."""

@@ -25,6 +25,10 @@ it like any sample and scores it on search-val; it is the method's result (never
 test). ``finalize`` fine-tunes it from its inherited weights (α folded in): CE in the efficient
 mode, KD from ``ctx.teacher`` in the robust mode. The deviations from the released code are
 listed, with their reasons, in the docstring of :class:`ASTHparams`.
+
+**The budget.** The FLOPs target fixes the calibration window (step 2); the per-stage maximum
+rates are hard floors on every group's width (``ctx.budget.min_widths``); an ``allocation`` is not
+used (ThreshNet and α decide how the pruning spreads over the stages).
 """
 
 from __future__ import annotations

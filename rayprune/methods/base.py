@@ -16,7 +16,7 @@ import abc
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -29,6 +29,8 @@ from ..models.base import Spec, SpecError, spec_hash
 # --------------------------------------------------------------------------------------------
 # Hyperparameters and budget
 # --------------------------------------------------------------------------------------------
+
+BudgetUse = Literal["max_rates", "allocation", "target"]
 
 
 class MethodHparams(BaseModel):
@@ -43,7 +45,13 @@ class Budget(BaseModel):
 
     * ``flops_target``: the subnet's MACs as a fraction of the unpruned MACs (0 < f <= 1).
     * ``max_stage_prune``: optional per-stage maximum pruning rate, the fraction of a stage's
-      channels (per channel group) that may be removed, in [0, 1).
+      channels (per channel group) that may be removed, in [0, 1): the hard floor of every width.
+    * ``allocation``: optional per-stage share of the pruning (one non-negative number per stage,
+      normalised to sum 1 by :meth:`stage_shares`), for the methods whose
+      :attr:`Method.budget_use` is ``"allocation"``: stage ``s`` is pruned at the rate
+      ``k * S * share_s`` (``S`` stages; capped by its maximum rate), with one scalar ``k`` fitted
+      on the exact MACs so the subnet lands in the target window. A zero share prunes that stage
+      only once every other stage is at its floor. None: the method's own global choice.
     * ``min_keep``: whatever the stage rates allow, no channel group keeps fewer than this
       fraction of its width (nor fewer than its divisor): a net whose stem or stage is cut to one
       channel is never a useful answer, and a floor stops mass-based samplers from collapsing.
@@ -53,6 +61,7 @@ class Budget(BaseModel):
 
     flops_target: float = Field(gt=0.0, le=1.0)
     max_stage_prune: list[float] | None = None
+    allocation: list[float] | None = None
     min_keep: float = Field(0.1, ge=0.0, lt=1.0)
 
     @field_validator("max_stage_prune")
@@ -63,6 +72,30 @@ class Budget(BaseModel):
                 if not (0.0 <= r < 1.0):
                     raise ValueError(f"max_stage_prune[{i}] must be in [0, 1), got {r}")
         return v
+
+    @field_validator("allocation")
+    @classmethod
+    def _shares_valid(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            for i, share in enumerate(v):
+                if not (math.isfinite(share) and share >= 0.0):
+                    raise ValueError(f"allocation[{i}] must be a finite share >= 0, got {share}")
+            if not any(share > 0 for share in v):
+                raise ValueError(f"allocation needs at least one positive share, got {v}")
+        return v
+
+    def stage_shares(self, full_spec: Spec) -> list[float] | None:
+        """The allocation normalised to sum 1, one share per stage of ``full_spec``; None without one."""
+        if self.allocation is None:
+            return None
+        stages = num_stages(full_spec)
+        if len(self.allocation) != stages:
+            raise SpecError(
+                f"allocation needs {stages} entries (one share per stage of the model), "
+                f"got {len(self.allocation)}: {self.allocation}"
+            )
+        total = sum(self.allocation)
+        return [share / total for share in self.allocation]
 
     def stage_rate(self, stage: int) -> float:
         if self.max_stage_prune is None:
@@ -79,7 +112,7 @@ class Budget(BaseModel):
         rate, but never below ``min_keep`` of the group's width, its divisor or one channel."""
         out = {}
         groups = models.channel_groups(full_spec)
-        stages = 1 + max(g.stage for g in groups)
+        stages = num_stages(full_spec)
         if self.max_stage_prune is not None and len(self.max_stage_prune) != stages:
             raise SpecError(
                 f"max_stage_prune needs {stages} entries (one rate per stage of the model), "
@@ -105,6 +138,25 @@ class Budget(BaseModel):
                 f"{self.max_stage_prune} the smallest width-pruned subnet still has {smallest / full:.3f} "
                 f"of the unpruned MACs; raise flops_target or the per-stage pruning rates"
             )
+
+
+def num_stages(spec: Spec) -> int:
+    """How many stages the channel groups of ``spec`` span."""
+    return 1 + max(g.stage for g in models.channel_groups(spec))
+
+
+def stage_rates(full_spec: Spec, spec: Spec) -> list[float]:
+    """The realised pruning rate of each stage of ``full_spec`` in its subnet ``spec``:
+    ``1 - kept / full`` channels, summed over the stage's channel groups (a block the subnet
+    dropped counts as pruned)."""
+    full = [0] * num_stages(full_spec)
+    kept = [0] * len(full)
+    for g in models.channel_groups(full_spec):
+        full[g.stage] += g.width
+    for g in models.channel_groups(spec):
+        if g.stage < len(kept):
+            kept[g.stage] += g.width
+    return [1.0 - k / f for k, f in zip(kept, full, strict=True)]
 
 
 def within_budget(
@@ -253,6 +305,10 @@ class Method(abc.ABC):
     finetune_defaults: ClassVar[dict[str, Any]] = {}
     #: Hyperparameters for a seconds-long run (the conformance suite, ``rayprune run --smoke``).
     smoke: ClassVar[dict[str, Any]]
+    #: What of the :class:`Budget` a sweep's Optuna study chooses for this method: ``"max_rates"``
+    #: (the per-stage maximum rates), ``"allocation"`` (those and a per-stage allocation) or
+    #: ``"target"`` (nothing: the FLOPs target alone fixes the subnet, so a cell runs once).
+    budget_use: ClassVar[BudgetUse] = "max_rates"
 
     def __init__(self, ctx: RunContext, hparams: MethodHparams | dict[str, Any] | None = None) -> None:
         self.ctx = ctx

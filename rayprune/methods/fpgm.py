@@ -5,7 +5,9 @@ filters: filters close to the geometric median can be represented by the rest an
 The paper prunes a fixed fraction per layer with soft (re-growable) pruning during training;
 here, like :mod:`rayprune.methods.l1`, channels are ranked *globally* (layer-mean normalised)
 and pruned hard once from the trained net to meet the FLOPs target, then fine-tuned from the
-inherited weights. See :class:`rayprune.methods._baseline.RankedPruning`.
+inherited weights. The budget: the per-stage maximum rates are hard floors; a budget ``allocation``
+fixes how much each stage is pruned, and the FPGM ranking then picks the channels within each
+stage. See :class:`rayprune.methods._baseline.RankedPruning`.
 """
 
 from __future__ import annotations

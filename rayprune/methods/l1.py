@@ -4,8 +4,10 @@ A filter's importance is the L1 norm of its weights in the trained unpruned net 
 else a short pre-training). Unlike the paper's per-layer sensitivity analysis, channels are
 ranked *globally* (scores normalised by their layer mean, averaged over a channel group's
 producers) and the least important are dropped until the FLOPs target is met; the subnet
-inherits the surviving weights and is fine-tuned by the shared engine. See
-:class:`rayprune.methods._baseline.RankedPruning` for the steps and hyperparameters.
+inherits the surviving weights and is fine-tuned by the shared engine. The budget: the per-stage
+maximum rates are hard floors; a budget ``allocation`` fixes how much each stage is pruned, and
+the L1 ranking then picks the channels within each stage. See
+:class:`rayprune.methods._baseline.RankedPruning` for the steps, the budget and the hyperparameters.
 """
 
 from __future__ import annotations

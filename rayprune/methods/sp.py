@@ -23,6 +23,10 @@ Pipeline (one :meth:`SP.step` per unit, so orchestrators can report and checkpoi
 :func:`proxy_rank_correlation` measures SP's central claim, the Kendall tau between the proxy
 and the accuracy of the same archs trained for real.
 
+**The budget.** The FLOPs target sets the search's window; the per-stage maximum rates are hard
+floors on every channel group's candidate widths (:class:`WidthSpace`); an ``allocation`` is not
+used (the evolutionary search decides how the pruning spreads over the stages).
+
 Choices for what the paper leaves open: MSE stage loss; ratio set {0.1, ..., 1.0}; a stage's
 input width is simulated by masking the teacher's input features with the previous stage's
 output width (so chained subnets see what they were trained on); KL at T=1 for the last stage;

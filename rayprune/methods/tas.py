@@ -36,6 +36,10 @@ Follows the paper and its reference code (D-X-Y/AutoDL-Projects, ``SearchCifarRe
   stride-1 1x1 conv + BN projection; the super-net has an identity (zero-padded add) there, as the
   reference code, and its expected MACs leave that projection out.
 
+**The budget.** The FLOPs target drives the cost loss and the choice of the genotype; the
+per-stage maximum rates are hard floors on the width candidates (above); an ``allocation`` is
+not used (the architecture logits decide how the pruning spreads over the stages).
+
 Expected result (paper, 600 search + 300 training epochs): ResNet-56 / CIFAR-10 at 47% of the
 MACs reaches 93.69% top-1 (5.95E7 MACs).
 """

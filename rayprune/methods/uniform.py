@@ -8,6 +8,11 @@ steps top it up (:func:`fill_to_window`): every method reports a subnet in ``[0.
 Nothing is learned about *which* channels matter, so the subnet is trained from scratch
 (``initial_weights`` is None) by the shared fine-tune.
 
+**The budget** is the FLOPs target alone: the per-stage maximum rates only clamp the widths as
+hard floors, and an ``allocation`` is not used (a uniform cut has one share for every group). So
+a sweep's Optuna study has nothing to choose for it and runs one trial per grid cell
+(``budget_use = "target"``), with the loosest maximum rates.
+
 One step: fit the multiplier, train the subnet ``eval_epochs`` from a seeded init on
 search-train and report its search-val top-1 (a cheap proxy; the comparable number is the final
 test accuracy after ``finalize``).
@@ -23,7 +28,7 @@ from .. import models
 from ..engine.utils import derive_seed
 from ..grid import TargetWindow
 from ._baseline import RecordsMixin, fill_to_window, fit_multiplier, train_and_score
-from .base import MethodHparams, StepResult, SubnetRecord
+from .base import BudgetUse, MethodHparams, StepResult, SubnetRecord
 
 
 class UniformHparams(MethodHparams):
@@ -36,6 +41,7 @@ class Uniform(RecordsMixin):
 
     name = "uniform"
     Hparams: ClassVar[type[MethodHparams]] = UniformHparams
+    budget_use: ClassVar[BudgetUse] = "target"
     smoke: ClassVar[dict] = {"eval_epochs": 1}
     hp: UniformHparams
 

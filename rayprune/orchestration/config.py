@@ -28,6 +28,7 @@ from ..engine.data import DATASETS
 from ..errors import RaypruneError, describe
 from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
+from ..methods.base import BudgetUse
 from ..models.base import Spec, SpecError
 from ..registry import UnknownNameError, unknown_name
 from ..tracking import SQLITE_PREFIX, sqlite_file
@@ -97,11 +98,15 @@ def _unique_in_range(values: list[float], low: float, high: float, what: str, lo
 
 
 class OptunaConfig(_Strict):
-    """How Optuna chooses the per-stage pruning-rate budgets inside each grid cell.
+    """How Optuna chooses the per-stage pruning budgets inside each grid cell.
 
     ``stage_prune`` holds one ``[low, high]`` range per stage of the model: the maximum fraction
     of a stage's channels a trial may remove is sampled from it. ``samples_per_cell`` trials run
     per (method, FLOPs target, KD weight) cell; ``seed`` makes the sampling reproducible.
+    ``allocation`` (on by default): for the methods that take one (l1, fpgm, random) Optuna also
+    proposes each stage's share of the pruning, and a method whose budget is its target alone
+    (uniform) runs once per cell; off: every method gets the maximum rates only, and
+    ``samples_per_cell`` trials (see :mod:`.search`).
     """
 
     sampler: Literal["tpe", "random", "gp", "nsga2"] = "tpe"
@@ -109,6 +114,7 @@ class OptunaConfig(_Strict):
     samples_per_cell: int = Field(default=1, ge=1)
     n_startup_trials: int = Field(default=4, ge=1)  # per cell, random before TPE/GP model the results
     stage_prune: list[tuple[float, float]]
+    allocation: bool = True
 
     @field_validator("stage_prune")
     @classmethod
@@ -218,8 +224,20 @@ class SweepConfig(_Strict):
         """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
         return [Cell(m.name, f, w) for m in self.methods for f in self.grid.flops_targets for w in self.grid.kd_weights]
 
+    def budget_use(self) -> dict[str, BudgetUse]:
+        """Per method, what its cells' Optuna studies choose (:attr:`.Method.budget_use`; the
+        maximum rates only when ``optuna.allocation`` is off)."""
+        return {m.name: get_method(m.name).budget_use if self.optuna.allocation else "max_rates" for m in self.methods}
+
     def num_trials(self) -> int:
-        return len(self.cells()) * self.optuna.samples_per_cell
+        use = self.budget_use()
+        return sum(cell_quota(use[c.method], self.optuna.samples_per_cell) for c in self.cells())
+
+
+def cell_quota(use: BudgetUse, samples_per_cell: int) -> int:
+    """How many trials a grid cell runs: one when its method's budget is its target alone
+    (``use == "target"``: every trial would choose the same subnet), else ``samples_per_cell``."""
+    return 1 if use == "target" else samples_per_cell
 
 
 class Cell(typing.NamedTuple):

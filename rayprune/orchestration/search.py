@@ -1,11 +1,19 @@
 """Which trials a sweep runs: one seeded Optuna study per grid cell, and per-cell ASHA.
 
 :class:`CellSearcher` is a Ray Tune ``Searcher``. A sweep's grid has one *cell* per (method,
-FLOPs target, KD weight); each cell gets exactly ``samples_per_cell`` trials, handed out round
-robin so every cell progresses together. Inside a cell an Optuna study picks the trial's
-per-stage maximum pruning rates (``max_stage_prune``) from the cell's earlier results: it
-maximises the search-val accuracy of the trial's chosen subnet, with the achieved MACs as a
-constraint (``macs / target - 1 <= 0``, Optuna 5 ``Trial.set_constraint``).
+FLOPs target, KD weight); each cell gets exactly its quota of trials (``samples_per_cell``, or
+one: see below), handed out round robin so every cell progresses together. Inside a cell an
+Optuna study picks the trial's budget from the cell's earlier results: it maximises the
+search-val accuracy of the trial's chosen subnet, with the achieved MACs as a constraint
+(``macs / target - 1 <= 0``, Optuna 5 ``Trial.set_constraint``). What it picks follows the
+method's :attr:`~rayprune.methods.base.Method.budget_use`:
+
+* ``max_rates`` (AST, TAS, SP): the per-stage maximum pruning rates (``max_prune_stage{i}``);
+* ``allocation`` (l1, fpgm, random): those, and the per-stage allocation (``alloc_stage{i}`` in
+  [0, 1], normalised to shares): with a global ranking the maximum rates rarely bind, so trials
+  under different rates would mostly choose one subnet; the allocation moves it;
+* ``target`` (uniform): nothing. The FLOPs target alone fixes its subnet, so its cell runs one
+  trial (not ``samples_per_cell``), with the loosest maximum rates.
 
 Why not Ray's ``OptunaSearch``: it keeps one study, never passes measured MACs to the
 constraint, and tells scheduler-stopped trials to Optuna as COMPLETE with a truncated accuracy.
@@ -20,7 +28,7 @@ not be stopped for being less accurate than those of a 0.9-FLOPs cell.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -29,8 +37,9 @@ from ray.tune.search import Searcher
 
 from .. import models
 from ..methods import Budget
+from ..methods.base import BudgetUse
 from ..models.base import Spec
-from .config import Cell
+from .config import Cell, cell_quota
 from .trial_spec import TrialSpec, sample_config
 
 if TYPE_CHECKING:
@@ -55,12 +64,15 @@ class _PickledState:
 
 
 class CellSearcher(_PickledState, Searcher):
-    """One seeded Optuna study per grid cell choosing ``max_stage_prune``.
+    """One seeded Optuna study per grid cell choosing the trial's budget (see the module docstring).
 
     Args:
         cells: the grid cells, in a fixed order (it fixes the round robin and the seeds).
-        samples_per_cell: trials per cell; ``suggest`` returns FINISHED after all of them.
+        samples_per_cell: trials per cell (one for a ``target`` method's cell); ``suggest``
+            returns FINISHED after all of them.
         stage_ranges: per stage, the ``(low, high)`` range of the maximum pruning rate.
+        budget_use: per method, what its study chooses (:attr:`.Method.budget_use`); a method
+            not named gets ``max_rates``.
         sampler: ``tpe``, ``random``, ``gp`` or ``nsga2``.
         seed: the sweep's seed; cell ``i``'s sampler is seeded from ``(seed, i)``.
         n_startup_trials: random trials per cell before TPE/GP model the results.
@@ -80,6 +92,7 @@ class CellSearcher(_PickledState, Searcher):
         n_startup_trials: int = 4,
         feasibility: Feasibility | None = None,
         max_redraws: int = 20,
+        budget_use: Mapping[str, BudgetUse] | None = None,
     ) -> None:
         super().__init__(metric=METRIC, mode="max")
         if samples_per_cell < 1:
@@ -89,9 +102,15 @@ class CellSearcher(_PickledState, Searcher):
         self.stage_ranges = [tuple(map(float, r)) for r in stage_ranges]
         self.feasibility = feasibility
         self.max_redraws = max_redraws
+        self.budget_use: dict[str, BudgetUse] = dict(budget_use or {})
         self.studies = [_make_study(sampler, _cell_seed(seed, i), n_startup_trials) for i in range(len(self.cells))]
         self.suggested = [0] * len(self.cells)
         self.pending: dict[str, tuple[int, optuna.trial.Trial]] = {}  # tune trial id -> (cell, optuna trial)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A searcher pickled by rayprune 0.1 (an interrupted sweep resumed now) has no budget_use:
+        # its trials keep choosing the maximum rates only.
+        self.__dict__.update({"budget_use": {}, **state})
 
     # -- Searcher API ----------------------------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -104,10 +123,10 @@ class CellSearcher(_PickledState, Searcher):
         if index is None:
             return Searcher.FINISHED
         cell = self.cells[index]
-        trial, rates = self._draw(index, cell)
+        trial, rates, allocation = self._draw(index, cell)
         self.suggested[index] += 1
         self.pending[trial_id] = (index, trial)
-        return sample_config(index, cell.key, rates, trial.number)
+        return sample_config(index, cell.key, rates, trial.number, allocation)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         entry = self.pending.pop(trial_id, None)
@@ -125,30 +144,45 @@ class CellSearcher(_PickledState, Searcher):
             study.tell(trial, float(result[self.metric]))
 
     # -- internals -------------------------------------------------------------------------------
-    def _next_cell(self) -> int | None:
-        """Round robin: the first cell with the fewest suggestions, until each has its quota."""
-        index = min(range(len(self.cells)), key=lambda i: (self.suggested[i], i), default=None)
-        if index is None or self.suggested[index] >= self.samples_per_cell:
-            return None
-        return index
+    def _use(self, cell: Cell) -> BudgetUse:
+        return self.budget_use.get(cell.method, "max_rates")
 
-    def _draw(self, index: int, cell: Cell) -> tuple[optuna.trial.Trial, list[float]]:
-        """Ask the cell's study for rates; tell unreachable ones as infeasible and redraw."""
-        study = self.studies[index]
-        for _ in range(self.max_redraws):
+    def _next_cell(self) -> int | None:
+        """Round robin: the first cell with the fewest suggestions among those below their quota."""
+        quotas = [cell_quota(self._use(cell), self.samples_per_cell) for cell in self.cells]
+        open_cells = [i for i, quota in enumerate(quotas) if self.suggested[i] < quota]
+        return min(open_cells, key=lambda i: (self.suggested[i], i), default=None)
+
+    def _draw(self, index: int, cell: Cell) -> tuple[optuna.trial.Trial, list[float], list[float] | None]:
+        """Ask the cell's study for a budget ``(trial, rates, allocation)``; tell unreachable ones as
+        infeasible and redraw. A ``target`` method's cell gets the loosest rates, without asking."""
+        study, use = self.studies[index], self._use(cell)
+        for _ in range(self.max_redraws if use != "target" else 0):
             trial = study.ask()
-            rates = self._suggest_rates(trial)
+            rates, allocation = self._suggest_budget(trial, use)
             violation = self.feasibility(cell.flops_target, rates) if self.feasibility else 0.0
             if violation <= 0:
-                return trial, rates
+                return trial, rates, allocation
             trial.set_constraint("macs", violation)
             study.tell(trial, 0.0)  # never runs: the smallest subnet it allows is over the target
-        study.enqueue_trial({_param(s): high for s, (_, high) in enumerate(self.stage_ranges)})
+        study.enqueue_trial(self._loosest(use))
         trial = study.ask()
-        return trial, self._suggest_rates(trial)
+        return trial, *self._suggest_budget(trial, use)
 
-    def _suggest_rates(self, trial: optuna.trial.Trial) -> list[float]:
-        return [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)]
+    def _loosest(self, use: BudgetUse) -> dict[str, float]:
+        """The loosest budget's Optuna params: the highest rates, and equal shares."""
+        params = {_param(s): high for s, (_, high) in enumerate(self.stage_ranges)}
+        if use == "allocation":
+            params.update({_alloc_param(s): 1.0 for s in range(len(self.stage_ranges))})
+        return params
+
+    def _suggest_budget(self, trial: optuna.trial.Trial, use: BudgetUse) -> tuple[list[float], list[float] | None]:
+        rates = [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)]
+        if use != "allocation":
+            return rates, None
+        raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(self.stage_ranges))]
+        total = sum(raw)
+        return rates, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
 
     def trials_per_cell(self) -> list[int]:
         """How many trials each cell has been given so far."""
@@ -157,6 +191,10 @@ class CellSearcher(_PickledState, Searcher):
 
 def _param(stage: int) -> str:
     return f"max_prune_stage{stage}"
+
+
+def _alloc_param(stage: int) -> str:
+    return f"alloc_stage{stage}"
 
 
 def _violation(flops_fraction: float, flops_target: float) -> float:

@@ -175,7 +175,8 @@ def _drive(
         if resume:
             tracker.update_front()  # the fronts, plot and parquet as they stand
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
-        complete = results.num_terminated + results.num_errors == cfg.num_trials()
+        # max: a searcher restored from an older sweep may hand out more trials than the file now says
+        complete = results.num_terminated + results.num_errors == max(len(results), cfg.num_trials())
         failed = results.num_errors
         if complete:  # an interrupted sweep leaves it to the resume (the cache keeps it if it finished)
             tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
@@ -409,6 +410,7 @@ class TrackingCallback(tune.Callback):
             return
         spec = TrialSpec.from_config(trial.config)
         final = json.loads(last["final_record"])
+        self.tracker.log_trial_params(trial.trial_id, _rate_params(final))
         with _final_dir(trial.checkpoint) as final_dir:
             cell = _cell(spec.flops_target, spec.kd_weight)
             self.tracker.trial_finished(trial.trial_id, final, final_dir, "FINISHED", refresh_front=False, cell=cell)
@@ -459,7 +461,8 @@ def _replay_reported_steps(tracker: SweepTracker, experiment_path: str) -> None:
 
 
 def _trial_params(spec: TrialSpec) -> dict[str, Any]:
-    """Flat MLflow params of a trial: the cell, the budget and the method's hyperparameters."""
+    """Flat MLflow params of a trial: the cell, the budget (the maximum rates, and the proposed
+    allocation's shares as ``alloc_stage{i}`` when it has one) and the method's hyperparameters."""
     params: dict[str, Any] = {
         "method": spec.method,
         "flops_target": spec.flops_target,
@@ -468,9 +471,16 @@ def _trial_params(spec: TrialSpec) -> dict[str, Any]:
         "optuna_number": spec.optuna_number,
     }
     params.update({f"max_prune_stage{i}": r for i, r in enumerate(spec.max_stage_prune)})
+    params.update({f"alloc_stage{i}": a for i, a in enumerate(spec.allocation or ())})
     params.update({f"hp.{k}": v for k, v in spec.method_hparams.items()})
     params["seed"] = spec.seed
     return params
+
+
+def _rate_params(final: dict[str, Any]) -> dict[str, float]:
+    """The realised per-stage rates of a trial's final subnet (``source["stage_rates"]``) as the
+    MLflow params ``rate_stage{i}``."""
+    return {f"rate_stage{i}": r for i, r in enumerate(final["source"].get("stage_rates") or ())}
 
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:
@@ -526,6 +536,7 @@ def make_searcher(cfg: SweepConfig) -> CellSearcher:
         seed=cfg.optuna.seed,
         n_startup_trials=cfg.optuna.n_startup_trials,
         feasibility=Reachability(cfg.full_spec(), cfg.input_size),
+        budget_use=cfg.budget_use(),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ray import tune
 from .. import models
 from ..grid import CellKey, TargetWindow
 from ..methods import Method, StepResult, SubnetRecord
+from ..methods.base import stage_rates
 from ..methods.finetune import finetune_config, finetune_subnet, recipe_hash, recipe_of
 from ..runner import STATE_FILE, TrialState, build_method, drive, restore, save_subnet
 from .cache import FinalCache, cache_key
@@ -60,7 +62,18 @@ def run_tune_trial(config: dict[str, Any]) -> None:
     cache = FinalCache(spec.final_cache) if spec.final_cache else None
     record, weights = final_phase(method, cache, spec.cell, tune.get_context().get_trial_id())
     record.source["window"] = TargetWindow(spec.flops_target * unpruned).record(record.macs)
+    record.source.update(budget_record(method.ctx.spec, record.spec, spec.allocation))
     _report_final(method, record, weights, state, unpruned, spec)
+
+
+def budget_record(full_spec: models.Spec, spec: models.Spec, allocation: Sequence[float] | None) -> dict[str, Any]:
+    """What a trial's final record says about its budget: the realised per-stage rates of its
+    subnet, and the allocation proposed to it, if any (its own, also when the subnet's training
+    was reused from another trial)."""
+    record: dict[str, Any] = {"stage_rates": stage_rates(full_spec, spec)}
+    if allocation is not None:
+        record["allocation"] = list(allocation)
+    return record
 
 
 def final_phase(

@@ -31,9 +31,16 @@ def shared_config(
     return {"base": base, "hparams": hparams, "cpus_per_trial": cpus_per_trial, "final_cache": final_cache}
 
 
-def sample_config(cell_index: int, cell: CellKey, max_stage_prune: list[float], optuna_number: int) -> dict[str, Any]:
-    """The part the searcher chooses per trial: the grid cell (its index and key) and the budget."""
-    return {
+def sample_config(
+    cell_index: int,
+    cell: CellKey,
+    max_stage_prune: list[float],
+    optuna_number: int,
+    allocation: list[float] | None = None,
+) -> dict[str, Any]:
+    """The part the searcher chooses per trial: the grid cell (its index and key) and the budget
+    (``allocation``: the per-stage shares, summing to 1, for methods that take one; else no key)."""
+    config = {
         "cell": cell_index,
         "method": cell.method,
         "flops_target": cell.flops_target,
@@ -41,6 +48,9 @@ def sample_config(cell_index: int, cell: CellKey, max_stage_prune: list[float], 
         "max_stage_prune": max_stage_prune,
         "optuna_number": optuna_number,
     }
+    if allocation is not None:
+        config["allocation"] = allocation
+    return config
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class TrialSpec:
     kd_weight: float
     max_stage_prune: tuple[float, ...]
     optuna_number: int  # the trial's number in its cell's study; offsets the seed
+    allocation: tuple[float, ...] | None = None  # per-stage shares of the pruning; None: the method's own
     cpus_per_trial: float = 1
     final_cache: str | None = None  # root of the sweep's FinalCache; None: no cache
 
@@ -70,6 +81,7 @@ class TrialSpec:
             kd_weight=float(config["kd_weight"]),
             max_stage_prune=tuple(float(r) for r in config["max_stage_prune"]),
             optuna_number=int(config["optuna_number"]),
+            allocation=None if config.get("allocation") is None else tuple(float(a) for a in config["allocation"]),
             cpus_per_trial=float(config.get("cpus_per_trial", 1)),
             final_cache=config.get("final_cache"),
         )
@@ -99,5 +111,6 @@ class TrialSpec:
             flops_target=self.flops_target,
             kd_weight=self.kd_weight,
             max_stage_prune=list(self.max_stage_prune),
+            allocation=None if self.allocation is None else list(self.allocation),
             seed=self.seed,
         )

@@ -178,6 +178,14 @@ class SweepTracker:
         self._remember_cell(trial_id, cell_of(params or {}))
         return self.runs.trial_run(trial_id, flatten_params(params or {}), run_name)
 
+    def log_trial_params(self, trial_id: str, params: dict[str, Any]) -> None:
+        """Add ``params`` known only once the trial ran (e.g. its subnet's realised rates) to its
+        run; keys the run already has keep their value (MLflow params are write-once)."""
+        if not params:
+            return
+        run_id = self._trial_run(str(trial_id))
+        self.runs.log_new_params(run_id, flatten_params(params), self.client.get_run(run_id).data.params)
+
     def log_step(
         self,
         trial_id: str,

@@ -9,7 +9,6 @@ tracking agree.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +16,6 @@ __all__ = ["WINDOW_LOW", "CellKey", "TargetWindow"]
 
 #: A reported subnet should have at least this fraction of its target's MACs.
 WINDOW_LOW = 0.9
-
-_CELL_NAME = re.compile(r"^(?P<method>.+)_f(?P<target>[0-9.e+-]+)_kd(?P<kd>[0-9.e+-]+)$")
 
 
 @dataclass(frozen=True)
@@ -32,14 +29,6 @@ class CellKey:
     def __str__(self) -> str:
         """The cell's name, safe in paths and MLflow keys: ``ast_f0.5_kd0.9``."""
         return f"{self.method}_f{self.flops_target:g}_kd{self.kd_weight:g}"
-
-    @classmethod
-    def parse(cls, name: str) -> CellKey:
-        """The key whose :meth:`__str__` is ``name``."""
-        match = _CELL_NAME.match(name)
-        if match is None:
-            raise ValueError(f"not a cell name: {name!r} (expected METHOD_fTARGET_kdWEIGHT)")
-        return cls(match["method"], float(match["target"]), float(match["kd"]))
 
 
 @dataclass(frozen=True)

@@ -76,4 +76,3 @@ def test_a_config_missing_its_cell_is_refused():
 def test_a_grid_cell_and_its_key_name_it_once():
     cell = Cell("ast", 0.5, 0.0)
     assert cell.key == CellKey("ast", 0.5, 0.0) and str(cell.key) == "ast_f0.5_kd0"
-    assert CellKey.parse(str(cell.key)) == cell.key

@@ -249,9 +249,13 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path
     # died (a race): whatever it got to, a new worker takes over from the last checkpoint. On a
     # loaded machine the driver can see that checkpoint only after the trial finished: the kill
     # then hits an idle worker, and the records must be those of an undisturbed trial.
+    # Tune may also keep only the restored worker's lines in result.json. Either way: steps never
+    # go back, 3 steps, one final, and the first line is step 1 or a restore from a checkpoint.
     if len({r["pid"] for r in results}) == 1:
-        assert [r["steps_done"] for r in results][:3] == [1, 2, 3]
-        assert [r[FINAL_KEY] for r in results].count(True) == 1 and results[-1][FINAL_KEY]
+        assert all(a["steps_done"] <= b["steps_done"] for a, b in itertools.pairwise(results))
+        assert results[-1]["steps_done"] == 3 and [r[FINAL_KEY] for r in results].count(True) == 1
+        first = results[0]
+        assert first["steps_done"] == 1 or first["steps_done"] > first["iterations_since_restore"]
         check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
         return
     assert len({r["pid"] for r in results}) == 2  # a new worker took over ...

@@ -256,7 +256,9 @@ def test_a_crashed_trial_is_retried_from_its_last_checkpoint(local_ray, tmp_path
         assert results[-1]["steps_done"] == 3 and [r[FINAL_KEY] for r in results].count(True) == 1
         first = results[0]
         assert first["steps_done"] == 1 or first["steps_done"] > first["iterations_since_restore"]
-        check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
+        if first["steps_done"] == 1:  # the whole history: the records must match it
+            check_tracking(cfg, experiment_path, cells=[(0.6, 0.0)])
+        # else result.json lost the killed worker's lines, which the store keeps: it is no reference
         return
     assert len({r["pid"] for r in results}) == 2  # a new worker took over ...
     first = next(i for i, r in enumerate(results) if r["pid"] != results[0]["pid"])

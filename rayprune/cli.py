@@ -240,11 +240,22 @@ class RunPrinter:
 
 
 #: What :func:`_add_training_args` adds that ``run`` and ``teacher`` pass on as it is, under its own name.
-TRAINING_OPTIONS = ("model", "shortcut", "dataset", "data_dir", "seed", "device", "train_subset", "test_subset")
+TRAINING_OPTIONS = (
+    "model",
+    "shortcut",
+    "dataset",
+    "data_dir",
+    "seed",
+    "device",
+    "train_subset",
+    "test_subset",
+    "input_size",
+)
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    options = {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    return {**options, "dataset_options": parse_assignments(args.data_option, "--data-option")}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -272,7 +283,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         finetune=finetune,
         teacher=args.teacher,
         max_steps=args.max_steps,
-        input_size=args.input_size,
         **_training_options(args),
     )
     cfg = validated(TrialConfig, options)
@@ -448,6 +458,19 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)"
     )
+    q.add_argument(
+        "--data-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dataset setting, repeatable (imagefolder: memory_limit_gb, mean, std, workers, cache_dir)",
+    )
+    q.add_argument(
+        "--input-size",
+        type=_positive_int,
+        default=None,
+        help="input resolution (imagefolder: the side images are fed at, default 224; else the dataset's)",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="cpu|cuda|cuda:N (default: cuda when available)")
     q.add_argument(
@@ -489,7 +512,6 @@ def _add_run(sub: argparse._SubParsersAction[Parser]) -> None:
         "--teacher-epochs", type=int, default=0, help="train a teacher first (when --kd-weight > 0 and no --teacher)"
     )
     r.add_argument("--max-steps", type=_positive_int, default=None, help="stop the search after this many steps")
-    r.add_argument("--input-size", type=_positive_int, default=None)
     r.add_argument("--no-resume", action="store_true", help="ignore a previous state in --out")
     r.add_argument("--out", required=True, help="output directory (resumed if it holds a previous run)")
 

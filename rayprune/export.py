@@ -271,8 +271,10 @@ def model_card(
             f"* scale: {p.get('scale', 'pixel / 255')} (values in [0, 1]), then per channel (x - mean) / std",
             f"* mean: `{[round(m, 6) for m in p['mean']]}`",
             f"* std: `{[round(x, 6) for x in p['std']]}`",
-            "",
         ]
+        if p.get("class_names"):
+            lines += [f"* classes (logit i is class i): `{list(p['class_names'])}`"]
+        lines += [""]
     else:
         lines += [f"* input {shape}, normalised like the training data (not recorded for this subnet)", ""]
     lines += [

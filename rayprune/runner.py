@@ -44,6 +44,7 @@ class TrialConfig(BaseModel):
     shortcut: str | None = None  # cifar_resnet shortcut kind for `model`
     dataset: str = "cifar10"
     data_dir: str | None = None
+    dataset_options: dict[str, Any] = Field(default_factory=dict)  # the dataset's own settings (imagefolder's)
     flops_target: float = Field(gt=0.0, le=1.0)
     kd_weight: float = Field(default=0.0, ge=0.0, le=1.0)
     kd_temperature: float = Field(default=4.0, gt=0.0)
@@ -142,12 +143,33 @@ def class_balanced_subset(ds: Any, n: int | None, seed: int, what: str = "subset
 
 
 def load_data(
-    dataset: str, data_dir: str | None, train_subset: int | None = None, test_subset: int | None = None, seed: int = 0
+    dataset: str,
+    data_dir: str | None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+    *,
+    input_size: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    train, test = load_dataset(dataset, data_dir)
+    """``(train, test)`` of ``dataset``, with class-balanced subsets when asked; ``input_size`` and
+    ``options`` go to a dataset that takes them (see :func:`~rayprune.engine.data.load_dataset`)."""
+    train, test = load_dataset(dataset, data_dir, input_size=input_size, **(options or {}))
     return (
         class_balanced_subset(train, train_subset, seed, "--train-subset"),
         class_balanced_subset(test, test_subset, seed, "--test-subset"),
+    )
+
+
+def trial_data(cfg: TrialConfig) -> tuple[Any, Any]:
+    """The ``(train, test)`` data of a trial."""
+    return load_data(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.train_subset,
+        cfg.test_subset,
+        input_size=cfg.input_size,
+        options=cfg.dataset_options,
     )
 
 
@@ -170,7 +192,7 @@ def build_method(
     device = resolve_device(cfg.device)
     finetune = validated(TrainConfig, cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
-    train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+    train, test = data if data is not None else trial_data(cfg)
     spec = resolve_spec(cfg, train.num_classes)
     if teacher is None and cfg.teacher:
         teacher = load_teacher(cfg.teacher, spec, device)
@@ -399,13 +421,14 @@ def run_trial(
         validated(TrainConfig, teacher_recipe)  # a bad recipe fails now, not after the data is loaded
         cfg = cfg.model_copy(update={"teacher": str(out / TEACHER_DIR)})
         train_first = not subnet_io.is_saved(out / TEACHER_DIR)  # a resumed run reuses its teacher
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+    data = trial_data(cfg)
     # Until the teacher is trained, an untrained net of the same spec stands in for it: the
     # method is built (and so validated) before anything is written.
     stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
-    # Without an allocation the key is left out, so state files that predate the field still match.
-    config = cfg.model_dump(exclude=RESUMABLE_CHANGES | ({"allocation"} if cfg.allocation is None else set()))
+    # Unset newer fields are left out, so state files that predate them still match.
+    unset = {"allocation"} if cfg.allocation is None else set()
+    config = cfg.model_dump(exclude=RESUMABLE_CHANGES | unset | (set() if cfg.dataset_options else {"dataset_options"}))
     state = TrialState(config=config)
     saved = None
     if resume and (out / STATE_FILE).exists():
@@ -421,6 +444,8 @@ def run_trial(
                 spec=cfg.spec,
                 shortcut=cfg.shortcut,
                 data_dir=cfg.data_dir,
+                dataset_options=cfg.dataset_options,
+                input_size=cfg.input_size,
                 seed=cfg.seed,
                 device=cfg.device,
                 recipe=teacher_recipe,
@@ -477,6 +502,8 @@ def train_teacher(
     spec: Spec | None = None,
     shortcut: str | None = None,
     data_dir: str | None = None,
+    dataset_options: dict[str, Any] | None = None,
+    input_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     recipe: dict[str, Any] | None = None,
@@ -490,7 +517,8 @@ def train_teacher(
     An existing complete teacher in ``out_dir`` is reused, so a resumed sweep never retrains it.
     Everything is validated (folder, device, recipe, data, spec) before any training or writing;
     the folder appears atomically when the teacher is done (its training checkpoint lives next to
-    it, in ``.<name>.ckpt``, until then). ``data``: ``(train, test)`` already loaded.
+    it, in ``.<name>.ckpt``, until then). ``data``: ``(train, test)`` already loaded; else
+    ``dataset_options`` and ``input_size`` go to a dataset that takes them (imagefolder).
 
     Raises:
         InputError: ``out_dir`` is a file, or a folder holding something other than a saved subnet.
@@ -506,7 +534,9 @@ def train_teacher(
         )
     device = resolve_device(device)
     train_cfg = validated(TrainConfig, recipe or {})
-    train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
+    if data is None:
+        data = load_data(dataset, data_dir, train_subset, test_subset, input_size=input_size, options=dataset_options)
+    train, test = data
     full = network_spec(model, spec, shortcut, dataset, train.num_classes)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
     fit(

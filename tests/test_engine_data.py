@@ -91,15 +91,15 @@ def test_missing_dataset_offline_says_where_it_looked_and_how_to_fix(tmp_path, m
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet, synthetic"):
+    with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagefolder, imagenet, synthetic"):
         load_dataset("mnist")
 
 
 def test_the_registry_knows_each_dataset_before_loading_it():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "imagenet", "synthetic"]
-    assert [DATASETS.get(n).num_classes for n in DATASETS] == [10, 100, 10, 1000, 10]
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "imagefolder", "imagenet", "synthetic"]
+    assert [DATASETS.get(n).num_classes for n in DATASETS] == [10, 100, 10, 2, 1000, 10]  # imagefolder: its folders'
     assert [n for n in DATASETS if DATASETS.get(n).downloads] == ["cifar10", "cifar100"]
-    assert [n for n in DATASETS if DATASETS.get(n).from_folder] == ["imagenet"]
+    assert [n for n in DATASETS if DATASETS.get(n).from_folder] == ["imagefolder", "imagenet"]
     for name in ("digits", "synthetic"):  # the offline ones: what the registry says is what loads
         info, (train, test) = DATASETS.get(name), load_dataset(name)
         assert (train.num_classes, train.input_size) == (info.num_classes, info.input_size)

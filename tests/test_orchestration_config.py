@@ -95,7 +95,11 @@ BAD = [
     ("modle", "x", "modle: unknown field; did you mean 'model'? allowed: name, dataset, model, spec,"),
     ("resources.gpu", -1, "resources.gpu: Input should be greater than or equal to 0"),
     ("resources.gpus", 1, "resources.gpus: unknown field; did you mean 'gpu'? allowed: cpu, gpu"),
-    ("dataset.name", "mnist", "dataset.name: Input should be 'cifar10', 'cifar100', 'digits', 'imagenet' or"),
+    (
+        "dataset.name",
+        "mnist",
+        "dataset.name: Input should be 'cifar10', 'cifar100', 'digits', 'imagefolder', 'imagenet' or",
+    ),
     ("tracking", None, "tracking: required field is missing"),
     ("scheduler", {"type": "pbt"}, "scheduler.type: Input should be 'asha'"),
     ("spec", {"family": "cifar_resnet"}, "set exactly one of model (FAMILY:VARIANT"),

@@ -21,6 +21,7 @@ from .data import (
     split_per_class,
     synthetic_dataset,
 )
+from .imagefolder import ImageFolderSet, StreamingFolderSet, load_imagefolder
 from .latency import measure_latency
 from .robust import CORRUPTIONS, robust_accuracy
 from .train import (
@@ -41,7 +42,9 @@ __all__ = [
     "DataError",
     "Dataset",
     "FolderDataset",
+    "ImageFolderSet",
     "Loader",
+    "StreamingFolderSet",
     "TrainConfig",
     "atomic_save",
     "autocast",
@@ -53,6 +56,7 @@ __all__ = [
     "kd_loss",
     "load",
     "load_dataset",
+    "load_imagefolder",
     "make_loader",
     "make_optimizer",
     "make_scheduler",

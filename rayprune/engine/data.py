@@ -14,6 +14,8 @@ Datasets (:data:`DATASETS`, a registry of :class:`DatasetInfo`; :func:`load_data
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images, offline), grey values 0..16
   scaled to 0..255 and repeated to 3 channels so every family's RGB stem works; a fixed
   stratified 80/20 train/test split (seed 0).
+* ``imagefolder``: your own ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` at any class
+  count (:mod:`rayprune.engine.imagefolder`).
 * ``imagenet``: ImageFolder trees ``imagenet/train`` and ``imagenet/val`` (see
   :class:`FolderDataset`); decoded by DataLoader workers, normalised on the device.
 * ``synthetic``: :func:`synthetic_dataset`, learnable class templates plus noise, for tests.
@@ -83,8 +85,9 @@ class DataError(RaypruneError):
     """Data is missing or malformed. The message says where we looked and how to fix it."""
 
 
-#: ``(data_dir, download) -> (train, test)``; ``download`` is None (when missing) or False (never).
-DatasetLoader = Callable[[str | Path | None, bool | None], tuple[Any, Any]]
+#: ``(data_dir, download, **options) -> (train, test)``; ``download`` is None (when missing) or False
+#: (never); ``options`` are those the dataset's :attr:`DatasetInfo.options` names.
+DatasetLoader = Callable[..., tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class DatasetInfo:
     input_size: int  # the images' side in pixels, the models' default input resolution
     from_folder: bool = False  # an ImageFolder tree: its classes are those of the folder
     downloads: bool = False  # fetched on first use when missing (so a sweep driver loads it once, up front)
+    options: tuple[str, ...] = ()  # keyword settings its loader takes (e.g. imagefolder's input_size)
+    check: Callable[[str | Path | None], Any] | None = None  # a cheap check of the data, before any work
 
 
 #: Every dataset :func:`load_dataset` knows, by name (the CLI help and sweep files read it too).
@@ -462,21 +467,40 @@ def synthetic_dataset(
     return train, test
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool | None = None) -> tuple[Any, Any]:
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool | None = None,
+    input_size: int | None = None,
+    **options: Any,
+) -> tuple[Any, Any]:
     """``(train, test)`` for one of :data:`DATASETS`.
 
     Args:
-        name: a registered dataset: ``cifar10``, ``cifar100``, ``digits``, ``imagenet``, ``synthetic``, ...
+        name: a registered dataset: ``cifar10``, ``cifar100``, ``digits``, ``imagefolder``, ``imagenet``, ...
         data_dir: where the data lives (default ``$RAYPRUNE_DATA_DIR``, then ``~/.cache/rayprune/data``).
         download: CIFAR only. ``None`` tries to download when missing, ``False`` never does.
+        input_size: the side the images are prepared at, for a dataset that takes it (imagefolder);
+            the others keep their own size.
+        options: the dataset's own settings (:attr:`DatasetInfo.options`).
 
     Raises:
         DataError: the data is missing and cannot be downloaded (the message says how to fix it).
-        InputError: unknown dataset name.
+        InputError: unknown dataset name, or options the dataset does not take.
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS.get(name).load(data_dir, download)
+    info = DATASETS.get(name)
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        takes = (
+            f"it takes {', '.join(k for k in info.options if k != 'input_size')}" if info.options else "it takes none"
+        )
+        raise InputError(f"dataset {name!r} has no option {', '.join(unknown)}; {takes}")
+    if "input_size" in info.options and input_size is not None:
+        options["input_size"] = input_size
+    return info.load(data_dir, download, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,6 +634,10 @@ def make_loader(
     device = resolve_device(device)
     if drop_last is None:
         drop_last = train and len(ds) >= batch_size
+    if hasattr(ds, "make_loader"):  # a dataset that brings its own loader (imagefolder's)
+        return ds.make_loader(
+            batch_size, train=train, device=device, seed=seed, drop_last=drop_last, normalize=normalize
+        )
     if isinstance(ds, FolderDataset):
         return FolderLoader(
             ds,  # type: ignore[arg-type]  # it has all that Loader.__init__ reads: channels, mean, std, len

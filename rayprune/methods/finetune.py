@@ -58,8 +58,9 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
 
 def preprocessing(ds: Any) -> dict[str, Any]:
     """The exact input a model trained on ``ds`` expects: uint8 pixels / 255, then per channel
-    ``(x - mean) / std``, NCHW, RGB channel order (grey images repeated over the channels)."""
-    return {
+    ``(x - mean) / std``, NCHW, RGB channel order (grey images repeated over the channels); and
+    ``class_names`` (logit ``i`` is class ``class_names[i]``) for a dataset that names its classes."""
+    out = {
         "input_size": int(ds.input_size),
         "channels": int(ds.channels),
         "layout": "NCHW",
@@ -68,6 +69,16 @@ def preprocessing(ds: Any) -> dict[str, Any]:
         "mean": [float(m) for m in ds.mean],
         "std": [float(s) for s in ds.std],
     }
+    if getattr(ds, "class_names", None):
+        out["class_names"] = [str(c) for c in ds.class_names]
+    return out
+
+
+def data_source(ds: Any) -> dict[str, Any]:
+    """How the training images were fed, for a dataset that has more than one way
+    (imagefolder: ``{"data_loading": "memory"}`` or ``"stream"``); else nothing."""
+    loading = getattr(ds, "loading", None)
+    return {"data_loading": loading} if loading else {}
 
 
 def measure(model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512) -> dict[str, float]:
@@ -134,6 +145,7 @@ def finetune_subnet(
             "recipe_hash": recipe_hash(recipe),
             "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None,
             "preprocessing": preprocessing(ctx.test),
+            **data_source(ctx.train),
         },
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

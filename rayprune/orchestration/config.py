@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .. import models
 from ..engine.data import DATASETS
+from ..engine.imagefolder import ImageFolderOptions
 from ..errors import RaypruneError, describe
 from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
@@ -50,11 +51,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetConfig(_Strict):
-    """Which data the trials use (``data_dir``: where it lives; None: the engine's default)."""
+class DatasetConfig(ImageFolderOptions):
+    """Which data the trials use (``data_dir``: where it lives; None: the engine's default), and
+    the imagefolder dataset's settings (:class:`~rayprune.engine.imagefolder.ImageFolderOptions`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: DatasetName  # one of engine.data.DATASETS
     data_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _options_it_takes(self) -> DatasetConfig:
+        given = sorted(self.options())
+        takes = DATASETS.get(self.name).options
+        wrong = [k for k in given if k not in takes]
+        if wrong:
+            raise ValueError(f"dataset {self.name!r} has no setting {', '.join(wrong)} (imagefolder's settings)")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The dataset's own settings that are set (what a trial's ``dataset_options`` holds)."""
+        return self.model_dump(mode="json", exclude={"name", "data_dir"}, exclude_none=True)
 
 
 class MethodEntry(_Strict):
@@ -325,8 +342,12 @@ def resolve_paths(cfg: SweepConfig) -> SweepConfig:
         "storage_path": _abs_storage(cfg.storage_path),
         "tracking": cfg.tracking.model_copy(update={"uri": _abs_tracking_uri(cfg.tracking.uri)}),
     }
-    if cfg.dataset.data_dir is not None:
-        update["dataset"] = cfg.dataset.model_copy(update={"data_dir": _abs(cfg.dataset.data_dir)})
+    dataset = {} if cfg.dataset.data_dir is None else {"data_dir": _abs(cfg.dataset.data_dir)}
+    if cfg.dataset.cache_dir is not None or "cache_dir" in DATASETS.get(cfg.dataset.name).options:
+        # Trials run in their own folders: one cache for all of them, where the sweep was started.
+        dataset["cache_dir"] = _abs(cfg.dataset.cache_dir or ".rayprune-cache")
+    if dataset:
+        update["dataset"] = cfg.dataset.model_copy(update=dataset)
     if isinstance(cfg.spec, str):
         update["spec"] = models.load_spec(_abs(cfg.spec))
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:

@@ -283,8 +283,11 @@ def _check_local_data(cfg: SweepConfig) -> None:
     here, so missing data is one :class:`DataError` line before Ray starts, and a download happens
     once, not per trial. (On a cluster each node has its own data; ImageNet folders are only
     scanned by the tasks.)"""
-    if DATASETS.get(cfg.dataset.name).downloads:
+    info = DATASETS.get(cfg.dataset.name)
+    if info.downloads:
         load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
+    elif info.check is not None:  # the user's folders: checked here, so bad data is one line before Ray starts
+        info.check(cfg.dataset.data_dir)
 
 
 def _check_local_resources(cfg: SweepConfig) -> None:
@@ -516,6 +519,7 @@ def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None =
         "shortcut": cfg.shortcut,
         "dataset": cfg.dataset.name,
         "data_dir": cfg.dataset.data_dir,
+        **({"dataset_options": cfg.dataset.options()} if cfg.dataset.options() else {}),
         "kd_temperature": cfg.kd_temperature,
         "seed": cfg.seed,
         "device": cfg.device,

@@ -129,6 +129,7 @@ def pick(args: argparse.Namespace) -> None:
             "weights": row["artifact_uri"],
             "registered_model": f"{model_name}@{args.mode}" if args.register else None,
         }
+        preprocessing = _preprocessing(row, base)
         staged = export_subnet(
             saved.spec,
             saved.state_dict,
@@ -138,10 +139,10 @@ def pick(args: argparse.Namespace) -> None:
             info=info,
             exporter=args.onnx_exporter,
             baseline=base,
-            preprocessing=_preprocessing(row, base),
+            preprocessing=preprocessing,
         )
         version = (
-            register_choice(client, parent, model_name, args.mode, staged, row, why, input_size)
+            register_choice(client, parent, model_name, args.mode, staged, row, why, input_size, preprocessing)
             if args.register
             else None
         )

@@ -39,6 +39,7 @@ def register_choice(
     row: dict[str, Any],
     description: str,
     input_size: int,
+    preprocessing: dict[str, Any] | None = None,
 ) -> Any:
     """Register an exported subnet as an MLflow model that ``mlflow.pyfunc`` loads and serves.
 
@@ -47,7 +48,10 @@ def register_choice(
     graph is logged with ``mlflow.onnx.log_model`` (no pickled code), with a signature (float32
     ``[-1, C, input_size, input_size]`` -> logits, ``input_size`` the side the subnet was trained
     at, which the export's ONNX input must have) and an input example of that shape; a model
-    version is created from it and ``model_name@alias`` points at it. Returns the ModelVersion."""
+    version is created from it and ``model_name@alias`` points at it. What a served model expects
+    (:func:`serving_contract`: input size, mean, std and, where known, class names) is in the
+    signature's params (their defaults; predict ignores them) and in the model's metadata.
+    Returns the ModelVersion."""
     import mlflow
     import mlflow.onnx
     import numpy as np
@@ -80,7 +84,9 @@ def register_choice(
         session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
         shape = example_shape(session.get_inputs()[0].shape, input_size)
         example = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        signature = infer_signature(example, {"logits": session.run(None, {session.get_inputs()[0].name: example})[0]})
+        contract = serving_contract(input_size, preprocessing)
+        logits = session.run(None, {session.get_inputs()[0].name: example})[0]
+        signature = infer_signature(example, {"logits": logits}, params=contract)
         # The registry resolves the logged model through the fluent tracking URI: all inside.
         with _fluent(client):
             with mlflow.start_run(run_id=run_id, nested=True):
@@ -92,6 +98,7 @@ def register_choice(
                     onnx_execution_providers=["CPUExecutionProvider"],
                     save_as_external_data=False,
                     pip_requirements=serving_requirements(),
+                    metadata={"rayprune_input": contract},
                 )
             try:
                 client.create_registered_model(model_name, description="rayprune operating points (pick)")
@@ -112,6 +119,16 @@ def register_choice(
         raise
     client.set_terminated(run_id, status="FINISHED")
     return version
+
+
+def serving_contract(input_size: int, preprocessing: dict[str, Any] | None) -> dict[str, Any]:
+    """What the served model expects: ``input_size`` and, from the record's ``preprocessing``,
+    ``mean``, ``std`` and ``class_names`` (the ones it records)."""
+    contract: dict[str, Any] = {"input_size": int(input_size)}
+    for key in ("mean", "std", "class_names"):
+        if (preprocessing or {}).get(key):
+            contract[key] = list(preprocessing[key])  # type: ignore[index]  # checked just above
+    return contract
 
 
 def example_shape(onnx_shape: list[Any], input_size: int) -> list[int]:

@@ -236,3 +236,31 @@ def test_bad_data_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out/, no .rayprune-cache/
     with pytest.raises(DataError):
         imagefolder.scan_tree(root)
+
+
+def test_a_sweep_file_takes_the_imagefolder_keys_and_hands_them_to_every_trial(tmp_path, monkeypatch):
+    import yaml
+
+    from rayprune.orchestration.config import SweepConfigError, parse_sweep
+    from rayprune.orchestration.sweep import param_space
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml").read_text())
+    assert "dataset_options" not in param_space(parse_sweep(raw), None)["base"]  # other datasets: as before
+    raw["dataset"] = {"name": "imagefolder", "data_dir": "imgs", "memory_limit_gb": 0.5, "mean": [0.5, 0.5, 0.5]}
+    raw["dataset"] |= {"std": [0.25, 0.25, 0.25], "workers": 2}
+    cfg = parse_sweep(raw)
+    options = {
+        "memory_limit_gb": 0.5,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "workers": 2,
+        "cache_dir": str(tmp_path / ".rayprune-cache"),  # one cache for every trial, where the sweep started
+    }
+    assert cfg.dataset.data_dir == str(tmp_path / "imgs") and cfg.dataset.options() == options
+    base = param_space(cfg, None)["base"]
+    assert base["dataset"] == "imagefolder" and base["dataset_options"] == options
+    assert TrialConfig(**base, method="uniform", flops_target=0.5).dataset_options == options
+    raw["dataset"] = {"name": "cifar10", "workers": 2}
+    with pytest.raises(SweepConfigError, match="dataset 'cifar10' has no setting workers"):
+        parse_sweep(raw)

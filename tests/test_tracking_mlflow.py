@@ -62,6 +62,7 @@ def record(name, step=0, **metrics):
     return SubnetRecord.of(spec(name), metrics, "uniform", step).to_dict()
 
 
+CLASS_NAMES = [f"c{i}" for i in range(10)]
 RECIPE = {"epochs": 3, "schedule": "cosine", "lr": 0.1, "batch_size": 64, "kd_weight": 0.0}
 
 
@@ -83,6 +84,7 @@ def tuned(name, step=0, **metrics):
             "scale": "pixel / 255",
             "mean": [0.5] * 3,
             "std": [0.25] * 3,
+            "class_names": CLASS_NAMES,
         },
     }
     return rec
@@ -384,6 +386,11 @@ def test_pick_exports_registers_an_onnx_model_that_pyfunc_loads(
     got = loaded.predict(x.numpy())["logits"]
     assert np.abs(got - want).max() <= 1e-4
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 3, 32, 32)
+    # the served model states what it expects: the signature's params and the model's metadata
+    contract = {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "class_names": CLASS_NAMES}
+    assert {p.name: p.default for p in loaded.metadata.signature.params} == contract
+    assert loaded.metadata.metadata["rayprune_input"] == contract
+    assert f"* classes (logit i is class i): `{CLASS_NAMES}`" in card
 
 
 def test_pick_no_register_writes_nothing_to_the_store(sweep, tmp_path, capsys):

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .. import models
 from ..engine.data import DATASETS
@@ -69,9 +78,14 @@ class DatasetConfig(ImageFolderOptions):
             raise ValueError(f"dataset {self.name!r} has no setting {', '.join(wrong)} (imagefolder's settings)")
         return self
 
+    @model_serializer(mode="wrap")
+    def _without_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset settings are left out, so a sweep on another dataset records (and resumes) as before.
+        return {k: v for k, v in handler(self).items() if k in ("name", "data_dir") or v is not None}
+
     def options(self) -> dict[str, Any]:
         """The dataset's own settings that are set (what a trial's ``dataset_options`` holds)."""
-        return self.model_dump(mode="json", exclude={"name", "data_dir"}, exclude_none=True)
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ("name", "data_dir")}
 
 
 class MethodEntry(_Strict):

@@ -264,3 +264,20 @@ def test_a_sweep_file_takes_the_imagefolder_keys_and_hands_them_to_every_trial(t
     raw["dataset"] = {"name": "cifar10", "workers": 2}
     with pytest.raises(SweepConfigError, match="dataset 'cifar10' has no setting workers"):
         parse_sweep(raw)
+
+
+def test_a_sweep_on_bad_images_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from rayprune.cli import sweep_main
+    from rayprune.testing.sweeps import mini_sweep
+
+    root = write_tree(tmp_path / "data", train=2, val=1)
+    needle = break_tree(root, "classes differ")
+    monkeypatch.chdir(tmp_path)
+    raw = mini_sweep(tmp_path, dataset={"name": "imagefolder", "data_dir": str(root)}, input_size=SIZE)
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(raw))
+    assert sweep_main(["--space", str(tmp_path / "mini.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayprune: error: imagefolder: the classes of") and needle in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mini.yaml"]  # no results, mlflow.db, cache

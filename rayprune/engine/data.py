@@ -494,10 +494,9 @@ def load_dataset(
     info = DATASETS.get(name)
     unknown = sorted(set(options) - set(info.options))
     if unknown:
-        takes = (
-            f"it takes {', '.join(k for k in info.options if k != 'input_size')}" if info.options else "it takes none"
-        )
-        raise InputError(f"dataset {name!r} has no option {', '.join(unknown)}; {takes}")
+        own = [k for k in info.options if k != "input_size"]
+        fix = f"use one of {', '.join(own)}" if own else "drop it (only imagefolder takes options)"
+        raise InputError(f"dataset {name!r} has no option {', '.join(unknown)}; {fix}")
     if "input_size" in info.options and input_size is not None:
         options["input_size"] = input_size
     return info.load(data_dir, download, **options)

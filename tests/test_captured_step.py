@@ -1,0 +1,135 @@
+"""The graph step (the function a CUDA graph captures), run uncaptured on the CPU, against the
+eager loop of ``fit``; and the plan that chooses between them, visible in the records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayprune import models
+from rayprune.engine import TrainConfig, fit, make_loader, synthetic_dataset
+from rayprune.engine.captured import CAPTURE_MIN_STEPS, CapturedForward, StepPlan, plan_step
+from rayprune.engine.data import Loader
+
+BATCH = 8
+SAMPLES = 14  # 2 batches an epoch: 8, then 6 padded to 8
+
+
+def _net(seed: int) -> torch.nn.Module:
+    return models.build(models.full_spec("cifar_resnet:tiny", num_classes=4), seed=seed)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / a.norm().clamp(min=1e-12))
+
+
+def _train(capture: bool, cfg: TrainConfig, train, teacher):
+    model = _net(seed=1)
+    snapshots = []
+
+    def snapshot(entry):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    loader = make_loader(train, BATCH, train=True, seed=5, drop_last=False)
+    history = fit(model, loader, cfg, teacher=teacher, seed=0, capture=capture, on_epoch=snapshot, progress=False)
+    return history, snapshots
+
+
+@pytest.fixture(scope="module")
+def runs():
+    train, _ = synthetic_dataset(n_train=SAMPLES, n_test=4, num_classes=4, size=16, seed=2)
+    teacher = _net(seed=7).eval()
+    cfg = TrainConfig(
+        epochs=2, batch_size=BATCH, lr=0.05, warmup_epochs=0.5, kd_weight=0.6, label_smoothing=0.1, grad_clip=2.0
+    )
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)  # one thread: the reductions of both runs add in the same order
+        return _train(False, cfg, train, teacher), _train(True, cfg, train, teacher)
+
+
+def test_graph_step_matches_the_eager_loop_across_an_epoch_boundary(runs):
+    (eager, eager_weights), (graph, graph_weights) = runs
+    assert eager.step == StepPlan("eager", "capture turned off", "padded")
+    assert graph.step.mode == "uncaptured" and graph.step.last_batch == "padded"
+    assert len(eager) == len(graph) == 2
+    for e, g in zip(eager, graph, strict=True):
+        assert abs(g["loss"] - e["loss"]) <= 1e-5 * abs(e["loss"])
+        assert g["lr"] == pytest.approx(e["lr"], rel=1e-6)
+    for epoch_e, epoch_g in zip(eager_weights, graph_weights, strict=True):
+        assert epoch_e.keys() == epoch_g.keys()
+        for name, tensor in epoch_e.items():
+            if tensor.is_floating_point():
+                assert _relative_error(tensor, epoch_g[name]) <= 1e-5, name
+            else:  # BN's num_batches_tracked: the padded batch counts once, as the ragged one does
+                assert torch.equal(tensor, epoch_g[name]), name
+
+
+def test_the_runs_trained(runs):
+    (_, eager_weights), _ = runs
+    start = _net(seed=1).state_dict()
+    floats = [k for k in start if start[k].is_floating_point()]
+    moved = [_relative_error(start[k], eager_weights[-1][k]) for k in floats]
+    assert min(moved) > 2e-5  # every tensor moved by more than the comparison's tolerance
+    overall = _relative_error(
+        torch.cat([start[k].flatten() for k in floats]), torch.cat([eager_weights[-1][k].flatten() for k in floats])
+    )
+    assert overall > 1e-2
+
+
+def test_a_padded_batch_normalises_over_its_real_samples_only():
+    """The padded rows hold real images (index 0): unmasked, they would shift BN's statistics."""
+    train, _ = synthetic_dataset(n_train=SAMPLES, n_test=4, num_classes=4, size=16, seed=2)
+    plain = TrainConfig(epochs=1, batch_size=16, lr=0.05)  # one padded batch of 14 real + 2 padding
+    a, b = _net(1), _net(1)
+    loader_a = make_loader(train, 16, train=True, seed=5, drop_last=False)
+    loader_b = make_loader(train, 16, train=True, seed=5, drop_last=False)
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        fit(a, loader_a, plain, capture=False, progress=False)
+        h = fit(b, loader_b, plain, capture=True, progress=False)
+    assert h.step.last_batch == "padded"
+    assert loader_b.batch_size * len(loader_b) == 16 != SAMPLES
+    for name, tensor in a.state_dict().items():
+        if tensor.is_floating_point():
+            assert _relative_error(tensor, b.state_dict()[name]) <= 1e-5, name
+
+
+def test_the_default_plan_falls_back_to_eager_on_the_cpu_and_says_why():
+    train, _ = synthetic_dataset(n_train=16, n_test=4, num_classes=4, size=16, seed=2)
+    history = fit(_net(1), train, TrainConfig(epochs=1, batch_size=BATCH), progress=False)
+    assert history.step.as_record() == {
+        "mode": "eager",
+        "reason": "cpu: CUDA graphs need a GPU",
+        "last_batch": "none",
+    }
+    assert history.step.describe() == "eager (cpu: CUDA graphs need a GPU)"
+
+
+def test_the_plan_on_cuda():
+    train, _ = synthetic_dataset(n_train=20, n_test=4, num_classes=4, size=16, seed=2)
+    loader = make_loader(train, BATCH, train=True)  # drops the ragged batch of 4
+    cuda, net = torch.device("cuda"), _net(1)
+    assert plan_step(net, loader, cuda, CAPTURE_MIN_STEPS) == StepPlan(
+        "captured", "device-resident data on CUDA", "dropped"
+    )
+    short = plan_step(net, loader, cuda, CAPTURE_MIN_STEPS - 1)
+    assert short.mode == "eager" and short.reason == f"199 steps, under the capture's break-even of {CAPTURE_MIN_STEPS}"
+    assert plan_step(net, loader, cuda, 10, capture=True).mode == "captured"
+    assert plan_step(net, loader, cuda, 10**4, custom_loss=True).reason == "a custom loss function"
+    assert plan_step(net, loader, cuda, 10**4, compile=True).reason == "torch.compile requested"
+
+    class Streaming(Loader):
+        pass
+
+    streaming = Streaming(train, BATCH, train=True, device=torch.device("cpu"), seed=0, drop_last=True)
+    assert plan_step(net, streaming, cuda, 10**4).reason == "a streaming loader: batches are not device-resident"
+
+
+def test_captured_forward_is_the_plain_call_on_the_cpu():
+    net = _net(1).eval()
+    x = torch.randn(2, 3, 16, 16)
+    forward = CapturedForward(net, x)
+    assert forward.graph is None
+    with torch.inference_mode():
+        assert torch.equal(forward(x), net(x))

@@ -3,6 +3,8 @@ eager loop of ``fit``; and the plan that chooses between them, visible in the re
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -133,3 +135,20 @@ def test_captured_forward_is_the_plain_call_on_the_cpu():
     assert forward.graph is None
     with torch.inference_mode():
         assert torch.equal(forward(x), net(x))
+
+
+def test_the_cli_and_the_record_say_how_the_fine_tune_ran(tmp_path, capsys):
+    from rayprune.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--method", "uniform", "--model", "cifar_resnet:tiny", "--dataset", "synthetic"]
+    args += ["--flops-target", "0.5", "--finetune", "epochs=1", "--smoke", "--out", str(out)]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "fine-tune steps: eager (cpu: CUDA graphs need a GPU)" in lines
+    result = json.loads((out / "result.json").read_text())
+    assert result["final"]["source"]["train_step"] == {
+        "mode": "eager",
+        "reason": "cpu: CUDA graphs need a GPU",
+        "last_batch": "none",
+    }

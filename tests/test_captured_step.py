@@ -152,3 +152,13 @@ def test_the_cli_and_the_record_say_how_the_fine_tune_ran(tmp_path, capsys):
         "reason": "cpu: CUDA graphs need a GPU",
         "last_batch": "none",
     }
+
+
+def test_captured_inference_on_the_cpu_gives_the_eager_numbers():
+    from rayprune.engine import evaluate, measure_latency
+
+    _, test = synthetic_dataset(n_train=4, n_test=20, num_classes=4, size=16, seed=2)
+    net = _net(1)
+    assert evaluate(net, test, batch_size=8, captured=True) == evaluate(net, test, batch_size=8)
+    timing = measure_latency(net, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2, captured=True)
+    assert sorted(timing) == ["latency_ms_b1_p50", "latency_ms_b1_p90", "latency_ms_b4_p50", "latency_ms_b4_p90"]

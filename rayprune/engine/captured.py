@@ -38,6 +38,7 @@ __all__ = [
     "GraphStep",
     "StepPlan",
     "TrainHistory",
+    "forward_fn",
     "fused_optimizer",
     "masked_kd_loss",
     "plan_step",
@@ -345,37 +346,41 @@ class GraphStep:
 
 class CapturedForward:
     """``model(x)`` in eval mode for one input shape, replayed from a CUDA graph on CUDA and a
-    plain call elsewhere: launch-bound small-batch inference costs one replay.
+    plain call elsewhere (or for another shape): launch-bound small-batch inference costs one replay.
 
     The graph reads a static input buffer: a call copies ``x`` into it and returns the static
-    output (overwritten by the next call; clone it to keep it).
+    output (overwritten by the next call; clone it to keep it). ``amp``: bf16 autocast on CUDA.
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, *, capture: bool | None = None) -> None:
-        self.model = model
-        self.captured = example.is_cuda if capture is None else capture and example.is_cuda
+    def __init__(
+        self, model: nn.Module, example: torch.Tensor, *, capture: bool | None = None, amp: bool = False
+    ) -> None:
+        self.model, self.amp = model, amp
         self.graph: torch.cuda.CUDAGraph | None = None
-        if not self.captured:
+        if not example.is_cuda or capture is False:
             return
         self.static_input = example.clone()
         side = torch.cuda.Stream(example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side), torch.inference_mode():
+        with torch.cuda.stream(side), torch.inference_mode(), _autocast(example.device, amp):
             for _ in range(WARMUP_STEPS):
                 model(self.static_input)
         torch.cuda.current_stream(example.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        with torch.cuda.graph(self.graph), torch.inference_mode(), _autocast(example.device, amp):
             self.static_output: torch.Tensor = model(self.static_input)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.graph is None:
-            return self.model(x)
+        if self.graph is None or x.shape != self.static_input.shape:
+            with _autocast(x.device, self.amp):
+                return self.model(x)
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output
 
 
-def forward_fn(model: nn.Module, example: torch.Tensor, captured: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The call that inference timing uses: the captured forward when asked (CUDA only), else the model."""
-    return CapturedForward(model, example) if captured else model
+def forward_fn(
+    model: nn.Module, example: torch.Tensor, captured: bool, amp: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The call inference uses: the captured forward when asked (a graph on CUDA only), else the model."""
+    return CapturedForward(model, example, amp=amp) if captured else model

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import InputError
-from . import captured
 from . import checkpoint as ckpt
+from .captured import GraphStep, TrainHistory, forward_fn, fused_optimizer, plan_step
 from .data import Loader, make_loader
 from .progress import label as progress_label
 from .utils import bn_layers, resolve_device
@@ -202,12 +202,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def evaluate(
-    model: nn.Module, data: Any, *, device: str | torch.device = "cpu", batch_size: int = 512, amp: bool = True
+    model: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 512,
+    amp: bool = True,
+    captured: bool = False,
 ) -> dict[str, float]:
     """Top-1, top-5 (``min(5, classes)``) accuracy as fractions and mean cross-entropy.
 
     ``data`` is a Dataset (evaluated in order, no augmentation) or a Loader. The model is put in
-    eval mode and restored afterwards; it is moved to ``device``.
+    eval mode and restored afterwards; it is moved to ``device``. ``captured``: full batches replay
+    one CUDA graph of the forward (CUDA only; the ragged last batch and the CPU run eagerly).
     """
     device = resolve_device(device)
     loader = _as_loader(data, batch_size, device, train=False)
@@ -217,9 +224,12 @@ def evaluate(
     correctk = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     n = 0
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     with _eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for x, y in loader:
-            logits = model(x).float()
+            if forward is None:  # the first batch has the full batch's shape
+                forward = forward_fn(model, x, captured, amp)
+            logits = forward(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             topk = logits.topk(k, dim=1).indices
             hits = topk == y[:, None]
@@ -302,7 +312,7 @@ class _Run:
             self.optimizer = make_optimizer(model, cfg)
         else:  # the graph step's optimizer: fused, its lr a device tensor
             groups = _param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias)
-            self.optimizer = captured.fused_optimizer(groups, cfg, fused_on)
+            self.optimizer = fused_optimizer(groups, cfg, fused_on)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(loader))
         self.history: list[dict[str, float]] = []
 
@@ -368,7 +378,7 @@ def fit(
     loss_fn: LossFn | None = None,
     on_epoch: Callable[[dict[str, float]], bool | None] | None = None,
     capture: bool | None = None,
-) -> captured.TrainHistory:
+) -> TrainHistory:
     """Train ``model`` in place and return the per-epoch history.
 
     Args:
@@ -406,7 +416,7 @@ def fit(
         raise InputError(f"fit: no training batches ({len(loader.dataset)} samples, batch_size {loader.batch_size})")
     step_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model  # compiling a Module gives one
     loss = _make_loss(cfg, teacher, loss_fn)
-    plan = captured.plan_step(
+    plan = plan_step(
         model,
         loader,
         device,
@@ -428,12 +438,12 @@ def fit(
         if plan.mode == "eager":
             train_epoch: Callable[[Any], float] = lambda bar: _train_epoch(run, step_model, loss, device, bar)  # noqa: E731
         else:
-            graph = captured.GraphStep(
+            graph = GraphStep(
                 model, loader, run.optimizer, run.scheduler, cfg, teacher=teacher, capture=plan.mode == "captured"
             )
             train_epoch = graph.train_epoch
         _epochs(run, train_epoch, device, val, path, progress, on_epoch)
-    return captured.TrainHistory(run.history, plan)
+    return TrainHistory(run.history, plan)
 
 
 def _epochs(

@@ -162,3 +162,66 @@ def test_captured_inference_on_the_cpu_gives_the_eager_numbers():
     assert evaluate(net, test, batch_size=8, captured=True) == evaluate(net, test, batch_size=8)
     timing = measure_latency(net, (3, 16, 16), batch_sizes=(1, 4), warmup=1, repeats=2, captured=True)
     assert sorted(timing) == ["latency_ms_b1_p50", "latency_ms_b1_p90", "latency_ms_b4_p50", "latency_ms_b4_p90"]
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["eager-then-graph", "graph-then-eager"])
+def test_a_run_resumed_with_the_other_step_matches_an_uninterrupted_one(tmp_path, first):
+    """A checkpoint of either step resumes in the other: the learning rates change kind (device
+    tensors of the fused optimizer, floats of the eager one) and the schedule goes on."""
+    train, _ = synthetic_dataset(n_train=SAMPLES, n_test=4, num_classes=4, size=16, seed=2)
+    cfg = TrainConfig(epochs=2, batch_size=BATCH, lr=0.05, warmup_epochs=0.5)
+
+    def run(capture, checkpoint_dir=None, stop_after_first=False):
+        model = _net(seed=1)
+        loader = make_loader(train, BATCH, train=True, seed=5, drop_last=False)
+        history = fit(
+            model,
+            loader,
+            cfg,
+            capture=capture,
+            checkpoint_dir=checkpoint_dir,
+            on_epoch=(lambda entry: True) if stop_after_first else None,
+            progress=False,
+        )
+        return model, history
+
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        whole, whole_history = run(not first)
+        run(first, tmp_path, stop_after_first=True)
+        resumed, history = run(not first, tmp_path)
+    assert [e["lr"] for e in history] == pytest.approx([e["lr"] for e in whole_history], rel=1e-6)
+    assert all(type(e["lr"]) is float for e in history)
+    for name, tensor in whole.state_dict().items():
+        if tensor.is_floating_point():
+            assert _relative_error(tensor, resumed.state_dict()[name]) <= 1e-5, name
+
+
+def test_loaded_learning_rates_take_the_kind_of_the_running_step():
+    """A fused optimizer loading an eager checkpoint gets float lrs back from torch: a captured
+    graph would freeze them, so they become device tensors again (and floats the other way)."""
+    from rayprune.engine.captured import fused_optimizer, match_lr_kind
+    from rayprune.engine.train import _param_groups, make_optimizer, make_scheduler
+
+    cfg = TrainConfig(epochs=2, lr=0.1)
+    net = _net(1)
+    eager = make_optimizer(net, cfg)
+    eager_schedule = make_scheduler(eager, cfg, 4)
+    eager.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
+    eager_schedule.step()
+    fused = fused_optimizer(_param_groups(net, cfg.weight_decay, True), cfg, torch.device("cpu"))
+    fused_schedule = make_scheduler(fused, cfg, 4)
+    fused.load_state_dict(eager.state_dict())
+    fused_schedule.load_state_dict(eager_schedule.state_dict())
+    assert not isinstance(fused.param_groups[0]["lr"], torch.Tensor)  # what torch gives back
+    match_lr_kind(fused, fused_schedule, torch.device("cpu"))
+    lrs = [g["lr"] for g in fused.param_groups]
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs) and all(g["fused"] for g in fused.param_groups)
+    assert [float(lr) for lr in lrs] == pytest.approx([g["lr"] for g in eager.param_groups])
+    fused_schedule.step()  # the schedule now fills the tensors in place
+    assert fused.param_groups[0]["lr"] is lrs[0]
+
+    eager.load_state_dict(fused.state_dict())
+    eager_schedule.load_state_dict(fused_schedule.state_dict())
+    match_lr_kind(eager, eager_schedule, None)
+    assert all(type(g["lr"]) is float and g["fused"] is None for g in eager.param_groups)

@@ -41,6 +41,7 @@ __all__ = [
     "forward_fn",
     "fused_optimizer",
     "masked_kd_loss",
+    "match_lr_kind",
     "plan_step",
 ]
 
@@ -151,6 +152,22 @@ def fused_optimizer(param_groups: list[dict[str, Any]], cfg: Any, device: torch.
         nesterov=cfg.nesterov and cfg.momentum > 0,
         fused=True,
     )
+
+
+def match_lr_kind(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, fused_on: torch.device | None
+) -> None:
+    """After loading a checkpoint written by the other step: the learning rates become device
+    tensors of a fused optimizer (``fused_on``) or plain floats of the eager one. A float lr in
+    a captured graph would be frozen at its capture-time value."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=fused_on) if fused_on is not None else lr
+        group["fused"] = True if fused_on is not None else None
+        if "initial_lr" in group:
+            group["initial_lr"] = float(group["initial_lr"])
+    scheduler.base_lrs = [float(b) for b in scheduler.base_lrs]
+    scheduler._last_lr = [float(b) for b in scheduler._last_lr]
 
 
 def masked_kd_loss(

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import checkpoint as ckpt
-from .captured import GraphStep, TrainHistory, forward_fn, fused_optimizer, plan_step
+from .captured import GraphStep, TrainHistory, forward_fn, fused_optimizer, match_lr_kind, plan_step
 from .data import Loader, make_loader
 from .progress import label as progress_label
 from .utils import bn_layers, resolve_device
@@ -307,7 +307,7 @@ class _Run:
     def __init__(
         self, model: nn.Module, loader: Loader, cfg: TrainConfig, seed: int, fused_on: torch.device | None = None
     ) -> None:
-        self.model, self.loader, self.cfg, self.seed = model, loader, cfg, seed
+        self.model, self.loader, self.cfg, self.seed, self.fused_on = model, loader, cfg, seed, fused_on
         if fused_on is None:
             self.optimizer = make_optimizer(model, cfg)
         else:  # the graph step's optimizer: fused, its lr a device tensor
@@ -338,6 +338,7 @@ class _Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        match_lr_kind(self.optimizer, self.scheduler, self.fused_on)  # the checkpoint's step may be the other one
         self.loader.load_state_dict(state["loader"])
         ckpt.restore_rng(state["rng"])
         self.history = list(state["history"])

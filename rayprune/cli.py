@@ -197,6 +197,11 @@ class RunPrinter:
             **{k: float(final["metrics"][k]) for k in _ACCURACIES if k in final["metrics"]},
             **{f"unpruned_{k}": float(v) for k, v in _scalars(unpruned.get("metrics", {})).items() if k in _ACCURACIES},
         }
+        train_step = (final.get("source") or {}).get("train_step")
+        if train_step:  # a fallback to the eager loop must be visible, with its reason
+            from .engine.captured import StepPlan
+
+            row["train_step"] = StepPlan(**train_step).describe()
         if self.as_json:
             self._emit(json.dumps(row))
         else:
@@ -230,6 +235,8 @@ class RunPrinter:
             if "unpruned_test_top1" in row
             else "\n(the unpruned net's accuracy is measured only when a teacher is trained or given)"
         )
+        if row.get("train_step"):
+            note += f"\nfine-tune steps: {row['train_step']}"
         return (
             f"\n{aligned([header, base, mine], left=1)}{note}\n"
             f"saved to {row['out']}: final/ (spec.json, weights.pt, metrics.json), subnets.jsonl, result.json"

@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu import common, stage_b  # noqa: E402  # importable once REPO is on sys.path
+from bench.gpu import common, stage_b, throughput  # noqa: E402  # importable once REPO is on sys.path
 
 META_KEYS = ("meta_git_sha", "meta_code_hash", "meta_torch", "meta_device", "meta_command", "time")
 
@@ -73,7 +73,7 @@ def smoke(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_runs_every_stage_and_records_meta(smoke):
     rows, stdout, _base = smoke
-    assert {r["stage"] for r in rows} == {"preflight", "A", "calibrate", "B", "C"}
+    assert {r["stage"] for r in rows} == {"preflight", "A", "calibrate", "packing", "B", "C"}
     for r in rows:
         for key in META_KEYS:
             assert key in r, (key, r["stage"])
@@ -84,6 +84,7 @@ def test_smoke_runs_every_stage_and_records_meta(smoke):
         "device",
         "engine",
         "method:ast",
+        "capture",
         "stage_b_config",
     }
     assert not [r for r in rows if r.get("error")]
@@ -94,7 +95,7 @@ def test_smoke_runs_every_stage_and_records_meta(smoke):
 
 def test_smoke_stage_a_interleaved_rows(smoke):
     rows, _, base = smoke
-    arms = [r for r in rows if r["stage"] == "A" and r.get("kind") == "arm"]
+    arms = [r for r in rows if r["stage"] == "A" and r.get("kind") == "arm" and r["phase"] == "eager"]
     assert {r["arm"] for r in arms} == {
         "reference/fp32/eager",
         "engine/fp32/eager",
@@ -105,12 +106,49 @@ def test_smoke_stage_a_interleaved_rows(smoke):
         for key in ("img_s", "step_ms", "epoch_s", "tflops"):
             assert finite(r[key]) and r[key] > 0, (r["arm"], key, r[key])
         assert r["rounds"] == 2 and len(r["img_s_all"]) == 2
-    ratios = [r for r in rows if r["stage"] == "A" and r.get("kind") == "ratio"]
+    ratios = [r for r in rows if r["stage"] == "A" and r.get("kind") == "ratio" and r["phase"] == "eager"]
     assert len(ratios) == 4 and all(finite(r["median_ratio"]) and r["median_ratio"] > 0 for r in ratios)
     cal = next(r for r in rows if r["stage"] == "calibrate")
     assert finite(cal["epoch_s"]) and cal["epoch_s"] > 0
     saved = json.loads((base / "kit" / common.STATE / "calibration.json").read_text())
     assert saved["epoch_s"] == pytest.approx(cal["epoch_s"])
+
+
+def test_smoke_stage_a_captured_phase(smoke):
+    """Per batch size: the unchanged reference loop (its source hash recorded), the eager engine and
+    the graph step (uncaptured on the CPU; torch.compile's reduce-overhead arm runs on CUDA only)."""
+    rows, stdout, _ = smoke
+    capture = [r for r in rows if r["stage"] == "A" and r.get("phase") == "capture"]
+    arms = {r["arm"] for r in capture if r.get("kind") == "arm"}
+    assert arms == {f"{loop}/b{b}" for b in (16, 32) for loop in ("reference/fp32/eager", "engine/bf16_cl/eager")} | {
+        f"engine/bf16_cl/captured/b{b}" for b in (16, 32)
+    }
+    for r in capture:
+        if r.get("kind") == "arm":
+            assert finite(r["img_s"]) and r["img_s"] > 0 and r["rounds"] == 2, r["arm"]
+            assert r["reference_hash"] == throughput.reference_source_hash()
+    ratios = [r for r in capture if r.get("kind") == "ratio"]
+    assert len(ratios) == 6 and all(finite(r["median_ratio"]) for r in ratios)
+    even = [r for r in capture if r.get("kind") == "break_even"]
+    assert [r["batch_size"] for r in even] == [16, 32]
+    assert all(finite(r["capture_s"]) and finite(r["captured_step_ms"]) for r in even)
+    assert "capture break-even at batch 16" in stdout
+
+
+def test_smoke_packing(smoke):
+    rows, stdout, _ = smoke
+    packed = [r for r in rows if r["stage"] == "packing"]
+    assert [(r["kind"], r["processes"], r["resources_gpu"]) for r in packed] == [
+        ("packing", 1, 1.0),
+        ("packing", 2, 0.5),
+    ]
+    for r in packed:
+        assert len(r["per_process_img_s"]) == r["processes"] and all(v > 0 for v in r["per_process_img_s"])
+        assert r["aggregate_img_s"] == pytest.approx(sum(r["per_process_img_s"]))
+        assert r["captured"] is False and r["max_reserved_mib_per_process"] is None  # the CPU: no graph, no GPU memory
+    assert packed[0]["speedup_vs_1"] == 1.0
+    assert packed[1]["speedup_vs_1"] == pytest.approx(packed[1]["aggregate_img_s"] / packed[0]["aggregate_img_s"])
+    assert "| processes | aggregate img/s |" in stdout
 
 
 def test_smoke_stage_b_arms(smoke):
@@ -145,6 +183,10 @@ def test_smoke_stage_c_latency(smoke):
     for r in nets:
         for key in ("macs_speedup", "speedup_b1", "speedup_b64", "latency_ms_b1_p50", "latency_ms_b64_p50"):
             assert finite(r[key]) and r[key] > 0, (r["net"], key)
+        for key in ("ort_ms_t1_p50", "ort_ms_t1_p90", "speedup_ort_t1"):  # ONNX Runtime, one thread
+            assert finite(r[key]) and r[key] > 0, (r["net"], key)
+        assert r["realised_b64"] == pytest.approx(r["speedup_b64"] / r["macs_speedup"])
+        assert r["realised_ort_t1"] == pytest.approx(r["speedup_ort_t1"] / r["macs_speedup"])
     assert {r["net"] for r in nets if r["group"] == "stage_b"} >= {f"B:{a['arm']}" for a in stage_b.ARMS}
 
 

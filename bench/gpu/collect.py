@@ -89,20 +89,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
                 f"{_f(r.get('robust_top1'), '.4f')} | {_f(r.get('macs_pct'), '.1f')} | {_f(r.get('steps_run'))} | "
                 f"{_f(r.get('wall_s'), '.0f')} | {tag} | {str(note)[:120]} |"
             )
-    c = [r for r in rows if r["stage"] == "C" and r.get("kind") in ("net", "reference")]
-    if c:
-        out.append(
-            "\n| stage C net | MACs % | MACs speed-up | b1 ms | b1 speed-up | b64 ms | b64 speed-up |\n"
-            "|---|---|---|---|---|---|---|"
-        )
-        for r in c:
-            ref = r.get("kind") == "reference"
-            out.append(
-                f"| {r['net']}{' (reference)' if ref else ''} | {_f(r.get('macs_pct', 100.0), '.1f')} | "
-                f"{_f(r.get('macs_speedup', 1.0), '.2f')} | {_f(r.get('latency_ms_b1_p50'), '.3f')} | "
-                f"{_f(r.get('speedup_b1', 1.0), '.2f')} | {_f(r.get('latency_ms_b64_p50'), '.3f')} | "
-                f"{_f(r.get('speedup_b64', 1.0), '.2f')} |"
-            )
+    out += _packing_lines(rows)
+    out += _latency_lines(rows)
     for r in rows:
         if r["stage"] == "C" and r.get("kind") == "drift":
             out.append(
@@ -113,6 +101,54 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for r in errors:
         out.append(f"ERROR in stage {r['stage']}: {r.get('error')}")
     return "\n".join(out)
+
+
+def _packing_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["stage"] == "A" and r.get("kind") == "break_even":
+            out.append(
+                f"\ncapture break-even at batch {r.get('batch_size')}: {_f(r.get('break_even_steps'), '.0f')} steps "
+                f"(capture {_f(r.get('capture_s'), '.2f')} s; step {_f(r.get('eager_step_ms'), '.2f')} ms eager, "
+                f"{_f(r.get('captured_step_ms'), '.2f')} ms captured)"
+            )
+    packed = [r for r in rows if r["stage"] == "packing" and r.get("kind") == "packing"]
+    if packed:
+        out.append(
+            "\n| processes | aggregate img/s | x one process | reserved MiB / process | resources.gpu |\n"
+            "|---|---|---|---|---|"
+        )
+        for r in packed:
+            out.append(
+                f"| {r['processes']} | {_f(r.get('aggregate_img_s'), '.0f')} | {_f(r.get('speedup_vs_1'), '.2f')} | "
+                f"{_f(r.get('max_reserved_mib_per_process'), '.0f')} | {r.get('resources_gpu')} |"
+            )
+    return out
+
+
+def _latency_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Stage C: per net, each timing's median ms and speed-up (and the realised fraction of the MACs speed-up)."""
+    c = [r for r in rows if r["stage"] == "C" and r.get("kind") in ("net", "reference")]
+    if not c:
+        return []
+    tags = [k.removeprefix("latency_ms_").removesuffix("_p50") for k in c[0] if k.startswith("latency_ms_b")]
+    tags = [t for t in tags if not t.endswith("_p90")]
+    tags += [f"ort_{k.removeprefix('ort_ms_').removesuffix('_p50')}" for k in c[0] if k.startswith("ort_ms_t")]
+    tags = [t for t in tags if not t.endswith("_p90")]
+    head = "| stage C net | MACs % | MACs speed-up | " + " | ".join(f"{t} ms (speed-up, realised)" for t in tags)
+    out = ["\n" + head + " |\n|" + "---|" * (3 + len(tags))]
+    for r in c:
+        ref = r.get("kind") == "reference"
+        cells = []
+        for t in tags:
+            ms = r.get(f"latency_ms_{t}_p50") if not t.startswith("ort_") else r.get(f"ort_ms_{t[4:]}_p50")
+            speed, realised = r.get(f"speedup_{t}", 1.0), r.get(f"realised_{t}", 1.0)
+            cells.append(f"{_f(ms, '.3f')} ({_f(speed, '.2f')}, {_f(realised, '.2f')})")
+        out.append(
+            f"| {r['net']}{' (reference)' if ref else ''} | {_f(r.get('macs_pct', 100.0), '.1f')} | "
+            f"{_f(r.get('macs_speedup', 1.0), '.2f')} | " + " | ".join(cells) + " |"
+        )
+    return out
 
 
 def slug(text: str) -> str:

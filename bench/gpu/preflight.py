@@ -9,7 +9,11 @@ Checks, each printed as one ``preflight: OK|FAIL <check>: ...`` line and recorde
    on-device corruption RNG) and latency (CUDA events) on a tiny net -- fatal on failure.
 4. ``method:<name>``: every registered method, one ``step()`` (forward + backward) and
    ``finalize()`` with its ``smoke`` settings on ``cifar_resnet:tiny`` and synthetic data.
-5. ``stage_b_config``: stage B's arms and recipes validated against the methods' schemas, so a
+5. ``capture``: ``SGD(fused=True)`` with a device-tensor learning rate replayed from a CUDA
+   graph updates like the eager optimizer and follows the tensor's new value; ``fit`` with
+   ``capture=True`` runs captured (the plan says so) to a finite loss; captured inference
+   matches the eager forward. Uncaptured on the CPU. Not fatal: the captured arms report errors.
+6. ``stage_b_config``: stage B's arms and recipes validated against the methods' schemas, so a
    renamed hyperparameter shows up in command 1, not at the end of command 3.
 
 Returns whether the stages may run (no fatal failure).
@@ -33,6 +37,7 @@ CORE_MODULES = [
     "rayprune.engine",
     "rayprune.engine.data",
     "rayprune.engine.train",
+    "rayprune.engine.captured",
     "rayprune.engine.robust",
     "rayprune.engine.latency",
     "rayprune.engine.checkpoint",
@@ -47,6 +52,7 @@ CORE_MODULES = [
     "bench.gpu.throughput",
     "bench.gpu.stage_b",
     "bench.gpu.stage_c",
+    "bench.gpu.packing",
 ]
 
 
@@ -188,6 +194,66 @@ def _method(name: str, device: str) -> dict[str, Any]:
     return {"step_metrics": len(result.metrics), "macs": final.record.macs, "test_top1": m["test_top1"]}
 
 
+def _fused_sgd_under_capture(device: str) -> dict[str, Any]:
+    """Two steps of fused SGD (lr a device tensor, changed between the steps) against plain SGD."""
+    import torch
+
+    dev = torch.device(device)
+    start = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    settings = {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    ref = torch.nn.Parameter(start.clone().to(dev))
+    ref_opt = torch.optim.SGD([ref], lr=0.1, **settings)
+    p = torch.nn.Parameter(start.clone().to(dev))
+    lr = torch.tensor(0.1, device=dev)
+    opt = torch.optim.SGD([p], lr=lr, fused=True, **settings)
+    p.grad, ref.grad = grad.to(dev), grad.to(dev)
+    opt.step()  # eager first step: creates the momentum buffer outside the graph
+    ref_opt.step()
+    lr.fill_(0.05)
+    ref_opt.param_groups[0]["lr"] = 0.05
+    captured = dev.type == "cuda"
+    if captured:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        graph.replay()
+        torch.cuda.synchronize()
+    else:
+        opt.step()
+    ref_opt.step()
+    diff = (p.detach() - ref.detach()).abs().max().item()
+    if not diff < 1e-5:
+        raise RuntimeError(f"fused SGD with a tensor lr{' under capture' if captured else ''} differs by {diff:.2e}")
+    return {"fused_sgd_max_diff": diff, "fused_sgd_captured": captured}
+
+
+def _capture(device: str) -> dict[str, Any]:
+    import torch
+
+    from rayprune import models
+    from rayprune.engine.captured import CapturedForward
+    from rayprune.engine.train import TrainConfig, fit
+
+    info = _fused_sgd_under_capture(device)
+    spec, train, _ = _tiny()
+    net = models.build(spec, seed=0)
+    hist = fit(net, train, TrainConfig(epochs=2, batch_size=32, lr=0.05), device=device, progress=False, capture=True)
+    if not math.isfinite(hist[-1]["loss"]):
+        raise FloatingPointError(f"non-finite loss from the graph step: {hist[-1]['loss']}")
+    expected = "captured" if device.startswith("cuda") else "uncaptured"
+    if hist.step.mode != expected:
+        raise RuntimeError(f"fit(capture=True) ran {hist.step.describe()}, expected {expected}")
+    net.eval()
+    x = torch.randn(8, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        forward = CapturedForward(net, x)
+        diff = (forward(x).float() - net(x).float()).abs().max().item()
+    if not diff < 1e-3:
+        raise RuntimeError(f"captured inference differs from the eager forward by {diff:.2e}")
+    return {**info, "graph_step": hist.step.describe(), "loss": round(hist[-1]["loss"], 4), "forward_max_diff": diff}
+
+
 def _stage_b_config(smoke: bool) -> dict[str, Any]:
     from .stage_b import ARMS, validate_config
 
@@ -213,6 +279,7 @@ def preflight(
 
     for name in methods or list(MODULES):
         failed += not _check(f"method:{name}", lambda name=name: _method(name, device), emit)
+    failed += not _check("capture", lambda: _capture(device), emit)
     failed += not _check("stage_b_config", lambda: _stage_b_config(smoke), emit)
     print(f"preflight: {'all checks OK' if not failed else f'{failed} check(s) FAILED (stages still run)'}", flush=True)
     return True, failed

@@ -8,9 +8,9 @@ Writes, under the git-ignored ``.gpukit/``:
 
 * ``part1``, ``part2``, ``part3``: CIFAR-10 in three parts (see ``common.PARTS``), each batch as
   losslessly transformed, xz-compressed uint8 images + labels + a manifest with checksums.
-* ``common/wheels``: pydantic and its dependencies for CPython 3.12 x86-64 (the GPU machine has no
-  pydantic); ``common/meta.json``: the git SHA, dirty flag and code hash at prepare time (``.git``
-  does not travel).
+* ``common/wheels``: pydantic and its dependencies, and onnxruntime (stage C), for CPython 3.12
+  x86-64 (the GPU machine has no pydantic); ``common/meta.json``: the git SHA, dirty flag and
+  code hash at prepare time (``.git`` does not travel).
 
 Then, for each of the three device commands, it adds the working tree's size (``git ls-files`` +
 untracked-not-ignored) to the sizes of the paths that command carries and refuses (exit 2, one
@@ -47,9 +47,22 @@ from bench.gpu.common import (
     tree_bytes,
 )
 
-# Packages the GPU machine lacks (pydantic) or may hold in too old a version for it.
-WHEEL_PACKAGES = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
+# Packages the GPU machine lacks (pydantic; onnxruntime for stage C's CPU latency) or may hold in
+# too old a version for it.
+WHEEL_PACKAGES = [
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "onnxruntime",
+    "flatbuffers",
+    "protobuf",
+]
 WHEEL_FALLBACK = {
+    "onnxruntime": "1.31.1",
+    "flatbuffers": "25.12.19",
+    "protobuf": "7.36.2",
     "pydantic": "2.14.3",
     "pydantic-core": "2.50.4",
     "annotated-types": "0.8.0",
@@ -72,8 +85,8 @@ PIP_PLATFORM = [
 
 # Timeouts for the device tool (seconds) and what each command does; run.py holds the budgets.
 COMMANDS = {
-    1: {"timeout_s": 300, "does": "install wheels, preflight, stage A (throughput on parts 1), calibration"},
-    2: {"timeout_s": 120, "does": "stage C on fixed specs (latency; needs no data)"},
+    1: {"timeout_s": 300, "does": "install wheels, preflight, stage A captured phase (parts 1), calibration"},
+    2: {"timeout_s": 240, "does": "packing (synthetic device data), stage C on fixed specs (no data needed)"},
     3: {"timeout_s": 480, "does": "reassemble CIFAR-10, stage B (teacher + 5 arms), stage C on stage B's nets"},
 }
 

@@ -2,8 +2,8 @@
 the carried wheels). Each command runs its stages in order and appends a JSON line to
 ``OUT/results.jsonl`` as soon as each row is done.
 
-    python3 bench/gpu/run.py --command 1 --out $OUT   # preflight, stage A, calibration (data part 1)
-    python3 bench/gpu/run.py --command 2 --out $OUT   # stage C on fixed specs (no data needed)
+    python3 bench/gpu/run.py --command 1 --out $OUT   # preflight, stage A's captured phase, calibration (part 1)
+    python3 bench/gpu/run.py --command 2 --out $OUT   # packing, stage C on fixed specs (no data needed)
     python3 bench/gpu/run.py --command 3 --out $OUT   # stage B on the full CIFAR-10, stage C on its nets
     python3 bench/gpu/run.py --command all --smoke --out /tmp/k   # everything, tiny, on CPU (the test)
 
@@ -36,13 +36,15 @@ from bench.gpu.common import (  # noqa: E402  # importable once the repo is on s
 )
 
 COMMANDS = {
-    "1": ["preflight", "A", "calibrate"],
-    "2": ["C_fixed"],
+    "1": ["preflight", "A_capture", "calibrate"],  # "A" (the eager and default-compile phases) on request
+    "2": ["packing", "C_fixed"],
     "3": ["B", "C"],
-    "all": ["preflight", "A", "calibrate", "C_fixed", "B", "C"],
+    "all": ["preflight", "A_capture", "A", "calibrate", "packing", "C_fixed", "B", "C"],
 }
 # Wall budgets (s) from process start; the device tool's timeout_s (prepare prints it) is larger.
-BUDGETS = {"1": 170.0, "2": 45.0, "3": 370.0, "all": None}
+BUDGETS = {"1": 200.0, "2": 180.0, "3": 300.0, "all": None}
+# Each stage's own cap (s), within the command's budget: a slow stage cannot starve the next one.
+STAGE_CAPS = {"A_capture": 140.0, "A": 70.0, "calibrate": 25.0, "packing": 110.0, "C_fixed": 60.0}
 CALIBRATION = "calibration.json"
 
 
@@ -82,6 +84,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "several times faster than spinning OpenMP threads)",
     )
     p.add_argument("--preflight-methods", default=None, help="comma list of methods preflight steps (default: all)")
+    p.add_argument("--no-stage-caps", action="store_true", help="stages share the command's budget without caps")
+    p.add_argument(
+        "--capture-batches", default=None, help="stage A's captured phase: comma list of batch sizes (default 128,512)"
+    )
     args = p.parse_args(argv)
     if args.stages is None and args.command is None:
         p.error("give --command 1|2|3|all or --stages")
@@ -108,6 +114,19 @@ class Kit:
         self.data_mode = args.data or ("synthetic" if args.smoke else "parts")
         self._data: tuple[Any, Any, dict] | None = None
         self.failed = 0
+        self.stage_cap: float | None = None
+        self.stage_start = time.perf_counter()
+
+    def start_stage(self, stage: str) -> None:
+        self.stage_start = time.perf_counter()
+        self.stage_cap = None if self.args.no_stage_caps else STAGE_CAPS.get(stage)
+
+    def left(self) -> float:
+        """Seconds left to the running stage: its cap or the command's budget, whichever is first."""
+        left = self.clock.left()
+        if self.stage_cap is not None:
+            left = min(left, self.stage_cap - (time.perf_counter() - self.stage_start))
+        return left
 
     def emit(self, stage: str, **row: Any) -> dict[str, Any]:
         if row.get("error") or row.get("ok") is False:
@@ -166,9 +185,54 @@ class Kit:
             rounds=a.rounds or (2 if self.smoke else 7),
             compile_settings=compile_settings,
             compile_budget_s=a.compile_budget_s,
-            left=lambda: self.clock.left() - 20,
+            left=lambda: self.left() - 20,
             workers=1 if self.smoke else None,
         )
+
+    def stage_a_capture(self) -> None:
+        import torch
+
+        from bench.gpu import throughput
+
+        train, _, info = self.data(need_test=False)
+        a = self.args
+        default_batches = "16,32" if self.smoke else "128,512"
+        throughput.capture_phase(
+            train,
+            torch.device(self.device),
+            lambda **r: self.emit("A", data=info["source"], **r),
+            model="cifar_resnet:tiny" if self.smoke else throughput.MODEL,
+            batch_sizes=tuple(int(b) for b in (a.capture_batches or default_batches).split(",")),
+            steps=a.steps or (3 if self.smoke else 40),
+            rounds=a.rounds or (2 if self.smoke else 5),
+            reduce_overhead=not (a.no_compile or self.device == "cpu"),
+            compile_limit_s=a.compile_budget_s,
+            left=self.left,
+            workers=1 if self.smoke else None,
+        )
+
+    def packing(self) -> None:
+        from bench.gpu import packing
+
+        emit = lambda **r: self.emit("packing", **r)  # noqa: E731  # a partial of self.emit
+        work = self.kit / STATE / "packing"
+        work.mkdir(parents=True, exist_ok=True)
+        if self.smoke:
+            packing.stage_packing(
+                self.device,
+                emit,
+                work,
+                processes=(1, 2),
+                model="cifar_resnet:tiny",
+                batch_size=16,
+                steps=2,
+                seconds=0.5,
+                warmup_s=2.0,  # a worker still importing then starts late (its row's late_start_s)
+                input_size=16,
+                left=self.left,
+            )
+        else:
+            packing.stage_packing(self.device, emit, work, left=self.left)
 
     def calibrate(self) -> None:
         import torch
@@ -217,11 +281,13 @@ class Kit:
                 fixed_models=("cifar_resnet:tiny",),
                 warmup=1,
                 repeats=3,
-                left=self.clock.left,
+                left=self.left,
                 input_size=16,
+                batch_sizes=(1, 64),
+                ort_threads=(1,),
             )
         else:
-            stage_c.stage_c_fixed(torch.device(self.device), emit, left=self.clock.left)
+            stage_c.stage_c_fixed(torch.device(self.device), emit, left=self.left)
 
     def stage_b(self) -> None:
         from bench.gpu import stage_b
@@ -234,7 +300,7 @@ class Kit:
             test,
             self.device,
             lambda **r: self.emit("B", **r),
-            left=self.clock.left,
+            left=self.left,
             epoch_s=epoch_s,
             epoch_source=source,
             smoke=self.smoke,
@@ -263,14 +329,17 @@ class Kit:
             warmup=1 if self.smoke else 10,
             input_size=train.input_size,
             repeats=3 if self.smoke else 50,
-            left=self.clock.left,
+            left=self.left,
             group="stage_b",
+            **({"batch_sizes": (1, 64), "ort_threads": (1,)} if self.smoke else {}),
         )
 
 
 STAGE_FUNCS = {
     "preflight": Kit.preflight,
+    "A_capture": Kit.stage_a_capture,
     "A": Kit.stage_a,
+    "packing": Kit.packing,
     "calibrate": Kit.calibrate,
     "C_fixed": Kit.stage_c_fixed,
     "B": Kit.stage_b,
@@ -301,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for stage in stages:
         t0 = time.perf_counter()
-        print(f"run: stage {stage} starts at {kit.clock.elapsed():.0f} s", flush=True)
+        kit.start_stage(stage)
+        print(f"run: stage {stage} starts at {kit.clock.elapsed():.0f} s (cap {kit.stage_cap} s)", flush=True)
         try:
             ok = STAGE_FUNCS[stage](kit)
         except FileNotFoundError as e:  # missing data parts: one clear line, the other stages still run

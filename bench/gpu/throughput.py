@@ -162,7 +162,8 @@ class EngineArm:
         """Seconds for one ``fit`` call of ``steps`` steps."""
         sync(self.device)
         t0 = time.perf_counter()
-        fit(self.net, self.data, self.cfg, device=self.device, seed=self.chunks, progress=False)
+        # capture=False: this arm is the eager engine however long a chunk is.
+        fit(self.net, self.data, self.cfg, device=self.device, seed=self.chunks, progress=False, capture=False)
         sync(self.device)
         self.chunks += 1
         return time.perf_counter() - t0
@@ -333,6 +334,7 @@ def compare(
         return []  # nothing compiled: the eager arms were measured in their own phase already
     times = interleave(ok, rounds, left)
     for arm in ok:
+        arm._times_median = statistics.median(times[arm.name])
         emit(**arm_row(arm, times[arm.name], macs, warm[arm.name], model))
     for num, den in ratios:
         if num in ok and den in ok:
@@ -426,4 +428,163 @@ def calibrate(
         "img_s": img_s,
         "epoch_s": IMAGES_PER_EPOCH / img_s,
         "device": str(device),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Captured engine and torch.compile(mode="reduce-overhead"): the launch-bound arms (issue 26)
+# --------------------------------------------------------------------------------------------
+
+
+def reference_source_hash() -> str:
+    """A hash of the reference loop's source: the rows say which loop every ratio is against."""
+    import hashlib
+    import inspect
+
+    parts = [inspect.getsource(obj) for obj in (ReferenceData, reference_transform, ReferenceArm)]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:12]
+
+
+class PersistentEngineArm:
+    """The engine's device-resident data path with one model and optimizer kept across chunks:
+    ``captured`` runs the graph step (CUDA graphs on CUDA, the capture done in the warm-up
+    chunk), otherwise ``torch.compile(mode="reduce-overhead")`` of the model with the eager
+    step. One chunk = one epoch of ``steps`` batches."""
+
+    loop = "engine"
+
+    def __init__(
+        self,
+        train: Dataset,
+        spec: dict,
+        setting: Setting,
+        steps: int,
+        batch_size: int,
+        device: torch.device,
+        captured: bool,
+    ) -> None:
+        from rayprune.engine.captured import GraphStep, fused_optimizer
+        from rayprune.engine.data import make_loader
+        from rayprune.engine.train import make_scheduler
+
+        self.setting, self.steps, self.batch_size, self.device = setting, steps, batch_size, device
+        self.captured = captured
+        data = train.subset(torch.arange(steps * batch_size) % len(train))
+        self.loader = make_loader(data, batch_size, train=True, device=device, seed=0)
+        self.cfg = chunk_config(setting, batch_size)
+        self.net = models.build(spec, seed=0).to(device)
+        if setting.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.chunks = 0
+        if captured:
+            groups = [{"params": list(self.net.parameters()), "weight_decay": self.cfg.weight_decay}]
+            opt = fused_optimizer(groups, self.cfg, device)
+            sched = make_scheduler(opt, self.cfg, len(self.loader))
+            self.graph = GraphStep(
+                self.net, self.loader, opt, sched, self.cfg, teacher=None, capture=device.type == "cuda"
+            )
+        else:
+            self.opt = make_optimizer(self.net, self.cfg)
+            self.step_model = torch.compile(self.net, mode="reduce-overhead")
+
+    @property
+    def name(self) -> str:
+        kind = "captured" if self.captured else "compile-reduce-overhead"
+        return f"engine/{self.setting.precision}{'_cl' if self.setting.channels_last else ''}/{kind}/b{self.batch_size}"
+
+    def chunk(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.loader.set_epoch(self.chunks)
+        if self.captured:
+            self.graph.train_epoch()
+        else:
+            self._compiled_epoch()
+        sync(self.device)
+        self.chunks += 1
+        return time.perf_counter() - t0
+
+    def _compiled_epoch(self) -> None:
+        self.net.train()
+        for x, y in self.loader:
+            with autocast(self.device, self.setting.amp):
+                loss = F.cross_entropy(self.step_model(x).float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+
+class BatchEngineArm(EngineArm):
+    """The eager engine arm, named with its batch size (the captured phase runs several)."""
+
+    @property
+    def name(self) -> str:
+        return f"engine/{self.setting.name}/b{self.batch_size}"
+
+
+class BatchReferenceArm(ReferenceArm):
+    """The unchanged reference loop, named with its batch size."""
+
+    @property
+    def name(self) -> str:
+        return f"reference/{self.setting.name}/b{self.batch_size}"
+
+
+def capture_phase(
+    train: Dataset,
+    device: torch.device,
+    emit: Callable[..., Any],
+    *,
+    model: str = MODEL,
+    batch_sizes: tuple[int, ...] = (128, 512),
+    steps: int = 40,
+    rounds: int = 5,
+    reduce_overhead: bool = True,
+    compile_limit_s: float = 90.0,
+    left: Callable[[], float] = lambda: float("inf"),
+    workers: int | None = None,
+) -> None:
+    """Per batch size, interleave the reference loop (fp32, unchanged), the eager engine, the
+    captured engine (bf16 + channels_last) and ``torch.compile(mode="reduce-overhead")``; rows
+    carry ``reference_hash``. The captured arm's warm-up chunk holds the capture: its excess over
+    a timed chunk is ``capture_s``, and ``break_even_steps`` = capture_s / (eager step - captured
+    step) is how many steps a run needs before capturing pays."""
+    spec = models.full_spec(model, num_classes=train.num_classes)
+    macs = models.macs(spec, train.input_size)
+    ref_hash = reference_source_hash()
+    for b in batch_sizes:
+        if left() < 20:
+            emit(kind="skipped", phase="capture", batch_size=b, reason=f"stage time left {left():.0f} s")
+            continue
+        ref = BatchReferenceArm(train, spec, FP32, steps, b, device, workers)
+        eager = BatchEngineArm(train, spec, BF16_CL, steps, b, device)
+        cap = PersistentEngineArm(train, spec, BF16_CL, steps, b, device, captured=True)
+        arms: list[Any] = [ref, eager, cap]
+        ratios = [(cap, ref), (cap, eager), (eager, ref)]
+        if reduce_overhead:
+            ro = PersistentEngineArm(train, spec, BF16_CL, steps, b, device, captured=False)
+            arms.append(ro)
+            ratios += [(ro, ref), (cap, ro)]
+
+        def limit(arm: Any) -> float | None:
+            return min(compile_limit_s, max(1.0, left() - 10)) if not getattr(arm, "captured", True) else None
+
+        tagged = lambda **r: emit(phase="capture", reference_hash=ref_hash, **r)  # noqa: E731
+        ran = compare(arms, ratios, rounds, macs, model, left, limit, tagged)
+        if cap in ran and eager in ran:
+            emit(phase="capture", **break_even_row(cap, eager, b))
+
+
+def break_even_row(cap: Any, eager: Any, batch_size: int) -> dict[str, Any]:
+    """Steps a run needs before the capture's one-time cost is repaid (None: capture is slower)."""
+    cap_chunk, eager_chunk = cap._times_median, eager._times_median
+    capture_s = max(0.0, cap._warm["warmup_s"] - cap_chunk)
+    saved_per_step = (eager_chunk - cap_chunk) / cap.steps
+    return {
+        "kind": "break_even",
+        "batch_size": batch_size,
+        "capture_s": capture_s,
+        "eager_step_ms": 1e3 * eager_chunk / eager.steps,
+        "captured_step_ms": 1e3 * cap_chunk / cap.steps,
+        "break_even_steps": capture_s / saved_per_step if saved_per_step > 0 else None,
     }

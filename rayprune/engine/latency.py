@@ -8,18 +8,19 @@ events (GPU time of the call, excluding host-side queueing before it).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .captured import forward_fn
 from .utils import resolve_device
 
 __all__ = ["measure_latency"]
 
 
-def _time_call_ms(model: nn.Module, x: torch.Tensor) -> float:
+def _time_call_ms(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
     if x.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -40,6 +41,7 @@ def measure_latency(
     batch_sizes: Sequence[int] = (1, 64),
     warmup: int = 5,
     repeats: int = 20,
+    captured: bool = False,
 ) -> dict[str, float]:
     """Latency in milliseconds for each batch size.
 
@@ -50,6 +52,7 @@ def measure_latency(
         batch_sizes: batch sizes to time.
         warmup: untimed calls per batch size first.
         repeats: timed calls per batch size.
+        captured: time a CUDA-graph replay of the forward (one graph per batch size; eager on the CPU).
 
     Returns:
         ``{"latency_ms_b<B>_p50": median, "latency_ms_b<B>_p90": 90th percentile, ...}``.
@@ -67,9 +70,10 @@ def measure_latency(
                 # A private generator: timing must not advance the caller's global RNG.
                 gen = torch.Generator().manual_seed(b)
                 x = torch.randn(b, *input_shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+                forward = forward_fn(model, x, captured)
                 for _ in range(warmup):
-                    model(x)
-                times = [_time_call_ms(model, x) for _ in range(repeats)]
+                    forward(x)
+                times = [_time_call_ms(forward, x) for _ in range(repeats)]
                 out[f"latency_ms_b{b}_p50"] = float(np.percentile(times, 50))
                 out[f"latency_ms_b{b}_p90"] = float(np.percentile(times, 90))
     finally:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import checkpoint as ckpt
+from .captured import GraphStep, TrainHistory, forward_fn, fused_optimizer, match_lr_kind, plan_step
 from .data import Loader, make_loader
 from .progress import label as progress_label
 from .utils import bn_layers, resolve_device
@@ -201,12 +202,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def evaluate(
-    model: nn.Module, data: Any, *, device: str | torch.device = "cpu", batch_size: int = 512, amp: bool = True
+    model: nn.Module,
+    data: Any,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 512,
+    amp: bool = True,
+    captured: bool = False,
 ) -> dict[str, float]:
     """Top-1, top-5 (``min(5, classes)``) accuracy as fractions and mean cross-entropy.
 
     ``data`` is a Dataset (evaluated in order, no augmentation) or a Loader. The model is put in
-    eval mode and restored afterwards; it is moved to ``device``.
+    eval mode and restored afterwards; it is moved to ``device``. ``captured``: full batches replay
+    one CUDA graph of the forward (CUDA only; the ragged last batch and the CPU run eagerly).
     """
     device = resolve_device(device)
     loader = _as_loader(data, batch_size, device, train=False)
@@ -216,9 +224,12 @@ def evaluate(
     correctk = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     n = 0
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     with _eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for x, y in loader:
-            logits = model(x).float()
+            if forward is None:  # the first batch has the full batch's shape
+                forward = forward_fn(model, x, captured, amp)
+            logits = forward(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             topk = logits.topk(k, dim=1).indices
             hits = topk == y[:, None]
@@ -293,9 +304,15 @@ def _make_loss(cfg: TrainConfig, teacher: nn.Module | None, loss_fn: LossFn | No
 class _Run:
     """The mutable state of one fit() call (model, optimizer, schedule, history), checkpointable."""
 
-    def __init__(self, model: nn.Module, loader: Loader, cfg: TrainConfig, seed: int) -> None:
-        self.model, self.loader, self.cfg, self.seed = model, loader, cfg, seed
-        self.optimizer = make_optimizer(model, cfg)
+    def __init__(
+        self, model: nn.Module, loader: Loader, cfg: TrainConfig, seed: int, fused_on: torch.device | None = None
+    ) -> None:
+        self.model, self.loader, self.cfg, self.seed, self.fused_on = model, loader, cfg, seed, fused_on
+        if fused_on is None:
+            self.optimizer = make_optimizer(model, cfg)
+        else:  # the graph step's optimizer: fused, its lr a device tensor
+            groups = _param_groups(model, cfg.weight_decay, cfg.no_decay_bn_bias)
+            self.optimizer = fused_optimizer(groups, cfg, fused_on)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(loader))
         self.history: list[dict[str, float]] = []
 
@@ -321,6 +338,7 @@ class _Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        match_lr_kind(self.optimizer, self.scheduler, self.fused_on)  # the checkpoint's step may be the other one
         self.loader.load_state_dict(state["loader"])
         ckpt.restore_rng(state["rng"])
         self.history = list(state["history"])
@@ -360,7 +378,8 @@ def fit(
     progress: bool | None = None,
     loss_fn: LossFn | None = None,
     on_epoch: Callable[[dict[str, float]], bool | None] | None = None,
-) -> list[dict[str, float]]:
+    capture: bool | None = None,
+) -> TrainHistory:
     """Train ``model`` in place and return the per-epoch history.
 
     Args:
@@ -375,10 +394,14 @@ def fit(
         progress: tqdm bar; ``None`` shows it only when stderr is a terminal.
         loss_fn: ``loss_fn(model, x, y) -> loss`` replaces the (KD-)cross-entropy.
         on_epoch: called with each epoch's history entry; returning True stops training early.
+        capture: the training step (see :func:`~rayprune.engine.captured.plan_step`): None captures
+            it in CUDA graphs where that pays (CUDA, device-resident data, a long enough run), True
+            runs the graph step wherever it can (uncaptured on the CPU), False keeps the eager loop.
 
     Returns:
         One dict per completed epoch: ``epoch`` (0-based), ``loss`` (mean train loss), ``lr`` (at the
-        epoch's end) and ``val_top1``/``val_loss`` when ``val`` is given.
+        epoch's end) and ``val_top1``/``val_loss`` when ``val`` is given; its ``step`` attribute
+        (a :class:`~rayprune.engine.captured.StepPlan`) says how the steps ran and why.
 
     Raises:
         FloatingPointError: the training loss became NaN/inf (lower the learning rate).
@@ -394,24 +417,39 @@ def fit(
         raise InputError(f"fit: no training batches ({len(loader.dataset)} samples, batch_size {loader.batch_size})")
     step_model = cast(nn.Module, torch.compile(model)) if cfg.compile else model  # compiling a Module gives one
     loss = _make_loss(cfg, teacher, loss_fn)
+    plan = plan_step(
+        model,
+        loader,
+        device,
+        cfg.epochs * len(loader),
+        capture=capture,
+        custom_loss=loss_fn is not None,
+        compile=cfg.compile,
+    )
     path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     # Fork the global RNGs: training is reproducible from `seed` and the caller's streams are untouched.
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        run = _Run(model, loader, cfg, seed)
+        run = _Run(model, loader, cfg, seed, fused_on=device if plan.mode != "eager" else None)
         if path is not None and path.exists():
             run.load_state_dict(
                 ckpt.safe_load(path, "training checkpoint", f"delete {path} to restart that training"), path
             )  # CPU: RNG states must stay CPU tensors
-        _epochs(run, step_model, loss, device, val, path, progress, on_epoch)
-    return run.history
+        if plan.mode == "eager":
+            train_epoch: Callable[[Any], float] = lambda bar: _train_epoch(run, step_model, loss, device, bar)  # noqa: E731
+        else:
+            graph = GraphStep(
+                model, loader, run.optimizer, run.scheduler, cfg, teacher=teacher, capture=plan.mode == "captured"
+            )
+            train_epoch = graph.train_epoch
+        _epochs(run, train_epoch, device, val, path, progress, on_epoch)
+    return TrainHistory(run.history, plan)
 
 
 def _epochs(
     run: _Run,
-    step_model: nn.Module,
-    loss: LossFn,
+    train_epoch: Callable[[Any], float],
     device: torch.device,
     val: Any,
     path: Path | None,
@@ -433,10 +471,10 @@ def _epochs(
     try:
         for epoch in range(len(run.history), cfg.epochs):
             run.loader.set_epoch(epoch)
-            mean_loss = _train_epoch(run, step_model, loss, device, bar)
+            mean_loss = train_epoch(bar)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training diverged in epoch {epoch} (loss {mean_loss}); lower the lr")
-            entry = {"epoch": epoch, "loss": mean_loss, "lr": run.optimizer.param_groups[0]["lr"]}
+            entry = {"epoch": epoch, "loss": mean_loss, "lr": float(run.optimizer.param_groups[0]["lr"])}
             if val is not None:
                 metrics = evaluate(run.model, val, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
                 entry.update(val_top1=metrics["top1"], val_loss=metrics["loss"])

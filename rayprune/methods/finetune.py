@@ -5,7 +5,9 @@ ranked together: ``source["recipe"]`` (the training recipe: epochs, schedule, lr
 ``source["recipe_tag"]`` (a short readable form of it), ``source["recipe_hash"]`` (a stable
 hash, part of the sweep's final-phase cache key), ``source["init"]`` (``"inherited"``: started
 from the weights the method gave the subnet; ``"scratch"``: a seeded fresh init) and
-``source["robust_suite"]`` (the version of the corruption suite behind ``robust_top1``).
+``source["robust_suite"]`` (the version of the corruption suite behind ``robust_top1``) and
+``source["train_step"]`` (how the fine-tune's steps ran: ``mode`` captured/uncaptured/eager,
+``reason``, ``last_batch`` dropped/padded/none).
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def finetune_subnet(
             "robust_suite": ROBUST_SUITE_VERSION if ctx.robust else None,
             "preprocessing": preprocessing(ctx.test),
             **data_source(ctx.train),
+            "train_step": history.step.as_record(),  # captured or eager, and why
         },
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -287,6 +287,7 @@ def read_results(result_file: Path) -> list[dict]:
     return [json.loads(line) for line in result_file.read_text().splitlines() if line]
 
 
+@pytest.mark.slow
 def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys, monkeypatch):
     """The real thing, end to end: `rayprune sweep` in its own process is SIGKILLed (no handler
     runs) once its first finished trial is published; `front` still shows that trial and says

@@ -27,7 +27,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# The fast subset while working (no sweeps, Ray, full method runs or ONNX exports): under a minute.
+# The fast subset while working (no sweeps, Ray, full method runs or ONNX exports); meant to take under a minute.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

@@ -1,9 +1,19 @@
 """Shared fixtures and the ``slow``/``ray`` markers (registered in pyproject.toml).
 
-``pytest -m "not slow"`` is the fast subset to run while working; ``make test`` runs everything.
+``pytest -m "not slow"`` (``make test-fast``) is the fast subset to run while working; ``make test``
+runs everything. A test module marks its own slow tests with ``@pytest.mark.slow``; a test using a
+fixture that starts Ray is marked ``ray`` and ``slow`` here.
 """
 
 from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,8 +22,6 @@ from rayprune.testing import tiny_spec as _tiny_spec
 
 #: Fixtures that start Ray: a test using one is marked ``ray`` (and ``slow``).
 RAY_FIXTURES = {"local_ray", "ray_head"}
-#: Slow tests (several seconds each on 2 CPU cores) in modules that carry no markers of their
-#: own; the other test modules mark theirs with ``@pytest.mark.slow``.
 
 
 @pytest.fixture
@@ -38,3 +46,63 @@ def pytest_collection_modifyitems(items):
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.slow)
+
+
+# --------------------------------------------------------------------------------------------
+# One MLflow schema migration per session
+# --------------------------------------------------------------------------------------------
+
+
+class _OneMigration:
+    """Replaces MLflow's table initializer for a fresh store: an SQLite file gets a copy of a
+    template store, migrated once on first use, instead of running every migration itself."""
+
+    def __init__(self, patch: pytest.MonkeyPatch, template: Path) -> None:
+        self.patch, self.template, self.lock = patch, template, threading.Lock()
+        self.installed = False
+        self.migrate: Callable[[Any], None] | None = None
+
+    def install(self) -> None:
+        from mlflow.store.db import utils
+        from mlflow.store.model_registry import sqlalchemy_store as registry_store
+
+        self.migrate = utils._initialize_tables
+        self.patch.setattr(utils, "_initialize_tables", self.initialize)
+        self.patch.setattr(registry_store, "_initialize_tables", self.initialize)
+        self.installed = True
+
+    def initialize(self, engine: Any) -> None:
+        assert self.migrate is not None
+        database = engine.url.database
+        if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            self.migrate(engine)
+            return
+        with self.lock:
+            if not self.template.exists():
+                import sqlalchemy
+
+                scratch = sqlalchemy.create_engine(f"sqlite:///{self.template}")
+                try:
+                    self.migrate(scratch)
+                finally:
+                    scratch.dispose()
+        with closing(sqlite3.connect(self.template)) as source, closing(sqlite3.connect(database)) as target:
+            source.backup(target)
+
+
+@pytest.fixture(scope="session")
+def _one_migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_OneMigration]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield _OneMigration(patch, tmp_path_factory.mktemp("mlflow") / "template.db")
+
+
+@pytest.fixture(autouse=True)
+def one_mlflow_migration_per_session(_one_migration: _OneMigration) -> None:
+    """A fresh MLflow SQLite store runs every schema migration MLflow ships (seconds on 2 cores, far
+    more on a loaded machine), and this suite creates dozens of stores in its own process. Each one
+    gets a copy of a store migrated once instead: the same tables at the same schema revision, so
+    rayprune's code runs exactly as against a store MLflow built itself, and a store is still
+    created only where MLflow would create one. Processes the tests start (servers, drivers, Ray
+    workers) migrate as usual. Installed once MLflow is imported: a session without it never loads it."""
+    if "mlflow" in sys.modules and not _one_migration.installed:
+        _one_migration.install()

@@ -54,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check, what: str, timeout: float = 90.0) -> None:
+def wait_for(check, what: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -148,11 +148,11 @@ def mlflow_server(s3, tmp_path_factory):
                 ["bash", "-c", command],
                 env=env,
                 check=True,
-                timeout=120,
+                timeout=300,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=120)
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=300)
         return int(pidfile.read_text())
 
     first = up()
@@ -165,7 +165,7 @@ def mlflow_server(s3, tmp_path_factory):
     finally:
         subprocess.run(["bash", "-c", commands[0]], env=env, timeout=60)  # the stop command alone
     # The stop command ends with SIGKILL; its delivery is asynchronous, so wait for it (bounded).
-    wait_for(lambda: not alive(second), "the stopped server's exit", timeout=15)
+    wait_for(lambda: not alive(second), "the stopped server's exit", timeout=60)
     assert not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")
 
 

@@ -224,6 +224,7 @@ def test_resolve_device():
 # -- convergence --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_resnet_learns_digits():
     train, test = load_dataset("digits")
     torch.manual_seed(0)

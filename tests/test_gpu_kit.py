@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu import common, stage_b, throughput  # noqa: E402  # importable once REPO is on sys.path
 
+# Ten of the twelve tests run a kit script in a fresh interpreter (the smoke run: every stage).
+pytestmark = pytest.mark.slow
+
 META_KEYS = ("meta_git_sha", "meta_code_hash", "meta_torch", "meta_device", "meta_command", "time")
 
 
@@ -70,7 +73,6 @@ def smoke(tmp_path_factory):
     return rows, res.stdout, base
 
 
-@pytest.mark.slow
 def test_smoke_runs_every_stage_and_records_meta(smoke):
     rows, stdout, _base = smoke
     assert {r["stage"] for r in rows} == {"preflight", "A", "calibrate", "packing", "B", "C"}

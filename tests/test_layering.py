@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "rayprune"
 CORE = ["models", "engine", "methods", "testing"]
 CORE_FILES = ["runner.py", "registry.py", "__init__.py"]
@@ -35,6 +37,7 @@ def test_core_sources_do_not_import_orchestration_libraries():
     assert len(core_files()) > 10  # the scan really covers the core
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_importing_the_core_and_every_method_loads_none_of_them():
     code = (
         "import sys, rayprune.models, rayprune.engine.train, rayprune.engine.data, rayprune.runner, rayprune.cli\n"

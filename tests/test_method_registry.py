@@ -22,6 +22,7 @@ def test_a_shipped_method_is_the_class_of_its_module_that_declares_its_name(name
     assert cls.__module__ == f"rayprune.methods.{MODULES[name]}"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_a_method_module_is_imported_only_when_the_method_is_asked_for():
     code = (
         "import sys\n"

@@ -72,7 +72,7 @@ def ray_head(tmp_path):
             head.wait()
 
 
-def _wait_until_up(address: str, head: subprocess.Popen, env: dict, timeout: float = 90) -> None:
+def _wait_until_up(address: str, head: subprocess.Popen, env: dict, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if head.poll() is not None:
@@ -110,7 +110,7 @@ def test_sweep_joins_a_running_cluster_with_address_auto(ray_head, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]

@@ -623,6 +623,7 @@ def test_fail_marks_the_parent_run_failed(tmp_path):
     assert tracker.client.get_run(parent).info.status == "RUNNING"
 
 
+@pytest.mark.slow  # a fresh interpreter importing mlflow
 def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path):
     code = (
         "import os, sys\n"

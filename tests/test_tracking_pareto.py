@@ -287,6 +287,7 @@ def test_format_table_shows_the_baseline_macs_percent_and_drop():
     assert len({len(line) for line in lines}) == 1  # right-aligned columns
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_pareto_module_needs_only_numpy():
     code = (
         "import sys, rayprune.tracking.pareto\n"

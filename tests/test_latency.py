@@ -4,6 +4,7 @@ one node, the node it picks, the store and MLflow carrying the record, and `fron
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +145,72 @@ def test_front_marks_a_latency_within_its_spread_of_the_baseline():
     assert table[-1] == LATENCY_LEGEND and LATENCY_LEGEND.startswith("~ after a latency: its spread")
     assert table[1].endswith("1.0000") and table[2].endswith("1.1000~") and table[3].endswith("0.5000")
     assert LATENCY_LEGEND not in format_table([clear], baseline=base)
+
+
+class Runs:
+    """What the tracker writes to MLflow, recorded (the sweep test checks the real runs)."""
+
+    parent = "parent-run"
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.params: dict[str, dict[str, str]] = {}
+        self.client = self
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        self.metrics.setdefault(run_id, {}).update(metrics)
+
+    def log_new_params(self, run_id: str, params: dict[str, str], logged: dict[str, str]) -> None:
+        self.params.setdefault(run_id, {}).update({k: v for k, v in params.items() if k not in logged})
+
+    def get_run(self, run_id: str) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(params=self.params.get(run_id, {})))
+
+
+def test_the_store_and_the_runs_carry_the_isolated_measurement(tmp_path):
+    """The tracker puts a re-measured latency in place of the first one: the store row (and the
+    Parquet file), the fine-tuned cell's run (metrics, latency_ms, latency.* params), the parent run."""
+    from rayprune.tracking.mlflow_tracker import SweepTracker
+    from rayprune.tracking.store import SubnetStore, record_row
+
+    full = models.full_spec("cifar_resnet:20")
+    unpruned = SubnetRecord.of(full, {"test_top1": 0.9}, "unpruned", 0, 32).to_dict()
+    base = record_row(unpruned, trial_id="unpruned", kind="unpruned")
+    stale = {"test_top1": 0.8, "latency_ms_b1_p50": 9.0, "latency_ms_b1_p90": 9.5}
+    tuned = SubnetRecord.of(quarter_width(full), stale, "l1", 3, 32).to_dict()
+    tuned["source"] = {"latency_shared_gpu": 0.25, "cache_key": "cell/k"}
+    cell = record_row(tuned, trial_id="t1", kind="finetuned", run_id="cell-run", flops_target=0.25, kd_weight=0.0)
+    tracker = SweepTracker.__new__(SweepTracker)  # no MLflow store: its writes go to Runs
+    tracker.store, tracker.runs = SubnetStore(tmp_path / "subnets.parquet", compact_every_s=30.0), Runs()
+    tracker.store.add([base, cell])
+    tracker.runs.sweep_id = "s"
+    tracker.runs.parent_run_id = "parent-run"
+    records = {
+        name: [LatencyRecord("torch", "cpu", b, 2, ms * b, ms * b + 1, 0.1, 5, 4, "vm (10.0.0.9)") for b in (1, 64)]
+        for name, ms in (("unpruned", 2.0), ("finetuned", 0.5))
+    }
+    for row in (base, cell):
+        update = as_update(records[row["kind"]])
+        tracker.log_latency(row, update["metrics"], update["latency"])
+
+    stored = {r["kind"]: r for r in SubnetStore(tmp_path / "subnets.parquet").rows()}
+    for kind in ("unpruned", "finetuned"):
+        assert records_from(stored[kind]["metrics"], stored[kind]["source"]["latency"]) == records[kind]
+    assert stored["finetuned"]["metrics"]["test_top1"] == 0.8 and stored["finetuned"]["source"] == {
+        "cache_key": "cell/k",
+        "latency": latency_mod.latency_setting(records["finetuned"]),
+    }
+    assert tracker.runs.metrics["cell-run"] == {**latency_mod.latency_metrics(records["finetuned"]), "latency_ms": 0.5}
+    assert tracker.runs.metrics["parent-run"] == {
+        f"unpruned_{k}": v for k, v in latency_mod.latency_metrics(records["unpruned"]).items()
+    }
+    params = {
+        "latency.backend": "torch",
+        "latency.device": "cpu",
+        "latency.threads": "2",
+        "latency.passes": "5",
+        "latency.repeats": "4",
+        "latency.node": "vm (10.0.0.9)",
+        "latency.batches": "[1, 64]",
+    }
+    assert tracker.runs.params == {"cell-run": params, "parent-run": params}

@@ -16,7 +16,6 @@ measurement.
 from __future__ import annotations
 
 import math
-import os
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +32,6 @@ from .utils import resolve_device
 __all__ = [
     "BACKENDS",
     "LatencyRecord",
-    "available_threads",
     "latency_metrics",
     "latency_setting",
     "measure_interleaved",
@@ -103,14 +101,6 @@ def records_from(metrics: Mapping[str, float], setting: Mapping[str, Any]) -> li
         )
         for b in setting["batches"]
     ]
-
-
-def available_threads() -> int:
-    """The CPUs this process may run on (its affinity mask, which Ray and taskset set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @contextmanager
@@ -198,7 +188,8 @@ def measure_interleaved(
         passes: rounds over all models per batch size.
         repeats: timed calls per model per pass.
         warmup: untimed calls per model and batch size first.
-        threads: CPU threads torch uses meanwhile (default :func:`available_threads`).
+        threads: CPU threads torch uses meanwhile (default: as many as it uses now, which Ray sets
+            to a task's CPUs through ``OMP_NUM_THREADS``).
         node: the machine's name in the records (default its host name).
 
     Returns:
@@ -207,7 +198,7 @@ def measure_interleaved(
     if passes < 1 or repeats < 1:
         raise ValueError(f"passes and repeats must be >= 1, got {passes} and {repeats}")
     dev = resolve_device(device)
-    threads = threads or available_threads()
+    threads = threads or torch.get_num_threads()
     names, nets = list(models), [m.to(dev).to(memory_format=torch.channels_last) for m in models.values()]
     out: dict[str, list[LatencyRecord]] = {name: [] for name in names}
     with _pinned_threads(threads), _eval_mode(nets), torch.inference_mode():

@@ -16,7 +16,7 @@ from rayprune.engine.latency import LatencyRecord, measure_interleaved, records_
 from rayprune.methods import SubnetRecord
 from rayprune.orchestration.cache import FinalCache, cache_key
 from rayprune.orchestration.isolated_latency import LatencyNodeError, as_update, measure_entries, pick_node
-from rayprune.tracking.pareto import LATENCY_LEGEND, format_table, within_spread
+from rayprune.tracking.pareto import LATENCY_LEGEND, format_baseline, format_table, within_spread
 
 
 def quarter_width(spec: dict) -> dict:
@@ -145,6 +145,8 @@ def test_front_marks_a_latency_within_its_spread_of_the_baseline():
     assert table[-1] == LATENCY_LEGEND and LATENCY_LEGEND.startswith("~ after a latency: its spread")
     assert table[1].endswith("1.0000") and table[2].endswith("1.1000~") and table[3].endswith("0.5000")
     assert LATENCY_LEGEND not in format_table([clear], baseline=base)
+    base["source"] = {"latency": {"node": "vm (10.0.0.9)", "threads": 2}}
+    assert format_baseline([base, clear]).endswith("latency 1.000 ms (batch 1, on vm (10.0.0.9) with 2 threads)")
 
 
 class Runs:

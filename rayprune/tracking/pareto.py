@@ -331,7 +331,9 @@ def format_baseline(rows: Sequence[dict[str, Any]]) -> str:
     parts = [f"{base['macs'] / 1e6:.3f}M MACs", f"{base['params'] / 1e3:.1f}K params"]
     parts += [f"{k} {m[k]:.4f}" for k in ("test_top1", "robust_top1") if m.get(k) is not None]
     if m.get("latency_ms_b1_p50") is not None:
-        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1)")
+        setting = (base.get("source") or {}).get("latency") or {}
+        where = f", on {setting['node']} with {setting['threads']} threads" if setting.get("node") else ""
+        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1{where})")
     origin = (base.get("source") or {}).get("init")
     what = "the teacher" if origin == "teacher" else "trained once with recipes.finetune"
     return f"unpruned baseline ({what}): " + ", ".join(parts)

@@ -89,23 +89,25 @@ def measure_with_latency(
         )
     setting: dict[str, Any] = {}
     if ctx.measure_latency:
-        records = measure_latency_of({"subnet": model}, ctx)["subnet"]
+        records = _latency_records(model, ctx)
         metrics.update(latency_mod.latency_metrics(records))
         setting = latency_mod.latency_setting(records)
     return {k: float(v) for k, v in metrics.items()}, setting
 
 
-def measure_latency_of(
-    nets: dict[str, torch.nn.Module], ctx: RunContext, **where: Any
-) -> dict[str, list[latency_mod.LatencyRecord]]:
-    """Latency of ``nets`` at the context's input shape, batch sizes and number of timed calls,
-    interleaved (:func:`~rayprune.engine.latency.measure_interleaved`); ``where`` passes
-    ``threads`` and ``node``."""
+def _latency_records(model: torch.nn.Module, ctx: RunContext) -> list[latency_mod.LatencyRecord]:
+    """``model``'s latency at the context's input shape, batch sizes and number of timed calls,
+    in passes like the sweep's isolated measurement (:func:`~rayprune.engine.latency.measure_interleaved`)."""
     passes, repeats = latency_mod.split_calls(ctx.latency_repeats)
     shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
     return latency_mod.measure_interleaved(
-        nets, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes, passes=passes, repeats=repeats, **where
-    )
+        {"subnet": model},
+        shape,
+        device=ctx.device,
+        batch_sizes=ctx.latency_batch_sizes,
+        passes=passes,
+        repeats=repeats,
+    )["subnet"]
 
 
 def finetune_subnet(

@@ -332,19 +332,12 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
     from rayprune.tracking.store import SubnetStore
 
     rows = SubnetStore(Path(outcome.experiment_path) / "rayprune" / "subnets.parquet").rows()
-    finals = [r for r in rows if r["kind"] == "final"]
+    trained = [r for r in rows if r["kind"] == "final" and not r["source"].get("reused_from")]
+    assert trained and all(r["source"]["latency_shared_gpu"] == 0.25 for r in trained)
+    reused = [r for r in rows if r["kind"] == "final" and r["source"].get("reused_from")]
+    assert all(r["source"]["latency_shared_gpu"] == 0.25 for r in reused)  # the cached training's flag
     (baseline,) = [r for r in rows if r["kind"] == "unpruned"]
-    assert len(finals) == 8
-    for r in [*finals, baseline]:  # re-timed at the end by one task holding the GPU and both CPUs
-        assert "latency_shared_gpu" not in r["source"] and {"latency_ms_b1_p50", "latency_ms_b64_spread"} <= set(
-            r["metrics"]
-        )
-        assert {k: r["source"]["latency"][k] for k in ("backend", "device", "threads", "batches")} == {
-            "backend": "torch",
-            "device": "cpu",
-            "threads": 2,
-            "batches": [1, 64],
-        }
+    assert baseline["source"]["latency_shared_gpu"] == 0.25  # measured beside the trials, on a share too
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
         finetune=dict(cfg.recipes.finetune),
         kd_temperature=cfg.kd_temperature,
         input_size=cfg.input_size,
-        measure_latency=False,  # beside the trials it would time their load: measure_finalists does it alone
+        # beside the trials it would time their load: with a fine-tuned front, measure_finalists times it alone
+        measure_latency=not cfg.finetune_front,
     )
     with tempfile.TemporaryDirectory() as work:
         ctx = build_method(tc, Path(work) / "method").ctx

@@ -116,11 +116,9 @@ def input_shape_of(cfg: SweepConfig, records: Sequence[Mapping[str, Any]]) -> li
 
 
 def _finalists(tracker: SweepTracker, baseline_key: str) -> dict[str, list[dict[str, Any]]]:
-    """cache key -> the store rows it measures: the unpruned baseline and every fine-tuned cell
-    (the trials' own finals when the sweep fine-tunes no front)."""
-    rows = tracker.store.rows(("finetuned",)) or tracker.store.rows(("final",))
+    """cache key -> the store rows it measures: the unpruned baseline and every fine-tuned cell."""
     by_key: dict[str, list[dict[str, Any]]] = {baseline_key: tracker.store.rows(("unpruned",))}
-    for row in rows:
+    for row in tracker.store.rows(("finetuned",)):
         key = row["source"].get("cache_key")
         if key:
             by_key.setdefault(key, []).append(row)

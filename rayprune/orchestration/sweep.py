@@ -184,7 +184,7 @@ def _drive(
             tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
             finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id))
-        if complete:  # alone on a node, once nothing else runs: latency comparable across nets
+            # alone on a node, once nothing else runs: latency comparable across the candidates
             measure_finalists(cfg, tracker, experiment_path, baseline[0])
         if complete:  # per-cell counts of a part of the sweep would read as its result
             print_cell_stats(tracker, out)

@@ -135,6 +135,15 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
             {"macs", "macs_pct", "test_top1", "test_top1_drop", "robust_top1", "latency_ms"} <= set(r.data.metrics)
             for r in finetunes
         )
+        # latency: the baseline and every candidate timed by one task on one node, in the store and the runs
+        assert len({json.dumps(r["source"]["latency"], sort_keys=True) for r in [*tuned, baseline]}) == 1
+        by_key = {r["run_id"]: r for r in tuned}
+        for run in finetunes:
+            row = by_key[run.info.run_id]
+            assert run.data.metrics["latency_ms"] == row["metrics"]["latency_ms_b1_p50"]
+            assert run.data.metrics["latency_ms_b64_spread"] == row["metrics"]["latency_ms_b64_spread"]
+            assert run.data.params["latency.node"] == row["source"]["latency"]["node"]
+        assert parents[0].data.metrics["unpruned_latency_ms_b1_p50"] == baseline["metrics"]["latency_ms_b1_p50"]
 
 
 def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):

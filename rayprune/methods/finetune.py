@@ -86,20 +86,41 @@ def data_source(ds: Any) -> dict[str, Any]:
 def measure(model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512) -> dict[str, float]:
     """What every finalized subnet (and the unpruned baseline) is measured on: test top-1/top-5
     and loss, robust accuracy (``ctx.robust``) and latency (``ctx.measure_latency``)."""
+    return measure_with_latency(model, ctx, eval_batch_size)[0]
+
+
+def measure_with_latency(
+    model: torch.nn.Module, ctx: RunContext, eval_batch_size: int = 512
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """:func:`measure`'s metrics and, when latency was measured, its setting (backend, device,
+    threads, node, ...: what a record keeps in ``source["latency"]``), else ``{}``."""
     test = evaluate(model, ctx.test, device=ctx.device, batch_size=eval_batch_size)
     metrics = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
     if ctx.robust:
         metrics.update(
             robust_accuracy(model, ctx.test, device=ctx.device, seed=ctx.seed, max_samples=ctx.robust_max_samples)
         )
+    setting: dict[str, Any] = {}
     if ctx.measure_latency:
-        shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
-        metrics.update(
-            latency_mod.measure_latency(
-                model, shape, device=ctx.device, batch_sizes=ctx.latency_batch_sizes, repeats=ctx.latency_repeats
-            )
-        )
-    return {k: float(v) for k, v in metrics.items()}
+        records = _latency_records(model, ctx)
+        metrics.update(latency_mod.latency_metrics(records))
+        setting = latency_mod.latency_setting(records)
+    return {k: float(v) for k, v in metrics.items()}, setting
+
+
+def _latency_records(model: torch.nn.Module, ctx: RunContext) -> list[latency_mod.LatencyRecord]:
+    """``model``'s latency at the context's input shape, batch sizes and number of timed calls,
+    in passes like the sweep's isolated measurement (:func:`~rayprune.engine.latency.measure_interleaved`)."""
+    passes, repeats = latency_mod.split_calls(ctx.latency_repeats)
+    shape = (ctx.test.channels, ctx.test.input_size, ctx.test.input_size)
+    return latency_mod.measure_interleaved(
+        {"subnet": model},
+        shape,
+        device=ctx.device,
+        batch_sizes=ctx.latency_batch_sizes,
+        passes=passes,
+        repeats=repeats,
+    )["subnet"]
 
 
 def finetune_subnet(
@@ -133,7 +154,8 @@ def finetune_subnet(
     metrics = dict(record.metrics)
     if history:
         metrics["finetune_loss"] = float(history[-1]["loss"])
-    metrics.update(measure(model, ctx, cfg.eval_batch_size))
+    measured, latency = measure_with_latency(model, ctx, cfg.eval_batch_size)
+    metrics.update(measured)
     recipe = recipe_of(cfg)
     final = replace(
         record,
@@ -149,6 +171,7 @@ def finetune_subnet(
             "preprocessing": preprocessing(ctx.test),
             **data_source(ctx.train),
             "train_step": history.step.as_record(),  # captured or eager, and why
+            **({"latency": latency} if latency else {}),
         },
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -6,7 +6,7 @@ sweep's storage, so a resumed sweep trains and measures nothing again:
 * :func:`prepare_teacher` -- the configured teacher checkpoint, or the unpruned net trained once
   with ``teacher.recipe`` into ``<experiment>/teacher``;
 * :func:`start_baseline` / :func:`finish_baseline` -- the unpruned baseline measured like every
-  finalized subnet (test, robust, latency), in the sweep's final-phase cache.
+  finalized subnet (test, robust; latency at the end, in isolation), in the sweep's final-phase cache.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _baseline_recipe(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def start_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) -> tuple[str, Any]:
-    """Start measuring the unpruned baseline once per sweep (test, robust, latency), like every
+    """Start measuring the unpruned baseline once per sweep (test, robust), like every
     finalized subnet: the teacher when the sweep has one, otherwise the unpruned net trained
     once with ``recipes.finetune`` (KD 0). A Ray task with the trial resources that runs beside
     the trials and stores its result in the final-phase cache, so a resumed sweep measures
@@ -109,6 +109,8 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
         finetune=dict(cfg.recipes.finetune),
         kd_temperature=cfg.kd_temperature,
         input_size=cfg.input_size,
+        # beside the trials it would time their load: with a fine-tuned front, measure_finalists times it alone
+        measure_latency=not cfg.finetune_front,
     )
     with tempfile.TemporaryDirectory() as work:
         ctx = build_method(tc, Path(work) / "method").ctx

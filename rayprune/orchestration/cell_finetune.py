@@ -149,7 +149,9 @@ def trained_input_size(spec: TrialSpec) -> int:
 
 
 def _member_config(cfg: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
-    return spec.trial_config().model_copy(update={"finetune": dict(cfg.recipes.finetune)}).model_dump()
+    # No latency here: the other fine-tunes share the cores; measure_finalists times them all alone.
+    update = {"finetune": dict(cfg.recipes.finetune), "measure_latency": False}
+    return spec.trial_config().model_copy(update=update).model_dump()
 
 
 def _finetune_member_task(
@@ -157,7 +159,7 @@ def _finetune_member_task(
 ) -> None:
     """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
     fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
-    fine-tune and measure it (test, robust accuracy, latency) into the cache."""
+    fine-tune and measure it (test, robust accuracy; latency comes later, in isolation) into the cache."""
     from ..methods import SubnetRecord
 
     tc = TrialConfig(**trial_cfg)

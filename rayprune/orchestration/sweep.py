@@ -6,11 +6,12 @@ run, prepares the KD teacher once, and runs Tune: one trial per (method, FLOPs t
 weight) cell sample, budgets chosen by the per-cell Optuna searcher. A driver-side Tune callback
 (:class:`TrackingCallback`) is the only writer to the tracking store.
 
-Equal treatment: the unpruned baseline is measured once, beside the trials (test, robust,
-latency: the teacher, or the unpruned net trained once with ``recipes.finetune``). When every trial is done, each grid
+Equal treatment: the unpruned baseline is measured once, beside the trials (test, robust: the
+teacher, or the unpruned net trained once with ``recipes.finetune``). When every trial is done, each grid
 cell's chosen subnet (its trials' ``method.best()``, ranked by their search-val accuracy) is
 fine-tuned with ``recipes.finetune`` as parallel Ray tasks with the trial resources, and
-measured; the final fronts rank only those. Every final-phase training goes through the sweep's
+measured; the final fronts rank only those. Then one task alone on one node times the baseline and
+every candidate, interleaved (:mod:`.isolated_latency`). Every final-phase training goes through the sweep's
 one :class:`~.cache.FinalCache`, so no subnet is trained twice with one recipe in one cell, and a
 resumed sweep only fine-tunes what is missing. The fronts, plot and ``subnets.parquet`` are
 written to the parent run at the end, on resume, and as trials finish (at most every
@@ -50,6 +51,7 @@ from .cache import FinalCache
 from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
 from .cluster import browse_hint
 from .config import SweepConfig
+from .isolated_latency import measure_finalists
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
 from .trainable import FINAL_DIR, run_tune_trial
@@ -182,6 +184,8 @@ def _drive(
             tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
             finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id))
+            # alone on a node, once nothing else runs: latency comparable across the candidates
+            measure_finalists(cfg, tracker, experiment_path, baseline[0])
         if complete:  # per-cell counts of a part of the sweep would read as its result
             print_cell_stats(tracker, out)
     except KeyboardInterrupt:

@@ -282,6 +282,29 @@ class SweepTracker:
         self.runs.close_run(run_id, "FINISHED")
         return run_id
 
+    def log_latency(self, row: dict[str, Any], metrics: dict[str, float], setting: dict[str, Any]) -> None:
+        """Replace a finalized row's latency by a measurement made in isolation (``metrics``:
+        ``latency_ms_b<B>_p50/_p90/_spread``; ``setting``: backend, device, threads, node, ...):
+        in the store (its metrics, and ``source["latency"]`` in place of any shared-GPU flag), on
+        its run (the metrics, ``latency_ms`` for a fine-tuned cell, ``latency.*`` params) and, for
+        the unpruned baseline, as ``unpruned_latency_*`` metrics on the parent run."""
+        self._require_sweep()
+        kept = {k: v for k, v in row["metrics"].items() if not k.startswith("latency_")}
+        source = {k: v for k, v in row["source"].items() if k != "latency_shared_gpu"}
+        updated = {**row, "metrics": {**kept, **metrics}, "source": {**source, "latency": setting}}
+        self.store.replace(updated)
+        params = flatten_params({"latency": setting})
+        run_id: str | None
+        if row["kind"] == "unpruned":
+            run_id, shown = self.runs.parent, {f"unpruned_{k}": v for k, v in metrics.items()}
+        else:
+            run_id, shown = row.get("run_id"), dict(metrics)
+            if row["kind"] == "finetuned" and "latency_ms_b1_p50" in metrics:
+                shown["latency_ms"] = metrics["latency_ms_b1_p50"]
+        if run_id:
+            self.runs.log_metrics(run_id, shown)
+            self.runs.log_new_params(run_id, params, self.client.get_run(run_id).data.params)
+
     def _remember_cell(self, trial_id: str, cell: dict[str, float] | None) -> None:
         if cell is not None:
             self._cells[trial_id] = dict(cell)

@@ -255,13 +255,35 @@ _TABLE_COLUMNS = (  # header, how to format a row's value
     ("MACs(M)", lambda r, b: f"{r['macs'] / 1e6:.3f}"),
     ("params(K)", lambda r, b: f"{r['params'] / 1e3:.1f}"),
 )
-_METRIC_COLUMNS = ("val_top1", "test_top1", "robust_top1", "latency_ms_b1_p50")
+_METRIC_COLUMNS = ("val_top1", "test_top1", "robust_top1")
+LATENCY_METRIC = "latency_ms_b1_p50"
+LATENCY_SPREAD = "latency_ms_b1_spread"
+#: Marks a latency no further from the baseline's than its own spread; :data:`LATENCY_LEGEND` explains it.
+WITHIN_SPREAD = "~"
+LATENCY_LEGEND = (
+    f"{WITHIN_SPREAD} after a latency: its spread over repeated passes is wider than its difference from the "
+    "baseline's, so that difference is not measured"
+)
 
 
 def _drop_cell(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> str:
     ref = _finite((baseline or {}).get("metrics", {}).get("test_top1"))
     acc = _finite(row["metrics"].get("test_top1"))
     return "-" if ref is None or acc is None or row["kind"] == "unpruned" else f"{ref - acc:+.4f}"
+
+
+def within_spread(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> bool:
+    """Whether ``row``'s batch-1 latency spread is wider than its difference from the baseline's."""
+    if baseline is None or row is baseline or row["kind"] == "unpruned":
+        return False
+    lat, spread = _finite(row["metrics"].get(LATENCY_METRIC)), _finite(row["metrics"].get(LATENCY_SPREAD))
+    ref = _finite(baseline["metrics"].get(LATENCY_METRIC))
+    return lat is not None and spread is not None and ref is not None and spread > abs(lat - ref)
+
+
+def _latency_cell(row: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> str:
+    cell = _metric_cell(row["metrics"].get(LATENCY_METRIC))
+    return cell + WITHIN_SPREAD if within_spread(row, baseline) else cell
 
 
 def format_table(
@@ -275,12 +297,13 @@ def format_table(
         reference_macs = baseline["macs"]
     if reference_macs:
         columns.insert(7, ("MACs%", lambda r, b: f"{100.0 * r['macs'] / reference_macs:.1f}"))
-    columns += [(m, _metric_column(m)) for m in _METRIC_COLUMNS]
+    columns += [(m, _metric_column(m)) for m in _METRIC_COLUMNS] + [(LATENCY_METRIC, _latency_cell)]
     if baseline is not None:
         columns.insert(len(columns) - 2, ("drop", _drop_cell))
     shown = ([baseline] if baseline is not None else []) + list(rows)
     cells = [[header for header, _ in columns]] + [[fmt(r, baseline) for _, fmt in columns] for r in shown]
-    return aligned(cells)
+    table = aligned(cells)
+    return table + "\n" + LATENCY_LEGEND if any(within_spread(r, baseline) for r in rows) else table
 
 
 def _metric_column(metric: str) -> _Cell:
@@ -308,7 +331,9 @@ def format_baseline(rows: Sequence[dict[str, Any]]) -> str:
     parts = [f"{base['macs'] / 1e6:.3f}M MACs", f"{base['params'] / 1e3:.1f}K params"]
     parts += [f"{k} {m[k]:.4f}" for k in ("test_top1", "robust_top1") if m.get(k) is not None]
     if m.get("latency_ms_b1_p50") is not None:
-        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1)")
+        setting = (base.get("source") or {}).get("latency") or {}
+        where = f", on {setting['node']} with {setting['threads']} threads" if setting.get("node") else ""
+        parts.append(f"latency {m['latency_ms_b1_p50']:.3f} ms (batch 1{where})")
     origin = (base.get("source") or {}).get("init")
     what = "the teacher" if origin == "teacher" else "trained once with recipes.finetune"
     return f"unpruned baseline ({what}): " + ", ".join(parts)

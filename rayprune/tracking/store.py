@@ -199,6 +199,15 @@ class SubnetStore:
                 continue
         return rows
 
+    def replace(self, row: dict[str, Any]) -> None:
+        """Put ``row`` in place of the stored row with its key (a re-measurement of that subnet)
+        and rewrite the file: rare, so no journal."""
+        key = row_key(row)
+        if key not in self._index:
+            raise KeyError(f"no subnet row {key!r} to replace")
+        self._rows[self._index[key]] = row
+        self._write()
+
     def get(self, key: str) -> dict[str, Any] | None:
         """The row with :func:`row_key` ``key``, or None."""
         i = self._index.get(key)

@@ -112,7 +112,7 @@ class OptunaConfig(_Strict):
     sampler: Literal["tpe", "random", "gp", "nsga2"] = "tpe"
     seed: int = 0
     samples_per_cell: int = Field(default=1, ge=1)
-    n_startup_trials: int = Field(default=4, ge=1)  # per cell, random before TPE/GP model the results
+    n_startup_trials: int = Field(default=4, ge=1)  # per study, random (after the references) before TPE/GP model
     stage_prune: list[tuple[float, float]]
     allocation: bool = True
 

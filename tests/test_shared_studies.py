@@ -107,6 +107,18 @@ def test_one_study_per_method_and_kd_weight_with_the_target_a_fixed_param():
     assert [c["cell"] for c in configs] == [0, 1, 2, 3, 4, 5, 6, 7] + [0, 1, 2, 3] * 2
 
 
+def test_more_trials_per_round_run_more_at_once_in_the_same_fixed_order():
+    cells = [Cell("l1", 0.5, 0.0), Cell("l1", 0.7, 0.0)]
+    rounds = StudyRounds(cells, 5, QUICKSTART_RANGES, seed=0, budget_use=ALLOC, trials_per_round=2)
+    sizes = []
+    while not rounds.finished():
+        sizes.append(len(rounds.next_round()))
+        for i in range(sizes[-1]):
+            rounds.report(i, Outcome("complete", 0.5, 0.45))
+    assert sizes == [4, 4, 2] and rounds.trials_per_cell() == [5, 5]
+    assert [h["flops_target"] for h in rounds.history][:4] == [0.5, 0.7, 0.5, 0.7]
+
+
 def test_each_cell_starts_with_the_reference_budget_and_gains_are_told_against_it():
     rounds = StudyRounds([Cell("l1", 0.5, 0.0), Cell("l1", 0.7, 0.0)], 3, QUICKSTART_RANGES, seed=0, budget_use=ALLOC)
     first = rounds.next_round()

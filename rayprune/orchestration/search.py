@@ -34,10 +34,11 @@ sweeps default to is decided by measurement, ``bench/budget_search.py`` against 
 
 **Batch-synchronous rounds, so one seed gives one sweep.** Trials of a shared study run
 concurrently and finish in any order, and a study told results in another order suggests other
-budgets. So suggestions come in rounds: a round asks every open cell's study for one trial, in
-the grid's fixed cell order, hands them out, and tells nothing until the whole round has
-finished; then it tells all of them in that same order and starts the next round (``suggest``
-returns None in between: Tune waits). Round ``r`` gives every cell its ``r``-th trial.
+budgets. So suggestions come in rounds: a round asks every open cell's study for one trial
+(``trials_per_round`` times), in the grid's fixed cell order, hands them out, and tells nothing
+until the whole round has finished; then it tells all of them in that same order and starts the
+next round (``suggest`` returns None in between: Tune waits). A round runs as many trials at once
+as it has, so a sweep of few cells raises ``trials_per_round`` to fill its cluster.
 
 **Kept from the per-cell design.** The achieved MACs are a constraint (``macs / target - 1 <=
 0``, Optuna 5 ``Trial.set_constraint``). Only trials that report their final result
@@ -153,6 +154,8 @@ class StudyRounds:
         max_redraws: draws per suggestion before falling back to the reference budget.
         budget_use: per method, what its study chooses (:attr:`.Method.budget_use`); a method
             not named gets ``max_rates``.
+        trials_per_round: trials each open cell gets per round: more run at once, fewer rounds
+            to learn from (a sweep of few cells needs more than one to fill its cluster).
     """
 
     def __init__(
@@ -167,9 +170,11 @@ class StudyRounds:
         feasibility: Feasibility | None = None,
         max_redraws: int = 20,
         budget_use: Mapping[str, BudgetUse] | None = None,
+        trials_per_round: int = 1,
     ) -> None:
-        if samples_per_cell < 1:
-            raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
+        if samples_per_cell < 1 or trials_per_round < 1:
+            raise ValueError(f"samples_per_cell, trials_per_round must be >= 1: {samples_per_cell}, {trials_per_round}")
+        self.trials_per_round = trials_per_round
         self.cells = list(cells)
         self.samples_per_cell = samples_per_cell
         self.stage_ranges = [tuple(map(float, r)) for r in stage_ranges]
@@ -203,10 +208,13 @@ class StudyRounds:
         return not self.round and not self.open_cells()
 
     def next_round(self) -> list[Proposal]:
-        """Ask one trial for every open cell, in grid order (the previous round must be told)."""
+        """Ask ``trials_per_round`` trials of every open cell, one per cell at a time in grid order
+        (the previous round must be told)."""
         if self.round:
             raise RuntimeError("the current round has not been told yet")
-        self.round = [self._propose(i) for i in self.open_cells()]
+        self.round = []
+        for _ in range(self.trials_per_round):
+            self.round += [self._propose(i) for i in self.open_cells()]
         self.outcomes = {}
         return list(self.round)
 

@@ -554,6 +554,7 @@ def make_searcher(cfg: SweepConfig, history_path: str | None = None) -> CellSear
         n_startup_trials=cfg.optuna.n_startup_trials,
         feasibility=Reachability(cfg.full_spec(), cfg.input_size),
         budget_use=cfg.budget_use(),
+        trials_per_round=cfg.optuna.trials_per_round,
         history_path=history_path,
     )
 

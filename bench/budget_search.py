@@ -62,7 +62,7 @@ HPARAMS = {  # the quickstart's; AST's fast preset shortened further
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="one seed, l1, two targets, 6 trials, one-epoch recipes")
+    p.add_argument("--smoke", action="store_true", help="1 seed, l1, 2 targets, 6 trials, 500 images, 1-epoch recipes")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-subset", type=int, default=None)
@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.methods, args.seeds, args.targets = ["l1"], [0], [0.5, 0.7]
         args.trials, args.prefixes, args.n_startup_trials = 6, [4, 6], 1
-        args.search_epochs, args.teacher_epochs = 1, 2
+        args.search_epochs, args.teacher_epochs, args.train_subset = 1, 2, 500
         args.workdir = str(Path(args.workdir) / "smoke")
     return args
 

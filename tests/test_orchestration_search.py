@@ -1,4 +1,6 @@
-"""The per-cell Optuna searcher and the per-cell ASHA scheduler, driven by hand (no Ray cluster)."""
+"""The shared-study Optuna searcher and the per-cell ASHA scheduler, driven by hand (no Ray cluster).
+
+More on the shared studies (sharing, rounds, the objective): tests/test_shared_studies.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ray.tune.search import Searcher
 
 from rayprune import models
 from rayprune.orchestration.config import Cell
-from rayprune.orchestration.search import FINAL_KEY, CellSearcher, PerCellASHA, Reachability
+from rayprune.orchestration.search import FINAL_KEY, CellSearcher, PerCellASHA, Reachability, SearcherStateError
 from rayprune.orchestration.trial_spec import sample_config, shared_config
 
 CELLS = [Cell("uniform", 0.5, 0.0), Cell("uniform", 0.5, 0.9), Cell("l1", 0.7, 0.0)]
@@ -43,46 +45,55 @@ def test_every_cell_gets_exactly_its_trials_round_robin():
         cell = CELLS[c["cell"]]
         assert (c["method"], c["flops_target"], c["kd_weight"]) == tuple(cell)
         assert all(low <= r <= high for r, (low, high) in zip(c["max_stage_prune"], RANGES, strict=True))
-    assert [len(s.trials) for s in searcher.studies] == [3, 3, 3]  # one study per cell, nothing shared
+    assert [len(s.trials) for s in searcher.studies] == [3, 3, 3]  # one study per (method, KD weight): one cell each
 
 
 def test_same_seed_same_budgets_other_seed_others():
     a, b, c = (run_all(CellSearcher(CELLS, 6, RANGES, seed=s, n_startup_trials=2)) for s in (7, 7, 8))
     assert a == b
     assert [x["max_stage_prune"] for x in a] != [x["max_stage_prune"] for x in c]
-    # Cells are seeded differently: their first draws differ although every cell starts alike.
+    # Every cell starts with the reference budget (the loosest rates); then the studies, seeded
+    # differently, draw differently although every study starts alike.
     firsts = [next(x for x in a if x["cell"] == i)["max_stage_prune"] for i in range(3)]
-    assert len({tuple(f) for f in firsts}) == 3
+    assert firsts == [[0.8, 0.6, 0.5]] * 3
+    seconds = [[x for x in a if x["cell"] == i][1]["max_stage_prune"] for i in range(3)]
+    assert len({tuple(f) for f in seconds}) == 3
 
 
-def test_accuracy_is_the_value_and_macs_over_target_a_violated_constraint():
+def test_the_gain_over_the_reference_is_the_value_and_macs_over_target_a_violated_constraint():
     searcher = CellSearcher(CELLS[:1], 2, RANGES, seed=0)
-    first, second = searcher.suggest("a"), searcher.suggest("b")
+    first = searcher.suggest("a")
+    assert searcher.suggest("b") is None  # round 0 (the reference) runs: nothing else before it is told
     searcher.on_trial_complete("a", final(0.8, 0.45))  # 0.45 / 0.5 - 1 = -0.1: feasible
+    second = searcher.suggest("b")
     searcher.on_trial_complete("b", final(0.9, 0.60))  # 0.60 / 0.5 - 1 = +0.2: infeasible
     trials = searcher.studies[0].trials
     assert [t.state for t in trials] == [State.COMPLETE, State.COMPLETE]
-    assert [t.value for t in trials] == [0.8, 0.9]
+    assert [t.value for t in trials] == [0.0, pytest.approx(0.1)]  # gains over the reference's 0.8
+    assert [t.user_attrs["val_top1"] for t in trials] == [0.8, 0.9]
     assert trials[0].constraints["macs"] == pytest.approx(-0.1)
     assert trials[1].constraints["macs"] == pytest.approx(0.2)
     assert [trials[i].params for i in range(2)] == [
-        {f"max_prune_stage{s}": r for s, r in enumerate(c["max_stage_prune"])} for c in (first, second)
+        {"flops_target": 0.5, **{f"max_prune_stage{s}": r for s, r in enumerate(c["max_stage_prune"])}}
+        for c in (first, second)
     ]
     assert [t.number for t in searcher.studies[0].best_trials] == [0]  # the more accurate one is infeasible
 
 
 def test_early_stopped_trials_are_pruned_and_crashed_ones_failed():
-    searcher = CellSearcher(CELLS[:1], 4, RANGES, seed=0)
+    cells = [Cell("l1", t, 0.0) for t in (0.3, 0.4, 0.5, 0.6)]  # one study, one round of four
+    searcher = CellSearcher(cells, 1, RANGES, seed=0)
     for t in "abcd":
         searcher.suggest(t)
     searcher.on_trial_complete("a", {FINAL_KEY: False, "val_top1": 0.3, "flops_fraction": 0.4})  # ASHA stopped it
     searcher.on_trial_complete("b", None)
     searcher.on_trial_complete("c", None, error=True)
+    assert [t.state for t in searcher.studies[0].trials] == [State.RUNNING] * 4  # told when the round is done
     searcher.on_trial_complete("d", final(0.7, 0.5))
     searcher.on_trial_complete("d", final(0.1, 0.5))  # told once only
     states = [t.state for t in searcher.studies[0].trials]
     assert states == [State.PRUNED, State.PRUNED, State.FAIL, State.COMPLETE]
-    assert searcher.studies[0].trials[3].value == 0.7
+    assert searcher.studies[0].trials[3].value == 0.0 and searcher.studies[0].trials[3].user_attrs["val_top1"] == 0.7
 
 
 def test_unreachable_budgets_are_told_infeasible_and_never_run():
@@ -102,10 +113,12 @@ def test_falls_back_to_the_loosest_budget_when_redraws_run_out():
     def always_bad(target, rates):
         return 0.0 if rates == [0.8, 0.6, 0.5] else 1.0
 
-    searcher = CellSearcher(CELLS[:1], 1, RANGES, seed=0, feasibility=always_bad, max_redraws=3)
-    config = searcher.suggest("a")
+    searcher = CellSearcher(CELLS[:1], 2, RANGES, seed=0, feasibility=always_bad, max_redraws=3)
+    searcher.suggest("a")  # the reference budget: reachable by the config's check, never redrawn
+    searcher.on_trial_complete("a", final(0.5, 0.5))
+    config = searcher.suggest("b")
     assert config["max_stage_prune"] == [0.8, 0.6, 0.5]
-    assert len(searcher.studies[0].trials) == 4
+    assert len(searcher.studies[0].trials) == 1 + 3 + 1
 
 
 def test_save_and_restore_continue_exactly(tmp_path):
@@ -141,7 +154,8 @@ def test_allocation_methods_get_shares_and_target_methods_one_trial_at_the_loose
     for c, trial in zip(configs[2:], study.trials, strict=True):
         raw = [trial.params[f"alloc_stage{s}"] for s in range(3)]
         assert c["allocation"] == [a / sum(raw) for a in raw] and sum(c["allocation"]) == pytest.approx(1.0)
-        assert c["max_stage_prune"] == [trial.params[f"max_prune_stage{s}"] for s in range(3)]
+        assert c["max_stage_prune"] == [0.8, 0.6, 0.5]  # the loosest: the allocation alone is chosen
+        assert not any(k.startswith("max_prune_stage") for k in trial.params)
     assert len({tuple(c["allocation"]) for c in configs[2:]}) == 3
 
 
@@ -158,18 +172,20 @@ def test_allocations_are_seeded_and_restored_exactly(tmp_path):
     assert run_all(first) == run_all(second)
 
 
-def test_a_searcher_pickled_without_budget_uses_keeps_choosing_the_maximum_rates():
-    old = CellSearcher(CELLS, 2, RANGES, seed=0)
-    del old.__dict__["budget_use"]  # as a searcher of an interrupted sweep saved before they existed
-    restored = pickle.loads(pickle.dumps(old))
-    configs = run_all(restored)
-    assert len(configs) == 6 and not any("allocation" in c for c in configs)
+def test_a_searcher_saved_with_per_cell_studies_is_refused_in_one_line(tmp_path):
+    old = {"cells": CELLS, "studies": [], "suggested": [0, 0, 0], "pending": {}}  # what rayprune 0.2 pickled
+    (tmp_path / "s.pkl").write_bytes(pickle.dumps(old))
+    with pytest.raises(SearcherStateError, match=r"started by an older rayprune .* resume it with that version"):
+        CellSearcher(CELLS, 2, RANGES, seed=0).restore(str(tmp_path / "s.pkl"))
 
 
 def test_a_failed_redraw_falls_back_to_the_loosest_rates_and_equal_shares():
-    searcher = CellSearcher(CELLS[2:], 1, RANGES, seed=0, feasibility=lambda *_: 1.0, max_redraws=2, budget_use=USES)
-    config = searcher.suggest("a")
+    searcher = CellSearcher(CELLS[2:], 2, RANGES, seed=0, feasibility=lambda *_: 1.0, max_redraws=2, budget_use=USES)
+    searcher.suggest("a")  # the reference budget
+    searcher.on_trial_complete("a", final(0.5, 0.6))
+    config = searcher.suggest("b")
     assert config["max_stage_prune"] == [0.8, 0.6, 0.5] and config["allocation"] == [1 / 3] * 3
+    assert len(searcher.studies[0].trials) == 1 + 2 + 1
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "nsga2"])

@@ -520,6 +520,9 @@ def test_l1_trials_under_different_allocations_choose_different_subnets(local_ra
     out = capsys.readouterr().out
     assert re.search(r"l1_f0.5_kd0\s+trials 2\s+distinct 2\s+reused 0\s+outside 0", out)
     assert "all chose the same subnet" not in out
+    # the shared study's progress is on the parent run, from the searcher's two told rounds
+    files = {f.path for f in MlflowClient(cfg.tracking.uri).list_artifacts(outcome.parent_run_id, "studies")}
+    assert files == {"studies/best_objective.png", "studies/trials.json"}
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 ray and optuna).
 
 * :mod:`.config` -- the sweep file schema (``search_spaces/*.yaml``): ``load_sweep(path)``.
-* :mod:`.search` -- ``CellSearcher`` (one seeded Optuna study per FLOPs target x KD weight cell,
-  choosing the per-stage pruning budgets) and ``PerCellASHA``.
+* :mod:`.search` -- ``CellSearcher`` (seeded Optuna studies, one per method x KD weight shared
+  across the FLOPs targets, choosing the per-stage budgets in batch-synchronous rounds) and
+  ``PerCellASHA``.
 * :mod:`.trainable` -- ``run_tune_trial``: one method run as a Tune trial (reports and
   checkpoints after every step; never touches MLflow).
 * :mod:`.trial_spec` -- ``TrialSpec``: what the driver hands a trial (Tune's config dict),

@@ -1,25 +1,56 @@
-"""Which trials a sweep runs: one seeded Optuna study per grid cell, and per-cell ASHA.
+"""Which trials a sweep runs: seeded Optuna studies shared across FLOPs targets, and per-cell ASHA.
 
-:class:`CellSearcher` is a Ray Tune ``Searcher``. A sweep's grid has one *cell* per (method,
-FLOPs target, KD weight); each cell gets exactly its quota of trials (``samples_per_cell``, or
-one: see below), handed out round robin so every cell progresses together. Inside a cell an
-Optuna study picks the trial's budget from the cell's earlier results: it maximises the
-search-val accuracy of the trial's chosen subnet, with the achieved MACs as a constraint
-(``macs / target - 1 <= 0``, Optuna 5 ``Trial.set_constraint``). What it picks follows the
-method's :attr:`~rayprune.methods.base.Method.budget_use`:
+A sweep's grid has one *cell* per (method, FLOPs target, KD weight); each cell runs exactly its
+quota of trials (``samples_per_cell``, or one: see below). What a trial's budget controls follows
+the method's :attr:`~rayprune.methods.base.Method.budget_use`:
 
 * ``max_rates`` (AST, TAS, SP): the per-stage maximum pruning rates (``max_prune_stage{i}``);
-* ``allocation`` (l1, fpgm, random): those, and the per-stage allocation (``alloc_stage{i}`` in
-  [0, 1], normalised to shares): with a global ranking the maximum rates rarely bind, so trials
-  under different rates would mostly choose one subnet; the allocation moves it;
+* ``allocation`` (l1, fpgm, random): the per-stage allocation (``alloc_stage{i}`` in [0, 1],
+  normalised to shares), under the loosest maximum rates (the hard floor): with a global ranking
+  the maximum rates rarely bind, so trials under different rates would mostly choose one subnet,
+  and where they do bind they fold different allocations into one subnet; the allocation moves it;
 * ``target`` (uniform): nothing. The FLOPs target alone fixes its subnet, so its cell runs one
   trial (not ``samples_per_cell``), with the loosest maximum rates.
 
-Why not Ray's ``OptunaSearch``: it keeps one study, never passes measured MACs to the
-constraint, and tells scheduler-stopped trials to Optuna as COMPLETE with a truncated accuracy.
-Here only trials that report their final result (``FINAL_KEY``) are COMPLETE; stopped ones are
-PRUNED, crashed ones FAIL. Budgets that cannot reach the cell's target are never run: they are
-told to Optuna as infeasible at once and redrawn.
+**One study per (method, KD weight), shared across the FLOPs targets.** A per-cell study of 2-8
+trials never leaves its sampler's random start-up, so nothing is learnt. Here the cells of one
+method and KD weight share a study: the FLOPs target is a parameter of every trial
+(``flops_target``), fixed by ``enqueue_trial`` and never chosen by the sampler, and the objective
+is comparable across targets: the *gain* in search-val accuracy over the same method run with
+the **reference budget** at the same target (the loosest maximum rates and, for ``allocation``
+methods, equal shares: the uniform allocation). The reference is each cell's first trial, so it
+is measured once per target, by the same trial code, and cached like any trial's training; its
+own objective is 0. (If it crashes, the cell's first completed trial is the reference.)
+
+**Warm starts.** Each cell's first trial is the reference budget (enqueued); once the study has a
+budget that beat its own target's reference, each other cell gets that best-so-far budget once
+(enqueued at its own target), before the sampler proposes the rest.
+
+**Sampler.** ``gp`` (Optuna's ``GPSampler``; Gaussian process, log-EI, constraint-aware) or
+``tpe`` (multivariate TPE with the constant liar): both model the joint budget from a few
+trials. ``n_startup_trials`` counts the random trials after the reference ones. Which one the
+sweeps default to is decided by measurement, ``bench/budget_search.py`` against random budgets
+(results and verdict: ``bench/results/budget_search.md``).
+
+**Batch-synchronous rounds, so one seed gives one sweep.** Trials of a shared study run
+concurrently and finish in any order, and a study told results in another order suggests other
+budgets. So suggestions come in rounds: a round asks every open cell's study for one trial
+(``trials_per_round`` times), in the grid's fixed cell order, hands them out, and tells nothing
+until the whole round has finished; then it tells all of them in that same order and starts the
+next round (``suggest`` returns None in between: Tune waits). A round runs as many trials at once
+as it has, so a sweep of few cells raises ``trials_per_round`` to fill its cluster.
+
+**Kept from the per-cell design.** The achieved MACs are a constraint (``macs / target - 1 <=
+0``, Optuna 5 ``Trial.set_constraint``). Only trials that report their final result
+(``FINAL_KEY``) are COMPLETE; stopped ones are PRUNED, crashed ones FAIL. Budgets that cannot
+reach the cell's target are never run: they are told to Optuna as infeasible at once and redrawn.
+The whole state pickles (Tune's experiment snapshots), so a resumed sweep suggests exactly what
+the uninterrupted one would have.
+
+:class:`StudyRounds` is all of that in plain Optuna (``bench/budget_search.py`` drives it without
+Ray); :class:`CellSearcher` is its Ray Tune ``Searcher``. Why not Ray's ``OptunaSearch``: it
+keeps one study, never passes measured MACs to the constraint, and tells scheduler-stopped trials
+to Optuna as COMPLETE with a truncated accuracy.
 
 :class:`PerCellASHA` runs one ASHA bracket per cell, because trials of a 0.3-FLOPs cell must
 not be stopped for being less accurate than those of a 0.9-FLOPs cell.
@@ -27,15 +58,21 @@ not be stopped for being less accurate than those of a 0.9-FLOPs cell.
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from .. import models
+from ..errors import RaypruneError
 from ..methods import Budget
 from ..methods.base import BudgetUse
 from ..models.base import Spec
@@ -47,8 +84,14 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 FINAL_KEY = "final"  # present (truthy) only in a trial's last, post-finalize report
-METRIC = "val_top1"  # what Optuna maximises and ASHA compares: search-val accuracy, never test
+METRIC = "val_top1"  # search-val accuracy (never test): ASHA compares it; the objective is its gain
+TARGET_PARAM = "flops_target"  # every trial's fixed Optuna param: its cell's FLOPs target
 Feasibility = Callable[[float, list[float]], float]  # (flops_target, rates) -> violation (<= 0: reachable)
+State = optuna.trial.TrialState
+
+
+class SearcherStateError(RaypruneError):
+    """A resumed sweep's saved searcher state cannot be continued by this searcher."""
 
 
 class _PickledState:
@@ -63,22 +106,56 @@ class _PickledState:
             self.__dict__.update(pickle.load(f))
 
 
-class CellSearcher(_PickledState, Searcher):
-    """One seeded Optuna study per grid cell choosing the trial's budget (see the module docstring).
+@dataclass
+class Proposal:
+    """One suggested trial: its cell, its Optuna trial and the budget drawn from it."""
+
+    cell: int
+    trial: optuna.trial.Trial
+    rates: list[float]
+    allocation: list[float] | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended: ``complete`` (its final search-val accuracy and MACs fraction),
+    ``pruned`` (stopped early, or ended without a final result) or ``fail`` (crashed)."""
+
+    state: Literal["complete", "pruned", "fail"]
+    val_top1: float = float("nan")
+    flops_fraction: float = float("nan")
+
+    @classmethod
+    def of_result(cls, result: Mapping[str, Any] | None, error: bool = False) -> Outcome:
+        """The outcome of a trial from its last Tune result."""
+        if error:
+            return cls("fail")
+        if not result or not result.get(FINAL_KEY) or METRIC not in result:
+            return cls("pruned")  # stopped early (scheduler) or no final result: its accuracy is truncated
+        return cls("complete", float(result[METRIC]), float(result["flops_fraction"]))
+
+
+class StudyRounds:
+    """The shared studies and their batch-synchronous rounds, in plain Optuna (see the module docstring).
+
+    Call :meth:`next_round` for the round's proposals, :meth:`report` each one's outcome (in any
+    order); the round is told when its last outcome arrives. :meth:`finished` once every cell
+    has had its quota.
 
     Args:
-        cells: the grid cells, in a fixed order (it fixes the round robin and the seeds).
-        samples_per_cell: trials per cell (one for a ``target`` method's cell); ``suggest``
-            returns FINISHED after all of them.
+        cells: the grid cells, in a fixed order (it fixes the rounds and the seeds).
+        samples_per_cell: trials per cell (one for a ``target`` method's cell).
         stage_ranges: per stage, the ``(low, high)`` range of the maximum pruning rate.
-        budget_use: per method, what its study chooses (:attr:`.Method.budget_use`); a method
-            not named gets ``max_rates``.
-        sampler: ``tpe``, ``random``, ``gp`` or ``nsga2``.
-        seed: the sweep's seed; cell ``i``'s sampler is seeded from ``(seed, i)``.
-        n_startup_trials: random trials per cell before TPE/GP model the results.
+        sampler: ``gp``, ``tpe``, ``random`` or ``nsga2``.
+        seed: the sweep's seed; study ``g``'s sampler is seeded from ``(seed, g)``.
+        n_startup_trials: random trials per study, after its reference trials, before GP/TPE model.
         feasibility: ``(flops_target, rates) -> violation``; a budget with violation > 0 cannot
             reach the target and is redrawn (see :class:`Reachability`). None: every budget runs.
-        max_redraws: draws per suggestion before falling back to the loosest budget.
+        max_redraws: draws per suggestion before falling back to the reference budget.
+        budget_use: per method, what its study chooses (:attr:`.Method.budget_use`); a method
+            not named gets ``max_rates``.
+        trials_per_round: trials each open cell gets per round: more run at once, fewer rounds
+            to learn from (a sweep of few cells needs more than one to fill its cluster).
     """
 
     def __init__(
@@ -93,24 +170,218 @@ class CellSearcher(_PickledState, Searcher):
         feasibility: Feasibility | None = None,
         max_redraws: int = 20,
         budget_use: Mapping[str, BudgetUse] | None = None,
+        trials_per_round: int = 1,
     ) -> None:
-        super().__init__(metric=METRIC, mode="max")
-        if samples_per_cell < 1:
-            raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
+        if samples_per_cell < 1 or trials_per_round < 1:
+            raise ValueError(f"samples_per_cell, trials_per_round must be >= 1: {samples_per_cell}, {trials_per_round}")
+        self.trials_per_round = trials_per_round
         self.cells = list(cells)
         self.samples_per_cell = samples_per_cell
         self.stage_ranges = [tuple(map(float, r)) for r in stage_ranges]
         self.feasibility = feasibility
         self.max_redraws = max_redraws
         self.budget_use: dict[str, BudgetUse] = dict(budget_use or {})
-        self.studies = [_make_study(sampler, _cell_seed(seed, i), n_startup_trials) for i in range(len(self.cells))]
+        self.groups = list(dict.fromkeys((c.method, c.kd_weight) for c in self.cells))  # one study each
+        self.group_of = [self.groups.index((c.method, c.kd_weight)) for c in self.cells]
+        self.studies = [
+            _make_study(sampler, _cell_seed(seed, g), n_startup_trials + self.group_of.count(g))
+            for g in range(len(self.groups))
+        ]
         self.suggested = [0] * len(self.cells)
-        self.pending: dict[str, tuple[int, optuna.trial.Trial]] = {}  # tune trial id -> (cell, optuna trial)
+        self.round: list[Proposal] = []
+        self.outcomes: dict[int, Outcome] = {}  # position in the round -> outcome
+        self.reference: dict[int, float] = {}  # cell -> its reference trial's search-val accuracy
+        self.warm_started: set[int] = set()  # cells that got the study's best-so-far budget
+        self.history: list[dict[str, Any]] = []  # every trial told, in order (the study plot's data)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A searcher pickled by rayprune 0.1 (an interrupted sweep resumed now) has no budget_use:
-        # its trials keep choosing the maximum rates only.
-        self.__dict__.update({"budget_use": {}, **state})
+    # -- rounds --------------------------------------------------------------------------------
+    def quota(self, index: int) -> int:
+        """Trials cell ``index`` runs."""
+        return cell_quota(self._use(self.cells[index]), self.samples_per_cell)
+
+    def open_cells(self) -> list[int]:
+        """The cells below their quota, in grid order."""
+        return [i for i in range(len(self.cells)) if self.suggested[i] < self.quota(i)]
+
+    def finished(self) -> bool:
+        """Every cell has had its quota and the last round was told."""
+        return not self.round and not self.open_cells()
+
+    def next_round(self) -> list[Proposal]:
+        """Ask ``trials_per_round`` trials of every open cell, one per cell at a time in grid order
+        (the previous round must be told)."""
+        if self.round:
+            raise RuntimeError("the current round has not been told yet")
+        self.round = []
+        for _ in range(self.trials_per_round):
+            self.round += [self._propose(i) for i in self.open_cells()]
+        self.outcomes = {}
+        return list(self.round)
+
+    def config(self, position: int) -> dict[str, Any]:
+        """The Tune config part (:func:`.sample_config`) of the round's ``position``-th proposal."""
+        p = self.round[position]
+        return sample_config(p.cell, self.cells[p.cell].key, p.rates, p.trial.number, p.allocation)
+
+    def report(self, position: int, outcome: Outcome) -> bool:
+        """Record a proposal's outcome; True when that completed the round, which is then told."""
+        if position in self.outcomes or not 0 <= position < len(self.round):
+            return False  # told once only
+        self.outcomes[position] = outcome
+        if len(self.outcomes) < len(self.round):
+            return False
+        for i, proposal in enumerate(self.round):
+            self._tell(proposal, self.outcomes[i])
+        self.round, self.outcomes = [], {}
+        return True
+
+    def trials_per_cell(self) -> list[int]:
+        """How many trials each cell has been given so far."""
+        return list(self.suggested)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _use(self, cell: Cell) -> BudgetUse:
+        return self.budget_use.get(cell.method, "max_rates")
+
+    def _propose(self, index: int) -> Proposal:
+        cell = self.cells[index]
+        use, fixed = self._use(cell), {TARGET_PARAM: cell.flops_target}
+        first = self.suggested[index] == 0
+        self.suggested[index] += 1
+        if first or use == "target":  # the config check proved the reference budget reachable
+            return self._ask(index, {**self._reference(use), **fixed})
+        warm = self._best_elsewhere(index)
+        if warm is not None:
+            proposal = self._ask(index, {**warm, **fixed})
+            if self._violation(index, proposal.rates) <= 0:
+                return proposal
+            self._tell_unreachable(index, proposal)
+        for _ in range(self.max_redraws):
+            proposal = self._ask(index, fixed)  # the target is fixed; the sampler proposes the rest
+            if self._violation(index, proposal.rates) <= 0:
+                return proposal
+            self._tell_unreachable(index, proposal)
+        return self._ask(index, {**self._reference(use), **fixed})
+
+    def _ask(self, index: int, params: dict[str, float]) -> Proposal:
+        study = self.studies[self.group_of[index]]
+        study.enqueue_trial(params)
+        trial = study.ask()
+        group = self.group_of[index]
+        targets = [c.flops_target for c, g in zip(self.cells, self.group_of, strict=True) if g == group]
+        trial.suggest_float(TARGET_PARAM, min(targets), max(targets))
+        rates, allocation = self._suggest_budget(trial, self._use(self.cells[index]))
+        return Proposal(index, trial, rates, allocation)
+
+    def _violation(self, index: int, rates: list[float]) -> float:
+        return self.feasibility(self.cells[index].flops_target, rates) if self.feasibility else 0.0
+
+    def _tell_unreachable(self, index: int, proposal: Proposal) -> None:
+        """Never runs: the smallest subnet its budget allows is over the target."""
+        proposal.trial.set_constraint("macs", self._violation(index, proposal.rates))
+        self.studies[self.group_of[index]].tell(proposal.trial, 0.0)
+
+    def _best_elsewhere(self, index: int) -> dict[str, float] | None:
+        """The study's best budget so far (a feasible gain > 0, not yet tried at this cell's target), once per cell."""
+        if index in self.warm_started:
+            return None
+        target = self.cells[index].flops_target
+        study = self.studies[self.group_of[index]]
+        trials = study.get_trials(deepcopy=False)
+        tried_here = {_budget_of(t.params) for t in trials if t.params.get(TARGET_PARAM) == target}
+        gains = [
+            t
+            for t in trials
+            if t.state == State.COMPLETE
+            and t.value is not None
+            and t.value > 0
+            and all(v <= 0 for v in t.constraints.values())
+            and _budget_of(t.params) not in tried_here  # e.g. a budget this cell's own best lent elsewhere
+        ]
+        if not gains:
+            return None
+        self.warm_started.add(index)
+        best = max(gains, key=lambda t: (t.value, -t.number))
+        return dict(_budget_of(best.params))
+
+    def _tell(self, proposal: Proposal, outcome: Outcome) -> None:
+        index, trial = proposal.cell, proposal.trial
+        cell, study = self.cells[index], self.studies[self.group_of[index]]
+        objective = None
+        if outcome.state == "fail":
+            study.tell(trial, state=State.FAIL)
+        elif outcome.state == "pruned":
+            study.tell(trial, state=State.PRUNED)
+        else:
+            objective = outcome.val_top1 - self.reference.setdefault(index, outcome.val_top1)
+            trial.set_user_attr(METRIC, outcome.val_top1)
+            trial.set_constraint("macs", _violation(outcome.flops_fraction, cell.flops_target))
+            study.tell(trial, objective)
+        self.history.append(
+            {
+                "study": _study_name(cell),
+                "method": cell.method,
+                "kd_weight": cell.kd_weight,
+                "flops_target": cell.flops_target,
+                "number": trial.number,
+                "state": outcome.state,
+                METRIC: None if objective is None else outcome.val_top1,
+                "flops_fraction": None if objective is None else outcome.flops_fraction,
+                "objective": objective,
+            }
+        )
+
+    def _reference(self, use: BudgetUse) -> dict[str, float]:
+        """The reference budget's Optuna params: the highest rates, or (allocation) equal shares."""
+        if use == "allocation":
+            return {_alloc_param(s): 1.0 for s in range(len(self.stage_ranges))}
+        return {_param(s): high for s, (_, high) in enumerate(self.stage_ranges)}
+
+    def _suggest_budget(self, trial: optuna.trial.Trial, use: BudgetUse) -> tuple[list[float], list[float] | None]:
+        loosest = [high for _, high in self.stage_ranges]
+        if use == "target":
+            return loosest, None
+        if use == "max_rates":
+            return [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)], None
+        # The allocation alone: sampled maximum rates that bind would only fold different
+        # allocations into one subnet (and double the space the sampler must model).
+        raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(self.stage_ranges))]
+        total = sum(raw)
+        return loosest, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
+
+
+class CellSearcher(_PickledState, Searcher):
+    """:class:`StudyRounds` as a Ray Tune ``Searcher`` (same arguments; see the module docstring).
+
+    ``suggest`` hands out the current round's proposals, returns None while the round runs
+    (Tune waits) and FINISHED after the last one. ``history_path``: a JSON file rewritten after
+    every round with :attr:`StudyRounds.history` (the driver plots it on the parent run).
+    """
+
+    def __init__(
+        self,
+        cells: Sequence[Cell],
+        samples_per_cell: int,
+        stage_ranges: Sequence[tuple[float, float]],
+        *,
+        history_path: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(metric=METRIC, mode="max")
+        self.rounds = StudyRounds(cells, samples_per_cell, stage_ranges, **options)
+        self.history_path = history_path
+        self.queue: list[int] = []  # positions of the current round not handed out yet
+        self.pending: dict[str, int] = {}  # tune trial id -> its position in the current round
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        if "rounds" not in state:
+            raise SearcherStateError(
+                "this sweep was started by an older rayprune (one Optuna study per grid cell) and "
+                "cannot continue with shared studies; resume it with that version, or start it afresh"
+            )
+        self.__dict__.update(state)
 
     # -- Searcher API ----------------------------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -118,75 +389,50 @@ class CellSearcher(_PickledState, Searcher):
 
     def suggest(  # type: ignore[override]  # Ray's hint omits the str Searcher.FINISHED it documents
         self, trial_id: str
-    ) -> dict[str, Any] | str:
-        index = self._next_cell()
-        if index is None:
-            return Searcher.FINISHED
-        cell = self.cells[index]
-        trial, rates, allocation = self._draw(index, cell)
-        self.suggested[index] += 1
-        self.pending[trial_id] = (index, trial)
-        return sample_config(index, cell.key, rates, trial.number, allocation)
+    ) -> dict[str, Any] | str | None:
+        if not self.queue and not self.pending:
+            if self.rounds.finished():
+                return Searcher.FINISHED
+            self.queue = list(range(len(self.rounds.next_round())))
+        if not self.queue:
+            return None  # the round is still running: nothing is told before all of it finished
+        position = self.queue.pop(0)
+        self.pending[trial_id] = position
+        return self.rounds.config(position)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        entry = self.pending.pop(trial_id, None)
-        if entry is None:  # not ours, or already told (e.g. an errored trial restarted on resume)
+        position = self.pending.pop(trial_id, None)
+        if position is None:  # not ours, or already told (e.g. an errored trial restarted on resume)
             return
-        index, trial = entry
-        study = self.studies[index]
-        if error:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        elif not result or not result.get(FINAL_KEY) or self.metric not in result:
-            # Stopped early (scheduler) or ended without a final result: its accuracy is truncated.
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            trial.set_constraint("macs", _violation(result["flops_fraction"], self.cells[index].flops_target))
-            study.tell(trial, float(result[self.metric]))
+        if self.rounds.report(position, Outcome.of_result(result, error)) and self.history_path:
+            write_history(self.rounds.history, self.history_path)
 
-    # -- internals -------------------------------------------------------------------------------
-    def _use(self, cell: Cell) -> BudgetUse:
-        return self.budget_use.get(cell.method, "max_rates")
-
-    def _next_cell(self) -> int | None:
-        """Round robin: the first cell with the fewest suggestions among those below their quota."""
-        quotas = [cell_quota(self._use(cell), self.samples_per_cell) for cell in self.cells]
-        open_cells = [i for i, quota in enumerate(quotas) if self.suggested[i] < quota]
-        return min(open_cells, key=lambda i: (self.suggested[i], i), default=None)
-
-    def _draw(self, index: int, cell: Cell) -> tuple[optuna.trial.Trial, list[float], list[float] | None]:
-        """Ask the cell's study for a budget ``(trial, rates, allocation)``; tell unreachable ones as
-        infeasible and redraw. A ``target`` method's cell gets the loosest rates, without asking."""
-        study, use = self.studies[index], self._use(cell)
-        for _ in range(self.max_redraws if use != "target" else 0):
-            trial = study.ask()
-            rates, allocation = self._suggest_budget(trial, use)
-            violation = self.feasibility(cell.flops_target, rates) if self.feasibility else 0.0
-            if violation <= 0:
-                return trial, rates, allocation
-            trial.set_constraint("macs", violation)
-            study.tell(trial, 0.0)  # never runs: the smallest subnet it allows is over the target
-        study.enqueue_trial(self._loosest(use))
-        trial = study.ask()
-        return trial, *self._suggest_budget(trial, use)
-
-    def _loosest(self, use: BudgetUse) -> dict[str, float]:
-        """The loosest budget's Optuna params: the highest rates, and equal shares."""
-        params = {_param(s): high for s, (_, high) in enumerate(self.stage_ranges)}
-        if use == "allocation":
-            params.update({_alloc_param(s): 1.0 for s in range(len(self.stage_ranges))})
-        return params
-
-    def _suggest_budget(self, trial: optuna.trial.Trial, use: BudgetUse) -> tuple[list[float], list[float] | None]:
-        rates = [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)]
-        if use != "allocation":
-            return rates, None
-        raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(self.stage_ranges))]
-        total = sum(raw)
-        return rates, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
+    @property
+    def studies(self) -> list[optuna.Study]:
+        """The shared studies, one per (method, KD weight) in grid order."""
+        return self.rounds.studies
 
     def trials_per_cell(self) -> list[int]:
         """How many trials each cell has been given so far."""
-        return list(self.suggested)
+        return self.rounds.trials_per_cell()
+
+
+def write_history(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write the told trials as JSON, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _budget_of(params: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """A trial's budget: its Optuna params without the FLOPs target, hashable."""
+    return tuple(sorted((k, float(v)) for k, v in params.items() if k != TARGET_PARAM))
+
+
+def _study_name(cell: Cell) -> str:
+    return f"{cell.method}_kd{cell.kd_weight:g}"
 
 
 def _param(stage: int) -> str:
@@ -206,8 +452,10 @@ def _cell_seed(seed: int, index: int) -> int:
 
 
 def _make_study(sampler: str, seed: int, n_startup_trials: int) -> optuna.Study:
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials),
+    samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, constant_liar=True
+        ),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, n_startup_trials)),
@@ -215,7 +463,9 @@ def _make_study(sampler: str, seed: int, n_startup_trials: int) -> optuna.Study:
     if sampler not in samplers:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(samplers)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(direction="maximize", sampler=samplers[sampler]())
+    with warnings.catch_warnings():  # multivariate TPE and its constant liar are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.create_study(direction="maximize", sampler=samplers[sampler]())
 
 
 class Reachability:

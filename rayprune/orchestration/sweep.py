@@ -177,6 +177,7 @@ def _drive(
         if resume:
             tracker.update_front()  # the fronts, plot and parquet as they stand
         results = _make_tuner(cfg, sweep_id, experiment_path, teacher, resume, callbacks).fit()
+        publish_study_progress(tracker, study_history_path(cfg, sweep_id))
         # max: a searcher restored from an older sweep may hand out more trials than the file now says
         complete = results.num_terminated + results.num_errors == max(len(results), cfg.num_trials())
         failed = results.num_errors
@@ -378,6 +379,21 @@ def _driver_dir(cfg: SweepConfig, sweep_id: str) -> Path:
     return Path(cfg.storage_path) / sweep_id / "rayprune"
 
 
+STUDY_HISTORY = "studies.json"
+
+
+def study_history_path(cfg: SweepConfig, sweep_id: str) -> Path:
+    """Where the driver's searcher writes its told trials (:attr:`.StudyRounds.history`)."""
+    return _driver_dir(cfg, sweep_id) / STUDY_HISTORY
+
+
+def publish_study_progress(tracker: SweepTracker, path: Path) -> None:
+    """The studies' best objective against the trial count, on the parent run (the searcher,
+    in this driver, wrote what it told; nothing when no round was told)."""
+    if path.is_file():
+        tracker.log_study_progress(json.loads(path.read_text()))
+
+
 class TrackingCallback(tune.Callback):
     """Logs every trial's start, step records, final record and status through the sweep's
     ``SweepTracker`` (MLflow child runs + the Parquet subnet store). Runs in the driver only."""
@@ -535,7 +551,8 @@ def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None =
     return shared_config(base, {m.name: dict(m.hparams) for m in cfg.methods}, cfg.resources.cpu, final_cache)
 
 
-def make_searcher(cfg: SweepConfig) -> CellSearcher:
+def make_searcher(cfg: SweepConfig, history_path: str | None = None) -> CellSearcher:
+    """The sweep's searcher; ``history_path``: where it writes its told trials after each round."""
     return CellSearcher(
         cfg.cells(),
         cfg.optuna.samples_per_cell,
@@ -545,6 +562,8 @@ def make_searcher(cfg: SweepConfig) -> CellSearcher:
         n_startup_trials=cfg.optuna.n_startup_trials,
         feasibility=Reachability(cfg.full_spec(), cfg.input_size),
         budget_use=cfg.budget_use(),
+        trials_per_round=cfg.optuna.trials_per_round,
+        history_path=history_path,
     )
 
 
@@ -585,7 +604,7 @@ def _make_tuner(
         param_space=param_space(cfg, teacher, FinalCache.of_experiment(experiment_path).root),
         # No metric/mode here: a "best trial" across cells of different FLOPs targets means nothing.
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg),
+            search_alg=make_searcher(cfg, str(study_history_path(cfg, sweep_id))),
             scheduler=scheduler,
             num_samples=cfg.num_trials(),
             max_concurrent_trials=cfg.max_concurrent_trials,

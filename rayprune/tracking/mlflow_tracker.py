@@ -36,6 +36,7 @@ on another machine) starts from the copy last published to the parent run.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from .mlflow_writer import RunWriter, flatten_params, numeric_metrics, run_statu
 from .pareto import baseline_row
 from .publisher import PUBLISH_EVERY_S, Fronts, FrontsPublisher
 from .store import SubnetStore, record_row, table_row
+from .study_plot import PLOT_ARTIFACT, TABLE_ARTIFACT, plot_best_objective
 
 COMPACT_EVERY_S = 30.0  # how often at most the driver rewrites subnets.parquet from its journal
 
@@ -341,6 +343,15 @@ class SweepTracker:
     def note_cell(self, method: str, flops_target: float, kd_weight: float) -> bool:
         """Say once when a cell's budgets do not bind (:meth:`.FrontsPublisher.note_cell`)."""
         return self.fronts.note_cell(CellKey(method, flops_target, kd_weight))
+
+    def log_study_progress(self, rows: list[dict[str, Any]]) -> None:
+        """Put the shared studies' progress on the parent run: the best objective against the
+        trial count per (method, KD weight) (:mod:`.study_plot`), and the told trials as a table."""
+        self._require_sweep()
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = plot_best_objective(rows, Path(tmp) / Path(PLOT_ARTIFACT).name)
+            self.runs.log_parent_artifact(plot, str(Path(PLOT_ARTIFACT).parent))
+        self.runs.log_table(self.runs.parent, rows, TABLE_ARTIFACT)
 
     def cell_stats(self) -> list[dict[str, Any]]:
         """Per grid cell of the trials' finals (:func:`.publisher.cell_stats`)."""

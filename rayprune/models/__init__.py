@@ -37,10 +37,12 @@ from .base import (
 from .cifar_resnet import CifarResNetFamily
 from .mobilenet_v2 import MobileNetV2Family
 from .resnet import ResNetFamily
+from .sources import is_source
+from .traced import TracedFamily
 from .vgg import VGGFamily
 
 FAMILIES: Registry[Family] = Registry("model family")
-for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFamily()):
+for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFamily(), TracedFamily()):
     FAMILIES.add(_family.name, _family)
 del _family
 
@@ -89,12 +91,18 @@ def family_of(spec: Spec) -> Family:
 
 
 def parse_model(model: str) -> tuple[Family, str]:
-    """Split "family:variant" (e.g. "cifar_resnet:56") into the family and variant."""
+    """Split "family:variant" (e.g. "cifar_resnet:56") into the family and variant.
+
+    A model string that names no registered family but a source (``torchvision:NAME``,
+    ``file.py:FACTORY``, ``package.module:FACTORY``) is the traced family's variant.
+    """
     fam, _, variant = model.partition(":")
+    if fam not in FAMILIES.names() and is_source(model):
+        return FAMILIES.get(TracedFamily.name), model
     try:
         family = FAMILIES.get(fam)
     except UnknownNameError as e:
-        raise SpecError(str(e)) from None
+        raise SpecError(f"{e}; or give torchvision:NAME, FILE.py:FACTORY or MODULE:FACTORY") from None
     if not variant:
         raise SpecError(f"model {model!r}: expected FAMILY:VARIANT, variants of {fam}: {', '.join(family.variants())}")
     return family, variant

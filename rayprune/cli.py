@@ -244,7 +244,12 @@ TRAINING_OPTIONS = ("model", "shortcut", "dataset", "data_dir", "seed", "device"
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    from . import models
+
+    options = {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    if options["model"] is not None and models.is_source(options["model"]):  # a user file, stored absolute
+        options["model"] = models.absolute_source(options["model"])
+    return options
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -260,8 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     finetune = {**method.finetune_defaults, **user_finetune}
     if args.model is not None:
         from . import models
+        from .engine.data import DATASETS
 
-        method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
+        size = args.input_size or (DATASETS.get(args.dataset).input_size if models.is_source(args.model) else None)
+        options = {"shortcut": args.shortcut} if args.shortcut else {}
+        method.check_spec(models.full_spec(args.model, input_size=size, **options))
     out = Path(args.out)
     options = dict(
         method=args.method,
@@ -442,7 +450,11 @@ def _add_inspect(sub: argparse._SubParsersAction[Parser]) -> None:
 def _add_training_args(q: argparse.ArgumentParser) -> None:
     from .engine.data import DATASETS
 
-    q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
+    q.add_argument(
+        "--model",
+        required=True,
+        help="FAMILY:VARIANT (e.g. cifar_resnet:56), torchvision:NAME, FILE.py:FACTORY or MODULE:FACTORY",
+    )
     q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
     q.add_argument("--dataset", default="cifar10", help="|".join(DATASETS))
     q.add_argument(

@@ -97,12 +97,20 @@ def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_spec(cfg: TrialConfig, num_classes: int) -> Spec:
-    return network_spec(cfg.model, cfg.spec, cfg.shortcut, cfg.dataset, num_classes)
+def resolve_spec(cfg: TrialConfig, num_classes: int, input_size: int | None = None) -> Spec:
+    return network_spec(cfg.model, cfg.spec, cfg.shortcut, cfg.dataset, num_classes, input_size)
 
 
-def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dataset: str, num_classes: int) -> Spec:
-    """The explicit ``spec`` (checked against the dataset's classes), else ``model``'s unpruned spec."""
+def network_spec(
+    model: str | None,
+    spec: Spec | None,
+    shortcut: str | None,
+    dataset: str,
+    num_classes: int,
+    input_size: int | None = None,
+) -> Spec:
+    """The explicit ``spec`` (checked against the dataset's classes), else ``model``'s unpruned spec
+    (a traced source traced at ``input_size``)."""
     if spec is not None:
         spec = models.validate(dict(spec))
         if spec.get("num_classes") != num_classes:
@@ -113,7 +121,8 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
         return spec
     if model is None:
         raise models.SpecError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
-    return models.full_spec(model, num_classes=num_classes, **({"shortcut": shortcut} if shortcut else {}))
+    options = {"shortcut": shortcut} if shortcut else {}
+    return models.full_spec(model, num_classes=num_classes, input_size=input_size, **options)
 
 
 def load_teacher(path: str | Path, spec: Spec, device: str | torch.device) -> nn.Module:
@@ -171,7 +180,7 @@ def build_method(
     finetune = validated(TrainConfig, cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
     train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
-    spec = resolve_spec(cfg, train.num_classes)
+    spec = resolve_spec(cfg, train.num_classes, cfg.input_size or train.input_size)
     if teacher is None and cfg.teacher:
         teacher = load_teacher(cfg.teacher, spec, device)
     ctx = RunContext(
@@ -402,7 +411,8 @@ def run_trial(
     data = load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
     # Until the teacher is trained, an untrained net of the same spec stands in for it: the
     # method is built (and so validated) before anything is written.
-    stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
+    full = resolve_spec(cfg, data[0].num_classes, cfg.input_size or data[0].input_size)
+    stand_in = models.build(full, seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
     # Without an allocation the key is left out, so state files that predate the field still match.
     config = cfg.model_dump(exclude=RESUMABLE_CHANGES | ({"allocation"} if cfg.allocation is None else set()))
@@ -507,7 +517,7 @@ def train_teacher(
     device = resolve_device(device)
     train_cfg = validated(TrainConfig, recipe or {})
     train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
-    full = network_spec(model, spec, shortcut, dataset, train.num_classes)
+    full = network_spec(model, spec, shortcut, dataset, train.num_classes, train.input_size)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
     fit(
         net,

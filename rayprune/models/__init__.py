@@ -37,7 +37,7 @@ from .base import (
 from .cifar_resnet import CifarResNetFamily
 from .mobilenet_v2 import MobileNetV2Family
 from .resnet import ResNetFamily
-from .sources import is_source
+from .sources import absolute_source, is_source
 from .traced import TracedFamily
 from .vgg import VGGFamily
 
@@ -58,12 +58,14 @@ __all__ = [
     "SpecError",
     "StageSplit",
     "WidthSlot",
+    "absolute_source",
     "build",
     "canonical_json",
     "channel_groups",
     "family_of",
     "full_spec",
     "input_size_of",
+    "is_source",
     "layers",
     "load_spec",
     "macs",
@@ -108,9 +110,15 @@ def parse_model(model: str) -> tuple[Family, str]:
     return family, variant
 
 
-def full_spec(model: str, num_classes: int = 10, **options: Any) -> Spec:
-    """The unpruned spec for "family:variant"."""
+def full_spec(model: str, num_classes: int = 10, input_size: int | None = None, **options: Any) -> Spec:
+    """The unpruned spec for "family:variant" or a traced source (``torchvision:resnet18``).
+
+    ``input_size`` is the side a traced source is traced at (its stages follow the resolutions
+    there); the registered families carry their own size hint and ignore it.
+    """
     family, variant = parse_model(model)
+    if input_size is not None and isinstance(family, TracedFamily):
+        options["input_size"] = input_size
     return family.full_spec(variant, num_classes=num_classes, **options)
 
 

@@ -65,6 +65,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "groups": [
             {"name": g.name, "width": g.width, "stage": g.stage, "kind": g.kind} for g in models.channel_groups(spec)
         ],
+        "stages": 1 + max(g.stage for g in models.channel_groups(spec)),  # max_stage_prune takes one rate each
         "layers": [layer.to_dict() for layer in layers],
     }
     if args.reference:
@@ -89,6 +90,7 @@ def format_inspection(path: str, info: dict[str, Any]) -> str:
 
     size = info["input_size"]
     head = f"{path}: {info['family']}, input {size}x{size}, {info['macs']:,} MACs, {info['params']:,} params"
+    head += f", {info['stages']} stages"
     if "reference_macs" in info:
         head += f"; {100.0 * info['macs_ratio']:.1f}% of {info['reference']}'s {info['reference_macs']:,} MACs"
     groups = [["channel group", "width", "stage", "kind"]]

@@ -30,6 +30,10 @@ KNOWN = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 Position = tuple[str | None, int]  # (group, channel of the group), group None: not pruned
 
 
+class ForwardFailed(SpecError):
+    """A forward pass failed: on the meta device possibly for want of data, so worth a CPU retry."""
+
+
 @dataclass(frozen=True)
 class TracedLayer:
     """One call of a conv, linear or BN module in the traced forward pass."""
@@ -142,7 +146,7 @@ def forward_calls(model: nn.Module, input_size: int, source: str) -> list[Call]:
         try:
             model(x)
         except Exception as e:
-            raise SpecError(
+            raise ForwardFailed(
                 f"model {source!r} fails on a {input_size}x{input_size} input: {type(e).__name__}: {e}; "
                 "give an input size it accepts"
             ) from None

@@ -30,7 +30,7 @@ from .analytic import Layer
 from .axis_expr import axis_width, kept_positions
 from .base import Axes, ChannelGroup, Family, Spec, SpecError
 from .sources import absolute_source, build_source
-from .trace_graph import Trace, TracedLayer, derive
+from .trace_graph import ForwardFailed, Trace, TracedLayer, derive
 
 FIELDS = {"family", "source", "options", "num_classes", "input_size", "widths"}
 DEFAULT_INPUT_SIZE = 224
@@ -133,22 +133,36 @@ def traced(source: str, options: str, num_classes: int, input_size: int) -> Trac
     """
     try:
         return _checked_trace(source, json.loads(options), num_classes, input_size, torch.device("meta"))
-    except Exception:  # the CPU pass below raises the real error, if there is one
-        return _checked_trace(source, json.loads(options), num_classes, input_size, torch.device("cpu"))
+    except ForwardFailed:
+        pass
+    except SpecError:  # a refusal that holds on any device
+        raise
+    except Exception:  # an op without a meta kernel: the CPU pass below raises the real error, if any
+        pass
+    return _checked_trace(source, json.loads(options), num_classes, input_size, torch.device("cpu"))
 
 
 def _checked_trace(
     source: str, options: dict[str, Any], num_classes: int, input_size: int, device: torch.device
 ) -> Trace:
     with torch.random.fork_rng(devices=[]), device:
-        model = build_source(source, num_classes, options)
+        model = _built_on(device, source, num_classes, options)
         trace = derive(model, input_size, source)
         full = {g.name: g.width for g in trace.groups}
         check_counts(model, trace, full, input_size, num_classes, source)
         half = {name: max(1, width // 2) for name, width in full.items()}
-        pruned = shrunk(build_source(source, num_classes, options), trace, half)
+        pruned = shrunk(_built_on(device, source, num_classes, options), trace, half)
         check_counts(pruned, trace, half, input_size, num_classes, source)
     return trace
+
+
+def _built_on(device: torch.device, source: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
+    try:
+        return build_source(source, num_classes, options)
+    except SpecError as e:
+        if device.type == "meta":  # an initialiser that needs data: worth a CPU retry
+            raise ForwardFailed(str(e)) from None
+        raise
 
 
 def check_counts(
@@ -162,7 +176,7 @@ def check_counts(
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             out = model(x)
     except Exception as e:
-        raise SpecError(
+        raise ForwardFailed(
             f"model {source!r}: a pruned copy fails in its forward pass ({type(e).__name__}: {str(e)[:160]}); "
             "an op couples channels in a way the tracer does not follow"
         ) from None

@@ -242,7 +242,17 @@ class RunPrinter:
 
 
 #: What :func:`_add_training_args` adds that ``run`` and ``teacher`` pass on as it is, under its own name.
-TRAINING_OPTIONS = ("model", "shortcut", "dataset", "data_dir", "seed", "device", "train_subset", "test_subset")
+TRAINING_OPTIONS = (
+    "model",
+    "shortcut",
+    "weights",
+    "dataset",
+    "data_dir",
+    "seed",
+    "device",
+    "train_subset",
+    "test_subset",
+)
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -458,6 +468,11 @@ def _add_training_args(q: argparse.ArgumentParser) -> None:
         help="FAMILY:VARIANT (e.g. cifar_resnet:56), torchvision:NAME, FILE.py:FACTORY or MODULE:FACTORY",
     )
     q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
+    q.add_argument(
+        "--weights",
+        default=None,
+        help="start the unpruned net from a state_dict FILE, or torchvision:DEFAULT (local torch hub cache only)",
+    )
     q.add_argument("--dataset", default="cifar10", help="|".join(DATASETS))
     q.add_argument(
         "--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)"

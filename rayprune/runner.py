@@ -30,6 +30,7 @@ from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_m
 from .methods.finetune import finalize
 from .models import subnet_io
 from .models.base import Spec
+from .models.weights import apply_weights
 
 
 class TrialConfig(BaseModel):
@@ -53,6 +54,7 @@ class TrialConfig(BaseModel):
     device: str | None = None
     finetune: dict[str, Any] = Field(default_factory=dict)
     teacher: str | None = None  # a saved subnet dir (spec.json + weights.pt)
+    weights: str | None = None  # the unpruned net's start: a state_dict file or torchvision:DEFAULT
     input_size: int | None = None
     max_steps: int | None = Field(default=None, ge=1)
     robust: bool = True
@@ -181,6 +183,7 @@ def build_method(
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
     train, test = data if data is not None else load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
     spec = resolve_spec(cfg, train.num_classes, cfg.input_size or train.input_size)
+    initial_state = pretrained_state(cls, spec, cfg.weights, cfg.seed) if cfg.weights else None
     if teacher is None and cfg.teacher:
         teacher = load_teacher(cfg.teacher, spec, device)
     ctx = RunContext(
@@ -202,8 +205,24 @@ def build_method(
         robust=cfg.robust,
         measure_latency=cfg.measure_latency,
         progress=progress,
+        initial_state=initial_state,
     )
     return cls(ctx, hparams)
+
+
+def pretrained_state(cls: type[Method], spec: Spec, weights: str, seed: int) -> dict[str, torch.Tensor]:
+    """The unpruned net's state started from ``weights`` (its head re-initialised when it does not fit)."""
+    if not cls.inherits_weights:
+        raise InputError(
+            f"{cls.name} trains its subnets from scratch, so pretrained weights would not reach them; "
+            "drop the weights or use l1, fpgm, random or ast",
+            option="weights",
+        )
+    net = models.build(spec, seed=seed)
+    note = apply_weights(net, spec, weights)
+    if note:
+        print(f"rayprune: {note}", file=sys.stderr, flush=True)
+    return net.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +433,9 @@ def run_trial(
     full = resolve_spec(cfg, data[0].num_classes, cfg.input_size or data[0].input_size)
     stand_in = models.build(full, seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
-    # Without an allocation the key is left out, so state files that predate the field still match.
-    config = cfg.model_dump(exclude=RESUMABLE_CHANGES | ({"allocation"} if cfg.allocation is None else set()))
+    # Without an allocation (or weights) the key is left out, so state files that predate the field still match.
+    unset = {name for name in ("allocation", "weights") if getattr(cfg, name) is None}
+    config = cfg.model_dump(exclude=RESUMABLE_CHANGES | unset)
     state = TrialState(config=config)
     saved = None
     if resume and (out / STATE_FILE).exists():
@@ -494,6 +514,7 @@ def train_teacher(
     train_subset: int | None = None,
     test_subset: int | None = None,
     data: tuple[Any, Any] | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
 
@@ -519,6 +540,10 @@ def train_teacher(
     train, test = data if data is not None else load_data(dataset, data_dir, train_subset, test_subset)
     full = network_spec(model, spec, shortcut, dataset, train.num_classes, train.input_size)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
+    if weights is not None:  # fine-tuned from a pretrained start
+        note = apply_weights(net, full, weights)
+        if note:
+            print(f"rayprune: {note}", file=sys.stderr, flush=True)
     fit(
         net,
         train,

@@ -126,15 +126,15 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     passed = 0
-    for name in names:
+    for done, name in enumerate(names, 1):
         r = run_one(name, args.size, args.timeout)
         passed += r["result"] == "pass"
         lines.append(row(name, r))
         print(lines[-1], flush=True)
-    lines += ["", f"{passed} of {len(names)} pass."]
-    print(lines[-1])
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        if args.out:  # rewritten after every model, so an interrupted run leaves its rows
+            tail = f"{passed} of {done} pass" + ("." if done == len(names) else f" ({len(names) - done} not run yet).")
+            args.out.write_text("\n".join([*lines, "", tail]) + "\n")
+    print(f"{passed} of {len(names)} pass.")
 
 
 if __name__ == "__main__":

@@ -248,9 +248,11 @@ def test_places_outside_the_package_folder_are_used_as_given(package_folder, tmp
 # --------------------------------------------------------------------------------------------
 
 FAKE_MLFLOW = """#!{python}
-import http.server, os, sys, time
+import http.server, os, signal, sys, time
 port = int(sys.argv[sys.argv.index("--port") + 1])
 print("fake mlflow server starting", flush=True)
+if os.environ.get("FAKE_MLFLOW_IGNORE_TERM"):  # like MLflow's job consumers
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if os.environ.get("FAKE_MLFLOW_FAIL"):
     print("boom: cannot open the backend store", flush=True)
     sys.exit(1)
@@ -279,8 +281,8 @@ def head_shell(tmp_path):
     head = cluster_yaml()["head_start_ray_commands"]
     commands = [c for c in head if "mlflow" in c]
     assert len(commands) == 3 and "kill -TERM" in commands[0] and "mlflow server" in commands[2]
-    # the watcher's poll every 1 s instead of 5 s keeps the test short
-    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1"}
+    # the watcher's poll every 1 s instead of 5 s, and 3 s instead of 30 before a SIGKILL, keep the test short
+    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1", "seq 30": "seq 3"}
     for old, new in mapping.items():
         commands = [c.replace(old, new) for c in commands]
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -328,7 +330,7 @@ def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell)
         for command in (stop, record):
             assert run(command).returncode == 0
         began = time.monotonic()
-        started = run(start, FAKE_MLFLOW_DELAY="2")
+        started = run(start, FAKE_MLFLOW_DELAY="2", FAKE_MLFLOW_IGNORE_TERM="1")
         assert started.returncode == 0, started.stdout + started.stderr
         assert time.monotonic() - began >= 2 and answers(port)  # it returned once the server answered
         pgid = int((home / ".rayprune" / "mlflow_server.pid").read_text())

@@ -281,8 +281,8 @@ def head_shell(tmp_path):
     head = cluster_yaml()["head_start_ray_commands"]
     commands = [c for c in head if "mlflow" in c]
     assert len(commands) == 3 and "kill -TERM" in commands[0] and "mlflow server" in commands[2]
-    # the watcher's poll every 1 s instead of 5 s, and 3 s instead of 30 before a SIGKILL, keep the test short
-    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1", "seq 30": "seq 3"}
+    # the watcher's poll every 1 s instead of 5 s, and 1 s instead of 30 before a SIGKILL, keep the test short
+    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1", "seq 30": "seq 1"}
     for old, new in mapping.items():
         commands = [c.replace(old, new) for c in commands]
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -330,9 +330,9 @@ def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell)
         for command in (stop, record):
             assert run(command).returncode == 0
         began = time.monotonic()
-        started = run(start, FAKE_MLFLOW_DELAY="2", FAKE_MLFLOW_IGNORE_TERM="1")
+        started = run(start, FAKE_MLFLOW_DELAY="1", FAKE_MLFLOW_IGNORE_TERM="1")
         assert started.returncode == 0, started.stdout + started.stderr
-        assert time.monotonic() - began >= 2 and answers(port)  # it returned once the server answered
+        assert time.monotonic() - began >= 1 and answers(port)  # it returned once the server answered
         pgid = int((home / ".rayprune" / "mlflow_server.pid").read_text())
         assert group_alive(pgid)
         assert json.loads((home / ".rayprune" / "mlflow_server.json").read_text())["uri"] == f"http://127.0.0.1:{port}"

@@ -348,7 +348,7 @@ def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell)
 
 def test_a_server_that_does_not_answer_fails_ray_up_with_the_end_of_its_log(head_shell):
     _, port, gcs_port, (_, record, start), run = head_shell
-    quick = start.replace("seq 120", "seq 2").replace("within 120 s", "within 2 s")
+    quick = start.replace("seq 300", "seq 2").replace("within 300 s", "within 2 s")
     with listening(gcs_port):
         assert run(record).returncode == 0
         failed = run(quick, FAKE_MLFLOW_FAIL="1")

@@ -152,7 +152,7 @@ def mlflow_server(s3, tmp_path_factory):
                 ["bash", "-c", command],
                 env=env,
                 check=True,
-                timeout=240,  # the start command itself waits up to 120 s for the server
+                timeout=420,  # the start command itself waits up to 300 s for the server
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

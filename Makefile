@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quickstart lint test test-fast bench clean
+.PHONY: install quickstart lint test test-fast bench cluster-down clean
 
 # Re-running is cheap: the install only repeats when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml
@@ -33,6 +33,16 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
+
+# `ray down` stops the head's MLflow server too (its watcher ends it once Ray stops); stopping it
+# first, by its pidfile, lets it finish its writes before the nodes go.
+CLUSTER ?= launch/cluster.yaml
+RAY     ?= $(if $(wildcard $(VENV)/bin/ray),$(VENV)/bin/ray,ray)
+cluster-down:
+	$(RAY) exec $(CLUSTER) 'pid=$$(cat ~/.rayprune/mlflow_server.pid 2>/dev/null) && kill -TERM -- -$$pid; \
+	  for i in $$(seq 30); do [ -n "$$pid" ] && kill -0 -- -$$pid 2>/dev/null || break; sleep 1; done; \
+	  rm -f ~/.rayprune/mlflow_server.pid'
+	$(RAY) down -y $(CLUSTER)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

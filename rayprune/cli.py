@@ -17,11 +17,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
 from .errors import InputError, RaypruneError, explain, field_path, validated
+
+if TYPE_CHECKING:
+    from .orchestration.config import SweepConfig
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -344,11 +347,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .orchestration.cluster import resolve_space, tracking_uri_on_cluster
+    from .orchestration import cluster
     from .orchestration.config import load_sweep
     from .orchestration.sweep import run_sweep
 
-    space, warning = resolve_space(args.space)  # a path the user's shell expanded for another machine
+    space, warning = cluster.resolve_space(args.space)  # a path the user's shell expanded for another machine
     if warning:
         print(warning, file=sys.stderr)
     overrides = {
@@ -356,13 +359,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "tracking.experiment": args.experiment,
         "storage_path": args.storage_path,
     }
-    cfg = load_sweep(space, overrides)
-    uri, note = tracking_uri_on_cluster(cfg.tracking.uri, args.mlflow_uri, args.address)  # the head's server
-    if note:
-        print(note, file=sys.stderr)
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+    cfg = _on_cluster(load_sweep(space, overrides), args)
+    cluster.wait_for_tracking_server(cfg.tracking.uri, args.address)  # right after `ray up` it may be starting
     outcome = run_sweep(cfg, address=args.address, resume=args.resume, num_cpus=args.num_cpus, space=str(space))
-    resume = f"rayprune sweep --space {space} --resume {outcome.sweep_id}"
+    resume = f"rayprune sweep --space {_shown_space(space)} --resume {outcome.sweep_id}"
     if not outcome.complete:
         print(f"The sweep was interrupted; continue it with: {resume}", file=sys.stderr)
         return EXIT_FAILED
@@ -373,6 +373,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             EXIT_FAILED,
         )
     return 0
+
+
+def _on_cluster(cfg: SweepConfig, args: argparse.Namespace) -> SweepConfig:
+    """``cfg`` with the tracking store and storage path a driver on a cluster uses: outside a
+    job's temporary package folder, and the head's server instead of its database (notes on
+    stderr say so)."""
+    from .orchestration import cluster
+
+    uri, storage, moved = cluster.outside_package_folder(
+        cfg.tracking.uri, cfg.storage_path, args.mlflow_uri, args.storage_path
+    )
+    uri, note = cluster.tracking_uri_on_cluster(uri, args.mlflow_uri, args.address)
+    for line in (moved, note):
+        if line:
+            print(line, file=sys.stderr)
+    if (uri, storage) == (cfg.tracking.uri, cfg.storage_path):
+        return cfg
+    tracking = cfg.tracking.model_copy(update={"uri": uri})
+    return cfg.model_copy(update={"tracking": tracking, "storage_path": storage})
+
+
+def _shown_space(space: Path) -> Path:
+    """The sweep file as a resume command names it: relative to a job's package folder, which
+    the next ``ray job submit --working-dir`` recreates elsewhere."""
+    from .orchestration.cluster import ray_package_folder
+
+    folder = ray_package_folder()
+    if folder is not None and space.resolve().is_relative_to(folder):
+        return space.resolve().relative_to(folder)
+    return space
 
 
 def cmd_front(args: argparse.Namespace) -> int:

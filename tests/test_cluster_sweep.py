@@ -123,13 +123,16 @@ def s3():
                 os.environ[k] = v
 
 
-def head_mlflow_commands(port: int) -> list[str]:
+def head_mlflow_commands(port: int, gcs_port: int) -> list[str]:
     """cluster.yaml's head start commands that stop, describe and start the MLflow server, with
-    the test's port and bucket."""
+    the test's ports (the server's; the GCS port its watcher polls) and bucket."""
     head = yaml.safe_load((ROOT / "launch" / "cluster.yaml").read_text())["head_start_ray_commands"]
     commands = [c for c in head if "mlflow" in c]
     assert len(commands) == 3 and "kill -TERM" in commands[0] and "mlflow server" in commands[2]
-    return [c.replace("5000", str(port)).replace("s3://YOUR-BUCKET/", f"s3://{BUCKET}/") for c in commands]
+    return [
+        c.replace("5000", str(port)).replace("/6379", f"/{gcs_port}").replace("s3://YOUR-BUCKET/", f"s3://{BUCKET}/")
+        for c in commands
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +140,10 @@ def mlflow_server(s3, tmp_path_factory):
     """The head's MLflow server, started as `ray up` starts it, then started again as a second
     `ray up` would after a `ray down` that left it running: the old one is stopped first."""
     home = tmp_path_factory.mktemp("head-home")
-    port = free_port()
+    port, gcs_port = free_port(), free_port()
+    gcs = socket.create_server(("127.0.0.1", gcs_port))  # the head's Ray, for the server's watcher
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    commands = head_mlflow_commands(port)
+    commands = head_mlflow_commands(port, gcs_port)
     pidfile = home / ".rayprune" / "mlflow_server.pid"
 
     def up() -> int:
@@ -148,7 +152,7 @@ def mlflow_server(s3, tmp_path_factory):
                 ["bash", "-c", command],
                 env=env,
                 check=True,
-                timeout=300,
+                timeout=420,  # the start command itself waits up to 300 s for the server
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -160,10 +164,15 @@ def mlflow_server(s3, tmp_path_factory):
     try:
         assert second != first and not alive(first) and alive(second)
         record = json.loads((home / ".rayprune" / "mlflow_server.json").read_text())
-        assert record == {"uri": f"http://127.0.0.1:{port}", "backend_store_uri": f"sqlite:///{home}/mlflow.db"}
+        assert record == {
+            "uri": f"http://127.0.0.1:{port}",
+            "backend_store_uri": f"sqlite:///{home}/mlflow.db",
+            "storage_path": f"s3://{BUCKET}/rayprune/ray_results",
+        }
         yield f"http://127.0.0.1:{port}", home
     finally:
         subprocess.run(["bash", "-c", commands[0]], env=env, timeout=60)  # the stop command alone
+        gcs.close()
     # The stop command ends with SIGKILL; its delivery is asynchronous, so wait for it (bounded).
     wait_for(lambda: not alive(second), "the stopped server's exit", timeout=60)
     assert not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")

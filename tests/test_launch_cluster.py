@@ -199,6 +199,7 @@ def test_the_sweep_command_refuses_the_heads_database_and_defaults_to_its_server
         return sweep.SweepOutcome("quickstart-1", "/x", "run", True, cfg.num_trials())
 
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(cluster, "wait_for_tracking_server", lambda uri, address: None)  # no server runs here
     space = str(ROOT / "search_spaces" / "quickstart.yaml")  # tracking.uri: sqlite:///mlflow.db
     assert main(["sweep", "--space", space, "--address", "auto"]) == 0
     assert seen["uri"] == "http://127.0.0.1:5999"

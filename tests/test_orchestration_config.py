@@ -225,7 +225,7 @@ def test_cluster_schema_check_can_fail():
 def test_cluster_installs_the_package_and_runs_mlflow_on_the_head():
     cfg = cluster()
     assert cfg["provider"]["type"] == "aws"
-    assert cfg["file_mounts"] == {"~/rayprune": "."}
+    assert cfg["file_mounts"] == {"~/rayprune": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     setup = "\n".join(cfg["setup_commands"])
     assert "-r ~/rayprune/requirements.txt" in setup and "-e ~/rayprune" in setup
     head_start = "\n".join(cfg["head_start_ray_commands"])

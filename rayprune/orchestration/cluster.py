@@ -16,6 +16,13 @@ A driver that joins the cluster (``--address``) on the head reads that file:
   repository.
 * :func:`browse_hint`: how to look at the runs: ``mlflow ui`` on a SQLite store; the server's URL
   and the port-forward command for an HTTP one; the links (:mod:`rayprune.tracking.mlflow_ui`).
+* :func:`wait_for_tracking_server`: a joined driver gives a server that refuses connections a
+  bounded time to start (``ray submit`` right after ``ray up``), and its final error names the
+  cluster's server and how to look at it, never advice to start another one.
+* :func:`outside_package_folder`: ``ray job submit --working-dir`` runs the driver in a copy of
+  that folder in Ray's temporary package cache (``.../_ray_pkg_<hash>``), deleted with the Ray
+  session; a tracking store or storage path there defaults to the head's server and the
+  cluster's storage path (else ``~/ray_results``), or is refused when no server is known.
 
 No Ray and no MLflow imports: the CLI calls these before Ray starts.
 """
@@ -24,6 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,6 +49,16 @@ HEAD_MLFLOW_ENV = "RAYPRUNE_HEAD_MLFLOW_FILE"
 SPACES_DIR = "search_spaces"
 #: The port-forward command of the head's MLflow server, for a PORT.
 PORT_FORWARD = "ray attach launch/cluster.yaml -p {port}   (or: ssh -N -L {port}:127.0.0.1:{port} HEAD)"
+#: How long a driver joining a cluster waits for a tracking server that refuses connections.
+SERVER_WAIT_S = 30.0
+#: Overrides :data:`SERVER_WAIT_S` (seconds).
+SERVER_WAIT_ENV = "RAYPRUNE_TRACKING_WAIT_S"
+#: How to look at the head's MLflow server (``launch/cluster.yaml`` logs it to ``~/mlflow.log``).
+SERVER_LOG_COMMAND = "ray exec launch/cluster.yaml 'tail ~/mlflow.log'"
+#: The name prefix of the folders of Ray's runtime-env package cache (a job's ``--working-dir``).
+RAY_PACKAGE_PREFIX = "_ray_pkg_"
+#: Where a driver in a package folder keeps its results when the cluster names no storage path.
+HOME_STORAGE = "~/ray_results"
 
 
 class LaunchError(RaypruneError):
@@ -52,7 +72,8 @@ class LaunchError(RaypruneError):
 
 def head_mlflow_server() -> dict[str, str] | None:
     """The head's MLflow server as ``launch/cluster.yaml`` recorded it (``uri``,
-    ``backend_store_uri``), or None when this machine has no such record."""
+    ``backend_store_uri``, and the cluster's shared ``storage_path``, empty when not recorded),
+    or None when this machine has no such record."""
     path = Path(os.path.expanduser(os.environ.get(HEAD_MLFLOW_ENV) or HEAD_MLFLOW_FILE))
     try:
         info = json.loads(path.read_text())
@@ -60,7 +81,11 @@ def head_mlflow_server() -> dict[str, str] | None:
         return None
     if not isinstance(info, dict) or not isinstance(info.get("uri"), str):
         return None
-    return {"uri": info["uri"], "backend_store_uri": str(info.get("backend_store_uri") or "")}
+    return {
+        "uri": info["uri"],
+        "backend_store_uri": str(info.get("backend_store_uri") or ""),
+        "storage_path": str(info.get("storage_path") or ""),
+    }
 
 
 def tracking_uri_on_cluster(file_uri: str, cli_uri: str | None, address: str | None) -> tuple[str, str | None]:
@@ -89,6 +114,122 @@ def tracking_uri_on_cluster(file_uri: str, cli_uri: str | None, address: str | N
         f"rayprune: this cluster's head runs an MLflow server at {server['uri']}; the sweep logs "
         f"there instead of its database {file_uri} (pass --mlflow-uri to choose another store)"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A tracking server that is still starting
+# --------------------------------------------------------------------------------------------
+
+
+def wait_for_tracking_server(uri: str, address: str | None, wait_s: float | None = None) -> None:
+    """On a joined cluster (``address`` given), give an HTTP tracking server that refuses
+    connections ``wait_s`` seconds (:data:`SERVER_WAIT_S`, or ``$RAYPRUNE_TRACKING_WAIT_S``) to
+    start, saying so once on stderr. Raises :class:`LaunchError` naming the cluster's server and
+    how to look at it when it still cannot be reached. Anything else returns at once."""
+    parsed = urlparse(uri)
+    if address is None or parsed.scheme not in ("http", "https") or parsed.hostname is None:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    wait_s = float(os.environ.get(SERVER_WAIT_ENV, SERVER_WAIT_S)) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=3.0).close()
+            return
+        except ConnectionRefusedError as e:
+            if time.monotonic() >= deadline:
+                raise _unreachable(uri, e, wait_s) from None
+            if not said:
+                print(
+                    f"rayprune: the MLflow server at {uri} refuses connections (it may still be starting); "
+                    f"waiting up to {wait_s:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            time.sleep(0.5)
+        except OSError as e:  # no such host, a timeout: waiting would not help
+            raise _unreachable(uri, e, None) from None
+
+
+def _unreachable(uri: str, error: OSError, waited_s: float | None) -> LaunchError:
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    after = f" after waiting {waited_s:g} s" if waited_s is not None else ""
+    server = head_mlflow_server()
+    if server is None:
+        whose = "launch/cluster.yaml starts the cluster's server on the head, at http://127.0.0.1:5000"
+    elif server["uri"].rstrip("/") == uri.rstrip("/"):
+        whose = "it is the server `ray up` started on this cluster's head"
+    else:
+        whose = f"this cluster's head runs its server at {server['uri']}"
+    return LaunchError(
+        f"cannot reach the MLflow tracking server at {uri} ({reason}){after}; {whose}: look at its log "
+        f"with {SERVER_LOG_COMMAND} and restart it with `ray up launch/cluster.yaml --restart-only`, "
+        "or pass a reachable --mlflow-uri"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A driver in Ray's temporary package folder (ray job submit --working-dir)
+# --------------------------------------------------------------------------------------------
+
+
+def ray_package_folder(cwd: Path | None = None) -> Path | None:
+    """The folder of Ray's package cache the driver runs in (``cwd`` or a parent of it named
+    ``_ray_pkg_*``), or None."""
+    here = (cwd or Path.cwd()).resolve()
+    return next((folder for folder in (here, *here.parents) if folder.name.startswith(RAY_PACKAGE_PREFIX)), None)
+
+
+def outside_package_folder(
+    tracking_uri: str, storage_path: str, cli_uri: str | None, cli_storage: str | None
+) -> tuple[str, str, str | None]:
+    """The tracking URI and storage path a sweep uses, and a note to print when they changed.
+
+    Outside a package folder (:func:`ray_package_folder`) both stay as they are. Inside one, a
+    store or storage path that the sweep file put there (its relative defaults) is replaced by
+    the head's MLflow server and the cluster's storage path (:func:`head_mlflow_server`; else
+    ``~/ray_results`` on this node, the head, where job drivers run). Raises
+    :class:`LaunchError` when a flag names a place inside the folder, or when the store would
+    be there and no head server is known.
+    """
+    folder = ray_package_folder()
+    if folder is None:
+        return tracking_uri, storage_path, None
+    db, results = sqlite_file(tracking_uri), None if "://" in storage_path else Path(storage_path)
+    uri_inside = db is not None and db.resolve().is_relative_to(folder)
+    storage_inside = results is not None and results.resolve().is_relative_to(folder)
+    if not (uri_inside or storage_inside):
+        return tracking_uri, storage_path, None
+    server = head_mlflow_server()
+    given = (cli_uri is not None and uri_inside) or (cli_storage is not None and storage_inside)
+    if given or (uri_inside and server is None):
+        raise LaunchError(
+            f"this sweep runs in Ray's temporary package folder {folder} (ray job submit --working-dir), which "
+            f"Ray deletes with the session, and would keep its {_what(uri_inside, storage_inside)} there"
+            f"{'' if given else ' (no MLflow server of this cluster is recorded in ' + HEAD_MLFLOW_FILE + ')'}"
+            ": pass --mlflow-uri (the head's server, http://127.0.0.1:5000, or sqlite:////abs/path/mlflow.db "
+            "outside that folder) and --storage-path (s3://BUCKET/rayprune/ray_results or a shared folder)"
+        )
+    uri = server["uri"] if uri_inside and server is not None else tracking_uri
+    storage = storage_path
+    if storage_inside:
+        storage = (server or {}).get("storage_path") or os.path.expanduser(HOME_STORAGE)
+    return (
+        uri,
+        storage,
+        (
+            f"rayprune: this sweep runs in Ray's temporary package folder {folder}, which Ray deletes with the "
+            f"session: it logs to {uri} and stores its results in {storage} instead (pass --mlflow-uri / "
+            "--storage-path to choose)"
+        ),
+    )
+
+
+def _what(uri_inside: bool, storage_inside: bool) -> str:
+    names = [name for name, inside in (("MLflow database", uri_inside), ("results", storage_inside)) if inside]
+    return " and ".join(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +293,11 @@ __all__ = [
     "LaunchError",
     "browse_hint",
     "head_mlflow_server",
+    "outside_package_folder",
     "package_repository",
+    "ray_package_folder",
     "resolve_space",
     "tracking_uri_on_cluster",
     "ui_base",
+    "wait_for_tracking_server",
 ]

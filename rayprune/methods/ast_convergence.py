@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from .. import models
-from ..models.axis_expr import groups_in
 from ..models.base import Spec, SpecError
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)
@@ -203,7 +202,7 @@ def group_macs(spec: Spec, input_size: int | None = None) -> dict[str, int]:
     for layer in models.layers(spec, input_size):
         if layer.kind == "bn":
             continue
-        for g in {g for a in axes[f"{layer.name}.weight"] for g in groups_in(a)}:
+        for g in {a for a in axes[f"{layer.name}.weight"] if a is not None}:
             out[g] += layer.macs
     return out
 

@@ -68,6 +68,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "groups": [
             {"name": g.name, "width": g.width, "stage": g.stage, "kind": g.kind} for g in models.channel_groups(spec)
         ],
+        "stages": 1 + max(g.stage for g in models.channel_groups(spec)),  # max_stage_prune takes one rate each
         "layers": [layer.to_dict() for layer in layers],
     }
     if args.reference:
@@ -92,6 +93,7 @@ def format_inspection(path: str, info: dict[str, Any]) -> str:
 
     size = info["input_size"]
     head = f"{path}: {info['family']}, input {size}x{size}, {info['macs']:,} MACs, {info['params']:,} params"
+    head += f", {info['stages']} stages"
     if "reference_macs" in info:
         head += f"; {100.0 * info['macs_ratio']:.1f}% of {info['reference']}'s {info['reference_macs']:,} MACs"
     groups = [["channel group", "width", "stage", "kind"]]
@@ -253,6 +255,7 @@ class RunPrinter:
 TRAINING_OPTIONS = (
     "model",
     "shortcut",
+    "weights",
     "dataset",
     "data_dir",
     "seed",
@@ -264,7 +267,11 @@ TRAINING_OPTIONS = (
 
 
 def _training_options(args: argparse.Namespace) -> dict[str, Any]:
+    from . import models
+
     options = {name: getattr(args, name) for name in TRAINING_OPTIONS}
+    if options["model"] is not None and models.is_source(options["model"]):  # a user file, stored absolute
+        options["model"] = models.absolute_source(options["model"])
     return {**options, "dataset_options": parse_assignments(args.data_option, "--data-option")}
 
 
@@ -281,8 +288,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     finetune = {**method.finetune_defaults, **user_finetune}
     if args.model is not None:
         from . import models
+        from .engine.data import DATASETS
 
-        method.check_spec(models.full_spec(args.model, **({"shortcut": args.shortcut} if args.shortcut else {})))
+        size = args.input_size or (DATASETS.get(args.dataset).input_size if models.is_source(args.model) else None)
+        options = {"shortcut": args.shortcut} if args.shortcut else {}
+        method.check_spec(models.full_spec(args.model, input_size=size, **options))
     out = Path(args.out)
     options = dict(
         method=args.method,
@@ -489,8 +499,17 @@ def _add_inspect(sub: argparse._SubParsersAction[Parser]) -> None:
 def _add_training_args(q: argparse.ArgumentParser) -> None:
     from .engine.data import DATASETS
 
-    q.add_argument("--model", required=True, help="FAMILY:VARIANT, e.g. cifar_resnet:56")
+    q.add_argument(
+        "--model",
+        required=True,
+        help="FAMILY:VARIANT (e.g. cifar_resnet:56), torchvision:NAME, FILE.py:FACTORY or MODULE:FACTORY",
+    )
     q.add_argument("--shortcut", default=None, help="cifar_resnet stride-2 shortcut: option_a|avgpool_conv|conv_bn")
+    q.add_argument(
+        "--weights",
+        default=None,
+        help="start the unpruned net from a state_dict FILE, or torchvision:DEFAULT (local torch hub cache only)",
+    )
     q.add_argument("--dataset", default="cifar10", help="|".join(DATASETS))
     q.add_argument(
         "--data-dir", default=None, help="dataset folder (else $RAYPRUNE_DATA_DIR, else ~/.cache/rayprune/data)"

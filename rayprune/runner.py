@@ -30,6 +30,7 @@ from .methods import Budget, Method, RunContext, StepResult, SubnetRecord, get_m
 from .methods.finetune import finalize
 from .models import subnet_io
 from .models.base import Spec
+from .models.weights import apply_weights
 
 
 class TrialConfig(BaseModel):
@@ -54,6 +55,7 @@ class TrialConfig(BaseModel):
     device: str | None = None
     finetune: dict[str, Any] = Field(default_factory=dict)
     teacher: str | None = None  # a saved subnet dir (spec.json + weights.pt)
+    weights: str | None = None  # the unpruned net's start: a state_dict file or torchvision:DEFAULT
     input_size: int | None = None
     max_steps: int | None = Field(default=None, ge=1)
     robust: bool = True
@@ -98,12 +100,20 @@ def load_subnet(path: str | Path) -> tuple[Spec, nn.Module]:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_spec(cfg: TrialConfig, num_classes: int) -> Spec:
-    return network_spec(cfg.model, cfg.spec, cfg.shortcut, cfg.dataset, num_classes)
+def resolve_spec(cfg: TrialConfig, num_classes: int, input_size: int | None = None) -> Spec:
+    return network_spec(cfg.model, cfg.spec, cfg.shortcut, cfg.dataset, num_classes, input_size)
 
 
-def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dataset: str, num_classes: int) -> Spec:
-    """The explicit ``spec`` (checked against the dataset's classes), else ``model``'s unpruned spec."""
+def network_spec(
+    model: str | None,
+    spec: Spec | None,
+    shortcut: str | None,
+    dataset: str,
+    num_classes: int,
+    input_size: int | None = None,
+) -> Spec:
+    """The explicit ``spec`` (checked against the dataset's classes), else ``model``'s unpruned spec
+    (a traced source traced at ``input_size``)."""
     if spec is not None:
         spec = models.validate(dict(spec))
         if spec.get("num_classes") != num_classes:
@@ -114,7 +124,8 @@ def network_spec(model: str | None, spec: Spec | None, shortcut: str | None, dat
         return spec
     if model is None:
         raise models.SpecError("give exactly one of 'model' (FAMILY:VARIANT) or 'spec' (a JSON spec)")
-    return models.full_spec(model, num_classes=num_classes, **({"shortcut": shortcut} if shortcut else {}))
+    options = {"shortcut": shortcut} if shortcut else {}
+    return models.full_spec(model, num_classes=num_classes, input_size=input_size, **options)
 
 
 def load_teacher(path: str | Path, spec: Spec, device: str | torch.device) -> nn.Module:
@@ -193,7 +204,8 @@ def build_method(
     finetune = validated(TrainConfig, cfg.finetune)
     # Subsets are drawn with a fixed seed so every trial of a sweep sees the same samples.
     train, test = data if data is not None else trial_data(cfg)
-    spec = resolve_spec(cfg, train.num_classes)
+    spec = resolve_spec(cfg, train.num_classes, cfg.input_size or train.input_size)
+    initial_state = pretrained_state(cls, spec, cfg.weights, cfg.seed) if cfg.weights else None
     if teacher is None and cfg.teacher:
         teacher = load_teacher(cfg.teacher, spec, device)
     ctx = RunContext(
@@ -215,8 +227,24 @@ def build_method(
         robust=cfg.robust,
         measure_latency=cfg.measure_latency,
         progress=progress,
+        initial_state=initial_state,
     )
     return cls(ctx, hparams)
+
+
+def pretrained_state(cls: type[Method], spec: Spec, weights: str, seed: int) -> dict[str, torch.Tensor]:
+    """The unpruned net's state started from ``weights`` (its head re-initialised when it does not fit)."""
+    if not cls.inherits_weights:
+        raise InputError(
+            f"{cls.name} trains its subnets from scratch, so pretrained weights would not reach them; "
+            "drop the weights or use l1, fpgm, random or ast",
+            option="weights",
+        )
+    net = models.build(spec, seed=seed)
+    note = apply_weights(net, spec, weights)
+    if note:
+        print(f"rayprune: {note}", file=sys.stderr, flush=True)
+    return net.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,10 +452,11 @@ def run_trial(
     data = trial_data(cfg)
     # Until the teacher is trained, an untrained net of the same spec stands in for it: the
     # method is built (and so validated) before anything is written.
-    stand_in = models.build(resolve_spec(cfg, data[0].num_classes), seed=cfg.seed).eval() if train_first else None
+    full = resolve_spec(cfg, data[0].num_classes, cfg.input_size or data[0].input_size)
+    stand_in = models.build(full, seed=cfg.seed).eval() if train_first else None
     method = build_method(cfg, out / "work", data=data, teacher=stand_in, progress=progress)
     # Unset newer fields are left out, so state files that predate them still match.
-    unset = {"allocation"} if cfg.allocation is None else set()
+    unset = {name for name in ("allocation", "weights") if getattr(cfg, name) is None}
     config = cfg.model_dump(exclude=RESUMABLE_CHANGES | unset | (set() if cfg.dataset_options else {"dataset_options"}))
     state = TrialState(config=config)
     saved = None
@@ -511,6 +540,7 @@ def train_teacher(
     train_subset: int | None = None,
     test_subset: int | None = None,
     data: tuple[Any, Any] | None = None,
+    weights: str | None = None,
 ) -> Path:
     """Train the unpruned network once and save it (spec.json + weights.pt + metrics.json).
 
@@ -537,8 +567,12 @@ def train_teacher(
     if data is None:
         data = load_data(dataset, data_dir, train_subset, test_subset, input_size=input_size, options=dataset_options)
     train, test = data
-    full = network_spec(model, spec, shortcut, dataset, train.num_classes)
+    full = network_spec(model, spec, shortcut, dataset, train.num_classes, train.input_size)
     net = models.build(full, seed=seed)  # same init as manual_seed(seed), without reseeding the process
+    if weights is not None:  # fine-tuned from a pretrained start
+        note = apply_weights(net, full, weights)
+        if note:
+            print(f"rayprune: {note}", file=sys.stderr, flush=True)
     fit(
         net,
         train,

@@ -50,7 +50,7 @@ def test_inspect_prints_tables_for_people(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
         f"{path}: cifar_resnet, input 32x32, 14,451,338 MACs, "
-        f"{sum(p.numel() for p in models.build(PRUNED).parameters()):,} params; "
+        f"{sum(p.numel() for p in models.build(PRUNED).parameters()):,} params, 3 stages; "
         f"{100 * 14_451_338 / 40_551_050:.1f}% of cifar_resnet:20's 40,551,050 MACs"
     )
     stem = next(line for line in lines if line.startswith("stem.conv "))

@@ -407,7 +407,7 @@ class RankedPruning(RecordsMixin):
                 )
         else:
             seed = derive_seed(self.ctx.seed, "pretrain")
-            model = models.build(self.ctx.spec, seed=seed).to(self.ctx.device)
+            model = self.ctx.unpruned_net(seed).to(self.ctx.device)
             workdir = self.ctx.workdir / "pretrain" if self.ctx.workdir is not None else None
             fit(
                 model,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import models
+from ..models.axis_expr import groups_in
 from ..models.base import Spec, SpecError
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)
@@ -202,7 +203,7 @@ def group_macs(spec: Spec, input_size: int | None = None) -> dict[str, int]:
     for layer in models.layers(spec, input_size):
         if layer.kind == "bn":
             continue
-        for g in {a for a in axes[f"{layer.name}.weight"] if a is not None}:
+        for g in {g for a in axes[f"{layer.name}.weight"] for g in groups_in(a)}:
             out[g] += layer.macs
     return out
 

@@ -139,7 +139,7 @@ class AST(Method):
     # -- setup ---------------------------------------------------------------------------------
     def _initial_target(self) -> dict[str, torch.Tensor]:
         """The target net's state: random (cold start), the teacher's or a checkpoint's weights."""
-        state = models.build(self.spec, seed=derive_seed("ast-target", self.ctx.seed)).state_dict()
+        state = self.ctx.unpruned_net(derive_seed("ast-target", self.ctx.seed)).state_dict()
         source = self.hp.warm_start
         if source is None:
             return state

@@ -267,6 +267,7 @@ class RunContext:
     latency_repeats: int = 20
     robust: bool = True
     robust_max_samples: int | None = None  # None: the whole test set
+    initial_state: dict[str, torch.Tensor] | None = None  # the unpruned net's start (pretrained weights)
 
     def __post_init__(self) -> None:
         models.validate(self.spec)
@@ -277,6 +278,13 @@ class RunContext:
         self.budget.check_reachable(self.spec, self.input_size)
         if self.workdir is not None:
             self.workdir = Path(self.workdir)
+
+    def unpruned_net(self, seed: int) -> nn.Module:
+        """The unpruned net of ``spec``: ``initial_state`` when given, else initialised from ``seed``."""
+        net = models.build(self.spec, seed=seed)
+        if self.initial_state is not None:
+            net.load_state_dict(self.initial_state)
+        return net
 
     def search_split(self, val_fraction: float) -> tuple[Any, Any]:
         """(search-train, search-val) of the training set: per class, ``val_fraction`` of the

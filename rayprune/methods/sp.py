@@ -150,11 +150,16 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
 def stage_layout(spec: Spec, model: nn.Module) -> StageSplit:
     """The stages of ``model`` (built from ``spec``): its family's :meth:`~rayprune.models.Family.stage_split`;
     raises for families that declare none."""
+    return require_stage_split(spec).stage_split(spec, model)
+
+
+def require_stage_split(spec: Spec) -> models.Family:
+    """The spec's family, or a one-line refusal when it declares no stage split."""
     family = models.family_of(spec)
     if not family.implements("stage_split"):
         supported = sorted(n for n in models.FAMILIES if models.FAMILIES.get(n).implements("stage_split"))
         raise SpecError(f"sp: no stage layout for family {family.name!r}; supported: {', '.join(supported)}")
-    return family.stage_split(spec, model)
+    return family
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +321,13 @@ class SP(Method):
 
     name = "sp"
     Hparams: ClassVar[type[MethodHparams]] = SPHparams
+
+    @classmethod
+    def check_spec(cls, spec: Spec) -> None:
+        """Also refuse a family without a stage split, before any data is loaded."""
+        super().check_spec(spec)
+        require_stage_split(spec)
+
     smoke: ClassVar[dict] = {
         "stage_epochs": 1,
         "batch_size": 32,

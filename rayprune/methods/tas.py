@@ -81,6 +81,7 @@ from .tas_supernet import (
     SearchConv,
     SearchResNet,
     grow_to_window,
+    require_residual_net,
     shrink_to_budget,
 )
 
@@ -203,6 +204,13 @@ class TAS(Method):
 
     name = "tas"
     Hparams: ClassVar[type[MethodHparams]] = TASHparams
+
+    @classmethod
+    def check_spec(cls, spec: Spec) -> None:
+        """Also refuse a family without residual blocks, before any data is loaded."""
+        super().check_spec(spec)
+        require_residual_net(spec)
+
     smoke: ClassVar[dict] = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64}
     hp: TASHparams
 

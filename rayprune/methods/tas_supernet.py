@@ -265,15 +265,7 @@ class SearchResNet(nn.Module):
         num_sampled: int = 2,
     ) -> None:
         super().__init__()
-        family = models.family_of(spec)
-        if not family.implements("residual_net"):
-            supported = [n for n in models.FAMILIES if models.FAMILIES.get(n).implements("residual_net")]
-            raise SpecError(
-                f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
-                f"got family {spec.get('family')!r}",
-                fix="use e.g. the model cifar_resnet:56 or resnet:50",
-                hint="model",
-            )
+        family = require_residual_net(spec)
         plan = family.residual_net(spec)
         n_stages = 1 + max(block.stage for block in plan.blocks)
         if max_stage_prune is not None and len(max_stage_prune) < n_stages:
@@ -537,3 +529,17 @@ class FixedPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, self.sample)
+
+
+def require_residual_net(spec: Spec) -> models.Family:
+    """The spec's family, or a one-line refusal when it declares no residual blocks."""
+    family = models.family_of(spec)
+    if not family.implements("residual_net"):
+        supported = [n for n in models.FAMILIES if models.FAMILIES.get(n).implements("residual_net")]
+        raise SpecError(
+            f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
+            f"got family {spec.get('family')!r}",
+            fix="use e.g. the model cifar_resnet:56 or resnet:50",
+            hint="model",
+        )
+    return family

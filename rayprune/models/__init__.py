@@ -37,10 +37,12 @@ from .base import (
 from .cifar_resnet import CifarResNetFamily
 from .mobilenet_v2 import MobileNetV2Family
 from .resnet import ResNetFamily
+from .sources import absolute_source, is_source
+from .traced import TracedFamily
 from .vgg import VGGFamily
 
 FAMILIES: Registry[Family] = Registry("model family")
-for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFamily()):
+for _family in (CifarResNetFamily(), VGGFamily(), MobileNetV2Family(), ResNetFamily(), TracedFamily()):
     FAMILIES.add(_family.name, _family)
 del _family
 
@@ -56,12 +58,14 @@ __all__ = [
     "SpecError",
     "StageSplit",
     "WidthSlot",
+    "absolute_source",
     "build",
     "canonical_json",
     "channel_groups",
     "family_of",
     "full_spec",
     "input_size_of",
+    "is_source",
     "layers",
     "load_spec",
     "macs",
@@ -89,20 +93,32 @@ def family_of(spec: Spec) -> Family:
 
 
 def parse_model(model: str) -> tuple[Family, str]:
-    """Split "family:variant" (e.g. "cifar_resnet:56") into the family and variant."""
+    """Split "family:variant" (e.g. "cifar_resnet:56") into the family and variant.
+
+    A model string that names no registered family but a source (``torchvision:NAME``,
+    ``file.py:FACTORY``, ``package.module:FACTORY``) is the traced family's variant.
+    """
     fam, _, variant = model.partition(":")
+    if fam not in FAMILIES.names() and is_source(model):
+        return FAMILIES.get(TracedFamily.name), model
     try:
         family = FAMILIES.get(fam)
     except UnknownNameError as e:
-        raise SpecError(str(e)) from None
+        raise SpecError(f"{e}; or give torchvision:NAME, FILE.py:FACTORY or MODULE:FACTORY") from None
     if not variant:
         raise SpecError(f"model {model!r}: expected FAMILY:VARIANT, variants of {fam}: {', '.join(family.variants())}")
     return family, variant
 
 
-def full_spec(model: str, num_classes: int = 10, **options: Any) -> Spec:
-    """The unpruned spec for "family:variant"."""
+def full_spec(model: str, num_classes: int = 10, input_size: int | None = None, **options: Any) -> Spec:
+    """The unpruned spec for "family:variant" or a traced source (``torchvision:resnet18``).
+
+    ``input_size`` is the side a traced source is traced at (its stages follow the resolutions
+    there); the registered families carry their own size hint and ignore it.
+    """
     family, variant = parse_model(model)
+    if input_size is not None and isinstance(family, TracedFamily):
+        options["input_size"] = input_size
     return family.full_spec(variant, num_classes=num_classes, **options)
 
 

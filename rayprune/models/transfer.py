@@ -5,7 +5,8 @@ A subnet of ``spec`` is described by the kept channel indices of each channel gr
 declares which group indexes each dimension of each state-dict tensor
 (:meth:`Family.tensor_axes`), extracting a subnet is ``index_select`` along those dimensions and
 writing it back is ``index_copy``. Residual-coupled tensors share one group, so residual adds
-stay aligned.
+stay aligned. An axis fed by a concatenation or a flatten names several groups
+(:mod:`~rayprune.models.axis_expr`); its kept positions follow from theirs.
 
 Caveat: the parameter-free ``option_a`` shortcut aligns channels by position, not by index, so
 for it a transfer is exact everywhere except through the stride-2 shortcuts.
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from . import channel_groups, tensor_axes, with_widths
+from .axis_expr import kept_positions
 from .base import Spec, SpecError
 
 Keep = Mapping[str, torch.Tensor]
@@ -61,14 +63,19 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
             "these kept channels change the network's structure (a width-dependent projection "
             "shortcut appears or disappears); keep the widths on both sides of it unequal"
         )
+    full = _full_widths(spec)
     out: dict[str, torch.Tensor] = {}
     for key, axes in axes_by_key.items():
         t = state[key]
-        for dim, group in enumerate(axes):
-            if group is not None:
-                t = t.index_select(dim, keep[group].to(t.device))
+        for dim, axis in enumerate(axes):
+            if axis is not None:
+                t = t.index_select(dim, kept_positions(axis, keep, full).to(t.device))
         out[key] = t.clone()
     return sub, out
+
+
+def _full_widths(spec: Spec) -> dict[str, int]:
+    return {g.name: g.width for g in channel_groups(spec)}
 
 
 @torch.no_grad()
@@ -77,12 +84,13 @@ def write_back(
 ) -> None:
     """Write a subnet's tensors into the full network's state (in place) at the kept indices."""
     keep = _checked_keep(spec, keep)
+    full = _full_widths(spec)
     for key, axes in tensor_axes(spec).items():
         dst, src = state[key], sub_state[key]
         if not axes:  # scalars such as num_batches_tracked
             dst.copy_(src)
             continue
-        index = [keep[g].to(dst.device) if g is not None else None for g in axes]
+        index = [kept_positions(a, keep, full).to(dst.device) if a is not None else None for a in axes]
         # Advanced indexing needs one index per dimension: the kept indices on pruned dims, a
         # full arange on the others (the grid is as large as the sub-tensor, fine for one layer).
         grids = [i if i is not None else torch.arange(dst.shape[d], device=dst.device) for d, i in enumerate(index)]
@@ -95,10 +103,11 @@ def zero_dropped(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) -> N
     belongs to a group gets its dropped rows zeroed (conv filters, BN affine). In eval mode the
     network then computes exactly what the physically pruned subnet computes."""
     keep = _checked_keep(spec, keep)
+    full = _full_widths(spec)
     for key, axes in tensor_axes(spec).items():
         if not axes or axes[0] is None or key.endswith(("running_mean", "running_var")):
             continue
         t = state[key]
         mask = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-        mask[keep[axes[0]].to(t.device)] = False
+        mask[kept_positions(axes[0], keep, full).to(t.device)] = False
         t[mask] = 0

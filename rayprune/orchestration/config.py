@@ -249,8 +249,9 @@ class SweepConfig(_Strict):
             return models.load_spec(self.spec)
         options = {"shortcut": self.shortcut} if self.shortcut else {}
         assert self.model is not None  # the validator requires exactly one of model and spec
-        num_classes = DATASETS.get(self.dataset.name).num_classes
-        return models.full_spec(self.model, num_classes=num_classes, **options)
+        info = DATASETS.get(self.dataset.name)
+        size = self.input_size or info.input_size
+        return models.full_spec(self.model, num_classes=info.num_classes, input_size=size, **options)
 
     def cells(self) -> list[Cell]:
         """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
@@ -365,6 +366,8 @@ def resolve_paths(cfg: SweepConfig) -> SweepConfig:
         update["dataset"] = cfg.dataset.model_copy(update=dataset)
     if isinstance(cfg.spec, str):
         update["spec"] = models.load_spec(_abs(cfg.spec))
+    if cfg.model is not None and models.is_source(cfg.model):  # a user file, so that workers find it
+        update["model"] = models.absolute_source(cfg.model)
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
         update["teacher"] = cfg.teacher.model_copy(update={"checkpoint": _abs(cfg.teacher.checkpoint)})
     return cfg.model_copy(update=update)

@@ -240,6 +240,12 @@ def pretrained_state(cls: type[Method], spec: Spec, weights: str, seed: int) -> 
             "drop the weights or use l1, fpgm, random or ast",
             option="weights",
         )
+    return pretrained_start(spec, weights, seed)
+
+
+def pretrained_start(spec: Spec, weights: str, seed: int) -> dict[str, torch.Tensor]:
+    """The state of the unpruned net of ``spec`` loaded from ``weights`` (a head that does not fit
+    is re-initialised from ``seed``, with one line on stderr that says so)."""
     net = models.build(spec, seed=seed)
     note = apply_weights(net, spec, weights)
     if note:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rayprune import models
 from rayprune.models.weights import WeightsError, apply_weights, read_weights
@@ -85,3 +86,32 @@ def test_bad_weights_are_refused_in_one_line(capsys, tmp_path, spec10):
     refused(capsys, tmp_path, [*base, "--method", "uniform", "--weights", str(path), *out], "from scratch")
     missing = str(tmp_path / "none.pt")
     refused(capsys, tmp_path, [*base, "--method", "l1", "--weights", missing, *out], "does not exist")
+
+
+def test_a_sweep_file_takes_weights_for_every_trial(capsys, tmp_path, monkeypatch):
+    from rayprune.grid import CellKey
+    from rayprune.orchestration.config import parse_sweep
+    from rayprune.orchestration.sweep import param_space
+    from rayprune.orchestration.trial_spec import TrialSpec, sample_config
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((EXAMPLE.parent / "two_branch_sweep.yaml").read_text())
+    raw.update(model=f"{EXAMPLE}:two_branch", tracking={"uri": "sqlite:///m.db", "experiment": "w"})
+    assert "weights" not in parse_sweep(raw).model_dump()  # unset: recorded as before
+    spec = models.full_spec(raw["model"], num_classes=10, input_size=8)  # digits: 10 classes, 8x8
+    path, _ = saved(tmp_path, spec)
+    cfg = parse_sweep({**raw, "weights": path.name})
+    assert cfg.weights == str(path) and cfg.model_dump()["weights"] == str(path)  # made absolute
+    shared = param_space(cfg, None)
+    trial = {**shared, **sample_config(0, CellKey("l1", 0.5, 0.0), [0.8] * 3, 0)}
+    assert TrialSpec.from_config(trial).trial_config().weights == str(path)
+
+    space = tmp_path / "sweep.yaml"
+    bad, _ = saved(
+        tmp_path, models.full_spec(raw["model"], num_classes=10, input_size=8), edit=lambda s: s.pop("head.bias")
+    )
+    space.write_text(yaml.safe_dump({**raw, "weights": str(bad)}))
+    refused(capsys, tmp_path, ["sweep", "--space", str(space)], "weights: weights", "no tensor for 'head.bias'")
+    uniform = {**raw, "weights": str(bad), "methods": [{"name": "uniform"}]}
+    space.write_text(yaml.safe_dump(uniform))
+    refused(capsys, tmp_path, ["sweep", "--space", str(space)], "weights: uniform trains its subnets from scratch")

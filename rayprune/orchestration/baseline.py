@@ -11,6 +11,7 @@ sweep's storage, so a resumed sweep trains and measures nothing again:
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .. import models
 from ..engine.train import TrainConfig
 from ..methods.finetune import recipe_hash, recipe_of
 from ..models import subnet_io
-from ..runner import TrialConfig, build_method, load_subnet, save_subnet, train_teacher
+from ..runner import TrialConfig, build_method, load_subnet, pretrained_start, save_subnet, train_teacher
 from .cache import BASELINE_CELL, FinalCache, cache_key
 from .config import SweepConfig
 from .storage import file_exists, is_uri, join, localize, upload_dir
@@ -69,6 +70,8 @@ def start_baseline(cfg: SweepConfig, experiment_path: str, teacher: str | None) 
     nothing again. Returns ``(cache key, task ref or None when cached)``."""
     cache = FinalCache.of_experiment(experiment_path)
     origin = "teacher" if teacher is not None else recipe_hash(_baseline_recipe(cfg))
+    if teacher is None and cfg.weights is not None:  # trained from the pretrained start: another baseline
+        origin += "-w" + hashlib.sha1(cfg.weights.encode()).hexdigest()[:8]
     key = cache_key(BASELINE_CELL, models.spec_hash(cfg.full_spec()), origin, 0.0)
     if key in cache:
         return key, None
@@ -129,7 +132,8 @@ def _baseline_task(cfg_dump: dict[str, Any], teacher: str | None, cache_root: st
             state = net.state_dict()
         else:
             full = SubnetRecord.of(ctx.spec, {}, "unpruned", 0, ctx.input_size)
-            result = finetune_subnet(full, ctx, None, progress=False)
+            start = pretrained_start(ctx.spec, cfg.weights, cfg.seed) if cfg.weights else None
+            result = finetune_subnet(full, ctx, start, progress=False)
             record, state = result.record, result.state_dict
     record.source["trained_by"] = "baseline"
     flag_shared_gpu(record)
@@ -154,6 +158,7 @@ def _train_teacher_task(cfg_dump: dict[str, Any]) -> tuple[dict, dict, dict]:
             device=cfg.device,
             recipe=cfg.teacher.recipe,
             progress=False,
+            weights=cfg.weights,
         )
         saved = subnet_io.load(out)
         return saved.spec, saved.state_dict, {**saved.record, "input_size": saved.input_size}

@@ -40,6 +40,7 @@ from ..grid import CellKey
 from ..methods import METHODS, MODULES, Budget, get_method
 from ..methods.base import BudgetUse
 from ..models.base import Spec, SpecError
+from ..models.sources import TORCHVISION
 from ..registry import UnknownNameError, unknown_name
 from ..tracking import SQLITE_PREFIX, sqlite_file
 from .storage import is_uri
@@ -213,6 +214,7 @@ class SweepConfig(_Strict):
     spec: str | dict[str, Any] | None = None
     shortcut: str | None = None
     input_size: int | None = Field(default=None, ge=1)
+    weights: str | None = None  # the unpruned net's start: a state_dict file or torchvision:DEFAULT
     methods: list[MethodEntry] = Field(min_length=1)
     grid: GridConfig
     optuna: OptunaConfig
@@ -229,6 +231,14 @@ class SweepConfig(_Strict):
     seed: int = 0
     device: str | None = None
     finetune_front: bool = True
+
+    @model_serializer(mode="wrap")
+    def _without_unset_weights(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out when unset, so a sweep without weights records (and resumes) as before.
+        dumped = handler(self)
+        if dumped.get("weights") is None:
+            dumped.pop("weights", None)
+        return dumped
 
     @model_validator(mode="after")
     def _model_or_spec(self) -> SweepConfig:
@@ -370,6 +380,8 @@ def resolve_paths(cfg: SweepConfig) -> SweepConfig:
         update["model"] = models.absolute_source(cfg.model)
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
         update["teacher"] = cfg.teacher.model_copy(update={"checkpoint": _abs(cfg.teacher.checkpoint)})
+    if cfg.weights is not None and not cfg.weights.startswith(TORCHVISION):
+        update["weights"] = _abs(cfg.weights)
     return cfg.model_copy(update=update)
 
 
@@ -416,6 +428,8 @@ def _check_semantics(cfg: SweepConfig) -> None:
         )
     if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
         _check_teacher_checkpoint(Path(_abs(cfg.teacher.checkpoint)), full, cfg.dataset.name)
+    if cfg.weights is not None:
+        _check_weights(cfg, full)
     names = [m.name for m in cfg.methods]
     if len(set(names)) != len(names):
         raise _FieldError("methods", f"each method may appear once, got {names}")
@@ -439,6 +453,25 @@ def _check_teacher_checkpoint(ckpt: Path, full: Spec, dataset: str) -> None:
             "teacher.checkpoint",
             f"{ckpt} predicts {saved.spec.get('num_classes')} classes, the model {full.get('num_classes')}; {fix}",
         )
+
+
+def _check_weights(cfg: SweepConfig, full: Spec) -> None:
+    """Pretrained weights reach methods that inherit them, and load into the unpruned net: checked
+    here, before Ray starts, not in every trial."""
+    from ..models.weights import WeightsError, apply_weights
+
+    assert cfg.weights is not None  # called for a sweep with weights only
+    scratch = [m.name for m in cfg.methods if not get_method(m.name).inherits_weights]
+    if scratch:
+        raise _FieldError(
+            "weights",
+            f"{scratch[0]} trains its subnets from scratch, so pretrained weights would not reach them; "
+            "drop weights or use l1, fpgm, random or ast",
+        )
+    try:
+        apply_weights(models.build(full, seed=cfg.seed), full, cfg.weights)
+    except WeightsError as e:
+        raise _FieldError("weights", str(e)) from None
 
 
 def _check_methods(cfg: SweepConfig) -> None:

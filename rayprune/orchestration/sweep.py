@@ -56,6 +56,7 @@ from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
 from .trainable import FINAL_DIR, run_tune_trial
 from .trial_spec import TrialSpec, shared_config
+from .user_code import user_code_env
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -124,7 +125,7 @@ def run_sweep(
             check_local_resources(cfg.resources.cpu, cfg.resources.gpu, num_cpus)
     if address is None:
         _check_local_data(cfg)
-    started_ray = _init_ray(address, num_cpus)
+    started_ray = _init_ray(address, num_cpus, cfg.model)
     try:
         if address is None:
             _check_local_resources(cfg)
@@ -239,15 +240,23 @@ def _quiet_missing_results() -> None:
         log.addFilter(_NoResultsYet())
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to Ray; True when this call started it (so the driver shuts it down)."""
+def _init_ray(address: str | None, num_cpus: int | None, model: str | None = None) -> bool:
+    """Connect to Ray, shipping ``model``'s user code to the workers (:mod:`.user_code`); True
+    when this call started it (so the driver shuts it down)."""
     if ray.is_initialized():
         return False
     try:
-        if address is None:  # "local": a fresh instance, even if `ray start` ran on this machine before
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-        else:
-            ray.init(address=address, log_to_driver=True)
+        with user_code_env(model) as runtime_env:
+            if address is None:  # "local": a fresh instance, even if `ray start` ran on this machine before
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    runtime_env=runtime_env or None,
+                )
+            else:
+                ray.init(address=address, log_to_driver=True, runtime_env=runtime_env or None)
     except ConnectionError as e:
         raise SweepError(
             f"cannot join the Ray cluster at {address!r} ({e})",
@@ -547,6 +556,7 @@ def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None =
         "teacher": teacher,
         "input_size": cfg.input_size,
         "max_steps": cfg.max_steps,
+        **({"weights": cfg.weights} if cfg.weights is not None else {}),
     }
     return shared_config(base, {m.name: dict(m.hparams) for m in cfg.methods}, cfg.resources.cpu, final_cache)
 

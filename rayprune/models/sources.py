@@ -8,10 +8,15 @@ A source is one of
 * ``package.module:FACTORY``: a function in an importable module.
 
 ``FACTORY(num_classes=N, **options)`` returns an ``nn.Module``.
+
+A sweep driver ships a file source to its Ray workers in a folder named by
+:func:`shipped_folder` (``runtime_env`` ``py_modules``), so a worker on another node, where the
+path does not exist, imports the driver's copy of the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -25,6 +30,7 @@ from .base import SpecError
 
 Factory = Callable[..., nn.Module]
 TORCHVISION = "torchvision:"
+SHIPPED_PREFIX = "rayprune_src_"
 
 
 def is_source(model: str) -> bool:
@@ -75,11 +81,27 @@ def _torchvision_builder(name: str) -> Factory:
     return build
 
 
+def shipped_folder(path: str) -> str:
+    """The name of the folder a sweep ships the file ``path`` (absolute) to its Ray workers in."""
+    return SHIPPED_PREFIX + hashlib.sha1(path.encode()).hexdigest()[:12]
+
+
+def located(path: str) -> Path:
+    """The file a source's ``path`` names here: the copy a sweep shipped to this Ray worker (on
+    ``sys.path``, see :func:`shipped_folder`) when there is one, else the path itself."""
+    folder, name = shipped_folder(path), Path(path).name
+    for entry in sys.path:
+        copy = Path(entry or ".") / folder / name
+        if copy.is_file():
+            return copy
+    return Path(path)
+
+
 def _file_module(path: str) -> Any:
-    file = Path(path)
+    file = located(path)
     if not file.is_file():
         raise SpecError(f"model file {path!r} does not exist; give the path of a Python file")
-    key = f"rayprune_user_{abs(hash(str(file.resolve())))}"
+    key = f"rayprune_user_{shipped_folder(str(Path(path).resolve()))}"
     if key in sys.modules:
         return sys.modules[key]
     spec = importlib.util.spec_from_file_location(key, file)

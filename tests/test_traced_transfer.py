@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from rayprune import models
+from rayprune.models.traced import with_metadata_of
 from rayprune.models.transfer import extract_subnet, write_back, zero_dropped
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "two_branch.py"
-SOURCES = [f"{EXAMPLE}:two_branch", "torchvision:mobilenet_v3_small"]
+# mnasnet0_5 refuses a state dict without its per-module format versions (torch's metadata)
+SOURCES = [f"{EXAMPLE}:two_branch", "torchvision:mobilenet_v3_small", "torchvision:mnasnet0_5"]
 SIZE = 32
 
 
-@pytest.fixture(scope="module", params=SOURCES, ids=["two_branch", "mobilenet_v3_small"])
+@pytest.fixture(scope="module", params=SOURCES, ids=["two_branch", "mobilenet_v3_small", "mnasnet0_5"])
 def full(request):
     return models.full_spec(request.param, num_classes=10, input_size=SIZE)
 
@@ -46,14 +48,16 @@ def test_extract_build_load_write_back_and_zero(full):
     sub = models.build(sub_spec).eval()
     sub.load_state_dict(sub_state, strict=True)
 
-    zeroed = {k: v.clone() for k, v in state.items()}
+    zeroed = with_metadata_of(state)  # a state dict keeps its modules' format versions
+    zeroed.update({k: v.clone() for k, v in state.items()})
     zero_dropped(full, zeroed, keep)
     net.load_state_dict(zeroed)
     x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(sub(x), net(x), rtol=1e-4, atol=1e-5)
 
-    blank = {k: torch.zeros_like(v) for k, v in state.items()}
+    blank = with_metadata_of(state)
+    blank.update({k: torch.zeros_like(v) for k, v in state.items()})
     write_back(full, blank, keep, sub_state)
     _, again = extract_subnet(full, blank, keep)
     for key, value in sub_state.items():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -211,16 +213,26 @@ def shrunk(model: nn.Module, trace: Trace, widths: dict[str, int]) -> nn.Module:
 
 
 def sliced_state(
-    state: dict[str, torch.Tensor], axes: dict[str, Axes], keep: dict[str, torch.Tensor], full: dict[str, int]
+    state: Mapping[str, torch.Tensor], axes: dict[str, Axes], keep: dict[str, torch.Tensor], full: dict[str, int]
 ) -> dict[str, torch.Tensor]:
-    """``state`` indexed down to the kept channels along every pruned axis."""
-    out = {}
+    """``state`` indexed down to the kept channels along every pruned axis (with its metadata)."""
+    out = with_metadata_of(state)
     for key, dims in axes.items():
         t = state[key]
         for dim, axis in enumerate(dims):
             if axis is not None:
                 t = t.index_select(dim, kept_positions(axis, keep, full).to(t.device))
         out[key] = t
+    return out
+
+
+def with_metadata_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An empty state dict carrying ``state``'s per-module metadata (the ``version`` of each
+    module's state format), which modules such as torchvision's MNASNet require when loading."""
+    out: dict[str, torch.Tensor] = OrderedDict()
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
     return out
 
 

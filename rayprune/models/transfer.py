@@ -21,6 +21,7 @@ import torch
 from . import channel_groups, tensor_axes, with_widths
 from .axis_expr import kept_positions
 from .base import Spec, SpecError
+from .traced import with_metadata_of
 
 Keep = Mapping[str, torch.Tensor]
 
@@ -64,7 +65,7 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
             "shortcut appears or disappears); keep the widths on both sides of it unequal"
         )
     full = _full_widths(spec)
-    out: dict[str, torch.Tensor] = {}
+    out = with_metadata_of(state)
     for key, axes in axes_by_key.items():
         t = state[key]
         for dim, axis in enumerate(axes):

@@ -113,11 +113,17 @@ def test_method_lands_in_its_window(tmp_path, spec, method, hparams):
     models.validate(best.spec)
 
 
-@pytest.mark.parametrize("method,hook", [("sp", "stage layout"), ("tas", "super-net")])
-def test_methods_without_the_hook_refuse_in_one_line(capsys, tmp_path, method, hook):
+@pytest.mark.parametrize(
+    "method,needles",
+    [
+        ("sp", ("'grouped_2' is not one prunable channel group", "no stage split", "use l1")),
+        ("tas", ("super-net", "'traced'", "residual_net hook")),
+    ],
+)
+def test_methods_without_the_hook_refuse_in_one_line(capsys, tmp_path, method, needles):
     out = tmp_path / "out"
     argv = ["run", "--method", method, "--model", f"{EXAMPLE}:two_branch", "--dataset", "digits"]
-    refused(capsys, tmp_path, [*argv, "--flops-target", "0.5", "--smoke", "--out", str(out)], hook, "traced")
+    refused(capsys, tmp_path, [*argv, "--flops-target", "0.5", "--smoke", "--out", str(out)], *needles)
 
 
 @pytest.mark.parametrize(

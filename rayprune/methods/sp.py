@@ -154,11 +154,18 @@ def stage_layout(spec: Spec, model: nn.Module) -> StageSplit:
 
 
 def require_stage_split(spec: Spec) -> models.Family:
-    """The spec's family, or a one-line refusal when it declares no stage split."""
+    """The spec's family, or a one-line refusal when it declares no stage split or cannot derive
+    one for this spec (a traced network's graph: tried on a net built on the meta device)."""
     family = models.family_of(spec)
     if not family.implements("stage_split"):
         supported = sorted(n for n in models.FAMILIES if models.FAMILIES.get(n).implements("stage_split"))
         raise SpecError(f"sp: no stage layout for family {family.name!r}; supported: {', '.join(supported)}")
+    try:
+        with torch.device("meta"):
+            shapes_only = models.build(spec)
+    except SpecError:  # a factory that cannot build without data: the split is derived at run time
+        return family
+    family.stage_split(spec, shapes_only)
     return family
 
 

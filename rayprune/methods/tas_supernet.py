@@ -537,8 +537,8 @@ def require_residual_net(spec: Spec) -> models.Family:
     if not family.implements("residual_net"):
         supported = [n for n in models.FAMILIES if models.FAMILIES.get(n).implements("residual_net")]
         raise SpecError(
-            f"tas: the search super-net supports {' and '.join(map(repr, supported))} specs, "
-            f"got family {spec.get('family')!r}",
+            f"tas: family {spec.get('family')!r} declares no residual blocks with per-conv width slots (the "
+            f"residual_net hook) for the search super-net, which supports {' and '.join(map(repr, supported))} specs",
             fix="use e.g. the model cifar_resnet:56 or resnet:50",
             hint="model",
         )

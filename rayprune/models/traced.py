@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .analytic import Layer
 from .axis_expr import axis_width, kept_positions
-from .base import Axes, ChannelGroup, Family, Spec, SpecError
+from .base import Axes, ChannelGroup, Family, Spec, SpecError, StageSplit
 from .sources import absolute_source, build_source
 from .trace_graph import ForwardFailed, Trace, TracedLayer, derive
 
@@ -117,6 +117,13 @@ class TracedFamily(Family):
                 raise SpecError(f"channel group {name!r}: width must be an integer in [1, {full[name]}], got {width!r}")
             out["widths"][name] = width
         return out
+
+    def stage_split(self, spec: Spec, model: nn.Module) -> StageSplit:
+        """SP's stages, cut at the graph's resolution changes (:mod:`.traced_stages`)."""
+        from .traced_stages import stage_split
+
+        full = {g.name: g.width for g in self._trace(spec).groups}
+        return stage_split(model, self.tensor_axes(spec), full, spec["input_size"], spec["source"])
 
     def _trace(self, spec: Spec) -> Trace:
         return traced(spec["source"], _options(spec), spec["num_classes"], spec["input_size"])

@@ -107,8 +107,9 @@ def finetune_cells(
         key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
         (done if key in cache else todo).append((choice, key))
     if todo:
+        what = "front-mode point(s)" if choices is not None else "grid cell(s)"
         print(
-            f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
+            f"Fine-tuning the chosen subnet of {len(todo)} {what} with recipes.finetune "
             f"({len(done)} already in the cache) ...",
             flush=True,
         )

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from rayprune import models
 from rayprune.cli import main as cli_main
 from rayprune.cli import sweep_main
-from rayprune.orchestration.config import parse_sweep
+from rayprune.orchestration.config import SweepConfig, parse_sweep
 from rayprune.orchestration.front_mode import (
     FRONT_MODE,
     FrontRounds,
@@ -169,6 +169,22 @@ def test_a_bad_front_mode_key_is_one_line_and_exit_2(tmp_path, capsys, grid, mes
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_grid_round_trips_and_a_grid_sweep_records_no_front_keys(tmp_path):
+    # the driver hands its tasks the dumped config, which they validate again
+    grid_cfg = parse_sweep(mini_sweep(tmp_path, teacher=None, grid={"flops_targets": [0.5, 0.7]}))
+    front_cfg = parse_sweep(mini_sweep(tmp_path, teacher=None, grid={"flops_targets": "auto", "front_points": 3}))
+    assert grid_cfg.model_dump(mode="json")["grid"] == {"flops_targets": [0.5, 0.7], "kd_weights": [0.0]}
+    assert front_cfg.model_dump(mode="json")["grid"] == {
+        "flops_targets": "auto",
+        "kd_weights": [0.0],
+        "target_range": [0.2, 0.9],
+        "front_points": 3,
+    }
+    for cfg in (grid_cfg, front_cfg):
+        assert SweepConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    assert (front_cfg.num_trials(), front_cfg.cells(), front_cfg.front_groups()) == (1, [], [("random", 0.0)])
 
 
 # --------------------------------------------------------------------------------------------

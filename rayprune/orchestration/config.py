@@ -144,6 +144,14 @@ class GridConfig(_Strict):
             raise ValueError(f"{given[0]} is a front-mode key: set flops_targets: auto, or drop {given[0]}")
         return self
 
+    @model_serializer(mode="wrap")
+    def _front_keys_only_in_front_mode(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A grid sweep records (and re-validates in its tasks) its grid as before: no front-mode keys.
+        dumped: dict[str, Any] = handler(self)
+        if self.front_mode:
+            return dumped
+        return {k: v for k, v in dumped.items() if k not in ("target_range", "front_points")}
+
     @property
     def front_mode(self) -> bool:
         """True for ``flops_targets: auto`` (the front mode)."""

@@ -44,6 +44,7 @@ class CellChoice:
     spec: TrialSpec  # the chosen trial's, parsed from its config
     result: Any  # the trial's tune.Result
     record: dict[str, Any]  # its final SubnetRecord dict
+    origin: str | None = None  # "front": chosen by the front mode (recorded as source["search_mode"])
 
     @property
     def cell(self) -> str:
@@ -56,19 +57,25 @@ def choose_per_cell(results: ResultGrid) -> list[CellChoice]:
     accuracy (val_top1 as the method measured it: comparable inside a cell, one method);
     ties go to the earlier Optuna trial. Cells in grid order."""
     best: dict[int, tuple[tuple, CellChoice]] = {}
-    for r in results:  # type: ignore[attr-defined]  # ResultGrid iterates through __getitem__
-        metrics = r.metrics or {}
-        if not metrics.get(FINAL_KEY) or not metrics.get("final_record"):
-            continue
-        record = json.loads(metrics["final_record"])
-        val = record["metrics"].get(METRIC)
+    for choice in final_choices(results):
+        val = choice.record["metrics"].get(METRIC)
         val = float("-inf") if val is None or val != val else float(val)
-        spec = TrialSpec.from_config(r.config)
-        rank = (-val, spec.optuna_number, str(metrics.get("trial_id")))
+        spec = choice.spec
+        rank = (-val, spec.optuna_number, str(choice.result.metrics.get("trial_id")))
         cell = spec.cell_index
         if cell not in best or rank < best[cell][0]:
-            best[cell] = (rank, CellChoice(spec, r, record))
+            best[cell] = (rank, choice)
     return [best[c][1] for c in sorted(best)]
+
+
+def final_choices(results: ResultGrid) -> list[CellChoice]:
+    """Every trial that reported its final record, as a (candidate) choice, in result order."""
+    choices = []
+    for r in results:  # type: ignore[attr-defined]  # ResultGrid iterates through __getitem__
+        metrics = r.metrics or {}
+        if metrics.get(FINAL_KEY) and metrics.get("final_record"):
+            choices.append(CellChoice(TrialSpec.from_config(r.config), r, json.loads(metrics["final_record"])))
+    return choices
 
 
 def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
@@ -81,21 +88,28 @@ def finetune_recipe(cfg: SweepConfig, kd_weight: float) -> dict[str, Any]:
 
 
 def finetune_cells(
-    cfg: SweepConfig, tracker: SweepTracker, results: ResultGrid, experiment_path: str, driver_dir: Path
+    cfg: SweepConfig,
+    tracker: SweepTracker,
+    results: ResultGrid,
+    experiment_path: str,
+    driver_dir: Path,
+    choices: list[CellChoice] | None = None,
 ) -> None:
     """Fine-tune every cell's chosen subnet with ``recipes.finetune`` (parallel Ray tasks with
     the trial resources), through the final-phase cache: trainings already there (done before an
-    interruption, or equal to a trial's own final when the recipes are equal) are reused."""
+    interruption, or equal to a trial's own final when the recipes are equal) are reused.
+    ``choices``: what to fine-tune instead of :func:`choose_per_cell` (the front mode's points)."""
     cache = FinalCache.of_experiment(experiment_path)
     todo: list[tuple[CellChoice, str]] = []
     done: list[tuple[CellChoice, str]] = []
-    for choice in choose_per_cell(results):
+    for choice in choose_per_cell(results) if choices is None else choices:
         kd = choice.spec.kd_weight
         key = cache_key(choice.cell, models.spec_hash(choice.record["spec"]), recipe_hash(finetune_recipe(cfg, kd)), kd)
         (done if key in cache else todo).append((choice, key))
     if todo:
+        what = "front-mode point(s)" if choices is not None else "grid cell(s)"
         print(
-            f"Fine-tuning the chosen subnet of {len(todo)} grid cell(s) with recipes.finetune "
+            f"Fine-tuning the chosen subnet of {len(todo)} {what} with recipes.finetune "
             f"({len(done)} already in the cache) ...",
             flush=True,
         )
@@ -125,6 +139,8 @@ def _log_cell_finetune(
     record, state = entry
     if cached and "reused_from" not in record["source"]:
         record = {**record, "source": {**record["source"], "reused_from": record["source"].get("trained_by")}}
+    if choice.origin is not None:
+        record = {**record, "source": {**record["source"], "search_mode": choice.origin}}
     target = save_subnet(
         driver_dir / "finetuned" / choice.cell,
         record["spec"],

@@ -104,15 +104,63 @@ class MethodEntry(_Strict):
 
 
 class GridConfig(_Strict):
-    """The cells every sweep covers: each FLOPs target (fraction of the unpruned MACs) x each KD weight."""
+    """The cells every sweep covers: each FLOPs target (fraction of the unpruned MACs) x each KD weight.
 
-    flops_targets: list[float] = Field(min_length=1)
+    ``flops_targets: auto`` is the front mode (:mod:`.front_mode`): no fixed targets, one
+    multi-objective study per (method, KD weight) suggests each trial's target in
+    ``target_range``, and ``front_points`` points of each study's Pareto set are fine-tuned.
+    """
+
+    flops_targets: list[float] | Literal["auto"] = Field(min_length=1)
     kd_weights: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    target_range: tuple[float, float] = (0.2, 0.9)
+    front_points: int = Field(default=8, ge=1)
+
+    @field_validator("flops_targets", mode="before")
+    @classmethod
+    def _list_or_auto(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "auto":
+            raise ValueError(f"give a list of FLOPs targets in (0, 1], or auto (the front mode), got {v!r}")
+        return v
 
     @field_validator("flops_targets")
     @classmethod
-    def _targets(cls, v: list[float]) -> list[float]:
+    def _targets(cls, v: list[float] | str) -> list[float] | str:
+        if isinstance(v, str):
+            return v
         return _unique_in_range(v, 0.0, 1.0, "a FLOPs target must be in (0, 1]", low_open=True)
+
+    @field_validator("target_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not 0.0 < low < high <= 1.0:
+            raise ValueError(f"must be [low, high] with 0 < low < high <= 1, got [{low:g}, {high:g}]")
+        return v
+
+    @model_validator(mode="after")
+    def _front_keys_need_auto(self) -> GridConfig:
+        given = sorted({"target_range", "front_points"} & self.model_fields_set)
+        if given and not self.front_mode:
+            raise ValueError(f"{given[0]} is a front-mode key: set flops_targets: auto, or drop {given[0]}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _front_keys_only_in_front_mode(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A grid sweep records (and re-validates in its tasks) its grid as before: no front-mode keys.
+        dumped: dict[str, Any] = handler(self)
+        if self.front_mode:
+            return dumped
+        return {k: v for k, v in dumped.items() if k not in ("target_range", "front_points")}
+
+    @property
+    def front_mode(self) -> bool:
+        """True for ``flops_targets: auto`` (the front mode)."""
+        return self.flops_targets == "auto"
+
+    def fixed_targets(self) -> list[float]:
+        """The grid's FLOPs targets (none in the front mode)."""
+        return [] if isinstance(self.flops_targets, str) else list(self.flops_targets)
 
     @field_validator("kd_weights")
     @classmethod
@@ -264,8 +312,14 @@ class SweepConfig(_Strict):
         return models.full_spec(self.model, num_classes=info.num_classes, input_size=size, **options)
 
     def cells(self) -> list[Cell]:
-        """Every (method, FLOPs target, KD weight) cell, in a fixed order."""
-        return [Cell(m.name, f, w) for m in self.methods for f in self.grid.flops_targets for w in self.grid.kd_weights]
+        """Every (method, FLOPs target, KD weight) cell, in a fixed order (none in the front mode)."""
+        return [
+            Cell(m.name, f, w) for m in self.methods for f in self.grid.fixed_targets() for w in self.grid.kd_weights
+        ]
+
+    def front_groups(self) -> list[tuple[str, float]]:
+        """The front mode's (method, KD weight) pairs, one study each, in a fixed order."""
+        return [(m.name, w) for m in self.methods for w in self.grid.kd_weights]
 
     def budget_use(self) -> dict[str, BudgetUse]:
         """Per method, what its cells' Optuna studies choose (:attr:`.Method.budget_use`; the
@@ -273,6 +327,9 @@ class SweepConfig(_Strict):
         return {m.name: get_method(m.name).budget_use if self.optuna.allocation else "max_rates" for m in self.methods}
 
     def num_trials(self) -> int:
+        """Trials the sweep runs: per cell its quota; in the front mode ``samples_per_cell`` per study."""
+        if self.grid.front_mode:
+            return len(self.front_groups()) * self.optuna.samples_per_cell
         use = self.budget_use()
         return sum(cell_quota(use[c.method], self.optuna.samples_per_cell) for c in self.cells())
 
@@ -528,11 +585,15 @@ def _check_budgets(cfg: SweepConfig, full: Spec) -> None:
             f"the model has {stages} stages, so give {stages} [low, high] ranges (one per stage), got {len(ranges)}",
         )
     loosest = [high for _, high in ranges]
-    for target in cfg.grid.flops_targets:
+    targets = [(t, f"grid.flops_targets has {t}") for t in cfg.grid.fixed_targets()]
+    if cfg.grid.front_mode:  # the lowest target must be reachable; so are all above it
+        low = cfg.grid.target_range[0]
+        targets = [(low, f"grid.target_range starts at {low:g}; raise it or loosen the ranges")]
+    for target, where in targets:
         try:
             Budget(flops_target=target, max_stage_prune=loosest).check_reachable(full, cfg.input_size)
         except SpecError as e:
-            raise _FieldError("optuna.stage_prune", f"{e} (grid.flops_targets has {target})") from None
+            raise _FieldError("optuna.stage_prune", f"{e} ({where})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import optuna
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
@@ -350,6 +350,20 @@ class StudyRounds:
         return loosest, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
 
 
+class Rounds(Protocol):
+    """What :class:`CellSearcher` drives: :class:`StudyRounds`, or the front mode's
+    :class:`~.front_mode.FrontRounds`."""
+
+    history: list[dict[str, Any]]
+    studies: list[optuna.Study]
+
+    def finished(self) -> bool: ...
+    def next_round(self) -> list[Proposal]: ...
+    def config(self, position: int) -> dict[str, Any]: ...
+    def report(self, position: int, outcome: Outcome) -> bool: ...
+    def trials_per_cell(self) -> list[int]: ...
+
+
 class CellSearcher(_PickledState, Searcher):
     """:class:`StudyRounds` as a Ray Tune ``Searcher`` (same arguments; see the module docstring).
 
@@ -368,7 +382,7 @@ class CellSearcher(_PickledState, Searcher):
         **options: Any,
     ) -> None:
         super().__init__(metric=METRIC, mode="max")
-        self.rounds = StudyRounds(cells, samples_per_cell, stage_ranges, **options)
+        self.rounds: Rounds = StudyRounds(cells, samples_per_cell, stage_ranges, **options)
         self.history_path = history_path
         self.queue: list[int] = []  # positions of the current round not handed out yet
         self.pending: dict[str, int] = {}  # tune trial id -> its position in the current round

@@ -51,6 +51,7 @@ from .cache import FinalCache
 from .cell_finetune import CellChoice, choose_per_cell, finetune_cells, finetune_recipe
 from .cluster import browse_hint
 from .config import SweepConfig
+from .front_mode import FrontSearcher, choose_front_points
 from .isolated_latency import measure_finalists
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
 from .storage import filesystem, is_uri, join
@@ -185,7 +186,8 @@ def _drive(
         if complete:  # an interrupted sweep leaves it to the resume (the cache keeps it if it finished)
             tracker.log_unpruned(finish_baseline(experiment_path, teacher, *baseline))
         if complete and cfg.finetune_front:
-            finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id))
+            choices = choose_front_points(results, cfg.grid.front_points) if cfg.grid.front_mode else None
+            finetune_cells(cfg, tracker, results, experiment_path, _driver_dir(cfg, sweep_id), choices)
             # alone on a node, once nothing else runs: latency comparable across the candidates
             measure_finalists(cfg, tracker, experiment_path, baseline[0])
         if complete:  # per-cell counts of a part of the sweep would read as its result
@@ -562,7 +564,22 @@ def param_space(cfg: SweepConfig, teacher: str | None, final_cache: str | None =
 
 
 def make_searcher(cfg: SweepConfig, history_path: str | None = None) -> CellSearcher:
-    """The sweep's searcher; ``history_path``: where it writes its told trials after each round."""
+    """The sweep's searcher (the front mode's in the front mode); ``history_path``: where it
+    writes its told trials after each round."""
+    if cfg.grid.front_mode:
+        return FrontSearcher(
+            cfg.front_groups(),
+            cfg.optuna.samples_per_cell,
+            cfg.optuna.stage_prune,
+            cfg.grid.target_range,
+            sampler=cfg.optuna.sampler,
+            seed=cfg.optuna.seed,
+            n_startup_trials=cfg.optuna.n_startup_trials,
+            feasibility=Reachability(cfg.full_spec(), cfg.input_size),
+            budget_use=cfg.budget_use(),
+            trials_per_round=cfg.optuna.trials_per_round,
+            history_path=history_path,
+        )
     return CellSearcher(
         cfg.cells(),
         cfg.optuna.samples_per_cell,

@@ -264,6 +264,7 @@ class SweepTracker:
             "kd_weight": kd_weight,
             "recipe": source.get("recipe_tag"),
             "init": source.get("init"),
+            "search_mode": source.get("search_mode"),  # "front": a point the front mode chose
         }
         run_id = self.runs.finetune_run(
             cell, str(trial_id), flatten_params({k: v for k, v in params.items() if v is not None})

@@ -4,6 +4,8 @@ eager loop of ``fit``; and the plan that chooses between them, visible in the re
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +17,17 @@ from rayprune.engine.data import Loader
 
 BATCH = 8
 SAMPLES = 14  # 2 batches an epoch: 8, then 6 padded to 8
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One thread, so two runs' reductions add in the same order; the count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -45,8 +58,7 @@ def runs():
     cfg = TrainConfig(
         epochs=2, batch_size=BATCH, lr=0.05, warmup_epochs=0.5, kd_weight=0.6, label_smoothing=0.1, grad_clip=2.0
     )
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)  # one thread: the reductions of both runs add in the same order
+    with torch.random.fork_rng(), one_thread():  # one thread: the reductions of both runs add in the same order
         return _train(False, cfg, train, teacher), _train(True, cfg, train, teacher)
 
 
@@ -86,8 +98,7 @@ def test_a_padded_batch_normalises_over_its_real_samples_only():
     a, b = _net(1), _net(1)
     loader_a = make_loader(train, 16, train=True, seed=5, drop_last=False)
     loader_b = make_loader(train, 16, train=True, seed=5, drop_last=False)
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
+    with torch.random.fork_rng(), one_thread():
         fit(a, loader_a, plain, capture=False, progress=False)
         h = fit(b, loader_b, plain, capture=True, progress=False)
     assert h.step.last_batch == "padded"
@@ -185,8 +196,7 @@ def test_a_run_resumed_with_the_other_step_matches_an_uninterrupted_one(tmp_path
         )
         return model, history
 
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
+    with torch.random.fork_rng(), one_thread():
         whole, whole_history = run(not first)
         run(first, tmp_path, stop_after_first=True)
         resumed, history = run(not first, tmp_path)

@@ -24,6 +24,7 @@ from rayprune.engine.data import (
     split_per_class,
     synthetic_dataset,
 )
+from rayprune.engine.utils import image_layout
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -194,14 +195,14 @@ def test_random_crop_flip_outputs_are_padded_crops_or_their_mirror_images():
     assert set(params[:, 2].tolist()) == {0, 1} and set(params[:, 0].tolist()) == set(range(5))
 
 
-def test_train_loader_is_normalised_channels_last_shuffled_and_seeded():
+def test_train_loader_is_normalised_in_the_device_layout_shuffled_and_seeded():
     ds = tiny_dataset(n=12)
     loader = make_loader(ds, 5, train=True, seed=1)
     assert len(loader) == 2  # drop_last by default when training: 12 // 5
     batches = list(loader)
     x, y = batches[0]
     assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x.is_contiguous(memory_format=image_layout(x.device))
     low = (0 - torch.tensor(ds.mean)) / torch.tensor(ds.std)
     high = (1 - torch.tensor(ds.mean)) / torch.tensor(ds.std)
     per_channel = x.permute(1, 0, 2, 3).flatten(1)
@@ -242,7 +243,7 @@ def test_folder_dataset_reads_an_image_tree(tmp_path):
     val = data.FolderDataset(tmp_path, train=False, input_size=32, workers=1)
     assert (len(train), train.num_classes, train.labels.tolist()) == (6, 2, [0, 0, 0, 1, 1, 1])
     x, y = next(iter(make_loader(train.subset([0, 3, 4]), 3, train=True)))
-    assert x.shape == (3, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (3, 3, 32, 32) and x.is_contiguous(memory_format=image_layout(x.device))
     assert sorted(y.tolist()) == [0, 1, 1]
     xs = torch.cat([b[0] for b in make_loader(val, 4, train=False, normalize=False)])
     assert xs.shape == (6, 3, 32, 32) and xs.min() >= 0 and xs.max() <= 1

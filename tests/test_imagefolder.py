@@ -19,6 +19,7 @@ from rayprune.cli import main
 from rayprune.engine import imagefolder
 from rayprune.engine.data import DataError, load_dataset, make_loader
 from rayprune.engine.imagefolder import stored_side
+from rayprune.engine.utils import image_layout
 from rayprune.errors import InputError
 from rayprune.export import export_subnet
 from rayprune.methods import get_method
@@ -86,7 +87,7 @@ def test_memory_and_stream_feed_the_same_batches(tree, tmp_path):
         batches = [list(loader) for loader in loaders]
         assert len(batches[0]) == len(batches[1]) == 2  # train: 21 // 8 (drop_last); eval: ceil(9 / 8)
         for (xa, ya), (xb, yb) in zip(*batches, strict=True):
-            assert xa.shape[1:] == (3, SIZE, SIZE) and xa.is_contiguous(memory_format=torch.channels_last)
+            assert xa.shape[1:] == (3, SIZE, SIZE) and xa.is_contiguous(memory_format=image_layout(xa.device))
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
     # the epoch's crops and flips differ from another epoch's
     loader = make_loader(mem_train, 8, train=True, seed=3)

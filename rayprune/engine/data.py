@@ -3,9 +3,10 @@
 A :class:`Dataset` keeps its images as a uint8 ``[N, C, H, W]`` CPU tensor. :func:`make_loader`
 copies them to the training device once (cached per dataset and device, so every training in
 the process shares the copy) and does random crop, flip and normalisation batched on that
-device, in ``channels_last``. There are no worker processes, and the same code runs on CPU and
-CUDA. Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch
-is reproducible from those two numbers alone; that is what makes resumed training exact.
+device, in ``channels_last`` (plain NCHW on the CPU: :func:`~rayprune.engine.utils.image_layout`).
+There are no worker processes, and the same code runs on CPU and CUDA. Shuffling and
+augmentation draw from a generator seeded by ``(seed, epoch)``, so an epoch is reproducible from
+those two numbers alone; that is what makes resumed training exact.
 
 Datasets (:data:`DATASETS`, a registry of :class:`DatasetInfo`; :func:`load_dataset` loads one):
 
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, RaypruneError
 from ..registry import Registry
-from .utils import derive_seed, resolve_device
+from .utils import as_image_batch, derive_seed, resolve_device
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -603,8 +604,9 @@ class Loader:
             yield self._to_input(batch), labels[idx]
 
     def _to_input(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
-        # permute of an NHWC-contiguous tensor *is* an NCHW tensor in channels_last layout.
-        x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+        # permute of an NHWC-contiguous tensor *is* an NCHW tensor in channels_last layout (kept
+        # on accelerators; copied to plain NCHW on the CPU, see image_layout).
+        x = as_image_batch(batch_nhwc.permute(0, 3, 1, 2)).float().div_(255.0)
         return self.normalize(x) if self.normalized else x
 
 
@@ -733,7 +735,7 @@ class FolderLoader(Loader):
             persistent_workers=False,
         )
         for images, y in loader:  # uint8 [B, C, H, W]
-            x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = as_image_batch(images.to(self.device, non_blocking=True))
             x = x.float().div_(255.0)
             yield (self.normalize(x) if self.normalized else x), y.to(self.device, non_blocking=True)
 

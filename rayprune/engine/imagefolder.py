@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import validated
 from .checkpoint import atomic_save, safe_load
 from .data import DataError, Dataset, DatasetInfo, Loader, register_dataset
-from .utils import derive_seed
+from .utils import as_image_batch, derive_seed
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
@@ -420,7 +420,7 @@ class ImageFolderLoader(Loader):
                 x = center_crop(images, size)
             else:
                 x = resized_crop_flip(images, params[lo : lo + len(images)], size)
-            x = x.contiguous(memory_format=torch.channels_last).div_(255.0)
+            x = as_image_batch(x).div_(255.0)
             yield (self.normalize(x) if self.normalized else x), y
 
     def _batches(

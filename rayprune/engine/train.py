@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .captured import GraphStep, TrainHistory, forward_fn, fused_optimizer, match_lr_kind, plan_step
 from .data import Loader, make_loader
 from .progress import label as progress_label
-from .utils import bn_layers, resolve_device
+from .utils import bn_layers, image_layout, resolve_device
 
 __all__ = [
     "TrainConfig",
@@ -408,8 +408,9 @@ def fit(
     """
     device = resolve_device(device)
     model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    # An earlier run may have left the weights channels_last (latency timing does); on the CPU
+    # that would pull the convs back onto oneDNN's faulty NHWC path (see image_layout).
+    model.to(memory_format=image_layout(device) if cfg.channels_last else torch.contiguous_format)
     if teacher is not None:
         teacher.to(device).eval()
     loader = _as_loader(train, cfg.batch_size, device, train=True, seed=seed)

@@ -76,3 +76,22 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"device {str(name)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def image_layout(device: torch.device) -> torch.memory_format:
+    """The memory format of image batches and conv weights on ``device``: ``channels_last`` on
+    accelerators, plain NCHW on the CPU.
+
+    Why not NHWC on the CPU: oneDNN's backward-weights kernel for a strided 1x1 conv whose input
+    has fewer channels than its vector block (8 with AVX2, 16 with AVX-512) writes past its
+    workspace when the input is NHWC (uxlfoundation/oneDNN#6035, open; torch 2.15 ships it). A
+    pruned net reaches such widths easily (a ResNet's downsample shortcut, a traced net's strided
+    1x1 branch): one thread corrupts the heap, two hang or give wrong gradients. NCHW takes
+    oneDNN's blocked path, which is correct.
+    """
+    return torch.contiguous_format if device.type == "cpu" else torch.channels_last
+
+
+def as_image_batch(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[N, C, H, W]``, any strides) in :func:`image_layout` for its device."""
+    return x.contiguous(memory_format=image_layout(x.device))

@@ -4,7 +4,7 @@ Arms (issue 20, item 3), each driving the *same* search code the sweep uses
 (:class:`rayprune.orchestration.search.StudyRounds`, one study per method across the FLOPs
 targets, batch-synchronous rounds), without Ray:
 
-* a learned sampler (``--learned``, default ``gp``; ``tpe`` also works);
+* the learned samplers (``--learned``, default ``gp tpe``: GP and multivariate TPE);
 * ``random``: random budgets (Optuna's ``RandomSampler``) through the same rounds;
 * ``uniform``: the reference budget only (the loosest rates, equal shares), one trial per target.
 
@@ -19,7 +19,8 @@ trained by the one search recipe), averaged over the targets, as mean +- std ove
 paired difference against random with a 95 % t interval. Decision rule: the learned sampler is
 the default only where that interval is above zero.
 
-Before it starts it runs one trial per method, and prints the plan and the estimated time.
+Before it starts it runs one trial per method, and prints the plan and the estimated time
+(``--plan-only``: then stops).
 
     .venv/bin/python bench/budget_search.py --smoke                  # < 1 min
     .venv/bin/python bench/budget_search.py --methods l1 --seeds 0 1 2 3 4 --jobs 2 \\
@@ -54,15 +55,28 @@ from rayprune.orchestration.search import Outcome, Reachability, StudyRounds
 from rayprune.orchestration.trial_spec import TrialSpec, shared_config
 from rayprune.runner import run_trial, train_teacher
 
-HPARAMS = {  # the quickstart's; AST's fast preset shortened further
+HPARAMS = {  # l1: the quickstart's; AST: its fast preset shortened to at most 4 one-epoch iterations
     "l1": {"pretrain_epochs": 1, "bn_recal_batches": 2},
-    "ast": {"batch_size": 64, "max_iterations": 8, "min_iterations": 4, "noise_iterations": 4},
+    "ast": {
+        "batch_size": 64,
+        "max_iterations": 4,
+        "min_iterations": 2,
+        "noise_iterations": 2,
+        "epochs_schedule": [(0, 1)],
+        "alpha_passes": 1,
+        "top_k": 2,
+    },
 }
+
+
+Job = tuple[argparse.Namespace, dict[str, Any], str, int, str]  # (args, base config, method, seed, arm)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="1 seed, l1, 2 targets, 6 trials, 500 images, 1-epoch recipes")
+    p.add_argument(
+        "--smoke", action="store_true", help="1 seed, l1, 2 targets, 6 trials, gp only, 500 images, 1-epoch recipes"
+    )
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-subset", type=int, default=None)
@@ -74,18 +88,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--prefixes", nargs="+", type=int, default=[8, 16, 32])
-    p.add_argument("--learned", default="gp", choices=["gp", "tpe"])
+    p.add_argument("--learned", nargs="+", default=["gp", "tpe"], choices=["gp", "tpe"])
     p.add_argument("--n-startup-trials", type=int, default=3)
     p.add_argument("--stage-prune", type=float, nargs=2, default=[0.2, 0.8], help="every stage's [low, high]")
     p.add_argument("--search-epochs", type=int, default=4, help="the search recipe (every trial's chosen subnet)")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--jobs", type=int, default=1, help="(method, seed) runs in parallel, one CPU thread each")
+    p.add_argument("--jobs", type=int, default=1, help="(method, seed, arm) runs in parallel, one CPU thread each")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "rayprune_budget_search"))
     p.add_argument("--out", default=None, help="write OUT.md (tables) and OUT.jsonl (every trial)")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and estimate (one trial run), then stop")
     args = p.parse_args(argv)
     if args.smoke:
         args.methods, args.seeds, args.targets = ["l1"], [0], [0.5, 0.7]
-        args.trials, args.prefixes, args.n_startup_trials = 6, [4, 6], 1
+        args.trials, args.prefixes, args.n_startup_trials, args.learned = 6, [4, 6], 1, ["gp"]
         args.search_epochs, args.teacher_epochs, args.train_subset = 1, 2, 500
         args.workdir = str(Path(args.workdir) / "smoke")
     return args
@@ -173,15 +188,22 @@ def run_arm(args: argparse.Namespace, base: dict[str, Any], method: str, seed: i
     return rows[: args.trials]
 
 
-def run_method_seed(job: tuple[argparse.Namespace, dict[str, Any], str, int]) -> list[dict[str, Any]]:
-    args, base, method, seed = job
+def run_job(job: Job) -> list[dict[str, Any]]:
+    """One (method, seed, arm) run on one CPU thread."""
+    args, base, method, seed, arm = job
     torch.set_num_threads(1)
-    rows: list[dict[str, Any]] = []
-    for arm in ("uniform", "random", args.learned):
-        start = time.perf_counter()
-        rows += run_arm(args, base, method, seed, arm)
-        print(f"  {method} seed {seed} {arm}: {time.perf_counter() - start:.0f} s", flush=True)
+    start = time.perf_counter()
+    rows = run_arm(args, base, method, seed, arm)
+    print(f"  {method} seed {seed} {arm}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
+
+
+def arm_jobs(args: argparse.Namespace, base: dict[str, Any]) -> list[Job]:
+    """Every (method, seed, arm) run, arm by arm: the uniform runs (every other arm's reference
+    trials) are cached first, an arm of one seed rarely runs beside another arm of that seed (they
+    share their random start-up trials), and a run cut short has whole arms, the learned ones last."""
+    arms = ("uniform", "random", *args.learned)
+    return [(args, base, m, s, arm) for arm in arms for m in args.methods for s in args.seeds]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +248,7 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str
         ]
         for n in args.prefixes:
             per_arm = {}
-            for arm in ("uniform", "random", args.learned):
+            for arm in ("uniform", "random", *args.learned):
                 per_arm[arm] = {
                     s: score([r for r in rows if (r["method"], r["seed"], r["arm"]) == (method, s, arm)], n)
                     for s in args.seeds
@@ -240,7 +262,7 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str
                 vs_obj = "—" if arm == "random" else f"{d_obj[0]:+.4f} [{d_obj[1]:+.4f}, {d_obj[2]:+.4f}]"
                 trials = len(args.targets) if arm == "uniform" else n
                 lines.append(f"| {arm} | {trials} | {_ms(obj)} | {_ms(test)} | {vs} | {vs_obj} |")
-                if arm == args.learned:
+                if arm in args.learned:
                     wins = d_test[1] > 0
                     verdicts.append(
                         f"{method}, {n} trials: {arm} - random test top-1 {d_test[0]:+.4f} "
@@ -284,9 +306,8 @@ def prepare_teacher(args: argparse.Namespace) -> str | None:
 def plan(args: argparse.Namespace, base: dict[str, Any]) -> None:
     """Time one (reference) trial per method, then print the plan and the estimated time."""
     runs = len(args.seeds)
-    print(
-        f"Plan: methods {args.methods}, seeds {args.seeds}, targets {args.targets}, arms uniform/random/{args.learned}"
-    )
+    arms = "/".join(["uniform", "random", *args.learned])
+    print(f"Plan: methods {args.methods}, seeds {args.seeds}, targets {args.targets}, arms {arms}")
     print(
         f"  one {args.trials}-trial run per (method, seed, arm); reported at {args.prefixes} trials; {args.jobs} job(s)"
     )
@@ -294,7 +315,7 @@ def plan(args: argparse.Namespace, base: dict[str, Any]) -> None:
     for method in args.methods:
         sample = run_arm_first_sample(args, method)
         result = run_cached(base, method, args.seeds[0], sample, Path(args.workdir) / "trials")
-        unique = runs * (len(args.targets) + 2 * (args.trials - len(args.targets)))
+        unique = runs * (len(args.targets) + (1 + len(args.learned)) * (args.trials - len(args.targets)))
         estimate = unique * result["seconds"] / max(1, min(args.jobs, runs))
         total += estimate
         print(
@@ -328,12 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     base = base_config(args, teacher)
     plan(args, base)
-    jobs = [(args, base, m, s) for m in args.methods for s in args.seeds]
+    if args.plan_only:
+        return 0
+    jobs = arm_jobs(args, base)
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            rows = [r for part in pool.map(run_method_seed, jobs) for r in part]
+            rows = [r for part in pool.map(run_job, jobs, chunksize=1) for r in part]
     else:
-        rows = [r for job in jobs for r in run_method_seed(job)]
+        rows = [r for job in jobs for r in run_job(job)]
     tables, verdicts = summarise(rows, args)
     command = "python bench/budget_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (

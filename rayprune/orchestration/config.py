@@ -189,7 +189,7 @@ class OptunaConfig(_Strict):
     ``samples_per_cell`` trials (see :mod:`.search`).
     """
 
-    sampler: Literal["tpe", "random", "gp", "nsga2"] = "random"  # bench/budget_search.py: gp did not beat it
+    sampler: Literal["tpe", "random", "gp", "nsga2"] = "random"  # bench/budget_search.py: neither gp nor tpe beat it
     seed: int = 0
     samples_per_cell: int = Field(default=1, ge=1)
     n_startup_trials: int = Field(default=4, ge=1)  # per study, random (after the references) before TPE/GP model

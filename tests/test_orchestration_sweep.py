@@ -5,6 +5,7 @@ without losing or duplicating anything; a digits sweep's pick is served at its 8
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -146,13 +147,42 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
         assert parents[0].data.metrics["unpruned_latency_ms_b1_p50"] == baseline["metrics"]["latency_ms_b1_p50"]
 
 
-def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
-    assert main(["--space", str(tmp_path / "mini.yaml")]) == 0
-    out = capsys.readouterr().out
+class InterruptOnce(tune.Callback):
+    """Sends SIGUSR1 (Tune's graceful stop, like Ctrl-C) when the first trial completes, once:
+    the flag file keeps the restored copy of this callback from interrupting again."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_an_interrupted_mini_sweep_resumes_and_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
+    """The 2x2 mini sweep (a teacher, the front fine-tuned), stopped once its first trial completes,
+    then finished by `rayprune sweep --resume` on another machine: MLflow and Parquet hold exactly
+    what the trials reported, once; the printed summary and the pick are those of any sweep."""
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path, max_concurrent_trials=1)))
     cfg = load_sweep(tmp_path / "mini.yaml")
-    (experiment_path,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("mini-")]
-    check_tracking(cfg, experiment_path)
+    first = run_sweep(cfg, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))], out=io.StringIO())
+    assert not first.complete and first.num_trials < cfg.num_trials()
+    experiment_path = Path(first.experiment_path)
+    assert 1 <= sum(r["kind"] == "final" for r in store_of(experiment_path).rows()) < cfg.num_trials()
+    # Resume on another machine whose last upload of the registry predates every search step:
+    # the driver must recover those rows from Tune's results (no trial reports them again).
+    upload = SubnetStore(tmp_path / "upload" / "subnets.parquet")
+    upload.add([r for r in store_of(experiment_path).rows() if r["kind"] != "search"])
+    MlflowClient(cfg.tracking.uri).log_artifact(first.parent_run_id, str(upload.path))
+    (experiment_path / "rayprune" / "subnets.parquet").unlink()
+
+    capsys.readouterr()
+    assert main(["--space", str(tmp_path / "mini.yaml"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert [p for p in (tmp_path / "results").iterdir() if p.name.startswith("mini-")] == [experiment_path]
+    check_tracking(cfg, experiment_path)  # one parent run (the first one), every trial once
+    assert MlflowClient(cfg.tracking.uri).get_run(first.parent_run_id).info.status == "FINISHED"
     assert "final front [kd0]: test_top1 vs MACs" in out and "robust front [kd0.9]" in out
     assert "unpruned baseline (the teacher): " in out and "Trials per grid cell" in out
     assert f"Browse the runs: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
@@ -192,38 +222,6 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
         "spec.json",
         "weights.pt",
     ]
-
-
-class InterruptOnce(tune.Callback):
-    """Sends SIGUSR1 (Tune's graceful stop, like Ctrl-C) when the first trial completes, once:
-    the flag file keeps the restored copy of this callback from interrupting again."""
-
-    def __init__(self, flag: str) -> None:
-        self.flag = flag
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if not os.path.exists(self.flag):
-            Path(self.flag).touch()
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def test_interrupted_sweep_resumes_without_losing_or_duplicating(local_ray, tmp_path):
-    cfg = parse_sweep(mini_sweep(tmp_path, max_concurrent_trials=1, finetune_front=False))
-    first = run_sweep(cfg, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))])
-    assert not first.complete and first.num_trials < cfg.num_trials()
-    experiment_path = Path(first.experiment_path)
-    assert 1 <= sum(r["kind"] == "final" for r in store_of(experiment_path).rows()) < cfg.num_trials()
-    # Resume on another machine whose last upload of the registry predates every search step:
-    # the driver must recover those rows from Tune's results (no trial reports them again).
-    upload = SubnetStore(tmp_path / "upload" / "subnets.parquet")
-    upload.add([r for r in store_of(experiment_path).rows() if r["kind"] != "search"])
-    MlflowClient(cfg.tracking.uri).log_artifact(first.parent_run_id, str(upload.path))
-    (experiment_path / "rayprune" / "subnets.parquet").unlink()
-
-    second = run_sweep(cfg, resume="latest")
-    assert second.sweep_id == first.sweep_id and second.parent_run_id == first.parent_run_id
-    assert second.complete and second.num_trials == cfg.num_trials()
-    check_tracking(cfg, experiment_path)
 
 
 class KillWorkerOnce(tune.Callback):
@@ -305,7 +303,7 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
     from rayprune.cli import main as cli_main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cells = [0.5, 0.6, 0.7, 0.8]
+    cells = [0.5, 0.6, 0.7]  # one trial at a time: the kill after the first leaves two unfinished
     (tmp_path / "mini.yaml").write_text(
         yaml.safe_dump(
             mini_sweep(

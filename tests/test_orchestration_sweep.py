@@ -696,8 +696,9 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     local_ray, tmp_path, monkeypatch, capsys
 ):
     """Ctrl-C in the driver once the first cell's fine-tune is logged (each trial and fine-tune
-    takes both CPUs, so the other is still running, and is cancelled): the resume fine-tunes only
-    the missing cell, never the finished one again, and ends with the records of an undisturbed run."""
+    takes both CPUs, so the other one is running, and is cancelled, or has just finished): the
+    resume fine-tunes only the missing cell, never a finished one again, and ends with the records
+    of an undisturbed run."""
     from rayprune.orchestration import cell_finetune
     from rayprune.orchestration.cache import FinalCache
 
@@ -754,7 +755,9 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     assert not first.complete and first.num_trials == cfg.num_trials() and len(logged) == 1
     cache = FinalCache.of_experiment(first.experiment_path)
     kept = trained_members(cache)
-    assert list(kept) == logged  # the finished member is kept; the running one was cancelled
+    # The finished member is kept. The other one was running when Ctrl-C came and is cancelled,
+    # unless it finished while the driver logged the first (a loaded machine): then it is kept too.
+    assert logged[0] in kept and len(kept) <= len(cells)
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "KILLED" and parent.data.tags["rayprune.status"] == "interrupted"
@@ -768,10 +771,14 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
 
     second = run_sweep(cfg, resume="latest")
     assert second.complete and second.parent_run_id == first.parent_run_id
-    assert (
-        "Fine-tuning the chosen subnet of 1 grid cell(s) with recipes.finetune (1 already in the cache)"
-        in capsys.readouterr().out
-    )
+    out, missing = capsys.readouterr().out, len(cells) - len(kept)
+    if missing:  # only the missing cell is fine-tuned
+        assert (
+            f"Fine-tuning the chosen subnet of {missing} grid cell(s) with recipes.finetune "
+            f"({len(kept)} already in the cache)" in out
+        )
+    else:
+        assert "Fine-tuning the chosen subnet" not in out
     after = trained_members(cache)
     assert len(after) == len(cells) and all(after[key] == kept[key] for key in kept)  # not trained again
     check_tracking(cfg, Path(second.experiment_path), cells=cells)

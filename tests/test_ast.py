@@ -350,6 +350,7 @@ def short_run(tmp_path_factory):
     return ctx, method, results, policy_before, entropy_before
 
 
+@pytest.mark.slow  # a full AST search (the module's short_run)
 def test_every_reported_subnet_is_in_the_target_window(short_run):
     ctx, method, results, _, _ = short_run
     records = [rec for r in results for rec in r.subnets]
@@ -365,6 +366,7 @@ def test_every_reported_subnet_is_in_the_target_window(short_run):
     assert full > target
 
 
+@pytest.mark.slow  # a full AST search (the module's short_run)
 def test_alpha_sharpens_and_the_policy_learns(short_run):
     _, method, results, before, entropy_before = short_run
     assert mean_alpha_entropy(method.alpha) < entropy_before
@@ -372,6 +374,7 @@ def test_alpha_sharpens_and_the_policy_learns(short_run):
     assert all(r.metrics["gumbel_scale"] == 0.0 for r in results[3:-1])  # noise annealed to 0
 
 
+@pytest.mark.slow  # a full AST search (the module's short_run)
 def test_the_result_is_the_trained_deterministic_subnet(short_run):
     _ctx, method, _results, _, _ = short_run
     best = method.best()
@@ -382,6 +385,7 @@ def test_the_result_is_the_trained_deterministic_subnet(short_run):
     assert score["loss"] == pytest.approx(best.metrics["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # a full method run
 def test_random_search_arm_samples_fresh_subnets_and_picks_by_search_val(tmp_path):
     ctx = make_ctx(tmp_path)
     arm = {**AST.smoke, "freeze_alpha": True, "threshnet": False, "stop_on_convergence": False, "max_iterations": 3}
@@ -393,6 +397,7 @@ def test_random_search_arm_samples_fresh_subnets_and_picks_by_search_val(tmp_pat
     assert method.best().metrics["val_top1"] == max(rec.metrics["val_top1"] for rec in records)
 
 
+@pytest.mark.slow  # an AST iteration on VGG and MobileNetV2
 @pytest.mark.parametrize("family", ["vgg", "mobilenet_v2"])
 def test_one_iteration_on_other_families(family, tmp_path):
     ctx = make_ctx(tmp_path, spec=tiny_spec(family), budget=0.6)

@@ -326,6 +326,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow  # several tracker sessions on one store
 def test_runs_of_a_dead_driver_are_marked_interrupted_at_the_next_contact(tmp_path, capsys):
     from mlflow.entities import RunTag
 
@@ -434,6 +435,7 @@ def test_the_heartbeat_refreshes_the_parent_run_until_stopped(tmp_path):
     assert tag() == "1"  # stopped: nothing refreshes it any more
 
 
+@pytest.mark.slow  # a tracked sweep's publishing over time
 def test_a_running_sweep_publishes_its_fronts_at_the_first_finished_trial_then_at_most_every_interval(tmp_path):
     from rayprune import models
     from rayprune.methods.base import SubnetRecord

@@ -148,6 +148,7 @@ def test_captured_forward_is_the_plain_call_on_the_cpu():
         assert torch.equal(forward(x), net(x))
 
 
+@pytest.mark.slow  # a full `rayprune run`
 def test_the_cli_and_the_record_say_how_the_fine_tune_ran(tmp_path, capsys):
     from rayprune.cli import main
 

@@ -112,6 +112,7 @@ def test_run_bad_inputs_fail_fast_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o" / "final").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # full `rayprune run`s
 def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     out = tmp_path / "run"
     args = [
@@ -155,6 +156,7 @@ def test_run_writes_result_and_resumes_without_duplicates(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["flops_target"] == 0.5
 
 
+@pytest.mark.slow  # full `rayprune run`s
 def test_run_output_for_people_and_for_programs(tmp_path, capsys):
     """Human mode: a line per step and the summary table beside the unpruned net; --json: one
     schema of scalar values (l1 used to print a list of MACs where ast printed a float)."""

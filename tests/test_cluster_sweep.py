@@ -316,11 +316,14 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
     ray.init(
         address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env=RUNTIME_ENV
     )
+    meet = {"meet": 4, "meet_dir": str(tmp_path / "meet")}
     try:
         cfg = parse_sweep(
             mini(
                 tmp_path,
-                methods=[{"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2}}],
+                methods=[  # the first four trials wait for each other: four run at once whatever the load
+                    {"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2, **meet}}
+                ],
                 grid={"flops_targets": [0.7], "kd_weights": [0.0]},
                 teacher=None,
                 optuna={  # one cell: four trials per round, so that four can run at once

@@ -5,6 +5,7 @@ without losing or duplicating anything; a digits sweep's pick is served at its 8
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -146,13 +147,42 @@ def check_tracking(cfg, experiment_path: Path, cells=GRID) -> None:
         assert parents[0].data.metrics["unpruned_latency_ms_b1_p50"] == baseline["metrics"]["latency_ms_b1_p50"]
 
 
-def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
-    assert main(["--space", str(tmp_path / "mini.yaml")]) == 0
-    out = capsys.readouterr().out
+class InterruptOnce(tune.Callback):
+    """Sends SIGUSR1 (Tune's graceful stop, like Ctrl-C) when the first trial completes, once:
+    the flag file keeps the restored copy of this callback from interrupting again."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_an_interrupted_mini_sweep_resumes_and_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsys):
+    """The 2x2 mini sweep (a teacher, the front fine-tuned), stopped once its first trial completes,
+    then finished by `rayprune sweep --resume` on another machine: MLflow and Parquet hold exactly
+    what the trials reported, once; the printed summary and the pick are those of any sweep."""
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path, max_concurrent_trials=1)))
     cfg = load_sweep(tmp_path / "mini.yaml")
-    (experiment_path,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("mini-")]
-    check_tracking(cfg, experiment_path)
+    first = run_sweep(cfg, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))], out=io.StringIO())
+    assert not first.complete and first.num_trials < cfg.num_trials()
+    experiment_path = Path(first.experiment_path)
+    assert 1 <= sum(r["kind"] == "final" for r in store_of(experiment_path).rows()) < cfg.num_trials()
+    # Resume on another machine whose last upload of the registry predates every search step:
+    # the driver must recover those rows from Tune's results (no trial reports them again).
+    upload = SubnetStore(tmp_path / "upload" / "subnets.parquet")
+    upload.add([r for r in store_of(experiment_path).rows() if r["kind"] != "search"])
+    MlflowClient(cfg.tracking.uri).log_artifact(first.parent_run_id, str(upload.path))
+    (experiment_path / "rayprune" / "subnets.parquet").unlink()
+
+    capsys.readouterr()
+    assert main(["--space", str(tmp_path / "mini.yaml"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert [p for p in (tmp_path / "results").iterdir() if p.name.startswith("mini-")] == [experiment_path]
+    check_tracking(cfg, experiment_path)  # one parent run (the first one), every trial once
+    assert MlflowClient(cfg.tracking.uri).get_run(first.parent_run_id).info.status == "FINISHED"
     assert "final front [kd0]: test_top1 vs MACs" in out and "robust front [kd0.9]" in out
     assert "unpruned baseline (the teacher): " in out and "Trials per grid cell" in out
     assert f"Browse the runs: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
@@ -192,38 +222,6 @@ def test_mini_sweep_fills_mlflow_and_the_subnet_store(local_ray, tmp_path, capsy
         "spec.json",
         "weights.pt",
     ]
-
-
-class InterruptOnce(tune.Callback):
-    """Sends SIGUSR1 (Tune's graceful stop, like Ctrl-C) when the first trial completes, once:
-    the flag file keeps the restored copy of this callback from interrupting again."""
-
-    def __init__(self, flag: str) -> None:
-        self.flag = flag
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if not os.path.exists(self.flag):
-            Path(self.flag).touch()
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def test_interrupted_sweep_resumes_without_losing_or_duplicating(local_ray, tmp_path):
-    cfg = parse_sweep(mini_sweep(tmp_path, max_concurrent_trials=1, finetune_front=False))
-    first = run_sweep(cfg, callbacks=[InterruptOnce(str(tmp_path / "interrupted"))])
-    assert not first.complete and first.num_trials < cfg.num_trials()
-    experiment_path = Path(first.experiment_path)
-    assert 1 <= sum(r["kind"] == "final" for r in store_of(experiment_path).rows()) < cfg.num_trials()
-    # Resume on another machine whose last upload of the registry predates every search step:
-    # the driver must recover those rows from Tune's results (no trial reports them again).
-    upload = SubnetStore(tmp_path / "upload" / "subnets.parquet")
-    upload.add([r for r in store_of(experiment_path).rows() if r["kind"] != "search"])
-    MlflowClient(cfg.tracking.uri).log_artifact(first.parent_run_id, str(upload.path))
-    (experiment_path / "rayprune" / "subnets.parquet").unlink()
-
-    second = run_sweep(cfg, resume="latest")
-    assert second.sweep_id == first.sweep_id and second.parent_run_id == first.parent_run_id
-    assert second.complete and second.num_trials == cfg.num_trials()
-    check_tracking(cfg, experiment_path)
 
 
 class KillWorkerOnce(tune.Callback):
@@ -305,7 +303,7 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(tmp_path, capsys,
     from rayprune.cli import main as cli_main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cells = [0.5, 0.6, 0.7, 0.8]
+    cells = [0.5, 0.6, 0.7]  # one trial at a time: the kill after the first leaves two unfinished
     (tmp_path / "mini.yaml").write_text(
         yaml.safe_dump(
             mini_sweep(
@@ -698,8 +696,9 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     local_ray, tmp_path, monkeypatch, capsys
 ):
     """Ctrl-C in the driver once the first cell's fine-tune is logged (each trial and fine-tune
-    takes both CPUs, so the other is still running, and is cancelled): the resume fine-tunes only
-    the missing cell, never the finished one again, and ends with the records of an undisturbed run."""
+    takes both CPUs, so the other one is running, and is cancelled, or has just finished): the
+    resume fine-tunes only the missing cell, never a finished one again, and ends with the records
+    of an undisturbed run."""
     from rayprune.orchestration import cell_finetune
     from rayprune.orchestration.cache import FinalCache
 
@@ -756,7 +755,9 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
     assert not first.complete and first.num_trials == cfg.num_trials() and len(logged) == 1
     cache = FinalCache.of_experiment(first.experiment_path)
     kept = trained_members(cache)
-    assert list(kept) == logged  # the finished member is kept; the running one was cancelled
+    # The finished member is kept. The other one was running when Ctrl-C came and is cancelled,
+    # unless it finished while the driver logged the first (a loaded machine): then it is kept too.
+    assert logged[0] in kept and len(kept) <= len(cells)
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "KILLED" and parent.data.tags["rayprune.status"] == "interrupted"
@@ -770,10 +771,14 @@ def test_a_driver_interrupted_during_the_front_finetune_keeps_the_finished_membe
 
     second = run_sweep(cfg, resume="latest")
     assert second.complete and second.parent_run_id == first.parent_run_id
-    assert (
-        "Fine-tuning the chosen subnet of 1 grid cell(s) with recipes.finetune (1 already in the cache)"
-        in capsys.readouterr().out
-    )
+    out, missing = capsys.readouterr().out, len(cells) - len(kept)
+    if missing:  # only the missing cell is fine-tuned
+        assert (
+            f"Fine-tuning the chosen subnet of {missing} grid cell(s) with recipes.finetune "
+            f"({len(kept)} already in the cache)" in out
+        )
+    else:
+        assert "Fine-tuning the chosen subnet" not in out
     after = trained_members(cache)
     assert len(after) == len(cells) and all(after[key] == kept[key] for key in kept)  # not trained again
     check_tracking(cfg, Path(second.experiment_path), cells=cells)

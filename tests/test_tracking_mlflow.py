@@ -272,6 +272,7 @@ def test_parquet_rows_are_exactly_the_recorded_subnets(sweep):
     assert table["robust_suite"][table["kind"].index("finetuned")] == 2
 
 
+@pytest.mark.slow  # a second tracked sweep
 def test_resume_reuses_runs_and_duplicates_nothing(sweep, tmp_path):
     client, first = sweep["client"], sweep["tracker"]
     before = len(client.search_runs([first.experiment_id], "", ViewType.ALL))

@@ -19,6 +19,8 @@ Pure torch, like the rest of ``rayprune.testing``.
 from __future__ import annotations
 
 import time
+import uuid
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field
@@ -37,6 +39,9 @@ class InstantHparams(MethodHparams):
     subnets: int = Field(10, ge=1, description="subnet records reported per step")
     steps: int = Field(1, ge=1, description="steps before the search is done")
     busy_s: float = Field(0.0, ge=0.0, description="seconds each step sleeps, standing in for work")
+    meet: int = Field(0, ge=0, description="trials whose first step must have begun before any goes on (0: none)")
+    meet_dir: str | None = Field(None, description="a folder the trials of one sweep share, where they meet")
+    meet_timeout_s: float = Field(600.0, gt=0.0, description="the longest a first step waits for the others")
 
 
 class Instant(RecordsMixin):
@@ -52,6 +57,8 @@ class Instant(RecordsMixin):
 
     def step(self) -> StepResult:
         ctx, step = self.ctx, self.steps_done
+        if step == 0 and self.hp.meet:
+            self._meet()
         if self.hp.busy_s:
             time.sleep(self.hp.busy_s)
         groups = models.channel_groups(ctx.spec)
@@ -83,6 +90,19 @@ class Instant(RecordsMixin):
             subnets=records,
             done=self.done,
         )
+
+    def _meet(self) -> None:
+        """Waits (at most ``meet_timeout_s``) until ``meet`` trials have begun their first step, so
+        that a test sees that many run at once however loaded the machine is; a sleep would only
+        make it likely."""
+        if self.hp.meet_dir is None:
+            raise ValueError("instant: meet needs meet_dir, a folder the sweep's trials share")
+        folder = Path(self.hp.meet_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / uuid.uuid4().hex).touch()
+        deadline = time.monotonic() + self.hp.meet_timeout_s
+        while len(list(folder.iterdir())) < self.hp.meet and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def register() -> None:

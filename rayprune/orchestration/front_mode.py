@@ -41,9 +41,9 @@ from .search import (
     Outcome,
     Proposal,
     State,
-    _alloc_param,
     _cell_seed,
-    _param,
+    reference_budget,
+    suggest_budget,
 )
 from .trial_spec import sample_config
 
@@ -216,7 +216,9 @@ class FrontRounds:
     def _propose(self, group: int) -> tuple[Proposal, float]:
         number = self.suggested[group]
         self.suggested[group] += 1
-        reference = self._reference(self._use(group))
+        use = self._use(group)
+        # A method steered by the target alone suggests no budget params: nothing to fix.
+        reference = {} if use == "target" else reference_budget(use, self.stage_ranges)
         if number < len(self.spread):  # the config check proved the reference reachable in the range
             return self._ask(group, {TARGET_PARAM: self.spread[number], **reference})
         target = self.target_range[1]
@@ -235,28 +237,11 @@ class FrontRounds:
             study.enqueue_trial(fixed)
         trial = study.ask()
         target = round(trial.suggest_float(TARGET_PARAM, *self.target_range), TARGET_DECIMALS)
-        rates, allocation = self._suggest_budget(trial, self._use(group))
+        rates, allocation = suggest_budget(trial, self._use(group), self.stage_ranges)
         return Proposal(group, trial, rates, allocation), target
 
     def _violation(self, target: float, rates: list[float]) -> float:
         return self.feasibility(target, rates) if self.feasibility else 0.0
-
-    def _reference(self, use: BudgetUse) -> dict[str, float]:
-        if use == "target":
-            return {}
-        if use == "allocation":
-            return {_alloc_param(s): 1.0 for s in range(len(self.stage_ranges))}
-        return {_param(s): high for s, (_, high) in enumerate(self.stage_ranges)}
-
-    def _suggest_budget(self, trial: optuna.trial.Trial, use: BudgetUse) -> tuple[list[float], list[float] | None]:
-        loosest = [high for _, high in self.stage_ranges]
-        if use == "target":
-            return loosest, None
-        if use == "max_rates":
-            return [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)], None
-        raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(self.stage_ranges))]
-        total = sum(raw)
-        return loosest, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
 
     def _tell(self, proposal: Proposal, target: float, outcome: Outcome) -> None:
         study = self.studies[proposal.cell]

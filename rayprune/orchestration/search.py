@@ -184,7 +184,7 @@ class StudyRounds:
         self.trials_per_round = trials_per_round
         self.cells = list(cells)
         self.samples_per_cell = samples_per_cell
-        self.stage_ranges = [tuple(map(float, r)) for r in stage_ranges]
+        self.stage_ranges = [(float(low), float(high)) for low, high in stage_ranges]
         self.feasibility = feasibility
         self.max_redraws = max_redraws
         self.budget_use: dict[str, BudgetUse] = dict(budget_use or {})
@@ -339,22 +339,10 @@ class StudyRounds:
         )
 
     def _reference(self, use: BudgetUse) -> dict[str, float]:
-        """The reference budget's Optuna params: the highest rates, or (allocation) equal shares."""
-        if use == "allocation":
-            return {_alloc_param(s): 1.0 for s in range(len(self.stage_ranges))}
-        return {_param(s): high for s, (_, high) in enumerate(self.stage_ranges)}
+        return reference_budget(use, self.stage_ranges)
 
     def _suggest_budget(self, trial: optuna.trial.Trial, use: BudgetUse) -> tuple[list[float], list[float] | None]:
-        loosest = [high for _, high in self.stage_ranges]
-        if use == "target":
-            return loosest, None
-        if use == "max_rates":
-            return [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(self.stage_ranges)], None
-        # The allocation alone: sampled maximum rates that bind would only fold different
-        # allocations into one subnet (and double the space the sampler must model).
-        raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(self.stage_ranges))]
-        total = sum(raw)
-        return loosest, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
+        return suggest_budget(trial, use, self.stage_ranges)
 
 
 class Rounds(Protocol):
@@ -436,6 +424,29 @@ class CellSearcher(_PickledState, Searcher):
     def trials_per_cell(self) -> list[int]:
         """How many trials each cell has been given so far."""
         return self.rounds.trials_per_cell()
+
+
+def reference_budget(use: BudgetUse, stage_ranges: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """The reference budget's Optuna params: the highest rates, or (allocation) equal shares."""
+    if use == "allocation":
+        return {_alloc_param(s): 1.0 for s in range(len(stage_ranges))}
+    return {_param(s): high for s, (_, high) in enumerate(stage_ranges)}
+
+
+def suggest_budget(
+    trial: optuna.trial.Trial, use: BudgetUse, stage_ranges: Sequence[tuple[float, float]]
+) -> tuple[list[float], list[float] | None]:
+    """A trial's budget as ``(maximum rates, allocation or None)``, suggested as ``use`` says."""
+    loosest = [high for _, high in stage_ranges]
+    if use == "target":
+        return loosest, None
+    if use == "max_rates":
+        return [trial.suggest_float(_param(s), low, high) for s, (low, high) in enumerate(stage_ranges)], None
+    # The allocation alone: sampled maximum rates that bind would only fold different
+    # allocations into one subnet (and double the space the sampler must model).
+    raw = [trial.suggest_float(_alloc_param(s), 0.0, 1.0) for s in range(len(stage_ranges))]
+    total = sum(raw)
+    return loosest, [a / total for a in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
 
 
 def write_history(rows: list[dict[str, Any]], path: str | Path) -> None:

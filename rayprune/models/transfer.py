@@ -21,7 +21,7 @@ import torch
 from . import channel_groups, tensor_axes, with_widths
 from .axis_expr import kept_positions
 from .base import Spec, SpecError
-from .traced import with_metadata_of
+from .traced import sliced_state
 
 Keep = Mapping[str, torch.Tensor]
 
@@ -64,14 +64,9 @@ def extract_subnet(spec: Spec, state: Mapping[str, torch.Tensor], keep: Keep) ->
             "these kept channels change the network's structure (a width-dependent projection "
             "shortcut appears or disappears); keep the widths on both sides of it unequal"
         )
-    full = _full_widths(spec)
-    out = with_metadata_of(state)
-    for key, axes in axes_by_key.items():
-        t = state[key]
-        for dim, axis in enumerate(axes):
-            if axis is not None:
-                t = t.index_select(dim, kept_positions(axis, keep, full).to(t.device))
-        out[key] = t.clone()
+    out = sliced_state(state, axes_by_key, keep, _full_widths(spec))
+    for key in axes_by_key:  # unpruned tensors are the caller's own: the subnet gets copies
+        out[key] = out[key].clone()
     return sub, out
 
 

@@ -218,6 +218,18 @@ def test_transfer_round_trip_keeps_each_blocks_channels(spec):
     assert torch.equal(written[13, [1, 2, 4, 7]], state["block.restore.0.weight"][13, [1, 2, 4, 7]])
 
 
+def test_transfer_runs_on_the_meta_device(spec):
+    """Shapes only (how the coverage bench checks large nets): the blocked axes index on the CPU."""
+    groups = models.channel_groups(spec)
+    with torch.device("meta"):
+        state = models.build(spec).state_dict()
+    keep = {g.name: first_channels(g.width, g.width // 2 // g.divisor * g.divisor, g.tiles) for g in groups}
+    _, sub_state = extract_subnet(spec, state, keep)
+    assert sub_state["block.restore.0.weight"].is_meta
+    assert sub_state["block.restore.0.weight"].shape == (12, 4, 1, 1)
+    write_back(spec, state, keep, sub_state)
+
+
 def test_a_keep_with_unequal_blocks_is_one_spec_error(spec):
     state = models.build(spec, seed=0).state_dict()
     with pytest.raises(models.SpecError) as err:

@@ -98,7 +98,8 @@ def write_back(
         lines = [i if i is not None else torch.arange(src.shape[d], device=dst.device) for d, i in enumerate(index)]
         grids = list(torch.meshgrid(*lines, indexing="ij"))
         if len(axes) > 1 and axes[1] is not None and blocked(axes[1]) is not None:  # a grouped conv's input
-            cols = block_columns(axes[1], keep, full, lines[0], dst.shape[0]).to(dst.device)
+            rows = torch.arange(dst.shape[0], device="cpu") if axes[0] is None else kept_positions(axes[0], keep, full)
+            cols = block_columns(axes[1], keep, full, rows.cpu(), dst.shape[0]).to(dst.device)
             grids[1] = cols.view(*cols.shape, *[1] * (dst.ndim - 2)).expand_as(grids[0])
         dst[tuple(grids)] = src.to(dst.dtype)
 

@@ -70,6 +70,21 @@ class Net(nn.Module):
 
 def net(num_classes=10):
     return Net(num_classes)
+
+
+class CatIntoGrouped(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(3, 8)
+        self.grouped = conv_bn(16, 16, groups=4)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.grouped(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
+def cat_into_grouped(num_classes=10):
+    return CatIntoGrouped(num_classes)
 """
 
 WIDTHS = {"stem.0": 8, "a.0": 8, "b.0": 8, "join.0": 24, "block.reduce.0": 16, "block.grouped.0": 16, "down.0": 32}
@@ -78,10 +93,15 @@ TILED = {"join.0": 2, "block.reduce.0": 4, "block.grouped.0": 4}
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
+def user_file(tmp_path_factory):
     file = tmp_path_factory.mktemp("user") / "grouped_net.py"
     file.write_text(NET)
-    return models.full_spec(f"{file}:net", num_classes=4, input_size=SIZE)
+    return file
+
+
+@pytest.fixture(scope="module")
+def spec(user_file):
+    return models.full_spec(f"{user_file}:net", num_classes=4, input_size=SIZE)
 
 
 def counted(spec):
@@ -165,6 +185,15 @@ def test_full_and_pruned_counts_are_exact(spec):
         widths = {g.name: rng.randint(1, g.width // g.divisor) * g.divisor for g in models.channel_groups(spec)}
         pruned = models.with_widths(spec, widths)
         assert counted(pruned) == (models.macs(pruned, SIZE), models.params(pruned))
+
+
+def test_a_concatenation_into_a_grouped_conv_keeps_its_channels_whole(user_file):
+    # the conv's 4 blocks would each mix a.0's and b.0's channels: no divisor per group expresses that
+    spec = models.full_spec(f"{user_file}:cat_into_grouped", num_classes=4, input_size=SIZE)
+    assert spec["widths"] == {"grouped.0": 16}  # its output is tiled; the two groups feeding it are kept
+    assert models.tensor_axes(spec)["grouped.0.weight"] == ("grouped.0", None, None, None)
+    pruned = models.with_widths(spec, {"grouped.0": 8})
+    assert counted(pruned) == (models.macs(pruned, SIZE), models.params(pruned))
 
 
 def test_a_width_not_a_multiple_of_the_divisor_is_one_spec_error(spec):

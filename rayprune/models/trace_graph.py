@@ -404,7 +404,16 @@ def _groups(roots: dict[str, Root], calls: list[Call], layers: tuple[TracedLayer
         root = roots[name]
         stage = resolutions.index(_resolution(first[name]))
         kind = "residual" if root.producers > 1 else "inner"
-        members = (f"widths.{name}",)
-        tiles = root.tiles
-        out.append(ChannelGroup(name, root.width, stage, kind, tiles, tiles, members, tiles))
+        out.append(
+            ChannelGroup(
+                name,
+                root.width,
+                stage,
+                kind,
+                min_width=root.tiles,
+                divisor=root.tiles,
+                members=(f"widths.{name}",),
+                tiles=root.tiles,
+            )
+        )
     return tuple(out)

@@ -10,6 +10,7 @@ tiled by 2 and the groups between the two grouped convs by lcm(4, 2) = 4.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -28,6 +29,7 @@ from rayprune.models.tiles import completed_removals, first_channels, interleave
 from rayprune.models.traced import with_metadata_of
 from rayprune.models.transfer import extract_subnet, write_back, zero_dropped
 from rayprune.testing import tiny_context
+from rayprune.testing.bad_input import refused
 
 SIZE = 16
 
@@ -194,6 +196,12 @@ def test_a_concatenation_into_a_grouped_conv_keeps_its_channels_whole(user_file)
     assert models.tensor_axes(spec)["grouped.0.weight"] == ("grouped.0", None, None, None)
     pruned = models.with_widths(spec, {"grouped.0": 8})
     assert counted(pruned) == (models.macs(pruned, SIZE), models.params(pruned))
+
+
+def test_inspect_refuses_a_spec_file_with_such_a_width_in_one_line(capsys, tmp_path, spec):
+    file = tmp_path / "spec.json"
+    file.write_text(json.dumps({**spec, "widths": {**spec["widths"], "block.grouped.0": 6}}))
+    refused(capsys, tmp_path, ["inspect", str(file)], "'block.grouped.0'", "not a multiple of its divisor 4")
 
 
 def test_a_width_not_a_multiple_of_the_divisor_is_one_spec_error(spec):

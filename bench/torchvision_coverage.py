@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayprune import models
 from rayprune.errors import RaypruneError
+from rayprune.models.tiles import per_block_prefix
 from rayprune.models.transfer import extract_subnet, write_back
 
 
@@ -57,9 +58,17 @@ def counts_match(spec: models.Spec, size: int) -> bool:
     return macs_ok and models.params(spec) == sum(p.numel() for p in net.parameters())
 
 
+def halved(g: models.ChannelGroup) -> int:
+    """Half the group's width, a multiple of its divisor (a grouped conv's group count)."""
+    return max(g.divisor, g.width // 2 // g.divisor * g.divisor)
+
+
 def transfer_round_trip(full: models.Spec) -> bool:
     state = built(full).state_dict()
-    keep = {g.name: torch.arange(0, g.width, 2) for g in models.channel_groups(full)}
+    keep = {}  # every other channel (of each block, for a grouped conv's group)
+    for g in models.channel_groups(full):
+        evens_first = torch.cat([torch.arange(0, g.width, 2), torch.arange(1, g.width, 2)])
+        keep[g.name] = per_block_prefix(evens_first, halved(g), g.width, g.tiles)
     sub_spec, sub_state = extract_subnet(full, state, keep)
     built(sub_spec).load_state_dict(sub_state, strict=True)
     write_back(full, state, keep, sub_state)
@@ -76,7 +85,7 @@ def check(name: str, size: int, recount: bool) -> dict[str, Any]:
     trace_s = time.perf_counter() - start
     # Tracing already compared the full and the halved net's counts with FlopCounterMode and
     # refused on a difference; --recount repeats that here, independently of the family.
-    half = models.with_widths(full, {g.name: max(1, g.width // 2) for g in models.channel_groups(full)})
+    half = models.with_widths(full, {g.name: halved(g) for g in models.channel_groups(full)})
     ok = (not recount or (counts_match(full, size) and counts_match(half, size))) and transfer_round_trip(full)
     groups = models.channel_groups(full)
     return {

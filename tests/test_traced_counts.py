@@ -47,8 +47,9 @@ def counted(spec):
 
 
 def random_widths(spec, seed):
-    rng = random.Random(seed)
-    return models.with_widths(spec, {g.name: rng.randint(1, g.width) for g in models.channel_groups(spec)})
+    rng = random.Random(seed)  # a grouped conv's groups take multiples of their divisor
+    groups = models.channel_groups(spec)
+    return models.with_widths(spec, {g.name: rng.randint(1, g.width // g.divisor) * g.divisor for g in groups})
 
 
 def test_full_counts_are_exact(full):
@@ -92,11 +93,13 @@ def test_resnet18_groups_follow_the_residual_adds():
 
 def test_user_file_concat_and_grouped_conv():
     spec = models.full_spec(f"{EXAMPLE}:two_branch", num_classes=10, input_size=SIZE)
-    assert spec["widths"] == {"stem.0": 16, "left.0": 16, "right.0": 8, "deep.0": 32}
-    assert [g.stage for g in models.channel_groups(spec)] == [0, 1, 1, 2]
+    assert spec["widths"] == {"stem.0": 16, "left.0": 16, "right.0": 8, "mix.0": 32, "grouped.0": 32, "deep.0": 32}
+    groups = models.channel_groups(spec)
+    assert [g.stage for g in groups] == [0, 1, 1, 1, 1, 2]
+    assert [g.divisor for g in groups] == [1, 1, 1, 4, 4, 1]  # the grouped conv's 4 groups stay
     axes = models.tensor_axes(spec)
-    assert axes["mix.0.weight"] == (None, "left.0+right.0", None, None)  # the concatenation, in order
-    assert axes["grouped.0.weight"] == (None, None, None, None)  # a grouped conv keeps its channels
+    assert axes["mix.0.weight"] == ("mix.0", "left.0+right.0", None, None)  # the concatenation, in order
+    assert axes["grouped.0.weight"] == ("grouped.0", "mix.0/4", None, None)  # each block reads its own input
     assert axes["head.weight"] == (None, "deep.0")
 
 

@@ -66,8 +66,22 @@ class Mixed(nn.Module):
         return self.fc((torch.softmax(y @ y.transpose(1, 2), -1) @ y).mean(2))
 
 
+class CatStage(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a, self.b, self.down, self.fc = cbr(3, 8), cbr(3, 8), cbr(16, 16), nn.Linear(16, num_classes)
+        self.down[0].stride = (2, 2)
+
+    def forward(self, x):
+        return self.fc(self.down(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
 def branchy(num_classes=10):
     return Branchy(num_classes)
+
+
+def cat_stage(num_classes=10):
+    return CatStage(num_classes)
 
 
 def normed(num_classes=10):
@@ -114,15 +128,17 @@ def test_method_lands_in_its_window(tmp_path, spec, method, hparams):
 
 
 @pytest.mark.parametrize(
-    "method,needles",
-    [
-        ("sp", ("'grouped_2' is not one prunable channel group", "no stage split", "use l1")),
-        ("tas", ("super-net", "'traced'", "residual_net hook")),
+    "method,model,needles",
+    [  # a stage of cat_stage ends in a concatenation (two_branch's grouped conv is a group since issue 22)
+        ("sp", "cat_stage", ("a stage would end in a concatenation", "no stage split", "use l1")),
+        ("tas", "two_branch", ("super-net", "'traced'", "residual_net hook")),
     ],
 )
-def test_methods_without_the_hook_refuse_in_one_line(capsys, tmp_path, method, needles):
-    out = tmp_path / "out"
-    argv = ["run", "--method", method, "--model", f"{EXAMPLE}:two_branch", "--dataset", "digits"]
+def test_methods_without_the_hook_refuse_in_one_line(capsys, tmp_path, method, model, needles):
+    out, file = tmp_path / "out", tmp_path / "bad_models.py"
+    file.write_text(BAD)
+    source = f"{EXAMPLE}:two_branch" if model == "two_branch" else f"{file}:{model}"
+    argv = ["run", "--method", method, "--model", source, "--dataset", "digits"]
     refused(capsys, tmp_path, [*argv, "--flops-target", "0.5", "--smoke", "--out", str(out)], *needles)
 
 

@@ -54,6 +54,19 @@ def test_mobilenet_v3_small_splits_at_its_resolutions_too():
         assert torch.equal(split.head(h), net(x))
 
 
+def test_a_grouped_convs_tiled_group_can_end_a_stage():
+    spec = models.full_spec(f"{EXAMPLE}:two_branch", num_classes=4, input_size=SIZE)
+    net = models.build(spec, seed=0).eval()
+    split = models.family_of(spec).stage_split(spec, net)
+    assert split.boundary == ["stem.0", "grouped.0", "deep.0"]  # grouped.0: 4 blocks, SP masks a prefix of each
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = x
+        for stage in split.stages:
+            h = stage(h)
+        assert torch.equal(split.head(h), net(x))
+
+
 @pytest.mark.slow  # SP's smoke run on an 11M-parameter net: minutes on a loaded 2-core machine
 def test_sp_on_resnet18_lands_in_its_window(tmp_path, resnet18):
     teacher = models.build(resnet18, seed=5)
@@ -67,6 +80,31 @@ def test_sp_on_resnet18_lands_in_its_window(tmp_path, resnet18):
     models.validate(best.spec)
 
 
+CAT_STAGE = """
+import torch
+from torch import nn
+
+
+def cbr(i, o, stride=1):
+    return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class CatStage(nn.Module):  # its first stage would end in a concatenation (two channel groups)
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a, self.b, self.down, self.fc = cbr(3, 8), cbr(3, 8), cbr(16, 16, 2), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.down(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
+def cat_stage(num_classes=10):
+    return CatStage(num_classes)
+"""
+
+
 def test_a_network_without_a_stage_split_is_refused_in_one_line(capsys, tmp_path):
-    argv = ["run", "--method", "sp", "--model", f"{EXAMPLE}:two_branch", "--dataset", "digits", "--smoke"]
+    file = tmp_path / "cat_stage.py"
+    file.write_text(CAT_STAGE)
+    argv = ["run", "--method", "sp", "--model", f"{file}:cat_stage", "--dataset", "digits", "--smoke"]
     refused(capsys, tmp_path, [*argv, "--flops-target", "0.5", "--out", str(tmp_path / "out")], "sp: model", "stage")

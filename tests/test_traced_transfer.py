@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rayprune import models
+from rayprune.models.tiles import per_block_prefix
 from rayprune.models.traced import with_metadata_of
 from rayprune.models.transfer import extract_subnet, write_back, zero_dropped
 
@@ -27,9 +28,9 @@ def full(request):
 def random_keep(spec, seed):
     gen = torch.Generator().manual_seed(seed)
     keep = {}
-    for g in models.channel_groups(spec):
-        n = max(1, g.width // 2)
-        keep[g.name] = torch.randperm(g.width, generator=gen)[:n].sort().values
+    for g in models.channel_groups(spec):  # a grouped conv's groups keep half of each block
+        n = max(g.divisor, g.width // 2 // g.divisor * g.divisor)
+        keep[g.name] = per_block_prefix(torch.randperm(g.width, generator=gen), n, g.width, g.tiles)
     return keep
 
 

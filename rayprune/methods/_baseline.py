@@ -32,6 +32,7 @@ from ..engine.utils import derive_seed
 from ..errors import InputError
 from ..grid import TargetWindow
 from ..models.base import ChannelGroup, Spec, round_to
+from ..models.tiles import completed_removals
 from ..models.transfer import extract_subnet
 from .base import BudgetUse, Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
@@ -171,17 +172,22 @@ def filter_importance(
     return {g: totals[g] / counts[g] for g in totals}
 
 
-def removal_order(importance: Mapping[str, torch.Tensor], mins: Widths) -> list[tuple[str, int]]:
+def removal_order(
+    importance: Mapping[str, torch.Tensor], mins: Widths, tiles: Mapping[str, int] | None = None
+) -> list[tuple[str, int]]:
     """All removable channels ``(group, index)``, least important first (ties: group order,
-    then index), skipping those that would take a group below its minimum width."""
+    then index), skipping those that would take a group below its minimum width (each block of
+    a tiled group, ``tiles[g]`` > 1, below its share of it: :mod:`~rayprune.models.tiles`)."""
+    tiles = tiles or {}
     ranked = sorted(
         ((float(v), gi, g, i) for gi, (g, imp) in enumerate(importance.items()) for i, v in enumerate(imp.tolist()))
     )
-    left = {g: imp.numel() for g, imp in importance.items()}
+    block = {g: imp.numel() // tiles.get(g, 1) for g, imp in importance.items()}
+    left = {(g, b): block[g] for g in importance for b in range(tiles.get(g, 1))}
     order = []
     for _, _, g, i in ranked:
-        if left[g] > mins[g]:
-            left[g] -= 1
+        if left[g, i // block[g]] > mins[g] // tiles.get(g, 1):
+            left[g, i // block[g]] -= 1
             order.append((g, i))
     return order
 
@@ -191,14 +197,17 @@ Keep = dict[str, torch.Tensor]  # channel group -> the indices of its kept chann
 
 
 def keep_without(full_spec: Spec, removed: Sequence[Channel]) -> Keep:
-    """Kept channel indices per group after removing the channels ``removed``."""
-    dropped: dict[str, set[int]] = {}
-    for g, i in removed:
-        dropped.setdefault(g, set()).add(i)
-    return {
-        g.name: torch.tensor([i for i in range(g.width) if i not in dropped.get(g.name, ())], dtype=torch.long)
-        for g in models.channel_groups(full_spec)
-    }
+    """Kept channel indices per group after removing the channels ``removed`` (in removal order;
+    a tiled group gives up only whole rounds of one channel per block,
+    :func:`~rayprune.models.tiles.completed_removals`)."""
+    by_group: dict[str, list[int]] = {}
+    for name, i in removed:
+        by_group.setdefault(name, []).append(i)
+    keep = {}
+    for g in models.channel_groups(full_spec):
+        dropped = set(completed_removals(by_group.get(g.name, ()), g.width, g.tiles))
+        keep[g.name] = torch.tensor([i for i in range(g.width) if i not in dropped], dtype=torch.long)
+    return keep
 
 
 def keep_after(full_spec: Spec, order: list[Channel], k: int) -> dict[str, torch.Tensor]:
@@ -308,7 +317,7 @@ def stage_queues(
     queues = []
     for stage, share in enumerate(shares):
         members = [g for g in groups if g.stage == stage and g.name in importance]
-        order = removal_order({g.name: importance[g.name] for g in members}, mins)
+        order = removal_order({g.name: importance[g.name] for g in members}, mins, {g.name: g.tiles for g in members})
         queues.append(RemovalQueue(order, sum(g.width for g in members) or 1, len(shares) * share))
     return queues
 
@@ -460,7 +469,7 @@ class RankedPruning(RecordsMixin):
         mins, target = ctx.budget.min_widths(ctx.spec), ctx.budget.target_macs(ctx.spec, ctx.input_size)
         shares = ctx.budget.stage_shares(ctx.spec)
         if shares is None:
-            order = removal_order(importance, mins)
+            order = removal_order(importance, mins, {g.name: g.tiles for g in models.channel_groups(ctx.spec)})
             return fit_removals(ctx.spec, order, target, ctx.input_size), {"selection": "global_rank"}
         queues = stage_queues(importance, models.channel_groups(ctx.spec), mins, shares)
         low = TargetWindow(target).low_macs

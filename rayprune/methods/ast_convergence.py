@@ -24,6 +24,7 @@ import torch
 from .. import models
 from ..models.axis_expr import groups_in
 from ..models.base import Spec, SpecError
+from ..models.tiles import per_block_prefix
 
 Keep = dict[str, torch.Tensor]  # channel group -> sorted kept indices (LongTensor)
 
@@ -131,11 +132,13 @@ def calibrate_to_target(
     target_macs: int,
     window: float,
     input_size: int | None = None,
+    tiles: Mapping[str, int] | None = None,
 ) -> Calibrated:
     """Each group's width is its mass-threshold count ``m_l`` (the channels whose
     ``softmax(α)`` mass reaches τ_l, :func:`soft_mass_count`) times one global scale ``c``,
     clamped to ``[floor_l, width_l]``; ``c`` is found by bisection as the largest scale whose
-    subnet still fits ``target_macs``. The channels kept are each group's most probable ones.
+    subnet still fits ``target_macs``. The channels kept are each group's most probable ones (of
+    each block, for a group with ``tiles`` > 1: :func:`~rayprune.models.tiles.per_block_prefix`).
 
     So α (how peaked each group is, and which channels lead) and ThreshNet's τ_l set the
     *relative* widths, and ``c`` lands the subnet on the target instead of wherever the raw
@@ -168,7 +171,8 @@ def calibrate_to_target(
         lo, hi = (mid, hi) if cost(widths(mid)) <= target_macs else (lo, mid)
     chosen = _fill_to_target(widths(lo), {g: lo * m for g, m in counts.items()}, ranking, divisors, target_macs, cost)
     macs = cost(chosen)
-    keep = {g: r.order[: chosen[g]].sort().values for g, r in ranking.items()}
+    tiles = tiles or {}
+    keep = {g: per_block_prefix(r.order, chosen[g], r.order.numel(), tiles.get(g, 1)) for g, r in ranking.items()}
     return Calibrated(keep, macs, lo, macs >= window * target_macs)
 
 

@@ -267,6 +267,7 @@ class AST(Method):
             self.target_macs,
             self.hp.target_window,
             self.input_size,
+            {g.name: g.tiles for g in self.groups},
         )
 
     def _choose_thresholds(self, greedy: bool) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:

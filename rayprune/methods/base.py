@@ -25,6 +25,7 @@ from torch import nn
 from .. import models
 from ..errors import InputError
 from ..models.base import Spec, SpecError, spec_hash
+from ..models.tiles import round_up
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters and budget
@@ -109,7 +110,8 @@ class Budget(BaseModel):
 
     def min_widths(self, full_spec: Spec) -> dict[str, int]:
         """Smallest width each channel group of the *full* spec may be pruned to: the stage's
-        rate, but never below ``min_keep`` of the group's width, its divisor or one channel."""
+        rate, but never below ``min_keep`` of the group's width, its divisor or one channel (and a
+        multiple of a grouped conv's divisor, :mod:`~rayprune.models.tiles`)."""
         out = {}
         groups = models.channel_groups(full_spec)
         stages = num_stages(full_spec)
@@ -121,7 +123,7 @@ class Budget(BaseModel):
         for g in groups:
             by_stage = math.ceil(g.width * (1.0 - self.stage_rate(g.stage)) - 1e-9)
             by_fraction = math.ceil(g.width * self.min_keep - 1e-9)
-            out[g.name] = min(g.width, max(g.min_width, by_stage, by_fraction, g.divisor, 1))
+            out[g.name] = min(g.width, round_up(max(g.min_width, by_stage, by_fraction, g.divisor, 1), g.tiles))
         return out
 
     def target_macs(self, full_spec: Spec, input_size: int | None = None) -> int:

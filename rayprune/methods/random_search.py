@@ -15,7 +15,8 @@ stages; capped by the stage's maximum rate), with one scalar ``k`` fitted on the
 the window (:func:`~rayprune.methods._baseline.fit_into_window`): the allocation fixes how much
 each stage is pruned, the draw how the stage's pruning spreads over its groups, and every sample
 lands in the window. The per-stage maximum rates stay hard floors either way; widths move in
-single channels (a group's divisor is not kept), and the record's ``alloc_scale`` is ``k``.
+single channels (a group's divisor is not kept, except a grouped conv's: one channel per block),
+and the record's ``alloc_scale`` is ``k``.
 
 Each sample is trained from a seeded init for ``eval_epochs`` on search-train and scored on
 search-val (architecture-only, like uniform: no inherited weights, so no teacher is needed and
@@ -35,6 +36,7 @@ from .. import models
 from ..engine.utils import derive_seed
 from ..grid import WINDOW_LOW, TargetWindow
 from ..models.base import ChannelGroup, Spec, round_to
+from ..models.tiles import interleaved_from_last
 from ._baseline import (
     RecordsMixin,
     RemovalQueue,
@@ -62,15 +64,16 @@ def group_queues(
     groups: list[ChannelGroup], mins: Widths, shares: list[float], gen: torch.Generator
 ) -> list[RemovalQueue]:
     """One queue per channel group at a random pace around its stage's share (see the module
-    docstring); a group gives up its highest channel indices first (no weights are inherited,
-    so only its width matters)."""
+    docstring); a group gives up its highest channel indices first, of each block in turn for a
+    grouped conv's group (no weights are inherited, so only its width matters)."""
     weights = torch.rand(len(groups), generator=gen, dtype=torch.float64).tolist()
     queues = []
     for g, w in zip(groups, weights, strict=True):
         stage = [wi for gi, wi in zip(groups, weights, strict=True) if gi.stage == g.stage]
         mean = sum(stage) / len(stage)
         pace = len(shares) * shares[g.stage] * (w / mean if mean > 0 else 1.0)
-        queues.append(RemovalQueue([(g.name, i) for i in reversed(range(mins[g.name], g.width))], g.width, pace))
+        channels = [(g.name, i) for i in interleaved_from_last(g.width, g.tiles, mins[g.name])]
+        queues.append(RemovalQueue(channels, g.width, pace))
     return queues
 
 

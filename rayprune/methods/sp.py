@@ -62,6 +62,7 @@ from ..engine.train import (
 from ..engine.utils import bn_layers, derive_seed, resolve_device
 from ..errors import InputError, RaypruneError
 from ..models.base import Fixup, Spec, SpecError, StageSplit, round_to
+from ..models.tiles import first_channels
 from ._baseline import fit_multiplier
 from .base import Method, MethodHparams, RunContext, StepResult, SubnetRecord
 
@@ -187,7 +188,8 @@ class MaskedSupernet:
     """The full network of ``spec`` computing any prefix-width subnet.
 
     After :meth:`set_widths`, each producer's output (conv, BN) is multiplied by its group's
-    prefix mask. BN is per channel, so in eval mode this equals the physically sliced subnet
+    prefix mask (a prefix of each block for a grouped conv's group, :mod:`~rayprune.models.tiles`).
+    BN is per channel, so in eval mode this equals the physically sliced subnet
     (``extract_subnet`` with prefix keeps) and in train mode the kept channels see the same
     batch statistics.
     """
@@ -195,6 +197,7 @@ class MaskedSupernet:
     def __init__(self, spec: Spec, model: nn.Module, layout: StageSplit) -> None:
         self.spec, self.model, self.layout = spec, model, layout
         self.full: Widths = {g.name: g.width for g in models.channel_groups(spec)}
+        self.tiles: Widths = {g.name: g.tiles for g in models.channel_groups(spec)}
         self.widths: Widths | None = None
         self._masks: dict[str, torch.Tensor] = {}
         for name, group in producers(spec).items():
@@ -210,7 +213,17 @@ class MaskedSupernet:
 
     def mask(self, group: str, width: int, device: torch.device) -> torch.Tensor:
         """A [1, C, 1, 1] prefix mask keeping ``width`` of the group's channels."""
-        return (torch.arange(self.full[group], device=device) < width).float().view(1, -1, 1, 1)
+        if self.tiles[group] == 1:
+            return (torch.arange(self.full[group], device=device) < width).float().view(1, -1, 1, 1)
+        mask = torch.zeros(self.full[group], device=device)
+        mask[first_channels(self.full[group], width, self.tiles[group]).to(device)] = 1.0
+        return mask.view(1, -1, 1, 1)
+
+    def kept(self, features: torch.Tensor, group: str, width: int) -> torch.Tensor:
+        """The channels of ``features`` (``[N, C, ...]``, C the group's) that a subnet keeps."""
+        if self.tiles[group] == 1:
+            return features[:, :width]
+        return features.index_select(1, first_channels(self.full[group], width, self.tiles[group]).to(features.device))
 
     def input_mask(self, stage: int, widths: Widths, device: torch.device) -> torch.Tensor | None:
         """Mask of stage ``stage``'s input (the previous stage's output width); None when full."""
@@ -491,8 +504,9 @@ class SP(Method):
                 feat_t, logits_t = (
                     (target, teacher_logits) if kind == "full" or self.hp.teacher_mode == "external" else ref
                 )
-                k = widths[layout.boundary[s]]
-                loss = F.mse_loss(out[:, :k].float(), feat_t[:, :k].float())
+                group = layout.boundary[s]
+                kept_out, kept_t = (self.net.kept(f, group, widths[group]) for f in (out, feat_t))
+                loss = F.mse_loss(kept_out.float(), kept_t.float())
                 logits = layout.head(out).float() if last else None
                 if last:
                     assert logits is not None and logits_t is not None  # the last stage ran both heads
@@ -583,8 +597,9 @@ class SP(Method):
         for s, stage in enumerate(layout.stages):
             mask = self.net.input_mask(s, widths, x.device)
             out = stage(inputs[s] if mask is None else inputs[s] * mask)
-            k = widths[layout.boundary[s]]
-            total += float(F.mse_loss(out[:, :k], feats[s][:, :k]))
+            group = layout.boundary[s]
+            kept_out, kept_t = (self.net.kept(f, group, widths[group]) for f in (out, feats[s]))
+            total += float(F.mse_loss(kept_out, kept_t))
         total += float(_kl(layout.head(out), self.teacher_layout.head(feats[-1])))
         return total
 

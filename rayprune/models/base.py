@@ -43,6 +43,9 @@ class ChannelGroup:
     min_width: int = 1
     divisor: int = 1  # widths should stay multiples of this (MobileNet-style rounding)
     members: tuple[str, ...] = field(default_factory=tuple)  # spec field paths it sets
+    # > 1: the channels of a grouped conv, in this many equal blocks that each keep width / tiles
+    # channels (the width *must* be a multiple; see :mod:`rayprune.models.tiles`)
+    tiles: int = 1
 
 
 def round_to(channels: float, divisor: int = 1, min_value: int | None = None) -> int:

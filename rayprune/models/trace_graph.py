@@ -8,12 +8,18 @@ produces them, and into an axis expression (:mod:`~rayprune.models.axis_expr`) f
 dimension of every state-dict tensor. It also records, per conv/linear/BN call of one forward
 pass, what the exact MACs and parameters of any widths need (:class:`TracedLayer`).
 
+A grouped (not depthwise) conv keeps its group count ``G``: the channel groups that feed or leave
+it are *tiled* (:mod:`~rayprune.models.tiles`), their width a multiple of ``G`` (the lcm where a
+group meets several), and the conv's weight reads its input through a blocked axis ``A/G``.
+
 What it does not prune, it keeps whole (and says so through the axes): the network input, the
-classifier's outputs, and every channel that reaches a grouped (not depthwise) conv.
+classifier's outputs, and the channels of a grouped conv whose input or output is not one whole
+channel group in order (a concatenation into it, say), which no per-group divisor can express.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +34,16 @@ from .base import Axes, ChannelGroup, SpecError
 
 KNOWN = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 Position = tuple[str | None, int]  # (group, channel of the group), group None: not pruned
+
+
+@dataclass(frozen=True)
+class Root:
+    """What the graph says of one channel group, named after its first producer."""
+
+    width: int
+    producers: int  # conv/linear layers writing it (> 1: tied by residual adds)
+    fixed: bool  # kept whole
+    tiles: int = 1  # lcm of the group counts of the grouped convs it feeds or leaves
 
 
 class ForwardFailed(SpecError):
@@ -106,6 +122,11 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
+def is_grouped(module: nn.Module) -> bool:
+    """A conv with groups > 1 that is not depthwise (its group count stays when pruned)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+
+
 def check_modules(model: nn.Module, source: str) -> None:
     """Refuse a module that holds parameters the tracer cannot prune (LayerNorm, a raw Parameter)."""
     for name, module in model.named_modules():
@@ -177,7 +198,7 @@ def derive(model: nn.Module, input_size: int, source: str) -> Trace:
         raise SpecError(f"model {source!r} has no Conv2d or Linear layer to prune")
     order = {name: i for i, name in reversed(list(enumerate(c.name for c in calls)))}
     positions, roots = _graph_positions(model, input_size, source, heads[-1], order)
-    widths = {name: width for name, (width, _, _) in roots.items()}
+    widths = {name: root.width for name, root in roots.items()}
     axes_of = {key: _expression(pos, size, widths, source, key) for key, (pos, size) in positions.items()}
     axes = _state_axes(model, axes_of)
     layers = _table(model, calls, axes_of)
@@ -186,9 +207,8 @@ def derive(model: nn.Module, input_size: int, source: str) -> Trace:
 
 def _graph_positions(
     model: nn.Module, input_size: int, source: str, head: str, order: dict[str, int]
-) -> tuple[dict[str, tuple[dict[int, Position], int]], dict[str, tuple[int, int, bool]]]:
-    """Per ``"module:dim"``, the group channel at each pruned position; per group root, its
-    (width, number of conv/linear producers, fixed)."""
+) -> tuple[dict[str, tuple[dict[int, Position], int]], dict[str, Root]]:
+    """Per ``"module:dim"``, the group channel at each pruned position; per group, its :class:`Root`."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
@@ -201,17 +221,15 @@ def _graph_positions(
     except Exception as e:
         raise SpecError(f"model {source!r}: its dependency graph cannot be built ({type(e).__name__}: {e})") from None
     positions: dict[str, tuple[dict[int, Position], int]] = {}
-    roots: dict[str, tuple[int, int, bool]] = {}
+    roots: dict[str, Root] = {}
     for group in found:
         items = [it for it in group.items if isinstance(it.dep.target.module, KNOWN)]
         # The group is named after its first producer in forward order (stable, readable).
         made = [names[it.dep.target.module] for it in items if it.dep.handler.__name__ == "prune_out_channels"]
         made = [n for n in made if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear))]
         root = min(made, key=lambda n: order.get(n, len(order)))
-        fixed = any(
-            isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
-            for m in (it.dep.target.module for it in items)
-        )
+        tiles = _tiles(items)
+        fixed = tiles is None
         producers = 0
         for it in items:
             module = it.dep.target.module
@@ -230,8 +248,25 @@ def _graph_positions(
                 if int(idx) in table and table[int(idx)][0] != (None if fixed else root):
                     raise SpecError(f"model {source!r}: channel {idx} of {names[module]!r} belongs to two groups")
                 table[int(idx)] = (None if fixed else root, int(ridx))
-        roots[root] = (len(group.items[0].idxs), producers, fixed)
+        roots[root] = Root(len(group.items[0].idxs), producers, fixed, tiles or 1)
     return positions, roots
+
+
+def _tiles(items: list[Any]) -> int | None:
+    """The lcm of the group counts of the grouped convs among a graph group's ``items``, or None
+    when one of them sees the group other than as its whole input or output, in channel order (a
+    concatenation into it): blocks of such a conv would mix groups, so the group is kept whole."""
+    tiles = 1
+    for it in items:
+        module = it.dep.target.module
+        if not is_grouped(module):
+            continue
+        dim = 0 if it.dep.handler.__name__ == "prune_out_channels" else 1
+        idxs, root_idxs = [int(i) for i in it.idxs], [int(i) for i in it.root_idxs]
+        if idxs != root_idxs or sorted(idxs) != list(range(_dim_size(module, dim))):
+            return None
+        tiles = math.lcm(tiles, module.groups)
+    return tiles
 
 
 def _dim_size(module: nn.Module, dim: int) -> int:
@@ -280,6 +315,8 @@ def _state_axes(model: nn.Module, axes_of: dict[str, str | None]) -> dict[str, A
             if isinstance(module, KNOWN) and t.ndim >= 1:
                 a0 = axes_of.get(f"{mname}:0")
                 a1 = None if is_depthwise(module) or t.ndim < 2 else axes_of.get(f"{mname}:1")
+                if a1 is not None and isinstance(module, nn.Conv2d) and is_grouped(module):
+                    a1 = f"{a1}/{module.groups}"
                 out[key] = (a0, a1, *([None] * (t.ndim - 2))) if t.ndim >= 2 else (a0,)
             else:
                 out[key] = (None,) * t.ndim
@@ -354,9 +391,7 @@ def _resolution(layer: TracedLayer) -> tuple[int, int]:
     return layer.out_hw if layer.kind == "conv" else (1, 1)
 
 
-def _groups(
-    roots: dict[str, tuple[int, int, bool]], calls: list[Call], layers: tuple[TracedLayer, ...]
-) -> tuple[ChannelGroup, ...]:
+def _groups(roots: dict[str, Root], calls: list[Call], layers: tuple[TracedLayer, ...]) -> tuple[ChannelGroup, ...]:
     """The prunable groups in forward order of their root; a group's stage is the index of its
     root's output resolution among the net's resolutions, largest first."""
     producing = [layer for layer in layers if layer.kind != "bn"]
@@ -365,9 +400,20 @@ def _groups(
     for layer in producing:
         first.setdefault(layer.name, layer)
     out = []
-    for name in sorted((r for r in roots if not roots[r][2]), key=lambda r: [c.name for c in calls].index(r)):
-        width, producers, _ = roots[name]
+    for name in sorted((r for r in roots if not roots[r].fixed), key=lambda r: [c.name for c in calls].index(r)):
+        root = roots[name]
         stage = resolutions.index(_resolution(first[name]))
-        kind = "residual" if producers > 1 else "inner"
-        out.append(ChannelGroup(name, width, stage, kind, members=(f"widths.{name}",)))
+        kind = "residual" if root.producers > 1 else "inner"
+        out.append(
+            ChannelGroup(
+                name,
+                root.width,
+                stage,
+                kind,
+                min_width=root.tiles,
+                divisor=root.tiles,
+                members=(f"widths.{name}",),
+                tiles=root.tiles,
+            )
+        )
     return tuple(out)

@@ -7,7 +7,8 @@ Spec::
 
 * ``source``: ``torchvision:NAME``, ``/abs/path/file.py:FACTORY`` or ``package.module:FACTORY``
   (:mod:`~rayprune.models.sources`); ``options``: keyword arguments of the factory (JSON);
-* ``widths``: the width of every channel group, each between 1 and the unpruned width.
+* ``widths``: the width of every channel group, each between 1 and the unpruned width, and a
+  multiple of the group's divisor where it meets a grouped conv (:mod:`.tiles`).
 
 The graph is traced once per (source, options, classes, input size) and checked before use: a
 forward pass of the net with every group halved must run, and its MACs and parameters must equal
@@ -29,9 +30,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .analytic import Layer
-from .axis_expr import axis_width, kept_positions
+from .axis_expr import axis_width, block_columns, blocked, kept_positions
 from .base import Axes, ChannelGroup, Family, Spec, SpecError, StageSplit
 from .sources import absolute_source, build_source
+from .tiles import check_width, first_channels
 from .trace_graph import ForwardFailed, Trace, TracedLayer, derive
 
 FIELDS = {"family", "source", "options", "num_classes", "input_size", "widths"}
@@ -88,9 +90,11 @@ class TracedFamily(Family):
                 f"traced spec field 'widths' must name every channel group of {spec['source']} exactly once; "
                 f"first mismatch: {missing[0]!r}"
             )
+        tiles = {g.name: g.tiles for g in self._trace(spec).groups}
         for name, width in widths.items():
             if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= full[name]:
                 raise SpecError(f"channel group {name!r}: width must be an integer in [1, {full[name]}], got {width!r}")
+            check_width(name, width, tiles[name])
 
     def build(self, spec: Spec) -> nn.Module:
         trace = self._trace(spec)
@@ -108,13 +112,15 @@ class TracedFamily(Family):
         return dict(self._trace(spec).axes)
 
     def with_widths(self, spec: Spec, widths: dict[str, int]) -> Spec:
-        full = {g.name: g.width for g in self._trace(spec).groups}
+        groups = {g.name: g for g in self._trace(spec).groups}
         out = json.loads(json.dumps(spec))
         for name, width in widths.items():
-            if name not in full:
-                raise SpecError(f"unknown channel group {name!r}; known: {', '.join(full)}")
-            if not (isinstance(width, int) and 1 <= width <= full[name]):
-                raise SpecError(f"channel group {name!r}: width must be an integer in [1, {full[name]}], got {width!r}")
+            if name not in groups:
+                raise SpecError(f"unknown channel group {name!r}; known: {', '.join(groups)}")
+            full = groups[name].width
+            if not (isinstance(width, int) and 1 <= width <= full):
+                raise SpecError(f"channel group {name!r}: width must be an integer in [1, {full}], got {width!r}")
+            check_width(name, width, groups[name].tiles)
             out["widths"][name] = width
         return out
 
@@ -159,7 +165,7 @@ def _checked_trace(
         trace = derive(model, input_size, source)
         full = {g.name: g.width for g in trace.groups}
         check_counts(model, trace, full, input_size, num_classes, source)
-        half = {name: max(1, width // 2) for name, width in full.items()}
+        half = {g.name: max(g.divisor, g.width // 2 // g.divisor * g.divisor) for g in trace.groups}
         pruned = shrunk(_built_on(device, source, num_classes, options), trace, half)
         check_counts(pruned, trace, half, input_size, num_classes, source)
     return trace
@@ -204,11 +210,11 @@ def check_counts(
 
 def shrunk(model: nn.Module, trace: Trace, widths: dict[str, int]) -> nn.Module:
     """``model`` (unpruned) resized in place to ``widths``, keeping the first channels of each
-    group (so the initialisation keeps its distribution)."""
+    group (of each block of a tiled group), so the initialisation keeps its distribution."""
     full = {g.name: g.width for g in trace.groups}
     if all(widths[name] == width for name, width in full.items()):
         return model
-    keep = {name: torch.arange(widths[name], device="cpu") for name in full}
+    keep = {g.name: first_channels(g.width, widths[g.name], g.tiles) for g in trace.groups}
     state = sliced_state(model.state_dict(), trace.axes, keep, full)
     done: set[str] = set()
     for row in trace.layers:
@@ -226,9 +232,17 @@ def sliced_state(
     out = with_metadata_of(state)
     for key, dims in axes.items():
         t = state[key]
+        rows = torch.arange(t.shape[0] if dims else 0, device="cpu")
         for dim, axis in enumerate(dims):
-            if axis is not None:
-                t = t.index_select(dim, kept_positions(axis, keep, full).to(t.device))
+            if axis is None:
+                continue
+            if blocked(axis) is not None:  # a grouped conv's input (dim 1): columns depend on the row
+                cols = block_columns(axis, keep, full, rows, state[key].shape[0]).to(t.device)
+                t = t.gather(1, cols.view(*cols.shape, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:]))
+                continue
+            index = kept_positions(axis, keep, full)
+            rows = index.cpu() if dim == 0 else rows
+            t = t.index_select(dim, index.to(t.device))
         out[key] = t
     return out
 

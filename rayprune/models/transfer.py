@@ -6,7 +6,8 @@ declares which group indexes each dimension of each state-dict tensor
 (:meth:`Family.tensor_axes`), extracting a subnet is ``index_select`` along those dimensions and
 writing it back is ``index_copy``. Residual-coupled tensors share one group, so residual adds
 stay aligned. An axis fed by a concatenation or a flatten names several groups
-(:mod:`~rayprune.models.axis_expr`); its kept positions follow from theirs.
+(:mod:`~rayprune.models.axis_expr`); its kept positions follow from theirs. A group that meets a
+grouped conv must keep the same count in each of its blocks (:mod:`~rayprune.models.tiles`).
 
 Caveat: the parameter-free ``option_a`` shortcut aligns channels by position, not by index, so
 for it a transfer is exact everywhere except through the stride-2 shortcuts.
@@ -19,8 +20,9 @@ from collections.abc import Mapping
 import torch
 
 from . import channel_groups, tensor_axes, with_widths
-from .axis_expr import kept_positions
+from .axis_expr import block_columns, blocked, kept_positions
 from .base import Spec, SpecError
+from .tiles import check_keep
 from .traced import sliced_state
 
 Keep = Mapping[str, torch.Tensor]
@@ -32,16 +34,18 @@ def full_keep(spec: Spec) -> dict[str, torch.Tensor]:
 
 
 def _checked_keep(spec: Spec, keep: Keep) -> dict[str, torch.Tensor]:
-    widths = {g.name: g.width for g in channel_groups(spec)}
+    groups = {g.name: g for g in channel_groups(spec)}
     out = full_keep(spec)
     for name, idx in keep.items():
-        if name not in widths:
-            raise SpecError(f"unknown channel group {name!r}; known: {', '.join(widths)}")
+        if name not in groups:
+            raise SpecError(f"unknown channel group {name!r}; known: {', '.join(groups)}")
+        width = groups[name].width
         idx = torch.as_tensor(idx, dtype=torch.long).flatten()
         if idx.numel() == 0:
             raise SpecError(f"channel group {name!r}: must keep at least one channel")
-        if idx.min() < 0 or idx.max() >= widths[name] or idx.unique().numel() != idx.numel():
-            raise SpecError(f"channel group {name!r}: kept indices must be distinct and in [0, {widths[name]})")
+        if idx.min() < 0 or idx.max() >= width or idx.unique().numel() != idx.numel():
+            raise SpecError(f"channel group {name!r}: kept indices must be distinct and in [0, {width})")
+        check_keep(name, idx.cpu(), width, groups[name].tiles)
         out[name] = idx.sort().values
     return out
 
@@ -86,11 +90,18 @@ def write_back(
         if not axes:  # scalars such as num_batches_tracked
             dst.copy_(src)
             continue
-        index = [kept_positions(a, keep, full).to(dst.device) if a is not None else None for a in axes]
         # Advanced indexing needs one index per dimension: the kept indices on pruned dims, a
         # full arange on the others (the grid is as large as the sub-tensor, fine for one layer).
-        grids = [i if i is not None else torch.arange(dst.shape[d], device=dst.device) for d, i in enumerate(index)]
-        dst[torch.meshgrid(*grids, indexing="ij")] = src.to(dst.dtype)
+        index = [
+            kept_positions(a, keep, full).to(dst.device) if a is not None and blocked(a) is None else None for a in axes
+        ]
+        lines = [i if i is not None else torch.arange(src.shape[d], device=dst.device) for d, i in enumerate(index)]
+        grids = list(torch.meshgrid(*lines, indexing="ij"))
+        if len(axes) > 1 and axes[1] is not None and blocked(axes[1]) is not None:  # a grouped conv's input
+            rows = torch.arange(dst.shape[0], device="cpu") if axes[0] is None else kept_positions(axes[0], keep, full)
+            cols = block_columns(axes[1], keep, full, rows.cpu(), dst.shape[0]).to(dst.device)
+            grids[1] = cols.view(*cols.shape, *[1] * (dst.ndim - 2)).expand_as(grids[0])
+        dst[tuple(grids)] = src.to(dst.dtype)
 
 
 @torch.no_grad()

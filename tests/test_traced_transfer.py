@@ -4,6 +4,7 @@ dropped channels of the full net so that it computes what the subnet computes.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def test_build_is_seeded_and_full_widths_build_the_source_net(full):
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     assert sum(p.numel() for p in a.parameters()) == models.params(full)
+
+
+def test_a_plain_dict_of_its_own_weights_loads_into_mnasnet_and_its_copies():
+    """Methods copy weights as plain dicts (no per-module versions); MNASNet's loader refuses a
+    missing version, so its build reads a plain dict as its own format, also after a deepcopy."""
+    spec = models.full_spec("torchvision:mnasnet0_5", num_classes=10, input_size=SIZE)
+    net = models.build(spec, seed=0)
+    plain = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(plain)  # MNASNet alone: ValueError ("version ... None")
+    copy_ = copy.deepcopy(net)
+    copy_.load_state_dict({k: torch.zeros_like(v) for k, v in plain.items()})
+    assert all(bool((p == 0).all()) for p in copy_.parameters())
+    assert all(torch.equal(p, plain[k]) for k, p in net.named_parameters())  # the original untouched

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import types
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -99,7 +100,7 @@ class TracedFamily(Family):
     def build(self, spec: Spec) -> nn.Module:
         trace = self._trace(spec)
         model = build_source(spec["source"], spec["num_classes"], spec["options"])
-        return shrunk(model, trace, spec["widths"])
+        return loads_plain_dicts(shrunk(model, trace, spec["widths"]))
 
     def layers(self, spec: Spec, input_size: int) -> list[Layer]:
         trace = traced(spec["source"], _options(spec), spec["num_classes"], input_size)
@@ -255,6 +256,42 @@ def with_metadata_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     if metadata is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
     return out
+
+
+def loads_plain_dicts(model: nn.Module) -> nn.Module:
+    """``model``, whose ``load_state_dict`` also takes a plain dict of its own weights.
+
+    rayprune copies weights as plain dicts (``{k: v.clone() ...}``), which drops the per-module
+    ``version`` metadata of a state dict. A module whose loader checks that version (torchvision's
+    MNASNet refuses ``None``) would then refuse weights of its own build. Such a model reads a dict
+    without metadata with the metadata of this build: the format every rayprune copy was taken in.
+    Other models are returned untouched.
+    """
+    if not any(_checks_its_version(type(m)) for m in model.modules()):
+        return model
+    model._build_metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    # A bound method (not a closure), so a deepcopy of the model loads into the copy.
+    model.load_state_dict = types.MethodType(_load_with_build_metadata, model)  # type: ignore[method-assign]
+    return model
+
+
+def _checks_its_version(cls: type[nn.Module]) -> bool:
+    # torch.nn's own loaders (BatchNorm's) read a missing version as the oldest and cope.
+    overridden = cls._load_from_state_dict is not nn.Module._load_from_state_dict
+    return overridden and not cls._load_from_state_dict.__module__.startswith("torch.nn.")
+
+
+def _load_with_build_metadata(
+    self: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+) -> Any:
+    if getattr(state_dict, "_metadata", None) is None:
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = self._build_metadata  # type: ignore[attr-defined]
+    return type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
+
+
+# Pickle rebuilds a bound method as getattr(model, __name__): the unpickled model gets the class's own.
+_load_with_build_metadata.__name__ = "load_state_dict"
 
 
 def _resize(module: nn.Module, row: TracedLayer, widths: dict[str, int]) -> None:

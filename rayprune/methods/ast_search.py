@@ -189,10 +189,12 @@ class AST(Method):
         drawn = self._draw(taus, hp.noise_at(t))
         trained, val, train_loss = self._train_and_score(drawn.keep, t, update_alpha=not hp.freeze_alpha)
         reward = -val["loss"] - hp.beta * trained.record.macs / self.full_macs
-        advantage = self.baseline.update(reward)
-        assert self.baseline.value is not None  # update() has just set it
-        if hp.threshnet:
-            reinforce_step(self.policy, self.policy_opt, profiles, depths, actions, advantage)
+        # A subnet whose training diverged (a non-finite val loss) teaches the policy nothing, and
+        # a NaN advantage would turn every ThreshNet weight into NaN for the rest of the search.
+        if math.isfinite(reward):
+            advantage = self.baseline.update(reward)
+            if hp.threshnet:
+                reinforce_step(self.policy, self.policy_opt, profiles, depths, actions, advantage)
         trained.record.source.update(
             iteration=t,
             mean_tau=sum(taus.values()) / len(taus),
@@ -213,7 +215,7 @@ class AST(Method):
             "val_loss": val["loss"],
             "train_loss": train_loss,
             "reward": reward,
-            "baseline": float(self.baseline.value),
+            "baseline": math.nan if self.baseline.value is None else float(self.baseline.value),
             "mean_tau": trained.record.source["mean_tau"],
             "gumbel_scale": hp.noise_at(t),
             "alpha_entropy": mean_alpha_entropy(self.alpha),

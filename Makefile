@@ -24,12 +24,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m mypy
 
+# Two pytest-xdist workers: many tests wait on subprocesses, Ray start-up or servers, so two overlap
+# on 2 cores. --dist loadfile keeps each module on one worker (its module-scoped sweeps, servers and
+# Ray runtimes are built once); tests/conftest.py orders the modules longest first.
+# PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The fast subset while working (no sweeps, Ray, full method runs or ONNX exports); meant to take under a minute.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

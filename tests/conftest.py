@@ -7,6 +7,7 @@ fixture that starts Ray is marked ``ray`` and ``slow`` here.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import threading
@@ -41,11 +42,45 @@ def tiny_spec():
     return _tiny_spec()
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        longest_modules_first(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist; `make test`: -n 2 --dist loadfile --no-loadscope-reorder)
+# --------------------------------------------------------------------------------------------
+
+
+def longest_modules_first(items: list[pytest.Item]) -> None:
+    """Orders whole modules (a module stays in one piece, so its module-scoped fixtures are built
+    once) with the likely longest first: those with the most Ray tests (sweeps), then the most
+    slow ones. With --dist loadfile a worker takes one module at a time in this order, so no
+    long module starts last while the other worker idles. Every worker computes the same order."""
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def cost(members: list[pytest.Item]) -> tuple[int, int]:
+        return (
+            -sum(item.get_closest_marker("ray") is not None for item in members),
+            -sum(item.get_closest_marker("slow") is not None for item in members),
+        )
+
+    items[:] = [item for members in sorted(by_module.values(), key=cost) for item in members]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist each worker computes with one torch thread: two workers on two cores with two
+    threads each would oversubscribe the cores (spinning OpenMP threads slow everything)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------

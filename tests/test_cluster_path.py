@@ -323,6 +323,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow  # it waits for the server's 1 s start and the watcher's 1 s poll
 def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell):
     home, port, gcs_port, (stop, record, start), run = head_shell
     (home / "mlflow.log").write_text("the server of an earlier ray up\n")
@@ -346,6 +347,7 @@ def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell)
     assert not (home / ".rayprune" / "mlflow_server.pid").exists()
 
 
+@pytest.mark.slow  # it waits out the start command's 2 s bound
 def test_a_server_that_does_not_answer_fails_ray_up_with_the_end_of_its_log(head_shell):
     _, port, gcs_port, (_, record, start), run = head_shell
     quick = start.replace("seq 300", "seq 2").replace("within 300 s", "within 2 s")

@@ -24,6 +24,16 @@ def resnet18():
     return models.full_spec("torchvision:resnet18", num_classes=4, input_size=SIZE)
 
 
+def assert_stages_compose_to(net, split):
+    """The split's stages, then its head, compute exactly what the net computes."""
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = x
+        for stage in split.stages:
+            h = stage(h)
+        assert torch.equal(split.head(h), net(x))
+
+
 def test_the_split_follows_the_resolutions_and_composes_to_the_net(resnet18):
     net = models.build(resnet18, seed=0).eval()
     split = models.family_of(resnet18).stage_split(resnet18, net)
@@ -31,12 +41,7 @@ def test_the_split_follows_the_resolutions_and_composes_to_the_net(resnet18):
     assert split.boundary == ["conv1", "conv1", "layer2.0.conv2", "layer4.0.conv2"]
     assert [len(m) for m in split.modules] == [3, 13, 14, 30]  # maxpool, blocks' modules; the head's fc last
     assert split.modules[-1][-1] is net.fc
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        h = x
-        for stage in split.stages:
-            h = stage(h)
-        assert torch.equal(split.head(h), net(x))
+    assert_stages_compose_to(net, split)
 
 
 def test_mobilenet_v3_small_splits_at_its_resolutions_too():
@@ -46,12 +51,7 @@ def test_mobilenet_v3_small_splits_at_its_resolutions_too():
     # 16 px: stem -> 8, features.1 -> 4, features.2 -> 2, features.4 -> 1; a stride-2 block without a
     # residual add is cut inside, before its depthwise conv (where its expansion is the one live tensor)
     assert split.boundary == ["features.0.0", "features.2.block.0.0", "features.4.block.0.0", "features.12.0"]
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        h = x
-        for stage in split.stages:
-            h = stage(h)
-        assert torch.equal(split.head(h), net(x))
+    assert_stages_compose_to(net, split)
 
 
 def test_a_grouped_convs_tiled_group_can_end_a_stage():
@@ -59,12 +59,7 @@ def test_a_grouped_convs_tiled_group_can_end_a_stage():
     net = models.build(spec, seed=0).eval()
     split = models.family_of(spec).stage_split(spec, net)
     assert split.boundary == ["stem.0", "grouped.0", "deep.0"]  # grouped.0: 4 blocks, SP masks a prefix of each
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        h = x
-        for stage in split.stages:
-            h = stage(h)
-        assert torch.equal(split.head(h), net(x))
+    assert_stages_compose_to(net, split)
 
 
 @pytest.mark.slow  # SP's smoke run on an 11M-parameter net: minutes on a loaded 2-core machine

@@ -347,6 +347,36 @@ def test_ray_up_returns_when_the_server_answers_and_ray_stop_ends_it(head_shell)
     assert not (home / ".rayprune" / "mlflow_server.pid").exists()
 
 
+@pytest.mark.slow  # two starts and two stops, each waiting out a 1 s poll
+def test_a_second_ray_up_stops_the_first_server_before_starting_its_own(head_shell):
+    """`ray down` can leave the head's server running; the next `ray up` runs stop, record and
+    start again: the old server's whole group goes (SIGKILL after the grace, since it ignores
+    SIGTERM like MLflow's job consumers) and the new one holds the port."""
+    home, port, gcs_port, commands, run = head_shell
+    pidfile = home / ".rayprune" / "mlflow_server.pid"
+    with listening(gcs_port):
+        groups = []
+        for _ in range(2):
+            for command in commands:
+                done = run(command, FAKE_MLFLOW_IGNORE_TERM="1")
+                assert done.returncode == 0, done.stdout + done.stderr
+            groups.append(int(pidfile.read_text()))
+        first, second = groups
+        assert second != first and group_alive(second) and answers(port)
+        assert gone(first)
+        assert run(commands[0]).returncode == 0  # the stop command alone
+        assert gone(second) and not pidfile.exists() and not answers(port)
+
+
+def gone(pgid: int, bound_s: float = 60.0) -> bool:
+    """Whether process group ``pgid`` ends: the stop command's last signal is a SIGKILL, whose
+    delivery (and the reaping of the group) is asynchronous. The bound is for a loaded machine."""
+    deadline = time.monotonic() + bound_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not group_alive(pgid)
+
+
 @pytest.mark.slow  # it waits out the start command's 2 s bound
 def test_a_server_that_does_not_answer_fails_ray_up_with_the_end_of_its_log(head_shell):
     _, port, gcs_port, (_, record, start), run = head_shell

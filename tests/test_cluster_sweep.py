@@ -11,7 +11,7 @@ One undisturbed reference sweep (local storage, SQLite file) and one sweep throu
 server during which a worker node is removed: trials ran on both workers, the lost node's trial
 continued from its last checkpoint on the survivor, and both sweeps recorded the same subnets
 (parquet and MLflow). Then ``--resume`` through S3, ``front`` and ``pick`` against the server.
-A second, cheap sweep packs fractional-GPU trials on logical GPUs.
+Fractional-GPU trials: test_gpu_share.py.
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def head_mlflow_commands(port: int, gcs_port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3, tmp_path_factory):
-    """The head's MLflow server, started as `ray up` starts it, then started again as a second
-    `ray up` would after a `ray down` that left it running: the old one is stopped first."""
+    """The head's MLflow server, started as `ray up` starts it (a second `ray up` stopping the
+    first server: test_cluster_path, with a stand-in server)."""
     home = tmp_path_factory.mktemp("head-home")
     port, gcs_port = free_port(), free_port()
     gcs = socket.create_server(("127.0.0.1", gcs_port))  # the head's Ray, for the server's watcher
@@ -159,10 +159,9 @@ def mlflow_server(s3, tmp_path_factory):
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=300)
         return int(pidfile.read_text())
 
-    first = up()
-    second = up()  # `ray up` again: the first server must be gone, not blocking the port
+    server = up()
     try:
-        assert second != first and not alive(first) and alive(second)
+        assert alive(server)
         record = json.loads((home / ".rayprune" / "mlflow_server.json").read_text())
         assert record == {
             "uri": f"http://127.0.0.1:{port}",
@@ -174,7 +173,7 @@ def mlflow_server(s3, tmp_path_factory):
         subprocess.run(["bash", "-c", commands[0]], env=env, timeout=60)  # the stop command alone
         gcs.close()
     # The stop command ends with SIGKILL; its delivery is asynchronous, so wait for it (bounded).
-    wait_for(lambda: not alive(second), "the stopped server's exit", timeout=60)
+    wait_for(lambda: not alive(server), "the stopped server's exit", timeout=60)
     assert not pidfile.exists() and not answers(f"http://127.0.0.1:{port}/health")
 
 
@@ -290,72 +289,6 @@ class RemoveWorkerOnce(tune.Callback):
         if not self.done and (trial.last_result or {}).get("node_id") == victim.node_id:
             self.done = True
             Nodes.cluster.remove_node(victim, allow_graceful=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Fractional GPUs
-# --------------------------------------------------------------------------------------------
-
-
-class Concurrency(tune.Callback):
-    """The most trials Tune had RUNNING at once, and the GPUs Ray had free at that moment."""
-
-    seen: ClassVar[list] = []
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        running = sum(t.status == "RUNNING" for t in trials)
-        Concurrency.seen.append((running, ray.available_resources().get("GPU", 0.0)))
-
-
-def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
-    """A local Ray of its own with one logical GPU (before the module's cluster starts); the
-    trials compute on the CPU (device: cpu)."""
-    from rayprune.testing.instant import RUNTIME_ENV
-
-    assert not ray.is_initialized()
-    ray.init(
-        address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, runtime_env=RUNTIME_ENV
-    )
-    meet = {"meet": 4, "meet_dir": str(tmp_path / "meet")}
-    try:
-        cfg = parse_sweep(
-            mini(
-                tmp_path,
-                methods=[  # the first four trials wait for each other: four run at once whatever the load
-                    {"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2, **meet}}
-                ],
-                grid={"flops_targets": [0.7], "kd_weights": [0.0]},
-                teacher=None,
-                optuna={  # one cell: four trials per round, so that four can run at once
-                    "sampler": "random",
-                    "samples_per_cell": 8,
-                    "trials_per_round": 4,
-                    "seed": 0,
-                    "stage_prune": [[0.3, 0.8]] * 3,
-                },
-                resources={"cpu": 0.25, "gpu": 0.25},
-                device="cpu",
-                finetune_front=False,
-            )
-        )
-        Concurrency.seen = []
-        out = io.StringIO()
-        outcome = run_sweep(cfg, callbacks=[Concurrency()], out=out)
-    finally:
-        ray.shutdown()
-    assert outcome.complete and outcome.num_trials == 8
-    most = max(running for running, _ in Concurrency.seen)
-    assert most == 4  # four 0.25-GPU trials on the one GPU (the baseline task takes a share at first), never five
-    assert all(free >= -1e-9 for _, free in Concurrency.seen)
-    from rayprune.tracking.store import SubnetStore
-
-    rows = SubnetStore(Path(outcome.experiment_path) / "rayprune" / "subnets.parquet").rows()
-    trained = [r for r in rows if r["kind"] == "final" and not r["source"].get("reused_from")]
-    assert trained and all(r["source"]["latency_shared_gpu"] == 0.25 for r in trained)
-    reused = [r for r in rows if r["kind"] == "final" and r["source"].get("reused_from")]
-    assert all(r["source"]["latency_shared_gpu"] == 0.25 for r in reused)  # the cached training's flag
-    (baseline,) = [r for r in rows if r["kind"] == "unpruned"]
-    assert baseline["source"]["latency_shared_gpu"] == 0.25  # measured beside the trials, on a share too
 
 
 # --------------------------------------------------------------------------------------------

@@ -482,8 +482,8 @@ def load_dataset(
         name: a registered dataset: ``cifar10``, ``cifar100``, ``digits``, ``imagefolder``, ``imagenet``, ...
         data_dir: where the data lives (default ``$RAYPRUNE_DATA_DIR``, then ``~/.cache/rayprune/data``).
         download: CIFAR only. ``None`` tries to download when missing, ``False`` never does.
-        input_size: the side the images are prepared at, for a dataset that takes it (imagefolder);
-            the others keep their own size.
+        input_size: the side the images are prepared at, for a dataset that takes it (imagefolder,
+            synthetic); the others keep their own size.
         options: the dataset's own settings (:attr:`DatasetInfo.options`).
 
     Raises:
@@ -778,12 +778,14 @@ def _load_imagenet_folders(data_dir: str | Path | None, download: bool | None) -
     return _load_imagenet(data_dir)  # never downloaded: the folders are the user's
 
 
-def _load_synthetic(data_dir: str | Path | None, download: bool | None) -> tuple[Dataset, Dataset]:
-    return synthetic_dataset()
+def _load_synthetic(
+    data_dir: str | Path | None, download: bool | None, input_size: int = 32
+) -> tuple[Dataset, Dataset]:
+    return synthetic_dataset(size=input_size)  # made at the size the sweep trains at
 
 
 register_dataset(DatasetInfo("cifar10", _load_cifar10, num_classes=10, input_size=32, downloads=True))
 register_dataset(DatasetInfo("cifar100", _load_cifar100, num_classes=100, input_size=32, downloads=True))
 register_dataset(DatasetInfo("digits", _load_digits, num_classes=10, input_size=8))
 register_dataset(DatasetInfo("imagenet", _load_imagenet_folders, num_classes=1000, input_size=224, from_folder=True))
-register_dataset(DatasetInfo("synthetic", _load_synthetic, num_classes=10, input_size=32))
+register_dataset(DatasetInfo("synthetic", _load_synthetic, num_classes=10, input_size=32, options=("input_size",)))

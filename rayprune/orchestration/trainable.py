@@ -125,8 +125,8 @@ def flag_shared_gpu(record: SubnetRecord) -> None:
 def shared_gpu_share() -> float | None:
     """The GPU share Ray gave this trial or task when it is a fraction of one GPU (others then
     run on the same device, so latency measured here is skewed), else None."""
-    if not ray.is_initialized():
-        return None
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None  # no Ray, or a driver (which holds no resources): the process has the device to itself
     share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
     return float(share) if 0.0 < share < 1.0 else None
 

@@ -25,6 +25,17 @@ from rayprune.testing import tiny_spec as _tiny_spec
 RAY_FIXTURES = {"local_ray", "ray_head"}
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray (2 CPUs) shared by the tests of one module: one start-up, and the task
+    workers it keeps warm, instead of one per test."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def make_ctx(tmp_path):
     """``make_ctx(**kw)``: :func:`rayprune.testing.tiny_context` in this test's tmp_path (or

@@ -138,6 +138,14 @@ def test_synthetic_is_seeded_and_balanced():
     assert torch.bincount(a.y).tolist() == [10] * 4 and a.input_size == 16 and a.crop_padding == 2
 
 
+def test_synthetic_is_made_at_the_input_size_asked_for():
+    # a sweep's input_size reaches the loader: 8x8 images for an 8x8 sweep, 32x32 by default
+    small, small_test = load_dataset("synthetic", input_size=8)
+    default, _ = load_dataset("synthetic")
+    assert small.x.shape[1:] == small_test.x.shape[1:] == (3, 8, 8) and small.input_size == 8
+    assert default.x.shape[1:] == (3, 32, 32) and torch.equal(small.y, default.y)  # the same labels, smaller images
+
+
 # -- splits ------------------------------------------------------------------------------------
 
 

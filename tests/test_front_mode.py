@@ -7,7 +7,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow import MlflowClient
 
@@ -211,13 +210,6 @@ def front_sweep(tmp_path: Path) -> dict:
 
 def outcome_rows(outcome) -> list[dict]:
     return SubnetStore(Path(outcome.experiment_path) / "rayprune" / "subnets.parquet").rows()
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_a_digits_front_sweep_gives_a_spread_final_front_that_pick_exports(local_ray, tmp_path):

@@ -45,7 +45,7 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
         cfg = parse_sweep(
             mini_sweep(
                 tmp_path,
-                methods=[{"name": "instant", "hparams": {"steps": 2, "busy_s": 2.0, "subnets": 2, **meet}}],
+                methods=[{"name": "instant", "hparams": {"steps": 1, "busy_s": 1.0, "subnets": 2, **meet}}],
                 grid={"flops_targets": [0.7], "kd_weights": [0.0]},
                 teacher=None,
                 optuna={

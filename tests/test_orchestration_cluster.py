@@ -89,6 +89,7 @@ def one_cell_sweep(tmp_path: Path) -> dict:
         "name": "joined",
         "dataset": {"name": "synthetic"},
         "model": "cifar_resnet:tiny",
+        "input_size": 8,  # synthetic images made at 8x8: seconds of training
         "methods": [{"name": "uniform", "hparams": {"eval_epochs": 1}}],
         "grid": {"flops_targets": [0.6], "kd_weights": [0.0]},
         "optuna": {"samples_per_cell": 1, "stage_prune": [[0.2, 0.7]] * 3},

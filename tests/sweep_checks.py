@@ -1,5 +1,5 @@
 """What a finished sweep must have recorded, read back from Tune's results, the subnet store and
-MLflow: shared by the sweep test modules (test_orchestration_sweep, test_sweep_interrupts)."""
+MLflow, and the export a user runs next: shared by the sweep test modules."""
 
 from __future__ import annotations
 
@@ -113,3 +113,17 @@ def check_tracking(cfg, experiment_path: Path, cells: list[tuple[float, float]])
             assert run.data.metrics["latency_ms_b64_spread"] == row["metrics"]["latency_ms_b64_spread"]
             assert run.data.params["latency.node"] == row["source"]["latency"]["node"]
         assert parents[0].data.metrics["unpruned_latency_ms_b1_p50"] == baseline["metrics"]["latency_ms_b1_p50"]
+
+
+#: What ``rayprune pick --out`` writes.
+EXPORTED_FILES = ["model.onnx", "model_card.md", "spec.json", "weights.pt"]
+
+
+def pick_efficient(experiment: str, uri: str, out: Path) -> list[str]:
+    """``rayprune pick --mode efficient --max-drop 1`` of a sweep's experiment into ``out`` (ONNX
+    through the TorchScript exporter); the names of the files it wrote."""
+    from rayprune.cli import main as cli_main
+
+    pick = ["pick", "--experiment", experiment, "--mlflow-uri", uri, "--mode", "efficient", "--max-drop", "1"]
+    assert cli_main([*pick, "--out", str(out), "--onnx-exporter", "torchscript"]) == 0
+    return sorted(p.name for p in out.iterdir())

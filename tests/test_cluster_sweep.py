@@ -33,6 +33,7 @@ import ray
 import yaml
 from mlflow import MlflowClient
 from ray import tune
+from sweep_checks import EXPORTED_FILES, pick_efficient
 
 from rayprune.orchestration.config import parse_sweep
 from rayprune.orchestration.search import FINAL_KEY
@@ -399,32 +400,7 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     capsys.readouterr()
     assert main(["front", "--experiment", "mini", "--mlflow-uri", server]) == 0
     assert "final front [kd0]" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "pick",
-                "--experiment",
-                "mini",
-                "--mlflow-uri",
-                server,
-                "--mode",
-                "efficient",
-                "--max-drop",
-                "1",
-                "--out",
-                str(tmp_path / "eff"),
-                "--onnx-exporter",
-                "torchscript",
-            ]
-        )
-        == 0
-    )
-    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == [
-        "model.onnx",
-        "model_card.md",
-        "spec.json",
-        "weights.pt",
-    ]
+    assert pick_efficient("mini", server, tmp_path / "eff") == EXPORTED_FILES
     assert client.get_model_version_by_alias("rayprune-mini", "efficient").version == "1"  # registered on the server
 
 

@@ -20,7 +20,7 @@ import ray
 import yaml
 from mlflow import MlflowClient
 from ray import tune
-from sweep_checks import check_tracking, store_of
+from sweep_checks import EXPORTED_FILES, check_tracking, pick_efficient, store_of
 
 from rayprune import models
 from rayprune.cli import sweep_main as main
@@ -80,34 +80,8 @@ def test_an_interrupted_mini_sweep_resumes_and_fills_mlflow_and_the_subnet_store
     assert f"rayprune pick --experiment {cfg.tracking.experiment} --mlflow-uri sqlite:///{tmp_path}/mlflow.db" in out
     assert (experiment_path / "teacher" / "weights.pt").is_file()
     # What the user does next: export the efficient point straight from the sweep's store.
-    from rayprune.cli import main as cli_main
-
-    assert (
-        cli_main(
-            [
-                "pick",
-                "--experiment",
-                cfg.tracking.experiment,
-                "--mlflow-uri",
-                f"sqlite:///{tmp_path}/mlflow.db",
-                "--mode",
-                "efficient",
-                "--max-drop",
-                "1",
-                "--out",
-                str(tmp_path / "eff"),
-                "--onnx-exporter",
-                "torchscript",
-            ]
-        )
-        == 0
-    )
-    assert sorted(p.name for p in (tmp_path / "eff").iterdir()) == [
-        "model.onnx",
-        "model_card.md",
-        "spec.json",
-        "weights.pt",
-    ]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert pick_efficient(cfg.tracking.experiment, uri, tmp_path / "eff") == EXPORTED_FILES
 
 
 class KillWorkerOnce(tune.Callback):

@@ -1,12 +1,25 @@
 """The front mode (issue 25): ``grid: {flops_targets: auto}`` searches the accuracy/MACs front with
-one multi-objective study per (method, KD weight), then fine-tunes points of its Pareto set."""
+one multi-objective study per (method, KD weight), then fine-tunes points of its Pareto set. Its
+digits sweep (the quickstart's shape) also serves the efficient pick at 8x8 through pyfunc and REST."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -212,16 +225,32 @@ def outcome_rows(outcome) -> list[dict]:
     return SubnetStore(Path(outcome.experiment_path) / "rayprune" / "subnets.parquet").rows()
 
 
-def test_a_digits_front_sweep_gives_a_spread_final_front_that_pick_exports(local_ray, tmp_path):
+@pytest.fixture(scope="module")
+def digits_front(local_ray, tmp_path_factory):
+    """The quickstart's shape in the front mode, once for the tests below: digits at 8x8
+    (learnable in a few epochs), uniform, no teacher, 4 trials at spread targets. Returns the
+    config and the outcome."""
+    cfg = parse_sweep(front_sweep(tmp_path_factory.mktemp("front")))
+    return cfg, run_sweep(cfg)
+
+
+def test_a_digits_front_sweep_gives_a_spread_final_front_from_one_recipe(digits_front, tmp_path):
     # 4 trials at the spread targets (0.2 ... 0.9); the Pareto set of their search-val top-1 is fine-tuned
-    cfg = parse_sweep(front_sweep(tmp_path))
-    outcome = run_sweep(cfg)
+    cfg, outcome = digits_front
     assert outcome.complete and outcome.num_trials == 4
     front = outcome.fronts["final/kd0"]
     macs = [m["macs"] for m in front]
     full = models.macs(cfg.full_spec(), 8)
     assert len(front) >= 3 and (max(macs) - min(macs)) / full >= 0.3, [(m["macs"] / full, m["metrics"]) for m in front]
     assert {m["kind"] for m in front} == {"finetuned"} and {m["source"]["search_mode"] for m in front} == {FRONT_MODE}
+    # equally treated: every front member and the no-teacher baseline (the unpruned net trained
+    # once from scratch with recipes.finetune) come from the one fine-tune recipe
+    recipe = "e3 cosine lr0.05 bs64 kd0"
+    assert {m["recipe"] for m in front} == {recipe}
+    baseline = next(r for r in outcome_rows(outcome) if r["kind"] == "unpruned")
+    assert baseline["source"]["recipe_tag"] == recipe and baseline["init"] == "scratch"
+    finals = [r for r in outcome_rows(outcome) if r["kind"] == "final"]
+    assert len(finals) == 4 and all(r["source"]["window"]["status"] == "in_window" for r in finals)
     client = MlflowClient(cfg.tracking.uri)
     experiment = client.get_experiment_by_name("front")
     runs = client.search_runs([experiment.experiment_id], "params.search_mode = 'front'")
@@ -229,7 +258,106 @@ def test_a_digits_front_sweep_gives_a_spread_final_front_that_pick_exports(local
     assert len(runs) == len(tuned) >= 3 and {r.info.run_name for r in runs} == {
         f"finetune-uniform_f{r['flops_target']:g}_kd0" for r in tuned
     }
-    out = tmp_path / "efficient"
-    pick = ["pick", "--experiment", "front", "--mlflow-uri", cfg.tracking.uri, "--mode", "efficient"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post_json(url: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str, timeout_s: float = 300.0):
+    """Start ``mlflow models serve --env-manager local`` on a free loopback port; yields a function
+    that waits (bounded) until /ping answers and returns the base URL, so the caller can work
+    while the server starts. The server's process group is always killed afterwards."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_REGISTRY_URI": tracking_uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # it execs uvicorn
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: uvicorn and its worker die with it
+    )
+    deadline = time.monotonic() + timeout_s
+
+    def wait_up() -> str:
+        base = f"http://127.0.0.1:{port}"
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited: {server.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, f"mlflow models serve did not answer /ping within {timeout_s:g} s"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return base
+            except OSError:
+                time.sleep(0.25)
+
+    try:
+        yield wait_up
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when the server failed to start
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        server.stderr.close()
+
+
+def test_the_digits_pick_predicts_8x8_batches_through_pyfunc_and_rest(digits_front, tmp_path, monkeypatch):
+    """The quickstart's bug: the efficient pick of a sweep trained on 8x8 digits was registered
+    for 32x32 input. Its ONNX model, signature and card now take 8x8 batches, answer like torch,
+    and refuse 32x32 ones through mlflow.pyfunc and over REST."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from rayprune.models import subnet_io
+
+    cfg, outcome = digits_front
+    tuned = sorted((Path(outcome.experiment_path) / "rayprune" / "finetuned").iterdir())  # what MLflow got
+    assert len(tuned) >= 3 and {subnet_io.load(d).input_size for d in tuned} == {8}  # saved, not derived
+    uri, out = cfg.tracking.uri, tmp_path / "efficient"
+    pick = ["pick", "--experiment", cfg.tracking.experiment, "--mlflow-uri", uri, "--mode", "efficient"]
     assert cli_main([*pick, "--max-drop", "1", "--out", str(out), "--onnx-exporter", "torchscript"]) == 0
-    assert (out / "spec.json").is_file() and (out / "model.onnx").is_file()
+    model_uri = f"models:/rayprune-{cfg.tracking.experiment}@efficient"
+    with served_model(model_uri, uri) as server_url:  # it starts while pyfunc is checked
+        spec = json.loads((out / "spec.json").read_text())
+        net = models.build(spec)
+        net.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
+        x8, x32 = (torch.randn(4, 3, n, n, generator=torch.Generator().manual_seed(n)).numpy() for n in (8, 32))
+        with torch.no_grad():
+            want = net.eval()(torch.from_numpy(x8)).numpy()
+        card = (out / "model_card.md").read_text()
+        assert f"* family: `cifar_resnet`, input 3x8x8, {spec['num_classes']} classes" in card
+        assert "* input: float32 tensor [batch, 3, 8, 8]" in card and "x32" not in card
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+        loaded = mlflow.pyfunc.load_model(model_uri)
+        assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 3, 8, 8)
+        assert np.abs(loaded.predict(x8)["logits"] - want).max() <= 1e-4
+        with pytest.raises(MlflowException, match=r"does not match expected shape \(-1, 3, 8, 8\)") as refused:
+            loaded.predict(x32)
+        assert refused.value.error_class == "SCHEMA_ENFORCEMENT_FAILED"
+
+        base = server_url()
+        status, body = post_json(f"{base}/invocations", {"inputs": x8.tolist()})
+        assert status == 200, body
+        assert np.abs(np.asarray(json.loads(body)["predictions"]["logits"]) - want).max() <= 1e-4
+        status, body = post_json(f"{base}/invocations", {"inputs": x32.tolist()})
+        assert status == 400 and json.loads(body)["error_class"] == "SCHEMA_ENFORCEMENT_FAILED", body[-500:]
+        assert "does not match expected shape (-1, 3, 8, 8)" in json.loads(body)["message"]

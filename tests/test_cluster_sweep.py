@@ -85,6 +85,18 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def group_commands(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group ``pgid``."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == pgid:
+                out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Services: S3 API, MLflow server (cluster.yaml's commands), a 3-node Ray cluster
 # --------------------------------------------------------------------------------------------
@@ -176,9 +188,11 @@ def mlflow_server(s3, tmp_path_factory):
             "storage_path": f"s3://{BUCKET}/rayprune/ray_results",
         }
         yield f"http://127.0.0.1:{port}", home
+        # After the sweeps: MLflow's job runner never started in the server's group (it is off).
+        assert not [c for c in group_commands(server) if "jobs._job_runner" in c or "huey" in c]
     finally:
-        # The stop command alone, with a 2 s grace before its SIGKILL instead of 30 (MLflow's job
-        # consumers ignore SIGTERM; the grace itself: test_cluster_path, with a stand-in server).
+        # The stop command alone, with a 2 s grace before its SIGKILL instead of 30 (the grace
+        # itself: test_cluster_path, with a stand-in server that ignores SIGTERM).
         subprocess.run(["bash", "-c", commands[0].replace("seq 30", "seq 2")], env=env, timeout=60)
         gcs.close()
     # The stop command ends with SIGKILL; its delivery is asynchronous, so wait for it (bounded).

@@ -7,7 +7,7 @@ import torch
 
 from rayprune.grid import CellKey
 from rayprune.methods.finetune import finetune_config, recipe_hash, recipe_of
-from rayprune.orchestration import trainable
+from rayprune.orchestration import final_phase as final_phase_module
 from rayprune.orchestration.cache import FinalCache, cache_key
 from rayprune.runner import TrialConfig, build_method
 
@@ -38,13 +38,13 @@ def uniform(tmp_path, seed, rates, epochs=1):
 @pytest.fixture
 def counted(monkeypatch):
     calls = []
-    real = trainable.finetune_subnet
+    real = final_phase_module.finetune_subnet
 
     def counting(record, ctx, init_state=None, progress=None):
         calls.append(record.key)
         return real(record, ctx, init_state, progress=progress)
 
-    monkeypatch.setattr(trainable, "finetune_subnet", counting)
+    monkeypatch.setattr(final_phase_module, "finetune_subnet", counting)
     return calls
 
 
@@ -54,7 +54,7 @@ def test_duplicate_specs_in_a_cell_are_trained_once(tmp_path, counted):
     # three trials of one cell under different budgets; the budgets do not bind, so one subnet
     methods = [uniform(tmp_path, seed, rates) for seed, rates in enumerate([[0.7] * 3, [0.75] * 3, [0.8] * 3])]
     assert len({m.best().key for m in methods}) == 1
-    results = [trainable.final_phase(m, cache, cell, f"t{i}") for i, m in enumerate(methods)]
+    results = [final_phase_module.final_phase(m, cache, cell, f"t{i}") for i, m in enumerate(methods)]
     assert counted == [methods[0].best().key]  # trained once ...
     first, *again = results
     assert first[0].source["trained_by"] == "t0" and "reused_from" not in first[0].source
@@ -72,7 +72,7 @@ def test_another_recipe_or_cell_is_another_training(tmp_path, counted):
     cache = FinalCache(str(tmp_path / "cache"))
     a = uniform(tmp_path, 0, [0.7] * 3)
     longer = uniform(tmp_path, 1, [0.7] * 3, epochs=2)
-    trainable.final_phase(a, cache, CellKey("uniform", 0.5, 0.0), "t0")
-    trainable.final_phase(longer, cache, CellKey("uniform", 0.5, 0.0), "t1")  # other recipe
-    trainable.final_phase(a, cache, CellKey("uniform", 0.6, 0.0), "t2")  # other cell
+    final_phase_module.final_phase(a, cache, CellKey("uniform", 0.5, 0.0), "t0")
+    final_phase_module.final_phase(longer, cache, CellKey("uniform", 0.5, 0.0), "t1")  # other recipe
+    final_phase_module.final_phase(a, cache, CellKey("uniform", 0.6, 0.0), "t2")  # other cell
     assert len(counted) == 3 and len(cache.keys()) == 3

@@ -354,7 +354,8 @@ def undisturbed_finetunes(cfg, experiment_path: str, scratch: Path) -> dict[floa
     ):
         root = scratch / str(i)
         member_cfg = cell_finetune._member_config(cfg, choice.spec)
-        cell_finetune._finetune_member_task(member_cfg, choice.record, choice.result.checkpoint, str(root), choice.cell)
+        checkpoint = cell_finetune.checkpoint_location(choice.result)
+        cell_finetune._finetune_member_task(member_cfg, choice.record, checkpoint, str(root), choice.cell)
         ((record, _),) = [FinalCache(str(root)).get(key) for key in FinalCache(str(root))]
         metrics = {k: v for k, v in record["metrics"].items() if "latency" not in k}
         out[choice.spec.flops_target] = (models.spec_hash(record["spec"]), metrics)

@@ -25,8 +25,8 @@ from ..models import subnet_io
 from ..runner import TrialConfig, build_method, load_subnet, pretrained_start, save_subnet, train_teacher
 from .cache import BASELINE_CELL, FinalCache, cache_key
 from .config import SweepConfig
+from .final_phase import flag_shared_gpu
 from .storage import file_exists, is_uri, join, localize, upload_dir
-from .trainable import flag_shared_gpu
 
 
 def prepare_teacher(cfg: SweepConfig, experiment_path: str) -> str | None:

@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs
 import ray
-from ray import tune
 
 from .. import models
 from ..engine.data import DATASETS
 from ..engine.train import TrainConfig
 from ..methods.finetune import recipe_hash, recipe_of
-from ..runner import TrialConfig, TrialState, build_method, restore, save_subnet
+from ..runner import STATE_FILE, TrialConfig, TrialState, build_method, restore, save_subnet
 from .cache import FinalCache, cache_key
 from .config import SweepConfig
-from .search import FINAL_KEY, METRIC
+from .final_phase import final_phase
 from .storage import localize
-from .trainable import STATE_FILE, final_phase
-from .trial_spec import TrialSpec
+from .trial_spec import FINAL_KEY, METRIC, TrialSpec
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
@@ -117,7 +116,7 @@ def finetune_cells(
         _log_cell_finetune(tracker, cache, driver_dir, choice, key, cached=True)
     task = ray.remote(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)(_finetune_member_task)
     pending = {
-        task.remote(_member_config(cfg, c.spec), c.record, c.result.checkpoint, cache.root, c.cell): (c, k)
+        task.remote(_member_config(cfg, c.spec), c.record, checkpoint_location(c.result), cache.root, c.cell): (c, k)
         for c, k in todo
     }
     try:
@@ -170,8 +169,19 @@ def _member_config(cfg: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     return spec.trial_config().model_copy(update=update).model_dump()
 
 
+def checkpoint_location(result: Any) -> tuple[pyarrow.fs.FileSystem, str] | None:
+    """Where a trial's (a ``tune.Result``'s) last checkpoint is: its filesystem and folder. A task
+    gets this, not the ``Checkpoint`` object, whose unpickling would import Ray Tune and Train."""
+    checkpoint = result.checkpoint
+    return None if checkpoint is None else (checkpoint.filesystem, checkpoint.path)
+
+
 def _finetune_member_task(
-    trial_cfg: dict[str, Any], record: dict[str, Any], checkpoint: tune.Checkpoint | None, cache_root: str, cell: str
+    trial_cfg: dict[str, Any],
+    record: dict[str, Any],
+    checkpoint: tuple[pyarrow.fs.FileSystem, str] | None,
+    cache_root: str,
+    cell: str,
 ) -> None:
     """Ray task body: rebuild the cell's chosen trial's method from its last checkpoint, so the
     fine-tune starts from the weights the method gives that subnet (``initial_weights``), then
@@ -209,6 +219,8 @@ def _finetune_member_task(
             tc = tc.model_copy(update={"teacher": localize(tc.teacher, Path(work) / "teacher")})
         method = build_method(tc, Path(work) / "method")
         if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                restore(method, TrialState.load(Path(d) / STATE_FILE))
+            fs, folder = checkpoint
+            state_file = Path(work) / STATE_FILE
+            pyarrow.fs.copy_files(f"{folder}/{STATE_FILE}", str(state_file), source_filesystem=fs)
+            restore(method, TrialState.load(state_file))
         final_phase(method, FinalCache(cache_root), cell, f"finetune:{cell}", record=member)

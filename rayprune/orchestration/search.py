@@ -84,14 +84,12 @@ from ..methods import Budget
 from ..methods.base import BudgetUse
 from ..models.base import Spec
 from .config import Cell, cell_quota
-from .trial_spec import TrialSpec, sample_config
+from .trial_spec import FINAL_KEY, METRIC, TrialSpec, sample_config
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.experiment import Trial
 
-FINAL_KEY = "final"  # present (truthy) only in a trial's last, post-finalize report
-METRIC = "val_top1"  # search-val accuracy (never test): ASHA compares it; the objective is its gain
 TARGET_PARAM = "flops_target"  # every trial's fixed Optuna param: its cell's FLOPs target
 Feasibility = Callable[[float, list[float]], float]  # (flops_target, rates) -> violation (<= 0: reachable)
 State = optuna.trial.TrialState

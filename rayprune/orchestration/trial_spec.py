@@ -18,7 +18,10 @@ from typing import Any
 from ..grid import CellKey
 from ..runner import TrialConfig
 
-__all__ = ["TrialSpec", "sample_config", "shared_config"]
+__all__ = ["FINAL_KEY", "METRIC", "TrialSpec", "sample_config", "shared_config"]
+
+FINAL_KEY = "final"  # present (truthy) only in a trial's last, post-finalize report
+METRIC = "val_top1"  # search-val accuracy (never test): ASHA compares it; the objective is its gain
 
 
 def shared_config(

@@ -448,13 +448,17 @@ def test_a_running_sweep_publishes_its_fronts_at_the_first_finished_trial_then_a
     def published() -> bool:
         return SUBNETS_ARTIFACT in {f.path for f in tracker.client.list_artifacts(parent)}
 
+    def plotted() -> bool:
+        return "pareto/pareto.png" in {f.path for f in tracker.client.list_artifacts(parent, "pareto")}
+
     tracker.log_unpruned(
         SubnetRecord.of(models.full_spec("cifar_resnet:tiny"), {"test_top1": 0.9}, "unpruned", 0).to_dict()
     )
     assert not published()
-    assert tracker.publish_if_due(every_s=3600) and published()  # the first time: at once
+    assert tracker.publish_if_due(every_s=3600) and published()  # the first time: at once ...
+    assert not plotted()  # ... without the plot, within the interval from the start
     assert not tracker.publish_if_due(every_s=3600)  # then not again within the interval ...
-    assert tracker.publish_if_due(every_s=0)  # ... and again once it has passed
+    assert tracker.publish_if_due(every_s=0) and plotted()  # ... and again once it has passed, plot too
     tracker.finish()
 
 

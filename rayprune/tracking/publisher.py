@@ -7,7 +7,10 @@ the plot ``pareto/pareto.png``, the whole registry ``subnets.parquet``, and the 
 ``front_size/<front>``, ``hypervolume/<search front>`` and, per grid cell,
 ``cells/<cell>/{distinct_subnets,reused_trials,outside_window}`` (step: the records so far, which a
 resume does not restart). Each publication uploads the whole registry, so the driver publishes at
-the end of a sweep, on resume, and as trials finish at most every :data:`PUBLISH_EVERY_S`.
+the end of a sweep, on resume, and as trials finish at most every :data:`PUBLISH_EVERY_S`. The plot
+takes about a CPU second to draw, so the publications while trials finish redraw it at most every
+:data:`PUBLISH_EVERY_S` counted from the sweep's start (a sweep shorter than that draws it once,
+at the end); the tables and the registry are always current.
 
 The per-cell counts (:func:`cell_stats`) come from the trials' finals. When every trial of a cell
 chose one subnet under their different budgets, :meth:`FrontsPublisher.note_cell` tags the parent
@@ -92,11 +95,13 @@ class FrontsPublisher:
         self.runs, self.store = runs, store
         self.say = say or _silent
         self._published_at: float | None = None  # time.monotonic() of the last publication
+        self._plotted_at = time.monotonic()  # of the last plot; the start counts as one (module docstring)
         self._noted: set[str] = set()  # cells already reported as "budgets do not bind"
 
-    def update(self) -> Fronts:
+    def update(self, plot: bool = True) -> Fronts:
         """Recompute the fronts over every record so far and publish them (see the module
-        docstring). Returns the fronts (:func:`~.pareto.compute_fronts`)."""
+        docstring), with the plot unless ``plot`` is False. Returns the fronts
+        (:func:`~.pareto.compute_fronts`)."""
         rows = self.store.rows()
         fronts = compute_fronts(rows)
         self.runs.tag_front_members(front_owners(fronts))
@@ -104,10 +109,12 @@ class FrontsPublisher:
             self.runs.log_table(
                 self.runs.parent, [table_row(r) for r in members], f"pareto/front_{name.replace('/', '_')}.json"
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            plot = Path(tmp) / "pareto.png"
-            plot_fronts(rows, fronts, plot)
-            self.runs.log_parent_artifact(plot, "pareto")
+        if plot:
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = Path(tmp) / "pareto.png"
+                plot_fronts(rows, fronts, figure)
+                self.runs.log_parent_artifact(figure, "pareto")
+            self._plotted_at = time.monotonic()
         self.store.flush()
         if self.store.path.exists():
             self.runs.log_parent_artifact(self.store.path)
@@ -120,10 +127,12 @@ class FrontsPublisher:
 
         The driver calls it as trials finish, so ``rayprune front``, ``pick`` and the MLflow UI
         show a long sweep's progress, and a sweep whose driver was killed keeps the fronts of
-        what it finished, at the cost of one upload of the registry per ``every_s``."""
-        if self._published_at is not None and time.monotonic() - self._published_at < every_s:
+        what it finished, at the cost of one upload of the registry per ``every_s``. The plot
+        comes with it only once ``every_s`` has passed since the last one (or the start)."""
+        now = time.monotonic()
+        if self._published_at is not None and now - self._published_at < every_s:
             return False
-        self.update()
+        self.update(plot=now - self._plotted_at >= every_s)
         return True
 
     def cell_stats(self) -> list[dict[str, Any]]:

@@ -24,6 +24,20 @@ from rayprune.testing import tiny_spec as _tiny_spec
 #: Fixtures that start Ray: a test using one is marked ``ray`` (and ``slow``).
 RAY_FIXTURES = {"local_ray", "ray_head"}
 
+# Every Ray the tests start (local ones, the test cluster's nodes, `ray start` in a subprocess)
+# keeps its idle workers for the module's sweeps: by default Ray kills a worker idle for a second
+# once there are more workers than CPUs (a sweep's trial actors push the count over), so each
+# sweep's teacher, baseline, fine-tune and latency tasks imported torch again in new workers
+# (about 3 CPU seconds each), and it prestarts workers that then never run anything. What the
+# workers run is unchanged: only how often Ray starts one. (Environment variables: Ray reads
+# ``RAY_<setting>`` when a node starts, and the processes the tests start inherit them.)
+for _setting, _value in {
+    "RAY_num_workers_soft_limit": "4",
+    "RAY_idle_worker_killing_time_threshold_ms": "600000",
+    "RAY_enable_worker_prestart": "0",
+}.items():
+    os.environ.setdefault(_setting, _value)
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:

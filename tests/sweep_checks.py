@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -14,15 +15,33 @@ from rayprune.tracking.pareto import compute_fronts
 from rayprune.tracking.store import SubnetStore
 
 
-def reported(experiment_path: Path) -> tuple[set, dict]:
+def trial_results(experiment_path: str | Path) -> dict[str, list[dict]]:
+    """Each trial's reported results (Tune's result.json), on local storage or S3, by trial id."""
+    import pyarrow.fs
+
+    from rayprune.orchestration.storage import filesystem
+
+    fs, root = filesystem(str(experiment_path))
+    out = {}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        result_file = f"{info.path}/result.json"
+        if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(result_file).type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_stream(result_file) as f:
+            results = [json.loads(line) for line in f.readall().decode().splitlines() if line]
+        if results:  # a trial a killed driver had started but Tune never saved may have written none
+            out[results[0]["trial_id"]] = results
+    return out
+
+
+def reported(experiment_path: str | Path) -> tuple[set, dict]:
     """What the trials reported, from Tune's result.json files: the (trial, step, spec hash) of
     every search subnet, and each trial's final record."""
     from rayprune.models import spec_hash
 
     search, finals = set(), {}
-    for result_file in experiment_path.glob("*/result.json"):
-        for line in result_file.read_text().splitlines():
-            result = json.loads(line)
+    for results in trial_results(experiment_path).values():
+        for result in results:
             for s in json.loads(result.get("subnets") or "[]"):
                 search.add((result["trial_id"], result["step"], spec_hash(s["spec"])))
             if result.get("final"):
@@ -30,14 +49,51 @@ def reported(experiment_path: Path) -> tuple[set, dict]:
     return search, finals
 
 
+def undisturbed_trial(config: dict, workdir: Path) -> tuple[set, Any]:
+    """What a trial of ``config`` reports when nothing disturbs it: its search subnets' (step,
+    spec hash) and its final record, computed in this process by the parts the trainable runs
+    (:class:`TrialSpec`, ``build_method``, ``drive``, ``final_phase``), on the trial's one thread."""
+    import tempfile
+
+    import torch
+
+    from rayprune.models import spec_hash
+    from rayprune.orchestration.final_phase import final_phase
+    from rayprune.orchestration.storage import localize
+    from rayprune.orchestration.trial_spec import TrialSpec
+    from rayprune.runner import TrialState, build_method, drive
+
+    spec = TrialSpec.from_config(config)
+    cfg = spec.trial_config()
+    if cfg.teacher is not None:
+        cfg = cfg.model_copy(update={"teacher": localize(cfg.teacher, workdir / "teacher")})
+    searched: set = set()
+
+    def report(result, state, checkpoint_dir) -> None:
+        searched.update((result.step, spec_hash(s.spec)) for s in result.subnets)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))  # as the trainable does
+    try:
+        method = build_method(cfg, workdir / "work")
+        drive(method, TrialState(), report, max_steps=cfg.max_steps, checkpoint_dir=tempfile.TemporaryDirectory)
+        record, _ = final_phase(method, None, spec.cell, "undisturbed")
+    finally:
+        torch.set_num_threads(threads)
+    return searched, record
+
+
 def store_of(experiment_path: Path) -> SubnetStore:
     return SubnetStore(experiment_path / "rayprune" / "subnets.parquet")
 
 
-def check_tracking(cfg, experiment_path: Path, cells: list[tuple[float, float]]) -> None:
+def check_tracking(
+    cfg, experiment_path: str | Path, cells: list[tuple[float, float]], rows: list | None = None
+) -> None:
     """MLflow and Parquet hold exactly what the trials reported, once; ``cells``: the (FLOPs
-    target, KD weight) of every trial."""
-    rows = store_of(experiment_path).rows()
+    target, KD weight) of every trial; ``rows``: the subnet store's (default: the one in the
+    local ``experiment_path``)."""
+    rows = store_of(Path(experiment_path)).rows() if rows is None else rows
     search, finals = reported(experiment_path)
     assert {(r["trial_id"], r["step"], r["spec_hash"]) for r in rows if r["kind"] == "search"} == search
     final_rows = {r["trial_id"]: r for r in rows if r["kind"] == "final"}

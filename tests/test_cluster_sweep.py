@@ -7,10 +7,11 @@
 * a real ``mlflow server`` started and restarted by launch/cluster.yaml's own head commands
   (SQLite backend, artifacts proxied to that S3, bound to 127.0.0.1).
 
-One undisturbed reference sweep (local storage, SQLite file) and one sweep through S3 and the
-server during which a worker node is removed: trials ran on both workers, the lost node's trial
-continued from its last checkpoint on the survivor, and both sweeps recorded the same subnets
-(parquet and MLflow). Then ``--resume`` through S3, ``front`` and ``pick`` against the server.
+One sweep through S3 and the server during which a worker node is removed: trials ran on both
+workers, the lost node's trial continued from its last checkpoint on the survivor, MLflow and the
+parquet hold what the trials reported, once each, and the moved trial's records equal those of the
+same trial run undisturbed (in the test process, by the trainable's own parts). Then ``--resume``
+through S3, ``front`` and ``pick`` against the server.
 Fractional-GPU trials: test_gpu_share.py.
 """
 
@@ -33,8 +34,9 @@ import ray
 import yaml
 from mlflow import MlflowClient
 from ray import tune
-from sweep_checks import EXPORTED_FILES, pick_efficient
+from sweep_checks import EXPORTED_FILES, check_tracking, pick_efficient, trial_results, undisturbed_trial
 
+from rayprune import models
 from rayprune.orchestration.config import parse_sweep
 from rayprune.orchestration.search import FINAL_KEY
 from rayprune.orchestration.storage import filesystem
@@ -240,20 +242,9 @@ def mini(tmp_path: Path, **overrides) -> dict:
     return mini_sweep(tmp_path, **{"optuna": optuna, **overrides})
 
 
-def trial_results(experiment_path: str) -> dict[str, list[dict]]:
-    """Each trial's reported results (Tune's result.json), local or on S3, by trial id."""
-    fs, root = filesystem(experiment_path)
-    import pyarrow.fs
-
-    out = {}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-        result_file = f"{info.path}/result.json"
-        if info.type != pyarrow.fs.FileType.Directory or fs.get_file_info(result_file).type != pyarrow.fs.FileType.File:
-            continue
-        with fs.open_input_stream(result_file) as f:
-            results = [json.loads(line) for line in f.readall().decode().splitlines() if line]
-        out[results[0]["trial_id"]] = results
-    return out
+def without_latency(metrics: dict) -> dict:
+    """A record's metrics but its measured latency (it differs between any two runs)."""
+    return {k: v for k, v in metrics.items() if LATENCY not in k}
 
 
 def comparable_rows(rows: list[dict]) -> list[tuple]:
@@ -328,12 +319,7 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     monkeypatch.setenv("RAYPRUNE_SWEEP_DIR", str(tmp_path / "driver"))  # the driver's files of an S3 sweep
     server, _ = mlflow_server
 
-    # The reference: undisturbed, on local storage and a SQLite file.
-    (tmp_path / "ref").mkdir()
-    reference = run_sweep(parse_sweep(mini(tmp_path / "ref")), address=cluster.address, out=io.StringIO())
-    assert reference.complete and not reference.failed_trials
-
-    # The same sweep through S3 and the server; a worker node dies mid-sweep.
+    # A sweep through S3 and the server; a worker node dies mid-sweep.
     cfg = parse_sweep(
         mini(
             tmp_path,
@@ -381,17 +367,23 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     )  # every trial's (the moved one's may be twice)
     assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 5
 
-    # The records equal the undisturbed run's: parquet (as uploaded to the parent run, through
-    # the server's artifact proxy to S3) and MLflow.
+    # The records: the parquet (as uploaded to the parent run, through the server's artifact
+    # proxy to S3) and MLflow hold what the trials reported, once each (one metric point per
+    # step: none lost or repeated by the restore) ...
     client = connect(server)
     parent = find_sweep_run(client, find_experiment(client, "mini"), outcome.sweep_id)
     rows = sweep_rows(client, parent)
-    ref_rows = sweep_rows(
-        connect(f"sqlite:///{tmp_path}/ref/mlflow.db"),
-        MlflowClient(f"sqlite:///{tmp_path}/ref/mlflow.db").get_run(reference.parent_run_id),
+    check_tracking(cfg, outcome.experiment_path, cells=sorted(itertools.product([0.5, 0.7], [0.0, 0.9])), rows=rows)
+    # ... and the moved trial's are those of the same trial undisturbed (its config run here).
+    searched, final = undisturbed_trial(moved[0]["config"], tmp_path / "undisturbed")
+    trial = moved[0]["trial_id"]
+    assert (
+        searched
+        and {(r["step"], r["spec_hash"]) for r in rows if r["kind"] == "search" and r["trial_id"] == trial} == searched
     )
-    assert len(rows) == len(ref_rows) and comparable_rows(rows) == comparable_rows(ref_rows)
-    assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
+    (final_row,) = [r for r in rows if r["kind"] == "final" and r["trial_id"] == trial]
+    assert final_row["spec_hash"] == models.spec_hash(final.spec)
+    assert without_latency(final_row["metrics"]) == without_latency(final.metrics)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"subnets.parquet", "pareto", "sweep"}
     # The server stores artifacts in the bucket, not on the head's disk.
     stored = fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/rayprune/mlflow", recursive=True))
@@ -403,12 +395,13 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     assert f"ray attach launch/cluster.yaml -p {server.rsplit(':', 1)[1]}" in text
 
     # --resume through S3: found by listing the bucket, nothing run or logged twice.
+    runs = comparable_runs(server, "mini")
     again = run_sweep(cfg, address=cluster.address, resume="latest", out=io.StringIO())
     assert again.complete and (again.sweep_id, again.parent_run_id) == (outcome.sweep_id, outcome.parent_run_id)
     assert comparable_rows(
         sweep_rows(client, find_sweep_run(client, parent.info.experiment_id, outcome.sweep_id))
     ) == comparable_rows(rows)
-    assert comparable_runs(server, "mini") == comparable_runs(f"sqlite:///{tmp_path}/ref/mlflow.db", "mini")
+    assert comparable_runs(server, "mini") == runs
 
     # front and pick against the server (the subnet's weights come back through the proxy).
     capsys.readouterr()

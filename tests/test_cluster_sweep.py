@@ -239,7 +239,8 @@ def mini(tmp_path: Path, **overrides) -> dict:
     """:func:`~rayprune.testing.sweeps.mini_sweep` with the random sampler: its suggestions do not
     depend on the order trials complete in, so a disturbed sweep can equal an undisturbed one."""
     optuna = {"sampler": "random", "samples_per_cell": 1, "seed": 3, "stage_prune": [[0.3, 0.8]] * 3}
-    return mini_sweep(tmp_path, **{"optuna": optuna, **overrides})
+    # trials at once on both worker nodes, so that one runs on the node that is lost
+    return mini_sweep(tmp_path, **{"optuna": optuna, "max_concurrent_trials": None, **overrides})
 
 
 def without_latency(metrics: dict) -> dict:

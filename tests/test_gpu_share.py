@@ -56,6 +56,7 @@ def test_quarter_gpu_trials_pack_four_to_a_gpu(tmp_path):
                     "stage_prune": [[0.3, 0.8]] * 3,
                 },
                 resources={"cpu": 0.25, "gpu": 0.25},
+                max_concurrent_trials=None,  # as many at once as the GPU shares allow
                 device="cpu",
                 finetune_front=False,
             )

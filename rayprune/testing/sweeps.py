@@ -8,8 +8,13 @@ from typing import Any
 
 def mini_sweep(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """A sweep file as a dict: 2 FLOPs targets x 2 KD weights (a teacher trained for 1 epoch),
-    one random-search trial per cell on ``cifar_resnet:tiny`` and synthetic 8x8 images, tracking
-    and storage under ``tmp_path``. Top-level keys in ``overrides`` replace the defaults."""
+    one random-search trial per cell on ``cifar_resnet:tiny`` and synthetic 8x8 images, one trial
+    at a time, tracking and storage under ``tmp_path``. Top-level keys in ``overrides`` replace the
+    defaults (``max_concurrent_trials=None``: as many trials at once as the CPUs allow).
+
+    One trial at a time: a sweep's trials then share one Ray worker (Tune reuses a CPU trial's
+    actor), and each worker costs seconds of CPU to start (torch, Tune) against well under a
+    second for a trial of this size."""
     raw = {
         "name": "mini",
         "dataset": {"name": "synthetic"},
@@ -22,6 +27,7 @@ def mini_sweep(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         "teacher": {"recipe": {"epochs": 1, "batch_size": 64}},
         "recipes": {"search": {"epochs": 1, "batch_size": 64}, "finetune": {"epochs": 1, "batch_size": 64}},
         "resources": {"cpu": 1},
+        "max_concurrent_trials": 1,
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "mini"},
         "storage_path": str(tmp_path / "results"),
     }

@@ -289,3 +289,18 @@ def test_successful_download_moves_only_the_dataset_folder(tmp_path, monkeypatch
 
     assert data._find_cifar("cifar10", tmp_path, download=True) == tmp_path / "cifar-10-batches-py"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_digits_read_from_the_bundled_csv_equal_scikit_learns_load_digits(monkeypatch):
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from rayprune.engine.data import digits_arrays
+
+    want = load_digits()
+    images, labels = digits_arrays()  # the CSV scikit-learn bundles, read without importing it
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, want.images) and np.array_equal(labels, want.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the file not found: load_digits
+    images, labels = digits_arrays()
+    assert np.array_equal(images, want.images) and np.array_equal(labels, want.target)

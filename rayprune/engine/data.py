@@ -427,14 +427,33 @@ def _find_cifar(name: str, data_dir: str | Path | None, download: bool | None) -
     )
 
 
-def digits_dataset(seed: int = 0) -> tuple[Dataset, Dataset]:
-    """scikit-learn's 8x8 digits, 3 channels, fixed stratified 80/20 split (offline)."""
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ``(images [1797, 8, 8] of 0..16, labels)``, read straight
+    from the CSV scikit-learn bundles (``load_digits`` reads the same file): importing
+    ``sklearn.datasets`` loads SciPy and pandas, about two CPU seconds in every process (each
+    Ray worker of a digits sweep). Falls back to ``load_digits`` if the file moved."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    bundled = [Path(root) / "datasets" / "data" / "digits.csv.gz" for root in roots]
+    if bundled and bundled[0].is_file():
+        with gzip.open(bundled[0], "rt") as f:
+            data = np.loadtxt(f, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    grey = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def digits_dataset(seed: int = 0) -> tuple[Dataset, Dataset]:
+    """scikit-learn's 8x8 digits, 3 channels, fixed stratified 80/20 split (offline)."""
+    images, labels = digits_arrays()
+    grey = np.round(images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
     x = torch.from_numpy(grey)[:, None].repeat(1, 3, 1, 1)  # RGB stems everywhere: repeat the channel
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    y = torch.from_numpy(labels)
     train_idx, test_idx = split_per_class(y, 0.8, seed)
     mean = (x[train_idx].float().mean() / 255).item()
     std = (x[train_idx].float().std() / 255).item()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def ray_head(tmp_path):
     )
     address = f"127.0.0.1:{port}"
     try:
-        _wait_until_up(address, head, env)
+        _wait_until_up(address, head)
         yield address, env
     finally:
         head.send_signal(signal.SIGTERM)
@@ -72,16 +73,23 @@ def ray_head(tmp_path):
             head.wait()
 
 
-def _wait_until_up(address: str, head: subprocess.Popen, env: dict, timeout: float = 300) -> None:
+def _wait_until_up(address: str, head: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `ray start` says the runtime started (it prints that once the head's GCS and raylet
+    are up; reading its output costs nothing, polling `ray status` a CPU second a call)."""
+    seen: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in head.stdout:
+            seen.append(line)
+            if "Ray runtime started" in line:
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start --head exited: {head.stdout.read()}")
-        status = subprocess.run([str(RAY), "status", "--address", address], capture_output=True, text=True, env=env)
-        if status.returncode == 0:
-            return
-        time.sleep(2)
-    raise RuntimeError(f"the Ray head at {address} did not come up in {timeout} s")
+    while not started.wait(0.2):
+        if head.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head at {address} did not come up in {timeout} s: {''.join(seen)[-2000:]}")
 
 
 def one_cell_sweep(tmp_path: Path) -> dict:

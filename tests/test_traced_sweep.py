@@ -30,6 +30,7 @@ def test_a_sweep_of_a_user_network_ends_in_a_front_and_an_onnx_pick(tmp_path, mo
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     raw.update(tracking={"uri": uri, "experiment": "two-branch"}, storage_path=str(tmp_path / "results"))
     raw["recipes"] = {name: {**recipe, "epochs": 1} for name, recipe in raw["recipes"].items()}  # seconds, not minutes
+    raw["max_concurrent_trials"] = 1  # the trials share one reused worker (each new one imports torch and Tune)
     cfg = parse_sweep(raw)
     assert cfg.model == f"{ROOT}/docs/examples/two_branch.py:two_branch" and cfg.num_trials() == 4
 

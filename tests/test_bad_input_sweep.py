@@ -113,6 +113,7 @@ def test_a_storage_path_that_is_a_file_is_one_line_and_leaves_no_database(space,
     )  # not "no sweep to resume"
 
 
+@pytest.mark.slow  # pyarrow's S3 client retries the dead endpoint for seconds
 def test_object_storage_that_cannot_work_is_one_line_before_ray(space, tmp_path, capsys, monkeypatch):
     """An S3 endpoint nothing listens on, and a URI scheme pyarrow does not know. (A missing
     bucket on a live S3 server is checked beside the moto server, in test_cluster_sweep.)"""

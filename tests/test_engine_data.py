@@ -291,6 +291,7 @@ def test_successful_download_moves_only_the_dataset_folder(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
 
 
+@pytest.mark.slow  # imports scikit-learn (SciPy, pandas) to compare
 def test_digits_read_from_the_bundled_csv_equal_scikit_learns_load_digits(monkeypatch):
     import importlib.util
 

@@ -30,6 +30,24 @@ def test_resume_without_a_sweep_to_resume_is_one_clear_error(tmp_path, capsys):
     )
 
 
+def test_a_sweep_whose_tune_state_was_cut_short_is_refused_in_one_line(tmp_path, capsys):
+    """An empty experiment state (as a copy cut short by a kill leaves it) would make Tune start
+    the sweep again from nothing under the old id; rayprune says so instead, and writes nothing."""
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(mini_sweep(tmp_path)))
+    state = tmp_path / "results" / "mini-20261207-181455" / "experiment_state-2026-12-07_18-14-54.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("")
+    (state.parent / "tuner.pkl").write_bytes(b"\x80\x05N.")  # what makes it a Tune experiment
+    assert main(["--space", str(tmp_path / "mini.yaml"), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        "rayprune: error: sweep mini-20261207-181455 cannot be resumed: its Tune state "
+        "experiment_state-2026-12-07_18-14-54.json (0 bytes) is not valid JSON; start a new sweep "
+        "(its finished subnets stay in MLflow and the subnet store)\n"
+    )
+    assert sorted(p.name for p in state.parent.iterdir()) == [state.name, "tuner.pkl"] and state.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mini.yaml", "results"]
+
+
 def test_a_local_ray_without_gpus_refuses_gpu_trials(local_ray, tmp_path):
     from rayprune.orchestration.sweep import SweepError
 

@@ -362,3 +362,44 @@ def undisturbed_finetunes(cfg, experiment_path: str, scratch: Path) -> dict[floa
         metrics = {k: v for k, v in record["metrics"].items() if "latency" not in k}
         out[choice.spec.flops_target] = (models.spec_hash(record["spec"]), metrics)
     return out
+
+
+def test_local_storage_files_appear_whole_or_not_at_all(tmp_path):
+    """Tune rewrites its experiment state by copying it over the old one. Through the filesystem
+    a sweep gives Tune for a local storage path, a file being written (as a driver killed at that
+    moment leaves it) still reads as the old one; closed, it reads as the new one; a folder uploads
+    the way Tune uploads a checkpoint; the filesystem survives pickling (Tune ships it to trials).
+    Object storage keeps the filesystem Tune infers."""
+    import pickle
+
+    import pyarrow.fs
+
+    from rayprune.orchestration.storage import tune_storage
+
+    path, fs = tune_storage(str(tmp_path))
+    assert path == str(tmp_path) and tune_storage("s3://bucket/sweeps") == ("s3://bucket/sweeps", None)
+    state = tmp_path / "experiment_state-2026.json"
+    state.write_text('{"trial_data": []}')
+    stream = fs.open_output_stream(str(state))
+    stream.write(b'{"trial_data": [1')
+    assert state.read_text() == '{"trial_data": []}'  # what a SIGKILL here leaves
+    stream.write(b"]}")
+    stream.close()
+    assert state.read_text() == '{"trial_data": [1]}'
+    assert [p.name for p in tmp_path.iterdir()] == [state.name]  # no temporary file left
+    assert oct(state.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    checkpoint = tmp_path / "local" / "checkpoint_000001"
+    (checkpoint / "final").mkdir(parents=True)
+    (checkpoint / "final" / "weights.pt").write_bytes(bytes(range(256)) * 4096)
+    fs = pickle.loads(pickle.dumps(fs))
+    pyarrow.fs.copy_files(str(checkpoint), str(tmp_path / "trial" / checkpoint.name), destination_filesystem=fs)
+    uploaded = tmp_path / "trial" / checkpoint.name / "final" / "weights.pt"
+    assert uploaded.read_bytes() == (checkpoint / "final" / "weights.pt").read_bytes()
+    assert sorted(p.name for p in uploaded.parent.iterdir()) == ["weights.pt"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -25,6 +25,7 @@ tracking store is keyed so that nothing is logged twice.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from .config import SweepConfig
 from .front_mode import FrontSearcher, choose_front_points
 from .isolated_latency import measure_finalists
 from .search import FINAL_KEY, METRIC, CellSearcher, PerCellASHA, Reachability
-from .storage import filesystem, is_uri, join
+from .storage import filesystem, is_uri, join, tune_storage
 from .trainable import FINAL_DIR, run_tune_trial
 from .trial_spec import TrialSpec, shared_config
 from .user_code import user_code_env
@@ -324,11 +325,34 @@ def _sweep_id(cfg: SweepConfig, resume: str | None) -> str:
                 fix="start a new one",
                 hint="no_resume",
             )
-        return candidates[-1]
-    if resume not in candidates:
+        resume = candidates[-1]
+    elif resume not in candidates:
         known = ", ".join(candidates) or "none"
         raise SweepError(f"no resumable sweep {resume!r} under {cfg.storage_path}; resumable: {known}")
+    _check_experiment_state(join(cfg.storage_path, resume))
     return resume
+
+
+def _check_experiment_state(experiment_path: str) -> None:
+    """Refuse a sweep whose newest Tune experiment state does not parse. Tune would log the
+    error and start the sweep again from nothing under the old id. (rayprune writes local state
+    whole or not at all; this is a file cut short by something else, or edited.)"""
+    fs, root = filesystem(experiment_path)
+    names = [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))]
+    states = fnmatch.filter(names, "experiment_state-*.json")
+    if not states:  # killed before its first save: Tune starts the trials, none had finished
+        return
+    newest = max(states)  # the name holds the driver's start time, as Tune picks it
+    with fs.open_input_stream(f"{root}/{newest}") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+    except ValueError:
+        raise SweepError(
+            f"sweep {Path(experiment_path).name} cannot be resumed: its Tune state {newest} "
+            f"({len(text)} bytes) is not valid JSON",
+            fix="start a new sweep (its finished subnets stay in MLflow and the subnet store)",
+        ) from None
 
 
 def _restorable(cfg: SweepConfig) -> list[str]:
@@ -614,9 +638,16 @@ def _make_tuner(
     callbacks: Sequence[tune.Callback],
 ) -> tune.Tuner:
     trainable = tune.with_resources(run_tune_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    storage_path, storage_filesystem = tune_storage(cfg.storage_path)
     if resume:
         # Finished trials stay finished; unfinished and errored ones continue from their checkpoints.
-        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            experiment_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_filesystem,
+        )
     scheduler = None
     if cfg.scheduler is not None:
         scheduler = PerCellASHA(
@@ -643,7 +674,8 @@ def _make_tuner(
         ),
         run_config=tune.RunConfig(
             name=sweep_id,
-            storage_path=cfg.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[TrackingCallback(sweep_id), JsonLoggerCallback(), *callbacks],

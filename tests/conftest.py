@@ -39,15 +39,51 @@ for _setting, _value in {
     os.environ.setdefault(_setting, _value)
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """A local Ray (2 CPUs) shared by the tests of one module: one start-up, and the task
-    workers it keeps warm, instead of one per test."""
+#: Modules whose tests share one local Ray (``local_ray``): under xdist one worker runs them one
+#: after another (:func:`pytest_xdist_make_scheduler`), so they pay one Ray start-up, and reuse the
+#: task workers (teacher, baseline, fine-tunes, latency) it keeps warm, instead of one per module.
+SHARED_RAY_MODULES = frozenset(
+    f"tests/test_{name}.py" for name in ("sweep_interrupts", "orchestration_sweep", "front_mode", "traced_sweep")
+)
+SHARED_RAY_SCOPE = "shared-local-ray"
+
+
+@pytest.fixture(scope="session")
+def _shared_ray() -> Iterator[Callable[[], None]]:
+    """Starts the shared local Ray (2 CPUs) when first asked, and shuts it down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    def start() -> None:
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    yield start
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(request: pytest.FixtureRequest, _shared_ray: Callable[[], None]) -> Iterator[None]:
+    """A local Ray (2 CPUs) shared by the tests of a module in :data:`SHARED_RAY_MODULES`, and by
+    those modules: a test may find it running when it starts, and leaves it running."""
+    assert _module_path(request) in SHARED_RAY_MODULES, "add the module to SHARED_RAY_MODULES"
+    _shared_ray()
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_ray_elsewhere(request: pytest.FixtureRequest) -> None:
+    """Outside the shared modules no test finds the shared Ray running: they start their own
+    Ray (fake GPUs, a cluster) or check that a command starts none."""
+    if _module_path(request) not in SHARED_RAY_MODULES and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _module_path(request: pytest.FixtureRequest) -> str:
+    return Path(request.node.path).relative_to(Path(__file__).parents[1]).as_posix()
 
 
 @pytest.fixture
@@ -90,13 +126,30 @@ def longest_modules_first(items: list[pytest.Item]) -> None:
     for item in items:
         by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
 
-    def cost(members: list[pytest.Item]) -> tuple[int, int]:
+    def cost(members: list[pytest.Item]) -> tuple[bool, int, int]:
         return (
+            members[0].nodeid.split("::")[0] not in SHARED_RAY_MODULES,  # together, and first: the longest unit
             -sum(item.get_closest_marker("ray") is not None for item in members),
             -sum(item.get_closest_marker("slow") is not None for item in members),
         )
 
     items[:] = [item for members in sorted(by_module.values(), key=cost) for item in members]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile``, except that :data:`SHARED_RAY_MODULES` form one unit of work, so one
+    worker runs them all against one local Ray."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRayScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARED_RAY_SCOPE if module in SHARED_RAY_MODULES else module
+
+    return SharedRayScheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:

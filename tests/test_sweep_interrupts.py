@@ -1,4 +1,4 @@
-"""Interrupted sweeps on a local Ray (2 CPUs, shared by the tests of this module): Ctrl-C after
+"""Interrupted sweeps on the shared local Ray (2 CPUs; conftest.SHARED_RAY_MODULES): Ctrl-C after
 the first trial, a crashed trial worker, a SIGKILLed driver process, Ctrl-C during the front's
 fine-tunes. Each resumes without losing or duplicating anything, and ends with the records of an
 undisturbed run, wherever the fault lands."""
@@ -155,7 +155,7 @@ def read_results(result_file: Path) -> list[dict]:
 
 
 def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(local_ray, tmp_path, capsys, monkeypatch):
-    """The real thing, end to end: `rayprune sweep` in its own process (joining this module's
+    """The real thing, end to end: `rayprune sweep` in its own process (joining the shared
     Ray, as a driver joins a cluster) is SIGKILLed (no handler runs) once its first finished
     trial is published; `front` still shows that trial and says the sweep was interrupted;
     `rayprune sweep --resume` finishes the sweep without running a finished trial again, and

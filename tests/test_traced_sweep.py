@@ -24,7 +24,9 @@ SWEEP = ROOT / "docs" / "examples" / "two_branch_sweep.yaml"
 
 @pytest.mark.slow  # a whole sweep: Ray, 4 trials, the front's fine-tunes and latency, MLflow
 @pytest.mark.ray
-def test_a_sweep_of_a_user_network_ends_in_a_front_and_an_onnx_pick(tmp_path, monkeypatch):
+def test_a_sweep_of_a_user_network_ends_in_a_front_and_an_onnx_pick(local_ray, tmp_path, monkeypatch):
+    """On the shared local Ray, whose workers import the user's file from its path (shipping it to
+    workers where that path does not exist: test_traced_cluster)."""
     monkeypatch.chdir(ROOT)  # the sweep file names the model relative to the repository root
     raw = yaml.safe_load(SWEEP.read_text())
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -34,7 +36,7 @@ def test_a_sweep_of_a_user_network_ends_in_a_front_and_an_onnx_pick(tmp_path, mo
     cfg = parse_sweep(raw)
     assert cfg.model == f"{ROOT}/docs/examples/two_branch.py:two_branch" and cfg.num_trials() == 4
 
-    outcome = run_sweep(cfg, num_cpus=2)
+    outcome = run_sweep(cfg)
 
     assert outcome.complete and outcome.num_trials == 4 and outcome.failed_trials == 0
     front = outcome.fronts["final/kd0"]

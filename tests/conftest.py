@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from rayprune.testing import tiny_context
-from rayprune.testing import tiny_spec as _tiny_spec
+# rayprune (torch) is imported by the fixtures that need it, not here: the xdist controller loads
+# this file too, and runs no test.
 
 #: Fixtures that start Ray: a test using one is marked ``ray`` (and ``slow``).
 RAY_FIXTURES = {"local_ray", "ray_head"}
@@ -90,6 +90,7 @@ def _module_path(request: pytest.FixtureRequest) -> str:
 def make_ctx(tmp_path):
     """``make_ctx(**kw)``: :func:`rayprune.testing.tiny_context` in this test's tmp_path (or
     ``workdir=``)."""
+    from rayprune.testing import tiny_context
 
     def make(workdir=None, **kw):
         return tiny_context(tmp_path if workdir is None else workdir, **kw)
@@ -100,7 +101,9 @@ def make_ctx(tmp_path):
 @pytest.fixture
 def tiny_spec():
     """The unpruned ``cifar_resnet:tiny`` spec with 4 classes and ``avgpool_conv`` shortcuts."""
-    return _tiny_spec()
+    from rayprune.testing import tiny_spec as unpruned
+
+    return unpruned()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

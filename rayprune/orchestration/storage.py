@@ -81,7 +81,8 @@ class AtomicLocalFiles(pyarrow.fs.FileSystemHandler):
     def __ne__(self, other: object) -> bool:
         return not self == other
 
-    def __reduce__(self):  # pickled into Tune's experiment and shipped to trial actors
+    def __reduce__(self) -> tuple[type[AtomicLocalFiles], tuple[()]]:
+        # pickled into Tune's experiment and shipped to the trial actors
         return AtomicLocalFiles, ()
 
     def get_type_name(self) -> str:

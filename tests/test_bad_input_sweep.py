@@ -35,9 +35,7 @@ def refused(capsys, root: Path, argv: list[str], *needles: str) -> str:
 def space(tmp_path, monkeypatch):
     """A valid one-cell sweep file in ``tmp_path`` (tracking and storage there), run from there."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():  # another module's Ray: these checks run only before this driver starts one
-        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # (no module's Ray runs here: conftest)
 
     def write(**overrides) -> Path:
         raw = {

@@ -9,11 +9,13 @@ given database file byte for byte unchanged.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -269,6 +271,36 @@ def test_front_on_a_missing_or_foreign_database_creates_nothing(tmp_path, capsys
         ],
         f"{tmp_path}/text.db is not an SQLite database",
     )
+
+
+@pytest.mark.slow  # a process killed mid-write, and MLflow's store
+def test_a_database_a_killed_driver_left_mid_write_is_read_once_sqlite_rolls_it_back(tmp_path):
+    """A driver SIGKILLed inside a transaction leaves a hot journal beside the database. The next
+    reader (`front`, `pick`) must get the last committed state, as SQLite recovers it; a
+    read-only first look failed instead ("attempt to write a readonly database", seen in the
+    SIGKILL test)."""
+    from mlflow import MlflowClient
+
+    from rayprune.tracking import lookup
+
+    db = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").create_experiment("mini")
+    killed_mid_write = (
+        "import os, signal, sqlite3\n"
+        f"db = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "db.execute('PRAGMA cache_size=1')\n"  # pages spill to the file: the journal is hot
+        "db.execute('BEGIN')\n"
+        "db.execute('CREATE TABLE scratch (x TEXT)')\n"
+        "db.executemany('INSERT INTO scratch VALUES (?)', [('x' * 500,)] * 2000)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    died = subprocess.run([sys.executable, "-c", killed_mid_write])
+    assert died.returncode == -signal.SIGKILL and (tmp_path / "mlflow.db-journal").is_file()
+    client = lookup.connect(f"sqlite:///{db}", must_exist=True)
+    assert client.get_experiment_by_name("mini") is not None
+    assert not (tmp_path / "mlflow.db-journal").exists()
+    with closing(sqlite3.connect(db)) as conn:
+        assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'scratch'").fetchall()
 
 
 def test_a_database_a_starting_driver_is_migrating_is_waited_for_then_one_line(tmp_path, capsys, monkeypatch):

@@ -95,7 +95,10 @@ def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
     an SQLite database (MLflow's traceback would come after Ray started), and an SQLite database
     without MLflow's tables, unless it is empty and the caller writes (``must_exist`` False: a
     sweep creates the schema). A reader (``front``, ``pick``) never creates MLflow's schema in an
-    empty file. Opens the file read-only."""
+    empty file. Opens the file without creating it and only reads; SQLite may write once: a
+    writer killed mid-transaction (a SIGKILLed driver) leaves a hot journal, which the first
+    reader rolls back (a read-only connection cannot, and fails: "attempt to write a readonly
+    database"), as MLflow's own connection would right after."""
     fix = (
         "pass --mlflow-uri with the sweep's database (e.g. sqlite:////abs/path/mlflow.db) or its server "
         "(http://host:5000)"
@@ -121,7 +124,7 @@ def check_sqlite_file(path: Path, *, must_exist: bool = False) -> None:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True)) as db:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.Error as e:
         raise TrackingError(f"cannot read the SQLite database {path} ({e}); {fix}") from None

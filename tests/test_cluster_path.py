@@ -282,7 +282,7 @@ def head_shell(tmp_path):
     commands = [c for c in head if "mlflow" in c]
     assert len(commands) == 3 and "kill -TERM" in commands[0] and "mlflow server" in commands[2]
     # the watcher's poll every 1 s instead of 5 s, and 1 s instead of 30 before a SIGKILL, keep the test short
-    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1", "seq 30": "seq 1"}
+    mapping = {"5000": str(port), "/6379": f"/{gcs_port}", "sleep 5": "sleep 1", "$(seq 30)": "$(seq 1)"}
     for old, new in mapping.items():
         commands = [c.replace(old, new) for c in commands]
     env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -380,7 +380,8 @@ def gone(pgid: int, bound_s: float = 60.0) -> bool:
 @pytest.mark.slow  # it waits out the start command's 2 s bound
 def test_a_server_that_does_not_answer_fails_ray_up_with_the_end_of_its_log(head_shell):
     _, port, gcs_port, (_, record, start), run = head_shell
-    quick = start.replace("seq 300", "seq 2").replace("within 300 s", "within 2 s")
+    assert "$(seq 300)" in start  # the start command's bound, 300 polls 1 s apart: 2 here
+    quick = start.replace("$(seq 300)", "$(seq 2)").replace("within 300 s", "within 2 s")
     with listening(gcs_port):
         assert run(record).returncode == 0
         failed = run(quick, FAKE_MLFLOW_FAIL="1")

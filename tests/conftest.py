@@ -139,7 +139,7 @@ def longest_modules_first(items: list[pytest.Item]) -> None:
     items[:] = [item for members in sorted(by_module.values(), key=cost) for item in members]
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: `-p no:xdist` runs too
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile``, except that :data:`SHARED_RAY_MODULES` form one unit of work, so one
     worker runs them all against one local Ray."""

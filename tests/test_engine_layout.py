@@ -28,8 +28,9 @@ TRAIN_A_STRIDED_1X1_CONV = textwrap.dedent(
         nn.Conv2d(4, 8, 1, stride=2, bias=False),  # strided 1x1, 4 input channels (< 8 and < 16)
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     ).to(memory_format=torch.channels_last)  # as latency timing leaves a net
-    train, _ = synthetic_dataset(n_train=512, n_test=4, num_classes=4, size=32, seed=0)
-    history = fit(net, train, TrainConfig(epochs=3, batch_size=32, lr=0.05, warmup_epochs=0), progress=False)
+    # two steps: with NHWC batches (the bug) this dies (SIGSEGV or SIGABRT) 3 times out of 3
+    train, _ = synthetic_dataset(n_train=64, n_test=4, num_classes=4, size=32, seed=0)
+    history = fit(net, train, TrainConfig(epochs=1, batch_size=32, lr=0.05, warmup_epochs=0), progress=False)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert net[2].weight.is_contiguous()
     print("trained", len(history))
@@ -54,4 +55,4 @@ def test_training_a_strided_1x1_conv_on_few_channels_neither_crashes_nor_hangs()
         [sys.executable, "-c", TRAIN_A_STRIDED_1X1_CONV], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    assert done.stdout.strip() == "trained 3"
+    assert done.stdout.strip() == "trained 1"

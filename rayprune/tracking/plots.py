@@ -193,7 +193,7 @@ def front_figure(
         ax.grid(alpha=0.3)
         top = ax.secondary_xaxis("top", functions=(lambda p: p * ref / 100e6, lambda m: m * 100e6 / ref))
         top.set_xlabel("MACs (millions)")
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # data without labels (only target lines) gets no legend
             ax.legend(loc="lower right", fontsize=7)
     if targets:
         fig.suptitle("dotted verticals: FLOPs targets " + ", ".join(f"{100 * t:g}%" for t in targets), fontsize=9)

@@ -193,13 +193,19 @@ class _OneMigration:
         if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
             self.migrate(engine)
             return
+        self.copy_to(database)
+
+    def copy_to(self, database: str | Path) -> None:
+        """Writes the migrated template store to ``database`` (migrating the template first if
+        no test has yet)."""
         with self.lock:
             if not self.template.exists():
                 import sqlalchemy
+                from mlflow.store.db import utils
 
                 scratch = sqlalchemy.create_engine(f"sqlite:///{self.template}")
                 try:
-                    self.migrate(scratch)
+                    (self.migrate or utils._initialize_tables)(scratch)
                 finally:
                     scratch.dispose()
         with closing(sqlite3.connect(self.template)) as source, closing(sqlite3.connect(database)) as target:
@@ -210,6 +216,20 @@ class _OneMigration:
 def _one_migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_OneMigration]:
     with pytest.MonkeyPatch.context() as patch:
         yield _OneMigration(patch, tmp_path_factory.mktemp("mlflow") / "template.db")
+
+
+@pytest.fixture(scope="session")
+def migrated_mlflow_store(_one_migration: _OneMigration) -> Callable[[Path], str]:
+    """``seed(path)`` writes an empty MLflow SQLite store, already migrated, at ``path`` and
+    returns its ``sqlite:///`` URI: for a process the test starts (a driver, a server) that
+    would otherwise run every migration MLflow ships itself. It then finds a store, as its
+    second sweep into one would."""
+
+    def seed(path: Path) -> str:
+        _one_migration.copy_to(path)
+        return f"sqlite:///{path}"
+
+    return seed
 
 
 @pytest.fixture(autouse=True)

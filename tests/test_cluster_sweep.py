@@ -157,7 +157,7 @@ def head_mlflow_commands(port: int, gcs_port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(s3, tmp_path_factory):
+def mlflow_server(s3, tmp_path_factory, migrated_mlflow_store):
     """The head's MLflow server, started as `ray up` starts it (a second `ray up` stopping the
     first server: test_cluster_path, with a stand-in server)."""
     home = tmp_path_factory.mktemp("head-home")
@@ -180,6 +180,7 @@ def mlflow_server(s3, tmp_path_factory):
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), "mlflow server", timeout=300)
         return int(pidfile.read_text())
 
+    migrated_mlflow_store(home / "mlflow.db")  # as a later `ray up` finds it: no migrations in the server
     server = up()
     try:
         assert alive(server)

@@ -109,8 +109,9 @@ def one_cell_sweep(tmp_path: Path) -> dict:
     }
 
 
-def test_sweep_joins_a_running_cluster_with_address_auto(ray_head, tmp_path):
+def test_sweep_joins_a_running_cluster_with_address_auto(ray_head, tmp_path, migrated_mlflow_store):
     address, env = ray_head
+    migrated_mlflow_store(tmp_path / "mlflow.db")  # the driver's own migrations: seconds of CPU
     (tmp_path / "joined.yaml").write_text(yaml.safe_dump(one_cell_sweep(tmp_path)))
     env = {**env, "RAY_ADDRESS": address}
     out = subprocess.run(

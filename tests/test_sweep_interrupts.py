@@ -154,7 +154,9 @@ def read_results(result_file: Path) -> list[dict]:
     return [json.loads(line) for line in result_file.read_text().splitlines() if line]
 
 
-def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(local_ray, tmp_path, capsys, monkeypatch):
+def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(
+    local_ray, tmp_path, capsys, monkeypatch, migrated_mlflow_store
+):
     """The real thing, end to end: `rayprune sweep` in its own process (joining the shared
     Ray, as a driver joins a cluster) is SIGKILLed (no handler runs) once its first finished
     trial is published; `front` still shows that trial and says the sweep was interrupted;
@@ -176,7 +178,7 @@ def test_a_sigkilled_driver_keeps_what_it_finished_and_resumes(local_ray, tmp_pa
             )
         )
     )
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = migrated_mlflow_store(tmp_path / "mlflow.db")  # the driver's own migrations: seconds of CPU
     rayprune = [str(Path(sys.executable).with_name("rayprune")), "sweep", "--space", "mini.yaml", "--address", address]
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(rayprune, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)

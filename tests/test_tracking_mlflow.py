@@ -625,7 +625,7 @@ def test_fail_marks_the_parent_run_failed(tmp_path):
 
 
 @pytest.mark.slow  # a fresh interpreter importing mlflow
-def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path):
+def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(tmp_path, migrated_mlflow_store):
     # MLflow's import sets its own private telemetry session id (_MLFLOW_TELEMETRY_SESSION_ID, unless
     # CI is set): not an environment rayprune changes, so left out of the comparison.
     code = (
@@ -635,7 +635,7 @@ def test_importing_tracking_changes_no_environment_and_connecting_quiets_mlflow(
         "before = public()\n"
         "import rayprune.tracking.lookup, rayprune.tracking.mlflow_tracker, rayprune.tracking.commands\n"
         "assert public() == before\n"
-        f"rayprune.tracking.lookup.connect('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+        f"rayprune.tracking.lookup.connect({migrated_mlflow_store(tmp_path / 'mlflow.db')!r})\n"
         "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'],\n"
         "      os.environ['MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT'])\n"
     )

@@ -205,10 +205,11 @@ def mlflow_server(s3, tmp_path_factory, migrated_mlflow_store):
 
 class Nodes:
     """The test cluster and its worker nodes, found by the node-removing callback (callbacks are
-    pickled with the experiment, so they hold only a name)."""
+    pickled with the experiment, so they hold only a name), and the worker it removed."""
 
     cluster = None
     workers: ClassVar[list] = []
+    lost = None
 
 
 @pytest.fixture(scope="module")
@@ -294,17 +295,20 @@ def comparable_runs(uri: str, experiment: str) -> list[tuple]:
 
 
 class RemoveWorkerOnce(tune.Callback):
-    """Removes (kills) the second worker node once a trial running there has its first
-    checkpoint registered, while it goes on with its second step."""
+    """Removes (kills) the worker node of the first trial whose first checkpoint is registered,
+    while it goes on with its second step. Whichever node that is: where Tune puts a trial is
+    Ray's choice (with actor reuse, every trial may run on one node on a loaded machine)."""
 
     def __init__(self) -> None:
         self.done = False
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        victim = Nodes.workers[1]
-        if not self.done and (trial.last_result or {}).get("node_id") == victim.node_id:
+        node = (trial.last_result or {}).get("node_id")
+        victims = [n for n in Nodes.workers if n.node_id == node]
+        if not self.done and victims:
             self.done = True
-            Nodes.cluster.remove_node(victim, allow_graceful=False)
+            Nodes.lost = victims[0]
+            Nodes.cluster.remove_node(Nodes.lost, allow_graceful=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,27 +332,27 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
             tracking={"uri": server, "experiment": "mini"},
             storage_path=f"s3://{BUCKET}/results",
             max_failures=2,
+            grid={"flops_targets": [0.5], "kd_weights": [0.0, 0.9]},  # two trials: one on each worker, at first
         )
     )
     out = io.StringIO()
     remover = RemoveWorkerOnce()
     outcome = run_sweep(cfg, address=cluster.address, callbacks=[remover], out=out)
-    assert outcome.complete and not outcome.failed_trials and outcome.num_trials == 4
+    assert outcome.complete and not outcome.failed_trials and outcome.num_trials == 2
     assert outcome.experiment_path == f"s3://{BUCKET}/results/{outcome.sweep_id}"
     assert len(ray.nodes()) == 3 and sum(n["Alive"] for n in ray.nodes()) == 2  # the head and one worker
 
-    # Trials ran on both workers; the lost node's trial continued from its checkpoint elsewhere.
+    # The lost node's trial continued from its checkpoint on the other worker.
     results = trial_results(outcome.experiment_path)
-    workers = {n.node_id for n in Nodes.workers}
-    assert {r["node_id"] for rs in results.values() for r in rs} == workers
+    (survivor,) = [n for n in Nodes.workers if n is not Nodes.lost]
     (moved,) = [rs for rs in results.values() if len({r["node_id"] for r in rs}) == 2]
-    assert moved[0]["node_id"] == Nodes.workers[1].node_id and moved[-1]["node_id"] == Nodes.workers[0].node_id
+    assert moved[0]["node_id"] == Nodes.lost.node_id and moved[-1]["node_id"] == survivor.node_id
     # The first result on the surviving node follows a restore from the last checkpoint the lost
     # node wrote. Where the node died is a race (after step 1's checkpoint, after step 2's, or
     # even after the final report but before Tune closed the trial), so the test asserts what
     # holds in every case: the surviving node continued (no step lost) from the lost node's last
     # checkpoint (no step started afresh), and the trial ended with exactly one final report there.
-    first = next(i for i, r in enumerate(moved) if r["node_id"] == Nodes.workers[0].node_id)
+    first = next(i for i, r in enumerate(moved) if r["node_id"] == survivor.node_id)
     assert first >= 1 and moved[first]["iterations_since_restore"] == 1  # restored, not started afresh
     lost, survived = moved[:first], moved[first:]
     assert [r["steps_done"] for r in lost] in ([1], [1, 2], [1, 2, 2])
@@ -365,9 +369,9 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))]
     final_checkpoints = [p for p in files if p.endswith("/final/weights.pt") and "/checkpoint_" in p]
     assert (
-        len({p.split("/checkpoint_")[0] for p in final_checkpoints}) == 4
+        len({p.split("/checkpoint_")[0] for p in final_checkpoints}) == 2
     )  # every trial's (the moved one's may be twice)
-    assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 5
+    assert sum(p.startswith(f"{root}/final_cache/") and p.endswith("/metrics.json") for p in files) >= 3
 
     # The records: the parquet (as uploaded to the parent run, through the server's artifact
     # proxy to S3) and MLflow hold what the trials reported, once each (one metric point per
@@ -375,7 +379,7 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
     client = connect(server)
     parent = find_sweep_run(client, find_experiment(client, "mini"), outcome.sweep_id)
     rows = sweep_rows(client, parent)
-    check_tracking(cfg, outcome.experiment_path, cells=sorted(itertools.product([0.5, 0.7], [0.0, 0.9])), rows=rows)
+    check_tracking(cfg, outcome.experiment_path, cells=[(0.5, 0.0), (0.5, 0.9)], rows=rows)
     # ... and the moved trial's are those of the same trial undisturbed (its config run here).
     searched, final = undisturbed_trial(moved[0]["config"], tmp_path / "undisturbed")
     trial = moved[0]["trial_id"]

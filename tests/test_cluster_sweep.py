@@ -332,7 +332,7 @@ def test_a_sweep_survives_losing_a_node_through_s3_and_an_mlflow_server(
             tracking={"uri": server, "experiment": "mini"},
             storage_path=f"s3://{BUCKET}/results",
             max_failures=2,
-            grid={"flops_targets": [0.5], "kd_weights": [0.0, 0.9]},  # two trials: one on each worker, at first
+            grid={"flops_targets": [0.5], "kd_weights": [0.0, 0.9]},  # two trials, at once where Ray spreads them
         )
     )
     out = io.StringIO()
